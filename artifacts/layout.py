@@ -1,0 +1,52 @@
+"""Where each part of an artifact lives. The only module that knows file names."""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+PROFILE = "profile.json"
+TOKENIZER_DIR = "tokenizer"
+EMBED_GRAPH = "graphs/embed.onnx"
+HEAD_GRAPH = "graphs/head.onnx"
+
+
+def layer_graph(layer: int) -> str:
+    return f"graphs/layer_{layer:03d}.onnx"
+
+
+def expert_graph(layer: int, expert: int, precision: str) -> str:
+    return f"experts/{precision}/layer_{layer:03d}/expert_{expert:03d}.onnx"
+
+
+def tokenizer_file(name: str) -> str:
+    return f"{TOKENIZER_DIR}/{name}"
+
+
+class GraphIO:
+    """Input and output names of the graphs: the contract between compiler and runtime.
+
+    embed:  input_ids [S] int64                         -> hidden [1, S, H]
+    layer:  hidden, cos [S, R], sin [S, R], attn_bias [S, T], past_key/past_value [1, KV, P, D]
+            -> present_key/present_value [1, KV, T, D], residual [1, S, H]
+            MoE layers also -> router_input [S, H], expert_ids [S, k] int64, expert_weights [S, k]
+            and, when the manifest says predicts_next, next_router_logits [S, E_next]
+    expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
+    head:   hidden [1, S, H] -> logits [1, S, V]
+    """
+
+    INPUT_IDS = "input_ids"
+    HIDDEN = "hidden"
+    COS = "cos"
+    SIN = "sin"
+    ATTN_BIAS = "attn_bias"
+    PAST_KEY = "past_key"
+    PAST_VALUE = "past_value"
+    PRESENT_KEY = "present_key"
+    PRESENT_VALUE = "present_value"
+    RESIDUAL = "residual"
+    ROUTER_INPUT = "router_input"
+    EXPERT_IDS = "expert_ids"
+    EXPERT_WEIGHTS = "expert_weights"
+    NEXT_ROUTER_LOGITS = "next_router_logits"
+    EXPERT_IN = "x"
+    EXPERT_OUT = "y"
+    LOGITS = "logits"

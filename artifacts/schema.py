@@ -1,0 +1,269 @@
+"""The manifest as typed, frozen dataclasses, and the strict conversion from and to JSON.
+
+FORMAT.md beside this file states the same thing in prose; a test keeps the two equal.
+Reading is strict: every field is type-checked, unknown fields are refused (unless the
+manifest comes from a newer minor version of the schema, which may add fields), and a newer
+major version is refused with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = "1.0"
+
+# Expert precisions an artifact may store, with the bits the compiler quantized them to.
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+LAYER_KINDS = ("moe", "dense")
+SCORING_FUNCTIONS = ("softmax",)
+
+# Generous bounds that no real model reaches: they catch corrupt or hostile manifests
+# before anything allocates memory from their numbers.
+MAX_DIM = 1 << 20
+MAX_LAYERS = 4096
+MAX_EXPERTS = 4096
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the artifact: its relative path, size in bytes and SHA-256 (hex)."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a layer's router turns logits into (expert ids, weights); the layer graph computes it."""
+
+    scoring: str
+    num_experts: int
+    top_k: int
+    normalize_top_k: bool
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer: its dense graph and, for an MoE layer, its routing and expert files.
+
+    `experts` maps a precision name (a key of PRECISION_BITS) to one file per expert.
+    `predicts_next` says the layer graph has the cross-layer output `next_router_logits`:
+    the next MoE layer's router applied to this layer's router input.
+    """
+
+    index: int
+    kind: str
+    graph: str
+    routing: RoutingSpec | None = None
+    experts: dict[str, list[str]] = field(default_factory=dict)
+    predicts_next: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture numbers the runtime needs (everything else is inside the graphs)."""
+
+    family: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    rope_inv_freq: list[float]
+    rope_attention_scaling: float = 1.0
+    sliding_window: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Tokenizer files (relative paths) and the special tokens generation needs."""
+
+    files: list[str]
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults from the checkpoint's generation_config.json, when it had one."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: str
+    fate_version: str
+    model: ModelSpec
+    embed_graph: str
+    head_graph: str
+    layers: list[LayerSpec]
+    tokenizer: TokenizerSpec
+    generation: GenerationDefaults
+    files: list[FileEntry]
+
+    @property
+    def moe_layers(self) -> list[LayerSpec]:
+        return [layer for layer in self.layers if layer.kind == "moe"]
+
+    @property
+    def precisions(self) -> list[str]:
+        found = {p for layer in self.layers for p in layer.experts}
+        return sorted(found, key=lambda p: -PRECISION_BITS[p])
+
+    def validate(self) -> None:
+        """Checks across fields that types alone cannot express."""
+        m = self.model
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
+            value = getattr(m, name)
+            if not 0 < value <= MAX_DIM:
+                raise ArtifactError(f"manifest: model.{name} = {value} is out of range")
+        if not 0 < m.num_layers <= MAX_LAYERS or len(self.layers) != m.num_layers:
+            raise ArtifactError(f"manifest: {len(self.layers)} layers listed, model.num_layers = {m.num_layers}")
+        if m.num_heads % m.num_kv_heads:
+            raise ArtifactError("manifest: model.num_heads is not a multiple of model.num_kv_heads")
+        if len(m.rope_inv_freq) * 2 > m.head_dim:
+            raise ArtifactError("manifest: model.rope_inv_freq is longer than head_dim / 2")
+        for i, layer in enumerate(self.layers):
+            self._validate_layer(i, layer)
+        if not self.tokenizer.eos_token_ids:
+            raise ArtifactError("manifest: tokenizer.eos_token_ids is empty")
+        listed = {f.path for f in self.files}
+        if len(listed) != len(self.files):
+            raise ArtifactError("manifest: a file is listed twice")
+        for f in self.files:
+            if f.size < 0 or len(f.sha256) != 64:
+                raise ArtifactError(f"manifest: bad size or sha256 for {f.path}")
+        for path in self.referenced_files():
+            if path not in listed:
+                raise ArtifactError(f"manifest: {path} is used but not listed in files")
+
+    def _validate_layer(self, i: int, layer: LayerSpec) -> None:
+        if layer.index != i or layer.kind not in LAYER_KINDS:
+            raise ArtifactError(f"manifest: layer {i} has index {layer.index} and kind {layer.kind!r}")
+        if layer.kind == "dense":
+            if layer.routing is not None or layer.experts:
+                raise ArtifactError(f"manifest: dense layer {i} has routing or experts")
+            return
+        r = layer.routing
+        if r is None or r.scoring not in SCORING_FUNCTIONS or not 0 < r.top_k <= r.num_experts <= MAX_EXPERTS:
+            raise ArtifactError(f"manifest: MoE layer {i} has no valid routing")
+        if not layer.experts:
+            raise ArtifactError(f"manifest: MoE layer {i} stores no experts")
+        for precision, files in layer.experts.items():
+            if precision not in PRECISION_BITS:
+                raise ArtifactError(f"manifest: layer {i} has unknown precision {precision!r}")
+            if len(files) != r.num_experts:
+                raise ArtifactError(f"manifest: layer {i} lists {len(files)} {precision} experts, "
+                                    f"routing says {r.num_experts}")
+
+    def referenced_files(self) -> list[str]:
+        paths = [self.embed_graph, self.head_graph, *self.tokenizer.files]
+        for layer in self.layers:
+            paths.append(layer.graph)
+            for files in layer.experts.values():
+                paths.extend(files)
+        return paths
+
+
+# --------------------------------------------------------------------------- JSON conversion
+
+
+def to_json_dict(obj: Any) -> Any:
+    """Dataclasses to plain JSON values (dicts keep their declared field order)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_json_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_json_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_json_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_json_dict(cls: type, data: Any, where: str = "manifest", allow_unknown: bool = False) -> Any:
+    """Build dataclass `cls` from JSON data, checking every type; errors name the field path."""
+    hints = typing.get_type_hints(cls)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown and not allow_unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ArtifactError(f"{where}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}", allow_unknown)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, allow_unknown: bool) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, allow_unknown)
+    if dataclasses.is_dataclass(tp):
+        return from_json_dict(tp, value, where, allow_unknown)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ArtifactError(f"{where}: expected a list, got {type(value).__name__}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{where}[{i}]", allow_unknown) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{where}: expected an object, got {type(value).__name__}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _convert(inner, v, f"{where}.{k}", allow_unknown) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ArtifactError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ArtifactError(f"{where}: expected an integer, got {type(value).__name__}")
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise ArtifactError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in text.split("."))
+    except (ValueError, AttributeError):
+        raise ArtifactError(f"manifest: schema_version {text!r} is not MAJOR.MINOR") from None
+    return major, minor
+
+
+def manifest_from_json(data: Any) -> Manifest:
+    if not isinstance(data, dict) or not isinstance(data.get("schema_version"), str):
+        raise ArtifactError("manifest: no schema_version; this is not a Fate artifact")
+    major, minor = parse_version(data["schema_version"])
+    our_major, our_minor = parse_version(SCHEMA_VERSION)
+    if major > our_major:
+        raise ArtifactError(
+            f"artifact schema {data['schema_version']} is newer than this runtime reads ({SCHEMA_VERSION}); "
+            f"install the Fate version that wrote it ({data.get('fate_version', 'unknown')}) or newer")
+    if major < our_major:
+        raise ArtifactError(f"artifact schema {data['schema_version']} is too old for this runtime; recompile it")
+    manifest = from_json_dict(Manifest, data, allow_unknown=minor > our_minor)
+    manifest.validate()
+    return manifest

@@ -1,0 +1,169 @@
+"""fate-compile's core: checkpoint -> artifact, one layer at a time.
+
+Peak memory is one layer's weights plus the graphs being serialized: the checkpoint is read
+lazily and each graph is written to the artifact as soon as it is built.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fate.artifacts import (
+    ArtifactWriter,
+    GenerationDefaults,
+    LayerSpec,
+    Manifest,
+    ModelError,
+    ModelSpec,
+    RoutingSpec,
+)
+from fate.artifacts import layout
+from fate.artifacts.schema import PRECISION_BITS
+
+from . import graphs
+from .checkpoint import Checkpoint
+from .families import ArchConfig, Family, Role, family_for
+from .families.base import EXPERT_ROLES
+from .tokenizer import read_tokenizer
+
+PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
+
+ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
+DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
+OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
+                        Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The flags of fate-compile."""
+
+    model_dir: Path
+    out_dir: Path
+    bits: tuple[int, ...] = (4,)
+    block_size: int = 32
+    force: bool = False
+
+
+def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
+    """The shape config.json implies for a role's tensor ([out, in] for projections)."""
+    h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    i_moe, i_dense, i_shared = c.moe_intermediate_size, c.dense_intermediate_size, c.shared_intermediate_size
+    return {
+        Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
+        Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,),
+        Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
+        Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,),
+        Role.ROUTER: (c.num_experts, h),
+        Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
+        Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
+        Role.SHARED_EXPERT_GATE: (1, h),
+        Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
+    }[role]
+
+
+class WeightReader:
+    """Role-based access to the checkpoint, with shape checks against config.json."""
+
+    def __init__(self, ckpt: Checkpoint, family: Family, cfg: ArchConfig):
+        self.ckpt, self.family, self.cfg = ckpt, family, cfg
+
+    def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
+        name = self.family.name(role, layer, expert)
+        if name is None or not self.ckpt.has(name):
+            raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} "
+                             f"(needed as {role.value} of layer {layer})")
+        shape = self.ckpt.shape(name)
+        want = expected_shape(role, self.cfg)
+        if shape != want:
+            raise ModelError(f"{name} has shape {list(shape)} but config.json implies {list(want)}")
+        return self.ckpt.get(name)
+
+    def present(self, role: Role, layer: int) -> bool:
+        name = self.family.name(role, layer)
+        return name is not None and self.ckpt.has(name)
+
+    def layer(self, layer: int) -> dict[Role, np.ndarray]:
+        roles = list(ATTENTION_ROLES)
+        roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
+        weights = {role: self.get(role, layer) for role in roles}
+        weights.update({r: self.get(r, layer) for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)})
+        return weights
+
+
+def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print) -> Path:
+    for bits in opts.bits:
+        if bits not in PRECISION_OF_BITS:
+            raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
+    ckpt = Checkpoint(opts.model_dir)
+    family = family_for(ckpt.config)
+    cfg = family.read_config(ckpt.config)
+    tokenizer = read_tokenizer(opts.model_dir, cfg)
+    reader = WeightReader(ckpt, family, cfg)
+    start = time.time()
+    log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
+        f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
+        f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}")
+
+    with ArtifactWriter(opts.out_dir, force=opts.force) as writer:
+        embed = reader.get(Role.EMBED)
+        writer.write_bytes(layout.EMBED_GRAPH, graphs.embed_graph(embed).SerializeToString())
+        layers = []
+        for layer in range(cfg.num_layers):
+            layers.append(_export_layer(writer, reader, cfg, layer, opts))
+            log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
+        lm_head = embed if cfg.tie_word_embeddings and not reader.present(Role.LM_HEAD, 0) \
+            else reader.get(Role.LM_HEAD)
+        head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps)
+        writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
+        for name, data in tokenizer.files.items():
+            writer.write_bytes(layout.tokenizer_file(name), data)
+        leftovers = [n for n in ckpt.unused() if not family.skipped(n)]
+        if leftovers:
+            more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
+            raise ModelError(f"checkpoint tensors not understood by the {family.model_type} family: "
+                             f"{', '.join(leftovers[:5])}{more}")
+        manifest = Manifest(
+            schema_version="", fate_version="",
+            model=ModelSpec(
+                family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
+                num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
+                rope_inv_freq=cfg.rope_inv_freq, rope_attention_scaling=cfg.rope_attention_scaling,
+                sliding_window=cfg.sliding_window,
+            ),
+            embed_graph=layout.EMBED_GRAPH, head_graph=layout.HEAD_GRAPH, layers=layers,
+            tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
+        )
+        out = writer.commit(manifest)
+    log(f"wrote {out} in {time.time() - start:.1f} s")
+    return out
+
+
+def _export_layer(writer: ArtifactWriter, reader: WeightReader, cfg: ArchConfig, layer: int,
+                  opts: CompileOptions) -> LayerSpec:
+    next_router = reader.get(Role.ROUTER, layer + 1) if layer + 1 in cfg.moe_layers else None
+    info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_router)
+    graph_path = layout.layer_graph(layer)
+    writer.write_bytes(graph_path, info.model.SerializeToString())
+    if layer not in cfg.moe_layers:
+        return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=info.predicts_next)
+
+    experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in opts.bits}
+    for expert in range(cfg.num_experts):
+        gate, up, down = (reader.get(role, layer, expert) for role in EXPERT_ROLES)
+        for bits in opts.bits:
+            precision = PRECISION_OF_BITS[bits]
+            path = layout.expert_graph(layer, expert, precision)
+            model = graphs.expert_graph(gate, up, down, bits, opts.block_size)
+            writer.write_bytes(path, model.SerializeToString())
+            experts[precision].append(path)
+    routing = RoutingSpec(scoring="softmax", num_experts=cfg.num_experts, top_k=cfg.top_k,
+                          normalize_top_k=cfg.normalize_top_k)
+    return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
+                     predicts_next=info.predicts_next)

@@ -1,0 +1,30 @@
+"""The registry of model families: one module per Hugging Face `model_type`, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from fate.artifacts import ModelError
+
+from .base import ArchConfig, Family, Role
+
+# model_type -> module name under fate.compiler.families
+_MODULES = {
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+}
+
+
+def supported() -> list[str]:
+    return sorted(_MODULES)
+
+
+def family_for(config: dict) -> Family:
+    model_type = config.get("model_type")
+    if model_type not in _MODULES:
+        archs = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise ModelError(f"unsupported model type {model_type!r} ({archs}); supported: {', '.join(supported())}")
+    return importlib.import_module(f"{__name__}.{_MODULES[model_type]}").FAMILY
+
+
+__all__ = ["ArchConfig", "Family", "Role", "family_for", "supported"]

@@ -1,0 +1,144 @@
+"""What every model family file provides: a table from checkpoint tensor names to roles, and a
+reading of config.json into the architecture numbers the exporter needs.
+
+A family file is data plus one small function. The exporter never branches on the family: it
+asks for roles, and a role that the table does not name is simply absent (no q bias, no shared
+expert, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fate.artifacts import ModelError
+
+
+class Role(enum.Enum):
+    # model-level
+    EMBED = "embed"
+    FINAL_NORM = "final_norm"
+    LM_HEAD = "lm_head"
+    # per layer ({layer})
+    ATTN_NORM = "attn_norm"
+    Q = "q"
+    K = "k"
+    V = "v"
+    O = "o"
+    Q_BIAS = "q_bias"
+    K_BIAS = "k_bias"
+    V_BIAS = "v_bias"
+    MLP_NORM = "mlp_norm"
+    ROUTER = "router"
+    SHARED_GATE = "shared_gate"
+    SHARED_UP = "shared_up"
+    SHARED_DOWN = "shared_down"
+    SHARED_EXPERT_GATE = "shared_expert_gate"
+    DENSE_GATE = "dense_gate"
+    DENSE_UP = "dense_up"
+    DENSE_DOWN = "dense_down"
+    # per expert ({layer}, {expert})
+    EXPERT_GATE = "expert_gate"
+    EXPERT_UP = "expert_up"
+    EXPERT_DOWN = "expert_down"
+
+
+MODEL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
+EXPERT_ROLES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """config.json, read into the numbers the exporter needs (names differ across families)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_positions: int
+    rope_inv_freq: list[float]
+    rope_attention_scaling: float
+    sliding_window: int | None
+    num_experts: int
+    top_k: int
+    normalize_top_k: bool
+    moe_intermediate_size: int
+    dense_intermediate_size: int
+    shared_intermediate_size: int
+    moe_layers: frozenset[int]
+    tie_word_embeddings: bool
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str  # the transformers class this family matches
+    tensors: dict[Role, str]  # name templates with {layer} and {expert}
+    read_config: Callable[[dict[str, Any]], ArchConfig]
+    skip: tuple[str, ...] = ()  # regexes of checkpoint tensors that carry nothing we need
+
+    def name(self, role: Role, layer: int | None = None, expert: int | None = None) -> str | None:
+        template = self.tensors.get(role)
+        return None if template is None else template.format(layer=layer, expert=expert)
+
+    def skipped(self, name: str) -> bool:
+        return any(re.fullmatch(pattern, name) for pattern in self.skip)
+
+
+# ------------------------------------------------------------------ config helpers for families
+
+
+def require(cfg: dict[str, Any], key: str, kind: type = int) -> Any:
+    value = cfg.get(key)
+    if value is None or isinstance(value, bool) or not isinstance(value, kind):
+        raise ModelError(f"config.json: {key!r} is missing or not {kind.__name__} (got {value!r})")
+    return value
+
+
+def check_activation(cfg: dict[str, Any], key: str = "hidden_act") -> None:
+    if cfg.get(key, "silu") != "silu":
+        raise ModelError(f"config.json: {key} = {cfg[key]!r} is not supported (only 'silu')")
+
+
+def rope_from_config(cfg: dict[str, Any], head_dim: int) -> tuple[list[float], float]:
+    """(inv_freq, attention_scaling) for the config's RoPE, computed once at compile time so the
+    runtime needs no knowledge of RoPE variants. transformers 5 keeps the parameters in
+    `rope_parameters`; older configs use `rope_theta` and `rope_scaling`."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = cfg.get("partial_rotary_factor", 1.0)
+    dim = int(head_dim * partial)
+    if rope_type == "default":
+        import numpy as np
+
+        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        return [float(v) for v in inv_freq], 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise ModelError(f"config.json: rope type {rope_type!r} changes with sequence length; not supported yet")
+    return _rope_from_transformers(cfg, rope_type)
+
+
+def _rope_from_transformers(cfg: dict[str, Any], rope_type: str) -> tuple[list[float], float]:
+    """Static RoPE variants (linear, llama3, yarn, ...): transformers' own init functions."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelError(f"config.json: unknown rope type {rope_type!r}")
+    config = AutoConfig.for_model(**cfg)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return [float(v) for v in inv_freq.tolist()], float(scaling)
+
+
+def token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]

@@ -1,0 +1,190 @@
+"""The ONNX graphs of an artifact, built from one layer's weights at a time.
+
+Input and output names are the contract in `fate.artifacts.layout.GraphIO`. All activations are
+float32; dense weights are stored float32; routed experts at the requested precision.
+Numeric conventions follow transformers' Llama-style modules (RMSNorm in float32, RoPE with
+rotate_half over the first rotary dims, softmax router scores in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from fate.artifacts.layout import GraphIO as IO
+
+from .families.base import ArchConfig, Role
+from .onnx_builder import FLOAT, INT64, GraphBuilder
+from .quantize import matmul_nbits
+
+W = dict[Role, np.ndarray]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
+    """x * 1/sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    mean_sq = b.op("ReduceMean", b.op("Mul", x, x), axes=[-1], keepdims=1)
+    inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.scalar(eps, "eps"))))
+    return b.op("Mul", b.op("Mul", x, inv), b.const(weight.astype(np.float32), "norm_weight"))
+
+
+def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+    """x @ weight^T (+ bias), weight in the checkpoint's [out, in] layout, stored float32."""
+    y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T.astype(np.float32)), "weight"))
+    return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
+
+
+def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> str:
+    """down(silu(gate(x)) * up(x)), float32 weights."""
+    g = linear(b, x, gate)
+    return linear(b, b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), linear(b, x, up)), down)
+
+
+def rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rot_dim: int) -> str:
+    """RoPE on x [1, heads, S, head_dim] over its first rot_dim dims (transformers' rotate_half):
+
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        x1, x2 = halves of x_rot
+        out = concat(x_rot * cos + concat(-x2, x1) * sin, x_pass)
+    """
+    x_rot, x_pass = x, None
+    if rot_dim < head_dim:
+        x_rot, x_pass = b.op("Split", x, b.ints([rot_dim, head_dim - rot_dim]), outputs=2, axis=-1)
+    x1, x2 = b.op("Split", x_rot, b.ints([rot_dim // 2, rot_dim // 2]), outputs=2, axis=-1)
+    rotated = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
+    out = b.op("Add", b.op("Mul", x_rot, cos), b.op("Mul", rotated, sin))
+    return out if x_pass is None else b.op("Concat", out, x_pass, axis=-1)
+
+
+def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str, bias: str,
+              past_k: str, past_v: str) -> tuple[str, str, str]:
+    """Grouped-query attention with a KV cache; returns (output [1,S,H], present_k, present_v).
+
+    q [1,S,H*D] -> [1,H,S,D] -> [1,KV,G,S,D]      (query head h uses KV head h // G, as repeat_kv)
+    scores = q @ k^T * D^-0.5 + attn_bias [S,T] -> softmax -> @ v -> [1,S,H*D] -> o_proj
+    """
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rot = 2 * len(cfg.rope_inv_freq)
+
+    def project(weight: Role, bias_role: Role, n_heads: int) -> str:
+        y = linear(b, x, w[weight], w.get(bias_role))
+        return b.op("Transpose", b.op("Reshape", y, b.ints([1, -1, n_heads, d])), perm=[0, 2, 1, 3])
+
+    q = rotary(b, project(Role.Q, Role.Q_BIAS, heads), cos, sin, d, rot)
+    k = rotary(b, project(Role.K, Role.K_BIAS, kv), cos, sin, d, rot)
+    v = project(Role.V, Role.V_BIAS, kv)
+    present_k = b.op("Concat", past_k, k, axis=2)
+    present_v = b.op("Concat", past_v, v, axis=2)
+
+    q5 = b.op("Reshape", q, b.ints([1, kv, heads // kv, -1, d]))
+    k5 = b.op("Unsqueeze", b.op("Transpose", present_k, perm=[0, 1, 3, 2]), b.ints([2]))
+    v5 = b.op("Unsqueeze", present_v, b.ints([2]))
+    scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(d ** -0.5, "scale")), bias)
+    context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v5)
+    context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
+    context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
+    return linear(b, context, w[Role.O]), present_k, present_v
+
+
+def route(b: GraphBuilder, logits: str, top_k: int, normalize: bool) -> tuple[str, str]:
+    """Softmax over experts, top-k, optional renormalization of the k weights."""
+    probs = b.op("Softmax", logits, axis=-1)
+    weights, ids = b.op("TopK", probs, b.ints([top_k]), outputs=2, axis=-1, largest=1, sorted=1)
+    if normalize:
+        weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
+    return ids, weights
+
+
+# ----------------------------------------------------------------------------- whole graphs
+
+
+@dataclass(frozen=True)
+class LayerGraphInfo:
+    model: onnx.ModelProto
+    predicts_next: bool
+
+
+def layer_graph(layer: int, cfg: ArchConfig, w: W, next_router: np.ndarray | None) -> LayerGraphInfo:
+    """One decoder layer: attention, then either the dense MLP or the MoE front half (router,
+    top-k, shared expert) with the routed experts left to the runtime. `next_router` is the
+    router weight of the next MoE layer, applied to this layer's router input: the cross-layer
+    prediction output."""
+    b = GraphBuilder(f"layer_{layer}")
+    hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
+    rot = 2 * len(cfg.rope_inv_freq)
+    cos = b.input(IO.COS, FLOAT, ["S", rot])
+    sin = b.input(IO.SIN, FLOAT, ["S", rot])
+    bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
+    kv_shape = [1, cfg.num_kv_heads, "P", cfg.head_dim]
+    past_k = b.input(IO.PAST_KEY, FLOAT, kv_shape)
+    past_v = b.input(IO.PAST_VALUE, FLOAT, kv_shape)
+
+    x = rms_norm(b, hidden, w[Role.ATTN_NORM], cfg.rms_norm_eps)
+    attn, present_k, present_v = attention(b, x, w, cfg, cos, sin, bias, past_k, past_v)
+    h = b.op("Add", hidden, attn)
+    present_shape = [1, cfg.num_kv_heads, "T", cfg.head_dim]
+    b.output(present_k, IO.PRESENT_KEY, FLOAT, present_shape)
+    b.output(present_v, IO.PRESENT_VALUE, FLOAT, present_shape)
+
+    normed = rms_norm(b, h, w[Role.MLP_NORM], cfg.rms_norm_eps)
+    if layer not in cfg.moe_layers:
+        out = b.op("Add", h, swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN]))
+        b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    else:
+        router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+        b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+        ids, weights = route(b, linear(b, router_input, w[Role.ROUTER]), cfg.top_k, cfg.normalize_top_k)
+        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
+        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
+        if Role.SHARED_GATE in w:
+            shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
+            if Role.SHARED_EXPERT_GATE in w:
+                shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE])))
+            h = b.op("Add", h, shared)
+        b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    if next_router is not None:
+        flat = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+        b.output(linear(b, flat, next_router), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", next_router.shape[0]])
+    return LayerGraphInfo(b.model(), next_router is not None)
+
+
+def expert_graph(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: int, block_size: int) -> onnx.ModelProto:
+    """One routed expert, x [N, H] -> y [N, H] = down(silu(gate(x)) * up(x)).
+
+    bits 32: float32 MatMul; 16: float16 weights cast up once at session creation (onnxruntime
+    folds the Cast); 8 and 4: MatMulNBits with constant, block-quantized weights."""
+    b = GraphBuilder("expert")
+    x = b.input(IO.EXPERT_IN, FLOAT, ["N", gate.shape[1]])
+
+    def proj(inp: str, weight: np.ndarray) -> str:
+        if bits in (4, 8):
+            return matmul_nbits(b, inp, weight, bits, block_size)
+        if bits == 16:
+            return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T.astype(np.float16)),
+                                                            "weight"), to=FLOAT))
+        return linear(b, inp, weight)
+
+    g = proj(x, gate)
+    y = proj(b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), proj(x, up)), down)
+    b.output(y, IO.EXPERT_OUT, FLOAT, ["N", down.shape[0]])
+    return b.model()
+
+
+def embed_graph(embed: np.ndarray) -> onnx.ModelProto:
+    b = GraphBuilder("embed")
+    ids = b.input(IO.INPUT_IDS, INT64, ["S"])
+    h = b.op("Gather", b.const(embed.astype(np.float32), "embed_tokens"), ids, axis=0)
+    b.output(b.op("Unsqueeze", h, b.ints([0])), IO.HIDDEN, FLOAT, [1, "S", embed.shape[1]])
+    return b.model()
+
+
+def head_graph(norm: np.ndarray, lm_head: np.ndarray, eps: float) -> onnx.ModelProto:
+    b = GraphBuilder("head")
+    h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
+    logits = linear(b, rms_norm(b, h, norm, eps), lm_head)
+    b.output(logits, IO.LOGITS, FLOAT, [1, "S", lm_head.shape[0]])
+    return b.model()

@@ -1,0 +1,70 @@
+"""A small helper to write ONNX graphs by hand: named inputs, constant weights, ops, outputs.
+
+Graphs are written directly (not traced) so that the compiler needs only one layer's weights
+in memory at a time and every op is one we chose: standard ONNX at opset 17 plus
+`com.microsoft.MatMulNBits` for quantized experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+        self.uses_ms_domain = False
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        """Expose `value` as graph output `name` (through Identity when the names differ)."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def const(self, array: np.ndarray, hint: str = "const") -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, values: list[int], hint: str = "shape") -> str:
+        return self.const(np.asarray(values, dtype=np.int64), hint)
+
+    def scalar(self, value: float, hint: str = "scalar") -> str:
+        return self.const(np.asarray(value, dtype=np.float32), hint)
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+        names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain or None, **attrs))
+        if domain == MS_DOMAIN:
+            self.uses_ms_domain = True
+        return names[0] if outputs == 1 else names
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.uses_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="fate-compile")
+        model.ir_version = 9  # readable by onnxruntime >= 1.15
+        return model

@@ -1,0 +1,99 @@
+"""Block-wise weight quantization in onnxruntime's MatMulNBits layout, and its numpy reference.
+
+MatMulNBits computes Y = A @ dequant(B)^T with, for output column n and K-block j,
+    dequant(B)[n, j*bs:(j+1)*bs] = (code - zero_point[n, j]) * scale[n, j]
+Layout (from the com.microsoft contrib-op spec): B is uint8 [N, n_blocks, bs*bits/8] with codes
+packed low bits first along K; scales float [N * n_blocks]; zero points uint8, packed the same
+way per row ([N * ceil(n_blocks*bits/8)]). K is zero-padded to a multiple of the block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .onnx_builder import MS_DOMAIN, GraphBuilder
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits // 8]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    zero_points: np.ndarray  # uint8 [N * ceil(n_blocks * bits / 8)]
+    n: int
+    k: int
+    bits: int
+    block_size: int
+
+
+def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of uint8 codes (< 2**bits) into bytes, first code in the low bits."""
+    per_byte = 8 // bits
+    pad = (-codes.shape[-1]) % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint8)
+    out = np.zeros(grouped.shape[:-1], np.uint8)
+    for i in range(per_byte):
+        out |= grouped[..., i] << np.uint8(i * bits)
+    return out
+
+
+def _unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    per_byte = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    parts = [(packed >> np.uint8(i * bits)) & mask for i in range(per_byte)]
+    codes = np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)
+    return codes[..., :count]
+
+
+def quantize(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
+    """Asymmetric min/max quantization of weight [N, K] (a Linear's [out, in] layout)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+    w = np.asarray(weight, dtype=np.float32)
+    n, k = w.shape
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((n, n_blocks * block_size), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, n_blocks, block_size)
+    levels = (1 << bits) - 1
+    # Zero stays exactly representable (padding, and weights that are exactly zero).
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    scale = (hi - lo) / levels
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels).astype(np.uint8)
+    return QuantizedWeight(
+        packed=_pack_low_first(codes, bits),
+        scales=scale.reshape(-1),
+        zero_points=_pack_low_first(zero, bits).reshape(-1),
+        n=n, k=k, bits=bits, block_size=block_size,
+    )
+
+
+def dequantize(q: QuantizedWeight) -> np.ndarray:
+    """The float [N, K] weight that MatMulNBits multiplies by: the reference for tests."""
+    n_blocks = q.packed.shape[1]
+    codes = _unpack_low_first(q.packed, q.bits, q.block_size).astype(np.float32)
+    zero = _unpack_low_first(q.zero_points.reshape(q.n, -1), q.bits, n_blocks).astype(np.float32)
+    scale = q.scales.reshape(q.n, n_blocks)
+    w = (codes - zero[..., None]) * scale[..., None]
+    return w.reshape(q.n, -1)[:, : q.k]
+
+
+def matmul_nbits(b: GraphBuilder, x: str, weight: np.ndarray, bits: int, block_size: int) -> str:
+    """x [..., K] @ weight[N, K]^T through com.microsoft.MatMulNBits with constant weights
+    (constant initializers are what onnxruntime prepacks; fed as inputs it is ~70x slower)."""
+    q = quantize(weight, bits, block_size)
+    return b.op(
+        "MatMulNBits", x,
+        b.const(q.packed, "qweight"), b.const(q.scales, "scales"), b.const(q.zero_points, "zero_points"),
+        domain=MS_DOMAIN, K=q.k, N=q.n, bits=bits, block_size=block_size,
+    )

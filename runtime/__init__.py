@@ -1,0 +1,9 @@
+"""fate-run: generation from a Fate artifact with onnxruntime and numpy (no torch)."""
+
+from .api import Completion, Engine
+from .experts import ExpertStore, ResidentExperts
+from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens
+from .model import FateModel, KVCache
+
+__all__ = ["Completion", "Engine", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",
+           "KVCache", "ResidentExperts", "SamplingConfig", "generate", "stream_tokens"]

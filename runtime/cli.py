@@ -1,0 +1,94 @@
+"""fate-run ARTIFACT --prompt "..." [--max-new-tokens N] [sampling flags | --greedy] [--chat] [--json]"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from fate.artifacts import FateError
+
+from .api import Engine
+from .generate import GenerationResult, SamplingConfig
+
+
+def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
+                        top_k: int | None, seed: int | None) -> SamplingConfig:
+    """--greedy wins; any sampling flag means sampling; otherwise the model's generation defaults."""
+    defaults = engine.model.manifest.generation
+    asked_to_sample = any(v is not None for v in (temperature, top_p, top_k))
+    if greedy and asked_to_sample:
+        raise FateError("--greedy cannot be combined with --temperature, --top-p or --top-k")
+    return SamplingConfig(
+        greedy=greedy or not (asked_to_sample or defaults.do_sample),
+        temperature=temperature if temperature is not None else defaults.temperature,
+        top_p=top_p if top_p is not None else defaults.top_p,
+        top_k=top_k if top_k is not None else defaults.top_k,
+        seed=seed,
+    )
+
+
+def report(engine: Engine, result: GenerationResult, text: str) -> dict:
+    return {
+        "prompt_ids": result.prompt_ids,
+        "token_ids": result.token_ids,
+        "text": text,
+        "stats": result.stats.to_dict(),
+        "experts": asdict(engine.model.experts.stats),
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact")
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("--greedy", is_flag=True, help="Always take the most likely token.")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings, stats).")
+@click.option("--precision", default=None, help="Expert precision to run when several are stored (e.g. int4).")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime threads for dense graphs (0: all).")
+@click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load.")
+def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
+         top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
+         precision: str | None, threads: int, no_verify: bool) -> None:
+    """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
+    try:
+        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify)
+        sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
+        result = GenerationResult([])
+        pieces: list[str] = []
+        try:
+            for piece in engine.stream(prompt, max_new_tokens, sampling, chat=chat, result=result):
+                pieces.append(piece)
+                if not as_json:
+                    click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            result.stats.stop_reason = "interrupted"
+        text = "".join(pieces)
+        if as_json:
+            click.echo(json.dumps(report(engine, result, text)))
+        else:
+            s = result.stats
+            click.echo("")
+            click.echo(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
+                       f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, "
+                       f"stop: {s.stop_reason}]", err=True)
+        engine.close()
+        if result.stats.stop_reason == "interrupted":
+            sys.exit(130)
+    except FateError as e:
+        click.echo(f"fate-run: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("fate-run: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Where routed experts live while generating. The generation loop sees only `ExpertStore`:
+`run(layer, expert, x)` computes one expert (loading it first if the store must), and
+`hint(layer, scores)` tells the store which experts the cross-layer predictor expects next.
+The budgeted cache with prefetching is another implementation of the same interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts.layout import GraphIO
+
+from .sessions import make_session
+
+
+@dataclass
+class ExpertStats:
+    """Counters every store keeps; the stats of a run."""
+
+    runs: int = 0
+    loads: int = 0
+    bytes_read: int = 0
+    runs_per_layer: dict[int, int] = field(default_factory=dict)
+
+
+class ExpertStore(ABC):
+    def __init__(self) -> None:
+        self.stats = ExpertStats()
+
+    @abstractmethod
+    def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """y = expert(x) for x [N, H]."""
+
+    def hint(self, layer: int, scores: np.ndarray) -> None:
+        """Predicted router scores [S, E] for `layer`, before its router runs. Default: ignored."""
+
+    def close(self) -> None:
+        """Stop background work, release memory."""
+
+
+def pick_precision(artifact: Artifact, layer: int, wanted: str | None) -> str:
+    stored = artifact.manifest.layers[layer].experts
+    if wanted is None:
+        return artifact.manifest.precisions[-1]  # the smallest stored: what the artifact is for
+    if wanted not in stored:
+        raise ArtifactError(f"layer {layer} stores experts as {', '.join(stored)}, not {wanted}")
+    return wanted
+
+
+class ResidentExperts(ExpertStore):
+    """Every expert loaded at start and kept: the all-resident reference."""
+
+    def __init__(self, artifact: Artifact, precision: str | None = None, verify: bool = True):
+        super().__init__()
+        self.sessions: dict[tuple[int, int], object] = {}
+        for spec in artifact.manifest.moe_layers:
+            files = spec.experts[pick_precision(artifact, spec.index, precision)]
+            for expert, path in enumerate(files):
+                data = artifact.read_bytes(path, verify=verify)
+                self.sessions[(spec.index, expert)] = make_session(data, threads=1)
+                self.stats.loads += 1
+                self.stats.bytes_read += len(data)
+
+    def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        self.stats.runs += 1
+        self.stats.runs_per_layer[layer] = self.stats.runs_per_layer.get(layer, 0) + 1
+        return self.sessions[(layer, expert)].run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]

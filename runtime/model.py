@@ -1,0 +1,130 @@
+"""A loaded artifact that computes logits: the dense graphs through onnxruntime, the routed
+experts through an ExpertStore. Imports no torch and no transformers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from fate.artifacts import Artifact, GenerationError, LayerSpec
+from fate.artifacts.layout import GraphIO as IO
+
+from .experts import ExpertStore, ResidentExperts
+from .sessions import make_session
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values [1, KV, T, D] of the tokens seen so far."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int) -> "KVCache":
+        zeros = np.zeros((1, num_kv_heads, 0, head_dim), np.float32)
+        return cls([zeros] * num_layers, [zeros] * num_layers)
+
+
+class FateModel:
+    """`FateModel.load(path)`, then `logits(ids)`, or the generation API in fate.runtime.generate."""
+
+    def __init__(self, artifact: Artifact, experts: ExpertStore, threads: int = 0, verify: bool = True):
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.spec = artifact.manifest.model
+        self.experts = experts
+        read = lambda path: artifact.read_bytes(path, verify=verify)  # noqa: E731
+        self.embed = make_session(read(self.manifest.embed_graph), threads)
+        self.head = make_session(read(self.manifest.head_graph), threads)
+        self.layers = [make_session(read(layer.graph), threads) for layer in self.manifest.layers]
+        self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
+        self._inv_freq = np.asarray(self.spec.rope_inv_freq, np.float32)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
+             verify: bool = True) -> "FateModel":
+        """Open an artifact with every expert resident (the simplest store)."""
+        artifact = Artifact.open(path)
+        return cls(artifact, ResidentExperts(artifact, precision, verify=verify), threads, verify)
+
+    @staticmethod
+    def _output_names(layer: LayerSpec) -> list[str]:
+        names = [IO.PRESENT_KEY, IO.PRESENT_VALUE, IO.RESIDUAL]
+        if layer.kind == "moe":
+            names += [IO.ROUTER_INPUT, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
+        if layer.predicts_next:
+            names.append(IO.NEXT_ROUTER_LOGITS)
+        return names
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim)
+
+    # ------------------------------------------------------------------ one forward pass
+
+    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        freqs = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        scale = np.float32(self.spec.rope_attention_scaling)
+        return np.cos(emb) * scale, np.sin(emb) * scale
+
+    def attention_bias(self, past: int, new: int) -> np.ndarray:
+        """Additive mask [new, past+new]: causal, and windowed when the model slides."""
+        q = np.arange(past, past + new)[:, None]
+        k = np.arange(past + new)[None, :]
+        allowed = k <= q
+        if self.spec.sliding_window:
+            allowed &= (q - k) < self.spec.sliding_window
+        return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
+
+    def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run new token ids through every layer, extending `cache`; returns hidden [1, S, H]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise GenerationError("no tokens to run")
+        if cache.length + ids.size > self.spec.max_positions:
+            raise GenerationError(f"{cache.length + ids.size} tokens exceed the model's context of "
+                                  f"{self.spec.max_positions}")
+        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
+        positions = np.arange(cache.length, cache.length + ids.size)
+        cos, sin = self.rope(positions)
+        bias = self.attention_bias(cache.length, ids.size)
+        hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
+        for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
+            feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: bias,
+                     IO.PAST_KEY: cache.keys[spec.index], IO.PAST_VALUE: cache.values[spec.index]}
+            out = dict(zip(names, session.run(names, feeds)))
+            cache.keys[spec.index], cache.values[spec.index] = out[IO.PRESENT_KEY], out[IO.PRESENT_VALUE]
+            if spec.predicts_next:
+                self.experts.hint(spec.index + 1, out[IO.NEXT_ROUTER_LOGITS])
+            hidden = out[IO.RESIDUAL]
+            if spec.kind == "moe":
+                hidden = self._routed_experts(spec.index, out)
+        cache.length += ids.size
+        return hidden
+
+    def _routed_experts(self, layer: int, out: dict[str, np.ndarray]) -> np.ndarray:
+        """residual + sum over each token's top-k experts of weight * expert(router_input)."""
+        x, ids, weights = out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS]
+        hidden = out[IO.RESIDUAL]
+        total = hidden.reshape(x.shape).copy()
+        for expert in np.unique(ids):
+            tokens, slots = np.nonzero(ids == expert)  # a token picks an expert at most once
+            y = self.experts.run(layer, int(expert), np.ascontiguousarray(x[tokens]))
+            total[tokens] += y * weights[tokens, slots][:, None]
+        return total.reshape(hidden.shape)
+
+    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [S, V] for hidden states [1, S, H]."""
+        return self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
+
+    def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Logits [len(ids), vocab] for a whole sequence, from an empty cache."""
+        return self.head_logits(self.forward(np.asarray(ids), self.new_cache()))
+
+    def close(self) -> None:
+        self.experts.close()

@@ -1,0 +1,73 @@
+"""Tiny checkpoints made with transformers' own classes (random init, save_pretrained), so the
+compiler meets real tensor names and layouts; and a small real BPE tokenizer to go with them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A mixture of experts routes every token to a few of its experts.",
+    "Small devices have little memory, so experts are loaded when they are needed.",
+    "Hello, world! Numbers like 12345 and symbols like @#$% appear too.",
+    "Once upon a time there was a tiny language model that ran on a phone.",
+]
+VOCAB = 320
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tokenizer(out: Path, chat_template: bool = False) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    if chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.1, eos_token_id=0, bos_token_id=0,
+              tie_word_embeddings=False)
+
+
+def mixtral_config(**overrides):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3,
+                            "num_local_experts": 8, "num_experts_per_tok": 2, **overrides})
+
+
+def qwen2_moe_config(**overrides):
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32,
+                             "shared_expert_intermediate_size": 48, "num_hidden_layers": 4,
+                             "num_experts": 12, "num_experts_per_tok": 4, "norm_topk_prob": False,
+                             "decoder_sparse_step": 1, "mlp_only_layers": [], **overrides})
+
+
+CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}
+
+
+def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False, **overrides):
+    """Save a random tiny model of `family` into `out`; returns the transformers model (eval, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="100KB" if shard else "5GB")
+    save_tokenizer(out, chat_template)
+    return model

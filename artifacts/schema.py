@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from .errors import ArtifactError
@@ -147,6 +148,7 @@ class Manifest:
         if len(listed) != len(self.files):
             raise ArtifactError("manifest: a file is listed twice")
         for f in self.files:
+            safe_relpath(f.path)
             if f.size < 0 or len(f.sha256) != 64:
                 raise ArtifactError(f"manifest: bad size or sha256 for {f.path}")
         for path in self.referenced_files():
@@ -179,6 +181,14 @@ class Manifest:
             for files in layer.experts.values():
                 paths.extend(files)
         return paths
+
+
+def safe_relpath(path: str) -> PurePosixPath:
+    """A manifest path must stay inside the artifact: relative, no '..', no backslashes."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or "\\" in path or any(part in ("..", "") for part in path.split("/")):
+        raise ArtifactError(f"manifest names a file outside the artifact: {path!r}")
+    return p
 
 
 # --------------------------------------------------------------------------- JSON conversion

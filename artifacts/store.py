@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from . import layout
 from .errors import ArtifactError
-from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, to_json_dict
+from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, safe_relpath, to_json_dict
 
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -30,14 +30,6 @@ def fate_version() -> str:
         return version("fate")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def safe_relpath(path: str) -> PurePosixPath:
-    """A manifest path must stay inside the artifact: relative, no '..', no backslashes."""
-    p = PurePosixPath(path)
-    if not path or p.is_absolute() or "\\" in path or any(part in ("..", "") for part in path.split("/")):
-        raise ArtifactError(f"manifest names a file outside the artifact: {path!r}")
-    return p
 
 
 def sha256_file(path: Path) -> str:

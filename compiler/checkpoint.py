@@ -2,8 +2,7 @@
 
 Accepts model.safetensors or sharded model-0000x-of-0000y.safetensors with
 model.safetensors.index.json. Tensors are read lazily (safetensors maps the file), so peak
-memory is what the exporter holds, not the model size. Every tensor that the exporter takes
-is recorded, so that `unused()` can name whatever the family table failed to account for.
+memory is what the exporter holds, not the model size.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ class Checkpoint:
                 raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
             self._check_shard(path, handle)
             self._handles[shard] = handle
-        self.taken: set[str] = set()
 
     def _locate_tensors(self) -> dict[str, str]:
         """tensor name -> shard file name."""
@@ -99,8 +97,4 @@ class Checkpoint:
             tensor = self._handles[self._where[name]].get_tensor(name)
         except Exception as e:
             raise ModelError(f"cannot read {name} from {self.dir / self._where[name]}: {e}") from None
-        self.taken.add(name)
         return tensor.float().numpy()
-
-    def unused(self) -> list[str]:
-        return sorted(self.names() - self.taken)

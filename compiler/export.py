@@ -73,27 +73,52 @@ class WeightReader:
     def __init__(self, ckpt: Checkpoint, family: Family, cfg: ArchConfig):
         self.ckpt, self.family, self.cfg = ckpt, family, cfg
 
-    def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
+    def check(self, role: Role, layer: int | None = None, expert: int | None = None) -> str:
+        """The tensor's checkpoint name, after checking it exists with the shape config.json implies."""
         name = self.family.name(role, layer, expert)
         if name is None or not self.ckpt.has(name):
-            raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} "
-                             f"(needed as {role.value} of layer {layer})")
+            where = "" if layer is None else f" of layer {layer}" + ("" if expert is None else f", expert {expert}")
+            raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} (the {role.value}{where})")
         shape = self.ckpt.shape(name)
         want = expected_shape(role, self.cfg)
         if shape != want:
             raise ModelError(f"{name} has shape {list(shape)} but config.json implies {list(want)}")
-        return self.ckpt.get(name)
+        return name
+
+    def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
+        return self.ckpt.get(self.check(role, layer, expert))
+
+    def check_all(self) -> None:
+        """Every tensor the export will read, checked from metadata alone before any work; and
+        every checkpoint tensor accounted for (read or deliberately skipped)."""
+        names = {self.check(Role.EMBED), self.check(Role.FINAL_NORM)}
+        if not self.tied_lm_head():
+            names.add(self.check(Role.LM_HEAD))
+        for layer in range(self.cfg.num_layers):
+            names.update(self.check(role, layer) for role in self.layer_roles(layer))
+            if layer in self.cfg.moe_layers:
+                names.update(self.check(role, layer, expert)
+                             for expert in range(self.cfg.num_experts) for role in EXPERT_ROLES)
+        leftovers = sorted(n for n in self.ckpt.names() - names if not self.family.skipped(n))
+        if leftovers:
+            more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
+            raise ModelError(f"checkpoint tensors not understood by the {self.family.model_type} family: "
+                             f"{', '.join(leftovers[:5])}{more}")
+
+    def tied_lm_head(self) -> bool:
+        return self.cfg.tie_word_embeddings and not self.present(Role.LM_HEAD, 0)
 
     def present(self, role: Role, layer: int) -> bool:
         name = self.family.name(role, layer)
         return name is not None and self.ckpt.has(name)
 
-    def layer(self, layer: int) -> dict[Role, np.ndarray]:
+    def layer_roles(self, layer: int) -> list[Role]:
         roles = list(ATTENTION_ROLES)
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
-        weights = {role: self.get(role, layer) for role in roles}
-        weights.update({r: self.get(r, layer) for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)})
-        return weights
+        return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
+
+    def layer(self, layer: int) -> dict[Role, np.ndarray]:
+        return {role: self.get(role, layer) for role in self.layer_roles(layer)}
 
 
 def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print) -> Path:
@@ -105,29 +130,23 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     cfg = family.read_config(ckpt.config)
     tokenizer = read_tokenizer(opts.model_dir, cfg)
     reader = WeightReader(ckpt, family, cfg)
+    reader.check_all()
     start = time.time()
-    log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
-        f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
-        f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}")
-
     with ArtifactWriter(opts.out_dir, force=opts.force) as writer:
+        log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
+            f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
+            f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}")
         embed = reader.get(Role.EMBED)
         writer.write_bytes(layout.EMBED_GRAPH, graphs.embed_graph(embed).SerializeToString())
         layers = []
         for layer in range(cfg.num_layers):
             layers.append(_export_layer(writer, reader, cfg, layer, opts))
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
-        lm_head = embed if cfg.tie_word_embeddings and not reader.present(Role.LM_HEAD, 0) \
-            else reader.get(Role.LM_HEAD)
+        lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
         head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps)
         writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)
-        leftovers = [n for n in ckpt.unused() if not family.skipped(n)]
-        if leftovers:
-            more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
-            raise ModelError(f"checkpoint tensors not understood by the {family.model_type} family: "
-                             f"{', '.join(leftovers[:5])}{more}")
         manifest = Manifest(
             schema_version="", fate_version="",
             model=ModelSpec(

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_model  # noqa: E402
+
+
+class Built:
+    """A tiny checkpoint, its transformers model, and artifacts compiled from it on demand."""
+
+    def __init__(self, root: Path, family: str, **kwargs):
+        self.root = root
+        self.ckpt = root / "ckpt"
+        self.hf = make_model(family, self.ckpt, **kwargs)
+        self._artifacts: dict[tuple[int, ...], Path] = {}
+
+    def artifact(self, *bits: int) -> Path:
+        from fate.compiler import CompileOptions, compile_checkpoint
+
+        if bits not in self._artifacts:
+            out = self.root / ("art_" + "_".join(map(str, bits)))
+            compile_checkpoint(CompileOptions(self.ckpt, out, bits=bits), log=lambda _m: None)
+            self._artifacts[bits] = out
+        return self._artifacts[bits]
+
+
+CASES = {
+    "mixtral": dict(family="mixtral"),
+    "mixtral-sharded": dict(family="mixtral", shard=True, seed=1),
+    "qwen2_moe": dict(family="qwen2_moe", chat_template=True),
+    # dense layers among MoE ones (mlp_only_layers and decoder_sparse_step), renormalized top-k
+    "qwen2_moe-mixed": dict(family="qwen2_moe", seed=2, norm_topk_prob=True, decoder_sparse_step=2,
+                            mlp_only_layers=[3], num_hidden_layers=6),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(CASES))
+def built(request, tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+
+
+@pytest.fixture(scope="session")
+def mixtral(tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp("mixtral-shared"), family="mixtral", chat_template=True)

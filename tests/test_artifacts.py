@@ -1,0 +1,116 @@
+"""The artifact format: strict manifest reading, atomic writing, checked file access."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fate.artifacts import Artifact, ArtifactError, ArtifactWriter, Manifest, SCHEMA_VERSION
+from fate.artifacts import schema
+from fate.artifacts.schema import manifest_from_json
+
+
+def manifest_json(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+def test_format_md_lists_every_field():
+    text = (Path(schema.__file__).parent / "FORMAT.md").read_text()
+    documented = set(re.findall(r"`([a-z_0-9]+)`", text))
+    for cls in (schema.Manifest, schema.ModelSpec, schema.LayerSpec, schema.RoutingSpec,
+                schema.TokenizerSpec, schema.GenerationDefaults, schema.FileEntry):
+        missing = {f.name for f in dataclasses.fields(cls)} - documented
+        assert not missing, f"FORMAT.md does not describe {cls.__name__}.{missing}"
+
+
+def test_roundtrip_and_file_list(mixtral):
+    art = Artifact.open(mixtral.artifact(4))
+    assert art.manifest.schema_version == SCHEMA_VERSION
+    assert art.verify() == []
+    on_disk = {str(p.relative_to(art.root)) for p in art.root.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == {f.path for f in art.manifest.files}
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda m: m.update(extra=1), "unknown field"),
+    (lambda m: m["model"].update(hidden_size="64"), "expected an integer"),
+    (lambda m: m["model"].pop("vocab_size"), "missing field 'vocab_size'"),
+    (lambda m: m["model"].update(num_layers=-1), "layers"),
+    (lambda m: m["layers"][0].update(kind="sparse"), "kind"),
+    (lambda m: m.update(schema_version="2.0"), "newer than this runtime"),
+    (lambda m: m["files"].append(dict(m["files"][0])), "listed twice"),
+    (lambda m: m["files"][0].update(path="../../etc/passwd"), "outside the artifact"),
+    (lambda m: m["files"][0].update(path="/etc/passwd"), "outside the artifact"),
+    (lambda m: m.update(layers=[]), "layers"),
+])
+def test_bad_manifests_are_refused(mixtral, tmp_path, mutate, message):
+    target = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), target)
+    data = manifest_json(target)
+    mutate(data)
+    (target / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=message):
+        Artifact.open(target)
+
+
+def test_newer_minor_version_with_new_fields_is_read(mixtral):
+    data = manifest_json(mixtral.artifact(4))
+    major, minor = schema.parse_version(SCHEMA_VERSION)
+    data.update(schema_version=f"{major}.{minor + 1}", added_later={"x": 1})
+    assert isinstance(manifest_from_json(data), Manifest)
+
+
+def test_not_json_and_missing_manifest(tmp_path):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Artifact.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Artifact.open(tmp_path)
+
+
+def test_truncated_and_modified_files_are_named(mixtral, tmp_path):
+    target = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), target)
+    art = Artifact.open(target)
+    expert = art.manifest.layers[0].experts["int4"][3]
+    with open(target / expert, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ArtifactError, match=re.escape(expert)):
+        art.read_bytes(expert)
+    layer = art.manifest.layers[1].graph
+    data = bytearray((target / layer).read_bytes())
+    data[-1] ^= 0xFF
+    (target / layer).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        art.read_bytes(layer)
+    problems = art.verify()
+    assert len(problems) == 2 and any(expert in p for p in problems)
+
+
+def test_writer_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with ArtifactWriter(out) as writer:
+            writer.write_bytes("graphs/a.onnx", b"123")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_nonempty_target_without_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="--force"):
+        ArtifactWriter(tmp_path / "out")
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_writer_refuses_paths_outside(tmp_path):
+    with ArtifactWriter(tmp_path / "out") as writer:
+        for bad in ("../x", "/abs", "a//b", "a\\b"):
+            with pytest.raises(ArtifactError):
+                writer.write_bytes(bad, b"")

@@ -1,0 +1,158 @@
+"""The two commands as a user runs them: output, streaming, JSON, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_compile_and_run_json(mixtral, tmp_path):
+    art = tmp_path / "art"
+    run("fate-compile", mixtral.ckpt, "-o", art, "--bits", "4")
+    proc = run("fate-run", art, "--prompt", "The quick brown fox", "-n", "6", "--greedy", "--json")
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == 6 or out["stats"]["stop_reason"] == "eos"
+    assert out["stats"]["prompt_tokens"] == len(out["prompt_ids"]) > 0
+    assert out["experts"]["runs"] > 0 and isinstance(out["text"], str)
+
+
+def test_streamed_text_equals_decoded_ids(mixtral):
+    from fate.runtime import Engine, GenerationResult, SamplingConfig
+
+    engine = Engine.load(mixtral.artifact(4))
+    result = GenerationResult([])
+    pieces = list(engine.stream("Hello, world!", 12, SamplingConfig(), result=result))
+    eos = engine.codec.eos_ids
+    assert "".join(pieces) == engine.decode([t for t in result.token_ids if t not in eos])
+
+
+def test_sampling_is_reproducible_with_a_seed(mixtral):
+    args = [mixtral.artifact(4), "-p", "Once upon a time", "-n", "8", "--temperature", "0.9",
+            "--top-p", "0.9", "--top-k", "50", "--seed", "7", "--json"]
+    first, second = (json.loads(run("fate-run", *args).stdout)["token_ids"] for _ in range(2))
+    assert first == second
+
+
+def test_chat_template_is_applied(mixtral):
+    from fate.runtime import Engine
+
+    engine = Engine.load(mixtral.artifact(4))
+    ids = engine.prompt_ids("hi there", chat=True)
+    text = engine.codec.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|user|>hi there") and text.endswith("<|assistant|>")
+
+
+def test_chat_without_template_is_refused(tmp_path):
+    from tiny_models import make_model
+
+    make_model("mixtral", tmp_path / "ckpt")
+    run("fate-compile", tmp_path / "ckpt", "-o", tmp_path / "art", "-q")
+    assert_one_line_error(run("fate-run", tmp_path / "art", "-p", "hi", "--chat", check=False), "chat template")
+
+
+def test_prompt_longer_than_context(mixtral):
+    proc = run("fate-run", mixtral.artifact(4), "-p", "word " * 400, check=False)
+    assert_one_line_error(proc, "context")
+
+
+def test_greedy_conflicts_with_sampling_flags(mixtral):
+    proc = run("fate-run", mixtral.artifact(4), "-p", "x", "--greedy", "--temperature", "0.5", check=False)
+    assert_one_line_error(proc, "--greedy")
+
+
+def test_existing_output_refused_without_force(mixtral, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert_one_line_error(run("fate-compile", mixtral.ckpt, "-o", out, check=False), "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    run("fate-compile", mixtral.ckpt, "-o", out, "--force", "-q")
+    assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
+
+
+def broken_checkpoint(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if how == "unsupported":
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    elif how == "shapes":
+        config.update(hidden_size=config["hidden_size"] * 2)
+    elif how == "no-weights":
+        (dst / "model.safetensors").unlink()
+    elif how == "truncated":
+        with open(dst / "model.safetensors", "r+b") as f:
+            f.truncate((dst / "model.safetensors").stat().st_size - 100)
+    elif how == "no-tokenizer":
+        (dst / "tokenizer.json").unlink()
+    elif how == "bad-config":
+        (dst / "config.json").write_text("{oops")
+        return dst
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("unsupported", "supported: mixtral, qwen2_moe"),
+    ("shapes", "config.json implies"),
+    ("no-weights", "model.safetensors"),
+    ("truncated", "safetensors"),
+    ("no-tokenizer", "tokenizer.json"),
+    ("bad-config", "config.json"),
+])
+def test_bad_checkpoints_give_one_line_errors_and_no_artifact(mixtral, tmp_path, how, fragment):
+    ckpt = broken_checkpoint(mixtral.ckpt, tmp_path / "ckpt", how)
+    proc = run("fate-compile", ckpt, "-o", tmp_path / "art", check=False)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "art").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no leftover temporary directory
+
+
+def test_unmapped_tensor_is_named(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tiny_models import make_model
+
+    make_model("mixtral", tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["model.layers.0.mystery.weight"] = torch.zeros(3)
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    proc = run("fate-compile", tmp_path / "ckpt", "-o", tmp_path / "art", check=False)
+    assert_one_line_error(proc, "model.layers.0.mystery.weight")
+
+
+@pytest.mark.parametrize("damage", ["no-manifest", "missing-file", "bad-schema"])
+def test_incomplete_or_invalid_artifact_is_refused(mixtral, tmp_path, damage):
+    art = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), art)
+    if damage == "no-manifest":
+        (art / "manifest.json").unlink()
+    elif damage == "missing-file":
+        (art / "graphs" / "layer_001.onnx").unlink()
+    else:
+        data = json.loads((art / "manifest.json").read_text())
+        data["model"]["num_heads"] = "four"
+        (art / "manifest.json").write_text(json.dumps(data))
+    assert_one_line_error(run("fate-run", art, "-p", "hello", check=False))

@@ -7,8 +7,8 @@ verse under /usr/share/games/fortunes): real text that is on disk offline, nothi
     python examples/train_tiny_moe.py --out examples/tiny-moe --steps 1500
 
 Writes a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json, generation_config.json) and CARD.md with the corpus, steps and the
-held-out loss. Routing in a trained model is what makes expert prediction measurable, so the
+tokenizer_config.json, generation_config.json), heldout.txt (the held-out documents) and
+CARD.md with the corpus, steps and the held-out loss. Routing in a trained model is what makes expert prediction measurable, so the
 router gets the usual load-balancing auxiliary loss: experts are used, not collapsed.
 """
 
@@ -150,6 +150,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save(str(args.out / "tokenizer.json"))
+    (args.out / "heldout.txt").write_text("\n\n".join(val_docs) + "\n", encoding="utf-8")
     (args.out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
          "model_max_length": config.max_position_embeddings}, indent=2) + "\n")

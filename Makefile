@@ -1,0 +1,38 @@
+# make demo: set up, compile the bundled example model, generate text.
+# make test: set up, run the whole test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# A CPU build of torch, pinned: a bare `torch` requirement can pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+ARTIFACT = out/tiny-moe
+PROMPT ?= The secret of a happy life is
+
+.PHONY: venv test demo perplexity clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[compile,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+$(ARTIFACT)/manifest.json: $(STAMP) examples/tiny-moe/model.safetensors
+	$(BIN)/fate-compile examples/tiny-moe -o $(ARTIFACT) --bits 4 --force
+
+demo: $(ARTIFACT)/manifest.json
+	$(BIN)/fate-run $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1
+
+# Held-out perplexity: INT4 and float32 artifacts against transformers in float32.
+perplexity: $(ARTIFACT)/manifest.json
+	$(BIN)/fate-compile examples/tiny-moe -o out/tiny-moe-fp32 --bits 32 --force -q
+	$(BIN)/python examples/perplexity.py examples/tiny-moe $(ARTIFACT) out/tiny-moe-fp32
+
+clean:
+	rm -rf out

@@ -1,0 +1,53 @@
+"""The runtime runs without torch and transformers; each part imports only what it may."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ALLOWED = {
+    "artifacts": {"numpy"},
+    "runtime": {"numpy", "onnxruntime", "tokenizers", "click", "jinja2"},
+    "compiler": {"numpy", "onnx", "torch", "transformers", "safetensors", "tokenizers", "click"},
+}
+STDLIB = set(sys.stdlib_module_names)
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_each_part_imports_only_what_it_may():
+    for part, allowed in ALLOWED.items():
+        own = {f"fate.{part}", "fate.artifacts"}
+        for path in (ROOT / part).rglob("*.py"):
+            for name in imported_modules(path):
+                top = name.split(".")[0]
+                if top in STDLIB or top in allowed or any(name.startswith(p) for p in own):
+                    continue
+                raise AssertionError(f"{path.relative_to(ROOT)} imports {name}")
+
+
+def test_generation_never_loads_torch_or_transformers(mixtral):
+    code = f"""
+import sys
+from fate.runtime import Engine
+engine = Engine.load({str(mixtral.artifact(4))!r})
+engine.generate("hello", max_new_tokens=3)
+engine.logits(engine.encode("hello"))
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'safetensors', 'onnx'))
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

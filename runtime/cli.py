@@ -63,6 +63,8 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
         result = GenerationResult([])
         pieces: list[str] = []
+        if not (as_json or chat):
+            click.echo(prompt, nl=False)
         try:
             for piece in engine.stream(prompt, max_new_tokens, sampling, chat=chat, result=result):
                 pieces.append(piece)

@@ -26,9 +26,10 @@ class GraphIO:
 
     embed:  input_ids [S] int64                         -> hidden [1, S, H]
     layer:  hidden, cos [S, R], sin [S, R], attn_bias [S, T], past_key/past_value [1, KV, P, D]
-            -> present_key/present_value [1, KV, T, D], residual [1, S, H]
-            MoE layers also -> router_input [S, H], expert_ids [S, k] int64, expert_weights [S, k]
-            and, when the manifest says predicts_next, next_router_logits [S, E_next]
+            -> present_key/present_value [1, KV, T, D], residual [1, S, H], router_input [S, H]
+            (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
+            expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
+            next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
     expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
     head:   hidden [1, S, H] -> logits [1, S, V]
     """
@@ -46,7 +47,9 @@ class GraphIO:
     ROUTER_INPUT = "router_input"
     EXPERT_IDS = "expert_ids"
     EXPERT_WEIGHTS = "expert_weights"
+    ROUTER_LOGITS = "router_logits"
     NEXT_ROUTER_LOGITS = "next_router_logits"
+    NEXT_ROUTER_LOGITS_NORM = "next_router_logits_norm"
     EXPERT_IN = "x"
     EXPERT_OUT = "y"
     LOGITS = "logits"

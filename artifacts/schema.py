@@ -20,7 +20,7 @@ from .errors import ArtifactError
 SCHEMA_VERSION = "1.0"
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
-PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 
 LAYER_KINDS = ("moe", "dense")
 SCORING_FUNCTIONS = ("softmax",)
@@ -107,6 +107,32 @@ class GenerationDefaults:
 
 
 @dataclass(frozen=True)
+class LayerPolicy:
+    """What the compiler decided for one MoE layer, and from which measurement (`reasons`)."""
+
+    index: int
+    precision: str  # precision of resident experts
+    cache_share: float  # share of the budget's expert slots given to this layer
+    prefetch_width: int  # experts prefetched per decode token
+    predictor: str  # cross_layer, cross_layer_norm (graph outputs), eap (profile transitions) or none
+    prefill_precision: str | None  # precision for the least popular tail during prefill
+    prefill_low_share: float  # share of token-expert assignments moved at prefill_precision
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    budget: float  # share of all experts resident that the cache shares were planned for
+    target_recall: float
+    max_quant_error: float
+    max_low_bit_error: float
+    layers: list[LayerPolicy]
+
+    def layer(self, index: int) -> LayerPolicy | None:
+        return next((p for p in self.layers if p.index == index), None)
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: str
     fate_version: str
@@ -117,6 +143,8 @@ class Manifest:
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
     files: list[FileEntry]
+    profile: str | None = None
+    policy: Policy | None = None
 
     @property
     def moe_layers(self) -> list[LayerSpec]:
@@ -154,6 +182,25 @@ class Manifest:
         for path in self.referenced_files():
             if path not in listed:
                 raise ArtifactError(f"manifest: {path} is used but not listed in files")
+        if self.policy is not None:
+            self._validate_policy(self.policy)
+
+    def _validate_policy(self, policy: Policy) -> None:
+        moe = {layer.index: layer for layer in self.moe_layers}
+        if sorted(p.index for p in policy.layers) != sorted(moe):
+            raise ArtifactError("manifest: the policy does not cover exactly the MoE layers")
+        for p in policy.layers:
+            layer = moe[p.index]
+            if p.precision not in layer.experts or (p.prefill_precision and p.prefill_precision not in layer.experts):
+                raise ArtifactError(f"manifest: policy of layer {p.index} names a precision the layer does not store")
+            if not 0 <= p.cache_share <= 1 or not 0 <= p.prefill_low_share <= 1 or p.prefetch_width < 0:
+                raise ArtifactError(f"manifest: policy of layer {p.index} has out-of-range numbers")
+            if p.predictor not in ("none", "cross_layer", "cross_layer_norm", "eap"):
+                raise ArtifactError(f"manifest: policy of layer {p.index} has unknown predictor {p.predictor!r}")
+            if p.predictor.startswith("cross") and not (p.index > 0 and self.layers[p.index - 1].predicts_next):
+                raise ArtifactError(f"manifest: layer {p.index} has no cross-layer prediction to use")
+            if p.predictor == "eap" and not self.profile:
+                raise ArtifactError(f"manifest: layer {p.index} uses EAP but the artifact has no profile")
 
     def _validate_layer(self, i: int, layer: LayerSpec) -> None:
         if layer.index != i or layer.kind not in LAYER_KINDS:
@@ -176,6 +223,8 @@ class Manifest:
 
     def referenced_files(self) -> list[str]:
         paths = [self.embed_graph, self.head_graph, *self.tokenizer.files]
+        if self.profile:
+            paths.append(self.profile)
         for layer in self.layers:
             paths.append(layer.graph)
             for files in layer.experts.values():

@@ -146,6 +146,16 @@ class Artifact:
             raise ArtifactError(f"{self.root / relpath} fails its SHA-256 check (corrupt or modified)")
         return data
 
+    def replace_manifest(self, manifest: Manifest) -> None:
+        """Swap in a new manifest (e.g. a re-planned policy) for the same files, atomically."""
+        if manifest.files != self.manifest.files:
+            raise ArtifactError("a replaced manifest must list the same files")
+        manifest.validate()
+        tmp = self.root / f".{layout.MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(to_json_dict(manifest), indent=1) + "\n")
+        os.replace(tmp, self.root / layout.MANIFEST)
+        self.manifest = manifest
+
     def verify(self) -> list[str]:
         """Every problem with the listed files, one line each; empty when all is well."""
         problems = []

@@ -1,4 +1,5 @@
-"""fate-compile MODEL_DIR -o ARTIFACT_DIR [--bits 4] [--block-size 32] [--force]"""
+"""fate-compile MODEL_DIR -o ARTIFACT_DIR [--bits 4] [--calib builtin|FILE|none] [--budget 50%] ...
+fate-compile --policy-only ARTIFACT_DIR --budget 25%"""
 
 from __future__ import annotations
 
@@ -8,34 +9,61 @@ from pathlib import Path
 import click
 
 from fate.artifacts import FateError
+from fate.artifacts.budget import parse_budget
 
 from .export import CompileOptions, compile_checkpoint
+from .policy import PlanTargets, replan
+from .profile import BUILTIN, CalibrationOptions
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Artifact directory to create.")
-@click.option("--bits", "bits", multiple=True, type=click.Choice(["32", "16", "8", "4"]), default=("4",),
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), help="Artifact directory to create.")
+@click.option("--bits", "bits", multiple=True, type=click.Choice(["32", "16", "8", "4", "2"]), default=("4",),
               show_default=True,
-              help="Expert precision; repeat to store several (e.g. --bits 4 --bits 8). "
-                   "32 is unquantized float32, 16 float16 weights, 8 and 4 block-wise MatMulNBits.")
+              help="Expert precision; repeat to store several (e.g. --bits 4 --bits 8). 32 is unquantized "
+                   "float32, 16 float16 weights, 8/4/2 block-wise MatMulNBits. Calibrated compiles also "
+                   "store INT2 copies (for prefill) and INT8 for layers whose INT4 error is too high.")
 @click.option("--block-size", default=32, show_default=True, help="Quantization group size along K.")
+@click.option("--calib", default=BUILTIN, show_default=True,
+              help="Calibration text: 'builtin' (shipped with Fate), a text file, or 'none' (no profile/policy).")
+@click.option("--calib-tokens", default=4096, show_default=True, type=click.IntRange(min=64))
+@click.option("--budget", default="50%", show_default=True,
+              help="Device budget the policy is planned for: a share of all experts (25%) or bytes (300MB).")
+@click.option("--target-recall", default=0.97, show_default=True, type=click.FloatRange(0, 1),
+              help="Decode prefetch recall the prefetch width must reach.")
+@click.option("--max-quant-error", default=0.10, show_default=True, type=click.FloatRange(0),
+              help="Largest relative error of a layer's experts output at its resident precision.")
+@click.option("--max-low-bit-error", default=0.05, show_default=True, type=click.FloatRange(0),
+              help="Largest error INT2 prefill transfers may add to a layer's experts output.")
+@click.option("--policy-only", is_flag=True,
+              help="MODEL_DIR is an existing artifact: re-plan its policy from its profile for --budget.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it already exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(model_dir: Path, out_dir: Path, bits: tuple[str, ...], block_size: int, force: bool, quiet: bool) -> None:
+def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, calib: str, calib_tokens: int,
+         budget: str, target_recall: float, max_quant_error: float, max_low_bit_error: float, policy_only: bool,
+         force: bool, quiet: bool) -> None:
     """Compile the Hugging Face MoE checkpoint in MODEL_DIR into a Fate artifact."""
-    options = CompileOptions(model_dir=model_dir, out_dir=out_dir, bits=tuple(sorted({int(b) for b in bits}, reverse=True)),
-                             block_size=block_size, force=force)
     log = (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     try:
+        targets = PlanTargets(target_recall=target_recall, max_quant_error=max_quant_error,
+                              max_low_bit_error=max_low_bit_error)
+        if policy_only:
+            policy = replan(model_dir, parse_budget(budget), targets)
+            log(f"re-planned {model_dir} for a budget of {policy.budget:.1%} of the experts")
+            return
+        if out_dir is None:
+            raise FateError("missing -o/--output ARTIFACT_DIR")
+        calibration = None if calib == "none" else CalibrationOptions(source=calib, tokens=calib_tokens,
+                                                                     block_size=block_size)
+        options = CompileOptions(model_dir=model_dir, out_dir=out_dir,
+                                 bits=tuple(sorted({int(b) for b in bits}, reverse=True)),
+                                 block_size=block_size, force=force, calibration=calibration,
+                                 budget=parse_budget(budget), targets=targets)
         compile_checkpoint(options, log=log)
     except FateError as e:
         click.echo(f"fate-compile: error: {e}", err=True)
         sys.exit(1)
-    except ValueError as e:  # e.g. an invalid block size reaching the quantizer
-        click.echo(f"fate-compile: error: {e}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("fate-compile: interrupted; nothing was written", err=True)
         sys.exit(130)

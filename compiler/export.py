@@ -1,7 +1,7 @@
-"""fate-compile's core: checkpoint -> artifact, one layer at a time.
+"""fate-compile's core: checkpoint -> artifact (+ profile and policy), one layer at a time.
 
-Peak memory is one layer's weights plus the graphs being serialized: the checkpoint is read
-lazily and each graph is written to the artifact as soon as it is built.
+Peak memory is one layer's weights, one expert, the calibration activations and the graph being
+serialized: the checkpoint is read lazily and each graph is written as soon as it is built.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ from fate.artifacts import (
     RoutingSpec,
 )
 from fate.artifacts import layout
+from fate.artifacts.budget import Budget
+from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
+from tokenizers import Tokenizer
 
 from . import graphs
 from .checkpoint import Checkpoint
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
+from .policy import PlanTargets, plan_for_budget
+from .profile import CalibrationOptions, Profiler, calibration_ids
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
@@ -48,6 +53,9 @@ class CompileOptions:
     bits: tuple[int, ...] = (4,)
     block_size: int = 32
     force: bool = False
+    calibration: CalibrationOptions | None = None  # None: no profile, no policy
+    budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
+    targets: PlanTargets = PlanTargets()
 
 
 def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
@@ -121,68 +129,115 @@ class WeightReader:
         return {role: self.get(role, layer) for role in self.layer_roles(layer)}
 
 
+def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
+    return ModelSpec(
+        family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
+        rope_inv_freq=cfg.rope_inv_freq, rope_attention_scaling=cfg.rope_attention_scaling,
+        sliding_window=cfg.sliding_window,
+    )
+
+
 def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print) -> Path:
     for bits in opts.bits:
         if bits not in PRECISION_OF_BITS:
             raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
+    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+        raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
     cfg = family.read_config(ckpt.config)
     tokenizer = read_tokenizer(opts.model_dir, cfg)
     reader = WeightReader(ckpt, family, cfg)
     reader.check_all()
+    spec = model_spec(family, cfg)
+    calib_ids = None
+    if opts.calibration is not None:
+        encode = Tokenizer.from_str(tokenizer.files["tokenizer.json"].decode("utf-8")).encode
+        calib_ids = calibration_ids(opts.calibration, lambda text: encode(text).ids)
     start = time.time()
     with ArtifactWriter(opts.out_dir, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
             f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
-            f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}")
+            f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}"
+            + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
-        writer.write_bytes(layout.EMBED_GRAPH, graphs.embed_graph(embed).SerializeToString())
+        embed_model = graphs.embed_graph(embed)
+        writer.write_bytes(layout.EMBED_GRAPH, embed_model.SerializeToString())
+        profiler = None if calib_ids is None else Profiler(
+            spec, calib_ids, embed_model, opts.calibration, opts.calibration.source)
+        exporter = LayerExporter(writer, reader, cfg, opts, profiler)
         layers = []
         for layer in range(cfg.num_layers):
-            layers.append(_export_layer(writer, reader, cfg, layer, opts))
+            layers.append(exporter.export(layer))
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
         head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps)
         writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)
+        policy = None
+        if profiler is not None:
+            profile = profiler.result()
+            writer.write_bytes(layout.PROFILE, profile_to_bytes(profile))
+            sizes = {path: entry.size for path, entry in writer.entries.items()}
+            policy = plan_for_budget(profile, layers, sizes, opts.budget, opts.targets)
         manifest = Manifest(
-            schema_version="", fate_version="",
-            model=ModelSpec(
-                family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
-                num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
-                rope_inv_freq=cfg.rope_inv_freq, rope_attention_scaling=cfg.rope_attention_scaling,
-                sliding_window=cfg.sliding_window,
-            ),
+            schema_version="", fate_version="", model=spec,
             embed_graph=layout.EMBED_GRAPH, head_graph=layout.HEAD_GRAPH, layers=layers,
             tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
+            profile=None if profiler is None else layout.PROFILE, policy=policy,
         )
         out = writer.commit(manifest)
     log(f"wrote {out} in {time.time() - start:.1f} s")
     return out
 
 
-def _export_layer(writer: ArtifactWriter, reader: WeightReader, cfg: ArchConfig, layer: int,
-                  opts: CompileOptions) -> LayerSpec:
-    next_router = reader.get(Role.ROUTER, layer + 1) if layer + 1 in cfg.moe_layers else None
-    info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_router)
-    graph_path = layout.layer_graph(layer)
-    writer.write_bytes(graph_path, info.model.SerializeToString())
-    if layer not in cfg.moe_layers:
-        return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=info.predicts_next)
+class LayerExporter:
+    """Writes one layer's graph and expert files, and feeds the profiler as it goes."""
 
-    experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in opts.bits}
-    for expert in range(cfg.num_experts):
-        gate, up, down = (reader.get(role, layer, expert) for role in EXPERT_ROLES)
-        for bits in opts.bits:
-            precision = PRECISION_OF_BITS[bits]
-            path = layout.expert_graph(layer, expert, precision)
-            model = graphs.expert_graph(gate, up, down, bits, opts.block_size)
-            writer.write_bytes(path, model.SerializeToString())
-            experts[precision].append(path)
-    routing = RoutingSpec(scoring="softmax", num_experts=cfg.num_experts, top_k=cfg.top_k,
-                          normalize_top_k=cfg.normalize_top_k)
-    return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
-                     predicts_next=info.predicts_next)
+    def __init__(self, writer: ArtifactWriter, reader: WeightReader, cfg: ArchConfig, opts: CompileOptions,
+                 profiler: Profiler | None):
+        self.writer, self.reader, self.cfg, self.opts, self.profiler = writer, reader, cfg, opts, profiler
+        # Calibrated artifacts also carry INT2 copies: the policy may move rarely used experts
+        # at INT2 during prefill.
+        self.bits = tuple(sorted(set(opts.bits) | ({2} if profiler else set()), reverse=True))
+
+    def export(self, layer: int) -> LayerSpec:
+        cfg, reader = self.cfg, self.reader
+        is_moe = layer in cfg.moe_layers
+        next_layer = None
+        if layer + 1 in cfg.moe_layers:
+            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1))
+        info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
+        graph_path = layout.layer_graph(layer)
+        self.writer.write_bytes(graph_path, info.model.SerializeToString())
+        if self.profiler:
+            self.profiler.run_layer(layer, info.model, is_moe, info.predicts_next)
+        if not is_moe:
+            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=info.predicts_next)
+
+        experts = self._write_experts(layer, self.bits, feed_profiler=True)
+        if self.profiler:
+            measured = self.profiler.finish_layer()
+            sensitive = measured.quant_error["int4"] > self.opts.targets.max_quant_error
+            if sensitive and 8 not in self.bits:  # the policy will want this layer at INT8
+                experts.update(self._write_experts(layer, (8,), feed_profiler=False))
+        routing = RoutingSpec(scoring="softmax", num_experts=cfg.num_experts, top_k=cfg.top_k,
+                              normalize_top_k=cfg.normalize_top_k)
+        return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
+                         predicts_next=info.predicts_next)
+
+    def _write_experts(self, layer: int, bits_list: tuple[int, ...], feed_profiler: bool) -> dict[str, list[str]]:
+        experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in bits_list}
+        for expert in range(self.cfg.num_experts):
+            gate, up, down = (self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
+            for bits in bits_list:
+                path = layout.expert_graph(layer, expert, PRECISION_OF_BITS[bits])
+                model = graphs.expert_graph(gate, up, down, bits, self.opts.block_size)
+                self.writer.write_bytes(path, model.SerializeToString())
+                experts[PRECISION_OF_BITS[bits]].append(path)
+            if feed_profiler and self.profiler:
+                self.profiler.add_expert(expert, gate, up, down)
+        return experts

@@ -108,11 +108,22 @@ class LayerGraphInfo:
     predicts_next: bool
 
 
-def layer_graph(layer: int, cfg: ArchConfig, w: W, next_router: np.ndarray | None) -> LayerGraphInfo:
+@dataclass(frozen=True)
+class NextRouter:
+    """What layer l needs of layer l+1 to predict its experts: its router and MLP-norm weights."""
+
+    router: np.ndarray
+    norm: np.ndarray
+
+
+def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None) -> LayerGraphInfo:
     """One decoder layer: attention, then either the dense MLP or the MoE front half (router,
-    top-k, shared expert) with the routed experts left to the runtime. `next_router` is the
-    router weight of the next MoE layer, applied to this layer's router input: the cross-layer
-    prediction output."""
+    top-k, shared expert) with the routed experts left to the runtime.
+
+    With `next_layer`, two cross-layer predictions of layer l+1's router logits:
+      next_router_logits      = router_{l+1}(router input of l)           (the paper's predictor)
+      next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
+    The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}")
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     rot = 2 * len(cfg.rope_inv_freq)
@@ -125,19 +136,21 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_router: np.ndarray | Non
 
     x = rms_norm(b, hidden, w[Role.ATTN_NORM], cfg.rms_norm_eps)
     attn, present_k, present_v = attention(b, x, w, cfg, cos, sin, bias, past_k, past_v)
-    h = b.op("Add", hidden, attn)
+    h = h_attn = b.op("Add", hidden, attn)
     present_shape = [1, cfg.num_kv_heads, "T", cfg.head_dim]
     b.output(present_k, IO.PRESENT_KEY, FLOAT, present_shape)
     b.output(present_v, IO.PRESENT_VALUE, FLOAT, present_shape)
 
     normed = rms_norm(b, h, w[Role.MLP_NORM], cfg.rms_norm_eps)
+    router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+    b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
     if layer not in cfg.moe_layers:
         out = b.op("Add", h, swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN]))
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
-        router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
-        b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
-        ids, weights = route(b, linear(b, router_input, w[Role.ROUTER]), cfg.top_k, cfg.normalize_top_k)
+        logits = linear(b, router_input, w[Role.ROUTER])
+        b.output(logits, IO.ROUTER_LOGITS, FLOAT, ["S", cfg.num_experts])
+        ids, weights = route(b, logits, cfg.top_k, cfg.normalize_top_k)
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
         if Role.SHARED_GATE in w:
@@ -146,22 +159,24 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_router: np.ndarray | Non
                 shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE])))
             h = b.op("Add", h, shared)
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
-    if next_router is not None:
-        flat = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
-        b.output(linear(b, flat, next_router), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", next_router.shape[0]])
-    return LayerGraphInfo(b.model(), next_router is not None)
+    if next_layer is not None:
+        experts = next_layer.router.shape[0]
+        b.output(linear(b, router_input, next_layer.router), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
+        renormed = b.op("Reshape", rms_norm(b, h_attn, next_layer.norm, cfg.rms_norm_eps), b.ints([-1, cfg.hidden_size]))
+        b.output(linear(b, renormed, next_layer.router), IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
+    return LayerGraphInfo(b.model(), next_layer is not None)
 
 
 def expert_graph(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: int, block_size: int) -> onnx.ModelProto:
     """One routed expert, x [N, H] -> y [N, H] = down(silu(gate(x)) * up(x)).
 
     bits 32: float32 MatMul; 16: float16 weights cast up once at session creation (onnxruntime
-    folds the Cast); 8 and 4: MatMulNBits with constant, block-quantized weights."""
+    folds the Cast); 8, 4 and 2: MatMulNBits with constant, block-quantized weights."""
     b = GraphBuilder("expert")
     x = b.input(IO.EXPERT_IN, FLOAT, ["N", gate.shape[1]])
 
     def proj(inp: str, weight: np.ndarray) -> str:
-        if bits in (4, 8):
+        if bits in (2, 4, 8):
             return matmul_nbits(b, inp, weight, bits, block_size)
         if bits == 16:
             return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T.astype(np.float16)),

@@ -15,7 +15,7 @@ import numpy as np
 
 from .onnx_builder import MS_DOMAIN, GraphBuilder
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.layout import GraphIO
+from fate.artifacts.schema import PRECISION_BITS
 
 from .sessions import make_session
 
@@ -41,13 +42,20 @@ class ExpertStore(ABC):
         """Stop background work, release memory."""
 
 
-def pick_precision(artifact: Artifact, layer: int, wanted: str | None) -> str:
-    stored = artifact.manifest.layers[layer].experts
-    if wanted is None:
-        return artifact.manifest.precisions[-1]  # the smallest stored: what the artifact is for
-    if wanted not in stored:
-        raise ArtifactError(f"layer {layer} stores experts as {', '.join(stored)}, not {wanted}")
-    return wanted
+def resident_precision(artifact: Artifact, layer: int, wanted: str | None) -> str:
+    """The precision a layer's experts run at: asked for, else the policy's, else the smallest
+    stored of at least 4 bits (INT2 copies are for prefill transfers, not for residence)."""
+    manifest = artifact.manifest
+    stored = manifest.layers[layer].experts
+    if wanted is not None:
+        if wanted not in stored:
+            raise ArtifactError(f"layer {layer} stores experts as {', '.join(stored)}, not {wanted}")
+        return wanted
+    decided = manifest.policy.layer(layer) if manifest.policy else None
+    if decided is not None:
+        return decided.precision
+    usable = [p for p in stored if PRECISION_BITS[p] >= 4] or list(stored)
+    return min(usable, key=lambda p: PRECISION_BITS[p])
 
 
 class ResidentExperts(ExpertStore):
@@ -57,7 +65,7 @@ class ResidentExperts(ExpertStore):
         super().__init__()
         self.sessions: dict[tuple[int, int], object] = {}
         for spec in artifact.manifest.moe_layers:
-            files = spec.experts[pick_precision(artifact, spec.index, precision)]
+            files = spec.experts[resident_precision(artifact, spec.index, precision)]
             for expert, path in enumerate(files):
                 data = artifact.read_bytes(path, verify=verify)
                 self.sessions[(spec.index, expert)] = make_session(data, threads=1)

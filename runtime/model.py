@@ -12,6 +12,7 @@ from fate.artifacts import Artifact, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
+from .positions import attention_bias, rope
 from .sessions import make_session
 
 
@@ -42,7 +43,6 @@ class FateModel:
         self.head = make_session(read(self.manifest.head_graph), threads)
         self.layers = [make_session(read(layer.graph), threads) for layer in self.manifest.layers]
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
-        self._inv_freq = np.asarray(self.spec.rope_inv_freq, np.float32)
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -65,21 +65,6 @@ class FateModel:
 
     # ------------------------------------------------------------------ one forward pass
 
-    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        freqs = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        scale = np.float32(self.spec.rope_attention_scaling)
-        return np.cos(emb) * scale, np.sin(emb) * scale
-
-    def attention_bias(self, past: int, new: int) -> np.ndarray:
-        """Additive mask [new, past+new]: causal, and windowed when the model slides."""
-        q = np.arange(past, past + new)[:, None]
-        k = np.arange(past + new)[None, :]
-        allowed = k <= q
-        if self.spec.sliding_window:
-            allowed &= (q - k) < self.spec.sliding_window
-        return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
-
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run new token ids through every layer, extending `cache`; returns hidden [1, S, H]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -91,8 +76,8 @@ class FateModel:
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
         positions = np.arange(cache.length, cache.length + ids.size)
-        cos, sin = self.rope(positions)
-        bias = self.attention_bias(cache.length, ids.size)
+        cos, sin = rope(self.spec, positions)
+        bias = attention_bias(self.spec, cache.length, ids.size)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
             feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: bias,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fate.artifacts import Artifact, ArtifactError, ArtifactWriter, Manifest, SCHEMA_VERSION
-from fate.artifacts import schema
+from fate.artifacts import profile, schema
 from fate.artifacts.schema import manifest_from_json
 
 
@@ -23,7 +23,8 @@ def test_format_md_lists_every_field():
     text = (Path(schema.__file__).parent / "FORMAT.md").read_text()
     documented = set(re.findall(r"`([a-z_0-9]+)`", text))
     for cls in (schema.Manifest, schema.ModelSpec, schema.LayerSpec, schema.RoutingSpec,
-                schema.TokenizerSpec, schema.GenerationDefaults, schema.FileEntry):
+                schema.TokenizerSpec, schema.GenerationDefaults, schema.FileEntry, schema.Policy,
+                schema.LayerPolicy, profile.Profile, profile.LayerProfile, profile.RecallCurve):
         missing = {f.name for f in dataclasses.fields(cls)} - documented
         assert not missing, f"FORMAT.md does not describe {cls.__name__}.{missing}"
 

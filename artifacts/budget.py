@@ -1,0 +1,45 @@
+"""Memory budgets as users write them: bytes with units ("300MB", "2GiB") or a share of all
+routed experts ("25%", "0.25")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import FateError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    share: float | None = None  # of all routed experts
+    bytes: int | None = None
+
+    def share_of(self, total_expert_bytes: int) -> float:
+        if self.share is not None:
+            return self.share
+        return min(1.0, self.bytes / max(total_expert_bytes, 1))
+
+    def bytes_of(self, total_expert_bytes: int) -> int:
+        if self.bytes is not None:
+            return self.bytes
+        return int(self.share * total_expert_bytes)
+
+
+def parse_budget(text: str) -> Budget:
+    t = text.strip().upper().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", t)
+    if m:
+        share = float(m.group(1)) / 100
+    elif re.fullmatch(r"0?\.\d+|1(?:\.0*)?|0", t):
+        share = float(t)
+    else:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", t)
+        if not m:
+            raise FateError(f"cannot read budget {text!r}: use bytes with a unit (300MB, 2GiB) or a share (25%)")
+        return Budget(bytes=int(float(m.group(1)) * UNITS[m.group(2) or ""]))
+    if not 0 < share <= 1:
+        raise FateError(f"budget share {text!r} must be in (0%, 100%]")
+    return Budget(share=share)

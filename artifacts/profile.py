@@ -1,0 +1,91 @@
+"""profile.json: what calibration measured, per MoE layer. Written by the compiler's profiler,
+read by the planner (`fate-compile --policy-only`), fate-inspect and the runtime's EAP baseline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ArtifactError
+from .schema import from_json_dict, parse_version, to_json_dict
+
+PROFILE_VERSION = "1.0"
+
+# Predictors of a layer's experts, measured side by side:
+#   cross_layer       the next layer's router applied to this layer's router input (the paper's)
+#   cross_layer_norm  the same after the next layer's own norm weights
+#   eap               expert-activation-path: transition counts from the previous MoE layer's experts
+#   previous_token    the experts this layer's router ranked highest for the previous token
+PREDICTORS = ("cross_layer", "cross_layer_norm", "eap", "previous_token")
+GRAPH_PREDICTORS = ("cross_layer", "cross_layer_norm")  # computed inside the layer graphs
+RUNTIME_PREDICTORS = (*GRAPH_PREDICTORS, "eap")  # what a layer's policy may name (or "none")
+
+
+@dataclass(frozen=True)
+class RecallCurve:
+    """Recall of one predictor at fetch widths (experts fetched per token).
+
+    decode[i]:        mean over tokens of |top-widths[i] predicted ∩ actual top-k| / k
+    prefill[i]:       mean over prompt windows of |∪ predicted ∩ ∪ actual| / |∪ actual|
+    prefill_fetch[i]: mean number of distinct experts in ∪ predicted per window
+    """
+
+    widths: list[int]
+    decode: list[float]
+    prefill: list[float]
+    prefill_fetch: list[float]
+
+    def decode_at(self, width: int) -> float:
+        return self.decode[self.widths.index(width)]
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    index: int
+    num_experts: int
+    top_k: int
+    similarity_mean: float | None  # cosine(router input of layer index-1, router input of this layer)
+    similarity_std: float | None
+    predictors: dict[str, RecallCurve]
+    popularity: list[float]  # share of this layer's token-expert assignments per expert
+    miss_curve_slots: list[int]
+    miss_curve: list[float]  # demand-only ARC miss rate at each slot count, decode order
+    quant_error: dict[str, float]  # relative error of the routed-experts output per precision
+    low_bit_shares: list[float]  # share of assignments (least popular experts first) moved at INT2
+    low_bit_error: list[float]  # error that share at INT2 adds to the all-INT4 routed output (relative)
+    transitions_from: int | None  # the previous MoE layer, for EAP
+    transitions: list[list[int]]  # counts [expert there][expert here] over all calibration tokens
+
+
+@dataclass(frozen=True)
+class Profile:
+    profile_version: str
+    calibration: str
+    calibration_tokens: int
+    sequence_length: int
+    prefill_window: int
+    eval_tokens: int  # tokens the recall figures are measured on (EAP is fitted on the others)
+    layers: list[LayerProfile]
+
+    def layer(self, index: int) -> LayerProfile:
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise ArtifactError(f"profile has no MoE layer {index}")
+
+
+def profile_to_bytes(profile: Profile) -> bytes:
+    return (json.dumps(to_json_dict(profile), separators=(",", ":")) + "\n").encode()
+
+
+def profile_from_bytes(data: bytes) -> Profile:
+    try:
+        raw: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"profile.json is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("profile_version"), str):
+        raise ArtifactError("profile.json has no profile_version")
+    if parse_version(raw["profile_version"])[0] != parse_version(PROFILE_VERSION)[0]:
+        raise ArtifactError(f"profile.json version {raw['profile_version']} is not readable here")
+    return from_json_dict(Profile, raw, where="profile")

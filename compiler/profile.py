@@ -1,0 +1,274 @@
+"""Calibration profiling, run inside the export loop one layer at a time.
+
+Calibration sequences go through the compiled graphs themselves (onnxruntime), so what is
+measured is what the runtime will see. Routed experts are computed here in numpy from the
+float32 weights, expert by expert as the exporter reads them, together with their INT8, INT4 and
+INT2 dequantized versions (the quantizer's own reference), so memory stays one expert plus the
+calibration activations. The float32 trajectory feeds the next layer.
+
+Per MoE layer this records (see fate.artifacts.profile): similarity of adjacent router inputs,
+recall of each predictor at fetch widths for decode and prefill, popularity, ARC miss curves,
+quantization error per precision, the INT2-share error curve and EAP transition counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fate.artifacts import ModelError, ModelSpec
+from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
+from fate.runtime.cache import replay_miss_rate
+from fate.runtime.positions import attention_bias, rope
+from fate.runtime.sessions import make_session
+
+from .quantize import dequantize, quantize
+
+BUILTIN = "builtin"
+BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+LOW_BIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    source: str = BUILTIN  # "builtin" or a text file
+    tokens: int = 4096
+    sequence_length: int = 128
+    prefill_window: int = 32
+    quant_tokens: int = 1024  # tokens used for quantization-error figures
+    block_size: int = 32
+
+
+def calibration_ids(options: CalibrationOptions, encode) -> np.ndarray:
+    """Token ids [sequences, sequence_length] from the calibration text."""
+    path = BUILTIN_TEXT if options.source == BUILTIN else Path(options.source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read calibration text {path}: {e}") from None
+    ids = encode(text)
+    s = options.sequence_length
+    n = min(len(ids), options.tokens) // s
+    if n < 4:
+        raise ModelError(f"calibration text {path} gives {len(ids)} tokens; at least {4 * s} are needed")
+    return np.asarray(ids[: n * s], np.int64).reshape(n, s)
+
+
+def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    g = x @ gate.T
+    return ((g / (1.0 + np.exp(-g))) * (x @ up.T)) @ down.T
+
+
+def rel_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-30))
+
+
+def top_mask(scores: np.ndarray, width: int) -> np.ndarray:
+    """Boolean [N, E]: each row's `width` highest scores."""
+    mask = np.zeros(scores.shape, bool)
+    np.put_along_axis(mask, np.argsort(-scores, axis=1, kind="stable")[:, :width], True, axis=1)
+    return mask
+
+
+def recall_curve(scores: np.ndarray, actual: np.ndarray, widths: list[int], window: int) -> RecallCurve:
+    """scores [N, E] of a predictor, actual [N, E] boolean top-k, over consecutive windows."""
+    k = int(actual[0].sum())
+    decode, prefill, fetch = [], [], []
+    n_win = len(actual) // window
+    actual_union = actual[: n_win * window].reshape(n_win, window, -1).any(axis=1)
+    for w in widths:
+        predicted = top_mask(scores, w)
+        decode.append(float((predicted & actual).sum(axis=1).mean() / k))
+        union = predicted[: n_win * window].reshape(n_win, window, -1).any(axis=1)
+        prefill.append(float(((union & actual_union).sum(axis=1) / actual_union.sum(axis=1)).mean()))
+        fetch.append(float(union.sum(axis=1).mean()))
+    return RecallCurve(widths=list(widths), decode=decode, prefill=prefill, prefill_fetch=fetch)
+
+
+def slot_grid(num_experts: int, top_k: int) -> list[int]:
+    if num_experts <= 24:
+        return list(range(num_experts + 1))
+    return sorted({0, top_k, num_experts, *np.linspace(top_k, num_experts, 16).round().astype(int).tolist()})
+
+
+@dataclass
+class _Previous:
+    """What the last layer left for the next one's measurements."""
+
+    router_input: np.ndarray | None = None
+    predictions: dict[str, np.ndarray] | None = None
+    moe_index: int | None = None
+    moe_ids: np.ndarray | None = None
+    moe_experts: int = 0
+
+
+class Profiler:
+    def __init__(self, spec: ModelSpec, ids: np.ndarray, embed: onnx.ModelProto, options: CalibrationOptions,
+                 source_name: str):
+        self.spec, self.options, self.source_name = spec, options, source_name
+        self.n_seq, self.seq_len = ids.shape
+        session = make_session(embed.SerializeToString())
+        self.hidden = np.stack([session.run([IO.HIDDEN], {IO.INPUT_IDS: row})[0][0] for row in ids])
+        self.cos, self.sin = rope(spec, np.arange(self.seq_len))
+        self.bias = attention_bias(spec, 0, self.seq_len)
+        # EAP is fitted on the first three quarters of the sequences; every recall is measured
+        # on the last quarter, so predictors are compared on the same unseen tokens.
+        self.eval_from = (self.n_seq - max(1, self.n_seq // 4)) * self.seq_len
+        self.quant_rows = np.arange(min(options.quant_tokens, self.n_seq * self.seq_len))
+        self.previous = _Previous()
+        self.layers: list[LayerProfile] = []
+        self._moe: dict | None = None
+
+    # -------------------------------------------------------------- per layer, from the exporter
+
+    def run_layer(self, index: int, model: onnx.ModelProto, is_moe: bool, predicts_next: bool) -> None:
+        names = [IO.RESIDUAL, IO.ROUTER_INPUT]
+        if is_moe:
+            names += [IO.ROUTER_LOGITS, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
+        if predicts_next:
+            names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
+        session = make_session(model.SerializeToString())
+        empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
+        rows = []
+        for seq in self.hidden:
+            feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias,
+                     IO.PAST_KEY: empty, IO.PAST_VALUE: empty}
+            rows.append(session.run(names, feeds))
+        out = {name: np.concatenate([r[i].reshape(-1, r[i].shape[-1]) for r in rows]) for i, name in enumerate(names)}
+        residual = out[IO.RESIDUAL]
+        if is_moe:
+            self._start_moe(index, out)
+        else:
+            self.hidden = residual.reshape(self.hidden.shape)
+            self._moe = None
+        self._carry = (out[IO.ROUTER_INPUT], {
+            "cross_layer": out[IO.NEXT_ROUTER_LOGITS], "cross_layer_norm": out[IO.NEXT_ROUTER_LOGITS_NORM],
+        } if predicts_next else None)
+        if not is_moe:
+            self._advance()
+
+    def _start_moe(self, index: int, out: dict[str, np.ndarray]) -> None:
+        ids = out[IO.EXPERT_IDS]
+        counts = np.bincount(ids.reshape(-1), minlength=out[IO.ROUTER_LOGITS].shape[1])
+        order = np.argsort(counts, kind="stable")  # least popular first
+        share = np.cumsum(counts[order]) / counts.sum()
+        # expert -> the smallest grid share whose least-popular tail includes it
+        tails = {s: set(order[: int(np.searchsorted(share, s, side="right"))].tolist()) for s in LOW_BIT_SHARES}
+        rows = self.quant_rows
+        self._moe = dict(
+            index=index, out=out, counts=counts, tails=tails,
+            total=out[IO.RESIDUAL].copy(),
+            routed=np.zeros((len(rows), out[IO.RESIDUAL].shape[1]), np.float32),
+            quant={p: np.zeros_like(out[IO.RESIDUAL][rows]) for p in QUANT_BITS},
+            low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
+        )
+
+    def add_expert(self, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+        m = self._moe
+        ids, weights, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["out"][IO.ROUTER_INPUT]
+        tokens, slots = np.nonzero(ids == expert)
+        if tokens.size == 0:
+            return
+        w = weights[tokens, slots][:, None]
+        m["total"][tokens] += w * swiglu(x[tokens], gate, up, down)
+        in_q = tokens < len(self.quant_rows)
+        q_tokens, q_w = tokens[in_q], w[in_q]
+        if q_tokens.size == 0:
+            return
+        exact = q_w * swiglu(x[q_tokens], gate, up, down)
+        m["routed"][q_tokens] += exact
+        deq = {p: [dequantize(quantize(t, bits, self.options.block_size)) for t in (gate, up, down)]
+               for p, bits in QUANT_BITS.items()}
+        approx = {p: q_w * swiglu(x[q_tokens], *deq[p]) for p in QUANT_BITS}
+        for p in QUANT_BITS:
+            m["quant"][p][q_tokens] += approx[p]
+        for s, tail in m["tails"].items():
+            m["low"][s][q_tokens] += approx["int2"] if expert in tail else approx["int4"]
+
+    def finish_layer(self) -> LayerProfile:
+        """Close an MoE layer: record its profile and move the float32 trajectory on."""
+        m = self._moe
+        out = m["out"]
+        routed = m["routed"]
+        num_experts = out[IO.ROUTER_LOGITS].shape[1]
+        top_k = out[IO.EXPERT_IDS].shape[1]
+        actual = np.zeros((len(out[IO.EXPERT_IDS]), num_experts), bool)
+        np.put_along_axis(actual, out[IO.EXPERT_IDS], True, axis=1)
+        profile = LayerProfile(
+            index=m["index"], num_experts=num_experts, top_k=top_k,
+            **self._similarity(out[IO.ROUTER_INPUT]),
+            predictors=self._predictors(out, actual, top_k),
+            popularity=(m["counts"] / m["counts"].sum()).tolist(),
+            miss_curve_slots=(slots := slot_grid(num_experts, top_k)),
+            miss_curve=[replay_miss_rate("arc", out[IO.EXPERT_IDS].tolist(), c) for c in slots],
+            quant_error={p: rel_error(m["quant"][p], routed) for p in QUANT_BITS},
+            low_bit_shares=list(LOW_BIT_SHARES),
+            # the error INT2 adds on top of INT4, relative to the exact routed output
+            low_bit_error=[float(np.linalg.norm(m["low"][s] - m["quant"]["int4"]) / max(np.linalg.norm(routed), 1e-30))
+                           for s in LOW_BIT_SHARES],
+            transitions_from=self.previous.moe_index,
+            transitions=self._transitions(out[IO.EXPERT_IDS], num_experts).tolist(),
+        )
+        self.layers.append(profile)
+        self.hidden = m["total"].reshape(self.hidden.shape)
+        self._advance(m["index"], out[IO.EXPERT_IDS], num_experts)
+        return profile
+
+    def _advance(self, moe_index: int | None = None, moe_ids: np.ndarray | None = None, experts: int = 0) -> None:
+        router_input, predictions = self._carry
+        prev = self.previous
+        if moe_index is None:  # a dense layer: the last MoE layer stays the EAP source
+            moe_index, moe_ids, experts = prev.moe_index, prev.moe_ids, prev.moe_experts
+        self.previous = _Previous(router_input, predictions, moe_index, moe_ids, experts)
+
+    # -------------------------------------------------------------- measurements
+
+    def _similarity(self, router_input: np.ndarray) -> dict:
+        prev = self.previous.router_input
+        if prev is None:
+            return dict(similarity_mean=None, similarity_std=None)
+        cos = (prev * router_input).sum(1) / (np.linalg.norm(prev, axis=1) * np.linalg.norm(router_input, axis=1) + 1e-30)
+        return dict(similarity_mean=float(cos.mean()), similarity_std=float(cos.std()))
+
+    def _transitions(self, ids: np.ndarray, num_experts: int, rows: slice = slice(None)) -> np.ndarray:
+        prev = self.previous.moe_ids
+        if prev is None:
+            return np.zeros((0, 0), np.int64)
+        counts = np.zeros((self.previous.moe_experts, num_experts), np.int64)
+        for a in range(prev.shape[1]):
+            for b in range(ids.shape[1]):
+                np.add.at(counts, (prev[rows, a], ids[rows, b]), 1)
+        return counts
+
+    def _predictors(self, out: dict, actual: np.ndarray, top_k: int) -> dict[str, RecallCurve]:
+        num_experts = actual.shape[1]
+        widths = list(range(top_k, min(num_experts, 3 * top_k) + 1))
+        ev = slice(self.eval_from, None)
+        window = self.options.prefill_window
+        scores: dict[str, np.ndarray] = {}
+        if self.previous.predictions is not None:
+            scores.update(self.previous.predictions)
+        if self.previous.moe_ids is not None:
+            fit = slice(0, self.eval_from)
+            counts = self._transitions(out[IO.EXPERT_IDS], num_experts, fit).astype(np.float64)
+            prev_ids = self.previous.moe_ids
+            # popularity breaks ties between experts no transition names
+            prior = actual[fit].mean(0) * 1e-6
+            scores["eap"] = counts[prev_ids].sum(axis=1) + prior
+        # previous token within the same sequence: shift router logits by one position (the
+        # first token of each sequence has no previous one and counts against this predictor)
+        logits = out[IO.ROUTER_LOGITS].reshape(self.n_seq, self.seq_len, -1)
+        shifted = np.concatenate([np.zeros_like(logits[:, :1]), logits[:, :-1]], axis=1)
+        scores["previous_token"] = shifted.reshape(-1, num_experts)
+        return {name: recall_curve(s[ev], actual[ev], widths, window) for name, s in scores.items()}
+
+    def result(self) -> Profile:
+        return Profile(profile_version=PROFILE_VERSION, calibration=self.source_name,
+                       calibration_tokens=self.n_seq * self.seq_len, sequence_length=self.seq_len,
+                       prefill_window=self.options.prefill_window,
+                       eval_tokens=self.n_seq * self.seq_len - self.eval_from, layers=self.layers)

@@ -1,13 +1,22 @@
-"""A Hugging Face checkpoint directory, read one tensor at a time.
+"""A Hugging Face checkpoint directory, read one tensor at a time with plain file reads.
 
 Accepts model.safetensors or sharded model-0000x-of-0000y.safetensors with
-model.safetensors.index.json. Tensors are read lazily (safetensors maps the file), so peak
-memory is what the exporter holds, not the model size.
+model.safetensors.index.json. The safetensors header is parsed and checked here (offsets inside
+the file, sizes matching shapes and dtypes), and each tensor is read with one positioned read,
+then dropped from the page cache: no memory map, so the compile's resident memory is what the
+exporter holds, not the model size.
+
+safetensors layout (from its format description): an 8-byte little-endian header length N, N
+bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then
+the data, offsets relative to its start.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +25,10 @@ from fate.artifacts import ModelError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MAX_HEADER = 100 << 20
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -30,71 +43,108 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    length: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ModelError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (bad header)")
+    tensors = {}
+    data_start = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: bad header entry for {name}") from None
+        if dtype not in DTYPES:
+            raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+        if not 0 <= begin <= end or end - begin != expected:
+            raise ModelError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)} {dtype}")
+        if data_start + end > size:
+            raise ModelError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
+    return tensors
+
+
 class Checkpoint:
     def __init__(self, model_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise ModelError(f"{self.dir} is not a directory")
         self.config = read_json(self.dir / "config.json", "a checkpoint directory needs config.json")
-        self._where = self._locate_tensors()
-        self._handles = {}
-        for shard in sorted(set(self._where.values())):
-            path = self.dir / shard
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except FileNotFoundError:
-                raise ModelError(f"{path} is missing (named by {INDEX})") from None
-            except Exception as e:  # safetensors raises its own error type for bad headers
-                raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
-            self._check_shard(path, handle)
-            self._handles[shard] = handle
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard, expected in self._shards().items():
+            found = read_header(self.dir / shard)
+            if expected is not None and expected - set(found):
+                missing = sorted(expected - set(found))[:3]
+                raise ModelError(f"{self.dir / shard} lacks tensors that {INDEX} puts there, e.g. {', '.join(missing)}")
+            self.tensors.update(found)
 
-    def _locate_tensors(self) -> dict[str, str]:
-        """tensor name -> shard file name."""
+    def _shards(self) -> dict[str, set[str] | None]:
+        """shard file name -> the tensor names the index puts there (None: no index)."""
         index = self.dir / INDEX
         if index.exists():
             weight_map = read_json(index, "").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ModelError(f"{index} has no weight_map")
-            for shard in set(weight_map.values()):
+            shards: dict[str, set[str]] = {}
+            for name, shard in weight_map.items():
                 if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
                     raise ModelError(f"{index} names a shard outside the checkpoint: {shard!r}")
-            return dict(weight_map)
+                shards.setdefault(shard, set()).add(name)
+            return shards
         if (self.dir / SINGLE).exists():
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(self.dir / SINGLE), framework="pt") as f:
-                    return {name: SINGLE for name in f.keys()}
-            except Exception as e:
-                raise ModelError(f"{self.dir / SINGLE} is not a readable safetensors file: {e}") from None
+            return {SINGLE: None}
         raise ModelError(f"{self.dir} holds no {SINGLE} and no {INDEX}")
 
-    def _check_shard(self, path: Path, handle) -> None:
-        """The index and the shard must agree. (safe_open itself refuses a truncated file.)"""
-        keys = set(handle.keys())
-        expected = {n for n, s in self._where.items() if s == path.name}
-        if expected - keys:
-            missing = sorted(expected - keys)[:3]
-            raise ModelError(f"{path} lacks tensors that {INDEX} puts there, e.g. {', '.join(missing)}")
-
     def names(self) -> set[str]:
-        return set(self._where)
+        return set(self.tensors)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self.tensors[name].shape
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 numpy (bf16/fp16 checkpoints are widened)."""
-        if name not in self._where:
+        """The tensor as float32 numpy (bf16/fp16 widened), read with one positioned read."""
+        info = self.tensors.get(name)
+        if info is None:
             raise ModelError(f"checkpoint {self.dir} has no tensor {name}")
+        fd = os.open(info.path, os.O_RDONLY)
         try:
-            tensor = self._handles[self._where[name]].get_tensor(name)
-        except Exception as e:
-            raise ModelError(f"cannot read {name} from {self.dir / self._where[name]}: {e}") from None
-        return tensor.float().numpy()
+            data = os.pread(fd, info.length, info.start)
+            if hasattr(os, "posix_fadvise"):  # what we read once need not stay in the page cache
+                os.posix_fadvise(fd, info.start, info.length, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if len(data) != info.length:
+            raise ModelError(f"{info.path} changed while reading {name}")
+        raw = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        if info.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)

@@ -75,7 +75,8 @@ def allocate_slots(profiles: list[LayerProfile], recalls: list[float], minimums:
     while left > 0:
         gains = [(miss_at(p, s) - miss_at(p, s + 1)) * (1 - r) if s < p.num_experts else -1.0
                  for p, s, r in zip(profiles, slots, recalls)]
-        best = int(np.argmax(gains))  # ties go to the shallower layer
+        # ties go to the layer holding fewer slots, then to the shallower one
+        best = max(range(len(gains)), key=lambda i: (round(gains[i], 12), -slots[i], -i))
         if gains[best] < 0:
             break
         slots[best] += 1

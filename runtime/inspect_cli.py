@@ -1,0 +1,148 @@
+"""fate-inspect ARTIFACT [--html report.html]: what calibration measured and what the compiler
+decided, per MoE layer; the HTML report is one self-contained file (inline SVG, no scripts)."""
+
+from __future__ import annotations
+
+import html
+import sys
+from pathlib import Path
+
+import click
+
+from fate.artifacts import Artifact, FateError, Manifest
+from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
+
+COLORS = {"cross_layer": "#d62728", "cross_layer_norm": "#ff7f0e", "eap": "#1f77b4", "previous_token": "#7f7f7f"}
+
+
+def skew(popularity: list[float]) -> float:
+    """Share of assignments that go to the most popular quarter of the experts."""
+    top = sorted(popularity, reverse=True)[: max(1, len(popularity) // 4)]
+    return sum(top)
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rows(manifest: Manifest, profile: Profile) -> list[dict[str, str]]:
+    out = []
+    for p in profile.layers:
+        decided = manifest.policy.layer(p.index) if manifest.policy else None
+        cross = p.predictors.get("cross_layer")
+        chosen = p.predictors.get(decided.predictor) if decided and decided.predictor != "none" else None
+        eap = p.predictors.get("eap")
+        prev = p.predictors.get("previous_token")
+        out.append({
+            "layer": str(p.index),
+            "similarity": fmt(p.similarity_mean),
+            "cross@k": fmt(cross.decode[0] if cross else None),
+            "eap@k": fmt(eap.decode[0] if eap else None),
+            "prev@k": fmt(prev.decode[0] if prev else None),
+            "predictor": decided.predictor if decided else "-",
+            "width": str(decided.prefetch_width) if decided else "-",
+            "recall@width": fmt(chosen.decode_at(decided.prefetch_width) if chosen else None),
+            "top25% share": fmt(skew(p.popularity), ".2f"),
+            "int4 err": fmt(p.quant_error.get("int4")),
+            "bits": decided.precision if decided else "-",
+            "cache share": fmt(decided.cache_share if decided else None, ".3f"),
+            "int2 prefill": f"{decided.prefill_low_share:.0%}" if decided and decided.prefill_precision else "-",
+        })
+    return out
+
+
+def table(data: list[dict[str, str]]) -> str:
+    headers = list(data[0])
+    widths = [max(len(h), *(len(r[h]) for r in data)) for h in headers]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line([r[h] for h in headers]) for r in data])
+
+
+# ---------------------------------------------------------------------------------- HTML
+
+
+def svg_chart(title: str, series: dict[str, list[tuple[float, float]]], y_max: float = 1.0,
+              bars: bool = False, x_label: str = "", y_label: str = "") -> str:
+    w, h, pad = 300, 180, 34
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    sx = lambda x: pad + (x - x0) / (x1 - x0) * (w - pad - 8)  # noqa: E731
+    sy = lambda y: h - pad + 4 - (y / y_max) * (h - pad - 12)  # noqa: E731
+    parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="{w / 2}" y="11" font-size="11" text-anchor="middle">{html.escape(title)}</text>',
+             f'<line x1="{pad}" y1="{sy(0)}" x2="{w - 8}" y2="{sy(0)}" stroke="#999"/>',
+             f'<line x1="{pad}" y1="{sy(0)}" x2="{pad}" y2="{sy(y_max)}" stroke="#999"/>',
+             f'<text x="{pad - 3}" y="{sy(y_max) + 4}" font-size="9" text-anchor="end">{y_max:.3g}</text>',
+             f'<text x="{pad - 3}" y="{sy(0)}" font-size="9" text-anchor="end">0</text>',
+             f'<text x="{pad}" y="{h - 8}" font-size="9">{x0:g}</text>',
+             f'<text x="{w - 8}" y="{h - 8}" font-size="9" text-anchor="end">{x1:g} {html.escape(x_label)}</text>',
+             f'<text x="4" y="{sy(y_max / 2)}" font-size="9">{html.escape(y_label)}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        color = COLORS.get(name, "#2ca02c")
+        if bars:
+            bw = max(1.0, (w - pad - 8) / max(len(pts), 1) - 1)
+            parts += [f'<rect x="{sx(x) - bw / 2:.1f}" y="{sy(y):.1f}" width="{bw:.1f}" height="{sy(0) - sy(y):.1f}" '
+                      f'fill="{color}"/>' for x, y in pts]
+        else:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(f'<text x="{w - 10}" y="{20 + 10 * i}" font-size="9" fill="{color}" '
+                         f'text-anchor="end">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def layer_charts(p: LayerProfile) -> str:
+    recall = {name: list(zip(c.widths, c.decode)) for name, c in p.predictors.items()}
+    miss = {"arc": list(zip(p.miss_curve_slots, p.miss_curve))}
+    pop = sorted(p.popularity, reverse=True)
+    popularity = {"popularity": list(enumerate(pop))}
+    return (svg_chart(f"layer {p.index}: decode recall vs width", recall, x_label="experts") +
+            svg_chart(f"layer {p.index}: ARC miss rate vs slots", miss, x_label="slots") +
+            svg_chart(f"layer {p.index}: expert popularity (sorted)", popularity, y_max=max(pop) or 1, bars=True))
+
+
+def report_html(artifact: Artifact, profile: Profile) -> str:
+    m = artifact.manifest
+    data = rows(m, profile)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in data[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in data)
+    reasons = ""
+    if m.policy:
+        items = "".join(f"<li>layer {lp.index}: " + "; ".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}"
+                                                              for k, v in lp.reasons.items()) + "</li>"
+                        for lp in m.policy.layers)
+        reasons = f"<h2>Why (policy planned for {m.policy.budget:.0%} of experts)</h2><ul>{items}</ul>"
+    charts = "".join(f"<div class='layer'>{layer_charts(p)}</div>" for p in profile.layers)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Fate report: {html.escape(m.model.architecture)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
+padding:2px 6px;text-align:right;font-size:12px}} .layer{{display:flex;gap:8px;margin:6px 0}} li{{font-size:12px}}</style>
+</head><body><h1>{html.escape(m.model.architecture)} ({html.escape(m.model.family)})</h1>
+<p>{m.model.num_layers} layers, {len(m.moe_layers)} MoE layers. Calibration: {html.escape(profile.calibration)},
+{profile.calibration_tokens} tokens; recall measured on {profile.eval_tokens} held-out tokens
+(EAP fitted on the rest); prefill windows of {profile.prefill_window} tokens.</p>
+<table><tr>{head}</tr>{body}</table>{reasons}<h2>Per layer</h2>{charts}</body></html>"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact")
+@click.option("--html", "html_out", type=click.Path(path_type=Path), default=None,
+              help="Write a self-contained HTML report here.")
+def main(artifact: str, html_out: Path | None) -> None:
+    """Print the per-layer profile and policy of a Fate ARTIFACT."""
+    try:
+        art = Artifact.open(artifact)
+        m = art.manifest
+        click.echo(f"{m.model.architecture} ({m.model.family}): {m.model.num_layers} layers, "
+                   f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}; Fate {m.fate_version}")
+        if not m.profile:
+            click.echo("no calibration profile (compiled with --calib none)")
+            return
+        profile = profile_from_bytes(art.read_bytes(m.profile))
+        click.echo(table(rows(m, profile)))
+        if html_out is not None:
+            html_out.write_text(report_html(art, profile), encoding="utf-8")
+            click.echo(f"report: {html_out}")
+    except FateError as e:
+        click.echo(f"fate-inspect: error: {e}", err=True)
+        sys.exit(1)

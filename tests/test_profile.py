@@ -1,0 +1,180 @@
+"""Calibration profile against an independent computation from transformers' own router outputs,
+the planner on synthetic measurements, --policy-only and fate-inspect."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fate.artifacts import Artifact
+from fate.artifacts.budget import Budget
+from fate.artifacts.profile import LayerProfile, Profile, RecallCurve, profile_from_bytes
+from fate.compiler import CompileOptions, compile_checkpoint
+from fate.compiler.policy import PlanTargets, allocate_slots, plan
+from fate.compiler.profile import CalibrationOptions, calibration_ids, recall_curve
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
+BIN = Path(sys.executable).parent
+CALIB = CalibrationOptions(tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("calibrated") / "art"
+    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,), calibration=CALIB), log=lambda _m: None)
+    return out
+
+
+def transformers_routing(ids: np.ndarray):
+    """Per layer, from transformers itself: router input (MLP input), pre-norm hidden, router logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(EXAMPLE, dtype=torch.float32).eval()
+    layers = hf.model.layers
+    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers]}
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
+    logits = [[] for _ in layers]
+    with torch.no_grad():
+        for row in ids:
+            out = hf(torch.tensor(row[None]), output_router_logits=True)
+            for i, rl in enumerate(out.router_logits):
+                logits[i].append(rl.numpy())
+    for h in hooks:
+        h.remove()
+    cat = lambda parts: np.concatenate(parts)  # noqa: E731
+    return hf, [cat(x) for x in captured["x"]], [cat(h) for h in captured["h"]], [cat(rl) for rl in logits]
+
+
+def test_profiler_recall_matches_transformers_router_outputs(calibrated):
+    from tokenizers import Tokenizer
+
+    art = Artifact.open(calibrated)
+    profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
+    tok = Tokenizer.from_file(str(EXAMPLE / "tokenizer.json"))
+    ids = calibration_ids(CALIB, lambda text: tok.encode(text).ids)
+    hf, xs, hs, logits = transformers_routing(ids)
+    eval_from = profile.calibration_tokens - profile.eval_tokens
+    eps = hf.config.rms_norm_eps
+    for layer in range(1, len(xs)):
+        k = hf.config.num_experts_per_tok
+        actual = np.zeros(logits[layer].shape, bool)
+        np.put_along_axis(actual, np.argsort(-logits[layer], axis=1)[:, :k], True, axis=1)
+        router = hf.model.layers[layer].mlp.gate.weight.detach().numpy()
+        norm = hf.model.layers[layer].post_attention_layernorm.weight.detach().numpy()
+        h = hs[layer - 1]
+        renormed = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * norm
+        measured = profile.layer(layer).predictors
+        for name, scores in (("cross_layer", xs[layer - 1] @ router.T), ("cross_layer_norm", renormed @ router.T)):
+            independent = recall_curve(scores[eval_from:], actual[eval_from:], measured[name].widths,
+                                       profile.prefill_window)
+            np.testing.assert_allclose(measured[name].decode, independent.decode, atol=0.01)
+            np.testing.assert_allclose(measured[name].prefill, independent.prefill, atol=0.01)
+        sim = (xs[layer - 1] * xs[layer]).sum(1) / np.linalg.norm(xs[layer - 1], axis=1) / np.linalg.norm(xs[layer], axis=1)
+        assert abs(profile.layer(layer).similarity_mean - sim.mean()) < 1e-3
+
+
+def synthetic_layer(index: int, recall_at_k: float, miss_curve: list[float], e: int = 8, k: int = 2) -> LayerProfile:
+    widths = list(range(k, 2 * k + 1))
+    decode = [min(1.0, recall_at_k + 0.02 * i) for i in range(len(widths))]
+    curve = RecallCurve(widths, decode, decode, [float(w) for w in widths])
+    return LayerProfile(index=index, num_experts=e, top_k=k, similarity_mean=0.9, similarity_std=0.05,
+                        predictors={} if index == 0 else {"cross_layer": curve},
+                        popularity=[1 / e] * e, miss_curve_slots=list(range(e + 1)), miss_curve=miss_curve,
+                        quant_error={"int8": 0.003, "int4": 0.05, "int2": 0.3},
+                        low_bit_shares=[0.0, 0.1, 0.2, 0.3], low_bit_error=[0.0, 0.02, 0.04, 0.09],
+                        transitions_from=None, transitions=[])
+
+
+def synthetic(recalls: list[float], miss: list[float] | None = None):
+    from fate.artifacts import LayerSpec, RoutingSpec
+
+    miss = miss or [max(0.0, 1 - s / 8) for s in range(9)]
+    profiles = [synthetic_layer(i, r, miss) for i, r in enumerate(recalls)]
+    routing = RoutingSpec("softmax", 8, 2, True)
+    layers = [LayerSpec(i, "moe", f"g{i}", routing, {"int4": [""] * 8, "int8": [""] * 8, "int2": [""] * 8}, True)
+              for i in range(len(recalls))]
+    return Profile("1.0", "test", 1024, 128, 32, 256, profiles), layers
+
+
+def test_first_layer_fully_cached_when_nothing_predicts_it():
+    profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+    slots = [round(lp.cache_share * 16) for lp in policy.layers]
+    assert slots[0] == 8 and policy.layers[0].predictor == "none"
+
+
+def test_uniform_measurements_give_no_shallow_preference():
+    slots = allocate_slots([synthetic_layer(i, 0.5, [max(0.0, 1 - s / 8) for s in range(9)]) for i in range(4)],
+                           [0.5] * 4, [2] * 4, 16)
+    assert slots == [4, 4, 4, 4]
+
+
+def test_width_is_the_smallest_reaching_the_target_and_shortfall_is_reported():
+    profile, layers = synthetic([0.0, 0.90, 0.99])
+    policy = plan(profile, layers, PlanTargets(target_recall=0.97))
+    assert policy.layers[2].prefetch_width == 2
+    assert policy.layers[1].prefetch_width == 4 and "no predictor reaches" in policy.layers[1].reasons["prefetch"]
+
+
+def test_precision_and_int2_share_follow_the_error_bounds():
+    profile, layers = synthetic([0.0, 0.99])
+    tight = plan(profile, layers, PlanTargets(max_quant_error=0.01, max_low_bit_error=0.05))
+    assert tight.layers[0].precision == "int8"
+    assert tight.layers[0].prefill_precision == "int2" and tight.layers[0].prefill_low_share == 0.2
+    loose = plan(profile, layers, PlanTargets(max_quant_error=0.1, max_low_bit_error=0.01))
+    assert loose.layers[0].precision == "int4" and loose.layers[0].prefill_precision is None
+
+
+def test_policy_only_replans_without_touching_files(calibrated, tmp_path):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(calibrated, art)
+    before = Artifact.open(art).manifest
+    proc = subprocess.run([str(BIN / "fate-compile"), "--policy-only", str(art), "--budget", "20%"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    after = Artifact.open(art)
+    assert after.manifest.policy.budget == pytest.approx(0.2) and before.policy.budget == pytest.approx(0.5)
+    assert after.manifest.files == before.files and after.verify() == []
+    assert dataclasses.replace(after.manifest, policy=before.policy) == before
+
+
+def test_policy_only_needs_a_profile(mixtral):
+    proc = subprocess.run([str(BIN / "fate-compile"), "--policy-only", str(mixtral.artifact(4))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "no profile" in proc.stderr
+
+
+def test_inspect_prints_table_and_writes_self_contained_html(calibrated, tmp_path):
+    report = tmp_path / "report.html"
+    proc = subprocess.run([str(BIN / "fate-inspect"), str(calibrated), "--html", str(report)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "cross@k" in proc.stdout and "eap@k" in proc.stdout
+    text = report.read_text()
+    assert text.count("<svg") == 3 * 6 and "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "<script" not in text
+
+
+def test_budget_parsing():
+    from fate.artifacts import FateError
+    from fate.artifacts.budget import parse_budget
+
+    assert parse_budget("25%") == Budget(share=0.25)
+    assert parse_budget("300MB") == Budget(bytes=300_000_000)
+    assert parse_budget("2GiB") == Budget(bytes=2 * 2**30)
+    for bad in ("lots", "150%", "-1MB"):
+        with pytest.raises(FateError):
+            parse_budget(bad)

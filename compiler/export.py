@@ -33,7 +33,8 @@ from .checkpoint import Checkpoint
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
-from .profile import CalibrationOptions, Profiler, calibration_ids
+from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
+from .quantize import quantize
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
@@ -231,13 +232,25 @@ class LayerExporter:
 
     def _write_experts(self, layer: int, bits_list: tuple[int, ...], feed_profiler: bool) -> dict[str, list[str]]:
         experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in bits_list}
+        profiling = feed_profiler and self.profiler is not None
+        wanted = set(bits_list) | (set(QUANT_BITS.values()) if profiling else set())
         for expert in range(self.cfg.num_experts):
-            gate, up, down = (self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
+            weights = tuple(self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
+            # each precision quantized once, for its file and for the profiler's error figures
+            variants = {bits: expert_precision(weights, bits, self.opts.block_size) for bits in wanted}
             for bits in bits_list:
                 path = layout.expert_graph(layer, expert, PRECISION_OF_BITS[bits])
-                model = graphs.expert_graph(gate, up, down, bits, self.opts.block_size)
-                self.writer.write_bytes(path, model.SerializeToString())
+                self.writer.write_bytes(path, graphs.expert_graph(*variants[bits]).SerializeToString())
                 experts[PRECISION_OF_BITS[bits]].append(path)
-            if feed_profiler and self.profiler:
-                self.profiler.add_expert(expert, gate, up, down)
+            if profiling:
+                self.profiler.add_expert(expert, weights, {p: variants[b] for p, b in QUANT_BITS.items()})
         return experts
+
+
+def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int) -> tuple:
+    """(gate, up, down) at `bits`: float32, float16, or quantized for MatMulNBits."""
+    if bits == 32:
+        return weights
+    if bits == 16:
+        return tuple(w.astype(np.float16) for w in weights)
+    return tuple(quantize(w, bits, block_size) for w in weights)

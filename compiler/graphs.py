@@ -17,9 +17,10 @@ from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT64, GraphBuilder
-from .quantize import matmul_nbits
+from .quantize import QuantizedWeight, matmul_nbits
 
 W = dict[Role, np.ndarray]
+Weight = np.ndarray | QuantizedWeight
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -167,25 +168,25 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     return LayerGraphInfo(b.model(), next_layer is not None)
 
 
-def expert_graph(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: int, block_size: int) -> onnx.ModelProto:
+def expert_graph(gate: Weight, up: Weight, down: Weight) -> onnx.ModelProto:
     """One routed expert, x [N, H] -> y [N, H] = down(silu(gate(x)) * up(x)).
 
-    bits 32: float32 MatMul; 16: float16 weights cast up once at session creation (onnxruntime
-    folds the Cast); 8, 4 and 2: MatMulNBits with constant, block-quantized weights."""
+    Each projection is float32 (MatMul), float16 (weights cast up once at session creation:
+    onnxruntime folds the Cast) or a QuantizedWeight (MatMulNBits with constant weights)."""
     b = GraphBuilder("expert")
-    x = b.input(IO.EXPERT_IN, FLOAT, ["N", gate.shape[1]])
+    hidden = gate.k if isinstance(gate, QuantizedWeight) else gate.shape[1]
+    x = b.input(IO.EXPERT_IN, FLOAT, ["N", hidden])
 
-    def proj(inp: str, weight: np.ndarray) -> str:
-        if bits in (2, 4, 8):
-            return matmul_nbits(b, inp, weight, bits, block_size)
-        if bits == 16:
-            return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T.astype(np.float16)),
-                                                            "weight"), to=FLOAT))
+    def proj(inp: str, weight: Weight) -> str:
+        if isinstance(weight, QuantizedWeight):
+            return matmul_nbits(b, inp, weight)
+        if weight.dtype == np.float16:
+            return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T), "weight"), to=FLOAT))
         return linear(b, inp, weight)
 
     g = proj(x, gate)
     y = proj(b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), proj(x, up)), down)
-    b.output(y, IO.EXPERT_OUT, FLOAT, ["N", down.shape[0]])
+    b.output(y, IO.EXPERT_OUT, FLOAT, ["N", hidden])
     return b.model()
 
 

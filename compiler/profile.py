@@ -26,7 +26,7 @@ from fate.runtime.cache import replay_miss_rate
 from fate.runtime.positions import attention_bias, rope
 from fate.runtime.sessions import make_session
 
-from .quantize import dequantize, quantize
+from .quantize import dequantize
 
 BUILTIN = "builtin"
 BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -168,23 +168,22 @@ class Profiler:
             low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
         )
 
-    def add_expert(self, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+    def add_expert(self, expert: int, weights: tuple[np.ndarray, ...], quantized: dict[str, tuple]) -> None:
+        """One expert's float32 (gate, up, down) and its quantized versions by precision name."""
         m = self._moe
-        ids, weights, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["out"][IO.ROUTER_INPUT]
+        ids, scores, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["out"][IO.ROUTER_INPUT]
         tokens, slots = np.nonzero(ids == expert)
         if tokens.size == 0:
             return
-        w = weights[tokens, slots][:, None]
-        m["total"][tokens] += w * swiglu(x[tokens], gate, up, down)
+        w = scores[tokens, slots][:, None]
+        y = swiglu(x[tokens], *weights)
+        m["total"][tokens] += w * y
         in_q = tokens < len(self.quant_rows)
         q_tokens, q_w = tokens[in_q], w[in_q]
         if q_tokens.size == 0:
             return
-        exact = q_w * swiglu(x[q_tokens], gate, up, down)
-        m["routed"][q_tokens] += exact
-        deq = {p: [dequantize(quantize(t, bits, self.options.block_size)) for t in (gate, up, down)]
-               for p, bits in QUANT_BITS.items()}
-        approx = {p: q_w * swiglu(x[q_tokens], *deq[p]) for p in QUANT_BITS}
+        m["routed"][q_tokens] += q_w * y[in_q]
+        approx = {p: q_w * swiglu(x[q_tokens], *(dequantize(q) for q in quantized[p])) for p in QUANT_BITS}
         for p in QUANT_BITS:
             m["quant"][p][q_tokens] += approx[p]
         for s, tail in m["tails"].items():

@@ -13,11 +13,11 @@ from fate.runtime.sessions import make_session
 def run_matmul_nbits(x: np.ndarray, w: np.ndarray, bits: int, block: int) -> np.ndarray:
     b = GraphBuilder("q")
     inp = b.input("x", FLOAT, ["M", w.shape[1]])
-    b.output(matmul_nbits(b, inp, w, bits, block), "y", FLOAT, ["M", w.shape[0]])
+    b.output(matmul_nbits(b, inp, quantize(w, bits, block)), "y", FLOAT, ["M", w.shape[0]])
     return make_session(b.model().SerializeToString()).run(["y"], {"x": x})[0]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n,k,block", [(48, 64, 32), (33, 80, 32), (16, 128, 64), (7, 40, 16)])
 def test_onnxruntime_matches_numpy_dequantize_reference(bits, n, k, block):
     rng = np.random.default_rng(n * k + bits)
@@ -29,7 +29,7 @@ def test_onnxruntime_matches_numpy_dequantize_reference(bits, n, k, block):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("bits,max_err", [(4, 0.5 / 15), (8, 0.5 / 255)])
+@pytest.mark.parametrize("bits,max_err", [(2, 0.5 / 3), (4, 0.5 / 15), (8, 0.5 / 255)])
 def test_dequantized_error_within_half_a_step(bits, max_err):
     rng = np.random.default_rng(bits)
     w = rng.uniform(-1, 1, size=(8, 96)).astype(np.float32)
@@ -46,6 +46,6 @@ def test_zero_is_exact_and_padding_is_ignored():
 
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError):
-        quantize(np.ones((2, 32), np.float32), 3, 32)
+        quantize(np.ones((2, 32), np.float32), 3, 32)  # MatMulNBits has no 3-bit layout
     with pytest.raises(ValueError):
         quantize(np.ones((2, 32), np.float32), 4, 24)

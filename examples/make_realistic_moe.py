@@ -1,0 +1,45 @@
+"""Generate a Qwen2-MoE checkpoint at the expert shapes of Qwen1.5-MoE-A2.7B (hidden 2048, 60 experts
+of intermediate 1408, top-4, a shared expert of 5632, 16 heads) with fewer layers, in bfloat16,
+with the bundled example tokenizer (so the vocabulary is small and the experts dominate).
+
+    python examples/make_realistic_moe.py --layers 4 --out /tmp/qwen-moe-a2.7b-4l
+
+Random weights (transformers' own init): for speed and memory measurements, not for text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+EXAMPLE = Path(__file__).parent / "tiny-moe"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    config = Qwen2MoeConfig(
+        vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,
+        num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+        max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=False,
+        eos_token_id=0, bos_token_id=0, dtype="bfloat16",
+    )
+    model = Qwen2MoeForCausalLM(config).to(torch.bfloat16).eval()
+    model.save_pretrained(args.out, max_shard_size="2GB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(EXAMPLE / name, args.out / name)
+    size = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
+    print(f"wrote {args.out}: {size / 1e9:.2f} GB of safetensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,11 @@ from .schema import (
     SCHEMA_VERSION,
     FileEntry,
     GenerationDefaults,
+    LayerPolicy,
     LayerSpec,
     Manifest,
     ModelSpec,
+    Policy,
     RoutingSpec,
     TokenizerSpec,
 )
@@ -15,6 +17,6 @@ from .store import Artifact, ArtifactWriter
 
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "FateError", "FileEntry",
-    "GenerationDefaults", "GenerationError", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
-    "RoutingSpec", "TokenizerSpec",
+    "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
+    "Policy", "RoutingSpec", "TokenizerSpec",
 ]

@@ -4,6 +4,7 @@ from .api import Completion, Engine
 from .experts import ExpertStore, ResidentExperts
 from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens
 from .model import FateModel, KVCache
+from .offload import OffloadedExperts, OffloadOptions
 
 __all__ = ["Completion", "Engine", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",
-           "KVCache", "ResidentExperts", "SamplingConfig", "generate", "stream_tokens"]
+           "KVCache", "OffloadOptions", "OffloadedExperts", "ResidentExperts", "SamplingConfig", "generate", "stream_tokens"]

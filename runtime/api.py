@@ -1,7 +1,7 @@
 """The Python API: an artifact plus its tokenizer, with text in and text out.
 
     from fate.runtime import Engine
-    engine = Engine.load("artifact_dir")
+    engine = Engine.load("artifact_dir")       # or offload=OffloadOptions(parse_budget("25%"))
     print(engine.generate("Once upon a time", max_new_tokens=32).text)
     for piece in engine.stream("Once upon a time"):
         print(piece, end="", flush=True)
@@ -18,6 +18,7 @@ import numpy as np
 
 from .generate import GenerationResult, SamplingConfig, generate, stream_tokens
 from .model import FateModel
+from .offload import OffloadOptions
 from .text import StreamDecoder, TextCodec
 
 
@@ -34,8 +35,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True) -> "Engine":
-        model = FateModel.load(path, precision=precision, threads=threads, verify=verify)
+             verify: bool = True, offload: OffloadOptions | None = None) -> "Engine":
+        """All experts resident, or with `offload` (a memory budget, prefetch mode, cache policy)
+        only a budget of them, the rest loaded ahead of need."""
+        model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload)
         return cls(model, TextCodec(model.artifact, verify=verify))
 
     def encode(self, text: str) -> list[int]:

@@ -10,8 +10,12 @@ import click
 
 from fate.artifacts import FateError
 
+from fate.artifacts.budget import parse_budget
+
 from .api import Engine
+from .cache import POLICIES
 from .generate import GenerationResult, SamplingConfig
+from .offload import PREFETCH_MODES, OffloadOptions
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
@@ -30,6 +34,12 @@ def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None,
     )
 
 
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:
     return {
         "prompt_ids": result.prompt_ids,
@@ -37,7 +47,23 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
         "text": text,
         "stats": result.stats.to_dict(),
         "experts": asdict(engine.model.experts.stats),
+        "offload": engine.model.experts.report(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def summary(engine: Engine, result: GenerationResult) -> str:
+    s = result.stats
+    line = (f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
+            f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, stop: {s.stop_reason}")
+    offload = engine.model.experts.report()
+    if offload:
+        d, p = offload["decode"], offload["prefill"]
+        hit = "-" if d["hit_rate"] is None else f"{d['hit_rate']:.1%}"
+        line += (f"; budget {offload['budget_bytes'] / 1e6:.1f} of {offload['total_expert_bytes'] / 1e6:.1f} MB, "
+                 f"decode hit rate {hit}, stalled {p['stall_s'] + d['stall_s']:.2f} s, "
+                 f"{(p['bytes_read'] + d['bytes_read']) / 1e6:.1f} MB read")
+    return line + f"; peak RSS {peak_rss_bytes() / 1e6:.0f} MB]"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,12 +80,28 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
 @click.option("--precision", default=None, help="Expert precision to run when several are stored (e.g. int4).")
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads for dense graphs (0: all).")
 @click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load.")
+@click.option("--memory-budget", default=None,
+              help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
+                   "Default: every expert resident.")
+@click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="cross-layer", show_default=True,
+              help="cross-layer: the policy's predictor per layer; eap: activation-path statistics; "
+                   "none: load on demand.")
+@click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc", show_default=True)
+@click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
+              help="Per-layer cache shares: the compiled policy's, or equal.")
+@click.option("--int2-prefill/--no-int2-prefill", default=True, show_default=True,
+              help="Move the least popular experts at INT2 during prefill when the policy says so.")
+@click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1))
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
-         precision: str | None, threads: int, no_verify: bool) -> None:
+         precision: str | None, threads: int, no_verify: bool, memory_budget: str | None, prefetch: str,
+         cache_policy: str, allocation: str, int2_prefill: bool, prefetch_threads: int) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
-        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify)
+        offload = None if memory_budget is None else OffloadOptions(
+            budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
+            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify, precision=precision)
+        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
         result = GenerationResult([])
         pieces: list[str] = []
@@ -76,11 +118,8 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
         if as_json:
             click.echo(json.dumps(report(engine, result, text)))
         else:
-            s = result.stats
             click.echo("")
-            click.echo(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
-                       f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, "
-                       f"stop: {s.stop_reason}]", err=True)
+            click.echo(summary(engine, result), err=True)
         engine.close()
         if result.stats.stop_reason == "interrupted":
             sys.exit(130)

@@ -1,7 +1,8 @@
 """Where routed experts live while generating. The generation loop sees only `ExpertStore`:
 `run(layer, expert, x)` computes one expert (loading it first if the store must), and
 `hint(layer, scores)` tells the store which experts the cross-layer predictor expects next.
-The budgeted cache with prefetching is another implementation of the same interface."""
+The budgeted cache with prefetching (runtime.offload) is another implementation of the same
+interface; the generation loop does not change."""
 
 from __future__ import annotations
 
@@ -35,8 +36,26 @@ class ExpertStore(ABC):
     def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """y = expert(x) for x [N, H]."""
 
-    def hint(self, layer: int, scores: np.ndarray) -> None:
-        """Predicted router scores [S, E] for `layer`, before its router runs. Default: ignored."""
+    def begin_step(self, num_tokens: int, prefill: bool) -> None:
+        """A forward pass over `num_tokens` new tokens starts, in prefill or decode."""
+
+    def hint(self, layer: int, predictions: dict[str, np.ndarray]) -> None:
+        """Cross-layer predictions of `layer`'s router logits [S, E], by graph output name,
+        computed by the previous layer before `layer` runs."""
+
+    def observe(self, layer: int, expert_ids: np.ndarray) -> None:
+        """The experts `layer`'s router chose [S, k] (activation-path predictors use them)."""
+
+    def order(self, layer: int, experts: list[int]) -> list[int]:
+        """The order to run a layer's experts in (a cache runs resident ones first)."""
+        return experts
+
+    def routed(self, layer: int, experts: set[int]) -> None:
+        """`layer` has run these experts."""
+
+    def report(self) -> dict:
+        """Statistics of the run so far, for --json and the summary line."""
+        return {}
 
     def close(self) -> None:
         """Stop background work, release memory."""

@@ -12,8 +12,11 @@ from fate.artifacts import Artifact, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
+from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
 from .sessions import make_session
+
+PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 
 
 @dataclass
@@ -46,10 +49,16 @@ class FateModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True) -> "FateModel":
-        """Open an artifact with every expert resident (the simplest store)."""
+             verify: bool = True, offload: OffloadOptions | None = None) -> "FateModel":
+        """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache."""
         artifact = Artifact.open(path)
-        return cls(artifact, ResidentExperts(artifact, precision, verify=verify), threads, verify)
+        store = ResidentExperts(artifact, precision, verify=verify) if offload is None \
+            else OffloadedExperts(artifact, offload)
+        try:
+            return cls(artifact, store, threads, verify)
+        except BaseException:
+            store.close()
+            raise
 
     @staticmethod
     def _output_names(layer: LayerSpec) -> list[str]:
@@ -57,7 +66,7 @@ class FateModel:
         if layer.kind == "moe":
             names += [IO.ROUTER_INPUT, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
         if layer.predicts_next:
-            names.append(IO.NEXT_ROUTER_LOGITS)
+            names += list(PREDICTION_OUTPUTS)
         return names
 
     def new_cache(self) -> KVCache:
@@ -78,6 +87,7 @@ class FateModel:
         positions = np.arange(cache.length, cache.length + ids.size)
         cos, sin = rope(self.spec, positions)
         bias = attention_bias(self.spec, cache.length, ids.size)
+        self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
             feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: bias,
@@ -85,9 +95,10 @@ class FateModel:
             out = dict(zip(names, session.run(names, feeds)))
             cache.keys[spec.index], cache.values[spec.index] = out[IO.PRESENT_KEY], out[IO.PRESENT_VALUE]
             if spec.predicts_next:
-                self.experts.hint(spec.index + 1, out[IO.NEXT_ROUTER_LOGITS])
+                self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]
             if spec.kind == "moe":
+                self.experts.observe(spec.index, out[IO.EXPERT_IDS])
                 hidden = self._routed_experts(spec.index, out)
         cache.length += ids.size
         return hidden
@@ -97,10 +108,12 @@ class FateModel:
         x, ids, weights = out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS]
         hidden = out[IO.RESIDUAL]
         total = hidden.reshape(x.shape).copy()
-        for expert in np.unique(ids):
+        chosen = [int(e) for e in np.unique(ids)]
+        for expert in self.experts.order(layer, chosen):
             tokens, slots = np.nonzero(ids == expert)  # a token picks an expert at most once
-            y = self.experts.run(layer, int(expert), np.ascontiguousarray(x[tokens]))
+            y = self.experts.run(layer, expert, np.ascontiguousarray(x[tokens]))
             total[tokens] += y * weights[tokens, slots][:, None]
+        self.experts.routed(layer, set(chosen))
         return total.reshape(hidden.shape)
 
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""Loading one expert: read its file (without leaving a copy in the OS page cache), check it,
+build its onnxruntime session. Runs in prefetch threads and, on a miss, in the caller."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+from fate.artifacts import Artifact, ArtifactError
+
+from .sessions import make_session
+
+
+@dataclass
+class LoadedExpert:
+    layer: int
+    expert: int
+    precision: str
+    nbytes: int
+    session: object
+
+    def run(self, x):
+        from fate.artifacts.layout import GraphIO
+
+        return self.session.run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
+
+
+def read_uncached(path: str, size: int) -> bytes:
+    """The whole file, then dropped from the page cache: the budget must not hide a second copy
+    of every expert in kernel memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks, offset = [], 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+class ExpertLoader:
+    """Reads and builds expert sessions for one artifact, with fallback to another stored
+    precision of the same expert when a file is missing or corrupt (warned once per file)."""
+
+    def __init__(self, artifact: Artifact, verify: bool = True):
+        self.artifact = artifact
+        self.verify = verify
+        self._sizes = {f.path: f.size for f in artifact.manifest.files}
+        self._hashes = {f.path: f.sha256 for f in artifact.manifest.files}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _read(self, path: str) -> bytes:
+        full = self.artifact.path(path)  # checks it is listed, present, of the listed size
+        data = read_uncached(str(full), self._sizes[path])
+        if len(data) != self._sizes[path]:
+            raise ArtifactError(f"{full} is truncated ({len(data)} of {self._sizes[path]} bytes)")
+        if self.verify and hashlib.sha256(data).hexdigest() != self._hashes[path]:
+            raise ArtifactError(f"{full} fails its SHA-256 check (corrupt or modified)")
+        return data
+
+    def load(self, layer: int, expert: int, precision: str) -> LoadedExpert:
+        stored = self.artifact.manifest.layers[layer].experts
+        order = [precision] + [p for p in stored if p != precision]
+        first_error = None
+        for candidate in order:
+            path = stored[candidate][expert]
+            try:
+                data = self._read(path)
+            except ArtifactError as e:
+                first_error = first_error or e
+                continue
+            if candidate != precision:
+                self._warn(path, f"fate: warning: {first_error}; using the {candidate} copy of layer {layer} "
+                                 f"expert {expert} instead")
+            try:
+                session = make_session(data, threads=1)
+            except Exception as e:  # onnxruntime rejects the bytes: report the file, not a traceback
+                raise ArtifactError(f"{self.artifact.root / path} is not a loadable ONNX graph: {e}") from None
+            return LoadedExpert(layer, expert, candidate, len(data), session)
+        raise first_error
+
+    def _warn(self, key: str, message: str) -> None:
+        with self._lock:
+            if key not in self._warned:
+                self._warned.add(key)
+                print(message, file=sys.stderr)

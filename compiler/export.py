@@ -6,6 +6,7 @@ serialized: the checkpoint is read lazily and each graph is written as soon as i
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,15 @@ class WeightReader:
         return {role: self.get(role, layer) for role in self.layer_roles(layer)}
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS (glibc keeps it otherwise, and the
+    compile's resident memory would grow with the largest layer seen plus fragmentation)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
     return ModelSpec(
         family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
@@ -164,14 +174,16 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
-        embed_model = graphs.embed_graph(embed)
-        writer.write_bytes(layout.EMBED_GRAPH, embed_model.SerializeToString())
+        embed_data = graphs.embed_graph(embed).SerializeToString()
+        writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
-            spec, calib_ids, embed_model, opts.calibration, opts.calibration.source)
+            spec, calib_ids, embed_data, opts.calibration, opts.calibration.source)
+        del embed_data
         exporter = LayerExporter(writer, reader, cfg, opts, profiler)
         layers = []
         for layer in range(cfg.num_layers):
             layers.append(exporter.export(layer))
+            release_freed_memory()
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
         head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps)
@@ -212,12 +224,17 @@ class LayerExporter:
         if layer + 1 in cfg.moe_layers:
             next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
+        predicts_next = info.predicts_next
+        # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
+        data = info.model.SerializeToString()
+        del info
         graph_path = layout.layer_graph(layer)
-        self.writer.write_bytes(graph_path, info.model.SerializeToString())
-        if self.profiler:
-            self.profiler.run_layer(layer, info.model, is_moe, info.predicts_next)
+        self.writer.write_bytes(graph_path, data)
+        del data
+        if self.profiler:  # onnxruntime reads the written file: no second in-memory copy
+            self.profiler.run_layer(layer, str(self.writer.tmp / graph_path), is_moe, predicts_next)
         if not is_moe:
-            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=info.predicts_next)
+            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=predicts_next)
 
         experts = self._write_experts(layer, self.bits, feed_profiler=True)
         if self.profiler:
@@ -228,7 +245,7 @@ class LayerExporter:
         routing = RoutingSpec(scoring="softmax", num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)
         return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
-                         predicts_next=info.predicts_next)
+                         predicts_next=predicts_next)
 
     def _write_experts(self, layer: int, bits_list: tuple[int, ...], feed_profiler: bool) -> dict[str, list[str]]:
         experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in bits_list}

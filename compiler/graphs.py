@@ -35,7 +35,7 @@ def rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
 
 def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
     """x @ weight^T (+ bias), weight in the checkpoint's [out, in] layout, stored float32."""
-    y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T.astype(np.float32)), "weight"))
+    y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T, dtype=np.float32), "weight"))
     return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 
 

@@ -61,10 +61,14 @@ class GraphBuilder:
         return names[0] if outputs == 1 else names
 
     def model(self) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        """The model. Initializers are moved in one at a time (helper.make_graph/make_model
+        would copy all of them twice: hundreds of MB for a large layer)."""
         opsets = [helper.make_opsetid("", OPSET)]
         if self.uses_ms_domain:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="fate-compile")
+        model = helper.make_model(helper.make_graph(self.nodes, self.name, self.inputs, self.outputs),
+                                  opset_imports=opsets, producer_name="fate-compile")
         model.ir_version = 9  # readable by onnxruntime >= 1.15
+        while self.initializers:
+            model.graph.initializer.append(self.initializers.pop(0))
         return model

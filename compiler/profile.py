@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from fate.artifacts import ModelError, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
@@ -108,11 +107,11 @@ class _Previous:
 
 
 class Profiler:
-    def __init__(self, spec: ModelSpec, ids: np.ndarray, embed: onnx.ModelProto, options: CalibrationOptions,
+    def __init__(self, spec: ModelSpec, ids: np.ndarray, embed: bytes, options: CalibrationOptions,
                  source_name: str):
         self.spec, self.options, self.source_name = spec, options, source_name
         self.n_seq, self.seq_len = ids.shape
-        session = make_session(embed.SerializeToString())
+        session = make_session(embed, lean=True)
         self.hidden = np.stack([session.run([IO.HIDDEN], {IO.INPUT_IDS: row})[0][0] for row in ids])
         self.cos, self.sin = rope(spec, np.arange(self.seq_len))
         self.bias = attention_bias(spec, 0, self.seq_len)
@@ -126,20 +125,26 @@ class Profiler:
 
     # -------------------------------------------------------------- per layer, from the exporter
 
-    def run_layer(self, index: int, model: onnx.ModelProto, is_moe: bool, predicts_next: bool) -> None:
+    def run_layer(self, index: int, model: bytes | str, is_moe: bool, predicts_next: bool) -> None:
+        """Run the calibration activations through a layer graph (serialized, or a file path)."""
         names = [IO.RESIDUAL, IO.ROUTER_INPUT]
         if is_moe:
             names += [IO.ROUTER_LOGITS, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
-        session = make_session(model.SerializeToString())
+        session = make_session(model, lean=True)
         empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
-        rows = []
-        for seq in self.hidden:
+        out: dict[str, np.ndarray] = {}
+        s = self.seq_len
+        for i, seq in enumerate(self.hidden):
             feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias,
                      IO.PAST_KEY: empty, IO.PAST_VALUE: empty}
-            rows.append(session.run(names, feeds))
-        out = {name: np.concatenate([r[i].reshape(-1, r[i].shape[-1]) for r in rows]) for i, name in enumerate(names)}
+            for name, value in zip(names, session.run(names, feeds)):
+                value = value.reshape(s, -1)
+                if name not in out:  # filled in place: no list of per-sequence copies
+                    out[name] = np.empty((self.n_seq * s, value.shape[1]), value.dtype)
+                out[name][i * s:(i + 1) * s] = value
+        del session
         residual = out[IO.RESIDUAL]
         if is_moe:
             self._start_moe(index, out)
@@ -162,7 +167,7 @@ class Profiler:
         rows = self.quant_rows
         self._moe = dict(
             index=index, out=out, counts=counts, tails=tails,
-            total=out[IO.RESIDUAL].copy(),
+            total=out[IO.RESIDUAL],  # the residual becomes the layer output in place
             routed=np.zeros((len(rows), out[IO.RESIDUAL].shape[1]), np.float32),
             quant={p: np.zeros_like(out[IO.RESIDUAL][rows]) for p in QUANT_BITS},
             low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
@@ -215,6 +220,7 @@ class Profiler:
         )
         self.layers.append(profile)
         self.hidden = m["total"].reshape(self.hidden.shape)
+        self._moe = None
         self._advance(m["index"], out[IO.EXPERT_IDS], num_experts)
         return profile
 

@@ -1,0 +1,179 @@
+"""fate-bench ART --budgets 25%,50%,100% --prefetch none,eap,cross-layer [--prompt-len N --gen-len N]
+[--repeat R] [--json OUT]
+
+Every configuration runs in a fresh process (so peak resident memory is its own), interleaved
+with the others in each repeat, after one warm-up round; the table reports medians with their
+spread, and ratios against the all-resident run and against load-on-demand at the same budget,
+all measured in this one invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from fate.artifacts import Artifact, FateError
+from fate.artifacts.budget import parse_budget
+
+from .text import TextCodec
+
+DEFAULT_TEXT = (
+    "The history of computing is a story of making machines smaller, cheaper and closer to the people who "
+    "use them. Large language models now follow the same path: what once needed a data centre is expected "
+    "to answer questions on a laptop, a phone or a small board in a factory. Mixture-of-experts models make "
+    "this both easier and harder, because each token uses only a few experts, yet all of them must be kept "
+    "somewhere. "
+)
+RESIDENT = "all-resident"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    artifact: str
+    budget: str  # "all-resident" or a budget string
+    prefetch: str
+    prompt_ids: list[int]
+    gen_len: int
+    cache: str = "arc"
+
+    @property
+    def label(self) -> str:
+        return RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
+
+
+def run_one(config: RunConfig) -> dict:
+    """One generation in this process; the numbers of one table cell."""
+    import resource
+
+    from .generate import SamplingConfig, generate
+    from .model import FateModel
+    from .offload import OffloadOptions
+
+    start = time.perf_counter()
+    offload = None if config.budget == RESIDENT else OffloadOptions(
+        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache)
+    model = FateModel.load(config.artifact, offload=offload)
+    load_s = time.perf_counter() - start
+    try:
+        result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
+        report = model.experts.report()
+    finally:
+        model.close()
+    s = result.stats
+    row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+           "ttft_s": s.time_to_first_token_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0}
+    if report:
+        d, p = report["decode"], report["prefill"]
+        recalls = [r for r in d["prefetch_recall_per_layer"].values() if r is not None]
+        row.update(stall_s=p["stall_s"] + d["stall_s"], hit_rate=d["hit_rate"],
+                   recall=sum(recalls) / len(recalls) if recalls else None,
+                   mb_read=(p["bytes_read"] + d["bytes_read"]) / 1e6, budget_mb=report["budget_bytes"] / 1e6)
+    return row
+
+
+def run_in_subprocess(config: RunConfig) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "fate.runtime.bench", "--worker", json.dumps(asdict(config))],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        raise FateError(f"run {config.label} failed: {lines[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids(artifact: str, prompt_len: int, prompts: Path | None) -> list[int]:
+    codec = TextCodec(Artifact.open(artifact))
+    text = prompts.read_text(encoding="utf-8") if prompts else DEFAULT_TEXT
+    ids = codec.encode(text)
+    while len(ids) < prompt_len:
+        ids = ids + ids
+    return ids[:prompt_len]
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+            out[key + "_min"], out[key + "_max"] = min(values), max(values)
+    return out
+
+
+def fmt(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: dict[str, dict]) -> str:
+    resident = results.get(RESIDENT, {})
+    lines = [f"{'config':24s} {'prefill tok/s':>14s} {'decode tok/s':>19s} {'x resident':>10s} {'x on-demand':>11s} "
+             f"{'TTFT s':>7s} {'stall s':>7s} {'hit':>6s} {'recall':>6s} {'MB read':>8s} {'peak RSS MB':>11s}"]
+    for label, r in results.items():
+        budget = label.split(" ")[0]
+        on_demand = results.get(f"{budget} none", {})
+        decode = r.get("decode_tok_s")
+        spread = f"{fmt(decode)} ({fmt(r.get('decode_tok_s_min'))}-{fmt(r.get('decode_tok_s_max'))})"
+        lines.append(
+            f"{label:24s} {fmt(r.get('prefill_tok_s')):>14s} {spread:>19s} "
+            f"{fmt(decode / resident['decode_tok_s'] if resident.get('decode_tok_s') else None, '.2f'):>10s} "
+            f"{fmt(decode / on_demand['decode_tok_s'] if on_demand.get('decode_tok_s') else None, '.2f'):>11s} "
+            f"{fmt(r.get('ttft_s'), '.3f'):>7s} {fmt(r.get('stall_s'), '.2f'):>7s} {fmt(r.get('hit_rate'), '.3f'):>6s} "
+            f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(r.get('mb_read')):>8s} {fmt(r.get('peak_rss_mb'), '.0f'):>11s}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", required=False)
+@click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets.")
+@click.option("--prefetch", default="none,eap,cross-layer", show_default=True, help="Comma-separated modes.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Text to take the prompt from.")
+@click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--cache", default="arc", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--worker", default=None, hidden=True)
+def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, json_out, worker) -> None:
+    """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
+    if worker is not None:  # one run, in its own process
+        click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
+        return
+    try:
+        if artifact is None:
+            raise FateError("missing ARTIFACT")
+        ids = prompt_ids(artifact, prompt_len, prompts)
+        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache)]
+        for b in budgets.split(","):
+            parse_budget(b)  # fail before any run
+            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache) for p in prefetch.split(",")]
+        rows: dict[str, list[dict]] = {c.label: [] for c in configs}
+        total = len(configs) * (repeat + 1)
+        done = 0
+        for round_ in range(repeat + 1):  # round 0 warms up and is not counted
+            for config in configs:
+                done += 1
+                click.echo(f"\r[{done}/{total}] {'warm-up' if round_ == 0 else f'repeat {round_}'}: "
+                           f"{config.label:28s}", nl=False, err=True)
+                row = run_in_subprocess(config)
+                if round_:
+                    rows[config.label].append(row)
+        click.echo("", err=True)
+        results = {label: summarize(r) for label, r in rows.items()}
+        click.echo(table(results))
+        if json_out:
+            json_out.write_text(json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
+                                            "results": results, "runs": rows}, indent=1))
+    except FateError as e:
+        click.echo(f"fate-bench: error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

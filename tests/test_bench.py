@@ -1,0 +1,30 @@
+"""fate-bench plumbing (not its timings): every configuration runs and lands in the table and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def test_bench_runs_every_configuration(mixtral, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([str(BIN / "fate-bench"), str(mixtral.artifact(4)), "--budgets", "50%,100%",
+                           "--prefetch", "none,cross-layer", "--repeat", "1", "--prompt-len", "8", "--gen-len", "4",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"all-resident", "50% none", "50% cross-layer", "100% none", "100% cross-layer"}
+    for label, row in results.items():
+        assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0, label
+    for label in results:
+        assert label in proc.stdout
+
+
+def test_bench_refuses_bad_budget(mixtral):
+    proc = subprocess.run([str(BIN / "fate-bench"), str(mixtral.artifact(4)), "--budgets", "lots"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "budget" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 ARTIFACT = out/tiny-moe
 PROMPT ?= The secret of a happy life is
 
-.PHONY: venv test demo perplexity clean
+.PHONY: venv test demo perplexity compile-example clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,17 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-$(ARTIFACT)/manifest.json: $(STAMP) examples/tiny-moe/model.safetensors
+# Compiling the example takes seconds, so every target compiles afresh with the current compiler.
+compile-example: $(STAMP)
 	$(BIN)/fate-compile examples/tiny-moe -o $(ARTIFACT) --bits 4 --force
 
-demo: $(ARTIFACT)/manifest.json
-	$(BIN)/fate-run $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1
+demo: compile-example
+	$(BIN)/fate-inspect $(ARTIFACT)
+	$(BIN)/fate-run $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1 \
+		--memory-budget 50%
 
 # Held-out perplexity: INT4 and float32 artifacts against transformers in float32.
-perplexity: $(ARTIFACT)/manifest.json
+perplexity: compile-example
 	$(BIN)/fate-compile examples/tiny-moe -o out/tiny-moe-fp32 --bits 32 --force -q
 	$(BIN)/python examples/perplexity.py examples/tiny-moe $(ARTIFACT) out/tiny-moe-fp32
 

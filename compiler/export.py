@@ -6,7 +6,6 @@ serialized: the checkpoint is read lazily and each graph is written as soon as i
 
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
+from fate.runtime.sessions import release_freed_memory
 from tokenizers import Tokenizer
 
 from . import graphs
@@ -54,6 +54,7 @@ class CompileOptions:
     out_dir: Path
     bits: tuple[int, ...] = (4,)
     block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
@@ -129,15 +130,6 @@ class WeightReader:
 
     def layer(self, layer: int) -> dict[Role, np.ndarray]:
         return {role: self.get(role, layer) for role in self.layer_roles(layer)}
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the last layer back to the OS (glibc keeps it otherwise, and the
-    compile's resident memory would grow with the largest layer seen plus fragmentation)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
@@ -257,7 +249,8 @@ class LayerExporter:
             variants = {bits: expert_precision(weights, bits, self.opts.block_size) for bits in wanted}
             for bits in bits_list:
                 path = layout.expert_graph(layer, expert, PRECISION_OF_BITS[bits])
-                self.writer.write_bytes(path, graphs.expert_graph(*variants[bits]).SerializeToString())
+                model = graphs.expert_graph(*variants[bits], accuracy_level=self.opts.accuracy_level)
+                self.writer.write_bytes(path, model.SerializeToString())
                 experts[PRECISION_OF_BITS[bits]].append(path)
             if profiling:
                 self.profiler.add_expert(expert, weights, {p: variants[b] for p, b in QUANT_BITS.items()})

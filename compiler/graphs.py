@@ -168,7 +168,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     return LayerGraphInfo(b.model(), next_layer is not None)
 
 
-def expert_graph(gate: Weight, up: Weight, down: Weight) -> onnx.ModelProto:
+def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0) -> onnx.ModelProto:
     """One routed expert, x [N, H] -> y [N, H] = down(silu(gate(x)) * up(x)).
 
     Each projection is float32 (MatMul), float16 (weights cast up once at session creation:
@@ -179,7 +179,7 @@ def expert_graph(gate: Weight, up: Weight, down: Weight) -> onnx.ModelProto:
 
     def proj(inp: str, weight: Weight) -> str:
         if isinstance(weight, QuantizedWeight):
-            return matmul_nbits(b, inp, weight)
+            return matmul_nbits(b, inp, weight, accuracy_level)
         if weight.dtype == np.float16:
             return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T), "weight"), to=FLOAT))
         return linear(b, inp, weight)

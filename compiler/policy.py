@@ -5,7 +5,8 @@ measurements, so it can be re-run for another budget without calibrating again.
   routed-experts output is within `max_quant_error`; else the most precise stored.
 - predictor and decode prefetch width: the predictor (cross-layer, cross-layer with the next
   norm, or EAP) that reaches `target_recall` with the fewest experts; if none does, the best
-  recall at the widest measured width.
+  predictor widened only while one more prefetched expert is used at least
+  `min_prefetch_precision` of the time, or no prefetch if its top-k is mostly wrong.
 - cache shares: slots go one at a time to the layer where one more slot removes the most
   expected stalls, (miss(c) - miss(c+1)) x (1 - prefetch recall), after each layer's minimum
   working set; a layer nothing predicts (the first) gains most, so shallow layers are favoured
@@ -33,6 +34,7 @@ class PlanTargets:
     target_recall: float = 0.97
     max_quant_error: float = 0.10
     max_low_bit_error: float = 0.05
+    min_prefetch_precision: float = 0.5  # a prefetched expert must be used at least this often
 
 
 def choose_precision(p: LayerProfile, stored: list[str], targets: PlanTargets) -> tuple[str, str]:
@@ -58,10 +60,19 @@ def choose_predictor(p: LayerProfile, targets: PlanTargets) -> tuple[str, int, f
     if reaching:
         width, _, name, recall = min(reaching)
         return name, width, recall, f"{name} decode recall {recall:.3f} >= {targets.target_recall} at width {width}"
-    name, curve = max(candidates, key=lambda nc: nc[1].decode[-1])
-    return name, curve.widths[-1], curve.decode[-1], (
-        f"no predictor reaches {targets.target_recall}; {name} best at width {curve.widths[-1]} "
-        f"({curve.decode[-1]:.3f})")
+    # Out of reach: widen only while the extra expert is likely to be used (each prefetch costs
+    # a load whether used or not), and do not prefetch at all from a predictor mostly wrong.
+    name, curve = max(candidates, key=lambda nc: nc[1].decode[0])
+    k = curve.widths[0]
+    if curve.decode[0] < targets.min_prefetch_precision:
+        return "none", 0, 0.0, (f"no predictor reaches {targets.target_recall}; the best, {name}, is right for "
+                                f"{curve.decode[0]:.3f} of its top-{k} (< {targets.min_prefetch_precision}): load on demand")
+    i = 0
+    while i + 1 < len(curve.widths) and (curve.decode[i + 1] - curve.decode[i]) * k >= targets.min_prefetch_precision:
+        i += 1
+    return name, curve.widths[i], curve.decode[i], (
+        f"no predictor reaches {targets.target_recall}; {name} to width {curve.widths[i]} ({curve.decode[i]:.3f}), "
+        f"where one more expert would be used less than {targets.min_prefetch_precision:.0%} of the time")
 
 
 def miss_at(p: LayerProfile, slots: float) -> float:

@@ -43,7 +43,7 @@ def main() -> None:
     ref = perplexity(transformers_logits(args.model_dir), ids, args.window)
     print(f"{'transformers fp32':28s} perplexity {ref.value:8.3f}  ({ref.tokens} tokens)")
     for path, engine in zip(args.artifacts, engines):
-        precision = engine.model.manifest.precisions[-1]
+        precision = ",".join(sorted(set(engine.model.experts.precisions.values())))
         got = perplexity(engine.logits, ids, args.window)
         print(f"{f'fate {path.name} ({precision})':28s} perplexity {got.value:8.3f}  "
               f"ratio {got.value / ref.value:.4f}")

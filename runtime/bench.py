@@ -42,6 +42,7 @@ class RunConfig:
     prompt_ids: list[int]
     gen_len: int
     cache: str = "arc"
+    precision: str | None = None
 
     @property
     def label(self) -> str:
@@ -58,8 +59,8 @@ def run_one(config: RunConfig) -> dict:
 
     start = time.perf_counter()
     offload = None if config.budget == RESIDENT else OffloadOptions(
-        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache)
-    model = FateModel.load(config.artifact, offload=offload)
+        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache, precision=config.precision)
+    model = FateModel.load(config.artifact, precision=config.precision, offload=offload)
     load_s = time.perf_counter() - start
     try:
         result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
@@ -138,9 +139,10 @@ def table(results: dict[str, dict]) -> str:
 @click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--cache", default="arc", show_default=True)
+@click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--worker", default=None, hidden=True)
-def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, json_out, worker) -> None:
+def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
         click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
@@ -149,10 +151,11 @@ def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cach
         if artifact is None:
             raise FateError("missing ARTIFACT")
         ids = prompt_ids(artifact, prompt_len, prompts)
-        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache)]
+        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision)]
         for b in budgets.split(","):
             parse_budget(b)  # fail before any run
-            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache) for p in prefetch.split(",")]
+            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision)
+                        for p in prefetch.split(",")]
         rows: dict[str, list[dict]] = {c.label: [] for c in configs}
         total = len(configs) * (repeat + 1)
         done = 0

@@ -92,10 +92,11 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--int2-prefill/--no-int2-prefill", default=True, show_default=True,
               help="Move the least popular experts at INT2 during prefill when the policy says so.")
 @click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
          precision: str | None, threads: int, no_verify: bool, memory_budget: str | None, prefetch: str,
-         cache_policy: str, allocation: str, int2_prefill: bool, prefetch_threads: int) -> None:
+         cache_policy: str, allocation: str, int2_prefill: bool, prefetch_threads: int, ignore_eos: bool) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
         offload = None if memory_budget is None else OffloadOptions(
@@ -108,6 +109,8 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
         if not (as_json or chat):
             click.echo(prompt, nl=False)
         try:
+            if ignore_eos:
+                engine.codec.eos_ids = set()
             for piece in engine.stream(prompt, max_new_tokens, sampling, chat=chat, result=result):
                 pieces.append(piece)
                 if not as_json:

@@ -83,8 +83,10 @@ class ResidentExperts(ExpertStore):
     def __init__(self, artifact: Artifact, precision: str | None = None, verify: bool = True):
         super().__init__()
         self.sessions: dict[tuple[int, int], object] = {}
+        self.precisions = {spec.index: resident_precision(artifact, spec.index, precision)
+                           for spec in artifact.manifest.moe_layers}
         for spec in artifact.manifest.moe_layers:
-            files = spec.experts[resident_precision(artifact, spec.index, precision)]
+            files = spec.experts[self.precisions[spec.index]]
             for expert, path in enumerate(files):
                 data = artifact.read_bytes(path, verify=verify)
                 self.sessions[(spec.index, expert)] = make_session(data, threads=1)

@@ -122,8 +122,16 @@ class OffloadedExperts(ExpertStore):
         sizes = {f.path: f.size for f in manifest.files}
         layers = manifest.moe_layers
         precision = {l.index: resident_precision(self.artifact, l.index, opts.precision) for l in layers}
-        expert_bytes = {l.index: max(sizes[p] for p in l.experts[precision[l.index]]) for l in layers}
-        self.total_expert_bytes = sum(sizes[p] for l in layers for p in l.experts[precision[l.index]])
+        # an expert costs its measured resident size, not its file size (see ExpertLoader.resident_cost)
+        costs: dict[str, float] = {}
+        for l in layers:
+            if precision[l.index] not in costs:
+                costs[precision[l.index]] = self.loader.resident_cost(l.index, precision[l.index])
+        self.resident_cost = costs
+        expert_bytes = {l.index: int(max(sizes[p] for p in l.experts[precision[l.index]]) * costs[precision[l.index]])
+                        for l in layers}
+        self.total_expert_bytes = sum(int(sizes[p] * costs[precision[l.index]])
+                                      for l in layers for p in l.experts[precision[l.index]])
         budget = opts.budget.bytes_of(self.total_expert_bytes)
         minimum = sum(expert_bytes[l.index] * l.routing.top_k for l in layers)
         if budget < minimum:
@@ -180,8 +188,9 @@ class OffloadedExperts(ExpertStore):
     # ------------------------------------------------------------------ ExpertStore
 
     def _load(self, layer: int, expert: int) -> tuple[LoadedExpert, int]:
-        loaded = self.loader.load(layer, expert, self.plans[layer].precision)
-        return loaded, loaded.nbytes
+        plan = self.plans[layer]
+        loaded = self.loader.load(layer, expert, plan.precision)
+        return loaded, int(loaded.nbytes * self.resident_cost.get(loaded.precision, 1.0))
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"
@@ -306,6 +315,7 @@ class OffloadedExperts(ExpertStore):
         self.stats.loads = sum(p.cache.loads + p.low_bit_loads for p in self.phases.values())
         self.stats.bytes_read = sum(p.cache.bytes_read + p.low_bit_bytes for p in self.phases.values())
         out = {"budget_bytes": sum(self.cache.capacities.values()), "total_expert_bytes": self.total_expert_bytes,
+               "resident_cost_per_file_byte": self.resident_cost,
                "resident_bytes": self.cache.resident_bytes(), "prefetch": self.options.prefetch,
                "cache": self.options.cache, "allocation": self.options.allocation,
                "layers": {p.index: {"precision": p.precision, "slots": p.slots, "predictor": p.predictor,

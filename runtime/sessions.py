@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import onnxruntime as ort
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -22,3 +24,12 @@ def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so that resident
+    memory measures what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -26,7 +26,7 @@ from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
-from fate.runtime.sessions import release_freed_memory
+from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
 
 from . import graphs

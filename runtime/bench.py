@@ -22,6 +22,7 @@ import click
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
 
+from .memory import peak_rss
 from .text import TextCodec
 
 DEFAULT_TEXT = (
@@ -51,8 +52,6 @@ class RunConfig:
 
 def run_one(config: RunConfig) -> dict:
     """One generation in this process; the numbers of one table cell."""
-    import resource
-
     from .generate import SamplingConfig, generate
     from .model import FateModel
     from .offload import OffloadOptions
@@ -69,7 +68,7 @@ def run_one(config: RunConfig) -> dict:
         model.close()
     s = result.stats
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
-           "ttft_s": s.time_to_first_token_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
            "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0}
     if report:
         d, p = report["decode"], report["prefill"]

@@ -15,6 +15,7 @@ from fate.artifacts.budget import parse_budget
 from .api import Engine
 from .cache import POLICIES
 from .generate import GenerationResult, SamplingConfig
+from .memory import peak_rss
 from .offload import PREFETCH_MODES, OffloadOptions
 
 
@@ -34,12 +35,6 @@ def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None,
     )
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:
     return {
         "prompt_ids": result.prompt_ids,
@@ -48,7 +43,7 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
         "stats": result.stats.to_dict(),
         "experts": asdict(engine.model.experts.stats),
         "offload": engine.model.experts.report(),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss(),
     }
 
 
@@ -63,7 +58,7 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         line += (f"; budget {offload['budget_bytes'] / 1e6:.1f} of {offload['total_expert_bytes'] / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {p['stall_s'] + d['stall_s']:.2f} s, "
                  f"{(p['bytes_read'] + d['bytes_read']) / 1e6:.1f} MB read")
-    return line + f"; peak RSS {peak_rss_bytes() / 1e6:.0f} MB]"
+    return line + f"; peak RSS {peak_rss() / 1e6:.0f} MB]"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

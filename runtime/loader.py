@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from fate.artifacts import Artifact, ArtifactError
 
-from .sessions import make_session, release_freed_memory
+from .memory import current_rss, release_freed_memory
+from .sessions import make_session
 
 
 @dataclass
@@ -45,15 +46,6 @@ def read_uncached(path: str, size: int) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
-
-
-def current_rss() -> int | None:
-    """Resident memory of this process in bytes (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class ExpertLoader:

@@ -181,8 +181,8 @@ class OffloadedExperts(ExpertStore):
         has_eap = self.profile is not None and self.profile.layer(index).transitions_from is not None
         if mode == "eap":
             return ("eap", width) if has_eap else ("none", 0)
-        if decided is not None and decided.predictor != "none":
-            return decided.predictor, width
+        if decided is not None:  # the compiled policy, which may have measured "none" best
+            return (decided.predictor, width) if decided.predictor != "none" else ("none", 0)
         return ("cross_layer", width) if has_graph else ("none", 0)
 
     # ------------------------------------------------------------------ ExpertStore

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import onnxruntime as ort
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -25,11 +23,3 @@ def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...
     options.log_severity_level = 3
     return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so that resident
-    memory measures what is in use."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

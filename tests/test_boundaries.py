@@ -27,9 +27,9 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-# The compiler reuses the runtime's pure helpers (positions, sessions, cache policies) so that
+# The compiler reuses the runtime's pure helpers (positions, sessions, cache policies, memory) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
-SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache"}
+SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.memory"}
 
 
 def test_each_part_imports_only_what_it_may():

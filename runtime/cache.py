@@ -28,8 +28,10 @@ class EvictionPolicy(ABC):
         """A resident key was used."""
 
     @abstractmethod
-    def insert(self, key: Key) -> None:
-        """A key became resident (the caller made room first)."""
+    def insert(self, key: Key, cold: bool = False) -> None:
+        """A key became resident (the caller made room first). `cold`: it was prefetched, not
+        asked for, so it goes where eviction looks first until a real use promotes it; a wrong
+        prediction then displaces other predictions, not the experts that keep hitting."""
 
     @abstractmethod
     def victim(self, incoming: Key | None, exclude: set[Key]) -> Key | None:
@@ -63,8 +65,10 @@ class LRU(EvictionPolicy):
     def hit(self, key: Key) -> None:
         self.order.move_to_end(key)
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, cold: bool = False) -> None:
         self.order[key] = None
+        if cold:
+            self.order.move_to_end(key, last=False)
 
     def victim(self, incoming: Key | None, exclude: set[Key]) -> Key | None:
         return _pop_oldest(self.order, exclude)
@@ -93,7 +97,7 @@ class ARC(EvictionPolicy):
         self.t2[key] = None
         self.t2.move_to_end(key)
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, cold: bool = False) -> None:
         c = max(self.capacity, 1)
         if key in self.b1:  # evicted from T1 too early: grow T1's target
             self.p = min(c, self.p + max(len(self.b2) / max(len(self.b1), 1), 1))
@@ -105,6 +109,8 @@ class ARC(EvictionPolicy):
             self.t2[key] = None
         else:
             self.t1[key] = None
+            if cold:
+                self.t1.move_to_end(key, last=False)
         # ghosts remember at most one cache's worth of keys each
         while len(self.b1) > c:
             self.b1.popitem(last=False)

@@ -73,6 +73,7 @@ class ExpertCache:
         self._resident: dict[Key, _Entry] = {}
         self._used = {layer: 0 for layer in capacities}
         self._inflight: dict[Key, Future] = {}
+        self._wanted: set[Key] = set()  # in flight and already asked for
         self._pinned: dict[int, set[int]] = {layer: set() for layer in capacities}
         self._lock = threading.RLock()
         self._queue: list = []
@@ -107,6 +108,7 @@ class ExpertCache:
                 run_here = True
             else:
                 counters.waits += 1
+                self._wanted.add(key)
                 run_here = False
         start = time.perf_counter()
         if run_here:
@@ -155,7 +157,7 @@ class ExpertCache:
         self._inflight[key] = future
         return future
 
-    def _complete(self, key: Key, future: Future) -> None:
+    def _complete(self, key: Key, future: Future, prefetched: bool = False) -> None:
         """Load `key` (outside the lock), insert it, resolve its future."""
         try:
             value, nbytes = self._load(*key)
@@ -167,11 +169,12 @@ class ExpertCache:
         with self._lock:
             self.counters.loads += 1
             self.counters.bytes_read += nbytes
-            self._insert(key, value, nbytes)
+            self._insert(key, value, nbytes, cold=prefetched and key not in self._wanted)
             self._inflight.pop(key, None)
+            self._wanted.discard(key)
         future.set_result(value)
 
-    def _insert(self, key: Key, value: object, nbytes: int) -> None:
+    def _insert(self, key: Key, value: object, nbytes: int, cold: bool = False) -> None:
         layer = key[0]
         policy = self._policies[layer]
         exclude = self._pinned[layer] and {(layer, e) for e in self._pinned[layer]}
@@ -184,7 +187,7 @@ class ExpertCache:
             self.counters.layer(layer).evictions += 1
         self._resident[key] = _Entry(value, nbytes)
         self._used[layer] += nbytes
-        policy.insert(key)
+        policy.insert(key, cold=cold)
 
     def _work(self) -> None:
         while True:
@@ -201,7 +204,7 @@ class ExpertCache:
                     continue
                 future = self._start(key)
                 self.counters.layer(layer).prefetched += 1
-            self._complete(key, future)
+            self._complete(key, future, prefetched=True)
             exc = future.exception()
             if exc is not None:
                 with self._lock:

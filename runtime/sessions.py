@@ -20,6 +20,8 @@ def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...
         options.enable_cpu_mem_arena = False
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle pool threads must not spin: prefetch threads load experts on the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(model, sess_options=options, providers=list(providers))
 

@@ -33,6 +33,7 @@ CASES = {
     "mixtral": dict(family="mixtral"),
     "mixtral-sharded": dict(family="mixtral", shard=True, seed=1),
     "qwen2_moe": dict(family="qwen2_moe", chat_template=True),
+    "qwen2_moe-bf16": dict(family="qwen2_moe", seed=3, bf16=True),
     # dense layers among MoE ones (mlp_only_layers and decoder_sparse_step), renormalized top-k
     "qwen2_moe-mixed": dict(family="qwen2_moe", seed=2, norm_topk_prob=True, decoder_sparse_step=2,
                             mlp_only_layers=[3], num_hidden_layers=6),

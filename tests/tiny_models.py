@@ -60,14 +60,20 @@ def qwen2_moe_config(**overrides):
 CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}
 
 
-def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False, **overrides):
-    """Save a random tiny model of `family` into `out`; returns the transformers model (eval, fp32)."""
+def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,
+               bf16: bool = False, **overrides):
+    """Save a random tiny model of `family` into `out`; returns the transformers model (eval, fp32).
+    With bf16 the checkpoint is saved in bfloat16 and the returned model is it loaded in float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides)).eval()
     out.mkdir(parents=True, exist_ok=True)
+    if bf16:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="100KB" if shard else "5GB")
+    if bf16:  # the float32 reference as a user would load it (buffers such as RoPE's recomputed)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     save_tokenizer(out, chat_template)
     return model

@@ -16,11 +16,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import layout
+from . import archive, layout
+from .archive import Member
+from .graph_check import check_graph
 from .errors import ArtifactError
 from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, safe_relpath, to_json_dict
 
-MAX_MANIFEST_BYTES = 64 << 20
+
 
 
 def fate_version() -> str:
@@ -30,14 +32,6 @@ def fate_version() -> str:
         return version("fate")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ArtifactWriter:
@@ -95,59 +89,88 @@ class ArtifactWriter:
 
 
 class Artifact:
-    """An artifact directory opened for reading: a validated manifest plus checked file access."""
+    """An artifact opened for reading, from a directory or a one-file archive (see archive.py):
+    a validated manifest plus checked access to the files it lists."""
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, members: dict[str, Member] | None = None):
         self.root = root
         self.manifest = manifest
+        self.is_archive = members is not None
+        self._members = members
         self._entries = {f.path: f for f in manifest.files}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Artifact":
         root = Path(path)
+        if root.is_file():
+            return cls._open_archive(root)
         if not root.is_dir():
-            raise ArtifactError(f"{root} is not an artifact directory")
+            raise ArtifactError(f"{root} is neither an artifact directory nor a {archive.SUFFIX} archive")
         manifest_path = root / layout.MANIFEST
         if not manifest_path.is_file():
             raise ArtifactError(f"{root} has no {layout.MANIFEST}: not a Fate artifact, or an unfinished compile")
-        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        if manifest_path.stat().st_size > archive.MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{manifest_path} is implausibly large")
-        try:
-            data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from None
-        manifest = manifest_from_json(data)
-        artifact = cls(root, manifest)
-        for entry in manifest.files:
-            artifact.path(entry.path)  # refuses paths outside the artifact
+        artifact = cls(root, _parse_manifest(manifest_path.read_bytes(), manifest_path))
+        for entry in artifact.manifest.files:
+            artifact.member(entry.path)  # every listed file present, inside, of the listed size
         return artifact
 
-    def path(self, relpath: str) -> Path:
-        """The on-disk path of a listed file, checked to exist with the listed size."""
+    @classmethod
+    def _open_archive(cls, path: Path) -> "Artifact":
+        manifest_bytes, members = archive.scan(path)
+        artifact = cls(path, _parse_manifest(manifest_bytes, f"{path}:{layout.MANIFEST}"), members)
+        listed = set(artifact._entries)
+        extra = sorted(set(members) - listed)
+        if extra:
+            raise ArtifactError(f"{path}: member {extra[0]!r} is not listed in the manifest")
+        for entry in artifact.manifest.files:
+            artifact.member(entry.path)
+        return artifact
+
+    def member(self, relpath: str) -> Member:
+        """Where a listed file's bytes are, checked to exist with the listed size."""
         safe_relpath(relpath)
         entry = self._entries.get(relpath)
         if entry is None:
             raise ArtifactError(f"{relpath} is not listed in the manifest of {self.root}")
+        if self._members is not None:
+            found = self._members.get(relpath)
+            if found is None:
+                raise ArtifactError(f"{self.root}:{relpath} is missing from the archive")
+            if found.size != entry.size:
+                raise ArtifactError(f"{found.label} has {found.size} bytes, the manifest says {entry.size}")
+            return found
         full = self.root / relpath
-        if full.is_symlink() or not full.is_file():
-            raise ArtifactError(f"{full} is missing")
+        if full.is_symlink() or not full.is_file() or any(p.is_symlink() for p in full.parents if self.root in p.parents):
+            raise ArtifactError(f"{full} is missing (or a link, which is refused)")
         size = full.stat().st_size
         if size != entry.size:
             raise ArtifactError(f"{full} has {size} bytes, the manifest says {entry.size} (truncated or changed)")
-        return full
+        return Member(full, 0, size, str(full))
 
-    def read_bytes(self, relpath: str, verify: bool = True) -> bytes:
-        """A file's bytes; with `verify`, checked against the manifest's SHA-256."""
-        data = self.path(relpath).read_bytes()
-        entry = self._entries[relpath]
-        if len(data) != entry.size:
-            raise ArtifactError(f"{self.root / relpath} changed while being read")
-        if verify and hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ArtifactError(f"{self.root / relpath} fails its SHA-256 check (corrupt or modified)")
+    def read_bytes(self, relpath: str, verify: bool = True, uncached: bool = False) -> bytes:
+        """A file's bytes; with `verify`, checked against the manifest's SHA-256; with `uncached`,
+        dropped from the OS page cache after reading (expert loads under a memory budget)."""
+        m = self.member(relpath)
+        data = read_range(m.file, m.offset, m.size, uncached)
+        if len(data) != m.size:
+            raise ArtifactError(f"{m.label} changed while being read")
+        if verify and hashlib.sha256(data).hexdigest() != self._entries[relpath].sha256:
+            raise ArtifactError(f"{m.label} fails its SHA-256 check (corrupt or modified)")
+        return data
+
+    def read_graph(self, relpath: str, verify: bool = True, uncached: bool = False) -> bytes:
+        """An ONNX graph's bytes, refused if it uses external data or operators the runtime
+        does not expect (see graph_check.py)."""
+        data = self.read_bytes(relpath, verify=verify, uncached=uncached)
+        check_graph(data, self.member(relpath).label)
         return data
 
     def replace_manifest(self, manifest: Manifest) -> None:
         """Swap in a new manifest (e.g. a re-planned policy) for the same files, atomically."""
+        if self.is_archive:
+            raise ArtifactError(f"{self.root} is an archive; unpack it to change its policy")
         if manifest.files != self.manifest.files:
             raise ArtifactError("a replaced manifest must list the same files")
         manifest.validate()
@@ -156,14 +179,44 @@ class Artifact:
         os.replace(tmp, self.root / layout.MANIFEST)
         self.manifest = manifest
 
+    def manifest_bytes(self) -> bytes:
+        return (json.dumps(to_json_dict(self.manifest), indent=1) + "\n").encode()
+
     def verify(self) -> list[str]:
         """Every problem with the listed files, one line each; empty when all is well."""
         problems = []
         for entry in self.manifest.files:
             try:
-                full = self.path(entry.path)
-                if sha256_file(full) != entry.sha256:
-                    problems.append(f"{entry.path}: SHA-256 mismatch")
+                if entry.path.endswith(".onnx"):
+                    self.read_graph(entry.path)
+                else:
+                    self.read_bytes(entry.path)
             except ArtifactError as e:
                 problems.append(str(e))
         return problems
+
+
+def _parse_manifest(data: bytes, where) -> Manifest:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{where} is not valid JSON: {e}") from None
+    return manifest_from_json(raw)
+
+
+def read_range(file: Path, offset: int, size: int, uncached: bool = False) -> bytes:
+    """`size` bytes at `offset`, by positioned reads; optionally dropped from the page cache."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        chunks, done = [], 0
+        while done < size:
+            chunk = os.pread(fd, size - done, offset + done)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        if uncached and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

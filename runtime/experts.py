@@ -88,7 +88,7 @@ class ResidentExperts(ExpertStore):
         for spec in artifact.manifest.moe_layers:
             files = spec.experts[self.precisions[spec.index]]
             for expert, path in enumerate(files):
-                data = artifact.read_bytes(path, verify=verify)
+                data = artifact.read_graph(path, verify=verify)
                 self.sessions[(spec.index, expert)] = make_session(data, threads=1)
                 self.stats.loads += 1
                 self.stats.bytes_read += len(data)

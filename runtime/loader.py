@@ -3,8 +3,6 @@ build its onnxruntime session. Runs in prefetch threads and, on a miss, in the c
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,25 +27,6 @@ class LoadedExpert:
         return self.session.run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
 
 
-def read_uncached(path: str, size: int) -> bytes:
-    """The whole file, then dropped from the page cache: the budget must not hide a second copy
-    of every expert in kernel memory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks, offset = [], 0
-        while offset < size:
-            chunk = os.pread(fd, size - offset, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 class ExpertLoader:
     """Reads and builds expert sessions for one artifact, with fallback to another stored
     precision of the same expert when a file is missing or corrupt (warned once per file)."""
@@ -56,21 +35,16 @@ class ExpertLoader:
         self.artifact = artifact
         self.verify = verify
         self._sizes = {f.path: f.size for f in artifact.manifest.files}
-        self._hashes = {f.path: f.sha256 for f in artifact.manifest.files}
         self._warned: set[str] = set()
         self._verified: set[str] = set()
         self._lock = threading.Lock()
 
     def _read(self, path: str) -> bytes:
-        full = self.artifact.path(path)  # checks it is listed, present, of the listed size
-        data = read_uncached(str(full), self._sizes[path])
-        if len(data) != self._sizes[path]:
-            raise ArtifactError(f"{full} is truncated ({len(data)} of {self._sizes[path]} bytes)")
         # Each file is hashed the first time this process loads it; reloads after an eviction
         # (the common case under a tight budget) skip the 4 ms a 5 MB expert costs to hash.
-        if self.verify and path not in self._verified:
-            if hashlib.sha256(data).hexdigest() != self._hashes[path]:
-                raise ArtifactError(f"{full} fails its SHA-256 check (corrupt or modified)")
+        verify = self.verify and path not in self._verified
+        data = self.artifact.read_graph(path, verify=verify, uncached=True)
+        if verify:
             with self._lock:
                 self._verified.add(path)
         return data
@@ -112,7 +86,7 @@ class ExpertLoader:
             try:
                 session = make_session(data, threads=1)
             except Exception as e:  # onnxruntime rejects the bytes: report the file, not a traceback
-                raise ArtifactError(f"{self.artifact.root / path} is not a loadable ONNX graph: {e}") from None
+                raise ArtifactError(f"{self.artifact.member(path).label} is not a loadable ONNX graph: {e}") from None
             return LoadedExpert(layer, expert, candidate, len(data), session)
         raise first_error
 

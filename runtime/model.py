@@ -41,7 +41,7 @@ class FateModel:
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
         self.experts = experts
-        read = lambda path: artifact.read_bytes(path, verify=verify)  # noqa: E731
+        read = lambda path: artifact.read_graph(path, verify=verify)  # noqa: E731
         self.embed = make_session(read(self.manifest.embed_graph), threads)
         self.head = make_session(read(self.manifest.head_graph), threads)
         self.layers = [make_session(read(layer.graph), threads) for layer in self.manifest.layers]

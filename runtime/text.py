@@ -19,7 +19,7 @@ class TextCodec:
         except ArtifactError:
             raise
         except Exception as e:
-            raise ArtifactError(f"{artifact.root / path} cannot be loaded: {e}") from None
+            raise ArtifactError(f"{artifact.member(path).label} cannot be loaded: {e}") from None
         self.chat_template = spec.chat_template
         self.eos_ids = set(spec.eos_token_ids)
         self.bos_token = self._token(spec.bos_token_id)

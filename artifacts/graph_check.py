@@ -1,0 +1,129 @@
+"""Refuse ONNX graphs that could reach outside the artifact or run code the runtime does not
+expect: external-data tensors (their location is a path), subgraphs and functions, and any
+operator outside the set Fate's compiler emits. Reads the protobuf wire format directly, so the
+runtime needs no `onnx` package: a model is a few hundred fields around its weight bytes.
+
+Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto,
+TensorProto).
+"""
+
+from __future__ import annotations
+
+from .errors import ArtifactError
+
+ALLOWED_OPS = {
+    "": {"Add", "Cast", "Concat", "Div", "Gather", "Identity", "MatMul", "Mul", "Neg", "Reciprocal",
+         "ReduceMean", "ReduceSum", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "TopK",
+         "Transpose", "Unsqueeze"},
+    "ai.onnx": set(),  # filled below: the same operators under their explicit domain name
+    "com.microsoft": {"MatMulNBits"},
+}
+ALLOWED_OPS["ai.onnx"] = ALLOWED_OPS[""]
+
+# (message, field) pairs that are refused outright
+MODEL_REFUSED = {20: "training_info", 25: "functions"}
+GRAPH_REFUSED = {15: "sparse_initializer"}
+ATTRIBUTE_REFUSED = {6: "a subgraph", 11: "subgraphs"}
+TENSOR_EXTERNAL_DATA = 13
+TENSOR_DATA_LOCATION = 14
+
+
+class _Bad(Exception):
+    pass
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _Bad("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value): an int for varints, a memoryview for bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        else:
+            raise _Bad(f"unsupported wire type {wire}")
+        if pos > len(buf):
+            raise _Bad("truncated field")
+        yield field, wire, value
+
+
+def _text(value) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad("a name is not UTF-8") from None
+
+
+def _tensor(buf: memoryview) -> None:
+    for field, wire, value in _fields(buf):
+        if field == TENSOR_EXTERNAL_DATA or (field == TENSOR_DATA_LOCATION and wire == 0 and value == 1):
+            raise _Bad("a tensor uses external data (a file path), which artifacts never do")
+
+
+def _node(buf: memoryview) -> None:
+    op_type, domain = "", ""
+    for field, wire, value in _fields(buf):
+        if field == 4 and wire == 2:
+            op_type = _text(value)
+        elif field == 7 and wire == 2:
+            domain = _text(value)
+        elif field == 5 and wire == 2:
+            for a_field, a_wire, a_value in _fields(value):
+                if a_field in ATTRIBUTE_REFUSED:
+                    raise _Bad(f"operator {op_type or '?'} carries {ATTRIBUTE_REFUSED[a_field]}")
+                if a_field == 5 and a_wire == 2:
+                    _tensor(a_value)
+    if domain not in ALLOWED_OPS:
+        raise _Bad(f"operator domain {domain!r} is not one the runtime knows")
+    if op_type not in ALLOWED_OPS[domain]:
+        raise _Bad(f"operator {domain + '.' if domain else ''}{op_type} is not one Fate's graphs use")
+
+
+def _graph(buf: memoryview) -> None:
+    for field, wire, value in _fields(buf):
+        if field in GRAPH_REFUSED:
+            raise _Bad(f"the graph has {GRAPH_REFUSED[field]}")
+        if field == 1 and wire == 2:
+            _node(value)
+        elif field == 5 and wire == 2:
+            _tensor(value)
+
+
+def check_graph(data: bytes, label: str) -> None:
+    """Raise ArtifactError naming `label` if the serialized ModelProto is not acceptable."""
+    try:
+        graphs = 0
+        for field, wire, value in _fields(memoryview(data)):
+            if field in MODEL_REFUSED:
+                raise _Bad(f"the model has {MODEL_REFUSED[field]}")
+            if field == 8 and wire == 2:  # opset_import: its domain must be known
+                for o_field, o_wire, o_value in _fields(value):
+                    if o_field == 1 and o_wire == 2 and _text(o_value) not in ALLOWED_OPS:
+                        raise _Bad(f"it imports unknown operator domain {_text(o_value)!r}")
+            elif field == 7 and wire == 2:
+                graphs += 1
+                _graph(value)
+        if graphs != 1:
+            raise _Bad("it holds no graph")
+    except _Bad as e:
+        raise ArtifactError(f"{label} is refused: {e}") from None

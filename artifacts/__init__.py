@@ -13,10 +13,10 @@ from .schema import (
     RoutingSpec,
     TokenizerSpec,
 )
-from .store import Artifact, ArtifactWriter
+from .store import Artifact, ArtifactWriter, pack_artifact, unpack_artifact
 
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "FateError", "FileEntry",
     "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
-    "Policy", "RoutingSpec", "TokenizerSpec",
+    "Policy", "RoutingSpec", "TokenizerSpec", "pack_artifact", "unpack_artifact",
 ]

@@ -76,8 +76,11 @@ class ArtifactWriter:
         files = [self.entries[p] for p in sorted(self.entries)]
         manifest = dataclasses.replace(manifest, files=files, schema_version=SCHEMA_VERSION, fate_version=fate_version())
         manifest.validate()
-        text = json.dumps(to_json_dict(manifest), indent=1) + "\n"
-        (self.tmp / layout.MANIFEST).write_text(text)
+        return self.publish((json.dumps(to_json_dict(manifest), indent=1) + "\n").encode())
+
+    def publish(self, manifest_bytes: bytes) -> Path:
+        """Write the manifest as given, last, and move the artifact into place."""
+        (self.tmp / layout.MANIFEST).write_bytes(manifest_bytes)
         if self.out_dir.exists():
             trash = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
             os.rename(self.out_dir, trash)
@@ -220,3 +223,25 @@ def read_range(file: Path, offset: int, size: int, uncached: bool = False) -> by
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def pack_artifact(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Pack an artifact directory into one deterministic archive (manifest first)."""
+    artifact = Artifact.open(source)
+    if artifact.is_archive:
+        raise ArtifactError(f"{source} is already an archive")
+    manifest_bytes = (artifact.root / layout.MANIFEST).read_bytes()
+    return archive.pack(artifact.root, manifest_bytes, [f.path for f in artifact.manifest.files], Path(out))
+
+
+def unpack_artifact(source: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Extract an archive into a new artifact directory: every member checked against the
+    manifest first, written under a temporary name, published with one rename."""
+    artifact = Artifact.open(source)
+    if not artifact.is_archive:
+        raise ArtifactError(f"{source} is a directory, not an archive")
+    manifest_bytes = archive.scan(artifact.root)[0]
+    with ArtifactWriter(Path(out_dir), force=force) as writer:
+        for entry in artifact.manifest.files:
+            writer.write_bytes(entry.path, artifact.read_bytes(entry.path))
+        return writer.publish(manifest_bytes)

@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 ARTIFACT = out/tiny-moe
 PROMPT ?= The secret of a happy life is
 
-.PHONY: venv test demo perplexity compile-example clean
+.PHONY: venv test demo perplexity compile-example fuzz runtime-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,23 @@ perplexity: compile-example
 	$(BIN)/fate-compile examples/tiny-moe -o out/tiny-moe-fp32 --bits 32 --force -q
 	$(BIN)/python examples/perplexity.py examples/tiny-moe $(ARTIFACT) out/tiny-moe-fp32
 
+# Longer fuzzing of the manifest and archive readers than make test does.
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_hostile.py -k fuzz --fuzz-examples 5000
+
+# The runtime alone (no torch, no transformers) in a fresh environment runs a packed artifact.
+RUNTIME_VENV ?= .venv-runtime
+runtime-check: compile-example
+	rm -rf $(RUNTIME_VENV)
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q --upgrade pip
+	$(RUNTIME_VENV)/bin/pip install -q .
+	$(BIN)/fate-pack $(ARTIFACT) -o out/tiny-moe.fate
+	$(RUNTIME_VENV)/bin/fate-verify out/tiny-moe.fate
+	$(RUNTIME_VENV)/bin/fate-run out/tiny-moe.fate --prompt "$(PROMPT)" --max-new-tokens 24 --greedy --memory-budget 50%
+	! $(RUNTIME_VENV)/bin/python -c "import torch" 2>/dev/null
+	! $(RUNTIME_VENV)/bin/python -c "import transformers" 2>/dev/null
+	@echo "runtime-only environment: $$(du -sm $(RUNTIME_VENV) | cut -f1) MB; with the compiler (torch): $$(du -sm $(VENV) | cut -f1) MB"
+
 clean:
-	rm -rf out
+	rm -rf out $(RUNTIME_VENV)

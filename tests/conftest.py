@@ -40,6 +40,27 @@ CASES = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=60,
+                     help="hypothesis examples per fuzz test (make fuzz runs many more)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request) -> int:
+    return request.config.getoption("--fuzz-examples")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Apply --fuzz-examples to the hypothesis tests marked by name."""
+    from hypothesis import settings
+
+    count = config.getoption("--fuzz-examples")
+    for item in items:
+        if item.name.startswith("test_fuzz_"):
+            item.obj._hypothesis_internal_use_settings = settings(
+                item.obj._hypothesis_internal_use_settings, max_examples=count)
+
+
 @pytest.fixture(scope="session", params=sorted(CASES))
 def built(request, tmp_path_factory) -> Built:
     return Built(tmp_path_factory.mktemp(request.param), **CASES[request.param])

@@ -23,6 +23,9 @@ SCHEMA_VERSION = "1.0"
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 
 LAYER_KINDS = ("moe", "dense")
+# Model families whose graphs this runtime version knows to run (the compiler's registry must
+# stay within this list; a test checks it).
+KNOWN_FAMILIES = ("mixtral", "qwen2_moe")
 SCORING_FUNCTIONS = ("softmax",)
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests
@@ -158,6 +161,9 @@ class Manifest:
     def validate(self) -> None:
         """Checks across fields that types alone cannot express."""
         m = self.model
+        if m.family not in KNOWN_FAMILIES:
+            raise ArtifactError(f"manifest: unknown model family {m.family!r}; this runtime knows "
+                                f"{', '.join(KNOWN_FAMILIES)} (a newer Fate may support it)")
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
             value = getattr(m, name)
             if not 0 < value <= MAX_DIM:

@@ -48,6 +48,9 @@ def test_roundtrip_and_file_list(mixtral):
     (lambda m: m["files"][0].update(path="../../etc/passwd"), "outside the artifact"),
     (lambda m: m["files"][0].update(path="/etc/passwd"), "outside the artifact"),
     (lambda m: m.update(layers=[]), "layers"),
+    (lambda m: m["model"].update(family="llama4"), "unknown model family"),
+    (lambda m: m["model"].update(head_dim=10**9), "out of range"),
+    (lambda m: m["layers"][0]["routing"].update(top_k=-3), "routing"),
 ])
 def test_bad_manifests_are_refused(mixtral, tmp_path, mutate, message):
     target = tmp_path / "art"
@@ -115,3 +118,9 @@ def test_writer_refuses_paths_outside(tmp_path):
         for bad in ("../x", "/abs", "a//b", "a\\b"):
             with pytest.raises(ArtifactError):
                 writer.write_bytes(bad, b"")
+
+
+def test_compiler_families_are_known_to_the_runtime():
+    from fate.compiler.families import supported
+
+    assert set(supported()) <= set(schema.KNOWN_FAMILIES)

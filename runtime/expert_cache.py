@@ -177,9 +177,9 @@ class ExpertCache:
     def _insert(self, key: Key, value: object, nbytes: int, cold: bool = False) -> None:
         layer = key[0]
         policy = self._policies[layer]
-        exclude = self._pinned[layer] and {(layer, e) for e in self._pinned[layer]}
+        exclude = {(layer, e) for e in self._pinned[layer]}
         while self._used[layer] + nbytes > self.capacities[layer]:
-            victim = policy.victim(key, exclude or set())
+            victim = policy.victim(key, exclude)
             if victim is None:
                 # Nothing evictable: the value is used once and not kept (the budget holds).
                 return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 
 
 def _status_kib(field: str) -> int | None:

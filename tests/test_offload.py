@@ -4,7 +4,6 @@ refused when too small, and faults reported clearly."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

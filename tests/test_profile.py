@@ -4,7 +4,6 @@ the planner on synthetic measurements, --policy-only and fate-inspect."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path

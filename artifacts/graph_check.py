@@ -12,7 +12,7 @@ from __future__ import annotations
 from .errors import ArtifactError
 
 ALLOWED_OPS = {
-    "": {"Add", "Cast", "Concat", "Div", "Gather", "Identity", "MatMul", "Mul", "Neg", "Reciprocal",
+    "": {"Add", "Cast", "Clip", "Concat", "Div", "Gather", "Identity", "MatMul", "Mul", "Neg", "Reciprocal",
          "ReduceMean", "ReduceSum", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "TopK",
          "Transpose", "Unsqueeze"},
     "ai.onnx": set(),  # filled below: the same operators under their explicit domain name

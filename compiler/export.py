@@ -42,7 +42,7 @@ PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
+OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
 
 
@@ -69,7 +69,9 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
         Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,),
         Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
-        Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,),
+        Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
+        Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
+        Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.num_experts, h),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
@@ -124,7 +126,7 @@ class WeightReader:
         return name is not None and self.ckpt.has(name)
 
     def layer_roles(self, layer: int) -> list[Role]:
-        roles = list(ATTENTION_ROLES)
+        roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 

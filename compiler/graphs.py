@@ -71,12 +71,21 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     rot = 2 * len(cfg.rope_inv_freq)
 
-    def project(weight: Role, bias_role: Role, n_heads: int) -> str:
+    def project(weight: Role, bias_role: Role, n_heads: int, norm_role: Role | None = None) -> str:
+        """x -> [1, heads, S, d], with the family's q/k norm (whole projection or per head)
+        and clamp, in the order transformers applies them."""
         y = linear(b, x, w[weight], w.get(bias_role))
-        return b.op("Transpose", b.op("Reshape", y, b.ints([1, -1, n_heads, d])), perm=[0, 2, 1, 3])
+        if norm_role is not None and cfg.qk_norm == "projection":
+            y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
+        y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
+        if norm_role is not None and cfg.qk_norm == "head":
+            y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+        return b.op("Transpose", y, perm=[0, 2, 1, 3])
 
-    q = rotary(b, project(Role.Q, Role.Q_BIAS, heads), cos, sin, d, rot)
-    k = rotary(b, project(Role.K, Role.K_BIAS, kv), cos, sin, d, rot)
+    q = rotary(b, project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM), cos, sin, d, rot)
+    k = rotary(b, project(Role.K, Role.K_BIAS, kv, Role.K_NORM), cos, sin, d, rot)
     v = project(Role.V, Role.V_BIAS, kv)
     present_k = b.op("Concat", past_k, k, axis=2)
     present_v = b.op("Concat", past_v, v, axis=2)
@@ -88,7 +97,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v5)
     context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
-    return linear(b, context, w[Role.O]), present_k, present_v
+    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
 def route(b: GraphBuilder, logits: str, top_k: int, normalize: bool) -> tuple[str, str]:

@@ -34,6 +34,10 @@ CASES = {
     "mixtral-sharded": dict(family="mixtral", shard=True, seed=1),
     "qwen2_moe": dict(family="qwen2_moe", chat_template=True),
     "qwen2_moe-bf16": dict(family="qwen2_moe", seed=3, bf16=True),
+    # q/k norms per head, head_dim larger than hidden/heads, a dense layer
+    "qwen3_moe": dict(family="qwen3_moe", seed=4, mlp_only_layers=[2]),
+    # q/k norms over the whole projection, clamped q/k/v
+    "olmoe": dict(family="olmoe", seed=5, clip_qkv=0.8),
     # dense layers among MoE ones (mlp_only_layers and decoder_sparse_step), renormalized top-k
     "qwen2_moe-mixed": dict(family="qwen2_moe", seed=2, norm_topk_prob=True, decoder_sparse_step=2,
                             mlp_only_layers=[3], num_hidden_layers=6),

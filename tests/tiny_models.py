@@ -57,7 +57,24 @@ def qwen2_moe_config(**overrides):
                              "decoder_sparse_step": 1, "mlp_only_layers": [], **overrides})
 
 
-CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}
+def qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "head_dim": 32,
+                             "num_hidden_layers": 4, "num_experts": 12, "num_experts_per_tok": 4,
+                             "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], **overrides})
+
+
+def olmoe_config(**overrides):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**{**COMMON, "intermediate_size": 32, "num_hidden_layers": 3, "num_experts": 16,
+                          "num_experts_per_tok": 4, "norm_topk_prob": False, "num_key_value_heads": 4,
+                          **overrides})
+
+
+CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
+           "olmoe": olmoe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

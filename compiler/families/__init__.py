@@ -11,7 +11,9 @@ from .base import ArchConfig, Family, Role
 # model_type -> module name under fate.compiler.families
 _MODULES = {
     "mixtral": "mixtral",
+    "olmoe": "olmoe",
     "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
 }
 
 

@@ -30,6 +30,9 @@ class Role(enum.Enum):
     Q_BIAS = "q_bias"
     K_BIAS = "k_bias"
     V_BIAS = "v_bias"
+    O_BIAS = "o_bias"
+    Q_NORM = "q_norm"
+    K_NORM = "k_norm"
     MLP_NORM = "mlp_norm"
     ROUTER = "router"
     SHARED_GATE = "shared_gate"
@@ -73,6 +76,8 @@ class ArchConfig:
     moe_layers: frozenset[int]
     tie_word_embeddings: bool
     eos_token_ids: list[int] = field(default_factory=list)
+    qk_norm: str = "none"  # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE)
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     bos_token_id: int | None = None
 
 

@@ -16,6 +16,8 @@ def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
 
 
 def read_config(cfg: dict) -> ArchConfig:
+    # transformers 5 may write the expert count as num_local_experts; hub checkpoints use num_experts
+    cfg = {**cfg, "num_experts": cfg.get("num_experts", cfg.get("num_local_experts"))}
     check_activation(cfg)
     hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
     head_dim = cfg.get("head_dim") or hidden // heads

@@ -7,7 +7,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .model import FateModel
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,3 @@ def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], win
     if not count:
         raise ValueError(f"text too short: fewer than {window} tokens")
     return Perplexity(total / count, count)
-
-
-def model_perplexity(model: FateModel, ids: list[int], window: int = 128) -> Perplexity:
-    return perplexity(model.logits, ids, window)

@@ -226,7 +226,14 @@ class OffloadedExperts(ExpertStore):
         self._request(plan, predictions[GRAPH_OUTPUT_OF[plan.predictor]])
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
-        """Actual routing of `layer`: EAP predicts the MoE layer whose transitions start here."""
+        """Actual routing of `layer`: in prefill its least popular non-resident experts start
+        moving at INT2 now; EAP predicts the MoE layer whose transitions start here."""
+        plan = self.plans.get(layer)
+        if self._phase == "prefill" and plan is not None and plan.low_precision:
+            needed = rank_by_popularity({int(e) for e in expert_ids.reshape(-1)},
+                                        self.profile.layer(layer).popularity if self.profile else None)
+            for expert in self._low_bit_tail(plan, needed) - self.cache.resident(layer):
+                self._start_low(plan, expert)
         if self.profile is None:
             return
         for plan in self.plans.values():

@@ -28,3 +28,34 @@ def test_bench_refuses_bad_budget(mixtral):
     proc = subprocess.run([str(BIN / "fate-bench"), str(mixtral.artifact(4)), "--budgets", "lots"],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_reports_perplexity_and_agreement(mixtral, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    proc = subprocess.run([str(BIN / "fate-eval"), str(mixtral.artifact(4)), "--text", str(text),
+                           "--reference", str(mixtral.artifact(32)), "--window", "32", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["perplexity"] > 1 and out["reference_perplexity"] > 1
+    assert out["ratio"] == out["perplexity"] / out["reference_perplexity"]
+    assert 0 <= out["next_token_agreement"] <= 1
+
+
+def test_eval_identical_artifacts_agree_fully(mixtral, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Hello, world! Numbers like 12345 appear too. " * 20)
+    proc = subprocess.run([str(BIN / "fate-eval"), str(mixtral.artifact(32)), "--text", str(text),
+                           "--reference", str(mixtral.artifact(32)), "--window", "16", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    out = json.loads(proc.stdout)
+    assert out["ratio"] == 1.0 and out["next_token_agreement"] == 1.0
+
+
+def test_eval_text_too_short_is_an_error(mixtral, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("hi")
+    proc = subprocess.run([str(BIN / "fate-eval"), str(mixtral.artifact(4)), "--text", str(text)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "too short" in proc.stderr and "Traceback" not in proc.stderr

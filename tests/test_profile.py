@@ -31,42 +31,34 @@ def calibrated(tmp_path_factory) -> Path:
     return out
 
 
-def transformers_routing(ids: np.ndarray):
-    """Per layer, from transformers itself: router input (MLP input), pre-norm hidden, router logits."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(EXAMPLE, dtype=torch.float32).eval()
+def transformers_routing(hf, ids: np.ndarray):
+    """Per layer, from transformers itself: router input (the MoE block's input), pre-norm hidden,
+    and the router's own logits (hooked on the router module)."""
     layers = hf.model.layers
-    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers]}
+    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "logits": [[] for _ in layers]}
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
             lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
-    logits = [[] for _ in layers]
+        hooks.append(layer.mlp.gate.register_forward_hook(
+            lambda m, a, out, i=i: captured["logits"][i].append(out[0].reshape(-1, out[0].shape[-1]).numpy())))
     with torch.no_grad():
         for row in ids:
-            out = hf(torch.tensor(row[None]), output_router_logits=True)
-            for i, rl in enumerate(out.router_logits):
-                logits[i].append(rl.numpy())
+            hf(torch.tensor(row[None]))
     for h in hooks:
         h.remove()
-    cat = lambda parts: np.concatenate(parts)  # noqa: E731
-    return hf, [cat(x) for x in captured["x"]], [cat(h) for h in captured["h"]], [cat(rl) for rl in logits]
+    return [[np.concatenate(parts) for parts in captured[key]] for key in ("x", "h", "logits")]
 
 
-def test_profiler_recall_matches_transformers_router_outputs(calibrated):
-    from tokenizers import Tokenizer
-
-    art = Artifact.open(calibrated)
+def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
+    art = Artifact.open(artifact)
     profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
-    tok = Tokenizer.from_file(str(EXAMPLE / "tokenizer.json"))
-    ids = calibration_ids(CALIB, lambda text: tok.encode(text).ids)
-    hf, xs, hs, logits = transformers_routing(ids)
+    ids = calibration_ids(CALIB, encode)
+    xs, hs, logits = transformers_routing(hf, ids)
     eval_from = profile.calibration_tokens - profile.eval_tokens
-    eps = hf.config.rms_norm_eps
+    eps, k = hf.config.rms_norm_eps, hf.config.num_experts_per_tok
     for layer in range(1, len(xs)):
-        k = hf.config.num_experts_per_tok
         actual = np.zeros(logits[layer].shape, bool)
         np.put_along_axis(actual, np.argsort(-logits[layer], axis=1)[:, :k], True, axis=1)
         router = hf.model.layers[layer].mlp.gate.weight.detach().numpy()
@@ -79,8 +71,31 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                        profile.prefill_window)
             np.testing.assert_allclose(measured[name].decode, independent.decode, atol=0.01)
             np.testing.assert_allclose(measured[name].prefill, independent.prefill, atol=0.01)
-        sim = (xs[layer - 1] * xs[layer]).sum(1) / np.linalg.norm(xs[layer - 1], axis=1) / np.linalg.norm(xs[layer], axis=1)
+        x0, x1 = xs[layer - 1], xs[layer]
+        sim = (x0 * x1).sum(1) / np.linalg.norm(x0, axis=1) / np.linalg.norm(x1, axis=1)
         assert abs(profile.layer(layer).similarity_mean - sim.mean()) < 1e-3
+
+
+def test_profiler_recall_matches_transformers_router_outputs(calibrated):
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(EXAMPLE, dtype=torch.float32).eval()
+    tok = Tokenizer.from_file(str(EXAMPLE / "tokenizer.json"))
+    check_recall_against_transformers(hf, calibrated, lambda text: tok.encode(text).ids)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_profiler_recall_per_family(family, tmp_path):
+    """The same independent check on every other family's routing semantics (random weights)."""
+    from tokenizers import Tokenizer
+    from tiny_models import make_model
+
+    hf = make_model(family, tmp_path / "ckpt", seed=7)
+    out = tmp_path / "art"
+    compile_checkpoint(CompileOptions(tmp_path / "ckpt", out, bits=(4,), calibration=CALIB), log=lambda _m: None)
+    tok = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+    check_recall_against_transformers(hf, out, lambda text: tok.encode(text).ids)
 
 
 def synthetic_layer(index: int, recall_at_k: float, miss_curve: list[float], e: int = 8, k: int = 2) -> LayerProfile:

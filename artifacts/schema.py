@@ -25,7 +25,7 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
-KNOWN_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+KNOWN_FAMILIES = ("granitemoe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 SCORING_FUNCTIONS = ("softmax",)
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests

@@ -130,21 +130,26 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 numpy (bf16/fp16 widened), read with one positioned read."""
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor (or, with `index`, its slice [index] along the first axis, e.g. one expert of
+        a fused expert tensor) as float32 numpy, bf16/fp16 widened, read with one positioned read."""
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"checkpoint {self.dir} has no tensor {name}")
+        start, length, shape = info.start, info.length, info.shape
+        if index is not None:
+            length //= shape[0]
+            start, shape = start + index * length, shape[1:]
         fd = os.open(info.path, os.O_RDONLY)
         try:
-            data = os.pread(fd, info.length, info.start)
+            data = os.pread(fd, length, start)
             if hasattr(os, "posix_fadvise"):  # what we read once need not stay in the page cache
-                os.posix_fadvise(fd, info.start, info.length, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        if len(data) != info.length:
+        if len(data) != length:
             raise ModelError(f"{info.path} changed while reading {name}")
-        raw = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        raw = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(shape)
         if info.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)

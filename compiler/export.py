@@ -77,7 +77,12 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
+        Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h), Role.EXPERTS_DOWN: (c.num_experts, h, i_moe),
     }[role]
+
+
+# Outputs of the residual branches: scaled by the residual multiplier where a family has one.
+RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN)
 
 
 class WeightReader:
@@ -99,7 +104,25 @@ class WeightReader:
         return name
 
     def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
-        return self.ckpt.get(self.check(role, layer, expert))
+        if role in EXPERT_ROLES and self.fused:
+            tensor = self._fused_expert(role, layer, expert)
+        else:
+            tensor = self.ckpt.get(self.check(role, layer, expert))
+        if role in RESIDUAL_BRANCH_OUTPUTS and self.cfg.residual_multiplier != 1.0:
+            tensor = tensor * np.float32(self.cfg.residual_multiplier)
+        return tensor
+
+    @property
+    def fused(self) -> bool:
+        return Role.EXPERTS_GATE_UP in self.family.tensors
+
+    def _fused_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
+        """One expert's projection out of the layer's fused tensors (one positioned read each)."""
+        if role == Role.EXPERT_DOWN:
+            return self.ckpt.get(self.check(Role.EXPERTS_DOWN, layer), index=expert)
+        gate_up = self.ckpt.get(self.check(Role.EXPERTS_GATE_UP, layer), index=expert)
+        half = gate_up.shape[0] // 2
+        return gate_up[:half] if role == Role.EXPERT_GATE else gate_up[half:]
 
     def check_all(self) -> None:
         """Every tensor the export will read, checked from metadata alone before any work; and
@@ -109,7 +132,9 @@ class WeightReader:
             names.add(self.check(Role.LM_HEAD))
         for layer in range(self.cfg.num_layers):
             names.update(self.check(role, layer) for role in self.layer_roles(layer))
-            if layer in self.cfg.moe_layers:
+            if layer in self.cfg.moe_layers and self.fused:
+                names.update(self.check(role, layer) for role in (Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN))
+            elif layer in self.cfg.moe_layers:
                 names.update(self.check(role, layer, expert)
                              for expert in range(self.cfg.num_experts) for role in EXPERT_ROLES)
         leftovers = sorted(n for n in self.ckpt.names() - names if not self.family.skipped(n))
@@ -168,7 +193,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
-        embed_data = graphs.embed_graph(embed).SerializeToString()
+        embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier).SerializeToString()
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
             spec, calib_ids, embed_data, opts.calibration, opts.calibration.source)
@@ -180,7 +205,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             release_freed_memory()
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
-        head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps)
+        head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps, cfg.logits_scaling)
         writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)

@@ -93,7 +93,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     q5 = b.op("Reshape", q, b.ints([1, kv, heads // kv, -1, d]))
     k5 = b.op("Unsqueeze", b.op("Transpose", present_k, perm=[0, 1, 3, 2]), b.ints([2]))
     v5 = b.op("Unsqueeze", present_v, b.ints([2]))
-    scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(d ** -0.5, "scale")), bias)
+    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+    scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(scale, "scale")), bias)
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v5)
     context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
@@ -199,17 +200,21 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
     return b.model()
 
 
-def embed_graph(embed: np.ndarray) -> onnx.ModelProto:
+def embed_graph(embed: np.ndarray, multiplier: float = 1.0) -> onnx.ModelProto:
     b = GraphBuilder("embed")
     ids = b.input(IO.INPUT_IDS, INT64, ["S"])
     h = b.op("Gather", b.const(embed.astype(np.float32), "embed_tokens"), ids, axis=0)
+    if multiplier != 1.0:
+        h = b.op("Mul", h, b.scalar(multiplier, "embedding_multiplier"))
     b.output(b.op("Unsqueeze", h, b.ints([0])), IO.HIDDEN, FLOAT, [1, "S", embed.shape[1]])
     return b.model()
 
 
-def head_graph(norm: np.ndarray, lm_head: np.ndarray, eps: float) -> onnx.ModelProto:
+def head_graph(norm: np.ndarray, lm_head: np.ndarray, eps: float, logits_scaling: float = 1.0) -> onnx.ModelProto:
     b = GraphBuilder("head")
     h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
     logits = linear(b, rms_norm(b, h, norm, eps), lm_head)
+    if logits_scaling != 1.0:
+        logits = b.op("Div", logits, b.scalar(logits_scaling, "logits_scaling"))
     b.output(logits, IO.LOGITS, FLOAT, [1, "S", lm_head.shape[0]])
     return b.model()

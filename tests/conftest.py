@@ -38,6 +38,8 @@ CASES = {
     "qwen3_moe": dict(family="qwen3_moe", seed=4, mlp_only_layers=[2]),
     # q/k norms over the whole projection, clamped q/k/v
     "olmoe": dict(family="olmoe", seed=5, clip_qkv=0.8),
+    # fused expert tensors, embedding/residual/attention/logits multipliers
+    "granitemoe": dict(family="granitemoe", seed=6),
     # dense layers among MoE ones (mlp_only_layers and decoder_sparse_step), renormalized top-k
     "qwen2_moe-mixed": dict(family="qwen2_moe", seed=2, norm_topk_prob=True, decoder_sparse_step=2,
                             mlp_only_layers=[3], num_hidden_layers=6),

@@ -31,6 +31,15 @@ def calibrated(tmp_path_factory) -> Path:
     return out
 
 
+def moe_block(layer):
+    return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
+
+
+def router_of(layer):
+    block = moe_block(layer)
+    return block.gate if hasattr(block, "gate") else block.router
+
+
 def transformers_routing(hf, ids: np.ndarray):
     """Per layer, from transformers itself: router input (the MoE block's input), pre-norm hidden,
     and the router's own logits (hooked on the router module)."""
@@ -38,10 +47,11 @@ def transformers_routing(hf, ids: np.ndarray):
     captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "logits": [[] for _ in layers]}
     hooks = []
     for i, layer in enumerate(layers):
-        hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
+        moe = moe_block(layer)
+        hooks.append(moe.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
             lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
-        hooks.append(layer.mlp.gate.register_forward_hook(
+        hooks.append(router_of(layer).register_forward_hook(
             lambda m, a, out, i=i: captured["logits"][i].append(out[0].reshape(-1, out[0].shape[-1]).numpy())))
     with torch.no_grad():
         for row in ids:
@@ -61,7 +71,7 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     for layer in range(1, len(xs)):
         actual = np.zeros(logits[layer].shape, bool)
         np.put_along_axis(actual, np.argsort(-logits[layer], axis=1)[:, :k], True, axis=1)
-        router = hf.model.layers[layer].mlp.gate.weight.detach().numpy()
+        router = router_of(hf.model.layers[layer]).weight.detach().numpy()
         norm = hf.model.layers[layer].post_attention_layernorm.weight.detach().numpy()
         h = hs[layer - 1]
         renormed = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * norm
@@ -85,7 +95,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
     check_recall_against_transformers(hf, calibrated, lambda text: tok.encode(text).ids)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

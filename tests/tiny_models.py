@@ -73,8 +73,17 @@ def olmoe_config(**overrides):
                           **overrides})
 
 
+def granitemoe_config(**overrides):
+    from transformers import GraniteMoeConfig
+
+    # multipliers of the size Granite 3.0 uses
+    return GraniteMoeConfig(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3, "num_local_experts": 8,
+                               "num_experts_per_tok": 2, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                               "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
+
+
 CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
-           "olmoe": olmoe_config}
+           "olmoe": olmoe_config, "granitemoe": granitemoe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

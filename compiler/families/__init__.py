@@ -10,6 +10,7 @@ from .base import ArchConfig, Family, Role
 
 # model_type -> module name under fate.compiler.families
 _MODULES = {
+    "granitemoe": "granitemoe",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
     "qwen2_moe": "qwen2_moe",

@@ -46,6 +46,9 @@ class Role(enum.Enum):
     EXPERT_GATE = "expert_gate"
     EXPERT_UP = "expert_up"
     EXPERT_DOWN = "expert_down"
+    # all experts of a layer in one tensor ({layer}): [E, 2I, H] gate rows then up rows; [E, H, I]
+    EXPERTS_GATE_UP = "experts_gate_up"
+    EXPERTS_DOWN = "experts_down"
 
 
 MODEL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
@@ -78,6 +81,12 @@ class ArchConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     qk_norm: str = "none"  # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
+    # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
+    # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float | None = None
+    logits_scaling: float = 1.0
     bos_token_id: int | None = None
 
 

@@ -3,12 +3,13 @@ in one run: each configuration in its own process (so its peak memory is its own
 after a warm-up round, medians over repeats.
 
     pip install -e ".[bench]"        # accelerate (transformers and torch come with [compile])
-    python examples/peers.py MODEL_DIR ARTIFACT --budgets 25%,50% [--llama-python PY --gguf FILE]
+    python examples/peers.py MODEL_DIR ARTIFACT --budgets 25%,50% [--llama-python PY --gguf FILE ...]
 
 - transformers: eager generation, all weights in RAM (the reference a user starts from);
 - accelerate: the same with disk offload at the budget (device_map="auto", max_memory, offload_folder);
-- llama.cpp (llama-cpp-python) on a GGUF conversion, when --llama-python names an interpreter that has
-  llama_cpp and --gguf a converted file;
+- llama.cpp (llama-cpp-python) on GGUF conversions (examples/convert_to_gguf.py), when --llama-python
+  names an interpreter that has llama_cpp and --gguf the converted files; llama.cpp has no memory budget
+  (it maps the file and the OS pages experts in and out), so it runs once, unbounded;
 - Fate: all resident, and at each budget with cross-layer prefetch and on demand.
 """
 
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--llama-python", default=None)
-    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--gguf", action="append", default=[], help="GGUF file(s) for llama.cpp; repeat for several")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--worker", default=None)
     args = ap.parse_args()
@@ -122,9 +123,9 @@ def main() -> None:
         # accelerate's budget covers all weights; give it the dense part plus the same share of experts
         configs.append({**base, "kind": "accelerate", "label": f"accelerate disk offload {b}",
                         "budget_bytes": int(weights * share)})
-    if args.llama_python and args.gguf:
-        configs.append({**base, "kind": "llama.cpp", "label": "llama.cpp (mmap)", "llama_python": args.llama_python,
-                        "gguf": args.gguf, "mmap": True})
+    for gguf in args.gguf if args.llama_python else []:
+        configs.append({**base, "kind": "llama.cpp", "label": f"llama.cpp {Path(gguf).stem}",
+                        "llama_python": args.llama_python, "gguf": gguf, "mmap": True})
     configs.append({**base, "kind": "fate", "label": "fate all-resident", "budget": "all-resident", "prefetch": "none"})
     for b in args.budgets.split(","):
         for p in ("none", "cross-layer"):

@@ -23,6 +23,7 @@ from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
 
 from .memory import peak_rss
+from .svg import svg_chart
 from .text import TextCodec
 
 DEFAULT_TEXT = (
@@ -129,6 +130,24 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> str:
+    """Decode tokens/s against the budget (as a share of the experts), one line per mode, and the
+    all-resident speed as a flat line."""
+    shares = {b.strip(): parse_budget(b).share for b in budgets}
+    series = {}
+    for mode in modes:
+        points = [(100 * shares[b], results[f"{b} {mode.strip()}"]["decode_tok_s"]) for b in shares
+                  if shares[b] is not None and f"{b} {mode.strip()}" in results]
+        if points:
+            series[mode.strip()] = sorted(points)
+    resident = results.get(RESIDENT, {}).get("decode_tok_s")
+    xs = [x for pts in series.values() for x, _ in pts]
+    if resident and xs:
+        series["all-resident"] = [(min(xs), resident), (max(xs), resident)]
+    top = max([y for pts in series.values() for _, y in pts] or [1.0])
+    return svg_chart("decode tokens/s vs budget", series, y_max=top * 1.1, x_label="% of experts")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", required=False)
 @click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets.")
@@ -140,8 +159,11 @@ def table(results: dict[str, dict]) -> str:
 @click.option("--cache", default="arc", show_default=True)
 @click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)
-def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, worker) -> None:
+def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, plot,
+         worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
         click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
@@ -149,6 +171,8 @@ def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cach
     try:
         if artifact is None:
             raise FateError("missing ARTIFACT")
+        if plot is not None and plot.suffix != ".svg":
+            raise FateError("--plot writes SVG: give a file name ending in .svg")
         ids = prompt_ids(artifact, prompt_len, prompts)
         configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision)]
         for b in budgets.split(","):
@@ -169,6 +193,8 @@ def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cach
         click.echo("", err=True)
         results = {label: summarize(r) for label, r in rows.items()}
         click.echo(table(results))
+        if plot is not None:
+            plot.write_text(plot_svg(results, budgets.split(","), prefetch.split(",")), encoding="utf-8")
         if json_out:
             json_out.write_text(json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
                                             "results": results, "runs": rows}, indent=1))

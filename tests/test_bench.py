@@ -14,7 +14,8 @@ def test_bench_runs_every_configuration(mixtral, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([str(BIN / "fate-bench"), str(mixtral.artifact(4)), "--budgets", "50%,100%",
                            "--prefetch", "none,cross-layer", "--repeat", "1", "--prompt-len", "8", "--gen-len", "4",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--json", str(out), "--plot", str(tmp_path / "plot.svg")],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"all-resident", "50% none", "50% cross-layer", "100% none", "100% cross-layer"}
@@ -22,6 +23,8 @@ def test_bench_runs_every_configuration(mixtral, tmp_path):
         assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0, label
     for label in results:
         assert label in proc.stdout
+    svg = (tmp_path / "plot.svg").read_text()
+    assert svg.startswith("<svg") and "cross-layer" in svg and "all-resident" in svg
 
 
 def test_bench_refuses_bad_budget(mixtral):

@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the uncounted first round (large models)")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--gguf", action="append", default=[], help="GGUF file(s) for llama.cpp; repeat for several")
     ap.add_argument("--json", type=Path, default=None)
@@ -131,7 +132,7 @@ def main() -> None:
         for p in ("none", "cross-layer"):
             configs.append({**base, "kind": "fate", "label": f"fate {b} {p}", "budget": b, "prefetch": p})
     rows: dict[str, list[dict]] = {c["label"]: [] for c in configs}
-    for round_ in range(args.repeat + 1):
+    for round_ in range(1 if args.no_warmup else 0, args.repeat + 1):
         for c in configs:
             print(f"[round {round_}] {c['label']}", file=sys.stderr, flush=True)
             result = run_config(c)

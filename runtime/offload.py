@@ -100,6 +100,13 @@ class OffloadedExperts(ExpertStore):
         self.loader = ExpertLoader(artifact, verify=options.verify)
         self.total_expert_bytes = 0
         self.plans = self._plan_layers()
+        # EAP tables, once: source layer -> {target layer: (transition counts, popularity tie-break)}
+        self._eap: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        for plan in self.plans.values():
+            if plan.predictor == "eap":
+                measured = self.profile.layer(plan.index)
+                self._eap.setdefault(measured.transitions_from, {})[plan.index] = (
+                    np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity) * 1e-6)
         self.cache = ExpertCache({p.index: p.slots * p.expert_bytes for p in self.plans.values()},
                                  self._load, policy=options.cache, threads=options.threads)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
@@ -234,13 +241,8 @@ class OffloadedExperts(ExpertStore):
                                         self.profile.layer(layer).popularity if self.profile else None)
             for expert in self._low_bit_tail(plan, needed) - self.cache.resident(layer):
                 self._start_low(plan, expert)
-        if self.profile is None:
-            return
-        for plan in self.plans.values():
-            if plan.predictor == "eap" and self.profile.layer(plan.index).transitions_from == layer:
-                counts = np.asarray(self.profile.layer(plan.index).transitions, np.float64)
-                popularity = np.asarray(self.profile.layer(plan.index).popularity)
-                self._request(plan, counts[expert_ids].sum(axis=1) + popularity * 1e-6)
+        for target, (counts, prior) in self._eap.get(layer, {}).items():
+            self._request(self.plans[target], counts[expert_ids].sum(axis=1) + prior)
 
     def _request(self, plan: LayerPlan, scores: np.ndarray) -> None:
         if plan.width <= 0:

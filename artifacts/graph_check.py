@@ -12,9 +12,10 @@ from __future__ import annotations
 from .errors import ArtifactError
 
 ALLOWED_OPS = {
-    "": {"Add", "Cast", "Clip", "Concat", "Div", "Gather", "Identity", "MatMul", "Mul", "Neg", "Reciprocal",
-         "ReduceMean", "ReduceSum", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "TopK",
-         "Transpose", "Unsqueeze"},
+    "": {"Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "Div", "Equal", "Gather", "GatherElements",
+         "Greater", "Identity", "LayerNormalization", "MatMul", "Max", "Mul", "Neg", "Reciprocal", "ReduceMax",
+         "ReduceMean", "ReduceSum", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "Sub", "TopK",
+         "Transpose", "Unsqueeze", "Where"},
     "ai.onnx": set(),  # filled below: the same operators under their explicit domain name
     "com.microsoft": {"MatMulNBits"},
 }

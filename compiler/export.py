@@ -42,8 +42,8 @@ PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
-                        Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
+OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
+                        Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
     i_moe, i_dense, i_shared = c.moe_intermediate_size, c.dense_intermediate_size, c.shared_intermediate_size
     return {
         Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
-        Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,),
+        Role.FINAL_NORM_BIAS: (h,), Role.LM_HEAD_BIAS: (c.vocab_size,),
+        Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,), Role.ATTN_NORM_BIAS: (h,), Role.MLP_NORM_BIAS: (h,),
         Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
         Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
         Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
@@ -128,6 +129,7 @@ class WeightReader:
         """Every tensor the export will read, checked from metadata alone before any work; and
         every checkpoint tensor accounted for (read or deliberately skipped)."""
         names = {self.check(Role.EMBED), self.check(Role.FINAL_NORM)}
+        names.update(self.check(r) for r in (Role.FINAL_NORM_BIAS, Role.LM_HEAD_BIAS) if self.present(r))
         if not self.tied_lm_head():
             names.add(self.check(Role.LM_HEAD))
         for layer in range(self.cfg.num_layers):
@@ -146,7 +148,10 @@ class WeightReader:
     def tied_lm_head(self) -> bool:
         return self.cfg.tie_word_embeddings and not self.present(Role.LM_HEAD, 0)
 
-    def present(self, role: Role, layer: int) -> bool:
+    def optional(self, role: Role, layer: int | None = None) -> np.ndarray | None:
+        return self.get(role, layer) if self.present(role, layer) else None
+
+    def present(self, role: Role, layer: int | None = None) -> bool:
         name = self.family.name(role, layer)
         return name is not None and self.ckpt.has(name)
 
@@ -205,7 +210,8 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             release_freed_memory()
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
-        head = graphs.head_graph(reader.get(Role.FINAL_NORM), lm_head, cfg.rms_norm_eps, cfg.logits_scaling)
+        head = graphs.head_graph(cfg, reader.get(Role.FINAL_NORM), reader.optional(Role.FINAL_NORM_BIAS), lm_head,
+                                 reader.optional(Role.LM_HEAD_BIAS))
         writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)
@@ -241,7 +247,8 @@ class LayerExporter:
         is_moe = layer in cfg.moe_layers
         next_layer = None
         if layer + 1 in cfg.moe_layers:
-            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1))
+            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1),
+                                           reader.optional(Role.MLP_NORM_BIAS, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
         predicts_next = info.predicts_next
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
@@ -261,7 +268,7 @@ class LayerExporter:
             sensitive = measured.quant_error["int4"] > self.opts.targets.max_quant_error
             if sensitive and 8 not in self.bits:  # the policy will want this layer at INT8
                 experts.update(self._write_experts(layer, (8,), feed_profiler=False))
-        routing = RoutingSpec(scoring="softmax", num_experts=cfg.num_experts, top_k=cfg.top_k,
+        routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)
         return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
                          predicts_next=predicts_next)

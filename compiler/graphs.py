@@ -33,6 +33,15 @@ def rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
     return b.op("Mul", b.op("Mul", x, inv), b.const(weight.astype(np.float32), "norm_weight"))
 
 
+def norm(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, eps: float, kind: str) -> str:
+    """The family's normalization: RMSNorm, or LayerNorm with a bias."""
+    if kind == "layer":
+        bias = np.zeros_like(weight) if bias is None else bias
+        return b.op("LayerNormalization", x, b.const(weight.astype(np.float32), "ln_weight"),
+                    b.const(bias.astype(np.float32), "ln_bias"), axis=-1, epsilon=eps)
+    return rms_norm(b, x, weight, eps)
+
+
 def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
     """x @ weight^T (+ bias), weight in the checkpoint's [out, in] layout, stored float32."""
     y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T, dtype=np.float32), "weight"))
@@ -101,6 +110,32 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
+def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
+    """One step of sparsemixer at inference (transformers' `sparsemixer`, eval branch):
+
+        top   = argmax(scores);  m = max(scores)
+        keep  = (m - original) / max(|original|, m) <= 2 * eps     (others masked to -inf)
+        weight = softmax(scores where keep)[top]
+    """
+    top = b.op("ArgMax", scores, axis=-1, keepdims=1)
+    peak = b.op("ReduceMax", scores, axes=[-1], keepdims=1)
+    factor = b.op("Max", b.op("Abs", original), peak)
+    drop = b.op("Greater", b.op("Div", b.op("Sub", peak, original), factor), b.scalar(2 * eps, "jitter"))
+    masked = b.op("Where", drop, b.scalar(-np.inf, "neg_inf"), scores)
+    weight = b.op("GatherElements", b.op("Softmax", masked, axis=-1), top, axis=-1)
+    return top, weight
+
+
+def route_sparsemixer(b: GraphBuilder, logits: str, num_experts: int, eps: float) -> tuple[str, str]:
+    """Phi-3.5-MoE's top-2: the best expert, then the best of the rest, each weighted by a softmax
+    over the experts within its relative threshold; the two weights are not renormalized."""
+    first, w1 = sparsemixer_pick(b, logits, logits, eps)
+    is_first = b.op("Equal", b.const(np.arange(num_experts, dtype=np.int64), "expert_index"), first)
+    rest = b.op("Where", is_first, b.scalar(-np.inf, "neg_inf"), logits)
+    second, w2 = sparsemixer_pick(b, rest, logits, eps)
+    return b.op("Concat", first, second, axis=-1), b.op("Concat", w1, w2, axis=-1)
+
+
 def route(b: GraphBuilder, logits: str, top_k: int, normalize: bool) -> tuple[str, str]:
     """Softmax over experts, top-k, optional renormalization of the k weights."""
     probs = b.op("Softmax", logits, axis=-1)
@@ -125,6 +160,7 @@ class NextRouter:
 
     router: np.ndarray
     norm: np.ndarray
+    norm_bias: np.ndarray | None = None
 
 
 def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None) -> LayerGraphInfo:
@@ -145,14 +181,14 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     past_k = b.input(IO.PAST_KEY, FLOAT, kv_shape)
     past_v = b.input(IO.PAST_VALUE, FLOAT, kv_shape)
 
-    x = rms_norm(b, hidden, w[Role.ATTN_NORM], cfg.rms_norm_eps)
+    x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
     attn, present_k, present_v = attention(b, x, w, cfg, cos, sin, bias, past_k, past_v)
     h = h_attn = b.op("Add", hidden, attn)
     present_shape = [1, cfg.num_kv_heads, "T", cfg.head_dim]
     b.output(present_k, IO.PRESENT_KEY, FLOAT, present_shape)
     b.output(present_v, IO.PRESENT_VALUE, FLOAT, present_shape)
 
-    normed = rms_norm(b, h, w[Role.MLP_NORM], cfg.rms_norm_eps)
+    normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
     b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
     if layer not in cfg.moe_layers:
@@ -161,7 +197,10 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     else:
         logits = linear(b, router_input, w[Role.ROUTER])
         b.output(logits, IO.ROUTER_LOGITS, FLOAT, ["S", cfg.num_experts])
-        ids, weights = route(b, logits, cfg.top_k, cfg.normalize_top_k)
+        if cfg.scoring == "sparsemixer":
+            ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
+        else:
+            ids, weights = route(b, logits, cfg.top_k, cfg.normalize_top_k)
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
         if Role.SHARED_GATE in w:
@@ -173,7 +212,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if next_layer is not None:
         experts = next_layer.router.shape[0]
         b.output(linear(b, router_input, next_layer.router), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
-        renormed = b.op("Reshape", rms_norm(b, h_attn, next_layer.norm, cfg.rms_norm_eps), b.ints([-1, cfg.hidden_size]))
+        renormed = b.op("Reshape", norm(b, h_attn, next_layer.norm, next_layer.norm_bias, cfg.rms_norm_eps, cfg.norm),
+                        b.ints([-1, cfg.hidden_size]))
         b.output(linear(b, renormed, next_layer.router), IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     return LayerGraphInfo(b.model(), next_layer is not None)
 
@@ -210,10 +250,12 @@ def embed_graph(embed: np.ndarray, multiplier: float = 1.0) -> onnx.ModelProto:
     return b.model()
 
 
-def head_graph(norm: np.ndarray, lm_head: np.ndarray, eps: float, logits_scaling: float = 1.0) -> onnx.ModelProto:
+def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndarray | None, lm_head: np.ndarray,
+               lm_head_bias: np.ndarray | None) -> onnx.ModelProto:
     b = GraphBuilder("head")
     h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
-    logits = linear(b, rms_norm(b, h, norm, eps), lm_head)
+    logits = linear(b, norm(b, h, final_norm, final_norm_bias, cfg.rms_norm_eps, cfg.norm), lm_head, lm_head_bias)
+    logits_scaling = cfg.logits_scaling
     if logits_scaling != 1.0:
         logits = b.op("Div", logits, b.scalar(logits_scaling, "logits_scaling"))
     b.output(logits, IO.LOGITS, FLOAT, [1, "S", lm_head.shape[0]])

@@ -70,6 +70,9 @@ class Engine:
                 piece = decoder.push(token)
                 if piece:
                     yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
 
     def close(self) -> None:
         self.model.close()

@@ -68,3 +68,9 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+    def flush(self) -> str:
+        """What is still held back when generation ends (an incomplete character stays U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece

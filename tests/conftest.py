@@ -40,6 +40,12 @@ CASES = {
     "olmoe": dict(family="olmoe", seed=5, clip_qkv=0.8),
     # fused expert tensors, embedding/residual/attention/logits multipliers
     "granitemoe": dict(family="granitemoe", seed=6),
+    # LayerNorm with biases, sparsemixer top-2, attention and LM-head biases
+    "phimoe": dict(family="phimoe", seed=8),
+    "phimoe-longrope": dict(family="phimoe", seed=9, max_position_embeddings=1024, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+        "short_factor": [1.0 + 0.05 * i for i in range(8)], "long_factor": [2.0 + 0.1 * i for i in range(8)],
+        "short_mscale": 1.1, "long_mscale": 1.3}),
     # dense layers among MoE ones (mlp_only_layers and decoder_sparse_step), renormalized top-k
     "qwen2_moe-mixed": dict(family="qwen2_moe", seed=2, norm_topk_prob=True, decoder_sparse_step=2,
                             mlp_only_layers=[3], num_hidden_layers=6),

@@ -82,7 +82,14 @@ def granitemoe_config(**overrides):
                                "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
 
 
-CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
+def phimoe_config(**overrides):
+    from transformers import PhimoeConfig
+
+    return PhimoeConfig(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3, "num_local_experts": 8,
+                           "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True, **overrides})
+
+
+CONFIGS = {"phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config}
 
 
@@ -95,6 +102,10 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides)).eval()
+    with torch.no_grad():  # transformers initializes norms to 1 and biases to 0: make them matter
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
     out.mkdir(parents=True, exist_ok=True)
     if bf16:
         model = model.to(torch.bfloat16)

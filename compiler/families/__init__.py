@@ -13,6 +13,7 @@ _MODULES = {
     "granitemoe": "granitemoe",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
+    "phimoe": "phimoe",
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
 }

@@ -20,9 +20,13 @@ class Role(enum.Enum):
     # model-level
     EMBED = "embed"
     FINAL_NORM = "final_norm"
+    FINAL_NORM_BIAS = "final_norm_bias"
     LM_HEAD = "lm_head"
+    LM_HEAD_BIAS = "lm_head_bias"
     # per layer ({layer})
     ATTN_NORM = "attn_norm"
+    ATTN_NORM_BIAS = "attn_norm_bias"
+    MLP_NORM_BIAS = "mlp_norm_bias"
     Q = "q"
     K = "k"
     V = "v"
@@ -83,6 +87,9 @@ class ArchConfig:
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
     # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
+    norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
+    scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2)
+    router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
@@ -135,12 +142,12 @@ def rope_from_config(cfg: dict[str, Any], head_dim: int) -> tuple[list[float], f
 
         inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
         return [float(v) for v in inv_freq], 1.0
-    if rope_type in ("dynamic", "longrope"):
+    if rope_type in ("dynamic", "longrope"):  # a family that can pin longrope down does so itself
         raise ModelError(f"config.json: rope type {rope_type!r} changes with sequence length; not supported yet")
-    return _rope_from_transformers(cfg, rope_type)
+    return rope_from_transformers(cfg, rope_type)
 
 
-def _rope_from_transformers(cfg: dict[str, Any], rope_type: str) -> tuple[list[float], float]:
+def rope_from_transformers(cfg: dict[str, Any], rope_type: str) -> tuple[list[float], float]:
     """Static RoPE variants (linear, llama3, yarn, ...): transformers' own init functions."""
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

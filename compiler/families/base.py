@@ -97,6 +97,29 @@ class ArchConfig:
     bos_token_id: int | None = None
 
 
+# Names most families share (Llama-style layout), to start a family's table from.
+LAYER = "model.layers.{layer}"
+STANDARD_TENSORS = {
+    Role.EMBED: "model.embed_tokens.weight",
+    Role.FINAL_NORM: "model.norm.weight",
+    Role.LM_HEAD: "lm_head.weight",
+    Role.ATTN_NORM: LAYER + ".input_layernorm.weight",
+    Role.Q: LAYER + ".self_attn.q_proj.weight",
+    Role.K: LAYER + ".self_attn.k_proj.weight",
+    Role.V: LAYER + ".self_attn.v_proj.weight",
+    Role.O: LAYER + ".self_attn.o_proj.weight",
+    Role.MLP_NORM: LAYER + ".post_attention_layernorm.weight",
+}
+# Attention biases, for the families whose projections may have them (used when present).
+ATTENTION_BIASES = {
+    Role.Q_BIAS: LAYER + ".self_attn.q_proj.bias",
+    Role.K_BIAS: LAYER + ".self_attn.k_proj.bias",
+    Role.V_BIAS: LAYER + ".self_attn.v_proj.bias",
+    Role.O_BIAS: LAYER + ".self_attn.o_proj.bias",
+}
+STANDARD_SKIP = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str

@@ -1,8 +1,17 @@
 """Mixtral (MixtralForCausalLM): every layer MoE, softmax top-k renormalized, no biases."""
 
-from .base import ArchConfig, Family, Role, check_activation, require, rope_from_config, token_ids
-
-L = "model.layers.{layer}"
+from .base import (
+    LAYER as L,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    Role,
+    check_activation,
+    require,
+    rope_from_config,
+    token_ids,
+)
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -41,19 +50,11 @@ FAMILY = Family(
     architecture="MixtralForCausalLM",
     read_config=read_config,
     tensors={
-        Role.EMBED: "model.embed_tokens.weight",
-        Role.FINAL_NORM: "model.norm.weight",
-        Role.LM_HEAD: "lm_head.weight",
-        Role.ATTN_NORM: L + ".input_layernorm.weight",
-        Role.Q: L + ".self_attn.q_proj.weight",
-        Role.K: L + ".self_attn.k_proj.weight",
-        Role.V: L + ".self_attn.v_proj.weight",
-        Role.O: L + ".self_attn.o_proj.weight",
-        Role.MLP_NORM: L + ".post_attention_layernorm.weight",
+        **STANDARD_TENSORS,
         Role.ROUTER: L + ".block_sparse_moe.gate.weight",
         Role.EXPERT_GATE: L + ".block_sparse_moe.experts.{expert}.w1.weight",
         Role.EXPERT_DOWN: L + ".block_sparse_moe.experts.{expert}.w2.weight",
         Role.EXPERT_UP: L + ".block_sparse_moe.experts.{expert}.w3.weight",
     },
-    skip=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+    skip=STANDARD_SKIP,
 )

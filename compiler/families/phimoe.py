@@ -8,11 +8,9 @@ from dataclasses import replace
 
 from fate.artifacts import ModelError
 
-from .base import Family, Role, rope_from_transformers
+from .base import ATTENTION_BIASES, LAYER as L, Family, Role, rope_from_transformers
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
-
-L = "model.layers.{layer}"
 
 
 def read_config(cfg: dict):
@@ -44,14 +42,11 @@ FAMILY = Family(
     read_config=read_config,
     tensors={
         **MIXTRAL.tensors,
+        **ATTENTION_BIASES,
         Role.ATTN_NORM_BIAS: L + ".input_layernorm.bias",
         Role.MLP_NORM_BIAS: L + ".post_attention_layernorm.bias",
         Role.FINAL_NORM_BIAS: "model.norm.bias",
         Role.LM_HEAD_BIAS: "lm_head.bias",
-        Role.Q_BIAS: L + ".self_attn.q_proj.bias",
-        Role.K_BIAS: L + ".self_attn.k_proj.bias",
-        Role.V_BIAS: L + ".self_attn.v_proj.bias",
-        Role.O_BIAS: L + ".self_attn.o_proj.bias",
     },
     skip=MIXTRAL.skip,
 )

@@ -2,9 +2,19 @@
 by a sigmoid gate, q/k/v biases, optional top-k renormalization, and dense MLP layers chosen by
 `decoder_sparse_step` and `mlp_only_layers`."""
 
-from .base import ArchConfig, Family, Role, check_activation, require, rope_from_config, token_ids
-
-L = "model.layers.{layer}"
+from .base import (
+    ATTENTION_BIASES,
+    LAYER as L,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    Role,
+    check_activation,
+    require,
+    rope_from_config,
+    token_ids,
+)
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
@@ -53,18 +63,8 @@ FAMILY = Family(
     architecture="Qwen2MoeForCausalLM",
     read_config=read_config,
     tensors={
-        Role.EMBED: "model.embed_tokens.weight",
-        Role.FINAL_NORM: "model.norm.weight",
-        Role.LM_HEAD: "lm_head.weight",
-        Role.ATTN_NORM: L + ".input_layernorm.weight",
-        Role.Q: L + ".self_attn.q_proj.weight",
-        Role.K: L + ".self_attn.k_proj.weight",
-        Role.V: L + ".self_attn.v_proj.weight",
-        Role.O: L + ".self_attn.o_proj.weight",
-        Role.Q_BIAS: L + ".self_attn.q_proj.bias",
-        Role.K_BIAS: L + ".self_attn.k_proj.bias",
-        Role.V_BIAS: L + ".self_attn.v_proj.bias",
-        Role.MLP_NORM: L + ".post_attention_layernorm.weight",
+        **STANDARD_TENSORS,
+        **{role: name for role, name in ATTENTION_BIASES.items() if role != Role.O_BIAS},
         Role.ROUTER: L + ".mlp.gate.weight",
         Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
         Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
@@ -77,5 +77,5 @@ FAMILY = Family(
         Role.DENSE_UP: L + ".mlp.up_proj.weight",
         Role.DENSE_DOWN: L + ".mlp.down_proj.weight",
     },
-    skip=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+    skip=STANDARD_SKIP,
 )

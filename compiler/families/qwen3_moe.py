@@ -3,11 +3,9 @@ optional top-k renormalization, dense layers from `decoder_sparse_step` / `mlp_o
 
 from dataclasses import replace
 
-from .base import Family, Role
+from .base import ATTENTION_BIASES, LAYER as L, Family, Role
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen2_moe import read_config as read_qwen2_moe_config
-
-L = "model.layers.{layer}"
 
 
 def read_config(cfg: dict):
@@ -22,7 +20,7 @@ FAMILY = Family(
     tensors={
         **{role: name for role, name in QWEN2_MOE.tensors.items()
            if role not in (Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)},
-        Role.O_BIAS: L + ".self_attn.o_proj.bias",
+        **ATTENTION_BIASES,
         Role.Q_NORM: L + ".self_attn.q_norm.weight",
         Role.K_NORM: L + ".self_attn.k_norm.weight",
     },

@@ -333,12 +333,16 @@ class OffloadedExperts(ExpertStore):
             c = phase.cache
             gets = sum(l.gets for l in c.layers.values())
             hits = sum(l.hits for l in c.layers.values())
+            waits = sum(l.waits for l in c.layers.values())
             out[name] = {
                 "tokens": phase.tokens, "seconds": phase.seconds,
                 "tokens_per_s": phase.tokens / phase.seconds if phase.seconds else 0.0,
                 "stall_s": c.stall_s, "experts_loaded": c.loads + phase.low_bit_loads,
                 "bytes_read": c.bytes_read + phase.low_bit_bytes, "int2_loads": phase.low_bit_loads,
                 "hit_rate": hits / gets if gets else None,
+                # resident, or already being loaded by the prefetcher, when asked for (the paper's "hit")
+                "covered_rate": (hits + waits) / gets if gets else None,
+                "late_prefetches": waits,
                 "hit_rate_per_layer": {i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},
                 "prefetch_recall_per_layer": {i: p.correct / p.actual if p.actual else None
                                               for i, p in sorted(phase.prediction.items())},

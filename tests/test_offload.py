@@ -86,11 +86,12 @@ def test_stats_report_per_phase_and_layer(calibrated):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)["offload"]
     for phase in ("prefill", "decode"):
-        for key in ("tokens_per_s", "stall_s", "experts_loaded", "bytes_read", "hit_rate_per_layer",
+        for key in ("tokens_per_s", "stall_s", "experts_loaded", "bytes_read", "hit_rate_per_layer", "covered_rate",
                     "prefetch_recall_per_layer", "prefetch_precision_per_layer"):
             assert key in out[phase]
     assert out["decode"]["tokens"] == 7 and out["prefill"]["tokens"] == len(json.loads(proc.stdout)["prompt_ids"])
     assert 0 < out["resident_bytes"] <= out["budget_bytes"] < out["total_expert_bytes"]
+    assert out["decode"]["hit_rate"] <= out["decode"]["covered_rate"] <= 1
     recalls = [r for r in out["decode"]["prefetch_recall_per_layer"].values() if r is not None]
     assert recalls and all(0 <= r <= 1 for r in recalls)
 

@@ -25,7 +25,7 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
-KNOWN_FAMILIES = ("granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+KNOWN_FAMILIES = ("deepseek_v2", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer")
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests
@@ -87,6 +87,10 @@ class ModelSpec:
     rope_inv_freq: list[float]
     rope_attention_scaling: float = 1.0
     sliding_window: int | None = None
+    # What each layer caches per token and KV head when it is not head_dim for keys and values
+    # (multi-head latent attention caches a compressed latent and a shared rotary key)
+    cache_key_dim: int | None = None
+    cache_value_dim: int | None = None
 
 
 @dataclass(frozen=True)

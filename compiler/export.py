@@ -79,7 +79,22 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
         Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h), Role.EXPERTS_DOWN: (c.num_experts, h, i_moe),
+        **latent_shapes(c),
     }[role]
+
+
+def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.latent_attention
+    if m is None:
+        return {}
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    shapes = {Role.KV_A: (m.kv_lora_rank + m.qk_rope_head_dim, c.hidden_size), Role.KV_A_NORM: (m.kv_lora_rank,),
+              Role.KV_B: (c.num_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+              Role.Q: (c.num_heads * qk, c.hidden_size), Role.O: (c.hidden_size, c.num_heads * m.v_head_dim)}
+    if m.q_lora_rank:
+        shapes.update({Role.Q_A: (m.q_lora_rank, c.hidden_size), Role.Q_A_NORM: (m.q_lora_rank,),
+                       Role.Q_B: (c.num_heads * qk, m.q_lora_rank)})
+    return shapes
 
 
 # Outputs of the residual branches: scaled by the residual multiplier where a family has one.
@@ -156,7 +171,12 @@ class WeightReader:
         return name is not None and self.ckpt.has(name)
 
     def layer_roles(self, layer: int) -> list[Role]:
-        roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
+        m = self.cfg.latent_attention
+        if m is not None:
+            roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
+            roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]
+        else:
+            roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 
@@ -171,6 +191,8 @@ def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
         head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
         rope_inv_freq=cfg.rope_inv_freq, rope_attention_scaling=cfg.rope_attention_scaling,
         sliding_window=cfg.sliding_window,
+        cache_key_dim=cfg.latent_attention.kv_lora_rank if cfg.latent_attention else None,
+        cache_value_dim=cfg.latent_attention.qk_rope_head_dim if cfg.latent_attention else None,
     )
 
 

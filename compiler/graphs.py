@@ -136,12 +136,80 @@ def route_sparsemixer(b: GraphBuilder, logits: str, num_experts: int, eps: float
     return b.op("Concat", first, second, axis=-1), b.op("Concat", w1, w2, axis=-1)
 
 
-def route(b: GraphBuilder, logits: str, top_k: int, normalize: bool) -> tuple[str, str]:
-    """Softmax over experts, top-k, optional renormalization of the k weights."""
+def rotary_interleaved(b: GraphBuilder, x: str, cos: str, sin: str, rot: int) -> str:
+    """RoPE on adjacent pairs (x0, x1), (x2, x3), ... of x [..., rot], as DeepSeek's complex form:
+    (x0 + i x1) * (cos + i sin). cos/sin come in with their halves duplicated; one half is used.
+
+        pairs = reshape(x, [..., rot/2, 2]) -> a, b
+        out   = reshape(concat(a cos - b sin, a sin + b cos), [..., rot])
+    """
+    half = b.ints([rot // 2])
+    c = b.op("Unsqueeze", b.op("Slice", cos, b.ints([0]), half, b.ints([-1])), b.ints([-1]))
+    s_ = b.op("Unsqueeze", b.op("Slice", sin, b.ints([0]), half, b.ints([-1])), b.ints([-1]))
+    pairs = b.op("Reshape", x, b.ints([0, 0, 0, rot // 2, 2]))
+    a, bb = b.op("Split", pairs, b.ints([1, 1]), outputs=2, axis=-1)
+    real = b.op("Sub", b.op("Mul", a, c), b.op("Mul", bb, s_))
+    imag = b.op("Add", b.op("Mul", a, s_), b.op("Mul", bb, c))
+    return b.op("Reshape", b.op("Concat", real, imag, axis=-1), b.ints([0, 0, 0, rot]))
+
+
+def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str, bias: str,
+                     past_k: str, past_v: str) -> tuple[str, str, str]:
+    """DeepSeek's multi-head latent attention, caching what transformers caches: the normalized
+    latent c [1, 1, T, kv_lora] (as "key") and the shared rotary key [1, 1, T, rope] (as "value").
+
+    q = q_proj(x) or q_b(norm(q_a(x)))  -> [1,H,S,nope+rope] -> q_nope | rope(q_pe)
+    c, k_pe = split(kv_a(x));  c = norm(c);  k_pe = rope(k_pe)          (appended to the cache)
+    k_nope | v = split(kv_b(c over all T)) per head;  k = k_nope | k_pe broadcast to every head
+    softmax(q k^T * scale + mask) v -> o_proj
+    """
+    m = cfg.latent_attention
+    heads, nope, rope, vd = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    if m.q_lora_rank:
+        q = linear(b, rms_norm(b, linear(b, x, w[Role.Q_A]), w[Role.Q_A_NORM], cfg.rms_norm_eps), w[Role.Q_B])
+    else:
+        q = linear(b, x, w[Role.Q])
+    q = b.op("Transpose", b.op("Reshape", q, b.ints([1, -1, heads, nope + rope])), perm=[0, 2, 1, 3])
+    q_nope, q_pe = b.op("Split", q, b.ints([nope, rope]), outputs=2, axis=-1)
+    q = b.op("Concat", q_nope, rotary_interleaved(b, q_pe, cos, sin, rope), axis=-1)
+
+    latent, k_pe = b.op("Split", linear(b, x, w[Role.KV_A]), b.ints([m.kv_lora_rank, rope]), outputs=2, axis=-1)
+    latent = b.op("Unsqueeze", rms_norm(b, latent, w[Role.KV_A_NORM], cfg.rms_norm_eps), b.ints([1]))
+    k_pe = rotary_interleaved(b, b.op("Unsqueeze", k_pe, b.ints([1])), cos, sin, rope)
+    present_k = b.op("Concat", past_k, latent, axis=2)
+    present_v = b.op("Concat", past_v, k_pe, axis=2)
+
+    kv = b.op("Reshape", linear(b, present_k, w[Role.KV_B]), b.ints([1, -1, heads, nope + vd]))
+    k_nope, v = b.op("Split", b.op("Transpose", kv, perm=[0, 2, 1, 3]), b.ints([nope, vd]), outputs=2, axis=-1)
+    k = b.op("Concat", k_nope, b.op("Tile", present_v, b.ints([1, heads, 1, 1])), axis=-1)
+    scale = cfg.attention_scale if cfg.attention_scale is not None else (nope + rope) ** -0.5
+    scores = b.op("Add", b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
+                              b.scalar(scale, "scale")), bias)
+    context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
+    context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * vd]))
+    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+
+
+def route(b: GraphBuilder, logits: str, cfg: ArchConfig) -> tuple[str, str]:
+    """Softmax over experts, (group-limited) top-k, optional renormalization, routed scaling.
+
+    group-limited (DeepSeek-V2): each group's best score ranks the groups; experts outside the
+    best `kept` groups are zeroed before the top-k."""
     probs = b.op("Softmax", logits, axis=-1)
-    weights, ids = b.op("TopK", probs, b.ints([top_k]), outputs=2, axis=-1, largest=1, sorted=1)
-    if normalize:
+    if cfg.group_topk is not None:
+        groups, kept = cfg.group_topk
+        per_group = b.op("ReduceMax", b.op("Reshape", probs, b.ints([0, groups, -1])), axes=[-1], keepdims=0)
+        threshold = b.op("ReduceMin", b.op("TopK", per_group, b.ints([kept]), outputs=2, axis=-1)[0],
+                         axes=[-1], keepdims=1)
+        keep_group = b.op("Unsqueeze", b.op("GreaterOrEqual", per_group, threshold), b.ints([-1]))
+        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.num_experts // groups])),
+                    b.ints([0, cfg.num_experts]))
+        probs = b.op("Where", keep, probs, b.scalar(0.0, "zero"))
+    weights, ids = b.op("TopK", probs, b.ints([cfg.top_k]), outputs=2, axis=-1, largest=1, sorted=1)
+    if cfg.normalize_top_k:
         weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
+    if cfg.routed_scaling != 1.0:
+        weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
     return ids, weights
 
 
@@ -177,16 +245,17 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     cos = b.input(IO.COS, FLOAT, ["S", rot])
     sin = b.input(IO.SIN, FLOAT, ["S", rot])
     bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
-    kv_shape = [1, cfg.num_kv_heads, "P", cfg.head_dim]
-    past_k = b.input(IO.PAST_KEY, FLOAT, kv_shape)
-    past_v = b.input(IO.PAST_VALUE, FLOAT, kv_shape)
+    m = cfg.latent_attention
+    key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
+    past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
+    past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
 
     x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
-    attn, present_k, present_v = attention(b, x, w, cfg, cos, sin, bias, past_k, past_v)
+    attend = latent_attention if cfg.latent_attention else attention
+    attn, present_k, present_v = attend(b, x, w, cfg, cos, sin, bias, past_k, past_v)
     h = h_attn = b.op("Add", hidden, attn)
-    present_shape = [1, cfg.num_kv_heads, "T", cfg.head_dim]
-    b.output(present_k, IO.PRESENT_KEY, FLOAT, present_shape)
-    b.output(present_v, IO.PRESENT_VALUE, FLOAT, present_shape)
+    b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
+    b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
 
     normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
@@ -200,7 +269,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         if cfg.scoring == "sparsemixer":
             ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
         else:
-            ids, weights = route(b, logits, cfg.top_k, cfg.normalize_top_k)
+            ids, weights = route(b, logits, cfg)
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
         if Role.SHARED_GATE in w:

@@ -133,12 +133,14 @@ class Profiler:
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
-        empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), np.float32)
+        spec = self.spec
+        empty_k = np.zeros((1, spec.num_kv_heads, 0, spec.cache_key_dim or spec.head_dim), np.float32)
+        empty_v = np.zeros((1, spec.num_kv_heads, 0, spec.cache_value_dim or spec.head_dim), np.float32)
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):
             feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias,
-                     IO.PAST_KEY: empty, IO.PAST_VALUE: empty}
+                     IO.PAST_KEY: empty_k, IO.PAST_VALUE: empty_v}
             for name, value in zip(names, session.run(names, feeds)):
                 value = value.reshape(s, -1)
                 if name not in out:  # filled in place: no list of per-sequence copies

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fate.artifacts import Artifact, GenerationError, LayerSpec
+from fate.artifacts import Artifact, GenerationError, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
@@ -28,9 +28,10 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int) -> "KVCache":
-        zeros = np.zeros((1, num_kv_heads, 0, head_dim), np.float32)
-        return cls([zeros] * num_layers, [zeros] * num_layers)
+    def empty(cls, spec: ModelSpec) -> "KVCache":
+        keys = np.zeros((1, spec.num_kv_heads, 0, spec.cache_key_dim or spec.head_dim), np.float32)
+        values = np.zeros((1, spec.num_kv_heads, 0, spec.cache_value_dim or spec.head_dim), np.float32)
+        return cls([keys] * spec.num_layers, [values] * spec.num_layers)
 
 
 class FateModel:
@@ -70,7 +71,7 @@ class FateModel:
         return names
 
     def new_cache(self) -> KVCache:
-        return KVCache.empty(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim)
+        return KVCache.empty(self.spec)
 
     # ------------------------------------------------------------------ one forward pass
 

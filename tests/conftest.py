@@ -42,6 +42,11 @@ CASES = {
     "granitemoe": dict(family="granitemoe", seed=6),
     # LayerNorm with biases, sparsemixer top-2, attention and LM-head biases
     "phimoe": dict(family="phimoe", seed=8),
+    # latent attention (plain q), a dense first layer, shared experts, routed scaling
+    "deepseek_v2-lite": dict(family="deepseek_v2", seed=10),
+    # low-rank q, group-limited top-k
+    "deepseek_v2-grouped": dict(family="deepseek_v2", seed=11, q_lora_rank=24, topk_method="group_limited_greedy",
+                                n_group=4, topk_group=2),
     "phimoe-longrope": dict(family="phimoe", seed=9, max_position_embeddings=1024, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
         "short_factor": [1.0 + 0.05 * i for i in range(8)], "long_factor": [2.0 + 0.1 * i for i in range(8)],

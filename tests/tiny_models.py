@@ -89,7 +89,17 @@ def phimoe_config(**overrides):
                            "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True, **overrides})
 
 
-CONFIGS = {"phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
+def deepseek_v2_config(**overrides):
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                               "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                               "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
+                               "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                               "v_head_dim": 16, "routed_scaling_factor": 1.5, **overrides})
+
+
+CONFIGS = {"deepseek_v2": deepseek_v2_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config}
 
 

@@ -37,6 +37,13 @@ class Role(enum.Enum):
     O_BIAS = "o_bias"
     Q_NORM = "q_norm"
     K_NORM = "k_norm"
+    # multi-head latent attention (DeepSeek): low-rank query and key/value projections
+    Q_A = "q_a"
+    Q_A_NORM = "q_a_norm"
+    Q_B = "q_b"
+    KV_A = "kv_a"
+    KV_A_NORM = "kv_a_norm"
+    KV_B = "kv_b"
     MLP_NORM = "mlp_norm"
     ROUTER = "router"
     SHARED_GATE = "shared_gate"
@@ -57,6 +64,17 @@ class Role(enum.Enum):
 
 MODEL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
 EXPERT_ROLES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
+
+
+@dataclass(frozen=True)
+class LatentAttention:
+    """DeepSeek's multi-head latent attention sizes (q_lora_rank None: a plain q projection)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,10 @@ class ArchConfig:
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
     # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
+    latent_attention: LatentAttention | None = None
+    rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
+    routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
+    group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek-V2 large)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2)
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold

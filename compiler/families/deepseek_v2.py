@@ -1,0 +1,98 @@
+"""DeepSeek-V2 / V2-Lite (DeepseekV2ForCausalLM): multi-head latent attention (low-rank keys and
+values, a shared rotary key, RoPE on adjacent pairs), softmax routing with greedy or
+group-limited top-k and a routed scaling factor, shared experts without a gate, and the first
+`first_k_dense_replace` layers dense."""
+
+
+from fate.artifacts import ModelError
+
+from .base import (
+    LAYER as L,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    LatentAttention,
+    Role,
+    check_activation,
+    require,
+    rope_from_config,
+    token_ids,
+)
+
+
+def read_config(cfg: dict) -> ArchConfig:
+    check_activation(cfg)
+    method = cfg.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ModelError(f"config.json: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    latent = LatentAttention(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=require(cfg, "kv_lora_rank"),
+                             qk_nope_head_dim=require(cfg, "qk_nope_head_dim"),
+                             qk_rope_head_dim=require(cfg, "qk_rope_head_dim"), v_head_dim=require(cfg, "v_head_dim"))
+    layers = require(cfg, "num_hidden_layers")
+    first_dense = cfg.get("first_k_dense_replace", 0) or 0
+    freq = cfg.get("moe_layer_freq", 1) or 1
+    experts = cfg.get("n_routed_experts") or cfg.get("num_experts")
+    inv_freq, scaling = rope_from_config(cfg, latent.qk_rope_head_dim)
+    scale = (latent.qk_nope_head_dim + latent.qk_rope_head_dim) ** -0.5
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default" and rope.get("mscale_all_dim"):
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_apply_mscale
+
+        scale = yarn_apply_mscale(rope, scale)
+    return ArchConfig(
+        hidden_size=require(cfg, "hidden_size"),
+        num_layers=layers,
+        num_heads=require(cfg, "num_attention_heads"),
+        num_kv_heads=1,  # one latent and one rotary key per token, shared by all heads
+        head_dim=latent.qk_nope_head_dim + latent.qk_rope_head_dim,
+        vocab_size=require(cfg, "vocab_size"),
+        rms_norm_eps=require(cfg, "rms_norm_eps", float),
+        max_positions=require(cfg, "max_position_embeddings"),
+        rope_inv_freq=inv_freq,
+        rope_attention_scaling=scaling,
+        sliding_window=None,
+        num_experts=experts if isinstance(experts, int) else require(cfg, "n_routed_experts"),
+        top_k=require(cfg, "num_experts_per_tok"),
+        normalize_top_k=False,  # DeepSeek-V2's router scales but never renormalizes
+        moe_intermediate_size=require(cfg, "moe_intermediate_size"),
+        dense_intermediate_size=require(cfg, "intermediate_size"),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("n_shared_experts") or 0),
+        moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        eos_token_ids=token_ids(cfg.get("eos_token_id")),
+        bos_token_id=cfg.get("bos_token_id"),
+        latent_attention=latent,
+        rope_interleaved=True,
+        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
+        group_topk=(cfg["n_group"], cfg["topk_group"]) if method == "group_limited_greedy" else None,
+        attention_scale=scale,
+    )
+
+
+FAMILY = Family(
+    model_type="deepseek_v2",
+    architecture="DeepseekV2ForCausalLM",
+    read_config=read_config,
+    tensors={
+        **{role: name for role, name in STANDARD_TENSORS.items() if role not in (Role.K, Role.V)},
+        Role.O_BIAS: L + ".self_attn.o_proj.bias",
+        Role.Q_A: L + ".self_attn.q_a_proj.weight",
+        Role.Q_A_NORM: L + ".self_attn.q_a_layernorm.weight",
+        Role.Q_B: L + ".self_attn.q_b_proj.weight",
+        Role.KV_A: L + ".self_attn.kv_a_proj_with_mqa.weight",
+        Role.KV_A_NORM: L + ".self_attn.kv_a_layernorm.weight",
+        Role.KV_B: L + ".self_attn.kv_b_proj.weight",
+        Role.ROUTER: L + ".mlp.gate.weight",
+        Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
+        Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
+        Role.EXPERT_DOWN: L + ".mlp.experts.{expert}.down_proj.weight",
+        Role.SHARED_GATE: L + ".mlp.shared_experts.gate_proj.weight",
+        Role.SHARED_UP: L + ".mlp.shared_experts.up_proj.weight",
+        Role.SHARED_DOWN: L + ".mlp.shared_experts.down_proj.weight",
+        Role.DENSE_GATE: L + ".mlp.gate_proj.weight",
+        Role.DENSE_UP: L + ".mlp.up_proj.weight",
+        Role.DENSE_DOWN: L + ".mlp.down_proj.weight",
+    },
+    skip=STANDARD_SKIP,
+)

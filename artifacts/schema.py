@@ -25,8 +25,8 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
-KNOWN_FAMILIES = ("deepseek_v2", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
-SCORING_FUNCTIONS = ("softmax", "sparsemixer")
+KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests
 # before anything allocates memory from their numbers.

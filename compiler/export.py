@@ -42,7 +42,7 @@ PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-OPTIONAL_LAYER_ROLES = (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
+OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
                         Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
 
 
@@ -73,7 +73,7 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
         Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
         Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
-        Role.ROUTER: (c.num_experts, h),
+        Role.ROUTER: (c.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.num_experts,),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
@@ -270,7 +270,8 @@ class LayerExporter:
         next_layer = None
         if layer + 1 in cfg.moe_layers:
             next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1),
-                                           reader.optional(Role.MLP_NORM_BIAS, layer + 1))
+                                           reader.optional(Role.MLP_NORM_BIAS, layer + 1),
+                                           reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
         predicts_next = info.predicts_next
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB

@@ -171,11 +171,13 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, s
         q = linear(b, x, w[Role.Q])
     q = b.op("Transpose", b.op("Reshape", q, b.ints([1, -1, heads, nope + rope])), perm=[0, 2, 1, 3])
     q_nope, q_pe = b.op("Split", q, b.ints([nope, rope]), outputs=2, axis=-1)
-    q = b.op("Concat", q_nope, rotary_interleaved(b, q_pe, cos, sin, rope), axis=-1)
+    rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rope)) if cfg.rope_interleaved \
+        else (lambda t: rotary(b, t, cos, sin, rope, rope))
+    q = b.op("Concat", q_nope, rotate(q_pe), axis=-1)
 
     latent, k_pe = b.op("Split", linear(b, x, w[Role.KV_A]), b.ints([m.kv_lora_rank, rope]), outputs=2, axis=-1)
     latent = b.op("Unsqueeze", rms_norm(b, latent, w[Role.KV_A_NORM], cfg.rms_norm_eps), b.ints([1]))
-    k_pe = rotary_interleaved(b, b.op("Unsqueeze", k_pe, b.ints([1])), cos, sin, rope)
+    k_pe = rotate(b.op("Unsqueeze", k_pe, b.ints([1])))
     present_k = b.op("Concat", past_k, latent, axis=2)
     present_v = b.op("Concat", past_v, k_pe, axis=2)
 
@@ -188,6 +190,42 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, s
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * vd]))
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+
+
+def choice_scores(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None) -> str:
+    """The scores a router ranks experts by: its logits (softmax keeps their order), or for
+    sigmoid routing sigmoid(logits) + the correction bias. Predictions are ranked the same way."""
+    if cfg.scoring != "sigmoid":
+        return logits
+    scores = b.op("Sigmoid", logits)
+    return scores if score_bias is None else b.op("Add", scores, b.const(score_bias.astype(np.float32), "score_bias"))
+
+
+def route_sigmoid(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None) -> tuple[str, str]:
+    """DeepSeek-V3: experts chosen by sigmoid score + bias within the best groups (a group's
+    score is the sum of its two best), weighted by the plain sigmoid score, optionally
+    renormalized, times the routed scaling factor."""
+    scores = b.op("Sigmoid", logits)
+    choice = choice_scores(b, logits, cfg, score_bias)
+    if cfg.group_topk is not None:
+        groups, kept = cfg.group_topk
+        grouped = b.op("Reshape", choice, b.ints([0, groups, -1]))
+        per_group = b.op("ReduceSum", b.op("TopK", grouped, b.ints([2]), outputs=2, axis=-1)[0], b.ints([-1]),
+                         keepdims=0)
+        threshold = b.op("ReduceMin", b.op("TopK", per_group, b.ints([kept]), outputs=2, axis=-1)[0],
+                         axes=[-1], keepdims=1)
+        keep_group = b.op("Unsqueeze", b.op("GreaterOrEqual", per_group, threshold), b.ints([-1]))
+        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.num_experts // groups])),
+                    b.ints([0, cfg.num_experts]))
+        choice = b.op("Where", keep, choice, b.scalar(-np.inf, "neg_inf"))
+    ids = b.op("TopK", choice, b.ints([cfg.top_k]), outputs=2, axis=-1, largest=1, sorted=1)[1]
+    weights = b.op("GatherElements", scores, ids, axis=-1)
+    if cfg.normalize_top_k:
+        total = b.op("Add", b.op("ReduceSum", weights, b.ints([-1]), keepdims=1), b.scalar(1e-20, "tiny"))
+        weights = b.op("Div", weights, total)
+    if cfg.routed_scaling != 1.0:
+        weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
+    return ids, weights
 
 
 def route(b: GraphBuilder, logits: str, cfg: ArchConfig) -> tuple[str, str]:
@@ -229,6 +267,7 @@ class NextRouter:
     router: np.ndarray
     norm: np.ndarray
     norm_bias: np.ndarray | None = None
+    score_bias: np.ndarray | None = None
 
 
 def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None) -> LayerGraphInfo:
@@ -265,8 +304,11 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
         logits = linear(b, router_input, w[Role.ROUTER])
-        b.output(logits, IO.ROUTER_LOGITS, FLOAT, ["S", cfg.num_experts])
-        if cfg.scoring == "sparsemixer":
+        b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
+                 ["S", cfg.num_experts])
+        if cfg.scoring == "sigmoid":
+            ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        elif cfg.scoring == "sparsemixer":
             ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
         else:
             ids, weights = route(b, logits, cfg)
@@ -280,10 +322,12 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:
         experts = next_layer.router.shape[0]
-        b.output(linear(b, router_input, next_layer.router), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
+        predicted = choice_scores(b, linear(b, router_input, next_layer.router), cfg, next_layer.score_bias)
+        b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
         renormed = b.op("Reshape", norm(b, h_attn, next_layer.norm, next_layer.norm_bias, cfg.rms_norm_eps, cfg.norm),
                         b.ints([-1, cfg.hidden_size]))
-        b.output(linear(b, renormed, next_layer.router), IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
+        b.output(choice_scores(b, linear(b, renormed, next_layer.router), cfg, next_layer.score_bias),
+                 IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     return LayerGraphInfo(b.model(), next_layer is not None)
 
 

@@ -45,6 +45,9 @@ CASES = {
     # latent attention (plain q), a dense first layer, shared experts, routed scaling
     "deepseek_v2-lite": dict(family="deepseek_v2", seed=10),
     # low-rank q, group-limited top-k
+    # sigmoid routing with correction bias and groups, low-rank q; and the rotate-half RoPE variant
+    "deepseek_v3": dict(family="deepseek_v3", seed=12),
+    "deepseek_v3-halves": dict(family="deepseek_v3", seed=13, rope_interleave=False, q_lora_rank=None),
     "deepseek_v2-grouped": dict(family="deepseek_v2", seed=11, q_lora_rank=24, topk_method="group_limited_greedy",
                                 n_group=4, topk_group=2),
     "phimoe-longrope": dict(family="phimoe", seed=9, max_position_embeddings=1024, rope_parameters={

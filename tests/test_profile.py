@@ -44,9 +44,9 @@ def router_of(layer):
 
 def transformers_routing(hf, ids: np.ndarray):
     """Per layer, from transformers itself: router input (the MoE block's input), pre-norm hidden,
-    and the router's own logits (hooked on the router module)."""
+    and the experts the router chose (hooked on the router module)."""
     layers = hf.model.layers
-    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "logits": [[] for _ in layers]}
+    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "chosen": [[] for _ in layers]}
     hooks = []
     for i, layer in enumerate(layers):
         moe = moe_block(layer)
@@ -55,30 +55,37 @@ def transformers_routing(hf, ids: np.ndarray):
             lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
         if router_of(layer) is not None:
             hooks.append(router_of(layer).register_forward_hook(
-                lambda m, a, out, i=i: captured["logits"][i].append(out[0].reshape(-1, out[0].shape[-1]).numpy())))
+                lambda m, a, out, i=i: captured["chosen"][i].append(out[2].reshape(-1, out[2].shape[-1]).numpy())))
     with torch.no_grad():
         for row in ids:
             hf(torch.tensor(row[None]))
     for h in hooks:
         h.remove()
-    return [[np.concatenate(parts) if parts else None for parts in captured[key]] for key in ("x", "h", "logits")]
+    return [[np.concatenate(parts) if parts else None for parts in captured[key]] for key in ("x", "h", "chosen")]
 
 
 def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     art = Artifact.open(artifact)
     profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
     ids = calibration_ids(CALIB, encode)
-    xs, hs, logits = transformers_routing(hf, ids)
+    xs, hs, chosen = transformers_routing(hf, ids)
     eval_from = profile.calibration_tokens - profile.eval_tokens
-    k = hf.config.num_experts_per_tok
     for layer in [p.index for p in profile.layers if p.index > 0]:
-        actual = np.zeros(logits[layer].shape, bool)
-        np.put_along_axis(actual, np.argsort(-logits[layer], axis=1)[:, :k], True, axis=1)
-        router = router_of(hf.model.layers[layer]).weight.detach().numpy()
+        module = router_of(hf.model.layers[layer])
+        router = module.weight.detach().numpy()
+        actual = np.zeros((len(chosen[layer]), router.shape[0]), bool)
+        np.put_along_axis(actual, chosen[layer].astype(np.int64), True, axis=1)
+
+        def rank_scores(logits: np.ndarray) -> np.ndarray:
+            """What the router ranks by: logits, or sigmoid + correction bias (DeepSeek-V3)."""
+            bias = getattr(module, "e_score_correction_bias", None)
+            return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
+
         with torch.no_grad():  # the next layer's own norm module, whatever its kind
             renormed = hf.model.layers[layer].post_attention_layernorm(torch.from_numpy(hs[layer - 1])).numpy()
         measured = profile.layer(layer).predictors
-        for name, scores in (("cross_layer", xs[layer - 1] @ router.T), ("cross_layer_norm", renormed @ router.T)):
+        for name, scores in (("cross_layer", rank_scores(xs[layer - 1] @ router.T)),
+                             ("cross_layer_norm", rank_scores(renormed @ router.T))):
             independent = recall_curve(scores[eval_from:], actual[eval_from:], measured[name].widths,
                                        profile.prefill_window)
             np.testing.assert_allclose(measured[name].decode, independent.decode, atol=0.01)
@@ -97,7 +104,8 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
     check_recall_against_transformers(hf, calibrated, lambda text: tok.encode(text).ids)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+                                    "deepseek_v3"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

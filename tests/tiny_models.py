@@ -99,7 +99,18 @@ def deepseek_v2_config(**overrides):
                                "v_head_dim": 16, "routed_scaling_factor": 1.5, **overrides})
 
 
-CONFIGS = {"deepseek_v2": deepseek_v2_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
+def deepseek_v3_config(**overrides):
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                               "num_key_value_heads": 4, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                               "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
+                               "q_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                               "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                               **overrides})
+
+
+CONFIGS = {"deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config}
 
 
@@ -116,6 +127,9 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
         for param in model.parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias is a buffer
+                buffer.add_(0.05 * torch.randn_like(buffer))
     out.mkdir(parents=True, exist_ok=True)
     if bf16:
         model = model.to(torch.bfloat16)

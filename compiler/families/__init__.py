@@ -11,6 +11,7 @@ from .base import ArchConfig, Family, Role
 # model_type -> module name under fate.compiler.families
 _MODULES = {
     "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
     "granitemoe": "granitemoe",
     "mixtral": "mixtral",
     "olmoe": "olmoe",

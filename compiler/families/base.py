@@ -46,6 +46,7 @@ class Role(enum.Enum):
     KV_B = "kv_b"
     MLP_NORM = "mlp_norm"
     ROUTER = "router"
+    ROUTER_SCORE_BIAS = "router_score_bias"  # added to the scores only to choose experts (DeepSeek-V3)
     SHARED_GATE = "shared_gate"
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"
@@ -108,9 +109,9 @@ class ArchConfig:
     latent_attention: LatentAttention | None = None
     rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
-    group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek-V2 large)
+    group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
-    scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2)
+    scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0

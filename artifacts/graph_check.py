@@ -12,8 +12,8 @@ from __future__ import annotations
 from .errors import ArtifactError
 
 ALLOWED_OPS = {
-    "": {"Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "Div", "Equal", "Expand", "Gather", "GatherElements",
-         "Greater", "GreaterOrEqual", "Identity", "LayerNormalization", "MatMul", "Max", "Mul", "Neg", "Reciprocal", "ReduceMax",
+    "": {"Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "Div", "Equal", "Exp", "Expand", "Gather", "GatherElements",
+         "Greater", "GreaterOrEqual", "Identity", "LayerNormalization", "MatMul", "Max", "Min", "Mul", "Neg", "Reciprocal", "ReduceMax",
          "ReduceMean", "ReduceMin", "ReduceSum", "Reshape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Sub",
          "Tile", "TopK", "Transpose", "Unsqueeze", "Where"},
     "ai.onnx": set(),  # filled below: the same operators under their explicit domain name

@@ -25,7 +25,7 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
-KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
+KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "gpt_oss", "granitemoe", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests
@@ -69,6 +69,7 @@ class LayerSpec:
     routing: RoutingSpec | None = None
     experts: dict[str, list[str]] = field(default_factory=dict)
     predicts_next: bool = False
+    sliding_window: int | None = None  # this layer's window, when layers differ (else the model's)
 
 
 @dataclass(frozen=True)

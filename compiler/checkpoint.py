@@ -130,9 +130,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
-    def get(self, name: str, index: int | None = None) -> np.ndarray:
+    def get(self, name: str, index: int | None = None, raw: bool = False) -> np.ndarray:
         """The tensor (or, with `index`, its slice [index] along the first axis, e.g. one expert of
-        a fused expert tensor) as float32 numpy, bf16/fp16 widened, read with one positioned read."""
+        a fused expert tensor) as float32 numpy, bf16/fp16 widened, read with one positioned read;
+        with `raw`, in its stored dtype (packed quantized data)."""
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"checkpoint {self.dir} has no tensor {name}")
@@ -149,7 +150,24 @@ class Checkpoint:
             os.close(fd)
         if len(data) != length:
             raise ModelError(f"{info.path} changed while reading {name}")
-        raw = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(shape)
+        stored = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(shape)
+        if raw:
+            return stored
         if info.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+            return (stored.astype(np.uint32) << 16).view(np.float32)
+        return stored.astype(np.float32)
+
+
+# MXFP4 (OCP microscaling): e2m1 codes, two per byte low nibble first, 32 per block sharing an
+# e8m0 scale 2^(s - 127). Value table from the OCP MX specification, as transformers decodes it.
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                    dtype=np.float32)
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """blocks uint8 [rows, groups, 16], scales uint8 [rows, groups] -> float32 [rows, groups * 32]."""
+    values = np.empty((*blocks.shape[:-1], blocks.shape[-1] * 2), np.float32)
+    values[..., 0::2] = FP4_E2M1[blocks & 0x0F]
+    values[..., 1::2] = FP4_E2M1[blocks >> 4]
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    return values.reshape(blocks.shape[0], -1)

@@ -30,7 +30,7 @@ from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
 
 from . import graphs
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
@@ -42,7 +42,7 @@ PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
+OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
                         Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
 
 
@@ -78,7 +78,14 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
-        Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h), Role.EXPERTS_DOWN: (c.num_experts, h, i_moe),
+        Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h) if c.fused_layout == "rows" else (c.num_experts, h, 2 * i_moe),
+        Role.EXPERTS_DOWN: (c.num_experts, h, i_moe) if c.fused_layout == "rows" else (c.num_experts, i_moe, h),
+        Role.EXPERTS_GATE_UP_BIAS: (c.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.num_experts, h),
+        Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.num_experts,),
+        Role.EXPERTS_GATE_UP_BLOCKS: (c.num_experts, 2 * i_moe, h // 32, 16),
+        Role.EXPERTS_GATE_UP_SCALES: (c.num_experts, 2 * i_moe, h // 32),
+        Role.EXPERTS_DOWN_BLOCKS: (c.num_experts, h, i_moe // 32, 16),
+        Role.EXPERTS_DOWN_SCALES: (c.num_experts, h, i_moe // 32),
         **latent_shapes(c),
     }[role]
 
@@ -132,13 +139,43 @@ class WeightReader:
     def fused(self) -> bool:
         return Role.EXPERTS_GATE_UP in self.family.tensors
 
-    def _fused_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
-        """One expert's projection out of the layer's fused tensors (one positioned read each)."""
+    def mxfp4(self, layer: int) -> bool:
+        return self.present(Role.EXPERTS_GATE_UP_BLOCKS, layer)
+
+    def _mxfp4_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
+        """Decoded [out, in]: the codes are stored output-major, gate and up alternating by row."""
+        blocks, scales = ((Role.EXPERTS_DOWN_BLOCKS, Role.EXPERTS_DOWN_SCALES) if role == Role.EXPERT_DOWN
+                          else (Role.EXPERTS_GATE_UP_BLOCKS, Role.EXPERTS_GATE_UP_SCALES))
+        weight = decode_mxfp4(self.ckpt.get(self.check(blocks, layer), index=expert, raw=True),
+                              self.ckpt.get(self.check(scales, layer), index=expert, raw=True))
         if role == Role.EXPERT_DOWN:
-            return self.ckpt.get(self.check(Role.EXPERTS_DOWN, layer), index=expert)
+            return weight
+        return np.ascontiguousarray(weight[0::2] if role == Role.EXPERT_GATE else weight[1::2])
+
+    def _fused_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
+        """One expert's projection ([out, in]) out of the layer's fused tensors (one positioned read each)."""
+        if self.mxfp4(layer):
+            return self._mxfp4_expert(role, layer, expert)
+        interleaved = self.cfg.fused_layout == "interleaved"
+        if role == Role.EXPERT_DOWN:
+            down = self.ckpt.get(self.check(Role.EXPERTS_DOWN, layer), index=expert)
+            return np.ascontiguousarray(down.T) if interleaved else down
         gate_up = self.ckpt.get(self.check(Role.EXPERTS_GATE_UP, layer), index=expert)
+        if interleaved:  # [H, 2I], gate and up alternating by column
+            return np.ascontiguousarray((gate_up[:, 0::2] if role == Role.EXPERT_GATE else gate_up[:, 1::2]).T)
         half = gate_up.shape[0] // 2
         return gate_up[:half] if role == Role.EXPERT_GATE else gate_up[half:]
+
+    def expert_biases(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(gate, up, down) biases of one expert, for families whose experts have them."""
+        if not self.present(Role.EXPERTS_GATE_UP_BIAS, layer):
+            return None
+        gate_up = self.ckpt.get(self.check(Role.EXPERTS_GATE_UP_BIAS, layer), index=expert)
+        down = self.ckpt.get(self.check(Role.EXPERTS_DOWN_BIAS, layer), index=expert)
+        if self.cfg.fused_layout == "interleaved":
+            return gate_up[0::2], gate_up[1::2], down
+        half = gate_up.shape[0] // 2
+        return gate_up[:half], gate_up[half:], down
 
     def check_all(self) -> None:
         """Every tensor the export will read, checked from metadata alone before any work; and
@@ -150,7 +187,11 @@ class WeightReader:
         for layer in range(self.cfg.num_layers):
             names.update(self.check(role, layer) for role in self.layer_roles(layer))
             if layer in self.cfg.moe_layers and self.fused:
-                names.update(self.check(role, layer) for role in (Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN))
+                packed = (Role.EXPERTS_GATE_UP_BLOCKS, Role.EXPERTS_GATE_UP_SCALES, Role.EXPERTS_DOWN_BLOCKS,
+                          Role.EXPERTS_DOWN_SCALES) if self.mxfp4(layer) else (Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN)
+                names.update(self.check(role, layer) for role in packed)
+                names.update(self.check(role, layer) for role in (Role.EXPERTS_GATE_UP_BIAS, Role.EXPERTS_DOWN_BIAS)
+                             if self.present(role, layer))
             elif layer in self.cfg.moe_layers:
                 names.update(self.check(role, layer, expert)
                              for expert in range(self.cfg.num_experts) for role in EXPERT_ROLES)
@@ -223,7 +264,8 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
         embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier).SerializeToString()
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
-            spec, calib_ids, embed_data, opts.calibration, opts.calibration.source)
+            spec, calib_ids, embed_data, opts.calibration, opts.calibration.source,
+            activation=(cfg.swiglu_limit, cfg.swiglu_alpha), layer_windows=cfg.layer_windows)
         del embed_data
         exporter = LayerExporter(writer, reader, cfg, opts, profiler)
         layers = []
@@ -271,7 +313,8 @@ class LayerExporter:
         if layer + 1 in cfg.moe_layers:
             next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1),
                                            reader.optional(Role.MLP_NORM_BIAS, layer + 1),
-                                           reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1))
+                                           reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
+                                           reader.optional(Role.ROUTER_BIAS, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
         predicts_next = info.predicts_next
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
@@ -282,8 +325,10 @@ class LayerExporter:
         del data
         if self.profiler:  # onnxruntime reads the written file: no second in-memory copy
             self.profiler.run_layer(layer, str(self.writer.tmp / graph_path), is_moe, predicts_next)
+        window = cfg.layer_windows[layer] if cfg.layer_windows else None
         if not is_moe:
-            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=predicts_next)
+            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=predicts_next,
+                             sliding_window=window)
 
         experts = self._write_experts(layer, self.bits, feed_profiler=True)
         if self.profiler:
@@ -294,7 +339,7 @@ class LayerExporter:
         routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)
         return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
-                         predicts_next=predicts_next)
+                         predicts_next=predicts_next, sliding_window=window)
 
     def _write_experts(self, layer: int, bits_list: tuple[int, ...], feed_profiler: bool) -> dict[str, list[str]]:
         experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in bits_list}
@@ -302,15 +347,17 @@ class LayerExporter:
         wanted = set(bits_list) | (set(QUANT_BITS.values()) if profiling else set())
         for expert in range(self.cfg.num_experts):
             weights = tuple(self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
+            biases = self.reader.expert_biases(layer, expert)
             # each precision quantized once, for its file and for the profiler's error figures
             variants = {bits: expert_precision(weights, bits, self.opts.block_size) for bits in wanted}
             for bits in bits_list:
                 path = layout.expert_graph(layer, expert, PRECISION_OF_BITS[bits])
-                model = graphs.expert_graph(*variants[bits], accuracy_level=self.opts.accuracy_level)
+                model = graphs.expert_graph(*variants[bits], accuracy_level=self.opts.accuracy_level,
+                                            biases=biases, cfg=self.cfg)
                 self.writer.write_bytes(path, model.SerializeToString())
                 experts[PRECISION_OF_BITS[bits]].append(path)
             if profiling:
-                self.profiler.add_expert(expert, weights, {p: variants[b] for p, b in QUANT_BITS.items()})
+                self.profiler.add_expert(expert, weights, {p: variants[b] for p, b in QUANT_BITS.items()}, biases)
         return experts
 
 

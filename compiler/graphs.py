@@ -104,7 +104,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     v5 = b.op("Unsqueeze", present_v, b.ints([2]))
     scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(scale, "scale")), bias)
-    context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v5)
+    probs = b.op("Softmax", scores, axis=-1) if Role.SINKS not in w else softmax_with_sinks(b, scores, w[Role.SINKS], kv)
+    context = b.op("MatMul", probs, v5)
     context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
@@ -228,6 +229,17 @@ def route_sigmoid(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.
     return ids, weights
 
 
+def softmax_with_sinks(b: GraphBuilder, scores: str, sinks: np.ndarray, kv: int) -> str:
+    """Softmax over keys plus one learned "sink" logit per head whose probability is dropped
+    (GPT-OSS): exp(s - m) / (sum exp(s - m) + exp(sink - m)), m the max of both.
+    scores [1, KV, G, S, T]; sinks [heads] reshaped to [1, KV, G, 1, 1] (head h = kv * G + g)."""
+    sink = b.const(sinks.astype(np.float32).reshape(1, kv, -1, 1, 1), "sinks")
+    peak = b.op("Max", b.op("ReduceMax", scores, axes=[-1], keepdims=1), sink)
+    e = b.op("Exp", b.op("Sub", scores, peak))
+    total = b.op("Add", b.op("ReduceSum", e, b.ints([-1]), keepdims=1), b.op("Exp", b.op("Sub", sink, peak)))
+    return b.op("Div", e, total)
+
+
 def route(b: GraphBuilder, logits: str, cfg: ArchConfig) -> tuple[str, str]:
     """Softmax over experts, (group-limited) top-k, optional renormalization, routed scaling.
 
@@ -268,6 +280,7 @@ class NextRouter:
     norm: np.ndarray
     norm_bias: np.ndarray | None = None
     score_bias: np.ndarray | None = None
+    router_bias: np.ndarray | None = None
 
 
 def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None) -> LayerGraphInfo:
@@ -303,7 +316,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         out = b.op("Add", h, swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN]))
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
-        logits = linear(b, router_input, w[Role.ROUTER])
+        logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS))
         b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
                  ["S", cfg.num_experts])
         if cfg.scoring == "sigmoid":
@@ -322,33 +335,50 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:
         experts = next_layer.router.shape[0]
-        predicted = choice_scores(b, linear(b, router_input, next_layer.router), cfg, next_layer.score_bias)
+        predicted = choice_scores(b, linear(b, router_input, next_layer.router, next_layer.router_bias), cfg,
+                                  next_layer.score_bias)
         b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
         renormed = b.op("Reshape", norm(b, h_attn, next_layer.norm, next_layer.norm_bias, cfg.rms_norm_eps, cfg.norm),
                         b.ints([-1, cfg.hidden_size]))
-        b.output(choice_scores(b, linear(b, renormed, next_layer.router), cfg, next_layer.score_bias),
+        b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias), cfg,
+                               next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     return LayerGraphInfo(b.model(), next_layer is not None)
 
 
-def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0) -> onnx.ModelProto:
-    """One routed expert, x [N, H] -> y [N, H] = down(silu(gate(x)) * up(x)).
+def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0,
+                 biases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 cfg: ArchConfig | None = None) -> onnx.ModelProto:
+    """One routed expert, x [N, H] -> y [N, H] = down(act(gate(x), up(x))), with optional biases.
 
+    act is SwiGLU, silu(g) * u, or for GPT-OSS (cfg.swiglu_limit set) the clamped form
+    (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(g, limit).
     Each projection is float32 (MatMul), float16 (weights cast up once at session creation:
     onnxruntime folds the Cast) or a QuantizedWeight (MatMulNBits with constant weights)."""
     b = GraphBuilder("expert")
     hidden = gate.k if isinstance(gate, QuantizedWeight) else gate.shape[1]
     x = b.input(IO.EXPERT_IN, FLOAT, ["N", hidden])
 
-    def proj(inp: str, weight: Weight) -> str:
+    def proj(inp: str, weight: Weight, bias: np.ndarray | None) -> str:
         if isinstance(weight, QuantizedWeight):
-            return matmul_nbits(b, inp, weight, accuracy_level)
-        if weight.dtype == np.float16:
-            return b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T), "weight"), to=FLOAT))
-        return linear(b, inp, weight)
+            y = matmul_nbits(b, inp, weight, accuracy_level)
+        elif weight.dtype == np.float16:
+            y = b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T), "weight"), to=FLOAT))
+        else:
+            y = linear(b, inp, weight)
+        return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 
-    g = proj(x, gate)
-    y = proj(b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), proj(x, up)), down)
+    bg, bu, bd = biases if biases is not None else (None, None, None)
+    g, u = proj(x, gate, bg), proj(x, up, bu)
+    limit = cfg.swiglu_limit if cfg is not None else None
+    if limit is None:
+        act = b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), u)
+    else:
+        g = b.op("Min", g, b.scalar(limit, "limit"))
+        u = b.op("Clip", u, b.scalar(-limit, "neg_limit"), b.scalar(limit, "limit"))
+        glu = b.op("Mul", g, b.op("Sigmoid", b.op("Mul", g, b.scalar(cfg.swiglu_alpha, "alpha"))))
+        act = b.op("Mul", b.op("Add", u, b.scalar(1.0, "one")), glu)
+    y = proj(act, down, bd)
     b.output(y, IO.EXPERT_OUT, FLOAT, ["N", hidden])
     return b.model()
 

@@ -58,9 +58,17 @@ def calibration_ids(options: CalibrationOptions, encode) -> np.ndarray:
     return np.asarray(ids[: n * s], np.int64).reshape(n, s)
 
 
-def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    g = x @ gate.T
-    return ((g / (1.0 + np.exp(-g))) * (x @ up.T)) @ down.T
+def expert_forward(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                   biases: tuple | None = None, limit: float | None = None, alpha: float = 1.702) -> np.ndarray:
+    """The expert graph's function in numpy (see graphs.expert_graph)."""
+    bg, bu, bd = biases if biases is not None else (0.0, 0.0, 0.0)
+    g, u = x @ gate.T + bg, x @ up.T + bu
+    if limit is None:
+        act = (g / (1.0 + np.exp(-g))) * u
+    else:
+        g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+        act = (u + 1) * g / (1.0 + np.exp(-alpha * g))
+    return act @ down.T + bd
 
 
 def rel_error(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -108,13 +116,16 @@ class _Previous:
 
 class Profiler:
     def __init__(self, spec: ModelSpec, ids: np.ndarray, embed: bytes, options: CalibrationOptions,
-                 source_name: str):
+                 source_name: str, activation: tuple[float | None, float] = (None, 1.702),
+                 layer_windows: tuple[int | None, ...] | None = None):
         self.spec, self.options, self.source_name = spec, options, source_name
+        self.activation = activation  # (swiglu_limit, swiglu_alpha): the experts' activation
+        self.layer_windows = layer_windows
         self.n_seq, self.seq_len = ids.shape
         session = make_session(embed, lean=True)
         self.hidden = np.stack([session.run([IO.HIDDEN], {IO.INPUT_IDS: row})[0][0] for row in ids])
         self.cos, self.sin = rope(spec, np.arange(self.seq_len))
-        self.bias = attention_bias(spec, 0, self.seq_len)
+        self.bias = {w: attention_bias(spec, 0, self.seq_len, w) for w in set(layer_windows or [spec.sliding_window])}
         # EAP is fitted on the first three quarters of the sequences; every recall is measured
         # on the last quarter, so predictors are compared on the same unseen tokens.
         self.eval_from = (self.n_seq - max(1, self.n_seq // 4)) * self.seq_len
@@ -139,7 +150,8 @@ class Profiler:
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):
-            feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias,
+            window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
+            feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window],
                      IO.PAST_KEY: empty_k, IO.PAST_VALUE: empty_v}
             for name, value in zip(names, session.run(names, feeds)):
                 value = value.reshape(s, -1)
@@ -175,22 +187,26 @@ class Profiler:
             low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
         )
 
-    def add_expert(self, expert: int, weights: tuple[np.ndarray, ...], quantized: dict[str, tuple]) -> None:
-        """One expert's float32 (gate, up, down) and its quantized versions by precision name."""
+    def add_expert(self, expert: int, weights: tuple[np.ndarray, ...], quantized: dict[str, tuple],
+                   biases: tuple | None = None) -> None:
+        """One expert's float32 (gate, up, down), its quantized versions by precision name, and
+        its biases where the family has them."""
         m = self._moe
         ids, scores, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["out"][IO.ROUTER_INPUT]
         tokens, slots = np.nonzero(ids == expert)
         if tokens.size == 0:
             return
         w = scores[tokens, slots][:, None]
-        y = swiglu(x[tokens], *weights)
+        act = dict(biases=biases, limit=self.activation[0], alpha=self.activation[1])
+        y = expert_forward(x[tokens], *weights, **act)
         m["total"][tokens] += w * y
         in_q = tokens < len(self.quant_rows)
         q_tokens, q_w = tokens[in_q], w[in_q]
         if q_tokens.size == 0:
             return
         m["routed"][q_tokens] += q_w * y[in_q]
-        approx = {p: q_w * swiglu(x[q_tokens], *(dequantize(q) for q in quantized[p])) for p in QUANT_BITS}
+        approx = {p: q_w * expert_forward(x[q_tokens], *(dequantize(q) for q in quantized[p]), **act)
+                  for p in QUANT_BITS}
         for p in QUANT_BITS:
             m["quant"][p][q_tokens] += approx[p]
         for s, tail in m["tails"].items():

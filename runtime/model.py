@@ -47,6 +47,7 @@ class FateModel:
         self.head = make_session(read(self.manifest.head_graph), threads)
         self.layers = [make_session(read(layer.graph), threads) for layer in self.manifest.layers]
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
+        self._windows = {layer.sliding_window for layer in self.manifest.layers}  # one mask per distinct window
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -87,11 +88,11 @@ class FateModel:
             raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
         positions = np.arange(cache.length, cache.length + ids.size)
         cos, sin = rope(self.spec, positions)
-        bias = attention_bias(self.spec, cache.length, ids.size)
+        masks = {w: attention_bias(self.spec, cache.length, ids.size, w) for w in self._windows}
         self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
-            feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: bias,
+            feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: masks[spec.sliding_window],
                      IO.PAST_KEY: cache.keys[spec.index], IO.PAST_VALUE: cache.values[spec.index]}
             out = dict(zip(names, session.run(names, feeds)))
             cache.keys[spec.index], cache.values[spec.index] = out[IO.PRESENT_KEY], out[IO.PRESENT_VALUE]

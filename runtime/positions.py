@@ -16,11 +16,12 @@ def rope(spec: ModelSpec, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.cos(emb) * scale, np.sin(emb) * scale
 
 
-def attention_bias(spec: ModelSpec, past: int, new: int) -> np.ndarray:
-    """Additive mask [new, past+new]: causal, and windowed when the model slides."""
+def attention_bias(spec: ModelSpec, past: int, new: int, window: int | None = None) -> np.ndarray:
+    """Additive mask [new, past+new]: causal, and windowed when the layer (or model) slides."""
     q = np.arange(past, past + new)[:, None]
     k = np.arange(past + new)[None, :]
     allowed = k <= q
-    if spec.sliding_window:
-        allowed &= (q - k) < spec.sliding_window
+    window = window or spec.sliding_window
+    if window:
+        allowed &= (q - k) < window
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)

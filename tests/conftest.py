@@ -15,6 +15,7 @@ class Built:
 
     def __init__(self, root: Path, family: str, **kwargs):
         self.root = root
+        self.family = family
         self.ckpt = root / "ckpt"
         self.hf = make_model(family, self.ckpt, **kwargs)
         self._artifacts: dict[tuple[int, ...], Path] = {}
@@ -48,6 +49,8 @@ CASES = {
     # sigmoid routing with correction bias and groups, low-rank q; and the rotate-half RoPE variant
     "deepseek_v3": dict(family="deepseek_v3", seed=12),
     "deepseek_v3-halves": dict(family="deepseek_v3", seed=13, rope_interleave=False, q_lora_rank=None),
+    # attention sinks, alternating sliding windows, biased interleaved experts, clamped SwiGLU
+    "gpt_oss": dict(family="gpt_oss", seed=14),
     "deepseek_v2-grouped": dict(family="deepseek_v2", seed=11, q_lora_rank=24, topk_method="group_limited_greedy",
                                 n_group=4, topk_group=2),
     "phimoe-longrope": dict(family="phimoe", seed=9, max_position_embeddings=1024, rope_parameters={

@@ -115,7 +115,7 @@ def broken_checkpoint(src: Path, dst: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how,fragment", [
-    ("unsupported", "supported: deepseek_v2, deepseek_v3, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"),
+    ("unsupported", "supported: deepseek_v2, deepseek_v3, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"),
     ("shapes", "config.json implies"),
     ("no-weights", "model.safetensors"),
     ("truncated", "safetensors"),

@@ -77,7 +77,10 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
         np.put_along_axis(actual, chosen[layer].astype(np.int64), True, axis=1)
 
         def rank_scores(logits: np.ndarray) -> np.ndarray:
-            """What the router ranks by: logits, or sigmoid + correction bias (DeepSeek-V3)."""
+            """What the router ranks by: logits (+ its bias, GPT-OSS), or sigmoid + correction bias
+            (DeepSeek-V3)."""
+            if getattr(module, "bias", None) is not None:
+                logits = logits + module.bias.detach().numpy()
             bias = getattr(module, "e_score_correction_bias", None)
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
@@ -105,7 +108,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
-                                    "deepseek_v3"])
+                                    "deepseek_v3", "gpt_oss"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

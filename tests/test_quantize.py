@@ -49,3 +49,26 @@ def test_bad_parameters_are_refused():
         quantize(np.ones((2, 32), np.float32), 3, 32)  # MatMulNBits has no 3-bit layout
     with pytest.raises(ValueError):
         quantize(np.ones((2, 32), np.float32), 4, 24)
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_biased_clamped_expert_matches_numpy(bits):
+    """GPT-OSS's expert (biases, clamped SwiGLU) through onnxruntime against the same function
+    in numpy on the same (dequantized) weights."""
+    from types import SimpleNamespace
+
+    from fate.compiler import graphs
+    from fate.compiler.profile import expert_forward
+
+    rng = np.random.default_rng(bits)
+    h, i = 64, 32
+    weights = [rng.normal(size=s).astype(np.float32) * 0.3 for s in [(i, h), (i, h), (h, i)]]
+    biases = tuple(rng.normal(size=n).astype(np.float32) * 0.1 for n in (i, i, h))
+    x = rng.normal(size=(5, h)).astype(np.float32) * 3  # large enough to reach the clamps
+    stored = weights if bits == 32 else [quantize(w, bits, 32) for w in weights]
+    reference = weights if bits == 32 else [dequantize(q) for q in stored]
+    cfg = SimpleNamespace(swiglu_limit=7.0, swiglu_alpha=1.702)
+    model = graphs.expert_graph(*stored, biases=biases, cfg=cfg)
+    got = make_session(model.SerializeToString()).run(["y"], {"x": x})[0]
+    expected = expert_forward(x, *reference, biases=biases, limit=7.0, alpha=1.702)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -110,7 +110,17 @@ def deepseek_v3_config(**overrides):
                                **overrides})
 
 
-CONFIGS = {"deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
+def gpt_oss_config(**overrides):
+    from transformers import GptOssConfig
+
+    # a window shorter than the parity prompt + decode, so the sliding layers differ from full ones
+    return GptOssConfig(**{**COMMON, "intermediate_size": 32, "num_hidden_layers": 4, "num_local_experts": 8,
+                           "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 6,
+                           "layer_types": ["sliding_attention", "full_attention"] * 2,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides})
+
+
+CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config}
 
 

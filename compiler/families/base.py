@@ -47,6 +47,8 @@ class Role(enum.Enum):
     MLP_NORM = "mlp_norm"
     ROUTER = "router"
     ROUTER_SCORE_BIAS = "router_score_bias"  # added to the scores only to choose experts (DeepSeek-V3)
+    ROUTER_BIAS = "router_bias"  # added to the router logits (GPT-OSS)
+    SINKS = "sinks"  # one learned attention logit per head (GPT-OSS)
     SHARED_GATE = "shared_gate"
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"
@@ -61,6 +63,13 @@ class Role(enum.Enum):
     # all experts of a layer in one tensor ({layer}): [E, 2I, H] gate rows then up rows; [E, H, I]
     EXPERTS_GATE_UP = "experts_gate_up"
     EXPERTS_DOWN = "experts_down"
+    EXPERTS_GATE_UP_BIAS = "experts_gate_up_bias"
+    EXPERTS_DOWN_BIAS = "experts_down_bias"
+    # the same in MXFP4 ([E, out, in/32, 16] codes and [E, out, in/32] scales), decoded at compile time
+    EXPERTS_GATE_UP_BLOCKS = "experts_gate_up_blocks"
+    EXPERTS_GATE_UP_SCALES = "experts_gate_up_scales"
+    EXPERTS_DOWN_BLOCKS = "experts_down_blocks"
+    EXPERTS_DOWN_SCALES = "experts_down_scales"
 
 
 MODEL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
@@ -110,6 +119,13 @@ class ArchConfig:
     rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
     group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
+    # fused expert tensors: "rows" [E, 2I, H] gate rows then up rows (Granite); "interleaved" [E, H, 2I]
+    # with gate and up alternating by column, down [E, I, H], plus biases (GPT-OSS)
+    fused_layout: str = "rows"
+    # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold

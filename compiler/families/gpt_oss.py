@@ -1,0 +1,45 @@
+"""GPT-OSS (GptOssForCausalLM): attention sinks (one learned logit per head), sliding-window and
+full attention alternating by `layer_types`, biases on q/k/v/o, the router and the experts,
+experts fused per layer with gate and up interleaved by column, and a clamped SwiGLU.
+
+Checkpoints with MXFP4 experts (as published: `*_blocks` / `*_scales`) are decoded at compile
+time, one expert at a time."""
+
+from dataclasses import replace
+
+from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role
+from .base import LAYER as L
+from .mixtral import read_config as read_mixtral_config
+
+
+def read_config(cfg: dict):
+    layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types") or ["full_attention"] * (layers or 0)
+    window = cfg.get("sliding_window")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    arch = read_mixtral_config({**cfg, "sliding_window": None})
+    return replace(arch, fused_layout="interleaved", swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+                   swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), layer_windows=windows)
+
+
+FAMILY = Family(
+    model_type="gpt_oss",
+    architecture="GptOssForCausalLM",
+    read_config=read_config,
+    tensors={
+        **STANDARD_TENSORS,
+        **ATTENTION_BIASES,
+        Role.SINKS: L + ".self_attn.sinks",
+        Role.ROUTER: L + ".mlp.router.weight",
+        Role.ROUTER_BIAS: L + ".mlp.router.bias",
+        Role.EXPERTS_GATE_UP: L + ".mlp.experts.gate_up_proj",
+        Role.EXPERTS_GATE_UP_BIAS: L + ".mlp.experts.gate_up_proj_bias",
+        Role.EXPERTS_DOWN: L + ".mlp.experts.down_proj",
+        Role.EXPERTS_DOWN_BIAS: L + ".mlp.experts.down_proj_bias",
+        Role.EXPERTS_GATE_UP_BLOCKS: L + ".mlp.experts.gate_up_proj_blocks",
+        Role.EXPERTS_GATE_UP_SCALES: L + ".mlp.experts.gate_up_proj_scales",
+        Role.EXPERTS_DOWN_BLOCKS: L + ".mlp.experts.down_proj_blocks",
+        Role.EXPERTS_DOWN_SCALES: L + ".mlp.experts.down_proj_scales",
+    },
+    skip=STANDARD_SKIP,
+)

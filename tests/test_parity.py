@@ -63,11 +63,12 @@ def test_quantized_logit_error_is_bounded(built, bits, bound, record_property):
     trained model's INT4 perplexity is checked tightly in test_example_model. Here the bound only
     catches a broken quantizer (errors of order 1); the figure itself is recorded.
 
-    GPT-OSS is left out: its random biased router flips experts under any weight noise (INT8
-    already moves its tiny logits by 26%), so the logits measure the routing, not the quantizer;
-    test_quantize checks its quantized experts (biases, clamped SwiGLU) against numpy instead."""
-    if built.family == "gpt_oss" and bits < 16:
-        pytest.skip("routing flips dominate on random GPT-OSS weights; see test_quantize")
+    GPT-OSS is left out at INT4: its random biased router flips experts under INT4 noise (its
+    small logits move by about 50%; with another seed INT8 moved them by 26%), so the logits measure
+    the routing, not the quantizer; test_quantize checks its quantized experts (biases, clamped
+    SwiGLU) against numpy instead."""
+    if built.family == "gpt_oss" and bits == 4:
+        pytest.skip("routing flips dominate on random GPT-OSS weights at INT4; see test_quantize")
     ref = hf_logits(built.hf, PROMPT)
     err = rel_err(FateModel.load(built.artifact(bits)).logits(PROMPT), ref)
     record_property(f"int{bits}_rel_err", err)

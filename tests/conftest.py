@@ -51,6 +51,10 @@ CASES = {
     "deepseek_v3-halves": dict(family="deepseek_v3", seed=13, rope_interleave=False, q_lora_rank=None),
     # attention sinks, alternating sliding windows, biased interleaved experts, clamped SwiGLU
     "gpt_oss": dict(family="gpt_oss", seed=14),
+    # YaRN as GPT-OSS ships it (static inv_freq and cos/sin scale from transformers' own init)
+    "gpt_oss-yarn": dict(family="gpt_oss", seed=17, rope_parameters={
+        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+        "original_max_position_embeddings": 64, "rope_theta": 150000.0}),
     "deepseek_v2-grouped": dict(family="deepseek_v2", seed=11, q_lora_rank=24, topk_method="group_limited_greedy",
                                 n_group=4, topk_group=2),
     "phimoe-longrope": dict(family="phimoe", seed=9, max_position_embeddings=1024, rope_parameters={

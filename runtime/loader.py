@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 
 from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts.layout import GraphIO
 
 from .memory import current_rss, release_freed_memory
 from .sessions import make_session
@@ -22,8 +23,6 @@ class LoadedExpert:
     session: object
 
     def run(self, x):
-        from fate.artifacts.layout import GraphIO
-
         return self.session.run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
 
 

@@ -221,6 +221,31 @@ def rope_from_transformers(cfg: dict[str, Any], rope_type: str) -> tuple[list[fl
     return [float(v) for v in inv_freq.tolist()], float(scaling)
 
 
+def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str, Any]:
+    """The ArchConfig fields every family reads from the same config keys (after checking the
+    activation): sizes, norms, positions and RoPE (over `rope_dim`, default the head size),
+    tied embeddings and special tokens. Families add their MoE fields and override the rest."""
+    check_activation(cfg)
+    hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    inv_freq, scaling = rope_from_config(cfg, rope_dim or head_dim)
+    return dict(
+        hidden_size=hidden,
+        num_layers=require(cfg, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab_size=require(cfg, "vocab_size"),
+        rms_norm_eps=require(cfg, "rms_norm_eps", float),
+        max_positions=require(cfg, "max_position_embeddings"),
+        rope_inv_freq=inv_freq,
+        rope_attention_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        eos_token_ids=token_ids(cfg.get("eos_token_id")),
+        bos_token_id=cfg.get("bos_token_id"),
+    )
+
+
 def token_ids(value: Any) -> list[int]:
     if value is None:
         return []

@@ -14,15 +14,12 @@ from .base import (
     Family,
     LatentAttention,
     Role,
-    check_activation,
+    common_fields,
     require,
-    rope_from_config,
-    token_ids,
 )
 
 
 def read_config(cfg: dict) -> ArchConfig:
-    check_activation(cfg)
     method = cfg.get("topk_method", "greedy")
     if method not in ("greedy", "group_limited_greedy"):
         raise ModelError(f"config.json: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
@@ -33,7 +30,6 @@ def read_config(cfg: dict) -> ArchConfig:
     first_dense = cfg.get("first_k_dense_replace", 0) or 0
     freq = cfg.get("moe_layer_freq", 1) or 1
     experts = cfg.get("n_routed_experts") or cfg.get("num_experts")
-    inv_freq, scaling = rope_from_config(cfg, latent.qk_rope_head_dim)
     scale = (latent.qk_nope_head_dim + latent.qk_rope_head_dim) ** -0.5
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default" and rope.get("mscale_all_dim"):
@@ -41,16 +37,9 @@ def read_config(cfg: dict) -> ArchConfig:
 
         scale = yarn_apply_mscale(rope, scale)
     return ArchConfig(
-        hidden_size=require(cfg, "hidden_size"),
-        num_layers=layers,
-        num_heads=require(cfg, "num_attention_heads"),
-        num_kv_heads=1,  # one latent and one rotary key per token, shared by all heads
-        head_dim=latent.qk_nope_head_dim + latent.qk_rope_head_dim,
-        vocab_size=require(cfg, "vocab_size"),
-        rms_norm_eps=require(cfg, "rms_norm_eps", float),
-        max_positions=require(cfg, "max_position_embeddings"),
-        rope_inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
+        **{**common_fields(cfg, rope_dim=latent.qk_rope_head_dim),
+           "num_kv_heads": 1,  # one latent and one rotary key per token, shared by all heads
+           "head_dim": latent.qk_nope_head_dim + latent.qk_rope_head_dim},
         sliding_window=None,
         num_experts=experts if isinstance(experts, int) else require(cfg, "n_routed_experts"),
         top_k=require(cfg, "num_experts_per_tok"),
@@ -59,9 +48,6 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("n_shared_experts") or 0),
         moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        eos_token_ids=token_ids(cfg.get("eos_token_id")),
-        bos_token_id=cfg.get("bos_token_id"),
         latent_attention=latent,
         rope_interleaved=True,
         routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),

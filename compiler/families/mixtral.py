@@ -7,30 +7,15 @@ from .base import (
     ArchConfig,
     Family,
     Role,
-    check_activation,
+    common_fields,
     require,
-    rope_from_config,
-    token_ids,
 )
 
 
 def read_config(cfg: dict) -> ArchConfig:
-    check_activation(cfg)
-    hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    inv_freq, scaling = rope_from_config(cfg, head_dim)
-    layers = require(cfg, "num_hidden_layers")
+    common = common_fields(cfg)
     return ArchConfig(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        vocab_size=require(cfg, "vocab_size"),
-        rms_norm_eps=require(cfg, "rms_norm_eps", float),
-        max_positions=require(cfg, "max_position_embeddings"),
-        rope_inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
+        **common,
         sliding_window=cfg.get("sliding_window"),
         num_experts=require(cfg, "num_local_experts"),
         top_k=require(cfg, "num_experts_per_tok"),
@@ -38,10 +23,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,
-        moe_layers=frozenset(range(layers)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        eos_token_ids=token_ids(cfg.get("eos_token_id")),
-        bos_token_id=cfg.get("bos_token_id"),
+        moe_layers=frozenset(range(common["num_layers"])),
     )
 
 

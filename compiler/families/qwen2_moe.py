@@ -10,10 +10,8 @@ from .base import (
     ArchConfig,
     Family,
     Role,
-    check_activation,
+    common_fields,
     require,
-    rope_from_config,
-    token_ids,
 )
 
 
@@ -28,22 +26,9 @@ def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
 def read_config(cfg: dict) -> ArchConfig:
     # transformers 5 may write the expert count as num_local_experts; hub checkpoints use num_experts
     cfg = {**cfg, "num_experts": cfg.get("num_experts", cfg.get("num_local_experts"))}
-    check_activation(cfg)
-    hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    inv_freq, scaling = rope_from_config(cfg, head_dim)
-    layers = require(cfg, "num_hidden_layers")
+    common = common_fields(cfg)
     return ArchConfig(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        vocab_size=require(cfg, "vocab_size"),
-        rms_norm_eps=require(cfg, "rms_norm_eps", float),
-        max_positions=require(cfg, "max_position_embeddings"),
-        rope_inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
+        **common,
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
         num_experts=require(cfg, "num_experts"),
         top_k=require(cfg, "num_experts_per_tok"),
@@ -51,10 +36,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
-        moe_layers=moe_layer_indices(cfg, layers),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        eos_token_ids=token_ids(cfg.get("eos_token_id")),
-        bos_token_id=cfg.get("bos_token_id"),
+        moe_layers=moe_layer_indices(cfg, common["num_layers"]),
     )
 
 

@@ -35,7 +35,7 @@ from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
 from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
-from .quantize import quantize
+from .quantize import block_size_for, quantize
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
@@ -53,7 +53,7 @@ class CompileOptions:
     model_dir: Path
     out_dir: Path
     bits: tuple[int, ...] = (4,)
-    block_size: int = 32
+    block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
@@ -241,7 +241,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     for bits in opts.bits:
         if bits not in PRECISION_OF_BITS:
             raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
-    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+    if opts.block_size is not None and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
         raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
@@ -361,10 +361,10 @@ class LayerExporter:
         return experts
 
 
-def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int) -> tuple:
+def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int | None) -> tuple:
     """(gate, up, down) at `bits`: float32, float16, or quantized for MatMulNBits."""
     if bits == 32:
         return weights
     if bits == 16:
         return tuple(w.astype(np.float16) for w in weights)
-    return tuple(quantize(w, bits, block_size) for w in weights)
+    return tuple(quantize(w, bits, block_size_for(bits, block_size)) for w in weights)

@@ -40,7 +40,6 @@ class CalibrationOptions:
     sequence_length: int = 128
     prefill_window: int = 32
     quant_tokens: int = 1024  # tokens used for quantization-error figures
-    block_size: int = 32
 
 
 def calibration_ids(options: CalibrationOptions, encode) -> np.ndarray:

@@ -15,7 +15,7 @@ from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.layout import GraphIO
 from fate.artifacts.schema import PRECISION_BITS
 
-from .sessions import make_session
+from .sessions import make_expert_session
 
 
 @dataclass
@@ -89,7 +89,7 @@ class ResidentExperts(ExpertStore):
             files = spec.experts[self.precisions[spec.index]]
             for expert, path in enumerate(files):
                 data = artifact.read_graph(path, verify=verify)
-                self.sessions[(spec.index, expert)] = make_session(data, threads=1)
+                self.sessions[(spec.index, expert)] = make_expert_session(data)
                 self.stats.loads += 1
                 self.stats.bytes_read += len(data)
 

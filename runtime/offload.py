@@ -155,7 +155,9 @@ class OffloadedExperts(ExpertStore):
         for l in layers:
             decided = self._policy(l.index)
             predictor, width = self._predictor(l.index, decided, l.routing.top_k)
-            width = min(width, slots[l.index])
+            # Prefetching into the slots the running experts need evicts them: with 5 slots, top-2 and
+            # width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
+            width = min(width, max(0, slots[l.index] - l.routing.top_k))
             low = decided.prefill_precision if decided and opts.low_bit_prefill else None
             plans[l.index] = LayerPlan(l.index, precision[l.index], expert_bytes[l.index], slots[l.index],
                                        predictor, width, decided.prefill_low_share if low else 0.0, low)

@@ -69,7 +69,7 @@ def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
         model.close()
     assert report["prefill"]["int2_loads"] > 0
     assert report["decode"]["int2_loads"] == 0
-    assert all(layer["precision"] == "int4" for layer in report["layers"].values())
+    assert all(layer["precision"] != "int2" for layer in report["layers"].values())  # never resident
 
 
 def test_too_small_budget_is_refused_with_the_minimum(calibrated):
@@ -94,6 +94,19 @@ def test_stats_report_per_phase_and_layer(calibrated):
     assert out["decode"]["hit_rate"] <= out["decode"]["covered_rate"] <= 1
     recalls = [r for r in out["decode"]["prefetch_recall_per_layer"].values() if r is not None]
     assert recalls and all(0 <= r <= 1 for r in recalls)
+
+
+def test_prefetch_width_leaves_room_for_the_experts_in_use(calibrated):
+    """A prediction wider than the free slots evicts the experts the layer is running with: at
+    most slots - top_k experts are prefetched, and layers with room still prefetch."""
+    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("50%")))
+    try:
+        plans = model.experts.plans
+        top_k = {spec.index: spec.routing.top_k for spec in Artifact.open(calibrated).manifest.moe_layers}
+    finally:
+        model.close()
+    assert all(0 <= p.width <= p.slots - top_k[p.index] for p in plans.values())
+    assert any(p.width > 0 for p in plans.values())
 
 
 def damage(art: Path, layer: int, expert: int, precision: str, how: str) -> str:

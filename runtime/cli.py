@@ -16,7 +16,7 @@ from .api import Engine
 from .cache import POLICIES
 from .generate import GenerationResult, SamplingConfig
 from .memory import peak_rss
-from .offload import PREFETCH_MODES, OffloadOptions
+from .offload import LOW_BIT_PREFILL_MODES, PREFETCH_MODES, OffloadOptions
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
@@ -84,14 +84,15 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc", show_default=True)
 @click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
               help="Per-layer cache shares: the compiled policy's, or equal.")
-@click.option("--int2-prefill/--no-int2-prefill", default=True, show_default=True,
-              help="Move the least popular experts at INT2 during prefill when the policy says so.")
+@click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
+              help="Move the least popular experts at INT2 during prefill where the policy says so; auto: "
+                   "only where this device loads INT2 faster than the resident precision.")
 @click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
          precision: str | None, threads: int, no_verify: bool, memory_budget: str | None, prefetch: str,
-         cache_policy: str, allocation: str, int2_prefill: bool, prefetch_threads: int, ignore_eos: bool) -> None:
+         cache_policy: str, allocation: str, int2_prefill: str, prefetch_threads: int, ignore_eos: bool) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
         offload = None if memory_budget is None else OffloadOptions(

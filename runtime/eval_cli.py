@@ -18,7 +18,7 @@ from fate.artifacts.budget import parse_budget
 
 from .api import Engine
 from .evaluate import perplexity, windows
-from .offload import OffloadOptions
+from .offload import LOW_BIT_PREFILL_MODES, OffloadOptions
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:
@@ -37,7 +37,7 @@ def agreement(model_logits, reference_logits, ids: list[int], window: int) -> fl
 @click.option("--window", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--max-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="0: the whole text.")
 @click.option("--memory-budget", default=None, help="Evaluate through the offloading runtime at this budget.")
-@click.option("--int2-prefill/--no-int2-prefill", default=True, show_default=True)
+@click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def main(artifact, text_file, reference, window, max_tokens, memory_budget, int2_prefill, as_json) -> None:
     """Quality of a Fate ARTIFACT on a text: perplexity, and agreement with a reference."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from statistics import median
 
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.layout import GraphIO
@@ -24,6 +26,12 @@ class LoadedExpert:
 
     def run(self, x):
         return self.session.run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
+
+
+@dataclass(frozen=True)
+class LoadCost:
+    resident_per_file_byte: float
+    seconds: float  # median wall time of a reload (read from storage, session creation)
 
 
 class ExpertLoader:
@@ -49,14 +57,17 @@ class ExpertLoader:
                 self._checked.add(path)
         return data
 
-    def resident_cost(self, layer: int, precision: str, samples: int = 3) -> float:
-        """Measured resident memory of one loaded expert relative to its file size (onnxruntime
-        keeps the initializers and their prepacked copy): the cache accounts experts at this
-        cost so that the budget bounds real memory, not file bytes. 1.0 where it cannot measure."""
+    def measure(self, layer: int, precision: str, samples: int = 3) -> LoadCost:
+        """Load a few experts of `layer` at `precision` and measure what one costs: resident memory
+        relative to its file size (onnxruntime keeps the initializers and their prepacked copy; the
+        cache accounts experts at this cost so that the budget bounds real memory, not file bytes;
+        1.0 where it cannot measure) and the seconds a reload takes on this device (read from
+        storage, session creation; the first load of a file also hashes it)."""
         files = self.artifact.manifest.layers[layer].experts[precision]
+        chosen = range(min(samples, len(files)))
         ratios = []
         keep = []
-        for expert in range(min(samples, len(files))):
+        for expert in chosen:
             release_freed_memory()
             before = current_rss()
             keep.append(self.load(layer, expert, precision))
@@ -64,10 +75,14 @@ class ExpertLoader:
             after = current_rss()
             if before is not None and after is not None:
                 ratios.append((after - before) / self._sizes[files[expert]])
+        seconds = []
+        for expert in chosen:  # timed apart: trimming the heap above makes the next allocation fault
+            start = time.perf_counter()
+            keep.append(self.load(layer, expert, precision))
+            seconds.append(time.perf_counter() - start)
         keep.clear()
-        if not ratios:
-            return 1.0
-        return max(1.0, sorted(ratios)[len(ratios) // 2])
+        ratio = max(1.0, median(ratios)) if ratios else 1.0
+        return LoadCost(resident_per_file_byte=ratio, seconds=median(seconds))
 
     def load(self, layer: int, expert: int, precision: str) -> LoadedExpert:
         stored = self.artifact.manifest.layers[layer].experts

@@ -27,10 +27,14 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .expert_cache import BudgetError, CacheCounters, ExpertCache
 from .experts import ExpertStore, resident_precision
-from .loader import ExpertLoader, LoadedExpert
+from .loader import LoadCost, ExpertLoader, LoadedExpert
 
 PREFETCH_MODES = ("none", "eap", "cross-layer")
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
+
+
+LOW_BIT_PREFILL_MODES = ("auto", "on", "off")
+LOW_BIT_MIN_GAIN = 0.9  # INT2 loads must be this much faster: a few timed loads are noisy
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,9 @@ class OffloadOptions:
     prefetch: str = "cross-layer"
     cache: str = "arc"
     allocation: str = "policy"  # or "uniform"
-    low_bit_prefill: bool = True
+    # INT2 prefill copies where the policy says: "auto" also needs this device to load them faster
+    # than the resident precision; "on" uses them whenever the policy says; "off" never.
+    low_bit_prefill: str = "auto"
     threads: int = 2
     verify: bool = True
     precision: str | None = None
@@ -95,6 +101,9 @@ class OffloadedExperts(ExpertStore):
             self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify))
         if options.prefetch not in PREFETCH_MODES:
             raise ArtifactError(f"unknown prefetch mode {options.prefetch!r}; choose from {', '.join(PREFETCH_MODES)}")
+        if options.low_bit_prefill not in LOW_BIT_PREFILL_MODES:
+            raise ArtifactError(f"unknown INT2 prefill mode {options.low_bit_prefill!r}; choose from "
+                                f"{', '.join(LOW_BIT_PREFILL_MODES)}")
         if options.prefetch == "eap" and self.profile is None:
             raise ArtifactError("--prefetch eap needs the transition counts of a calibrated artifact")
         self.loader = ExpertLoader(artifact, verify=options.verify)
@@ -129,11 +138,12 @@ class OffloadedExperts(ExpertStore):
         sizes = {f.path: f.size for f in manifest.files}
         layers = manifest.moe_layers
         precision = {l.index: resident_precision(self.artifact, l.index, opts.precision) for l in layers}
-        # an expert costs its measured resident size, not its file size (see ExpertLoader.resident_cost)
-        costs: dict[str, float] = {}
+        # an expert costs its measured resident size, not its file size (see ExpertLoader.measure)
+        self.load_costs: dict[str, LoadCost] = {}
         for l in layers:
-            if precision[l.index] not in costs:
-                costs[precision[l.index]] = self.loader.resident_cost(l.index, precision[l.index])
+            if precision[l.index] not in self.load_costs:
+                self.load_costs[precision[l.index]] = self.loader.measure(l.index, precision[l.index])
+        costs = {name: cost.resident_per_file_byte for name, cost in self.load_costs.items()}
         self.resident_cost = costs
         expert_bytes = {l.index: int(max(sizes[p] for p in l.experts[precision[l.index]]) * costs[precision[l.index]])
                         for l in layers}
@@ -158,10 +168,22 @@ class OffloadedExperts(ExpertStore):
             # Prefetching into the slots the running experts need evicts them: with 5 slots, top-2 and
             # width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
             width = min(width, max(0, slots[l.index] - l.routing.top_k))
-            low = decided.prefill_precision if decided and opts.low_bit_prefill else None
+            low = decided.prefill_precision if decided and opts.low_bit_prefill != "off" else None
+            if low is not None and opts.low_bit_prefill == "auto" and not self._loads_faster(
+                    l.index, low, precision[l.index]):
+                low = None
             plans[l.index] = LayerPlan(l.index, precision[l.index], expert_bytes[l.index], slots[l.index],
                                        predictor, width, decided.prefill_low_share if low else 0.0, low)
         return plans
+
+    def _loads_faster(self, layer: int, low: str, resident: str) -> bool:
+        """INT2 prefill copies save transfer bytes (the paper's PCIe link); where a load is mostly
+        session creation, as on a CPU, they can cost more than the resident precision (a 2048x1408
+        INT2 expert at block 32 takes 11 ms to create against 4 ms at INT4 block 128), so they are
+        used only where this device loads them faster."""
+        if low not in self.load_costs:
+            self.load_costs[low] = self.loader.measure(layer, low)
+        return self.load_costs[low].seconds < LOW_BIT_MIN_GAIN * self.load_costs[resident].seconds
 
     @staticmethod
     def _slots(layers, shares: dict[int, float], expert_bytes: dict[int, int], budget: int) -> dict[int, int]:
@@ -327,6 +349,7 @@ class OffloadedExperts(ExpertStore):
         self.stats.bytes_read = sum(p.cache.bytes_read + p.low_bit_bytes for p in self.phases.values())
         out = {"budget_bytes": sum(self.cache.capacities.values()), "total_expert_bytes": self.total_expert_bytes,
                "resident_cost_per_file_byte": self.resident_cost,
+               "load_ms": {name: cost.seconds * 1e3 for name, cost in self.load_costs.items()},
                "resident_bytes": self.cache.resident_bytes(), "prefetch": self.options.prefetch,
                "cache": self.options.cache, "allocation": self.options.allocation,
                "layers": {p.index: {"precision": p.precision, "slots": p.slots, "predictor": p.predictor,

@@ -47,7 +47,7 @@ def test_router_decides_same_tokens_whatever_budget_cache_or_prefetch(calibrated
         for prefetch in ("none", "eap", "cross-layer"):
             for cache, allocation in (("arc", "policy"), ("lru", "uniform")):
                 options = OffloadOptions(parse_budget(budget), prefetch=prefetch, cache=cache,
-                                         allocation=allocation, low_bit_prefill=False)
+                                         allocation=allocation, low_bit_prefill="off")
                 assert tokens(calibrated, options) == reference, (budget, prefetch, cache, allocation)
 
 
@@ -61,7 +61,7 @@ def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
     forced = dataclasses.replace(policy, layers=[dataclasses.replace(lp, prefill_precision="int2", prefill_low_share=0.5)
                                                  for lp in policy.layers])
     a.replace_manifest(dataclasses.replace(a.manifest, policy=forced))
-    model = FateModel.load(art, offload=OffloadOptions(parse_budget("30%")))
+    model = FateModel.load(art, offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="on"))
     try:
         generate(model, PROMPT * 3, 6, SamplingConfig(), eos_ids=set())
         report = model.experts.report()
@@ -135,7 +135,7 @@ def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how):
             lp["prefill_precision"] = None
     (art / "manifest.json").write_text(json.dumps(data))
     path = damage(art, 0, 0, "int4", how)
-    budget = OffloadOptions(parse_budget("100%"), low_bit_prefill=False)
+    budget = OffloadOptions(parse_budget("100%"), low_bit_prefill="off")
     if how != "corrupt":  # missing and truncated files are caught when the artifact is opened
         with pytest.raises(ArtifactError, match=Path(path).name):
             FateModel.load(art, offload=budget)
@@ -153,8 +153,8 @@ def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrate
     art = tmp_path / "art"
     shutil.copytree(calibrated, art)
     damage(art, 2, 3, "int4", "corrupt")
-    reference = tokens(calibrated, OffloadOptions(parse_budget("100%"), low_bit_prefill=False))
-    got = tokens(art, OffloadOptions(parse_budget("100%"), low_bit_prefill=False))
+    reference = tokens(calibrated, OffloadOptions(parse_budget("100%"), low_bit_prefill="off"))
+    got = tokens(art, OffloadOptions(parse_budget("100%"), low_bit_prefill="off"))
     assert len(got) == len(reference)
     err = capfd.readouterr().err
     if "using the int2 copy" not in err:  # expert 3 of layer 2 may simply not have been needed

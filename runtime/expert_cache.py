@@ -90,7 +90,9 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ public
 
-    def get(self, layer: int, expert: int) -> object:
+    def get(self, layer: int, expert: int, count_stall: bool = True) -> object:
+        """The expert's value, loaded here on a miss unless it is in flight. count_stall=False for
+        calls from a helper thread: its waiting is not the generation loop's."""
         self._raise_background_error()
         key = (layer, expert)
         counters = self.counters.layer(layer)
@@ -114,7 +116,8 @@ class ExpertCache:
         if run_here:
             self._complete(key, future)
         value = future.result()  # re-raises a failed load
-        self.counters.stall_s += time.perf_counter() - start
+        if count_stall:
+            self.counters.stall_s += time.perf_counter() - start
         return value
 
     def prefetch(self, layer: int, experts: list[int], step: int) -> None:

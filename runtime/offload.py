@@ -120,6 +120,10 @@ class OffloadedExperts(ExpertStore):
                                  self._load, policy=options.cache, threads=options.threads)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
+        # Misses of the layer being run, loaded `threads` at a time while the loop runs the others
+        self._demand_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-demand")
+        self._misses: list[int] = []
+        self._ahead: dict[tuple[int, int], Future] = {}
         self._predicted: dict[int, set[int]] = {}
         self._step = 0
         self._phase = "prefill"
@@ -304,9 +308,33 @@ class OffloadedExperts(ExpertStore):
             self._low[key] = self._low_pool.submit(self.loader.load, plan.index, expert, plan.low_precision)
 
     def order(self, layer: int, experts: list[int]) -> list[int]:
-        """Run resident experts first, so loads of the others overlap with their compute."""
+        """Run resident experts first, while the misses load in helper threads (a few at a time,
+        so that the memory held beyond the cache stays a few experts)."""
         resident = self.cache.resident(layer)
-        return sorted(experts, key=lambda e: (e not in resident, (layer, e) not in self._low))
+        ordered = sorted(experts, key=lambda e: (e not in resident, (layer, e) not in self._low))
+        self.cache.pin(layer, set(experts))  # the router has spoken: keep these until they have run
+        self._misses = [e for e in ordered if e not in resident and (layer, e) not in self._low]
+        self._load_ahead(layer)
+        return ordered
+
+    def _load_ahead(self, layer: int) -> None:
+        for expert in self._misses[: max(1, self.options.threads)]:
+            key = (layer, expert)
+            if key not in self._ahead:
+                self._ahead[key] = self._demand_pool.submit(self.cache.get, layer, expert, False)
+
+    def _take_ahead(self, layer: int, expert: int):
+        """The expert loaded ahead for this run, or None; refills the window first."""
+        future = self._ahead.pop((layer, expert), None)
+        if future is None:
+            return None
+        self._misses.remove(expert)
+        self._load_ahead(layer)
+        start = time.perf_counter()
+        try:
+            return future.result()  # re-raises a failed load
+        finally:
+            self.phases[self._phase].cache.stall_s += time.perf_counter() - start
 
     def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         self.stats.runs += 1
@@ -320,6 +348,9 @@ class OffloadedExperts(ExpertStore):
             phase.low_bit_loads += 1
             phase.low_bit_bytes += loaded.nbytes
             return loaded.run(x)
+        ahead = self._take_ahead(layer, expert)
+        if ahead is not None:
+            return ahead.run(x)
         return self.cache.get(layer, expert).run(x)
 
     def routed(self, layer: int, experts: set[int]) -> None:
@@ -333,11 +364,15 @@ class OffloadedExperts(ExpertStore):
         self.cache.pin(layer, set())
         for key in [k for k in self._low if k[0] == layer]:
             self._low.pop(key).cancel()
+        self._misses = []
+        for key in [k for k in self._ahead if k[0] == layer]:  # not run after all (an error upstream)
+            self._ahead.pop(key).cancel()
 
     def finish(self) -> None:
         self._switch_phase(self._phase)
 
     def close(self) -> None:
+        self._demand_pool.shutdown(wait=True, cancel_futures=True)
         self.cache.close()
         self._low_pool.shutdown(wait=False, cancel_futures=True)
 

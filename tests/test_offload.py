@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +108,34 @@ def test_prefetch_width_leaves_room_for_the_experts_in_use(calibrated):
         model.close()
     assert all(0 <= p.width <= p.slots - top_k[p.index] for p in plans.values())
     assert any(p.width > 0 for p in plans.values())
+
+
+def test_misses_load_in_parallel_within_a_window(calibrated):
+    """The misses of a layer load in helper threads while the loop runs its resident experts, at
+    most --prefetch-threads at a time (what is held beyond the cache stays a few experts)."""
+    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
+                                                              low_bit_prefill="off"))
+    store = model.experts
+    lock, active, peak = threading.Lock(), [0], [0]
+    load = store.loader.load
+
+    def slow_load(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.02)  # long enough that loads which may overlap do
+            return load(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    store.loader.load = slow_load
+    try:
+        generate(model, PROMPT * 3, 2, SamplingConfig(), eos_ids=set())
+    finally:
+        model.close()
+    assert peak[0] == 2
 
 
 def damage(art: Path, layer: int, expert: int, precision: str, how: str) -> str:

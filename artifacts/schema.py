@@ -21,6 +21,7 @@ SCHEMA_VERSION = "1.0"
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+DENSE_PRECISIONS = ("fp32", "int8", "int4")
 
 LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
@@ -92,6 +93,8 @@ class ModelSpec:
     # (multi-head latent attention caches a compressed latent and a shared rotary key)
     cache_key_dim: int | None = None
     cache_value_dim: int | None = None
+    # How the layer and head graphs store their linear weights (routers stay fp32): fp32, int8, int4
+    dense_precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ class Manifest:
                 raise ArtifactError(f"manifest: model.{name} = {value} is out of range")
         if not 0 < m.num_layers <= MAX_LAYERS or len(self.layers) != m.num_layers:
             raise ArtifactError(f"manifest: {len(self.layers)} layers listed, model.num_layers = {m.num_layers}")
+        if m.dense_precision not in DENSE_PRECISIONS:
+            raise ArtifactError(f"manifest: model.dense_precision {m.dense_precision!r} is not one of "
+                                f"{', '.join(DENSE_PRECISIONS)}")
         if m.num_heads % m.num_kv_heads:
             raise ArtifactError("manifest: model.num_heads is not a multiple of model.num_kv_heads")
         if len(m.rope_inv_freq) * 2 > m.head_dim:

@@ -27,6 +27,9 @@ from .profile import BUILTIN, CalibrationOptions
 @click.option("--block-size", type=int, default=None,
               help="Quantization group size along K, a power of two >= 16. Default: 128 for 8 and 4 bits "
                    "(faster to load and run), 32 for 2 bits.")
+@click.option("--dense-bits", default="32", show_default=True, type=click.Choice(["32", "8", "4"]),
+              help="Weights of attention, dense and shared MLPs and the LM head: float32, or INT8/INT4 "
+                   "MatMulNBits (routers stay float32).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.Choice([0, 4]),
               help="Quantized experts compute with int8 activations (4, about 3x faster) or in float32 (0).")
 @click.option("--calib", default=BUILTIN, show_default=True,
@@ -44,7 +47,7 @@ from .profile import BUILTIN, CalibrationOptions
               help="MODEL_DIR is an existing artifact: re-plan its policy from its profile for --budget.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it already exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, accuracy_level: int,
+def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, dense_bits: str, accuracy_level: int,
          calib: str, calib_tokens: int,
          budget: str, target_recall: float, max_quant_error: float, max_low_bit_error: float, policy_only: bool,
          force: bool, quiet: bool) -> None:
@@ -63,6 +66,7 @@ def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_siz
         options = CompileOptions(model_dir=model_dir, out_dir=out_dir,
                                  bits=tuple(sorted({int(b) for b in bits}, reverse=True)),
                                  block_size=block_size, accuracy_level=accuracy_level, force=force,
+                                 dense_bits=int(dense_bits),
                                  calibration=calibration,
                                  budget=parse_budget(budget), targets=targets)
         compile_checkpoint(options, log=log)

@@ -35,10 +35,12 @@ from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
 from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
+from .onnx_builder import WeightFormat
 from .quantize import block_size_for, quantize
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
+DENSE_BITS = (32, 8, 4)
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
@@ -55,6 +57,7 @@ class CompileOptions:
     bits: tuple[int, ...] = (4,)
     block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
+    dense_bits: int = 32  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
@@ -225,7 +228,11 @@ class WeightReader:
         return {role: self.get(role, layer) for role in self.layer_roles(layer)}
 
 
-def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
+def dense_format(opts: CompileOptions) -> WeightFormat:
+    return WeightFormat(bits=opts.dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+
+
+def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:
     return ModelSpec(
         family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
@@ -234,6 +241,7 @@ def model_spec(family: Family, cfg: ArchConfig) -> ModelSpec:
         sliding_window=cfg.sliding_window,
         cache_key_dim=cfg.latent_attention.kv_lora_rank if cfg.latent_attention else None,
         cache_value_dim=cfg.latent_attention.qk_rope_head_dim if cfg.latent_attention else None,
+        dense_precision=PRECISION_OF_BITS[dense_bits],
     )
 
 
@@ -243,13 +251,15 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
     if opts.block_size is not None and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
         raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
+    if opts.dense_bits not in DENSE_BITS:
+        raise ModelError(f"--dense-bits {opts.dense_bits} is not supported; choose from {list(DENSE_BITS)}")
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
     cfg = family.read_config(ckpt.config)
     tokenizer = read_tokenizer(opts.model_dir, cfg)
     reader = WeightReader(ckpt, family, cfg)
     reader.check_all()
-    spec = model_spec(family, cfg)
+    spec = model_spec(family, cfg, opts.dense_bits)
     calib_ids = None
     if opts.calibration is not None:
         encode = Tokenizer.from_str(tokenizer.files["tokenizer.json"].decode("utf-8")).encode
@@ -258,7 +268,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     with ArtifactWriter(opts.out_dir, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
             f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
-            f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}"
+            f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
         embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier).SerializeToString()
@@ -275,7 +285,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
         head = graphs.head_graph(cfg, reader.get(Role.FINAL_NORM), reader.optional(Role.FINAL_NORM_BIAS), lm_head,
-                                 reader.optional(Role.LM_HEAD_BIAS))
+                                 reader.optional(Role.LM_HEAD_BIAS), dense_format(opts))
         writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)
@@ -315,7 +325,7 @@ class LayerExporter:
                                            reader.optional(Role.MLP_NORM_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_BIAS, layer + 1))
-        info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer)
+        info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer, dense_format(self.opts))
         predicts_next = info.predicts_next
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()

@@ -16,8 +16,8 @@ import onnx
 from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
-from .onnx_builder import FLOAT, INT64, GraphBuilder
-from .quantize import QuantizedWeight, matmul_nbits
+from .onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
+from .quantize import QuantizedWeight, block_size_for, matmul_nbits, quantize
 
 W = dict[Role, np.ndarray]
 Weight = np.ndarray | QuantizedWeight
@@ -42,14 +42,21 @@ def norm(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, e
     return rms_norm(b, x, weight, eps)
 
 
-def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-    """x @ weight^T (+ bias), weight in the checkpoint's [out, in] layout, stored float32."""
-    y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T, dtype=np.float32), "weight"))
+def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None = None, exact: bool = False) -> str:
+    """x @ weight^T (+ bias), weight in the checkpoint's [out, in] layout, stored as the builder
+    says (float32, or quantized for MatMulNBits). `exact` keeps float32 whatever the builder says:
+    routers, whose logits pick the experts, and gates too small to be worth quantizing."""
+    fmt = b.weights
+    if exact or fmt.bits == 32:
+        y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T, dtype=np.float32), "weight"))
+    else:
+        q = quantize(np.asarray(weight, np.float32), fmt.bits, block_size_for(fmt.bits, fmt.block_size))
+        y = matmul_nbits(b, x, q, fmt.accuracy_level)
     return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 
 
 def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> str:
-    """down(silu(gate(x)) * up(x)), float32 weights."""
+    """down(silu(gate(x)) * up(x)), weights stored as the builder says."""
     g = linear(b, x, gate)
     return linear(b, b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), linear(b, x, up)), down)
 
@@ -283,7 +290,8 @@ class NextRouter:
     router_bias: np.ndarray | None = None
 
 
-def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None) -> LayerGraphInfo:
+def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
+                weights: WeightFormat = WeightFormat()) -> LayerGraphInfo:
     """One decoder layer: attention, then either the dense MLP or the MoE front half (router,
     top-k, shared expert) with the routed experts left to the runtime.
 
@@ -291,7 +299,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
       next_router_logits      = router_{l+1}(router input of l)           (the paper's predictor)
       next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
     The profile measures both; the policy picks one per layer."""
-    b = GraphBuilder(f"layer_{layer}")
+    b = GraphBuilder(f"layer_{layer}", weights)
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     rot = 2 * len(cfg.rope_inv_freq)
     cos = b.input(IO.COS, FLOAT, ["S", rot])
@@ -316,7 +324,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         out = b.op("Add", h, swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN]))
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
-        logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS))
+        logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
         b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
                  ["S", cfg.num_experts])
         if cfg.scoring == "sigmoid":
@@ -330,17 +338,17 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         if Role.SHARED_GATE in w:
             shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
             if Role.SHARED_EXPERT_GATE in w:
-                shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE])))
+                shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)))
             h = b.op("Add", h, shared)
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:
         experts = next_layer.router.shape[0]
-        predicted = choice_scores(b, linear(b, router_input, next_layer.router, next_layer.router_bias), cfg,
+        predicted = choice_scores(b, linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                   next_layer.score_bias)
         b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
         renormed = b.op("Reshape", norm(b, h_attn, next_layer.norm, next_layer.norm_bias, cfg.rms_norm_eps, cfg.norm),
                         b.ints([-1, cfg.hidden_size]))
-        b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias), cfg,
+        b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     return LayerGraphInfo(b.model(), next_layer is not None)
@@ -394,8 +402,8 @@ def embed_graph(embed: np.ndarray, multiplier: float = 1.0) -> onnx.ModelProto:
 
 
 def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndarray | None, lm_head: np.ndarray,
-               lm_head_bias: np.ndarray | None) -> onnx.ModelProto:
-    b = GraphBuilder("head")
+               lm_head_bias: np.ndarray | None, weights: WeightFormat = WeightFormat()) -> onnx.ModelProto:
+    b = GraphBuilder("head", weights)
     h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
     logits = linear(b, norm(b, h, final_norm, final_norm_bias, cfg.rms_norm_eps, cfg.norm), lm_head, lm_head_bias)
     logits_scaling = cfg.logits_scaling

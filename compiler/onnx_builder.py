@@ -2,10 +2,12 @@
 
 Graphs are written directly (not traced) so that the compiler needs only one layer's weights
 in memory at a time and every op is one we chose: standard ONNX at opset 17 plus
-`com.microsoft.MatMulNBits` for quantized experts.
+`com.microsoft.MatMulNBits` for quantized weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -18,9 +20,21 @@ FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a graph's linear layers store their weights (see graphs.linear): float32 MatMul
+    (bits 32), or block-wise quantized for MatMulNBits (bits 8 or 4) at `block_size` (None: the
+    quantizer's default), computing at `accuracy_level`."""
+
+    bits: int = 32
+    block_size: int | None = None
+    accuracy_level: int = 4
+
+
 class GraphBuilder:
-    def __init__(self, name: str):
+    def __init__(self, name: str, weights: WeightFormat = WeightFormat()):
         self.name = name
+        self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []

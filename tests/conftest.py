@@ -18,16 +18,18 @@ class Built:
         self.family = family
         self.ckpt = root / "ckpt"
         self.hf = make_model(family, self.ckpt, **kwargs)
-        self._artifacts: dict[tuple[int, ...], Path] = {}
+        self._artifacts: dict[tuple, Path] = {}
 
-    def artifact(self, *bits: int) -> Path:
+    def artifact(self, *bits: int, dense_bits: int = 32, accuracy_level: int = 4) -> Path:
         from fate.compiler import CompileOptions, compile_checkpoint
 
-        if bits not in self._artifacts:
-            out = self.root / ("art_" + "_".join(map(str, bits)))
-            compile_checkpoint(CompileOptions(self.ckpt, out, bits=bits), log=lambda _m: None)
-            self._artifacts[bits] = out
-        return self._artifacts[bits]
+        key = (*bits, "dense", dense_bits, "level", accuracy_level)
+        if key not in self._artifacts:
+            out = self.root / "_".join(["art", *map(str, key)])
+            compile_checkpoint(CompileOptions(self.ckpt, out, bits=bits, dense_bits=dense_bits,
+                                              accuracy_level=accuracy_level), log=lambda _m: None)
+            self._artifacts[key] = out
+        return self._artifacts[key]
 
 
 CASES = {

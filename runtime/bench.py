@@ -2,7 +2,7 @@
 [--repeat R] [--json OUT]
 
 Every configuration runs in a fresh process (so peak resident memory is its own), interleaved
-with the others in each repeat, after one warm-up round; the table reports medians with their
+with the others in each repeat (in alternating order), after one warm-up round; the table reports medians with their
 spread, and ratios against the all-resident run and against load-on-demand at the same budget,
 all measured in this one invocation.
 """
@@ -183,7 +183,9 @@ def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cach
         total = len(configs) * (repeat + 1)
         done = 0
         for round_ in range(repeat + 1):  # round 0 warms up and is not counted
-            for config in configs:
+            # Alternate the order: a run right after the all-resident one starts with the page cache and
+            # free memory it left (measured: the same plan ran 14% slower in that position).
+            for config in (configs if round_ % 2 else configs[::-1]):
                 done += 1
                 click.echo(f"\r[{done}/{total}] {'warm-up' if round_ == 0 else f'repeat {round_}'}: "
                            f"{config.label:28s}", nl=False, err=True)

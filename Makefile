@@ -34,7 +34,7 @@ demo: compile-example
 
 # Held-out perplexity: INT4 and float32 artifacts against transformers in float32.
 perplexity: compile-example
-	$(BIN)/fate-compile examples/tiny-moe -o out/tiny-moe-fp32 --bits 32 --force -q
+	$(BIN)/fate-compile examples/tiny-moe -o out/tiny-moe-fp32 --bits 32 --dense-bits 32 --force -q
 	$(BIN)/python examples/perplexity.py examples/tiny-moe $(ARTIFACT) out/tiny-moe-fp32
 
 # Longer fuzzing of the manifest and archive readers than make test does.

@@ -57,7 +57,7 @@ class CompileOptions:
     bits: tuple[int, ...] = (4,)
     block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
-    dense_bits: int = 32  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4
+    dense_bits: int = 8  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for

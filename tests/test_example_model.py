@@ -24,7 +24,7 @@ def example(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("example")
     compile_checkpoint(CompileOptions(EXAMPLE, root / "int4", bits=(4,)), log=lambda _m: None)
-    compile_checkpoint(CompileOptions(EXAMPLE, root / "fp32", bits=(32,)), log=lambda _m: None)
+    compile_checkpoint(CompileOptions(EXAMPLE, root / "fp32", bits=(32,), dense_bits=32), log=lambda _m: None)
     hf = AutoModelForCausalLM.from_pretrained(EXAMPLE, dtype=torch.float32).eval()
 
     def hf_logits(ids: list[int]) -> np.ndarray:

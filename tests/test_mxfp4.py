@@ -52,7 +52,7 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path):
     ckpt = tmp_path / "mxfp4"
     shutil.copytree(tmp_path / "bf16", ckpt)
     save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
-    compile_checkpoint(CompileOptions(ckpt, tmp_path / "art", bits=(32,)), log=lambda _m: None)
+    compile_checkpoint(CompileOptions(ckpt, tmp_path / "art", bits=(32,), dense_bits=32), log=lambda _m: None)
     ids = [5, 17, 99, 3, 250, 41, 7]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()

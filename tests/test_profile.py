@@ -27,7 +27,8 @@ CALIB = CalibrationOptions(tokens=1024)
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("calibrated") / "art"
-    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,), calibration=CALIB), log=lambda _m: None)
+    # float32 dense weights: the recall checks below compare with transformers' own routing
+    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,), dense_bits=32, calibration=CALIB), log=lambda _m: None)
     return out
 
 
@@ -116,7 +117,8 @@ def test_profiler_recall_per_family(family, tmp_path):
 
     hf = make_model(family, tmp_path / "ckpt", seed=7)
     out = tmp_path / "art"
-    compile_checkpoint(CompileOptions(tmp_path / "ckpt", out, bits=(4,), calibration=CALIB), log=lambda _m: None)
+    compile_checkpoint(CompileOptions(tmp_path / "ckpt", out, bits=(4,), dense_bits=32, calibration=CALIB),
+                       log=lambda _m: None)
     tok = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
     check_recall_against_transformers(hf, out, lambda text: tok.encode(text).ids)
 

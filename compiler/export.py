@@ -344,7 +344,8 @@ class LayerExporter:
         if self.profiler:
             measured = self.profiler.finish_layer()
             sensitive = measured.quant_error["int4"] > self.opts.targets.max_quant_error
-            if sensitive and 8 not in self.bits:  # the policy will want this layer at INT8
+            # the policy will want such a layer at INT8 (asked-for float experts need no fallback)
+            if sensitive and 8 not in self.bits and min(self.opts.bits) < 8:
                 experts.update(self._write_experts(layer, (8,), feed_profiler=False))
         routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)

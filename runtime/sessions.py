@@ -19,7 +19,7 @@ def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    return _without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers)))
 
 
 def _options(threads: int) -> ort.SessionOptions:
@@ -40,5 +40,16 @@ def make_expert_session(model: bytes, providers: tuple[str, ...] = DEFAULT_PROVI
     creation is what every cache miss pays."""
     options = _options(threads=1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    return _without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers)))
+
+
+def _without_model_bytes(session: ort.InferenceSession) -> ort.InferenceSession:
+    """onnxruntime's Python wrapper keeps the serialized model it was given for the life of the
+    session (only to rebuild it if a provider fails and falls back), on top of the copy the C++
+    session made: measured, 2.25x an INT4 expert file resident instead of 1.25x, so a budget held
+    half as many experts. Fate turns the fallback off and lets the bytes go."""
+    if getattr(session, "_model_bytes", None) is not None:
+        session.disable_fallback()
+        session._model_bytes = None
+    return session
 

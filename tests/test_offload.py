@@ -225,5 +225,7 @@ def test_resident_memory_tracks_the_budget(tmp_path):
     for out in (quarter, half):
         assert out["offload"]["resident_bytes"] <= out["offload"]["budget_bytes"]
     assert quarter["peak_rss_bytes"] < half["peak_rss_bytes"] <= resident["peak_rss_bytes"] * 1.05
+    # a loaded expert costs its session, not also a copy of its file (see sessions._without_model_bytes)
+    assert quarter["offload"]["resident_cost_per_file_byte"]["int4"] < 1.6
     # a quarter of the experts resident saves at least half of what the other three quarters weigh on disk
     assert resident["peak_rss_bytes"] - quarter["peak_rss_bytes"] > 0.5 * 0.75 * expert_files

@@ -64,9 +64,10 @@ class _Entry:
 
 
 class ExpertCache:
-    def __init__(self, capacities: dict[int, int], load: Callable[[int, int], tuple[object, int]],
+    def __init__(self, capacities: dict[int, int], load: Callable[[int, int], tuple[object, int, int]],
                  policy: str = "arc", threads: int = 2):
-        """capacities: bytes per layer group; load(layer, expert) -> (value, nbytes)."""
+        """capacities: bytes per layer group; load(layer, expert) -> (value, nbytes it costs resident,
+        bytes it read from storage)."""
         self.capacities = capacities
         self._load = load
         self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](1 << 30) for layer in capacities}
@@ -163,7 +164,7 @@ class ExpertCache:
     def _complete(self, key: Key, future: Future, prefetched: bool = False) -> None:
         """Load `key` (outside the lock), insert it, resolve its future."""
         try:
-            value, nbytes = self._load(*key)
+            value, nbytes, read = self._load(*key)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._inflight.pop(key, None)
@@ -171,7 +172,7 @@ class ExpertCache:
             return
         with self._lock:
             self.counters.loads += 1
-            self.counters.bytes_read += nbytes
+            self.counters.bytes_read += read
             self._insert(key, value, nbytes, cold=prefetched and key not in self._wanted)
             self._inflight.pop(key, None)
             self._wanted.discard(key)

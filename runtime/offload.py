@@ -27,7 +27,8 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .expert_cache import BudgetError, CacheCounters, ExpertCache
 from .experts import ExpertStore, resident_precision
-from .loader import LoadCost, ExpertLoader, LoadedExpert
+from .loader import ExpertLoader, LoadCost, LoadedExpert
+from .memory import current_rss, release_freed_memory
 
 PREFETCH_MODES = ("none", "eap", "cross-layer")
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
@@ -130,6 +131,9 @@ class OffloadedExperts(ExpertStore):
         self._phase_start = time.perf_counter()
         self.phases = {"prefill": PhaseStats(), "decode": PhaseStats()}
         self._snapshot = CacheCounters()
+        self._memory_floor: int | None = None
+        self._memory_margin = max(16 << 20, sum(self.cache.capacities.values()) // 8)
+        self.heap_trims = 0
 
     # ------------------------------------------------------------------ planning the run
 
@@ -222,16 +226,37 @@ class OffloadedExperts(ExpertStore):
 
     # ------------------------------------------------------------------ ExpertStore
 
-    def _load(self, layer: int, expert: int) -> tuple[LoadedExpert, int]:
+    def _load(self, layer: int, expert: int) -> tuple[LoadedExpert, int, int]:
         plan = self.plans[layer]
         loaded = self.loader.load(layer, expert, plan.precision)
-        return loaded, int(loaded.nbytes * self.resident_cost.get(loaded.precision, 1.0))
+        return loaded, int(loaded.nbytes * self.resident_cost.get(loaded.precision, 1.0)), loaded.nbytes
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
+        self._bound_heap()
         phase = "prefill" if prefill else "decode"
         self._switch_phase(phase)
         self._step += 1
         self.phases[phase].tokens += num_tokens
+
+    def _bound_heap(self) -> None:
+        """Keep resident memory within the budget plus a margin. Evicted sessions free their
+        memory, but the C heap keeps it mapped for reuse: measured, 100 MB retained beside a
+        59 MB cache on a 4-layer model at 50%. Returning every large block to the system at once
+        instead (a fixed mmap threshold) doubled the time of a load, so the heap is trimmed only
+        when the process outgrows what it had before any expert plus the budget and the margin;
+        memory still above that after a trim (a growing KV cache) raises the floor."""
+        rss = current_rss()
+        if rss is None:
+            return
+        if self._memory_floor is None:
+            self._memory_floor = rss - self.cache.resident_bytes()
+        limit = self._memory_floor + sum(self.cache.capacities.values()) + self._memory_margin
+        if rss > limit:
+            release_freed_memory()
+            self.heap_trims += 1
+            rss = current_rss() or rss
+            if rss > limit:
+                self._memory_floor = rss - self.cache.resident_bytes() - self._memory_margin
 
     def _switch_phase(self, phase: str) -> None:
         now = time.perf_counter()
@@ -385,6 +410,7 @@ class OffloadedExperts(ExpertStore):
         out = {"budget_bytes": sum(self.cache.capacities.values()), "total_expert_bytes": self.total_expert_bytes,
                "resident_cost_per_file_byte": self.resident_cost,
                "load_ms": {name: cost.seconds * 1e3 for name, cost in self.load_costs.items()},
+               "heap_trims": self.heap_trims,
                "resident_bytes": self.cache.resident_bytes(), "prefetch": self.options.prefetch,
                "cache": self.options.cache, "allocation": self.options.allocation,
                "layers": {p.index: {"precision": p.precision, "slots": p.slots, "predictor": p.predictor,

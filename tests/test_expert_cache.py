@@ -23,7 +23,7 @@ class FakeLoader:
         time.sleep(self.delay)
         if (layer, expert) in self.fail:
             raise OSError(f"cannot read expert {expert} of layer {layer}")
-        return f"blob-{layer}-{expert}", self.nbytes
+        return f"blob-{layer}-{expert}", self.nbytes, self.nbytes
 
 
 @pytest.mark.parametrize("policy", ["arc", "lru"])

@@ -169,6 +169,14 @@ def test_width_is_the_smallest_reaching_the_target_and_shortfall_is_reported():
     assert plan(weak, layers).layers[1].predictor == "none"
 
 
+def test_width_stops_where_one_more_expert_is_rarely_used():
+    # recall 0.95, 0.97, 0.99 at widths 2, 3, 4: the target is reached at 3, but the third expert
+    # would be used 4% of the time, so each token would pay a load for it in vain
+    profile, layers = synthetic([0.0, 0.95])
+    policy = plan(profile, layers, PlanTargets(target_recall=0.97))
+    assert policy.layers[1].prefetch_width == 2 and "needs width 3" in policy.layers[1].reasons["prefetch"]
+
+
 def test_precision_and_int2_share_follow_the_error_bounds():
     profile, layers = synthetic([0.0, 0.99])
     tight = plan(profile, layers, PlanTargets(max_quant_error=0.01, max_low_bit_error=0.05))

@@ -5,6 +5,11 @@ with the bundled example tokenizer (so the vocabulary is small and the experts d
     python examples/make_realistic_moe.py --layers 4 --out /tmp/qwen-moe-a2.7b-4l
 
 Random weights (transformers' own init): for speed and memory measurements, not for text.
+With transformers' init each layer's update is as large as the residual stream it adds to, so adjacent
+router inputs are far apart (cosine 0.33-0.78) and routing cannot be predicted across layers; trained
+models have a stream large against each update (the Fate paper measures similarities near 0.9 on real
+checkpoints). `--embedding-scale 100` builds that regime synthetically: the embedding is scaled up, so
+the stream starts large and every router input stays close to the previous layer's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedding-scale", type=float, default=1.0,
+                    help="multiply the embedding by this (1: transformers' init; 100: trained-like similarity)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     config = Qwen2MoeConfig(
@@ -34,6 +41,8 @@ def main() -> None:
         eos_token_id=0, bos_token_id=0, dtype="bfloat16",
     )
     model = Qwen2MoeForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(args.embedding_scale)
     model.save_pretrained(args.out, max_shard_size="2GB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EXAMPLE / name, args.out / name)

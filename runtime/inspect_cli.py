@@ -102,7 +102,8 @@ def main(artifact: str, html_out: Path | None) -> None:
         art = Artifact.open(artifact)
         m = art.manifest
         click.echo(f"{m.model.architecture} ({m.model.family}): {m.model.num_layers} layers, "
-                   f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, dense weights {m.model.dense_precision}; Fate {m.fate_version}")
+                   f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, "
+                   f"dense weights {m.model.dense_precision}; Fate {m.fate_version}")
         if not m.profile:
             click.echo("no calibration profile (compiled with --calib none)")
             return

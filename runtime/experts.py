@@ -15,6 +15,7 @@ from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.layout import GraphIO
 from fate.artifacts.schema import PRECISION_BITS
 
+from .memory import release_freed_memory
 from .sessions import make_expert_session
 
 
@@ -92,6 +93,10 @@ class ResidentExperts(ExpertStore):
                 self.sessions[(spec.index, expert)] = make_expert_session(data)
                 self.stats.loads += 1
                 self.stats.bytes_read += len(data)
+            # Each load's transient copies of the file (Python's, onnxruntime's, the parsed graph)
+            # leave holes the next, equally large ones do not fit in: measured, 736 MB of freed heap
+            # still mapped after loading 240 experts of 4.6 MB. Hand it back once per layer.
+            release_freed_memory()
 
     def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         self.stats.runs += 1

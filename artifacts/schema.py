@@ -93,7 +93,8 @@ class ModelSpec:
     # (multi-head latent attention caches a compressed latent and a shared rotary key)
     cache_key_dim: int | None = None
     cache_value_dim: int | None = None
-    # How the layer and head graphs store their linear weights (routers stay fp32): fp32, int8, int4
+    # How the layer and head graphs store their linear weights (routers stay fp32): fp32, int8, int4;
+    # when not fp32 the embedding table is INT8 per row
     dense_precision: str = "fp32"
 
 

@@ -57,7 +57,7 @@ class CompileOptions:
     bits: tuple[int, ...] = (4,)
     block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
-    dense_bits: int = 8  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4
+    dense_bits: int = 8  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4; embedding INT8 if < 32
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
@@ -271,7 +271,8 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
-        embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier).SerializeToString()
+        embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier,
+                                        quantized=opts.dense_bits < 32).SerializeToString()
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
             spec, calib_ids, embed_data, opts.calibration, opts.calibration.source,

@@ -17,7 +17,7 @@ from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
-from .quantize import QuantizedWeight, block_size_for, matmul_nbits, quantize
+from .quantize import QuantizedWeight, block_size_for, matmul_nbits, quantize, quantize_rows_int8
 
 W = dict[Role, np.ndarray]
 Weight = np.ndarray | QuantizedWeight
@@ -391,10 +391,15 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
     return b.model()
 
 
-def embed_graph(embed: np.ndarray, multiplier: float = 1.0) -> onnx.ModelProto:
+def embed_graph(embed: np.ndarray, multiplier: float = 1.0, quantized: bool = False) -> onnx.ModelProto:
     b = GraphBuilder("embed")
     ids = b.input(IO.INPUT_IDS, INT64, ["S"])
-    h = b.op("Gather", b.const(embed.astype(np.float32), "embed_tokens"), ids, axis=0)
+    if quantized:  # a row is gathered, then scaled: INT8 per row, a quarter of the float32 table
+        codes, scales = quantize_rows_int8(embed)
+        h = b.op("Mul", b.op("Cast", b.op("Gather", b.const(codes, "embed_codes"), ids, axis=0), to=FLOAT),
+                 b.op("Gather", b.const(scales, "embed_scales"), ids, axis=0))
+    else:
+        h = b.op("Gather", b.const(embed.astype(np.float32), "embed_tokens"), ids, axis=0)
     if multiplier != 1.0:
         h = b.op("Mul", h, b.scalar(multiplier, "embedding_multiplier"))
     b.output(b.op("Unsqueeze", h, b.ints([0])), IO.HIDDEN, FLOAT, [1, "S", embed.shape[1]])

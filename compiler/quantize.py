@@ -110,3 +110,16 @@ def matmul_nbits(b: GraphBuilder, x: str, q: QuantizedWeight, accuracy_level: in
         b.const(q.packed, "qweight"), b.const(q.scales, "scales"), b.const(q.zero_points, "zero_points"),
         domain=MS_DOMAIN, K=q.k, N=q.n, bits=q.bits, block_size=q.block_size, accuracy_level=accuracy_level,
     )
+
+
+def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 per row, for lookup tables (embeddings) that are gathered, not multiplied:
+    (codes int8 [V, H], scales float32 [V, 1]) with table ~= codes * scales."""
+    t = np.asarray(table, dtype=np.float32)
+    scale = np.abs(t).max(axis=1, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.round(t / scale), -127, 127).astype(np.int8), scale
+
+
+def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scales

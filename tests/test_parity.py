@@ -82,9 +82,10 @@ def test_quantized_logit_error_is_bounded(built, bits, bound, record_property):
 
 def dequantized_dense_copy(hf, bits: int):
     """transformers' model with every weight that Fate quantizes as a dense weight (the Linear
-    layers: attention, dense and shared MLPs, LM head; not routers or the shared-expert gate)
-    replaced by what the quantizer stores, dequantized: the exact reference for those graphs."""
-    from fate.compiler.quantize import DEFAULT_BLOCK_SIZE, dequantize, quantize
+    layers: attention, dense and shared MLPs, LM head; not routers or the shared-expert gate; and
+    the embedding, INT8 per row) replaced by what the quantizer stores, dequantized: the exact
+    reference for those graphs."""
+    from fate.compiler.quantize import DEFAULT_BLOCK_SIZE, dequantize, dequantize_rows, quantize, quantize_rows_int8
 
     model = copy.deepcopy(hf)
     for name, module in model.named_modules():
@@ -92,6 +93,9 @@ def dequantized_dense_copy(hf, bits: int):
             w = module.weight.detach().float().numpy()
             stored = dequantize(quantize(w, bits, DEFAULT_BLOCK_SIZE[bits]))
             module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(stored)))  # unties an LM head
+    embed = model.get_input_embeddings()
+    table = dequantize_rows(*quantize_rows_int8(embed.weight.detach().float().numpy()))
+    embed.weight = torch.nn.Parameter(torch.from_numpy(table))
     return model
 
 
@@ -112,5 +116,7 @@ def test_quantized_dense_weights_compute_what_they_store(built, dense_bits):
     assert artifact.manifest.model.dense_precision == f"int{dense_bits}"
     layer_graph = onnx.load_from_string(artifact.read_bytes(artifact.manifest.layers[0].graph))
     assert "MatMulNBits" in {node.op_type for node in layer_graph.graph.node}
+    embed_graph = onnx.load_from_string(artifact.read_bytes(artifact.manifest.embed_graph))
+    assert {t.data_type for t in embed_graph.graph.initializer} >= {onnx.TensorProto.INT8}
     ref = hf_logits(dequantized_dense_copy(built.hf, dense_bits), PROMPT)
     assert rel_err(FateModel.load(path).logits(PROMPT), ref) < 1e-4

@@ -62,12 +62,32 @@ def _unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def quantize(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
-    """Asymmetric min/max quantization of weight [N, K] (a Linear's [out, in] layout)."""
+    """Asymmetric min/max quantization of weight [N, K] (a Linear's [out, in] layout), a band of
+    rows at a time: a 151,936 x 2,048 LM head would otherwise need three float32 copies at once."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
-    w = np.asarray(weight, dtype=np.float32)
+    n, k = weight.shape
+    n_blocks = -(-k // block_size)
+    zero_row = -(-n_blocks * bits // 8)
+    packed = np.empty((n, n_blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty(n * n_blocks, np.float32)
+    zero_points = np.empty(n * zero_row, np.uint8)
+    rows = max(1, ROWS_ELEMENTS // max(k, 1))
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        band = _quantize_rows(np.asarray(weight[i:j], dtype=np.float32), bits, block_size)
+        packed[i:j], scales[i * n_blocks:j * n_blocks], zero_points[i * zero_row:j * zero_row] = band
+    return QuantizedWeight(packed=packed, scales=scales, zero_points=zero_points,
+                           n=n, k=k, bits=bits, block_size=block_size)
+
+
+ROWS_ELEMENTS = 1 << 22  # weights quantized per band: 16 MB of float32 temporaries
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed codes, scales, packed zero points) of float32 rows w [n, K]."""
     n, k = w.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n, n_blocks * block_size), np.float32)
@@ -81,12 +101,7 @@ def quantize(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     zero = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
     codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels).astype(np.uint8)
-    return QuantizedWeight(
-        packed=_pack_low_first(codes, bits),
-        scales=scale.reshape(-1),
-        zero_points=_pack_low_first(zero, bits).reshape(-1),
-        n=n, k=k, bits=bits, block_size=block_size,
-    )
+    return _pack_low_first(codes, bits), scale.reshape(-1), _pack_low_first(zero, bits).reshape(-1)
 
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:
@@ -114,11 +129,16 @@ def matmul_nbits(b: GraphBuilder, x: str, q: QuantizedWeight, accuracy_level: in
 
 def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric INT8 per row, for lookup tables (embeddings) that are gathered, not multiplied:
-    (codes int8 [V, H], scales float32 [V, 1]) with table ~= codes * scales."""
-    t = np.asarray(table, dtype=np.float32)
-    scale = np.abs(t).max(axis=1, keepdims=True) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.round(t / scale), -127, 127).astype(np.int8), scale
+    (codes int8 [V, H], scales float32 [V, 1]) with table ~= codes * scales. A band of rows at a time."""
+    v, h = table.shape
+    codes, scales = np.empty((v, h), np.int8), np.empty((v, 1), np.float32)
+    rows = max(1, ROWS_ELEMENTS // max(h, 1))
+    for i in range(0, v, rows):
+        t = np.asarray(table[i:i + rows], dtype=np.float32)
+        scale = np.abs(t).max(axis=1, keepdims=True) / 127.0
+        scales[i:i + rows] = np.where(scale > 0, scale, 1.0)
+        codes[i:i + rows] = np.clip(np.round(t / scales[i:i + rows]), -127, 127)
+    return codes, scales
 
 
 def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

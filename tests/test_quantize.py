@@ -72,3 +72,20 @@ def test_biased_clamped_expert_matches_numpy(bits):
     got = make_session(model.SerializeToString()).run(["y"], {"x": x})[0]
     expected = expert_forward(x, *reference, biases=biases, limit=7.0, alpha=1.702)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_banded_quantization_equals_whole(monkeypatch):
+    """Large weights (LM heads, embeddings) are quantized a band of rows at a time to bound memory;
+    uneven bands give exactly what one band gives."""
+    from fate.compiler import quantize as q
+
+    w = np.random.default_rng(5).standard_normal((101, 300)).astype(np.float32)
+    whole = {bits: q.quantize(w, bits, 32) for bits in (2, 4, 8)}
+    whole_rows = q.quantize_rows_int8(w)
+    monkeypatch.setattr(q, "ROWS_ELEMENTS", 300 * 7)
+    for bits, expected in whole.items():
+        banded = q.quantize(w, bits, 32)
+        for field in ("packed", "scales", "zero_points"):
+            assert np.array_equal(getattr(banded, field), getattr(expected, field)), (bits, field)
+    codes, scales = q.quantize_rows_int8(w)
+    assert np.array_equal(codes, whole_rows[0]) and np.array_equal(scales, whole_rows[1])

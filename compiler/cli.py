@@ -27,10 +27,10 @@ from .profile import BUILTIN, CalibrationOptions
 @click.option("--block-size", type=int, default=None,
               help="Quantization group size along K, a power of two >= 16. Default: 128 for 8 and 4 bits "
                    "(faster to load and run), 32 for 2 bits.")
-@click.option("--dense-bits", default="8", show_default=True, type=click.Choice(["32", "8", "4"]),
+@click.option("--dense-bits", default="auto", show_default=True, type=click.Choice(["auto", "32", "8", "4"]),
               help="Weights of attention, dense and shared MLPs and the LM head: INT8/INT4 MatMulNBits or "
-                   "float32 (32, with --bits 32 for an exact reference); the embedding is INT8 per row "
-                   "unless 32. Routers stay float32.")
+                   "float32; the embedding is INT8 per row unless 32. auto: float32 when the experts are "
+                   "float (--bits 32/16), else 8. Routers stay float32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.Choice([0, 4]),
               help="Quantized experts compute with int8 activations (4, about 3x faster) or in float32 (0).")
 @click.option("--calib", default=BUILTIN, show_default=True,
@@ -48,7 +48,8 @@ from .profile import BUILTIN, CalibrationOptions
               help="MODEL_DIR is an existing artifact: re-plan its policy from its profile for --budget.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it already exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, dense_bits: str, accuracy_level: int,
+def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, dense_bits: str,
+         accuracy_level: int,
          calib: str, calib_tokens: int,
          budget: str, target_recall: float, max_quant_error: float, max_low_bit_error: float, policy_only: bool,
          force: bool, quiet: bool) -> None:
@@ -67,7 +68,7 @@ def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_siz
         options = CompileOptions(model_dir=model_dir, out_dir=out_dir,
                                  bits=tuple(sorted({int(b) for b in bits}, reverse=True)),
                                  block_size=block_size, accuracy_level=accuracy_level, force=force,
-                                 dense_bits=int(dense_bits),
+                                 dense_bits=None if dense_bits == "auto" else int(dense_bits),
                                  calibration=calibration,
                                  budget=parse_budget(budget), targets=targets)
         compile_checkpoint(options, log=log)

@@ -57,11 +57,19 @@ class CompileOptions:
     bits: tuple[int, ...] = (4,)
     block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
-    dense_bits: int = 8  # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4; embedding INT8 if < 32
+    # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4, the embedding INT8 if < 32;
+    # None: float32 when the experts are float (--bits 32/16, a reference artifact), else INT8
+    dense_bits: int | None = None
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
     targets: PlanTargets = PlanTargets()
+
+    @property
+    def resolved_dense_bits(self) -> int:
+        if self.dense_bits is not None:
+            return self.dense_bits
+        return 32 if min(self.bits, default=4) >= 16 else 8
 
 
 def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
@@ -229,7 +237,7 @@ class WeightReader:
 
 
 def dense_format(opts: CompileOptions) -> WeightFormat:
-    return WeightFormat(bits=opts.dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+    return WeightFormat(bits=opts.resolved_dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
 
 
 def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:
@@ -251,7 +259,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
     if opts.block_size is not None and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
         raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
-    if opts.dense_bits not in DENSE_BITS:
+    if opts.resolved_dense_bits not in DENSE_BITS:
         raise ModelError(f"--dense-bits {opts.dense_bits} is not supported; choose from {list(DENSE_BITS)}")
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
@@ -259,7 +267,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     tokenizer = read_tokenizer(opts.model_dir, cfg)
     reader = WeightReader(ckpt, family, cfg)
     reader.check_all()
-    spec = model_spec(family, cfg, opts.dense_bits)
+    spec = model_spec(family, cfg, opts.resolved_dense_bits)
     calib_ids = None
     if opts.calibration is not None:
         encode = Tokenizer.from_str(tokenizer.files["tokenizer.json"].decode("utf-8")).encode
@@ -272,7 +280,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
         embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier,
-                                        quantized=opts.dense_bits < 32).SerializeToString()
+                                        quantized=opts.resolved_dense_bits < 32).SerializeToString()
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
             spec, calib_ids, embed_data, opts.calibration, opts.calibration.source,

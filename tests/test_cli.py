@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fate.artifacts import Artifact
+
 BIN = Path(sys.executable).parent
 
 
@@ -37,6 +39,18 @@ def test_compile_and_run_json(mixtral, tmp_path):
     assert len(out["token_ids"]) == 6 or out["stats"]["stop_reason"] == "eos"
     assert out["stats"]["prompt_tokens"] == len(out["prompt_ids"]) > 0
     assert out["experts"]["runs"] > 0 and isinstance(out["text"], str)
+    assert Artifact.open(art).manifest.model.dense_precision == "int8"  # quantized experts: quantized dense
+
+
+def test_float_experts_mean_a_float_reference_artifact():
+    from fate.compiler import CompileOptions
+
+    def dense(**kwargs) -> int:
+        return CompileOptions(Path("ckpt"), Path("out"), **kwargs).resolved_dense_bits
+
+    assert dense(bits=(32,)) == dense(bits=(16,)) == 32  # --bits 32: exact everywhere
+    assert dense(bits=(4,)) == dense(bits=(8, 4)) == dense() == 8
+    assert dense(bits=(32,), dense_bits=8) == 8 and dense(bits=(4,), dense_bits=32) == 32
 
 
 def test_streamed_text_equals_decoded_ids(mixtral):

@@ -29,8 +29,8 @@ from .profile import BUILTIN, CalibrationOptions
                    "(faster to load and run), 32 for 2 bits.")
 @click.option("--dense-bits", default="auto", show_default=True, type=click.Choice(["auto", "32", "8", "4"]),
               help="Weights of attention, dense and shared MLPs and the LM head: INT8/INT4 MatMulNBits or "
-                   "float32; the embedding is INT8 per row unless 32. auto: float32 when the experts are "
-                   "float (--bits 32/16), else 8. Routers stay float32.")
+                   "float32; the embedding is INT8 per row unless 32. auto: 8 when the experts are 4 bits or "
+                   "fewer, else 32. Routers stay float32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.Choice([0, 4]),
               help="Quantized experts compute with int8 activations (4, about 3x faster) or in float32 (0).")
 @click.option("--calib", default=BUILTIN, show_default=True,

@@ -58,7 +58,8 @@ class CompileOptions:
     block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE per bit width
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32 (exact)
     # attention, dense and shared MLPs, LM head: 32 (float32), 8 or 4, the embedding INT8 if < 32;
-    # None: float32 when the experts are float (--bits 32/16, a reference artifact), else INT8
+    # None: INT8 when the experts are 4 bits or fewer (an artifact built to be small), else float32
+    # (--bits 32/16 is a reference artifact; --bits 8 asks for accuracy)
     dense_bits: int | None = None
     force: bool = False
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
@@ -69,7 +70,7 @@ class CompileOptions:
     def resolved_dense_bits(self) -> int:
         if self.dense_bits is not None:
             return self.dense_bits
-        return 32 if min(self.bits, default=4) >= 16 else 8
+        return 8 if min(self.bits, default=4) <= 4 else 32
 
 
 def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:

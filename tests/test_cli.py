@@ -42,14 +42,14 @@ def test_compile_and_run_json(mixtral, tmp_path):
     assert Artifact.open(art).manifest.model.dense_precision == "int8"  # quantized experts: quantized dense
 
 
-def test_float_experts_mean_a_float_reference_artifact():
+def test_dense_precision_follows_the_experts_unless_asked():
     from fate.compiler import CompileOptions
 
     def dense(**kwargs) -> int:
         return CompileOptions(Path("ckpt"), Path("out"), **kwargs).resolved_dense_bits
 
-    assert dense(bits=(32,)) == dense(bits=(16,)) == 32  # --bits 32: exact everywhere
-    assert dense(bits=(4,)) == dense(bits=(8, 4)) == dense() == 8
+    assert dense(bits=(32,)) == dense(bits=(16,)) == dense(bits=(8,)) == 32  # --bits 32: exact everywhere
+    assert dense(bits=(4,)) == dense(bits=(8, 4)) == dense(bits=(2,)) == dense() == 8
     assert dense(bits=(32,), dense_bits=8) == 8 and dense(bits=(4,), dense_bits=32) == 32
 
 

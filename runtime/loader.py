@@ -62,7 +62,7 @@ class ExpertLoader:
         relative to its file size (onnxruntime keeps the initializers and their prepacked copy; the
         cache accounts experts at this cost so that the budget bounds real memory, not file bytes;
         1.0 where it cannot measure) and the seconds a reload takes on this device (read from
-        storage, session creation; the first load of a file also hashes it)."""
+        storage and session creation; the hash and graph check of a first load are not counted)."""
         files = self.artifact.manifest.layers[layer].experts[precision]
         chosen = range(min(samples, len(files)))
         ratios = []

@@ -29,15 +29,6 @@ class LoadedExpert:
 
 
 @dataclass(frozen=True)
-class ExpertBytes:
-    layer: int
-    expert: int
-    precision: str  # the precision actually read (another one where the asked-for file is broken)
-    path: str
-    data: bytes
-
-
-@dataclass(frozen=True)
 class LoadCost:
     resident_per_file_byte: float
     seconds: float  # median wall time of a reload (read from storage, session creation)
@@ -94,11 +85,6 @@ class ExpertLoader:
         return LoadCost(resident_per_file_byte=ratio, seconds=median(seconds))
 
     def load(self, layer: int, expert: int, precision: str) -> LoadedExpert:
-        return self.build(self.read(layer, expert, precision))
-
-    def read(self, layer: int, expert: int, precision: str) -> ExpertBytes:
-        """The expert's file, checked; another stored precision of it (with a warning) when that
-        file is missing or corrupt. I/O only: prefetching can stage these without CPU cost."""
         stored = self.artifact.manifest.layers[layer].experts
         order = [precision] + [p for p in stored if p != precision]
         first_error = None
@@ -112,16 +98,12 @@ class ExpertLoader:
             if candidate != precision:
                 self._warn(path, f"fate: warning: {first_error}; using the {candidate} copy of layer {layer} "
                                  f"expert {expert} instead")
-            return ExpertBytes(layer, expert, candidate, path, data)
+            try:
+                session = make_expert_session(data)
+            except Exception as e:  # onnxruntime rejects the bytes: report the file, not a traceback
+                raise ArtifactError(f"{self.artifact.member(path).label} is not a loadable ONNX graph: {e}") from None
+            return LoadedExpert(layer, expert, candidate, len(data), session)
         raise first_error
-
-    def build(self, read: ExpertBytes) -> LoadedExpert:
-        """The expert's onnxruntime session: CPU work (mostly MatMulNBits prepacking)."""
-        try:
-            session = make_expert_session(read.data)
-        except Exception as e:  # onnxruntime rejects the bytes: report the file, not a traceback
-            raise ArtifactError(f"{self.artifact.member(read.path).label} is not a loadable ONNX graph: {e}") from None
-        return LoadedExpert(read.layer, read.expert, read.precision, len(read.data), session)
 
     def _warn(self, key: str, message: str) -> None:
         with self._lock:

@@ -36,7 +36,7 @@ from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
 from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
-from .quantize import block_size_for, quantize
+from .quantize import quantize
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
@@ -388,4 +388,4 @@ def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int
         return weights
     if bits == 16:
         return tuple(w.astype(np.float16) for w in weights)
-    return tuple(quantize(w, bits, block_size_for(bits, block_size)) for w in weights)
+    return tuple(quantize(w, bits, block_size) for w in weights)

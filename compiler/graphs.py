@@ -17,7 +17,7 @@ from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
-from .quantize import QuantizedWeight, block_size_for, matmul_nbits, quantize, quantize_rows_int8
+from .quantize import QuantizedWeight, matmul_nbits, quantize, quantize_rows_int8
 
 W = dict[Role, np.ndarray]
 Weight = np.ndarray | QuantizedWeight
@@ -50,7 +50,7 @@ def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None 
     if exact or fmt.bits == 32:
         y = b.op("MatMul", x, b.const(np.ascontiguousarray(weight.T, dtype=np.float32), "weight"))
     else:
-        q = quantize(np.asarray(weight, np.float32), fmt.bits, block_size_for(fmt.bits, fmt.block_size))
+        q = quantize(weight, fmt.bits, fmt.block_size)  # converts to float32 a band at a time
         y = matmul_nbits(b, x, q, fmt.accuracy_level)
     return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 

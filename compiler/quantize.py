@@ -25,10 +25,6 @@ SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_BLOCK_SIZE = {8: 128, 4: 128, 2: 32}
 
 
-def block_size_for(bits: int, chosen: int | None) -> int:
-    return chosen if chosen is not None else DEFAULT_BLOCK_SIZE[bits]
-
-
 @dataclass(frozen=True)
 class QuantizedWeight:
     packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits // 8]
@@ -61,11 +57,14 @@ def _unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return codes[..., :count]
 
 
-def quantize(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
-    """Asymmetric min/max quantization of weight [N, K] (a Linear's [out, in] layout), a band of
-    rows at a time: a 151,936 x 2,048 LM head would otherwise need three float32 copies at once."""
+def quantize(weight: np.ndarray, bits: int, block_size: int | None = None) -> QuantizedWeight:
+    """Asymmetric min/max quantization of weight [N, K] (a Linear's [out, in] layout) in blocks of
+    `block_size` along K (None: DEFAULT_BLOCK_SIZE), a band of rows at a time: a 151,936 x 2,048
+    LM head would otherwise need three float32 copies at once."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[bits]
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
     n, k = weight.shape

@@ -73,9 +73,7 @@ def quantize(weight: np.ndarray, bits: int, block_size: int | None = None) -> Qu
     packed = np.empty((n, n_blocks, block_size * bits // 8), np.uint8)
     scales = np.empty(n * n_blocks, np.float32)
     zero_points = np.empty(n * zero_row, np.uint8)
-    rows = max(1, ROWS_ELEMENTS // max(k, 1))
-    for i in range(0, n, rows):
-        j = min(n, i + rows)
+    for i, j in _bands(n, k):
         band = _quantize_rows(np.asarray(weight[i:j], dtype=np.float32), bits, block_size)
         packed[i:j], scales[i * n_blocks:j * n_blocks], zero_points[i * zero_row:j * zero_row] = band
     return QuantizedWeight(packed=packed, scales=scales, zero_points=zero_points,
@@ -83,6 +81,13 @@ def quantize(weight: np.ndarray, bits: int, block_size: int | None = None) -> Qu
 
 
 ROWS_ELEMENTS = 1 << 22  # weights quantized per band: 16 MB of float32 temporaries
+
+
+def _bands(rows: int, cols: int):
+    """(start, stop) row ranges of about ROWS_ELEMENTS weights each."""
+    step = max(1, ROWS_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
 
 
 def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,12 +136,11 @@ def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (codes int8 [V, H], scales float32 [V, 1]) with table ~= codes * scales. A band of rows at a time."""
     v, h = table.shape
     codes, scales = np.empty((v, h), np.int8), np.empty((v, 1), np.float32)
-    rows = max(1, ROWS_ELEMENTS // max(h, 1))
-    for i in range(0, v, rows):
-        t = np.asarray(table[i:i + rows], dtype=np.float32)
+    for i, j in _bands(v, h):
+        t = np.asarray(table[i:j], dtype=np.float32)
         scale = np.abs(t).max(axis=1, keepdims=True) / 127.0
-        scales[i:i + rows] = np.where(scale > 0, scale, 1.0)
-        codes[i:i + rows] = np.clip(np.round(t / scales[i:i + rows]), -127, 127)
+        scales[i:j] = np.where(scale > 0, scale, 1.0)
+        codes[i:j] = np.clip(np.round(t / scales[i:j]), -127, 127)
     return codes, scales
 
 

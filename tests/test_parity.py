@@ -85,13 +85,13 @@ def dequantized_dense_copy(hf, bits: int):
     layers: attention, dense and shared MLPs, LM head; not routers or the shared-expert gate; and
     the embedding, INT8 per row) replaced by what the quantizer stores, dequantized: the exact
     reference for those graphs."""
-    from fate.compiler.quantize import DEFAULT_BLOCK_SIZE, dequantize, dequantize_rows, quantize, quantize_rows_int8
+    from fate.compiler.quantize import dequantize, dequantize_rows, quantize, quantize_rows_int8
 
     model = copy.deepcopy(hf)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("shared_expert_gate"):
             w = module.weight.detach().float().numpy()
-            stored = dequantize(quantize(w, bits, DEFAULT_BLOCK_SIZE[bits]))
+            stored = dequantize(quantize(w, bits))  # the default block size, as the compiler uses
             module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(stored)))  # unties an LM head
     embed = model.get_input_embeddings()
     table = dequantize_rows(*quantize_rows_int8(embed.weight.detach().float().numpy()))

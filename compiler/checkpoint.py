@@ -14,7 +14,6 @@ the data, offsets relative to its start.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fate.artifacts import ModelError
+from fate.artifacts.store import read_range
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -141,13 +141,7 @@ class Checkpoint:
         if index is not None:
             length //= shape[0]
             start, shape = start + index * length, shape[1:]
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, start)
-            if hasattr(os, "posix_fadvise"):  # what we read once need not stay in the page cache
-                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        data = read_range(info.path, start, length, uncached=True)  # read once: no page-cache copy kept
         if len(data) != length:
             raise ModelError(f"{info.path} changed while reading {name}")
         stored = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(shape)

@@ -3,6 +3,7 @@
 from .errors import ArtifactError, FateError, GenerationError, ModelError
 from .schema import (
     SCHEMA_VERSION,
+    ExpertLayout,
     FileEntry,
     GenerationDefaults,
     LayerPolicy,
@@ -11,12 +12,13 @@ from .schema import (
     ModelSpec,
     Policy,
     RoutingSpec,
+    TensorView,
     TokenizerSpec,
 )
 from .store import Artifact, ArtifactWriter, pack_artifact, unpack_artifact
 
 __all__ = [
-    "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "FateError", "FileEntry",
+    "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "ExpertLayout", "FateError", "FileEntry",
     "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
-    "Policy", "RoutingSpec", "TokenizerSpec", "pack_artifact", "unpack_artifact",
+    "Policy", "RoutingSpec", "TensorView", "TokenizerSpec", "pack_artifact", "unpack_artifact",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: expert slot layouts (LayerSpec.expert_layouts)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
@@ -56,6 +56,34 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True)
+class TensorView:
+    """Where one weight tensor's raw bytes lie inside an expert file (little-endian, C order)."""
+
+    name: str  # "{gate|up|down}.{qweight|scales|zero_points|bias}"
+    offset: int
+    dtype: str  # uint8 or float32
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The slot image of a layer's experts at one quantized precision: what an expert computes
+    and where its tensors lie in its file, so that the file read whole is the expert, viewed in
+    place (see slots.py). y = down(act(gate(x), up(x))), each projection MatMulNBits-quantized."""
+
+    hidden_size: int
+    intermediate_size: int
+    bits: int
+    block_size: int
+    accuracy_level: int  # 4: activations quantized to int8 per block; 0: float32
+    activation: str  # swiglu: silu(g) * u; swiglu_clamped: GPT-OSS's form with limit and alpha
+    has_bias: bool
+    tensors: list[TensorView]
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer: its dense graph and, for an MoE layer, its routing and expert files.
 
@@ -71,6 +99,8 @@ class LayerSpec:
     experts: dict[str, list[str]] = field(default_factory=dict)
     predicts_next: bool = False
     sliding_window: int | None = None  # this layer's window, when layers differ (else the model's)
+    # precision -> slot layout, for the quantized precisions (absent: the experts run as sessions)
+    expert_layouts: dict[str, ExpertLayout] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,8 +216,10 @@ class Manifest:
             raise ArtifactError("manifest: model.num_heads is not a multiple of model.num_kv_heads")
         if len(m.rope_inv_freq) * 2 > m.head_dim:
             raise ArtifactError("manifest: model.rope_inv_freq is longer than head_dim / 2")
+        sizes = {f.path: f.size for f in self.files}
         for i, layer in enumerate(self.layers):
             self._validate_layer(i, layer)
+            self._validate_layouts(layer, sizes)
         if not self.tokenizer.eos_token_ids:
             raise ArtifactError("manifest: tokenizer.eos_token_ids is empty")
         listed = {f.path for f in self.files}
@@ -238,6 +270,19 @@ class Manifest:
             if len(files) != r.num_experts:
                 raise ArtifactError(f"manifest: layer {i} lists {len(files)} {precision} experts, "
                                     f"routing says {r.num_experts}")
+
+    def _validate_layouts(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
+        from .slots import check_layout
+
+        for precision, layout in layer.expert_layouts.items():
+            where = f"manifest: layer {layer.index} {precision} slot layout"
+            if precision not in layer.experts or PRECISION_BITS[precision] != layout.bits:
+                raise ArtifactError(f"{where} does not match a stored quantized precision")
+            if layout.hidden_size != self.model.hidden_size or not 0 < layout.intermediate_size <= MAX_DIM:
+                raise ArtifactError(f"{where} has sizes that do not match the model")
+            for path in layer.experts[precision]:
+                if path in sizes:  # unlisted files are refused below
+                    check_layout(layout, sizes[path], f"{where} ({path})")
 
     def referenced_files(self) -> list[str]:
         paths = [self.embed_graph, self.head_graph, *self.tokenizer.files]

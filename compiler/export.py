@@ -15,6 +15,7 @@ import numpy as np
 
 from fate.artifacts import (
     ArtifactWriter,
+    ExpertLayout,
     GenerationDefaults,
     LayerSpec,
     Manifest,
@@ -26,6 +27,7 @@ from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
+from fate.artifacts.slots import layout_of
 from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
 
@@ -36,7 +38,7 @@ from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
 from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
-from .quantize import quantize
+from .quantize import DEFAULT_BLOCK_SIZE, quantize
 from .tokenizer import read_tokenizer
 
 PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
@@ -350,20 +352,34 @@ class LayerExporter:
             return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=predicts_next,
                              sliding_window=window)
 
-        experts = self._write_experts(layer, self.bits, feed_profiler=True)
+        experts, layouts = self._write_experts(layer, self.bits, feed_profiler=True)
         if self.profiler:
             measured = self.profiler.finish_layer()
             sensitive = measured.quant_error["int4"] > self.opts.targets.max_quant_error
             # the policy will want such a layer at INT8 (asked-for float experts need no fallback)
             if sensitive and 8 not in self.bits and min(self.opts.bits) < 8:
-                experts.update(self._write_experts(layer, (8,), feed_profiler=False))
+                more, more_layouts = self._write_experts(layer, (8,), feed_profiler=False)
+                experts.update(more)
+                layouts.update(more_layouts)
         routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)
         return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
-                         predicts_next=predicts_next, sliding_window=window)
+                         predicts_next=predicts_next, sliding_window=window, expert_layouts=layouts)
 
-    def _write_experts(self, layer: int, bits_list: tuple[int, ...], feed_profiler: bool) -> dict[str, list[str]]:
+    def _slot_layout(self, bits: int, biases) -> ExpertLayout:
+        """The layout every expert file of a layer at `bits` must have (offsets filled per file)."""
+        limit = self.cfg.swiglu_limit
+        return ExpertLayout(hidden_size=self.cfg.hidden_size, intermediate_size=self.cfg.moe_intermediate_size,
+                            bits=bits, block_size=self.opts.block_size or DEFAULT_BLOCK_SIZE[bits],
+                            accuracy_level=self.opts.accuracy_level,
+                            activation="swiglu" if limit is None else "swiglu_clamped", has_bias=biases is not None,
+                            tensors=[], swiglu_limit=limit, swiglu_alpha=None if limit is None else self.cfg.swiglu_alpha)
+
+    def _write_experts(self, layer: int, bits_list: tuple[int, ...],
+                       feed_profiler: bool) -> tuple[dict[str, list[str]], dict[str, ExpertLayout]]:
+        """Each expert's file per precision, and the slot layout of each quantized precision."""
         experts: dict[str, list[str]] = {PRECISION_OF_BITS[b]: [] for b in bits_list}
+        layouts: dict[str, ExpertLayout] = {}
         profiling = feed_profiler and self.profiler is not None
         wanted = set(bits_list) | (set(QUANT_BITS.values()) if profiling else set())
         for expert in range(self.cfg.num_experts):
@@ -375,11 +391,21 @@ class LayerExporter:
                 path = layout.expert_graph(layer, expert, PRECISION_OF_BITS[bits])
                 model = graphs.expert_graph(*variants[bits], accuracy_level=self.opts.accuracy_level,
                                             biases=biases, cfg=self.cfg)
-                self.writer.write_bytes(path, model.SerializeToString())
+                data = model.SerializeToString()
+                self.writer.write_bytes(path, data)
                 experts[PRECISION_OF_BITS[bits]].append(path)
+                if bits <= 8:
+                    self._check_layout(layouts, PRECISION_OF_BITS[bits], layout_of(data, self._slot_layout(bits, biases)))
             if profiling:
                 self.profiler.add_expert(expert, weights, {p: variants[b] for p, b in QUANT_BITS.items()}, biases)
-        return experts
+        return experts, layouts
+
+    @staticmethod
+    def _check_layout(layouts: dict[str, ExpertLayout], precision: str, found: ExpertLayout) -> None:
+        """One layout serves every expert of a layer and precision: the graphs are built alike."""
+        first = layouts.setdefault(precision, found)
+        if first != found:
+            raise ModelError(f"expert files at {precision} differ in layout; cannot describe them with one slot image")
 
 
 def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int | None) -> tuple:

@@ -367,17 +367,17 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
     hidden = gate.k if isinstance(gate, QuantizedWeight) else gate.shape[1]
     x = b.input(IO.EXPERT_IN, FLOAT, ["N", hidden])
 
-    def proj(inp: str, weight: Weight, bias: np.ndarray | None) -> str:
+    def proj(inp: str, weight: Weight, bias: np.ndarray | None, role: str) -> str:
         if isinstance(weight, QuantizedWeight):
-            y = matmul_nbits(b, inp, weight, accuracy_level)
+            y = matmul_nbits(b, inp, weight, accuracy_level, prefix=role)
         elif weight.dtype == np.float16:
             y = b.op("MatMul", inp, b.op("Cast", b.const(np.ascontiguousarray(weight.T), "weight"), to=FLOAT))
         else:
             y = linear(b, inp, weight)
-        return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
+        return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), name=f"{role}.bias"))
 
     bg, bu, bd = biases if biases is not None else (None, None, None)
-    g, u = proj(x, gate, bg), proj(x, up, bu)
+    g, u = proj(x, gate, bg, "gate"), proj(x, up, bu, "up")
     limit = cfg.swiglu_limit if cfg is not None else None
     if limit is None:
         act = b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), u)
@@ -386,7 +386,7 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
         u = b.op("Clip", u, b.scalar(-limit, "neg_limit"), b.scalar(limit, "limit"))
         glu = b.op("Mul", g, b.op("Sigmoid", b.op("Mul", g, b.scalar(cfg.swiglu_alpha, "alpha"))))
         act = b.op("Mul", b.op("Add", u, b.scalar(1.0, "one")), glu)
-    y = proj(act, down, bd)
+    y = proj(act, down, bd, "down")
     b.output(y, IO.EXPERT_OUT, FLOAT, ["N", hidden])
     return b.model()
 

@@ -56,8 +56,10 @@ class GraphBuilder:
             self.nodes.append(helper.make_node("Identity", [value], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def const(self, array: np.ndarray, hint: str = "const") -> str:
-        name = self.fresh(hint)
+    def const(self, array: np.ndarray, hint: str = "const", name: str | None = None) -> str:
+        """A constant initializer; `name` fixes its name (expert weights, which the manifest's slot
+        layout finds by name), else a fresh one from `hint`."""
+        name = name or self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 

@@ -118,15 +118,18 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
     return w.reshape(q.n, -1)[:, : q.k]
 
 
-def matmul_nbits(b: GraphBuilder, x: str, q: QuantizedWeight, accuracy_level: int = 0) -> str:
+def matmul_nbits(b: GraphBuilder, x: str, q: QuantizedWeight, accuracy_level: int = 0, prefix: str | None = None) -> str:
     """x [..., K] @ dequant(q)^T through com.microsoft.MatMulNBits with constant weights
     (constant initializers are what onnxruntime prepacks; fed as inputs it is ~70x slower).
     accuracy_level 4 lets onnxruntime quantize the activations to int8 per block for an integer
     dot product (measured here: about 3x faster for a 2048x1408 INT4 expert on one core);
-    0 computes in float32, exactly the numpy reference."""
+    0 computes in float32, exactly the numpy reference. `prefix` names the three initializers
+    `{prefix}.qweight`, `{prefix}.scales`, `{prefix}.zero_points` (expert graphs: the slot layout)."""
+    named = (lambda part: f"{prefix}.{part}") if prefix else (lambda part: None)
     return b.op(
         "MatMulNBits", x,
-        b.const(q.packed, "qweight"), b.const(q.scales, "scales"), b.const(q.zero_points, "zero_points"),
+        b.const(q.packed, "qweight", named("qweight")), b.const(q.scales, "scales", named("scales")),
+        b.const(q.zero_points, "zero_points", named("zero_points")),
         domain=MS_DOMAIN, K=q.k, N=q.n, bits=q.bits, block_size=q.block_size, accuracy_level=accuracy_level,
     )
 

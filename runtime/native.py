@@ -1,0 +1,55 @@
+"""The native expert kernel (runtime/native/experts.c), seen from Python: availability, and the
+layout vector it takes. Where the extension was not built, `KERNEL` is None and the runtime runs
+experts as onnxruntime sessions (runtime.executors), saying so once."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from fate.artifacts import ExpertLayout
+from fate.artifacts.slots import PROJECTIONS
+
+try:
+    from . import _experts as KERNEL  # type: ignore[attr-defined]
+except ImportError:  # not built: no compiler, or an unusual platform
+    KERNEL = None
+
+ACTIVATION_CODES = {"swiglu": 0, "swiglu_clamped": 1}
+TENSOR_PARTS = ("qweight", "scales", "zero_points", "bias")
+_warned = False
+
+
+def available() -> bool:
+    return KERNEL is not None
+
+
+def kernel_name() -> str:
+    return KERNEL.kernel() if KERNEL is not None else "none"
+
+
+def warn_unavailable() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print("fate: the native expert kernel is not built; experts run as onnxruntime sessions "
+              "(reinstall with a C compiler for the fast path)", file=sys.stderr)
+
+
+def layout_vector(layout: ExpertLayout) -> np.ndarray:
+    """The int64[19] the kernel reads: sizes, bits, block, accuracy, activation, bias, and the
+    offset of every tensor (-1 where a projection has no bias)."""
+    views = {v.name: v.offset for v in layout.tensors}
+    offsets = [views.get(f"{proj}.{part}", -1) for proj in PROJECTIONS for part in TENSOR_PARTS]
+    head = [layout.hidden_size, layout.intermediate_size, layout.bits, layout.block_size, layout.accuracy_level,
+            ACTIVATION_CODES[layout.activation], int(layout.has_bias)]
+    return np.asarray(head + offsets, dtype=np.int64)
+
+
+def run_experts(layout: ExpertLayout, vector: np.ndarray, buffers: list, x: np.ndarray, starts: np.ndarray,
+                rows: np.ndarray, dest: np.ndarray, y: np.ndarray, threads: int) -> None:
+    """y[dest[a]] = expert_e(x[rows[a]]) for a in starts[e]..starts[e+1], expert e's file bytes
+    in buffers[e]; one native call (GIL released) for all of them."""
+    KERNEL.run_experts(vector, buffers, x, starts, rows, dest, y, threads,
+                       layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0)

@@ -1,0 +1,201 @@
+"""The native expert kernel against a numpy reference of the same int8-activation math, for every
+precision, block size and activation the compiler emits, on odd shapes; against the expert's own
+onnxruntime session; and hostile slot layouts refused before a byte is read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fate.artifacts import ArtifactError, ExpertLayout
+from fate.artifacts.layout import GraphIO
+from fate.artifacts.slots import check_layout, initializer_ranges, layout_of
+from fate.compiler import graphs
+from fate.compiler.quantize import dequantize, quantize
+from fate.runtime import native
+from fate.runtime.sessions import make_expert_session
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
+
+
+@dataclasses.dataclass
+class Cfg:  # what expert_graph reads of an ArchConfig
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+
+
+def make_expert(h: int, i: int, bits: int, block: int, bias: bool, clamped: bool, accuracy: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal(s).astype(np.float32) * 0.2 for s in ((i, h), (i, h), (h, i))]
+    biases = tuple(rng.standard_normal(n).astype(np.float32) * 0.1 for n in (i, i, h)) if bias else None
+    q = [quantize(w, bits, block) for w in weights]
+    cfg = Cfg(swiglu_limit=1.5 if clamped else None)
+    data = graphs.expert_graph(*q, accuracy_level=accuracy, biases=biases, cfg=cfg).SerializeToString()
+    template = ExpertLayout(hidden_size=h, intermediate_size=i, bits=bits, block_size=block, accuracy_level=accuracy,
+                            activation="swiglu_clamped" if clamped else "swiglu", has_bias=bias, tensors=[],
+                            swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha if clamped else None)
+    return data, layout_of(data, template), q, biases
+
+
+def quantize_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """x rounded to what int8 per-block symmetric quantization keeps (scale max|x| / 127)."""
+    n, k = x.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), np.float64)
+    padded[:, :k] = x
+    b = padded.reshape(n, blocks, block)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1), 0.0)
+    q = np.clip(np.rint((b * inv).astype(np.float32)), -127, 127)
+    return (q * (amax / 127.0)).reshape(n, -1)[:, :k]
+
+
+def reference(x, q, biases, layout: ExpertLayout) -> np.ndarray:
+    """The expert in float64 from dequantized weights, activations quantized where the layout says."""
+    int8 = layout.accuracy_level == 4
+
+    def proj(inp, weight, bias):
+        a = quantize_activations(inp, layout.block_size) if int8 else inp
+        y = a @ dequantize(weight).astype(np.float64).T
+        return y if bias is None else y + bias
+
+    bg, bu, bd = biases if biases is not None else (None, None, None)
+    g, u = proj(x, q[0], bg), proj(x, q[1], bu)
+    if layout.activation == "swiglu":
+        act = g / (1 + np.exp(-g)) * u
+    else:
+        lim, alpha = layout.swiglu_limit, layout.swiglu_alpha
+        g, u = np.minimum(g, lim), np.clip(u, -lim, lim)
+        act = (u + 1) * g / (1 + np.exp(-alpha * g))
+    return proj(act.astype(np.float32), q[2], bd)
+
+
+def run_native(data: bytes, layout: ExpertLayout, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    n = len(x)
+    y = np.zeros_like(x)
+    native.run_experts(layout, native.layout_vector(layout), [data], x, np.array([0, n], np.int32),
+                       np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), y, threads)
+    return y
+
+
+CASES = [  # hidden, intermediate, bits, block, bias, clamped, accuracy
+    (64, 96, 4, 32, False, False, 4), (64, 96, 4, 128, False, False, 4), (70, 40, 4, 32, False, False, 4),
+    (64, 96, 8, 128, False, False, 4), (50, 33, 8, 32, True, True, 4), (64, 96, 2, 32, False, False, 4),
+    (96, 72, 2, 64, True, False, 4), (64, 48, 4, 16, False, False, 4), (48, 40, 2, 16, True, True, 4),
+    (64, 96, 4, 32, True, True, 0), (40, 24, 8, 64, False, False, 0), (33, 17, 2, 16, False, False, 0),
+]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}-i{}-int{}-b{}{}{}-acc{}".format(
+    c[0], c[1], c[2], c[3], "-bias" if c[4] else "", "-clamped" if c[5] else "", c[6]))
+def test_kernel_matches_the_numpy_reference(case, portable):
+    h, i, bits, block, bias, clamped, accuracy = case
+    data, layout, q, biases = make_expert(h, i, bits, block, bias, clamped, accuracy)
+    rng = np.random.default_rng(1)
+    native.KERNEL.set_portable(portable)
+    try:
+        for tokens in (1, 3, 8, 19):  # decode, a partial tile, a whole tile, several tiles
+            x = rng.standard_normal((tokens, h)).astype(np.float32)
+            got = run_native(data, layout, x, threads=2)
+            want = reference(x, q, biases, layout)
+            # the same integers; float sums in another order, and the hidden activations requantized
+            # from float32 values that differ in the last bits, can move one int8 step
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 2e-2 * scale, (tokens, np.abs(got - want).max(), scale)
+    finally:
+        native.KERNEL.set_portable(False)
+
+
+@pytest.mark.parametrize("case", CASES[:9], ids=str)
+def test_simd_and_portable_kernels_agree(case):
+    data, layout, _, _ = make_expert(*case)
+    x = np.random.default_rng(2).standard_normal((11, case[0])).astype(np.float32)
+    simd = run_native(data, layout, x)
+    native.KERNEL.set_portable(True)
+    try:
+        portable = run_native(data, layout, x)
+    finally:
+        native.KERNEL.set_portable(False)
+    np.testing.assert_allclose(simd, portable, rtol=1e-5, atol=1e-5 * np.abs(portable).max())
+
+
+@pytest.mark.parametrize("bits,block,accuracy", [(4, 128, 4), (4, 32, 4), (8, 128, 4), (2, 32, 4), (4, 32, 0)])
+def test_kernel_agrees_with_the_expert_session(bits, block, accuracy):
+    data, layout, _, _ = make_expert(128, 192, bits, block, False, False, accuracy)
+    x = np.random.default_rng(3).standard_normal((5, 128)).astype(np.float32)
+    session = make_expert_session(data).run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
+    got = run_native(data, layout, x)
+    assert np.abs(got - session).max() <= 3e-2 * np.abs(session).max()
+
+
+def test_one_call_runs_many_experts_into_their_rows():
+    experts = [make_expert(64, 96, 4, 32, False, False, 4, seed=s) for s in range(3)]
+    layout = experts[0][1]
+    assert all(e[1] == layout for e in experts)  # one layout serves every expert of a layer
+    x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+    rows = np.array([0, 2, 1, 2, 3, 0], np.int32)  # expert 0: tokens 0, 2; expert 1: 1, 2, 3; expert 2: 0
+    dest = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    starts = np.array([0, 2, 5, 6], np.int32)
+    y = np.zeros((6, 64), np.float32)
+    native.run_experts(layout, native.layout_vector(layout), [e[0] for e in experts], x, starts, rows, dest, y, 2)
+    for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+        np.testing.assert_array_equal(y[dest[lo:hi]], run_native(experts[e][0], layout, x[rows[lo:hi]]))
+
+
+def test_hostile_layouts_are_refused():
+    data, layout, _, _ = make_expert(64, 96, 4, 32, False, False, 4)
+    check_layout(layout, len(data), "expert")
+    from fate.artifacts.slots import nbytes
+
+    last_end = max(v.offset + nbytes(v) for v in layout.tensors)
+    check_layout(layout, last_end, "expert")
+    with pytest.raises(ArtifactError, match="outside"):
+        check_layout(layout, last_end - 1, "expert")
+    views = list(layout.tensors)
+    past_end = dataclasses.replace(layout, tensors=[dataclasses.replace(views[0], offset=len(data))] + views[1:])
+    with pytest.raises(ArtifactError, match="outside"):
+        check_layout(past_end, len(data), "expert")
+    negative = dataclasses.replace(layout, tensors=[dataclasses.replace(views[0], offset=-8)] + views[1:])
+    with pytest.raises(ArtifactError, match="outside"):
+        check_layout(negative, len(data), "expert")
+    overlap = dataclasses.replace(layout, tensors=[dataclasses.replace(views[1], offset=views[0].offset)] +
+                                  [views[0]] + views[2:])
+    with pytest.raises(ArtifactError, match="overlap"):
+        check_layout(overlap, len(data), "expert")
+    reshaped = dataclasses.replace(layout, tensors=[dataclasses.replace(views[0], shape=[1, 1, 1])] + views[1:])
+    with pytest.raises(ArtifactError, match="expected"):
+        check_layout(reshaped, len(data), "expert")
+    with pytest.raises(ArtifactError, match="places"):
+        check_layout(dataclasses.replace(layout, tensors=views[1:]), len(data), "expert")
+    with pytest.raises(ArtifactError, match="unsupported"):
+        check_layout(dataclasses.replace(layout, bits=3), len(data), "expert")
+    # the kernel checks its buffers too: a short buffer or an index out of range never reads past the end
+    x = np.zeros((1, 64), np.float32)
+    one, y = np.array([0, 1], np.int32), np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="needs"):
+        native.run_experts(layout, native.layout_vector(layout), [data[:last_end - 1]], x, one, np.zeros(1, np.int32),
+                           np.zeros(1, np.int32), y, 1)
+    with pytest.raises(IndexError):
+        native.run_experts(layout, native.layout_vector(layout), [data], x, one, np.array([1], np.int32),
+                           np.zeros(1, np.int32), y, 1)
+    with pytest.raises(IndexError):
+        native.run_experts(layout, native.layout_vector(layout), [data], x, one, np.zeros(1, np.int32),
+                           np.array([5], np.int32), y, 1)
+    bad = native.layout_vector(layout).copy()
+    bad[7] = 1 << 40
+    with pytest.raises(ValueError):
+        native.run_experts(layout, bad, [data], x, one, np.zeros(1, np.int32), np.zeros(1, np.int32), y, 1)
+
+
+def test_wire_walk_finds_every_initializer():
+    import onnx
+
+    data, _, _, _ = make_expert(64, 96, 4, 32, True, False, 4)
+    ranges = initializer_ranges(data)
+    model = onnx.load_from_string(data)
+    for init in model.graph.initializer:
+        offset, length = ranges[init.name]
+        assert data[offset:offset + length] == init.raw_data

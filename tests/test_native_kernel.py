@@ -88,14 +88,17 @@ CASES = [  # hidden, intermediate, bits, block, bias, clamped, accuracy
 ]
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+KERNELS = sorted(set(native.KERNEL.kernels())) if native.available() else []
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}-i{}-int{}-b{}{}{}-acc{}".format(
     c[0], c[1], c[2], c[3], "-bias" if c[4] else "", "-clamped" if c[5] else "", c[6]))
-def test_kernel_matches_the_numpy_reference(case, portable):
+def test_kernel_matches_the_numpy_reference(case, kernel):
     h, i, bits, block, bias, clamped, accuracy = case
     data, layout, q, biases = make_expert(h, i, bits, block, bias, clamped, accuracy)
     rng = np.random.default_rng(1)
-    native.KERNEL.set_portable(portable)
+    native.KERNEL.set_kernel(kernel)
     try:
         for tokens in (1, 3, 8, 19):  # decode, a partial tile, a whole tile, several tiles
             x = rng.standard_normal((tokens, h)).astype(np.float32)
@@ -106,20 +109,23 @@ def test_kernel_matches_the_numpy_reference(case, portable):
             scale = np.abs(want).max()
             assert np.abs(got - want).max() <= 2e-2 * scale, (tokens, np.abs(got - want).max(), scale)
     finally:
-        native.KERNEL.set_portable(False)
+        native.KERNEL.set_kernel("best")
 
 
 @pytest.mark.parametrize("case", CASES[:9], ids=str)
-def test_simd_and_portable_kernels_agree(case):
+def test_every_kernel_computes_the_same(case):
     data, layout, _, _ = make_expert(*case)
     x = np.random.default_rng(2).standard_normal((11, case[0])).astype(np.float32)
-    simd = run_native(data, layout, x)
-    native.KERNEL.set_portable(True)
+    results = {}
     try:
-        portable = run_native(data, layout, x)
+        for kernel in KERNELS:
+            native.KERNEL.set_kernel(kernel)
+            results[kernel] = run_native(data, layout, x)
     finally:
-        native.KERNEL.set_portable(False)
-    np.testing.assert_allclose(simd, portable, rtol=1e-5, atol=1e-5 * np.abs(portable).max())
+        native.KERNEL.set_kernel("best")
+    portable = results["portable"]
+    for kernel, got in results.items():
+        np.testing.assert_allclose(got, portable, rtol=1e-5, atol=1e-5 * np.abs(portable).max(), err_msg=kernel)
 
 
 @pytest.mark.parametrize("bits,block,accuracy", [(4, 128, 4), (4, 32, 4), (8, 128, 4), (2, 32, 4), (4, 32, 0)])

@@ -62,7 +62,7 @@ typedef struct {
     int64_t n, k, blocks, block_bytes, zero_row;
 } proj_t;
 
-static int use_avx2 = 0;
+static int use_avx2 = 0, use_vnni = 0;
 
 /* ------------------------------------------------------------------ small helpers */
 
@@ -85,13 +85,18 @@ static inline int permuted(int bits, int chunk, int r) {
     return r;
 }
 
-static inline int chunk_of(int64_t bs) { return bs >= CHUNK ? CHUNK : (int)bs; }
+/* Codes per permuted chunk: 64 for 4 bits (one 32-byte load unpacks into two 32-code vectors),
+ * else 32; a block smaller than that is one chunk. */
+static inline int chunk_of(int64_t bs, int bits) {
+    int chunk = bits == 4 ? 64 : CHUNK;
+    return bs >= chunk ? chunk : (int)bs;
+}
 
 /* Quantize one row of K floats into blocks of bs: a_q [blocks*bs] (permuted), scale and code sum
  * per block. Padding past K is zero. */
 static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t *q, float *scale, int32_t *sum) {
     int64_t blocks = (k + bs - 1) / bs;
-    int chunk = chunk_of(bs);
+    int chunk = chunk_of(bs, bits);
     for (int64_t j = 0; j < blocks; j++) {
         int64_t start = j * bs, stop = start + bs < k ? start + bs : k;
         float amax = 0.0f;
@@ -119,7 +124,7 @@ static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t
 
 /* sum over one block of a_q[i] * code[i], portable C (also the reference the SIMD paths match). */
 static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bits) {
-    int chunk = chunk_of(bs);
+    int chunk = chunk_of(bs, bits);
     int32_t acc = 0;
     for (int64_t i = 0; i < bs; i++) {
         int code;
@@ -132,66 +137,111 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
 }
 
 #ifdef FATE_X86
-__attribute__((target("avx2,fma"))) static inline __m256i chunk_codes_avx2(const uint8_t *w, int bits, __m256i *hi8) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
-    if (bits == 4) {
-        __m128i b = _mm_loadu_si128((const __m128i *)w);
-        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
-    }
-    if (bits == 2) {
-        __m128i b = _mm_loadl_epi64((const __m128i *)w);
-        __m128i v01 = _mm_unpacklo_epi64(_mm_and_si128(b, m2), _mm_and_si128(_mm_srli_epi16(b, 2), m2));
-        __m128i v23 = _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), m2),
-                                         _mm_and_si128(_mm_srli_epi16(b, 6), m2));
-        return _mm256_set_m128i(v23, v01);
-    }
-    /* 8 bits: code = 16 * hi + lo keeps every maddubs product pair inside int16 */
-    __m256i b = _mm256_loadu_si256((const __m256i *)w);
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    *hi8 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-    return _mm256_and_si256(b, m);
-}
+/* One block's integer dot products for M tokens, AVX2 (maddubs) or AVX-VNNI (dpbusd): the same
+ * integers either way. Written once as a macro, instantiated per instruction set and token count
+ * (M is a constant, so the accumulators live in registers). */
+#define DOT_AVX2(acc, c, a) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))
+#define DOT_VNNI(acc, c, a) acc = _mm256_dpbusd_avx_epi32(acc, c, a)
 
-/* For one weight row and M tokens: out[m] = sum_blocks scale * a_scale * (dot - zp * a_sum). */
-__attribute__((target("avx2,fma"))) static void row_int8_avx2(const proj_t *p, int64_t n, int bits, int64_t bs,
-                                                               const int8_t *aq, int64_t a_stride, const float *as,
-                                                               const int32_t *asum, int m_count, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE];
-    float corr[TILE];
-    for (int m = 0; m < m_count; m++) { acc[m] = _mm256_setzero_ps(); corr[m] = 0.0f; }
-    const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;
-    int64_t chunk_bytes = CHUNK * bits / 8;
-    for (int64_t j = 0; j < p->blocks; j++) {
-        const uint8_t *w = wrow + j * p->block_bytes;
-        float ws = load_f32(p->scales, n * p->blocks + j);
-        int zp = zero_point(p, n, j, bits);
-        __m256i isum[TILE];
-        for (int m = 0; m < m_count; m++) isum[m] = _mm256_setzero_si256();
-        for (int64_t c = 0; c < bs; c += CHUNK, w += chunk_bytes) {
-            __m256i hi = _mm256_setzero_si256();
-            __m256i codes = chunk_codes_avx2(w, bits, &hi);
-            for (int m = 0; m < m_count; m++) {
-                __m256i a = _mm256_loadu_si256((const __m256i *)(aq + m * a_stride + j * bs + c));
-                __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, a), ones);
-                if (bits == 8)
-                    d = _mm256_add_epi32(d, _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, a), ones), 4));
-                isum[m] = _mm256_add_epi32(isum[m], d);
-            }
-        }
-        for (int m = 0; m < m_count; m++) {
-            float f = ws * as[m * p->blocks + j];
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(f), acc[m]);
-            corr[m] += f * (float)(zp * asum[m * p->blocks + j]);
-        }
+#define DEFINE_ROWS(NAME, TARGET, DOT, EXACT_U8)                                                              \
+    __attribute__((target(TARGET))) static inline void NAME##_block(const uint8_t *w, int bits, int64_t bs,     \
+                                                                    const int8_t *a, int64_t a_stride, int M,  \
+                                                                    __m256i *isum) {                           \
+        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);                                \
+        (void)ones;                                                                                             \
+        if (bits == 4 && bs >= 64) {                                                                            \
+            for (int64_t c = 0; c < bs; c += 64, w += 32) {                                                     \
+                __m256i b = _mm256_loadu_si256((const __m256i *)w);                                             \
+                __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);      \
+                for (int m = 0; m < M; m++) {                                                                   \
+                    const int8_t *am = a + m * a_stride + c;                                                    \
+                    DOT(isum[m], lo, _mm256_loadu_si256((const __m256i *)am));                                  \
+                    DOT(isum[m], hi, _mm256_loadu_si256((const __m256i *)(am + 32)));                           \
+                }                                                                                               \
+            }                                                                                                   \
+            return;                                                                                             \
+        }                                                                                                       \
+        const __m128i n4 = _mm_set1_epi8(0x0F), n2 = _mm_set1_epi8(0x03);                                      \
+        for (int64_t c = 0; c < bs; c += 32) {                                                                  \
+            __m256i codes, high = _mm256_setzero_si256();                                                       \
+            if (bits == 4) {                                                                                    \
+                __m128i b = _mm_loadu_si128((const __m128i *)w);                                                \
+                codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n4), _mm_and_si128(b, n4));       \
+                w += 16;                                                                                        \
+            } else if (bits == 2) {                                                                             \
+                __m128i b = _mm_loadl_epi64((const __m128i *)w);                                                \
+                __m128i v01 = _mm_unpacklo_epi64(_mm_and_si128(b, n2), _mm_and_si128(_mm_srli_epi16(b, 2), n2)); \
+                __m128i v23 = _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), n2),                      \
+                                                 _mm_and_si128(_mm_srli_epi16(b, 6), n2));                     \
+                codes = _mm256_set_m128i(v23, v01);                                                             \
+                w += 8;                                                                                         \
+            } else {                                                                                            \
+                __m256i b = _mm256_loadu_si256((const __m256i *)w);                                             \
+                if (EXACT_U8) {                                                                                 \
+                    codes = b;                                                                                  \
+                } else { /* code = 16 * high + low keeps maddubs' pair sums inside int16 */                    \
+                    codes = _mm256_and_si256(b, m4);                                                            \
+                    high = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);                                       \
+                }                                                                                               \
+                w += 32;                                                                                        \
+            }                                                                                                   \
+            for (int m = 0; m < M; m++) {                                                                       \
+                __m256i am = _mm256_loadu_si256((const __m256i *)(a + m * a_stride + c));                       \
+                DOT(isum[m], codes, am);                                                                        \
+                if (bits == 8 && !EXACT_U8) {                                                                   \
+                    __m256i h = _mm256_setzero_si256();                                                         \
+                    DOT(h, high, am);                                                                           \
+                    isum[m] = _mm256_add_epi32(isum[m], _mm256_slli_epi32(h, 4));                               \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    __attribute__((target(TARGET))) static inline void NAME##_rows_m(const proj_t *p, int64_t n, int bits,      \
+                                                                     int64_t bs, const int8_t *aq,              \
+                                                                     int64_t a_stride, const float *as,         \
+                                                                     const int32_t *asum, const int M,          \
+                                                                     float *out) {                              \
+        __m256 acc[TILE];                                                                                       \
+        float corr[TILE];                                                                                       \
+        for (int m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); corr[m] = 0.0f; }                         \
+        const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;                                      \
+        const uint8_t *zrow = p->zeros + n * p->zero_row;                                                       \
+        int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
+        for (int64_t j = 0; j < p->blocks; j++) {                                                               \
+            __m256i isum[TILE];                                                                                 \
+            for (int m = 0; m < M; m++) isum[m] = _mm256_setzero_si256();                                      \
+            NAME##_block(wrow + j * p->block_bytes, bits, bs, aq + j * bs, a_stride, M, isum);                  \
+            float ws = load_f32(p->scales, n * p->blocks + j);                                                  \
+            int zp = (zrow[j >> zshift] >> ((j & per) * bits)) & zmask;                                        \
+            for (int m = 0; m < M; m++) {                                                                       \
+                float f = ws * as[m * p->blocks + j];                                                           \
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(f), acc[m]);              \
+                corr[m] += f * (float)(zp * asum[m * p->blocks + j]);                                           \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int m = 0; m < M; m++) {                                                                           \
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));           \
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
+            out[m] = _mm_cvtss_f32(s) - corr[m];                                                                \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    __attribute__((target(TARGET))) static void NAME(const proj_t *p, int64_t n, int bits, int64_t bs,          \
+                                                     const int8_t *aq, int64_t a_stride, const float *as,       \
+                                                     const int32_t *asum, int m_count, float *out) {            \
+        int m = 0;                                                                                              \
+        for (; m + 4 <= m_count; m += 4)                                                                        \
+            NAME##_rows_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
+                          4, out + m);                                                                          \
+        for (; m < m_count; m++)                                                                                \
+            NAME##_rows_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
+                          1, out + m);                                                                          \
     }
-    for (int m = 0; m < m_count; m++) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        out[m] = _mm_cvtss_f32(s) - corr[m];
-    }
-}
+
+DEFINE_ROWS(row_int8_avx2, "avx2,fma", DOT_AVX2, 0)
+DEFINE_ROWS(row_int8_vnni, "avx2,fma,avxvnni", DOT_VNNI, 1)
 #endif
 
 #ifdef FATE_NEON
@@ -218,7 +268,19 @@ static void row_int8_neon(const proj_t *p, int64_t n, int bits, int64_t bs, cons
         for (int m = 0; m < m_count; m++) isum[m] = vdupq_n_s32(0);
         for (int64_t c = 0; c < bs; c += CHUNK, w += chunk_bytes) {
             uint8x16_t c0, c1, h0 = vdupq_n_u8(0), h1 = vdupq_n_u8(0);
-            if (bits == 4) {
+            if (bits == 4 && bs >= 64) { /* 64 codes: [even 32 | odd 32] */
+                uint8x16_t b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
+                for (int m = 0; m < m_count; m++) {
+                    const int8_t *a = aq + m * a_stride + j * bs + c;
+                    isum[m] = dot16_neon(dot16_neon(isum[m], vandq_u8(b0, m4), vld1q_s8(a)), vandq_u8(b1, m4),
+                                         vld1q_s8(a + 16));
+                    isum[m] = dot16_neon(dot16_neon(isum[m], vshrq_n_u8(b0, 4), vld1q_s8(a + 32)), vshrq_n_u8(b1, 4),
+                                         vld1q_s8(a + 48));
+                }
+                c += 32;
+                w += 16; /* with the loop's own step: 64 codes, 32 bytes */
+                continue;
+            } else if (bits == 4) {
                 uint8x16_t b = vld1q_u8(w);
                 c0 = vandq_u8(b, m4);
                 c1 = vshrq_n_u8(b, 4);
@@ -309,6 +371,8 @@ static void project(const proj_t *p, const math_t *math, const int8_t *aq, const
         if (!math->int8)
             row_float(p, n, math->bits, math->bs, x, p->k, m_count, out);
 #ifdef FATE_X86
+        else if (use_vnni && math->bs % CHUNK == 0)
+            row_int8_vnni(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
         else if (use_avx2 && math->bs % CHUNK == 0)
             row_int8_avx2(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
 #endif
@@ -642,24 +706,46 @@ static PyObject *kernel_name(PyObject *self, PyObject *args) {
 #ifdef FATE_NEON
     return PyUnicode_FromString("neon");
 #else
-    return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
+    return PyUnicode_FromString(use_vnni ? "avx-vnni" : (use_avx2 ? "avx2" : "portable"));
 #endif
 }
 
-static PyObject *set_portable(PyObject *self, PyObject *arg) {
+static PyObject *set_kernel(PyObject *self, PyObject *arg) {
     (void)self;
-    int portable = PyObject_IsTrue(arg);
-    if (portable < 0) return NULL;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
 #ifdef FATE_X86
-    use_avx2 = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int vnni = avx2 && __builtin_cpu_supports("avxvnni");
+    if (!strcmp(name, "best")) { use_avx2 = avx2; use_vnni = vnni; Py_RETURN_NONE; }
+    if (!strcmp(name, "avx-vnni") && vnni) { use_avx2 = 1; use_vnni = 1; Py_RETURN_NONE; }
+    if (!strcmp(name, "avx2") && avx2) { use_avx2 = 1; use_vnni = 0; Py_RETURN_NONE; }
+    if (!strcmp(name, "portable")) { use_avx2 = 0; use_vnni = 0; Py_RETURN_NONE; }
+#else
+    if (!strcmp(name, "best") || !strcmp(name, "neon") || !strcmp(name, "portable")) Py_RETURN_NONE;
 #endif
-    Py_RETURN_NONE;
+    PyErr_Format(PyExc_ValueError, "kernel %s is not available on this CPU", name);
+    return NULL;
+}
+
+static PyObject *kernels(PyObject *self, PyObject *args) {
+    (void)self; (void)args;
+#ifdef FATE_X86
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int vnni = avx2 && __builtin_cpu_supports("avxvnni");
+    return Py_BuildValue("[sss]", vnni ? "avx-vnni" : "portable", avx2 ? "avx2" : "portable", "portable");
+#elif defined(FATE_NEON)
+    return Py_BuildValue("[s]", "neon");
+#else
+    return Py_BuildValue("[s]", "portable");
+#endif
 }
 
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel this CPU runs: avx2, neon or portable."},
-    {"set_portable", set_portable, METH_O, "Force the portable C kernel (tests compare the two)."},
+    {"set_kernel", set_kernel, METH_O, "Use kernel 'best', 'avx-vnni', 'avx2' or 'portable' (tests compare them)."},
+    {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -670,6 +756,7 @@ PyMODINIT_FUNC PyInit__experts(void) {
 #ifdef FATE_X86
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use_vnni = use_avx2 && __builtin_cpu_supports("avxvnni");
 #endif
     return PyModule_Create(&module);
 }

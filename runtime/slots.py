@@ -1,0 +1,125 @@
+"""The slot pool: the memory that resident experts live in, allocated once at start.
+
+Each MoE layer gets a fixed number of slots (the run plan's), each large enough for the layer's
+largest expert file, so the budget is exactly slots x slot size. A load is one positioned read of
+an expert's file into a free slot and nothing else: the native executor computes the expert from
+those bytes in place (fate.artifacts.slots says where its tensors lie).
+
+Reads bypass the page cache where the file system allows O_DIRECT (the slot is page-aligned and
+the read is widened to whole pages); elsewhere they are ordinary reads followed by
+posix_fadvise(DONTNEED), so that reading experts never grows the OS cache beside the budget.
+os.preadv releases the GIL: reads of one layer's misses run in parallel threads.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+from fate.artifacts import ArtifactError
+
+PAGE = 4096
+
+
+def slot_size(file_bytes: int) -> int:
+    """A slot holds the file plus the page its first byte may be offset into (archive members
+    start on 512-byte boundaries), in whole pages."""
+    return -(-(file_bytes + PAGE) // PAGE) * PAGE
+
+
+class SlotPool:
+    def __init__(self, slots: dict[int, int], file_bytes: dict[int, int]):
+        """slots: layer -> number of slots; file_bytes: layer -> the largest expert file it holds."""
+        self.slots = dict(slots)
+        self.slot_bytes = {layer: slot_size(file_bytes[layer]) for layer in slots}
+        self._maps = {layer: mmap.mmap(-1, max(1, n) * self.slot_bytes[layer]) for layer, n in slots.items()}
+        self._direct_ok = hasattr(os, "O_DIRECT")
+        self._lock = threading.Lock()
+        self.mode = "O_DIRECT" if self._direct_ok else "buffered + fadvise(DONTNEED)"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n * self.slot_bytes[layer] for layer, n in self.slots.items())
+
+    def _buffer(self, layer: int, slot: int) -> memoryview:
+        size = self.slot_bytes[layer]
+        return memoryview(self._maps[layer])[slot * size:(slot + 1) * size]
+
+    def read_into(self, layer: int, slot: int, path: str | os.PathLike, offset: int, size: int) -> memoryview:
+        """Read `size` bytes of `path` at `offset` into a slot; the view of exactly those bytes."""
+        if not 0 <= slot < self.slots[layer]:
+            raise IndexError(f"layer {layer} has no slot {slot}")
+        buffer = self._buffer(layer, slot)
+        return read_aligned(buffer, path, offset, size, self if self._direct_ok else None)
+
+    def direct_failed(self) -> None:
+        """The file system refused O_DIRECT: every later read is buffered and dropped after."""
+        with self._lock:
+            self._direct_ok = False
+            self.mode = "buffered + fadvise(DONTNEED)"
+
+    def release(self, layer: int, slot: int) -> None:
+        """Give a slot's pages back to the system (the session executor keeps its own copy)."""
+        size = self.slot_bytes[layer]
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[layer].madvise(mmap.MADV_DONTNEED, slot * size, size)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still held somewhere; the map goes with it
+                pass
+
+
+def scratch_buffer(file_bytes: int) -> memoryview:
+    """A page-aligned buffer outside the pool, for a copy used once (an INT2 prefill transfer)."""
+    return memoryview(mmap.mmap(-1, slot_size(file_bytes)))
+
+
+def read_aligned(buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None) -> memoryview:
+    """One positioned read of [offset, offset + size) into a page-aligned buffer, bypassing the page
+    cache (O_DIRECT when `pool` still allows it, else a read dropped from the cache)."""
+    start = offset - offset % PAGE
+    shift = offset - start
+    if shift + size > len(buffer):
+        raise ArtifactError(f"{path}: {size} bytes do not fit a slot of {len(buffer)}")
+    if pool is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pool.direct_failed()
+        else:
+            try:
+                length = -(-(shift + size) // PAGE) * PAGE
+                done = _read_fully(fd, buffer[:length], start)
+            except OSError:  # EINVAL: this file system or device wants another alignment
+                pool.direct_failed()
+            else:
+                if done < shift + size:
+                    raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+                return buffer[shift:shift + size]
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = _read_fully(fd, buffer[shift:shift + size], offset)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if done < size:
+        raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+    return buffer[shift:shift + size]
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """preadv until `view` is full or the file ends; the bytes read."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done

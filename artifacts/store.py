@@ -131,6 +131,13 @@ class Artifact:
             artifact.member(entry.path)
         return artifact
 
+    def entry(self, relpath: str) -> FileEntry:
+        """The manifest's record (size, SHA-256) of a listed file."""
+        entry = self._entries.get(relpath)
+        if entry is None:
+            raise ArtifactError(f"{relpath} is not listed in the manifest of {self.root}")
+        return entry
+
     def member(self, relpath: str) -> Member:
         """Where a listed file's bytes are, checked to exist with the listed size."""
         safe_relpath(relpath)

@@ -35,10 +35,11 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None) -> "Engine":
+             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto") -> "Engine":
         """All experts resident, or with `offload` (a memory budget, prefetch mode, cache policy)
-        only a budget of them, the rest loaded ahead of need."""
-        model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload)
+        only a budget of them, the rest loaded ahead of need. `executor`: native, session or auto."""
+        model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload,
+                               executor=executor)
         return cls(model, TextCodec(model.artifact, verify=verify))
 
     def encode(self, text: str) -> list[int]:

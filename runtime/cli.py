@@ -16,6 +16,7 @@ from .api import Engine
 from .cache import POLICIES
 from .generate import GenerationResult, SamplingConfig
 from .memory import peak_rss
+from .executors import EXECUTORS
 from .offload import LOW_BIT_PREFILL_MODES, PREFETCH_MODES, OffloadOptions
 
 
@@ -52,7 +53,7 @@ def summary(engine: Engine, result: GenerationResult) -> str:
     line = (f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
             f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, stop: {s.stop_reason}")
     offload = engine.model.experts.report()
-    if offload:
+    if "decode" in offload:
         d, p = offload["decode"], offload["prefill"]
         hit = "-" if d["hit_rate"] is None else f"{d['hit_rate']:.1%}"
         line += (f"; budget {offload['budget_bytes'] / 1e6:.1f} of {offload['total_expert_bytes'] / 1e6:.1f} MB, "
@@ -73,32 +74,39 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings, stats).")
 @click.option("--precision", default=None, help="Expert precision to run when several are stored (e.g. int4).")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime threads for dense graphs (0: all).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Compute threads for dense graphs and the native expert kernel (0: all cores).")
 @click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load.")
 @click.option("--memory-budget", default=None,
               help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
                    "Default: every expert resident.")
-@click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="cross-layer", show_default=True,
-              help="cross-layer: the policy's predictor per layer; eap: activation-path statistics; "
-                   "none: load on demand.")
+@click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="policy", show_default=True,
+              help="policy: the predictor the compiler measured best per layer; cross-layer: the next layer's "
+                   "router on this layer's router input; eap: activation-path statistics; none: load on demand.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+              help="native: the C kernel computes experts from the bytes in their slots; session: an "
+                   "onnxruntime session per expert (the reference); auto: native where it is built.")
 @click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc", show_default=True)
 @click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
               help="Per-layer cache shares: the compiled policy's, or equal.")
 @click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
-              help="Move the least popular experts at INT2 during prefill where the policy says so; auto: "
-                   "only where this device loads INT2 faster than the resident precision.")
+              help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
+                   "prefill numbers by design); auto: where they run natively, their load being a read.")
 @click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
          precision: str | None, threads: int, no_verify: bool, memory_budget: str | None, prefetch: str,
-         cache_policy: str, allocation: str, int2_prefill: str, prefetch_threads: int, ignore_eos: bool) -> None:
+         executor: str, cache_policy: str, allocation: str, int2_prefill: str, prefetch_threads: int,
+         ignore_eos: bool) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
         offload = None if memory_budget is None else OffloadOptions(
             budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
-            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify, precision=precision)
-        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload)
+            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify, precision=precision,
+            executor=executor, compute_threads=threads)
+        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
+                             executor=executor)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
         result = GenerationResult([])
         pieces: list[str] = []

@@ -1,17 +1,20 @@
-"""The expert cache: per-layer groups of resident experts within a byte budget, fed by
-background prefetch threads, with on-demand loading on a miss.
+"""The expert cache: per layer a fixed number of slots, fed by background prefetch threads, with
+on-demand loading on a miss.
 
-Keys are (layer, expert). Each layer is one eviction group with its own capacity in bytes and
-its own eviction policy (ARC or LRU, from runtime.cache). The cache knows nothing of ONNX or
-tokens: it stores whatever `load(layer, expert)` returns, with the byte size that came with it.
+Keys are (layer, expert). Each layer is one eviction group of `slots` experts with its own
+eviction policy (ARC or LRU, from runtime.cache) built with that real capacity, the one the
+profiler replays. The cache knows nothing of ONNX or tokens: `load(layer, expert, slot)` fills a
+slot and returns whatever the executor needs, with the bytes it read.
 
-Requests:
-- `prefetch(layer, experts, step)`: queue loads in priority order; a newer step for the same
-  layer makes older queued requests stale (dropped when dequeued); a key already resident or in
-  flight is not queued again.
-- `get(layer, expert)`: resident -> hit; in flight -> wait for that load (never load twice);
-  otherwise load it now in the caller's thread (an expert needed now jumps the queue).
-An exception in a prefetch thread is kept and raised in the caller at its next `get`/`prefetch`.
+- `prefetch(layer, experts, step)`: queue loads in priority order; a newer step for the same layer
+  makes older queued requests stale (dropped when dequeued). A prefetch never evicts a pinned or
+  protected expert, and is dropped when no slot can be had.
+- `fetch(layer, expert)`: the expert, pinned: resident -> hit; in flight -> wait for that load
+  (never load twice); otherwise load it now in the caller's thread into a free or evicted slot,
+  waiting for one if every slot is pinned or being filled. The caller unpins it after running it.
+- `take_resident(layer, experts)`: those resident now, pinned (hits).
+A slot being filled or run is never evicted. An exception in a prefetch thread is kept and raised
+in the caller at its next `fetch`/`prefetch`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,7 +53,7 @@ class LayerCounters:
 class CacheCounters:
     loads: int = 0
     bytes_read: int = 0
-    stall_s: float = 0.0  # time get() spent waiting for loads
+    stall_s: float = 0.0  # time the generation loop spent waiting for loads
     dropped_stale: int = 0
     layers: dict[int, LayerCounters] = field(default_factory=dict)
 
@@ -57,26 +61,21 @@ class CacheCounters:
         return self.layers.setdefault(index, LayerCounters())
 
 
-@dataclass
-class _Entry:
-    value: object
-    nbytes: int
-
-
 class ExpertCache:
-    def __init__(self, capacities: dict[int, int], load: Callable[[int, int], tuple[object, int, int]],
+    def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
                  policy: str = "arc", threads: int = 2):
-        """capacities: bytes per layer group; load(layer, expert) -> (value, nbytes it costs resident,
-        bytes it read from storage)."""
-        self.capacities = capacities
+        """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage)."""
+        self.slots = dict(slots)
         self._load = load
-        self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](1 << 30) for layer in capacities}
-        self._resident: dict[Key, _Entry] = {}
-        self._used = {layer: 0 for layer in capacities}
+        self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](n) for layer, n in slots.items()}
+        self._resident: dict[Key, tuple[object, int]] = {}  # key -> (value, slot)
+        self._free: dict[int, list[int]] = {layer: list(range(n - 1, -1, -1)) for layer, n in slots.items()}
         self._inflight: dict[Key, Future] = {}
-        self._wanted: set[Key] = set()  # in flight and already asked for
-        self._pinned: dict[int, set[int]] = {layer: set() for layer in capacities}
+        self._wanted: Counter = Counter()  # in flight: how many callers wait for it (pinned on arrival)
+        self._pins: dict[int, Counter] = {layer: Counter() for layer in slots}
+        self._protected: dict[int, set[int]] = {layer: set() for layer in slots}
         self._lock = threading.RLock()
+        self._slot_freed = threading.Condition(self._lock)
         self._queue: list = []
         self._seq = itertools.count()
         self._latest_step: dict[int, int] = {}
@@ -91,9 +90,23 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ public
 
-    def get(self, layer: int, expert: int, count_stall: bool = True) -> object:
-        """The expert's value, loaded here on a miss unless it is in flight. count_stall=False for
-        calls from a helper thread: its waiting is not the generation loop's."""
+    def take_resident(self, layer: int, experts: list[int]) -> dict[int, object]:
+        """The experts of `layer` resident now, each pinned and counted as a hit."""
+        counters = self.counters.layer(layer)
+        found = {}
+        with self._lock:
+            for expert in experts:
+                entry = self._resident.get((layer, expert))
+                if entry is not None:
+                    counters.gets += 1
+                    counters.hits += 1
+                    self._policies[layer].hit((layer, expert))
+                    self._pins[layer][expert] += 1
+                    found[expert] = entry[0]
+        return found
+
+    def fetch(self, layer: int, expert: int) -> object:
+        """The expert's value, pinned; loaded here on a miss unless it is in flight."""
         self._raise_background_error()
         key = (layer, expert)
         counters = self.counters.layer(layer)
@@ -103,23 +116,34 @@ class ExpertCache:
             if entry is not None:
                 counters.hits += 1
                 self._policies[layer].hit(key)
-                return entry.value
+                self._pins[layer][expert] += 1
+                return entry[0]
             future = self._inflight.get(key)
-            if future is None:
+            run_here = future is None
+            if run_here:
                 counters.misses += 1
-                future = self._start(key)
-                run_here = True
+                future = self._inflight[key] = Future()
             else:
                 counters.waits += 1
-                self._wanted.add(key)
-                run_here = False
-        start = time.perf_counter()
+            self._wanted[key] += 1  # pinned the moment it arrives, before anyone can evict it
         if run_here:
-            self._complete(key, future)
-        value = future.result()  # re-raises a failed load
-        if count_stall:
-            self.counters.stall_s += time.perf_counter() - start
-        return value
+            slot = self._acquire_slot(layer, demand=True)
+            self._complete(key, future, slot)
+        return future.result()  # re-raises a failed load
+
+    def unpin(self, layer: int, experts) -> None:
+        with self._lock:
+            pins = self._pins[layer]
+            for expert in experts:
+                pins[expert] -= 1
+                if pins[expert] <= 0:
+                    del pins[expert]
+            self._slot_freed.notify_all()
+
+    def protect(self, layer: int, experts: set[int]) -> None:
+        """Experts of `layer` that prefetches must not evict (this step's predictions)."""
+        with self._lock:
+            self._protected[layer] = set(experts)
 
     def prefetch(self, layer: int, experts: list[int], step: int) -> None:
         """Queue loads of `experts` (best first) for `layer`; older requests for it go stale."""
@@ -133,65 +157,71 @@ class ExpertCache:
                 heapq.heappush(self._queue, (step, layer, rank, next(self._seq), key))
             self._wake.notify_all()
 
-    def pin(self, layer: int, experts: set[int]) -> None:
-        """Experts of `layer` that eviction must spare until unpinned (the ones being run)."""
-        with self._lock:
-            self._pinned[layer] = set(experts)
-
-    def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(self._used.values())
-
     def resident(self, layer: int) -> set[int]:
         with self._lock:
             return {e for (l, e) in self._resident if l == layer}
+
+    def resident_count(self) -> int:
+        with self._lock:
+            return len(self._resident)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._queue.clear()
             self._wake.notify_all()
+            self._slot_freed.notify_all()
         for w in self._workers:
             w.join(timeout=5)
 
     # ------------------------------------------------------------------ internals
 
-    def _start(self, key: Key) -> Future:
-        future: Future = Future()
-        self._inflight[key] = future
-        return future
+    def _acquire_slot(self, layer: int, demand: bool) -> int | None:
+        """A free slot of `layer`, or the slot of an evicted expert. Demand waits until one can be
+        had (a load in flight finishes, a pin is released); a prefetch takes None instead."""
+        with self._lock:
+            while True:
+                if self._free[layer]:
+                    return self._free[layer].pop()
+                exclude = {(layer, e) for e in self._pins[layer]}
+                if not demand:
+                    exclude |= {(layer, e) for e in self._protected[layer]}
+                victim = self._policies[layer].victim(None, exclude)
+                if victim is not None:
+                    _, slot = self._resident.pop(victim)
+                    self.counters.layer(layer).evictions += 1
+                    return slot
+                if not demand or self._closed:
+                    return None
+                self._slot_freed.wait()
 
-    def _complete(self, key: Key, future: Future, prefetched: bool = False) -> None:
-        """Load `key` (outside the lock), insert it, resolve its future."""
+    def _complete(self, key: Key, future: Future, slot: int | None, prefetched: bool = False) -> None:
+        """Load `key` into `slot` (outside the lock), make it resident, resolve its future."""
+        layer = key[0]
         try:
-            value, nbytes, read = self._load(*key)
+            if slot is None:
+                raise BudgetError(f"no slot of layer {layer} could be had (closing)")
+            value, read = self._load(layer, key[1], slot)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._inflight.pop(key, None)
+                self._wanted.pop(key, None)
+                if slot is not None:
+                    self._free[layer].append(slot)
+                self._slot_freed.notify_all()
             future.set_exception(e)
             return
         with self._lock:
             self.counters.loads += 1
             self.counters.bytes_read += read
-            self._insert(key, value, nbytes, cold=prefetched and key not in self._wanted)
+            self._resident[key] = (value, slot)
+            waiting = self._wanted.pop(key, 0)
+            self._policies[layer].insert(key, cold=prefetched and not waiting)
+            if waiting:
+                self._pins[layer][key[1]] += waiting
             self._inflight.pop(key, None)
-            self._wanted.discard(key)
+            self._slot_freed.notify_all()
         future.set_result(value)
-
-    def _insert(self, key: Key, value: object, nbytes: int, cold: bool = False) -> None:
-        layer = key[0]
-        policy = self._policies[layer]
-        exclude = {(layer, e) for e in self._pinned[layer]}
-        while self._used[layer] + nbytes > self.capacities[layer]:
-            victim = policy.victim(key, exclude)
-            if victim is None:
-                # Nothing evictable: the value is used once and not kept (the budget holds).
-                return
-            self._used[layer] -= self._resident.pop(victim).nbytes
-            self.counters.layer(layer).evictions += 1
-        self._resident[key] = _Entry(value, nbytes)
-        self._used[layer] += nbytes
-        policy.insert(key, cold=cold)
 
     def _work(self) -> None:
         while True:
@@ -206,9 +236,13 @@ class ExpertCache:
                     continue
                 if key in self._resident or key in self._inflight:
                     continue
-                future = self._start(key)
+                slot = self._acquire_slot(layer, demand=False)
+                if slot is None:  # every slot pinned, protected or being filled: not worth waiting for
+                    self.counters.dropped_stale += 1
+                    continue
+                future = self._inflight[key] = Future()
                 self.counters.layer(layer).prefetched += 1
-            self._complete(key, future, prefetched=True)
+            self._complete(key, future, slot, prefetched=True)
             exc = future.exception()
             if exc is not None:
                 with self._lock:

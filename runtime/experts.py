@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError
-from fate.artifacts.layout import GraphIO
 from fate.artifacts.schema import PRECISION_BITS
 
-from .memory import release_freed_memory
-from .sessions import make_expert_session
+from .executors import ExpertRunner, LoadedExpert, Work, assignments
+from .loader import ExpertLoader
+from .slots import SlotPool
 
 
 @dataclass
@@ -28,14 +28,19 @@ class ExpertStats:
     bytes_read: int = 0
     runs_per_layer: dict[int, int] = field(default_factory=dict)
 
+    def count(self, layer: int, experts: int) -> None:
+        self.runs += experts
+        self.runs_per_layer[layer] = self.runs_per_layer.get(layer, 0) + experts
+
 
 class ExpertStore(ABC):
     def __init__(self) -> None:
         self.stats = ExpertStats()
 
     @abstractmethod
-    def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-        """y = expert(x) for x [N, H]."""
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Every routed expert of `layer` on its tokens: x [S, H] and the router's ids [S, k] ->
+        y [S * k, H], row t * k + j being expert ids[t, j] applied to x[t]."""
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         """A forward pass over `num_tokens` new tokens starts, in prefill or decode."""
@@ -46,13 +51,6 @@ class ExpertStore(ABC):
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
         """The experts `layer`'s router chose [S, k] (activation-path predictors use them)."""
-
-    def order(self, layer: int, experts: list[int]) -> list[int]:
-        """The order to run a layer's experts in (a cache runs resident ones first)."""
-        return experts
-
-    def routed(self, layer: int, experts: set[int]) -> None:
-        """`layer` has run these experts."""
 
     def report(self) -> dict:
         """Statistics of the run so far, for --json and the summary line."""
@@ -78,27 +76,40 @@ def resident_precision(artifact: Artifact, layer: int, wanted: str | None) -> st
     return min(usable, key=lambda p: PRECISION_BITS[p])
 
 
+def largest_file(artifact: Artifact, layer: int, precision: str) -> int:
+    return max(artifact.entry(path).size for path in artifact.manifest.layers[layer].experts[precision])
+
+
 class ResidentExperts(ExpertStore):
-    """Every expert loaded at start and kept: the all-resident reference."""
+    """Every expert read into a slot at start and kept: the all-resident reference."""
 
-    def __init__(self, artifact: Artifact, precision: str | None = None, verify: bool = True):
+    def __init__(self, artifact: Artifact, precision: str | None = None, verify: bool = True,
+                 executor: str = "auto", threads: int = 0):
         super().__init__()
-        self.sessions: dict[tuple[int, int], object] = {}
-        self.precisions = {spec.index: resident_precision(artifact, spec.index, precision)
-                           for spec in artifact.manifest.moe_layers}
-        for spec in artifact.manifest.moe_layers:
-            files = spec.experts[self.precisions[spec.index]]
-            for expert, path in enumerate(files):
-                data = artifact.read_graph(path, verify=verify)
-                self.sessions[(spec.index, expert)] = make_expert_session(data)
+        self.runner = ExpertRunner(artifact, executor, threads)
+        self.loader = ExpertLoader(artifact, self.runner, verify)
+        layers = artifact.manifest.moe_layers
+        self.precisions = {spec.index: resident_precision(artifact, spec.index, precision) for spec in layers}
+        self.pool = SlotPool({spec.index: spec.routing.num_experts for spec in layers},
+                             {spec.index: largest_file(artifact, spec.index, self.precisions[spec.index])
+                              for spec in layers})
+        self.experts: dict[tuple[int, int], LoadedExpert] = {}
+        for spec in layers:
+            for expert in range(spec.routing.num_experts):
+                loaded = self.loader.load(spec.index, expert, self.precisions[spec.index],
+                                          self.pool.buffer(spec.index, expert), self.pool)
+                if loaded.session is not None:
+                    self.pool.release(spec.index, expert)
+                self.experts[(spec.index, expert)] = loaded
                 self.stats.loads += 1
-                self.stats.bytes_read += len(data)
-            # Each load's transient copies of the file (Python's, onnxruntime's, the parsed graph)
-            # leave holes the next, equally large ones do not fit in: measured, 736 MB of freed heap
-            # still mapped after loading 240 experts of 4.6 MB. Hand it back once per layer.
-            release_freed_memory()
+                self.stats.bytes_read += loaded.nbytes
 
-    def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-        self.stats.runs += 1
-        self.stats.runs_per_layer[layer] = self.stats.runs_per_layer.get(layer, 0) + 1
-        return self.sessions[(layer, expert)].run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        y = np.empty((ids.size, x.shape[1]), np.float32)
+        work = [Work(self.experts[(layer, e)], rows, dest) for e, (rows, dest) in assignments(ids).items()]
+        self.stats.count(layer, len(work))
+        self.runner.run(layer, work, x, y)
+        return y
+
+    def report(self) -> dict:
+        return {"executor": self.runner.name()}

@@ -51,11 +51,12 @@ class FateModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None) -> "FateModel":
-        """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache."""
+             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto") -> "FateModel":
+        """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache.
+        `executor` (auto, native, session) computes the experts; with `offload` its own says."""
         artifact = Artifact.open(path)
-        store = ResidentExperts(artifact, precision, verify=verify) if offload is None \
-            else OffloadedExperts(artifact, offload)
+        store = ResidentExperts(artifact, precision, verify=verify, executor=executor, threads=threads) \
+            if offload is None else OffloadedExperts(artifact, offload)
         try:
             return cls(artifact, store, threads, verify)
         except BaseException:
@@ -106,16 +107,14 @@ class FateModel:
         return hidden
 
     def _routed_experts(self, layer: int, out: dict[str, np.ndarray]) -> np.ndarray:
-        """residual + sum over each token's top-k experts of weight * expert(router_input)."""
+        """residual + sum over each token's top-k experts of weight * expert(router_input), summed in
+        the router's order whatever order the experts ran in (tokens never depend on residency)."""
         x, ids, weights = out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS]
         hidden = out[IO.RESIDUAL]
+        y = self.experts.compute(layer, np.ascontiguousarray(x, dtype=np.float32), ids).reshape(*ids.shape, -1)
         total = hidden.reshape(x.shape).copy()
-        chosen = [int(e) for e in np.unique(ids)]
-        for expert in self.experts.order(layer, chosen):
-            tokens, slots = np.nonzero(ids == expert)  # a token picks an expert at most once
-            y = self.experts.run(layer, expert, np.ascontiguousarray(x[tokens]))
-            total[tokens] += y * weights[tokens, slots][:, None]
-        self.experts.routed(layer, set(chosen))
+        for j in range(ids.shape[1]):
+            total += y[:, j] * weights[:, j, None]
         return total.reshape(hidden.shape)
 
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:

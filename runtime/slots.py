@@ -42,7 +42,7 @@ class SlotPool:
     def total_bytes(self) -> int:
         return sum(n * self.slot_bytes[layer] for layer, n in self.slots.items())
 
-    def _buffer(self, layer: int, slot: int) -> memoryview:
+    def buffer(self, layer: int, slot: int) -> memoryview:
         size = self.slot_bytes[layer]
         return memoryview(self._maps[layer])[slot * size:(slot + 1) * size]
 
@@ -50,7 +50,7 @@ class SlotPool:
         """Read `size` bytes of `path` at `offset` into a slot; the view of exactly those bytes."""
         if not 0 <= slot < self.slots[layer]:
             raise IndexError(f"layer {layer} has no slot {slot}")
-        buffer = self._buffer(layer, slot)
+        buffer = self.buffer(layer, slot)
         return read_aligned(buffer, path, offset, size, self if self._direct_ok else None)
 
     def direct_failed(self) -> None:

@@ -1,0 +1,134 @@
+"""The run plan: what a budget becomes on this run, as a pure function of the artifact's manifest
+and profile, the flags, and which precisions the native executor runs (a property of the build
+and the artifact, not a timing), so the same command always plans the same run.
+
+Per MoE layer: the resident precision, a fixed number of slots (the policy's cache shares of the
+budget, at least top-k each), the predictor and its width, and whether the least popular tail of
+a prefill moves at INT2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from fate.artifacts import ArtifactError, LayerPolicy, Manifest
+from fate.artifacts.budget import Budget
+from fate.artifacts.profile import Profile
+
+from .executors import SESSION_RESIDENT_FACTOR
+from .expert_cache import BudgetError
+from .slots import slot_size
+
+PREFETCH_MODES = ("policy", "cross-layer", "eap", "none")
+LOW_BIT_PREFILL_MODES = ("auto", "on", "off")
+ALLOCATIONS = ("policy", "uniform")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MoE layer as this run executes it."""
+
+    index: int
+    precision: str
+    slot_bytes: int  # one slot: the layer's largest expert file at `precision`, in whole pages
+    cost_bytes: int  # what one resident expert costs (the slot, or its session)
+    slots: int
+    predictor: str  # cross_layer, cross_layer_norm, eap or none
+    width: int
+    low_share: float
+    low_precision: str | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    layers: dict[int, LayerPlan]
+    budget_bytes: int  # what the slots hold: sum of slots x cost
+    total_expert_bytes: int  # every expert resident, at the same cost
+
+
+def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precision: Callable[[int], str],
+             file_bytes: Callable[[int, str], int], runs_native: Callable[[int, str], bool],
+             prefetch: str = "policy", allocation: str = "policy", low_bit_prefill: str = "auto") -> RunPlan:
+    """precision(layer): its resident precision; file_bytes(layer, precision): its largest expert
+    file; runs_native(layer, precision): whether the native executor computes it from its slot."""
+    if prefetch not in PREFETCH_MODES:
+        raise ArtifactError(f"unknown prefetch mode {prefetch!r}; choose from {', '.join(PREFETCH_MODES)}")
+    if low_bit_prefill not in LOW_BIT_PREFILL_MODES:
+        raise ArtifactError(f"unknown INT2 prefill mode {low_bit_prefill!r}; choose from "
+                            f"{', '.join(LOW_BIT_PREFILL_MODES)}")
+    if allocation not in ALLOCATIONS:
+        raise ArtifactError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    if prefetch == "eap" and profile is None:
+        raise ArtifactError("--prefetch eap needs the transition counts of a calibrated artifact")
+    layers = manifest.moe_layers
+    decided = {l.index: manifest.policy.layer(l.index) if manifest.policy else None for l in layers}
+    chosen = {l.index: precision(l.index) for l in layers}
+    slot = {i: slot_size(file_bytes(i, p)) for i, p in chosen.items()}
+    cost = {i: slot[i] if runs_native(i, chosen[i]) else int(file_bytes(i, chosen[i]) * SESSION_RESIDENT_FACTOR)
+            for i in chosen}
+    total = sum(cost[l.index] * l.routing.num_experts for l in layers)
+    limit = budget.bytes_of(total)
+    minimum = sum(cost[l.index] * l.routing.top_k for l in layers)
+    if limit < minimum:
+        raise BudgetError(f"a budget of {limit / 1e6:.1f} MB cannot hold one token's experts in every layer; "
+                          f"the minimum is {minimum / 1e6:.1f} MB ({minimum / total:.1%} of the experts)")
+    shares = {l.index: 1 / len(layers) for l in layers}
+    if allocation == "policy" and manifest.policy:
+        shares = {i: decided[i].cache_share for i in shares}
+    slots = whole_slots(layers, shares, cost, limit)
+    plans = {}
+    for l in layers:
+        predictor, width = predictor_for(manifest, profile, l.index, decided[l.index], l.routing.top_k, prefetch)
+        # Prefetching into the slots the running experts need evicts them: with 5 slots, top-2 and
+        # width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
+        width = min(width, max(0, slots[l.index] - l.routing.top_k))
+        low = decided[l.index].prefill_precision if decided[l.index] and low_bit_prefill != "off" else None
+        # INT2 copies save transfer bytes; where a load builds a session (CPU work), a smaller file
+        # does not load faster (INT2 block 32 creates slower than INT4 block 128), so "auto" uses
+        # them only where they run from their bytes
+        if low is not None and low_bit_prefill == "auto" and not runs_native(l.index, low):
+            low = None
+        plans[l.index] = LayerPlan(l.index, chosen[l.index], slot[l.index], cost[l.index], slots[l.index], predictor,
+                                   width, decided[l.index].prefill_low_share if low else 0.0, low)
+    return RunPlan(plans, sum(p.slots * p.cost_bytes for p in plans.values()), total)
+
+
+def whole_slots(layers, shares: dict[int, float], cost: dict[int, int], budget: int) -> dict[int, int]:
+    """Whole expert slots per layer from the shares, each at least top-k, within the budget."""
+    slots = {l.index: l.routing.top_k for l in layers}
+    left = budget - sum(slots[i] * cost[i] for i in slots)
+    total_share = sum(shares.values()) or 1.0
+    want = {l.index: max(0.0, shares[l.index] / total_share * budget / cost[l.index] - slots[l.index])
+            for l in layers}
+    for l in sorted(layers, key=lambda l: (-want[l.index], l.index)):  # largest wishes first
+        extra = min(int(want[l.index]), l.routing.num_experts - slots[l.index], left // cost[l.index])
+        slots[l.index] += extra
+        left -= extra * cost[l.index]
+    for l in sorted(layers, key=lambda l: (-(want[l.index] % 1), l.index)):  # then leftovers, one slot each
+        if slots[l.index] < l.routing.num_experts and left >= cost[l.index]:
+            slots[l.index] += 1
+            left -= cost[l.index]
+    return slots
+
+
+def predictor_for(manifest: Manifest, profile: Profile | None, index: int, decided: LayerPolicy | None, top_k: int,
+                  mode: str) -> tuple[str, int]:
+    """(predictor, width) of a layer. `policy`: what the compiler measured best (which may be EAP or
+    none); `cross-layer`: the cross-layer predictor wherever the previous layer computes it (the
+    policy's normalized variant where it chose that one); `eap`: transition counts; `none`."""
+    if mode == "none":
+        return "none", 0
+    width = decided.prefetch_width if decided and decided.prefetch_width else top_k
+    has_graph = index > 0 and manifest.layers[index - 1].predicts_next
+    if mode == "eap":
+        has_eap = profile is not None and profile.layer(index).transitions_from is not None
+        return ("eap", width) if has_eap else ("none", 0)
+    if mode == "cross-layer":
+        if not has_graph:
+            return "none", 0
+        variant = decided.predictor if decided and decided.predictor.startswith("cross") else "cross_layer"
+        return variant, width
+    if decided is not None:
+        return (decided.predictor, width) if decided.predictor != "none" else ("none", 0)
+    return ("cross_layer", width) if has_graph else ("none", 0)

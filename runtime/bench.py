@@ -71,7 +71,7 @@ def run_one(config: RunConfig) -> dict:
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
            "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
            "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0}
-    if report:
+    if "decode" in report:
         d, p = report["decode"], report["prefill"]
         recalls = [r for r in d["prefetch_recall_per_layer"].values() if r is not None]
         row.update(stall_s=p["stall_s"] + d["stall_s"], hit_rate=d["hit_rate"],

@@ -12,94 +12,148 @@ from fate.runtime.expert_cache import ExpertCache
 
 
 class FakeLoader:
-    def __init__(self, nbytes: int = 10, delay: float = 0.0, fail: set | None = None):
-        self.nbytes, self.delay, self.fail = nbytes, delay, fail or set()
+    """Fills a slot with a blob naming its key and slot; can block until released, or fail."""
+
+    def __init__(self, nbytes: int = 10, fail: set | None = None, gate: threading.Event | None = None):
+        self.nbytes, self.fail, self.gate = nbytes, fail or set(), gate
         self.calls: list[tuple[int, int]] = []
+        self.started = threading.Event()
         self.lock = threading.Lock()
 
-    def __call__(self, layer: int, expert: int):
+    def __call__(self, layer: int, expert: int, slot: int):
         with self.lock:
             self.calls.append((layer, expert))
-        time.sleep(self.delay)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
         if (layer, expert) in self.fail:
             raise OSError(f"cannot read expert {expert} of layer {layer}")
-        return f"blob-{layer}-{expert}", self.nbytes, self.nbytes
+        return f"blob-{layer}-{expert}@{slot}", self.nbytes
+
+
+def until(condition, timeout: float = 30.0) -> None:
+    """Wait for something the cache's threads do (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
 @pytest.mark.parametrize("policy", ["arc", "lru"])
-def test_resident_bytes_never_exceed_capacity(policy):
-    loader = FakeLoader(nbytes=10)
-    cache = ExpertCache({0: 35, 1: 20}, loader, policy=policy, threads=2)
+def test_slots_are_never_shared_or_exceeded(policy):
+    cache = ExpertCache({0: 3, 1: 2}, FakeLoader(), policy=policy, threads=2)
     try:
         for step in range(50):
             cache.prefetch(0, [step % 7, (step * 3) % 7], step)
-            assert cache.get(0, (step * 5) % 7) == f"blob-0-{(step * 5) % 7}"
-            cache.get(1, step % 4)
-            assert cache.resident_bytes() <= 55
+            value = cache.fetch(0, (step * 5) % 7)
+            assert value.startswith(f"blob-0-{(step * 5) % 7}@")
+            cache.unpin(0, [(step * 5) % 7])
+            cache.fetch(1, step % 4)
+            cache.unpin(1, [step % 4])
             assert len(cache.resident(0)) <= 3 and len(cache.resident(1)) <= 2
+            with cache._lock:
+                used = [slot for (layer, _), (_, slot) in cache._resident.items() if layer == 0]
+            assert len(used) == len(set(used)) and all(0 <= s < 3 for s in used)
     finally:
         cache.close()
 
 
 def test_in_flight_load_is_waited_for_not_repeated():
-    loader = FakeLoader(delay=0.2)
-    cache = ExpertCache({0: 100}, loader, threads=1)
+    gate = threading.Event()
+    loader = FakeLoader(gate=gate)
+    cache = ExpertCache({0: 4}, loader, threads=1)
     try:
         cache.prefetch(0, [3], step=1)
-        time.sleep(0.05)  # the worker has started loading expert 3
-        assert cache.get(0, 3) == "blob-0-3"
-        assert loader.calls == [(0, 3)]
-        assert cache.counters.layer(0).waits == 1 and cache.counters.layer(0).misses == 0
+        assert loader.started.wait(30)  # the worker is loading expert 3
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(cache.fetch(0, 3)))
+        waiter.start()
+        until(lambda: cache.counters.layer(0).waits == 1)
+        gate.set()
+        waiter.join(30)
+        assert result == ["blob-0-3@0"] and loader.calls == [(0, 3)]
+        assert cache.counters.layer(0).misses == 0
     finally:
+        gate.set()
         cache.close()
 
 
 def test_stale_requests_are_dropped():
-    loader = FakeLoader(delay=0.05)
-    cache = ExpertCache({0: 1000}, loader, threads=1)
+    gate = threading.Event()
+    loader = FakeLoader(gate=gate)
+    cache = ExpertCache({0: 8}, loader, threads=1)
     try:
         cache.prefetch(0, [1, 2, 3, 4], step=1)
+        assert loader.started.wait(30)  # expert 1 is loading; 2, 3, 4 wait in the queue
         cache.prefetch(0, [5], step=2)  # a newer prediction for the same layer
-        time.sleep(0.5)
-        assert (0, 5) in loader.calls and len(loader.calls) < 5
-        assert cache.counters.dropped_stale >= 1
+        gate.set()
+        until(lambda: 5 in cache.resident(0))
+        assert (0, 5) in loader.calls and len(loader.calls) == 2
+        until(lambda: cache.counters.dropped_stale == 3)
     finally:
+        gate.set()
         cache.close()
 
 
 def test_pinned_experts_are_not_evicted():
-    cache = ExpertCache({0: 20}, FakeLoader(nbytes=10), threads=1)
+    cache = ExpertCache({0: 2}, FakeLoader(), threads=1)
     try:
-        cache.get(0, 1)
-        cache.get(0, 2)
-        cache.pin(0, {1, 2})
-        cache.get(0, 3)  # no room without evicting a pinned expert: used once, not kept
+        cache.fetch(0, 1)
+        cache.fetch(0, 2)
+        cache.unpin(0, [1])
+        cache.fetch(0, 3)  # two slots, 2 pinned: 3 takes the slot of 1
+        assert cache.resident(0) == {2, 3}
+        cache.prefetch(0, [4], step=1)  # every slot pinned: the prefetch is dropped, not waited for
+        until(lambda: cache.counters.dropped_stale == 1)
+        assert cache.resident(0) == {2, 3}
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(cache.fetch(0, 5)))
+        waiter.start()  # a demand load waits for a slot...
+        cache.unpin(0, [2])  # ...until a pin is released
+        waiter.join(30)
+        assert done and cache.resident(0) == {3, 5}
+    finally:
+        cache.close()
+
+
+def test_prefetch_never_evicts_protected_predictions():
+    cache = ExpertCache({0: 2}, FakeLoader(), threads=1)
+    try:
+        for expert in (1, 2):
+            cache.fetch(0, expert)
+            cache.unpin(0, [expert])
+        cache.protect(0, {1, 2})
+        cache.prefetch(0, [9], step=1)
+        until(lambda: cache.counters.dropped_stale == 1)
         assert cache.resident(0) == {1, 2}
-        cache.pin(0, set())
-        cache.get(0, 3)
-        assert 3 in cache.resident(0)
+        cache.protect(0, {1})
+        cache.prefetch(0, [9], step=2)
+        until(lambda: 9 in cache.resident(0))
+        assert cache.resident(0) == {1, 9}
     finally:
         cache.close()
 
 
 def test_prefetch_failure_reaches_the_caller():
-    cache = ExpertCache({0: 100}, FakeLoader(fail={(0, 7)}), threads=1)
+    loader = FakeLoader(fail={(0, 7)})
+    cache = ExpertCache({0: 4}, loader, threads=1)
     try:
         cache.prefetch(0, [7], step=1)
-        time.sleep(0.2)
+        until(lambda: cache._error is not None)
         with pytest.raises(OSError, match="expert 7"):
-            cache.get(0, 1)
+            cache.fetch(0, 1)
     finally:
         cache.close()
 
 
 def test_demand_failure_raises_and_does_not_hang():
-    cache = ExpertCache({0: 100}, FakeLoader(fail={(0, 2)}), threads=1)
+    cache = ExpertCache({0: 1}, FakeLoader(fail={(0, 2)}), threads=1)
     try:
         with pytest.raises(OSError):
-            cache.get(0, 2)
-        with pytest.raises(OSError):  # tried again, not stuck on a dead in-flight entry
-            cache.get(0, 2)
+            cache.fetch(0, 2)
+        with pytest.raises(OSError):  # tried again, not stuck on a dead in-flight entry or a lost slot
+            cache.fetch(0, 2)
+        assert cache.fetch(0, 3) == "blob-0-3@0"
     finally:
         cache.close()
 

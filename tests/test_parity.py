@@ -120,3 +120,23 @@ def test_quantized_dense_weights_compute_what_they_store(built, dense_bits):
     assert {t.data_type for t in embed_graph.graph.initializer} >= {onnx.TensorProto.INT8}
     ref = hf_logits(dequantized_dense_copy(built.hf, dense_bits), PROMPT)
     assert rel_err(FateModel.load(path).logits(PROMPT), ref) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_executor_matches_the_session_executor(built, bits):
+    """The C kernel and onnxruntime's MatMulNBits compute the same int8-activation math on the same
+    bytes: logits agree to that math's rounding, prefill and decode, for every family."""
+    from fate.runtime import native
+
+    if not native.available():
+        pytest.skip("native kernel not built")
+    path = built.artifact(bits)
+    continuation = [7, 99, 3]
+    logits = {}
+    for executor in ("native", "session"):
+        model = FateModel.load(path, executor=executor)
+        try:
+            logits[executor] = incremental_logits(model, PROMPT, continuation)
+        finally:
+            model.close()
+    assert rel_err(logits["native"], logits["session"]) < 2e-2

@@ -45,10 +45,12 @@ class RunConfig:
     gen_len: int
     cache: str = "arc"
     precision: str | None = None
+    executor: str = "auto"
 
     @property
     def label(self) -> str:
-        return RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
+        label = RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
+        return label if self.executor == "auto" else f"{label} [{self.executor}]"
 
 
 def run_one(config: RunConfig) -> dict:
@@ -59,8 +61,9 @@ def run_one(config: RunConfig) -> dict:
 
     start = time.perf_counter()
     offload = None if config.budget == RESIDENT else OffloadOptions(
-        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache, precision=config.precision)
-    model = FateModel.load(config.artifact, precision=config.precision, offload=offload)
+        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache, precision=config.precision,
+        executor=config.executor)
+    model = FateModel.load(config.artifact, precision=config.precision, offload=offload, executor=config.executor)
     load_s = time.perf_counter() - start
     try:
         result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
@@ -151,7 +154,9 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", required=False)
 @click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets.")
-@click.option("--prefetch", default="none,eap,cross-layer", show_default=True, help="Comma-separated modes.")
+@click.option("--prefetch", default="none,eap,cross-layer,policy", show_default=True, help="Comma-separated modes.")
+@click.option("--executors", default="auto", show_default=True,
+              help="Comma-separated executors to compare (auto, native, session).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Text to take the prompt from.")
 @click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
@@ -162,7 +167,7 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)
-def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, plot,
+def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, plot,
          worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
@@ -174,10 +179,11 @@ def main(artifact, budgets, prefetch, prompts, prompt_len, gen_len, repeat, cach
         if plot is not None and plot.suffix != ".svg":
             raise FateError("--plot writes SVG: give a file name ending in .svg")
         ids = prompt_ids(artifact, prompt_len, prompts)
-        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision)]
+        kinds = [e.strip() for e in executors.split(",")]
+        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision, e) for e in kinds]
         for b in budgets.split(","):
             parse_budget(b)  # fail before any run
-            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision)
+            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e) for e in kinds
                         for p in prefetch.split(",")]
         rows: dict[str, list[dict]] = {c.label: [] for c in configs}
         total = len(configs) * (repeat + 1)

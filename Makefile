@@ -11,7 +11,7 @@ PROMPT ?= The secret of a happy life is
 
 .PHONY: venv test demo perplexity compile-example fuzz runtime-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py runtime/native/experts.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
@@ -50,7 +50,10 @@ runtime-check: compile-example
 	$(RUNTIME_VENV)/bin/pip install -q .
 	$(BIN)/fate-pack $(ARTIFACT) -o out/tiny-moe.fate
 	$(RUNTIME_VENV)/bin/fate-verify out/tiny-moe.fate
+	$(RUNTIME_VENV)/bin/python -c "from fate.runtime import native; print('native expert kernel:', native.kernel_name())"
 	$(RUNTIME_VENV)/bin/fate-run out/tiny-moe.fate --prompt "$(PROMPT)" --max-new-tokens 24 --greedy --memory-budget 50%
+	$(RUNTIME_VENV)/bin/fate-run out/tiny-moe.fate --prompt "$(PROMPT)" --max-new-tokens 24 --greedy --memory-budget 50% \
+		--executor session
 	! $(RUNTIME_VENV)/bin/python -c "import torch" 2>/dev/null
 	! $(RUNTIME_VENV)/bin/python -c "import transformers" 2>/dev/null
 	@echo "runtime-only environment: $$(du -sm $(RUNTIME_VENV) | cut -f1) MB; with the compiler (torch): $$(du -sm $(VENV) | cut -f1) MB"

@@ -29,15 +29,15 @@ TENSOR_EXTERNAL_DATA = 13
 TENSOR_DATA_LOCATION = 14
 
 
-class _Bad(Exception):
-    pass
+class WireError(Exception):
+    """Malformed or refused protobuf bytes; callers turn it into an ArtifactError naming the file."""
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
-        if pos >= len(buf) or shift > 63:
-            raise _Bad("truncated varint")
+        if pos >= end or shift > 63:
+            raise WireError("truncated varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -46,39 +46,48 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def field_spans(buf, start: int, end: int):
+    """(field number, wire type, value start, value end, varint value or None) of each field of the
+    message in buf[start:end], positions absolute (the slot layout records them as offsets)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        number = None
+        if wire == 0:
+            number, after = _varint(buf, pos, end)
+        elif wire == 1:
+            after = pos + 8
+        elif wire == 5:
+            after = pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            after = pos + length
+        else:
+            raise WireError(f"unsupported wire type {wire}")
+        if after > end:
+            raise WireError("truncated field")
+        yield field, wire, pos, after, number
+        pos = after
+
+
 def _fields(buf: memoryview):
     """(field number, wire type, value): an int for varints, a memoryview for bytes."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        else:
-            raise _Bad(f"unsupported wire type {wire}")
-        if pos > len(buf):
-            raise _Bad("truncated field")
-        yield field, wire, value
+    for field, wire, start, end, number in field_spans(buf, 0, len(buf)):
+        yield field, wire, number if wire == 0 else (buf[start:end] if wire == 2 else None)
 
 
 def _text(value) -> str:
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
-        raise _Bad("a name is not UTF-8") from None
+        raise WireError("a name is not UTF-8") from None
 
 
 def _tensor(buf: memoryview) -> None:
     for field, wire, value in _fields(buf):
         if field == TENSOR_EXTERNAL_DATA or (field == TENSOR_DATA_LOCATION and wire == 0 and value == 1):
-            raise _Bad("a tensor uses external data (a file path), which artifacts never do")
+            raise WireError("a tensor uses external data (a file path), which artifacts never do")
 
 
 def _node(buf: memoryview) -> None:
@@ -91,19 +100,19 @@ def _node(buf: memoryview) -> None:
         elif field == 5 and wire == 2:
             for a_field, a_wire, a_value in _fields(value):
                 if a_field in ATTRIBUTE_REFUSED:
-                    raise _Bad(f"operator {op_type or '?'} carries {ATTRIBUTE_REFUSED[a_field]}")
+                    raise WireError(f"operator {op_type or '?'} carries {ATTRIBUTE_REFUSED[a_field]}")
                 if a_field == 5 and a_wire == 2:
                     _tensor(a_value)
     if domain not in ALLOWED_OPS:
-        raise _Bad(f"operator domain {domain!r} is not one the runtime knows")
+        raise WireError(f"operator domain {domain!r} is not one the runtime knows")
     if op_type not in ALLOWED_OPS[domain]:
-        raise _Bad(f"operator {domain + '.' if domain else ''}{op_type} is not one Fate's graphs use")
+        raise WireError(f"operator {domain + '.' if domain else ''}{op_type} is not one Fate's graphs use")
 
 
 def _graph(buf: memoryview) -> None:
     for field, wire, value in _fields(buf):
         if field in GRAPH_REFUSED:
-            raise _Bad(f"the graph has {GRAPH_REFUSED[field]}")
+            raise WireError(f"the graph has {GRAPH_REFUSED[field]}")
         if field == 1 and wire == 2:
             _node(value)
         elif field == 5 and wire == 2:
@@ -116,15 +125,15 @@ def check_graph(data: bytes, label: str) -> None:
         graphs = 0
         for field, wire, value in _fields(memoryview(data)):
             if field in MODEL_REFUSED:
-                raise _Bad(f"the model has {MODEL_REFUSED[field]}")
+                raise WireError(f"the model has {MODEL_REFUSED[field]}")
             if field == 8 and wire == 2:  # opset_import: its domain must be known
                 for o_field, o_wire, o_value in _fields(value):
                     if o_field == 1 and o_wire == 2 and _text(o_value) not in ALLOWED_OPS:
-                        raise _Bad(f"it imports unknown operator domain {_text(o_value)!r}")
+                        raise WireError(f"it imports unknown operator domain {_text(o_value)!r}")
             elif field == 7 and wire == 2:
                 graphs += 1
                 _graph(value)
         if graphs != 1:
-            raise _Bad("it holds no graph")
-    except _Bad as e:
+            raise WireError("it holds no graph")
+    except WireError as e:
         raise ArtifactError(f"{label} is refused: {e}") from None

@@ -15,6 +15,7 @@ is field 5 (repeated TensorProto); TensorProto.name is field 8, raw_data field 9
 from __future__ import annotations
 
 from .errors import ArtifactError
+from .graph_check import WireError, field_spans
 from .schema import ExpertLayout, TensorView
 
 PROJECTIONS = ("gate", "up", "down")
@@ -25,59 +26,26 @@ ACTIVATIONS = ("swiglu", "swiglu_clamped")
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
 
 
-def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ArtifactError("truncated or malformed protobuf varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(data: bytes, start: int, end: int):
-    """(field number, wire type, value start, value end) of each field in data[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(data, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, after = _varint(data, pos, end)
-        elif wire == 1:
-            after = pos + 8
-        elif wire == 2:
-            length, pos = _varint(data, pos, end)
-            after = pos + length
-        elif wire == 5:
-            after = pos + 4
-        else:
-            raise ArtifactError(f"unsupported protobuf wire type {wire}")
-        if after > end:
-            raise ArtifactError("protobuf field runs past its message")
-        yield number, wire, pos, after
-        pos = after
-
-
 def initializer_ranges(model: bytes) -> dict[str, tuple[int, int]]:
     """name -> (offset, length) of each initializer's raw_data inside serialized ONNX bytes."""
     found = {}
-    for number, wire, start, end in _fields(model, 0, len(model)):
-        if number != _MODEL_GRAPH or wire != 2:
-            continue
-        for g_number, g_wire, t_start, t_end in _fields(model, start, end):
-            if g_number != _GRAPH_INITIALIZER or g_wire != 2:
+    try:
+        for number, wire, start, end, _ in field_spans(model, 0, len(model)):
+            if number != _MODEL_GRAPH or wire != 2:
                 continue
-            name, raw = None, None
-            for t_number, t_wire, v_start, v_end in _fields(model, t_start, t_end):
-                if t_number == _TENSOR_NAME and t_wire == 2:
-                    name = model[v_start:v_end].decode("utf-8", "replace")
-                elif t_number == _TENSOR_RAW_DATA and t_wire == 2:
-                    raw = (v_start, v_end - v_start)
-            if name is not None and raw is not None:
-                found[name] = raw
+            for g_number, g_wire, t_start, t_end, _ in field_spans(model, start, end):
+                if g_number != _GRAPH_INITIALIZER or g_wire != 2:
+                    continue
+                name, raw = None, None
+                for t_number, t_wire, v_start, v_end, _ in field_spans(model, t_start, t_end):
+                    if t_number == _TENSOR_NAME and t_wire == 2:
+                        name = model[v_start:v_end].decode("utf-8", "replace")
+                    elif t_number == _TENSOR_RAW_DATA and t_wire == 2:
+                        raw = (v_start, v_end - v_start)
+                if name is not None and raw is not None:
+                    found[name] = raw
+    except WireError as e:
+        raise ArtifactError(f"expert graph is not a well-formed ONNX model: {e}") from None
     return found
 
 

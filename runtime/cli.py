@@ -17,7 +17,8 @@ from .cache import POLICIES
 from .generate import GenerationResult, SamplingConfig
 from .memory import peak_rss
 from .executors import EXECUTORS
-from .offload import LOW_BIT_PREFILL_MODES, PREFETCH_MODES, OffloadOptions
+from .offload import OffloadOptions
+from .plan import LOW_BIT_PREFILL_MODES, PREFETCH_MODES
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,

@@ -18,7 +18,8 @@ from fate.artifacts.budget import parse_budget
 
 from .api import Engine
 from .evaluate import perplexity, windows
-from .offload import LOW_BIT_PREFILL_MODES, OffloadOptions
+from .offload import OffloadOptions
+from .plan import LOW_BIT_PREFILL_MODES
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field

@@ -16,12 +16,6 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def current_rss() -> int | None:
-    """Resident memory now, in bytes; None where /proc is unavailable."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
 def peak_rss() -> int:
     """Peak resident memory of this program, in bytes. VmHWM starts afresh at exec, unlike
     getrusage's ru_maxrss, which a child inherits from the process that forked it."""

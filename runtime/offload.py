@@ -29,7 +29,7 @@ from .expert_cache import CacheCounters, ExpertCache
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .experts import ExpertStore, largest_file, resident_precision
 from .loader import ExpertLoader
-from .plan import LOW_BIT_PREFILL_MODES, PREFETCH_MODES, LayerPlan, plan_run  # noqa: F401 (re-exported)
+from .plan import LayerPlan, plan_run
 from .slots import SlotPool, scratch_buffer
 
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
@@ -219,8 +219,8 @@ class OffloadedExperts(ExpertStore):
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
         phase = self.phases[self._phase]
-        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low
-               and e not in self.cache.resident(layer)}
+        resident = self.cache.resident(layer)
+        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low and e not in resident}
         pending = [e for e in todo if e not in low]
         try:
             hits = self.cache.take_resident(layer, pending)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 
 from fate.artifacts import ArtifactError
 
@@ -35,8 +34,10 @@ class SlotPool:
         self.slot_bytes = {layer: slot_size(file_bytes[layer]) for layer in slots}
         self._maps = {layer: mmap.mmap(-1, max(1, n) * self.slot_bytes[layer]) for layer, n in slots.items()}
         self._direct_ok = hasattr(os, "O_DIRECT")
-        self._lock = threading.Lock()
-        self.mode = "O_DIRECT" if self._direct_ok else "buffered + fadvise(DONTNEED)"
+
+    @property
+    def mode(self) -> str:
+        return "O_DIRECT" if self._direct_ok else "buffered + fadvise(DONTNEED)"
 
     @property
     def total_bytes(self) -> int:
@@ -55,9 +56,7 @@ class SlotPool:
 
     def direct_failed(self) -> None:
         """The file system refused O_DIRECT: every later read is buffered and dropped after."""
-        with self._lock:
-            self._direct_ok = False
-            self.mode = "buffered + fadvise(DONTNEED)"
+        self._direct_ok = False
 
     def release(self, layer: int, slot: int) -> None:
         """Give a slot's pages back to the system (the session executor keeps its own copy)."""

@@ -122,16 +122,19 @@ static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t
 
 /* ------------------------------------------------------------------ integer block dot products */
 
+/* Code i of a block, packed low bits first (MatMulNBits). */
+static inline int code_at(const uint8_t *w, int64_t i, int bits) {
+    if (bits == 8) return w[i];
+    if (bits == 4) return (w[i / 2] >> ((i & 1) * 4)) & 15;
+    return (w[i / 4] >> ((i & 3) * 2)) & 3;
+}
+
 /* sum over one block of a_q[i] * code[i], portable C (also the reference the SIMD paths match). */
 static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bits) {
     int chunk = chunk_of(bs, bits);
     int32_t acc = 0;
     for (int64_t i = 0; i < bs; i++) {
-        int code;
-        if (bits == 8) code = w[i];
-        else if (bits == 4) code = (w[i / 2] >> ((i & 1) * 4)) & 15;
-        else code = (w[i / 4] >> ((i & 3) * 2)) & 3;
-        acc += code * a[(i / chunk) * chunk + permuted(bits, chunk, (int)(i % chunk))];
+        acc += code_at(w, i, bits) * a[(i / chunk) * chunk + permuted(bits, chunk, (int)(i % chunk))];
     }
     return acc;
 }
@@ -343,11 +346,7 @@ static void row_float(const proj_t *p, int64_t n, int bits, int64_t bs, const fl
             const float *xs = x + m * x_stride + j * bs;
             float acc = 0.0f;
             for (int64_t i = 0; i < stop; i++) {
-                int code;
-                if (bits == 8) code = w[i];
-                else if (bits == 4) code = (w[i / 2] >> ((i & 1) * 4)) & 15;
-                else code = (w[i / 4] >> ((i & 3) * 2)) & 3;
-                acc += ((float)code - zp) * ws * xs[i];
+                acc += ((float)code_at(w, i, bits) - zp) * ws * xs[i];
             }
             out[m] += acc;
         }

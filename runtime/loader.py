@@ -25,6 +25,7 @@ class ExpertLoader:
         self.verify = verify
         self._warned: set[str] = set()
         self._checked: set[str] = set()
+        self._members: dict = {}
         self._lock = threading.Lock()
 
     def load(self, layer: int, expert: int, precision: str, buffer: memoryview, direct) -> LoadedExpert:
@@ -35,7 +36,7 @@ class ExpertLoader:
         for candidate in order:
             path = stored[candidate][expert]
             try:
-                member = self.artifact.member(path)
+                member = self._member(path)
                 if member.size + member.offset % 4096 > len(buffer):
                     raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
                 data = read_aligned(buffer, member.file, member.offset, member.size, direct)
@@ -53,6 +54,14 @@ class ExpertLoader:
                 raise ArtifactError(f"{member.label}: {e}") from None
             return loaded
         raise first_error
+
+    def _member(self, path: str):
+        """Where the file's bytes are: checked (listed, no link, the listed size) on its first load;
+        a reload is then one open and one read (a file cut short since is refused by the read)."""
+        member = self._members.get(path)
+        if member is None:
+            member = self._members[path] = self.artifact.member(path)
+        return member
 
     def _check_first(self, path: str, data: memoryview, label: str) -> None:
         """Hash a file the first time this process reads it; reloads after an eviction (the common

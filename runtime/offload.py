@@ -129,7 +129,10 @@ class OffloadedExperts(ExpertStore):
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"
-        self._switch_phase(phase)
+        if self._step == 0:  # time counts from the first step, not from start-up
+            self._phase, self._phase_start = phase, time.perf_counter()
+        elif phase != self._phase:  # counters fold at phase changes only (a copy per step costs)
+            self._switch_phase(phase)
         self._step += 1
         self.phases[phase].tokens += num_tokens
 
@@ -219,8 +222,10 @@ class OffloadedExperts(ExpertStore):
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
         phase = self.phases[self._phase]
-        resident = self.cache.resident(layer)
-        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low and e not in resident}
+        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low}
+        if low:  # an INT2 copy serves only where the expert is not resident at its own precision
+            resident = self.cache.resident(layer)
+            low = {e: f for e, f in low.items() if e not in resident}
         pending = [e for e in todo if e not in low]
         try:
             hits = self.cache.take_resident(layer, pending)

@@ -15,10 +15,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from . import archive, layout
 from .archive import Member
 from .graph_check import check_graph
+from .outputs import check_output, partial_name, reclaim_stale, trash_path
 from .errors import ArtifactError
 from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, safe_relpath, to_json_dict
 
@@ -40,14 +42,13 @@ class ArtifactWriter:
     Use as a context manager: leaving the block by an exception removes everything written.
     """
 
-    def __init__(self, out_dir: Path, force: bool = False):
+    def __init__(self, out_dir: Path, inputs: Iterable[Path] = (), force: bool = False):
+        """`inputs`: what this write reads (never written over, see outputs.check_output)."""
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not force:
-            if not self.out_dir.is_dir() or any(self.out_dir.iterdir()):
-                raise ArtifactError(f"{self.out_dir} already exists and is not empty (use --force to replace it)")
-        self.force = force
+        check_output(self.out_dir, inputs, force, "artifact")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        reclaim_stale(self.out_dir)
+        self.tmp = Path(tempfile.mkdtemp(prefix=partial_name(self.out_dir), dir=self.out_dir.parent))
         self.entries: dict[str, FileEntry] = {}
 
     def __enter__(self) -> "ArtifactWriter":
@@ -82,7 +83,7 @@ class ArtifactWriter:
         """Write the manifest as given, last, and move the artifact into place."""
         (self.tmp / layout.MANIFEST).write_bytes(manifest_bytes)
         if self.out_dir.exists():
-            trash = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            trash = trash_path(self.out_dir)
             os.rename(self.out_dir, trash)
             os.rename(self.tmp, self.out_dir)
             shutil.rmtree(trash, ignore_errors=True)
@@ -186,8 +187,14 @@ class Artifact:
             raise ArtifactError("a replaced manifest must list the same files")
         manifest.validate()
         tmp = self.root / f".{layout.MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(to_json_dict(manifest), indent=1) + "\n")
-        os.replace(tmp, self.root / layout.MANIFEST)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(to_json_dict(manifest), indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / layout.MANIFEST)
+        finally:  # a full disk leaves the old manifest in place and no half-written copy
+            tmp.unlink(missing_ok=True)
         self.manifest = manifest
 
     def manifest_bytes(self) -> bytes:
@@ -233,8 +240,10 @@ def read_range(file: Path, offset: int, size: int, uncached: bool = False) -> by
     return b"".join(chunks)
 
 
-def pack_artifact(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+def pack_artifact(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Pack an artifact directory into one deterministic archive (manifest first)."""
+    check_output(Path(out), [Path(source)], force, "archive")
+    reclaim_stale(Path(out))
     artifact = Artifact.open(source)
     if artifact.is_archive:
         raise ArtifactError(f"{source} is already an archive")
@@ -249,7 +258,7 @@ def unpack_artifact(source: str | os.PathLike, out_dir: str | os.PathLike, force
     if not artifact.is_archive:
         raise ArtifactError(f"{source} is a directory, not an archive")
     manifest_bytes = archive.scan(artifact.root)[0]
-    with ArtifactWriter(Path(out_dir), force=force) as writer:
+    with ArtifactWriter(Path(out_dir), inputs=[Path(source)], force=force) as writer:
         for entry in artifact.manifest.files:
             writer.write_bytes(entry.path, artifact.read_bytes(entry.path))
         return writer.publish(manifest_bytes)

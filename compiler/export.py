@@ -25,6 +25,7 @@ from fate.artifacts import (
 )
 from fate.artifacts import layout
 from fate.artifacts.budget import Budget
+from fate.artifacts.outputs import check_output
 from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
 from fate.artifacts.slots import layout_of
@@ -36,7 +37,7 @@ from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES
 from .policy import PlanTargets, plan_for_budget
-from .profile import QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
+from .profile import BUILTIN, QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
 from .quantize import DEFAULT_BLOCK_SIZE, quantize
 from .tokenizer import read_tokenizer
@@ -67,6 +68,14 @@ class CompileOptions:
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
     targets: PlanTargets = PlanTargets()
+
+    @property
+    def inputs(self) -> list[Path]:
+        """What the compile reads: never written over (fate.artifacts.outputs)."""
+        found = [Path(self.model_dir)]
+        if self.calibration is not None and self.calibration.source != BUILTIN:
+            found.append(Path(self.calibration.source))
+        return found
 
     @property
     def resolved_dense_bits(self) -> int:
@@ -264,6 +273,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
         raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
     if opts.resolved_dense_bits not in DENSE_BITS:
         raise ModelError(f"--dense-bits {opts.dense_bits} is not supported; choose from {list(DENSE_BITS)}")
+    check_output(opts.out_dir, opts.inputs, opts.force, "artifact")  # before any work: fail in a moment
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
     cfg = family.read_config(ckpt.config)
@@ -276,7 +286,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
         encode = Tokenizer.from_str(tokenizer.files["tokenizer.json"].decode("utf-8")).encode
         calib_ids = calibration_ids(opts.calibration, lambda text: encode(text).ids)
     start = time.time()
-    with ArtifactWriter(opts.out_dir, force=opts.force) as writer:
+    with ArtifactWriter(opts.out_dir, inputs=opts.inputs, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
             f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"

@@ -24,6 +24,7 @@ from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, Recal
 from fate.runtime.cache import replay_miss_rate
 from fate.runtime.positions import attention_bias, rope
 from fate.runtime.sessions import make_session
+from fate.runtime.text import read_text_file
 
 from .quantize import dequantize
 
@@ -45,10 +46,7 @@ class CalibrationOptions:
 def calibration_ids(options: CalibrationOptions, encode) -> np.ndarray:
     """Token ids [sequences, sequence_length] from the calibration text."""
     path = BUILTIN_TEXT if options.source == BUILTIN else Path(options.source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"cannot read calibration text {path}: {e}") from None
+    text = read_text_file(path, "calibration text")
     ids = encode(text)
     s = options.sequence_length
     n = min(len(ids), options.tokens) // s

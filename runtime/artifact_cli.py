@@ -20,10 +20,11 @@ def fail(command: str, error: Exception) -> None:
 @click.command(context_settings=HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Archive to write (model.fate).")
-def pack(artifact: Path, out: Path) -> None:
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a Fate archive.")
+def pack(artifact: Path, out: Path, force: bool) -> None:
     """Pack an ARTIFACT directory into one deterministic archive."""
     try:
-        click.echo(pack_artifact(artifact, out))
+        click.echo(pack_artifact(artifact, out, force=force))
     except (FateError, OSError) as e:
         fail("fate-pack", e)
 
@@ -31,7 +32,7 @@ def pack(artifact: Path, out: Path) -> None:
 @click.command(context_settings=HELP)
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to create.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an artifact Fate wrote.")
 def unpack(archive: Path, out: Path, force: bool) -> None:
     """Extract a Fate ARCHIVE into an artifact directory, checking every file first."""
     try:

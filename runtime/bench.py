@@ -21,10 +21,11 @@ import click
 
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.outputs import check_output, write_report
 
 from .memory import peak_rss
 from .svg import svg_chart
-from .text import TextCodec
+from .text import TextCodec, read_text_file
 
 DEFAULT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people who "
@@ -94,8 +95,10 @@ def run_in_subprocess(config: RunConfig) -> dict:
 
 def prompt_ids(artifact: str, prompt_len: int, prompts: Path | None) -> list[int]:
     codec = TextCodec(Artifact.open(artifact))
-    text = prompts.read_text(encoding="utf-8") if prompts else DEFAULT_TEXT
+    text = read_text_file(prompts, "prompt text") if prompts else DEFAULT_TEXT
     ids = codec.encode(text)
+    if not ids:
+        raise FateError(f"the prompt text {prompts} gives no tokens")
     while len(ids) < prompt_len:
         ids = ids + ids
     return ids[:prompt_len]
@@ -178,6 +181,9 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
             raise FateError("missing ARTIFACT")
         if plot is not None and plot.suffix != ".svg":
             raise FateError("--plot writes SVG: give a file name ending in .svg")
+        for out in (plot, json_out):  # a bad output path fails before the runs
+            if out is not None:
+                check_output(out, [Path(artifact)], True, "report")
         ids = prompt_ids(artifact, prompt_len, prompts)
         kinds = [e.strip() for e in executors.split(",")]
         configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision, e) for e in kinds]
@@ -202,10 +208,10 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
         results = {label: summarize(r) for label, r in rows.items()}
         click.echo(table(results))
         if plot is not None:
-            plot.write_text(plot_svg(results, budgets.split(","), prefetch.split(",")), encoding="utf-8")
+            write_report(plot, plot_svg(results, budgets.split(","), prefetch.split(",")), inputs=[Path(artifact)])
         if json_out:
-            json_out.write_text(json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
-                                            "results": results, "runs": rows}, indent=1))
+            write_report(json_out, json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
+                                               "results": results, "runs": rows}, indent=1), inputs=[Path(artifact)])
     except FateError as e:
         click.echo(f"fate-bench: error: {e}", err=True)
         sys.exit(1)

@@ -20,6 +20,7 @@ from .api import Engine
 from .evaluate import perplexity, windows
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES
+from .text import read_text_file
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:
@@ -46,7 +47,7 @@ def main(artifact, text_file, reference, window, max_tokens, memory_budget, int2
         offload = None if memory_budget is None else OffloadOptions(parse_budget(memory_budget),
                                                                     low_bit_prefill=int2_prefill)
         engine = Engine.load(artifact, offload=offload)
-        ids = engine.encode(text_file.read_text(encoding="utf-8"))
+        ids = engine.encode(read_text_file(text_file, "evaluation text"))
         if max_tokens:
             ids = ids[:max_tokens]
         result = perplexity(engine.logits, ids, window)

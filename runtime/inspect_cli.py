@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from fate.artifacts import Artifact, FateError, Manifest
+from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
 from .svg import svg_chart
@@ -99,18 +100,22 @@ padding:2px 6px;text-align:right;font-size:12px}} .layer{{display:flex;gap:8px;m
 def main(artifact: str, html_out: Path | None) -> None:
     """Print the per-layer profile and policy of a Fate ARTIFACT."""
     try:
+        if html_out is not None:  # a bad output path fails before the work
+            check_output(html_out, [Path(artifact)], True, "report")
         art = Artifact.open(artifact)
         m = art.manifest
         click.echo(f"{m.model.architecture} ({m.model.family}): {m.model.num_layers} layers, "
                    f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, "
                    f"dense weights {m.model.dense_precision}; Fate {m.fate_version}")
         if not m.profile:
+            if html_out is not None:
+                raise FateError("--html: this artifact has no calibration profile to report (compiled with --calib none)")
             click.echo("no calibration profile (compiled with --calib none)")
             return
         profile = profile_from_bytes(art.read_bytes(m.profile))
         click.echo(table(rows(m, profile)))
         if html_out is not None:
-            html_out.write_text(report_html(art, profile), encoding="utf-8")
+            write_report(html_out, report_html(art, profile), inputs=[Path(artifact)])
             click.echo(f"report: {html_out}")
     except FateError as e:
         click.echo(f"fate-inspect: error: {e}", err=True)

@@ -2,8 +2,80 @@
 
 from __future__ import annotations
 
-from fate.artifacts import Artifact, ArtifactError, GenerationError
+import sys
+import time
+from pathlib import Path
+
+from fate.artifacts import Artifact, ArtifactError, FateError, GenerationError
 from fate.artifacts import layout
+
+# A chat template is code from the artifact: it renders in Jinja's sandbox within these bounds.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 1 << 22
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file (prompts, calibration or evaluation text), or one clear error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FateError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise FateError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+class _TemplateBudget(Exception):
+    pass
+
+
+def render_template(template: str, **context) -> str:
+    """Render a Jinja template from an artifact in the immutable sandbox, refusing (GenerationError)
+    one that runs longer than TEMPLATE_SECONDS or writes more than TEMPLATE_MAX_CHARS: a template
+    that loops must not hang the command."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                    abs(right) * max(1, abs(left).bit_length()) > 1 << 16:
+                raise SecurityError("an exponent too large")
+            if operator == "*" and isinstance(right, int) and hasattr(left, "__len__") and \
+                    len(left) * right > TEMPLATE_MAX_CHARS:
+                raise SecurityError("a repetition too large")
+            if operator == "*" and isinstance(left, int) and hasattr(right, "__len__") and \
+                    len(right) * left > TEMPLATE_MAX_CHARS:
+                raise SecurityError("a repetition too large")
+            return super().call_binop(context, operator, left, right)
+
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def trace(frame, event, arg):  # line events in the template's own code: every loop turn
+        if frame.f_code.co_filename != "<template>":
+            return None
+        if time.monotonic() > deadline:
+            raise _TemplateBudget(f"it ran longer than {TEMPLATE_SECONDS:g} s")
+        return trace
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    try:
+        compiled = env.from_string(template)
+        sys.settrace(trace)
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _TemplateBudget(f"it wrote more than {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+    except (_TemplateBudget, RecursionError, MemoryError) as e:
+        raise GenerationError(f"the model's chat template was stopped: {e or 'too deep'}") from None
+    except Exception as e:  # template errors are the artifact's, not a bug of ours
+        raise GenerationError(f"the model's chat template failed: {e}") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 class TextCodec:
@@ -38,17 +110,10 @@ class TextCodec:
         """Token ids of the model's chat template applied to one user turn."""
         if not self.chat_template:
             raise GenerationError("this model has no chat template; run without --chat")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": user_message}]
-        try:
-            text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True,
-                bos_token=self.bos_token, eos_token=self.eos_token)
-        except Exception as e:  # template errors are the artifact's, not a bug of ours
-            raise GenerationError(f"the model's chat template failed: {e}") from None
+        text = render_template(self.chat_template, messages=messages, add_generation_prompt=True,
+                               bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text, add_special_tokens=False)
 
 

@@ -4,6 +4,7 @@ refused when too small, and faults reported clearly."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -192,15 +193,23 @@ def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrate
 
 
 def test_ctrl_c_exits_cleanly_with_partial_output(calibrated):
-    proc = subprocess.Popen([str(BIN / "fate-run"), str(calibrated), "-p", "Once upon a time", "-n", "100000",
+    """SIGINT once the first generated text is on stdout (an event, not a sleep): the run stops
+    at the next token, keeps what it printed and exits 130."""
+    prompt = "Once upon a time"
+    proc = subprocess.Popen([str(BIN / "fate-run"), str(calibrated), "-p", prompt, "-n", "100000",
                              "--memory-budget", "50%", "--temperature", "1.0", "--seed", "3", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while len(seen) <= len(prompt):  # the prompt is echoed first; wait for generated text after it
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, f"fate-run ended before generating: {proc.communicate()[1].decode()}"
+        seen += chunk
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    rest, err = proc.communicate(timeout=60)
+    out, err = (seen + rest).decode(), err.decode()
+    assert proc.returncode == 130, err
     assert "Traceback" not in err and "stop: interrupted" in err
-    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time")
+    assert out.startswith(prompt) and len(out) > len(prompt)
 
 
 def test_resident_memory_tracks_the_budget(tmp_path):

@@ -1,0 +1,173 @@
+"""Nothing is lost: what every command may write over (fate.artifacts.outputs), tried the way a
+user gets it wrong. An input, a folder holding an input, or a folder Fate did not write is never
+replaced, with or without --force; what a killed writer left is reclaimed by the next write."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fate.artifacts import Artifact, ArtifactError, FateError
+from fate.artifacts.outputs import check_output, reclaim_stale, write_report
+from fate.runtime import text
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def refused(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def digest(root: Path) -> str:
+    """Every file under root, names and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture()
+def workspace(mixtral, tmp_path):
+    """A checkpoint with a user's file beside it, and a compiled artifact."""
+    ckpt = tmp_path / "models" / "ckpt"
+    shutil.copytree(mixtral.ckpt, ckpt)
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    art = tmp_path / "art"
+    assert run("fate-compile", ckpt, "-o", art, "--calib", "none", "-q").returncode == 0
+    return ckpt, art
+
+
+def test_compile_never_writes_over_its_checkpoint(workspace):
+    ckpt, _ = workspace
+    before = digest(ckpt.parent)
+    refused(run("fate-compile", ckpt, "-o", ckpt, "--force", "-q"), "is the input")
+    refused(run("fate-compile", ckpt, "-o", ckpt.parent, "--force", "-q"), "contains the input")
+    refused(run("fate-compile", ckpt, "-o", ckpt / "art", "--force", "-q"), "inside the input")
+    calib = ckpt.parent / "notes.txt"
+    refused(run("fate-compile", ckpt, "-o", calib, "--calib", calib, "--force", "-q"), "is the input")
+    assert digest(ckpt.parent) == before
+
+
+def test_force_replaces_only_what_fate_wrote(workspace, tmp_path):
+    ckpt, art = workspace
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    refused(run("fate-compile", ckpt, "-o", other, "--force", "-q"), "not a Fate artifact")
+    assert (other / "cat.jpg").read_bytes() == b"\xff\xd8"
+    # an artifact a user put a file into: --force would delete that file, so it is refused too
+    (art / "graphs" / "my-notes.txt").write_text("keep")
+    refused(run("fate-compile", ckpt, "-o", art, "--force", "-q"), "graphs/my-notes.txt")
+    (art / "graphs" / "my-notes.txt").unlink()
+    assert run("fate-compile", ckpt, "-o", art, "--force", "--calib", "none", "-q").returncode == 0
+    Artifact.open(art)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("fate-compile", ckpt, "-o", empty, "--calib", "none", "-q").returncode == 0  # no --force needed
+
+
+def test_pack_and_unpack_never_replace_their_input(workspace, tmp_path):
+    _, art = workspace
+    before = digest(art)
+    refused(run("fate-pack", art, "-o", art / "manifest.json"), "inside the input")
+    refused(run("fate-pack", art, "-o", art, "--force"), "is the input")
+    assert digest(art) == before
+    archive = tmp_path / "dist" / "model.fate"
+    archive.parent.mkdir()
+    assert run("fate-pack", art, "-o", archive).returncode == 0
+    refused(run("fate-pack", art, "-o", archive), "--force")  # an existing file needs --force
+    assert run("fate-pack", art, "-o", archive, "--force").returncode == 0
+    letter = tmp_path / "letter.txt"
+    letter.write_text("dear")
+    refused(run("fate-pack", art, "-o", letter, "--force"), "not a Fate archive")
+    assert letter.read_text() == "dear"
+    packed = archive.read_bytes()
+    refused(run("fate-unpack", archive, "-o", archive.parent, "--force"), "contains the input")
+    refused(run("fate-unpack", archive, "-o", archive, "--force"), "is the input")
+    assert archive.read_bytes() == packed
+    assert run("fate-unpack", archive, "-o", tmp_path / "unpacked").returncode == 0
+    assert digest(tmp_path / "unpacked") == before
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_writer_is_cleaned_up_and_an_old_output_restored(tmp_path):
+    out = tmp_path / "art"
+    pid = dead_pid()
+    partial = tmp_path / f".art.partial-{pid}-abc"
+    (partial / "graphs").mkdir(parents=True)
+    (partial / "graphs" / "x.onnx").write_bytes(b"half")
+    old = tmp_path / f".art.old-{pid}"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    mine = tmp_path / f".art.partial-{os.getpid()}-live"  # a write in progress here: left alone
+    mine.mkdir()
+    reclaim_stale(out)
+    assert not partial.exists() and mine.exists()
+    assert (out / "manifest.json").read_text() == "{}"  # killed between its two renames: put back
+
+
+def test_compile_after_sigkill_succeeds(workspace, tmp_path):
+    ckpt, _ = workspace
+    out = tmp_path / "again"
+    stale = tmp_path / f".again.partial-{dead_pid()}-x"
+    stale.mkdir()
+    assert run("fate-compile", ckpt, "-o", out, "--calib", "none", "-q").returncode == 0
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".again")) == []
+
+
+def test_reports_are_written_whole_and_never_over_an_input(workspace, tmp_path):
+    _, art = workspace
+    refused(run("fate-inspect", art, "--html", tmp_path / "missing" / "r.html"), "not a directory")
+    with pytest.raises(ArtifactError, match="is the input"):
+        write_report(art / "manifest.json", "x", inputs=[art / "manifest.json"])
+    report = tmp_path / "r.json"
+    write_report(report, "{}", inputs=[art])
+    assert report.read_text() == "{}"
+    with pytest.raises(ArtifactError, match="directory"):
+        check_output(art, [], True, "report")
+
+
+def test_text_files_that_are_not_utf8_or_missing(workspace, tmp_path):
+    ckpt, art = workspace
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--calib", bad, "-q"), "not UTF-8")
+    refused(run("fate-bench", art, "--prompts", bad), "not UTF-8")
+    refused(run("fate-bench", art, "--prompts", tmp_path / "nowhere.txt"), "cannot read")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    refused(run("fate-bench", art, "--prompts", empty), "no tokens")  # once an endless loop
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+    ("{% for a in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "more than"),
+    ("{{ 'x' * 10**9 }}", "too large"),
+    ("{{ 2 ** 100000000 }}", "too large"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "stopped"),
+    ("{{ ''.__class__.__mro__ }}", "failed"),
+])
+def test_chat_templates_run_in_a_bounded_sandbox(template, reason, monkeypatch):
+    monkeypatch.setattr(text, "TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(text, "TEMPLATE_MAX_CHARS", 100_000)
+    with pytest.raises(FateError, match=reason):
+        text.render_template(template, messages=[])
+    assert text.render_template("{{ messages[0].content }}!", messages=[{"content": "hi"}]) == "hi!"

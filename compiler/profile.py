@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from fate.artifacts import ModelError, ModelSpec
+from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import replay_miss_rate
 from fate.runtime.positions import attention_bias, rope
 from fate.runtime.sessions import make_session
-from fate.runtime.text import read_text_file
 
 from .quantize import dequantize
 

@@ -21,11 +21,12 @@ import click
 
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
 from .memory import peak_rss
 from .svg import svg_chart
-from .text import TextCodec, read_text_file
+from .text import TextCodec
 
 DEFAULT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people who "

@@ -78,6 +78,9 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="Compute threads for dense graphs and the native expert kernel (0: all cores).")
 @click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load.")
+@click.option("--verify-every-load", is_flag=True,
+              help="With a memory budget: check an expert's SHA-256 at every load, not only its first "
+                   "(for files that may change while Fate runs).")
 @click.option("--memory-budget", default=None,
               help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
                    "Default: every expert resident.")
@@ -97,15 +100,18 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
-         precision: str | None, threads: int, no_verify: bool, memory_budget: str | None, prefetch: str,
+         precision: str | None, threads: int, no_verify: bool, verify_every_load: bool, memory_budget: str | None,
+         prefetch: str,
          executor: str, cache_policy: str, allocation: str, int2_prefill: str, prefetch_threads: int,
          ignore_eos: bool) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
+        if no_verify and verify_every_load:
+            raise FateError("--no-verify and --verify-every-load contradict each other")
         offload = None if memory_budget is None else OffloadOptions(
             budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
-            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify, precision=precision,
-            executor=executor, compute_threads=threads)
+            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
+            verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
         engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
                              executor=executor)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)

@@ -15,12 +15,12 @@ import click
 
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.inputs import read_text_file
 
 from .api import Engine
 from .evaluate import perplexity, windows
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES
-from .text import read_text_file
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -24,12 +25,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise GenerationError("temperature must be > 0 (use greedy decoding instead)")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:  # NaN compares false to everything
+            raise GenerationError(f"temperature must be a finite number > 0, got {self.temperature} "
+                                  f"(use greedy decoding for 0)")
         if not 0 < self.top_p <= 1:
             raise GenerationError("top-p must be in (0, 1]")
         if self.top_k < 0:
             raise GenerationError("top-k must be >= 0")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise GenerationError(f"seed must be in [0, 2^64), got {self.seed}")
 
 
 class Sampler:

@@ -49,6 +49,7 @@ class OffloadOptions:
     low_bit_prefill: str = "auto"
     threads: int = 2  # prefetch and miss-loading threads
     verify: bool = True
+    verify_every_load: bool = False  # hash every read, not only a file's first (files that may change)
     precision: str | None = None
     executor: str = "auto"
     compute_threads: int = 0  # native kernel threads (0: every core)
@@ -87,7 +88,8 @@ class OffloadedExperts(ExpertStore):
         if manifest.profile:
             self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify))
         self.runner = ExpertRunner(artifact, options.executor, options.compute_threads)
-        self.loader = ExpertLoader(artifact, self.runner, verify=options.verify)
+        self.loader = ExpertLoader(artifact, self.runner, verify=options.verify,
+                                   every_load=options.verify_every_load)
         self.run_plan = plan_run(
             manifest, self.profile, options.budget,
             precision=lambda layer: resident_precision(artifact, layer, options.precision),

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from fate.artifacts import Artifact, ArtifactError, FateError, GenerationError
+from fate.artifacts import Artifact, ArtifactError, GenerationError
 from fate.artifacts import layout
 
 # A chat template is code from the artifact: it renders in Jinja's sandbox within these bounds.
 TEMPLATE_SECONDS = 2.0
 TEMPLATE_MAX_CHARS = 1 << 22
-
-
-def read_text_file(path: Path, what: str) -> str:
-    """A user's text file (prompts, calibration or evaluation text), or one clear error."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FateError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise FateError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 class _TemplateBudget(Exception):

@@ -1,6 +1,10 @@
-"""Nothing is lost: what every command may write over (fate.artifacts.outputs), tried the way a
-user gets it wrong. An input, a folder holding an input, or a folder Fate did not write is never
-replaced, with or without --force; what a killed writer left is reclaimed by the next write."""
+"""Nothing lost, nothing half-done, one line for bad input, tried the way a user gets it wrong.
+
+- Outputs (fate.artifacts.outputs): an input, a folder holding an input, or a folder Fate did not
+  write is never replaced, with or without --force; what a killed writer left is reclaimed by the
+  next write; reports are written whole.
+- Text from users (prompt, calibration files) and from artifacts (chat templates, which are code
+  and render in a bounded sandbox), and sampling numbers (NaN, negative seeds)."""
 
 from __future__ import annotations
 
@@ -171,3 +175,41 @@ def test_chat_templates_run_in_a_bounded_sandbox(template, reason, monkeypatch):
     with pytest.raises(FateError, match=reason):
         text.render_template(template, messages=[])
     assert text.render_template("{{ messages[0].content }}!", messages=[{"content": "hi"}]) == "hi!"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--temperature", "nan"], "temperature"), (["--temperature", "inf"], "temperature"),
+    (["--temperature", "0.7", "--seed", "-1"], "seed"), (["--top-p", "nan"], "top-p"),
+])
+def test_sampling_flags_that_are_not_numbers_are_refused(workspace, flags, fragment):
+    _, art = workspace
+    refused(run("fate-run", art, "-p", "hello", "-n", "2", *flags), fragment)
+
+
+@pytest.mark.parametrize("every_load", [False, True])
+def test_an_expert_changed_after_its_first_load(mixtral, tmp_path, every_load):
+    """Hashes are checked once per process unless --verify-every-load: the README says which."""
+    from fate.runtime.executors import ExpertRunner
+    from fate.runtime.loader import ExpertLoader
+    from fate.runtime.slots import scratch_buffer
+
+    art = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), art)
+    artifact = Artifact.open(art)
+    from fate.runtime import native
+
+    if not native.available():
+        pytest.skip("the native kernel is not built: a changed byte would fail the session's parse instead")
+    layer = artifact.manifest.moe_layers[0].index
+    path = artifact.manifest.layers[layer].experts["int4"][0]
+    loader = ExpertLoader(artifact, ExpertRunner(artifact, "native", 1), every_load=every_load)
+    buffer = scratch_buffer(artifact.entry(path).size)
+    loader.load(layer, 0, "int4", buffer, None)
+    data = bytearray((art / path).read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes
+    (art / path).write_bytes(bytes(data))
+    if every_load:
+        with pytest.raises(ArtifactError, match="SHA-256"):
+            loader.load(layer, 0, "int4", buffer, None)
+    else:
+        loader.load(layer, 0, "int4", buffer, None)

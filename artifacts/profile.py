@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ArtifactError
+from .inputs import load_json
 from .schema import from_json_dict, parse_version, to_json_dict
 
 PROFILE_VERSION = "1.0"
@@ -76,14 +77,14 @@ class Profile:
 
 
 def profile_to_bytes(profile: Profile) -> bytes:
-    return (json.dumps(to_json_dict(profile), separators=(",", ":")) + "\n").encode()
+    try:
+        return (json.dumps(to_json_dict(profile), separators=(",", ":"), allow_nan=False) + "\n").encode()
+    except ValueError:  # what the runtime cannot read back is refused when written
+        raise ArtifactError("the calibration profile holds a NaN or infinite number") from None
 
 
 def profile_from_bytes(data: bytes) -> Profile:
-    try:
-        raw: Any = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"profile.json is not valid JSON: {e}") from None
+    raw: Any = load_json(data, "profile.json", ArtifactError)
     if not isinstance(raw, dict) or not isinstance(raw.get("profile_version"), str):
         raise ArtifactError("profile.json has no profile_version")
     if parse_version(raw["profile_version"])[0] != parse_version(PROFILE_VERSION)[0]:

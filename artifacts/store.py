@@ -20,6 +20,7 @@ from typing import Iterable
 from . import archive, layout
 from .archive import Member
 from .graph_check import check_graph
+from .inputs import load_json
 from .outputs import check_output, partial_name, reclaim_stale, trash_path
 from .errors import ArtifactError
 from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, safe_relpath, to_json_dict
@@ -77,7 +78,7 @@ class ArtifactWriter:
         files = [self.entries[p] for p in sorted(self.entries)]
         manifest = dataclasses.replace(manifest, files=files, schema_version=SCHEMA_VERSION, fate_version=fate_version())
         manifest.validate()
-        return self.publish((json.dumps(to_json_dict(manifest), indent=1) + "\n").encode())
+        return self.publish(manifest_json(manifest))
 
     def publish(self, manifest_bytes: bytes) -> Path:
         """Write the manifest as given, last, and move the artifact into place."""
@@ -189,7 +190,7 @@ class Artifact:
         tmp = self.root / f".{layout.MANIFEST}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(to_json_dict(manifest), indent=1) + "\n")
+                f.write(manifest_json(manifest).decode())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / layout.MANIFEST)
@@ -198,7 +199,7 @@ class Artifact:
         self.manifest = manifest
 
     def manifest_bytes(self) -> bytes:
-        return (json.dumps(to_json_dict(self.manifest), indent=1) + "\n").encode()
+        return manifest_json(self.manifest)
 
     def verify(self) -> list[str]:
         """Every problem with the listed files, one line each; empty when all is well."""
@@ -214,12 +215,17 @@ class Artifact:
         return problems
 
 
-def _parse_manifest(data: bytes, where) -> Manifest:
+def manifest_json(manifest: Manifest) -> bytes:
+    """The manifest as written: what the runtime reads back, so never a NaN or an infinity."""
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{where} is not valid JSON: {e}") from None
-    return manifest_from_json(raw)
+        return (json.dumps(to_json_dict(manifest), indent=1, allow_nan=False) + "\n").encode()
+    except ValueError:
+        raise ArtifactError("the manifest would hold a NaN or infinite number (refused: the runtime could "
+                            "not read it back)") from None
+
+
+def _parse_manifest(data: bytes, where) -> Manifest:
+    return manifest_from_json(load_json(data, str(where), ArtifactError))
 
 
 def read_range(file: Path, offset: int, size: int, uncached: bool = False) -> bytes:

@@ -13,7 +13,6 @@ the data, offsets relative to its start.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fate.artifacts import ModelError
+from fate.artifacts.inputs import load_json
 from fate.artifacts.store import read_range
 
 INDEX = "model.safetensors.index.json"
@@ -33,11 +33,13 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.ui
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ModelError(f"{path} not found: {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    # transformers writes NaN/Infinity where a config holds them: refused per field, not here
+    data = load_json(raw, str(path), ModelError, finite=False)
     if not isinstance(data, dict):
         raise ModelError(f"{path} is not a JSON object")
     return data
@@ -63,11 +65,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
                 raise ModelError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = load_json(f.read(n), f"{path} (safetensors header)", ModelError)
     except FileNotFoundError:
         raise ModelError(f"{path} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelError(f"{path} is not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (bad header)")
     tensors = {}
@@ -148,8 +148,13 @@ class Checkpoint:
         if raw:
             return stored
         if info.dtype == "BF16":
-            return (stored.astype(np.uint32) << 16).view(np.float32)
-        return stored.astype(np.float32)
+            out = (stored.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = stored.astype(np.float32)
+        if not np.isfinite(out).all():  # compiled on, it would be a garbage artifact without a word
+            where = name if index is None else f"{name}[{index}]"
+            raise ModelError(f"checkpoint tensor {where} holds NaN or infinite values (a damaged checkpoint)")
+        return out
 
 
 # MXFP4 (OCP microscaling): e2m1 codes, two per byte low nibble first, 32 per block sharing an

@@ -81,8 +81,44 @@ def run_one(config: RunConfig) -> dict:
         recalls = [r for r in d["prefetch_recall_per_layer"].values() if r is not None]
         row.update(stall_s=p["stall_s"] + d["stall_s"], hit_rate=d["hit_rate"],
                    recall=sum(recalls) / len(recalls) if recalls else None,
-                   mb_read=(p["bytes_read"] + d["bytes_read"]) / 1e6, budget_mb=report["budget_bytes"] / 1e6)
+                   mb_read=(p["bytes_read"] + d["bytes_read"]) / 1e6, budget_mb=report["budget_bytes"] / 1e6,
+                   decode_mb_per_token=d["bytes_read"] / 1e6 / d["tokens"] if d["tokens"] else None)
     return row
+
+
+def storage_bandwidth(artifact: str, seconds: float = 2.0, threads: int = 2) -> float:
+    """Bytes per second reading expert files as the runtime does (one positioned read per file into
+    a slot, page cache bypassed, `threads` at a time), over at most `seconds` and each file once: the
+    storage side of the I/O bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .slots import SlotPool, read_aligned
+
+    art = Artifact.open(artifact)
+    paths = [p for layer in art.manifest.moe_layers for files in layer.experts.values() for p in files]
+    if not paths:
+        raise FateError(f"{artifact} has no expert files to measure storage with")
+    members = [art.member(p) for p in paths]
+    pool = SlotPool({0: threads}, {0: max(m.size + m.offset % 4096 for m in members)})
+    deadline = time.perf_counter() + seconds
+    queue = iter(members)
+
+    def worker(slot: int) -> int:
+        done = 0
+        for m in queue:  # a shared iterator: next() is atomic under the GIL
+            read_aligned(pool.buffer(0, slot), m.file, m.offset, m.size, pool)
+            done += m.size
+            if time.perf_counter() > deadline:
+                break
+        return done
+
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            total = sum(ex.map(worker, range(threads)))
+        return total / (time.perf_counter() - start)
+    finally:
+        pool.close()
 
 
 def run_in_subprocess(config: RunConfig) -> dict:
@@ -119,21 +155,32 @@ def fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(results: dict[str, dict]) -> str:
-    resident = results.get(RESIDENT, {})
-    lines = [f"{'config':24s} {'prefill tok/s':>14s} {'decode tok/s':>19s} {'x resident':>10s} {'x on-demand':>11s} "
-             f"{'TTFT s':>7s} {'stall s':>7s} {'hit':>6s} {'recall':>6s} {'MB read':>8s} {'peak RSS MB':>11s}"]
+def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
+    """Ratios within one executor: against its all-resident run, its on-demand run at the same
+    budget, and the I/O bound min(all-resident tok/s, storage bandwidth / bytes read per decode token)."""
+    lines = [f"{'config':28s} {'prefill tok/s':>14s} {'decode tok/s':>19s} {'x resident':>10s} {'x on-demand':>11s} "
+             f"{'x I/O bound':>11s} {'TTFT s':>7s} {'stall s':>7s} {'hit':>6s} {'recall':>6s} {'MB/tok':>7s} "
+             f"{'MB read':>8s} {'peak RSS MB':>11s}"]
     for label, r in results.items():
-        budget = label.split(" ")[0]
-        on_demand = results.get(f"{budget} none", {})
+        words = label.split(" ")
+        executor = [w for w in words if w.startswith("[")]
+        resident = results.get(" ".join([RESIDENT, *executor]), {}).get("decode_tok_s")
+        on_demand = results.get(" ".join([words[0], "none", *executor]), {}).get("decode_tok_s")
         decode = r.get("decode_tok_s")
+        per_token = r.get("decode_mb_per_token")
+        bound = None
+        if resident and bandwidth and per_token is not None and words[0] != RESIDENT:
+            bound = resident if per_token == 0 else min(resident, bandwidth / 1e6 / per_token)
         spread = f"{fmt(decode)} ({fmt(r.get('decode_tok_s_min'))}-{fmt(r.get('decode_tok_s_max'))})"
+        ratio = lambda base: fmt(decode / base if base and decode is not None else None, ".2f")  # noqa: E731
         lines.append(
-            f"{label:24s} {fmt(r.get('prefill_tok_s')):>14s} {spread:>19s} "
-            f"{fmt(decode / resident['decode_tok_s'] if resident.get('decode_tok_s') else None, '.2f'):>10s} "
-            f"{fmt(decode / on_demand['decode_tok_s'] if on_demand.get('decode_tok_s') else None, '.2f'):>11s} "
+            f"{label:28s} {fmt(r.get('prefill_tok_s')):>14s} {spread:>19s} "
+            f"{ratio(resident) if words[0] != RESIDENT else '-':>10s} "
+            f"{ratio(on_demand) if words[1:2] != ['none'] and words[0] != RESIDENT else '-':>11s} "
+            f"{ratio(bound):>11s} "
             f"{fmt(r.get('ttft_s'), '.3f'):>7s} {fmt(r.get('stall_s'), '.2f'):>7s} {fmt(r.get('hit_rate'), '.3f'):>6s} "
-            f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(r.get('mb_read')):>8s} {fmt(r.get('peak_rss_mb'), '.0f'):>11s}")
+            f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(per_token, '.2f'):>7s} {fmt(r.get('mb_read')):>8s} "
+            f"{fmt(r.get('peak_rss_mb'), '.0f'):>11s}")
     return "\n".join(lines)
 
 
@@ -192,6 +239,7 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
             parse_budget(b)  # fail before any run
             configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e) for e in kinds
                         for p in prefetch.split(",")]
+        bandwidth = storage_bandwidth(artifact)
         rows: dict[str, list[dict]] = {c.label: [] for c in configs}
         total = len(configs) * (repeat + 1)
         done = 0
@@ -207,12 +255,15 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
                     rows[config.label].append(row)
         click.echo("", err=True)
         results = {label: summarize(r) for label, r in rows.items()}
-        click.echo(table(results))
+        click.echo(f"storage: {bandwidth / 1e9:.2f} GB/s reading expert files as the runtime does (2 threads, "
+                   f"page cache bypassed), measured before the runs")
+        click.echo(table(results, bandwidth))
         if plot is not None:
             write_report(plot, plot_svg(results, budgets.split(","), prefetch.split(",")), inputs=[Path(artifact)])
         if json_out:
             write_report(json_out, json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
-                                               "results": results, "runs": rows}, indent=1), inputs=[Path(artifact)])
+                                               "storage_bytes_per_s": bandwidth, "results": results,
+                                               "runs": rows}, indent=1), inputs=[Path(artifact)])
     except FateError as e:
         click.echo(f"fate-bench: error: {e}", err=True)
         sys.exit(1)

@@ -17,7 +17,9 @@ def test_bench_runs_every_configuration(mixtral, tmp_path):
                            "--json", str(out), "--plot", str(tmp_path / "plot.svg")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["storage_bytes_per_s"] > 0 and "GB/s" in proc.stdout
     assert set(results) == {"all-resident", "50% none", "50% cross-layer", "100% none", "100% cross-layer"}
     for label, row in results.items():
         assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0, label
@@ -25,6 +27,25 @@ def test_bench_runs_every_configuration(mixtral, tmp_path):
         assert label in proc.stdout
     svg = (tmp_path / "plot.svg").read_text()
     assert svg.startswith("<svg") and "cross-layer" in svg and "all-resident" in svg
+
+
+def test_bench_table_ratios_are_within_one_executor():
+    """x resident, x on-demand and x I/O bound, from synthetic numbers: bound = min(resident,
+    bandwidth / bytes per decode token)."""
+    from fate.runtime.bench import table
+
+    results = {
+        "all-resident [native]": {"decode_tok_s": 100.0},
+        "all-resident [session]": {"decode_tok_s": 50.0},
+        "25% none [native]": {"decode_tok_s": 40.0, "decode_mb_per_token": 10.0},
+        "25% policy [native]": {"decode_tok_s": 60.0, "decode_mb_per_token": 10.0},
+        "25% policy [session]": {"decode_tok_s": 20.0, "decode_mb_per_token": 1.0},
+    }
+    rows = {line.split("]")[0] + "]": line.split("]")[1].split() for line in table(results, 1e9).splitlines()[1:]}
+    # columns after the label: prefill, decode, (spread), x resident, x on-demand, x I/O bound
+    assert rows["25% none [native]"][3:6] == ["0.40", "-", "0.40"]  # bound = 1000 MB/s / 10 MB = 100 tok/s
+    assert rows["25% policy [native]"][3:6] == ["0.60", "1.50", "0.60"]
+    assert rows["25% policy [session]"][3:6] == ["0.40", "-", "0.40"]  # bound = its own resident speed, 50
 
 
 def test_bench_refuses_bad_budget(mixtral):

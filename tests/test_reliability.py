@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fate.artifacts import Artifact, ArtifactError, FateError
@@ -213,3 +214,36 @@ def test_an_expert_changed_after_its_first_load(mixtral, tmp_path, every_load):
             loader.load(layer, 0, "int4", buffer, None)
     else:
         loader.load(layer, 0, "int4", buffer, None)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda t: t.replace('"hidden_size": ', '"hidden_size": NaN, "x": ', 1), "not a finite number"),
+    (lambda t: t.replace('"hidden_size": ', '"hidden_size": 1e999, "x": ', 1), "not a finite number"),
+    (lambda t: t.replace('"hidden_size": ', '"deep": ' + "[" * 100000 + "]" * 100000 + ', "hidden_size": ', 1),
+     "nested too deeply"),
+    (lambda t: t.replace('"hidden_size": ', '"big": ' + "9" * 5000 + ', "hidden_size": ', 1), "not valid JSON"),
+])
+def test_manifest_numbers_that_are_not_numbers(workspace, tmp_path, edit, fragment):
+    """The one JSON reader (fate.artifacts.inputs.load_json) for manifests, profiles and headers."""
+    _, art = workspace
+    manifest = art / "manifest.json"
+    text = manifest.read_text()
+    assert '"hidden_size": ' in text
+    manifest.write_text(edit(text))
+    refused(run("fate-run", art, "-p", "hello", "-n", "1"), fragment)
+    refused(run("fate-verify", art), fragment)
+
+
+def test_checkpoint_weights_that_are_nan_are_refused_by_name(mixtral, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mixtral.ckpt, ckpt)
+    files = sorted(ckpt.glob("*.safetensors"))
+    tensors = load_file(files[0])
+    name = sorted(n for n in tensors if "q_proj" in n)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[3] = np.nan
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "out", "--calib", "none", "-q"), name)
+    assert not (tmp_path / "out").exists()

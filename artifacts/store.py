@@ -97,9 +97,13 @@ class Artifact:
     """An artifact opened for reading, from a directory or a one-file archive (see archive.py):
     a validated manifest plus checked access to the files it lists."""
 
-    def __init__(self, root: Path, manifest: Manifest, members: dict[str, Member] | None = None):
+    def __init__(self, root: Path, manifest: Manifest, members: dict[str, Member] | None = None,
+                 digest: str = ""):
         self.root = root
         self.manifest = manifest
+        # The artifact's identity: the SHA-256 of its manifest, which lists every file's SHA-256, so
+        # one digest from the publisher checks the whole artifact (the same packed or unpacked).
+        self.digest = digest
         self.is_archive = members is not None
         self._members = members
         self._entries = {f.path: f for f in manifest.files}
@@ -116,7 +120,8 @@ class Artifact:
             raise ArtifactError(f"{root} has no {layout.MANIFEST}: not a Fate artifact, or an unfinished compile")
         if manifest_path.stat().st_size > archive.MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{manifest_path} is implausibly large")
-        artifact = cls(root, _parse_manifest(manifest_path.read_bytes(), manifest_path))
+        data = manifest_path.read_bytes()
+        artifact = cls(root, _parse_manifest(data, manifest_path), digest=hashlib.sha256(data).hexdigest())
         for entry in artifact.manifest.files:
             artifact.member(entry.path)  # every listed file present, inside, of the listed size
         return artifact
@@ -124,7 +129,8 @@ class Artifact:
     @classmethod
     def _open_archive(cls, path: Path) -> "Artifact":
         manifest_bytes, members = archive.scan(path)
-        artifact = cls(path, _parse_manifest(manifest_bytes, f"{path}:{layout.MANIFEST}"), members)
+        artifact = cls(path, _parse_manifest(manifest_bytes, f"{path}:{layout.MANIFEST}"), members,
+                       digest=hashlib.sha256(manifest_bytes).hexdigest())
         listed = set(artifact._entries)
         extra = sorted(set(members) - listed)
         if extra:
@@ -188,15 +194,17 @@ class Artifact:
             raise ArtifactError("a replaced manifest must list the same files")
         manifest.validate()
         tmp = self.root / f".{layout.MANIFEST}.{os.getpid()}.tmp"
+        data = manifest_json(manifest)
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(manifest_json(manifest).decode())
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / layout.MANIFEST)
         finally:  # a full disk leaves the old manifest in place and no half-written copy
             tmp.unlink(missing_ok=True)
         self.manifest = manifest
+        self.digest = hashlib.sha256(data).hexdigest()
 
     def manifest_bytes(self) -> bytes:
         return manifest_json(self.manifest)

@@ -24,7 +24,8 @@ def fail(command: str, error: Exception) -> None:
 def pack(artifact: Path, out: Path, force: bool) -> None:
     """Pack an ARTIFACT directory into one deterministic archive."""
     try:
-        click.echo(pack_artifact(artifact, out, force=force))
+        packed = pack_artifact(artifact, out, force=force)
+        click.echo(f"{packed} sha256:{Artifact.open(packed).digest}")
     except (FateError, OSError) as e:
         fail("fate-pack", e)
 
@@ -43,7 +44,10 @@ def unpack(archive: Path, out: Path, force: bool) -> None:
 
 @click.command(context_settings=HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
-def verify(artifact: Path) -> None:
+@click.option("--expect", default=None, metavar="DIGEST",
+              help="The artifact's identity as its publisher gave it (sha256:..., printed by fate-pack, "
+                   "fate-inspect and fate-verify): the manifest must have this SHA-256.")
+def verify(artifact: Path, expect: str | None) -> None:
     """Check every file of an ARTIFACT (directory or archive) against its manifest: schema,
     sizes, SHA-256, and the graphs' operators. One line per problem; exit 0 only when all is well."""
     try:
@@ -51,8 +55,12 @@ def verify(artifact: Path) -> None:
     except (FateError, OSError) as e:
         fail("fate-verify", e)
     problems = art.verify()
+    if expect is not None and expect.lower().removeprefix("sha256:") != art.digest:
+        problems.insert(0, f"{artifact}: identity sha256:{art.digest} is not the expected {expect} "
+                           f"(a different or edited artifact)")
     for line in problems:
         click.echo(line)
     if problems:
         sys.exit(1)
-    click.echo(f"{artifact}: ok ({len(art.manifest.files)} files, schema {art.manifest.schema_version})")
+    click.echo(f"{artifact}: ok ({len(art.manifest.files)} files, schema {art.manifest.schema_version}) "
+               f"sha256:{art.digest}")

@@ -107,6 +107,7 @@ def main(artifact: str, html_out: Path | None) -> None:
         click.echo(f"{m.model.architecture} ({m.model.family}): {m.model.num_layers} layers, "
                    f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, "
                    f"dense weights {m.model.dense_precision}; Fate {m.fate_version}")
+        click.echo(f"identity: sha256:{art.digest}")
         if not m.profile:
             if html_out is not None:
                 raise FateError("--html: this artifact has no calibration profile to report (compiled with --calib none)")

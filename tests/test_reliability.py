@@ -247,3 +247,20 @@ def test_checkpoint_weights_that_are_nan_are_refused_by_name(mixtral, tmp_path):
     save_file(tensors, files[0], metadata={"format": "pt"})
     refused(run("fate-compile", ckpt, "-o", tmp_path / "out", "--calib", "none", "-q"), name)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_has_an_identity_that_covers_its_manifest(workspace, tmp_path):
+    """fate-verify checks files against the manifest; --expect checks the manifest itself."""
+    _, art = workspace
+    archive = tmp_path / "model.fate"
+    packed = run("fate-pack", art, "-o", archive)
+    digest = packed.stdout.split("sha256:")[1].strip()
+    assert digest == Artifact.open(art).digest == Artifact.open(archive).digest  # packing keeps it
+    assert f"sha256:{digest}" in run("fate-inspect", art).stdout
+    ok = run("fate-verify", archive, "--expect", f"sha256:{digest}")
+    assert ok.returncode == 0 and digest in ok.stdout
+    manifest = art / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"max_positions": ', '"max_positions": 1', 1))
+    assert run("fate-verify", art).returncode == 0  # every file still matches the edited manifest
+    edited = run("fate-verify", art, "--expect", digest)
+    assert edited.returncode == 1 and "not the expected" in edited.stdout

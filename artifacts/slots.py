@@ -25,6 +25,8 @@ ACTIVATIONS = ("swiglu", "swiglu_clamped")
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
 
+MAX_BLOCK_SIZE = 1 << 16  # quantization groups along K that a reader accepts (and the compiler writes)
+
 
 def initializer_ranges(model: bytes) -> dict[str, tuple[int, int]]:
     """name -> (offset, length) of each initializer's raw_data inside serialized ONNX bytes."""
@@ -75,7 +77,7 @@ def check_layout(layout: ExpertLayout, file_size: int, where: str) -> None:
     """Refuse a layout whose tensors are not exactly the expected ones, or do not lie inside a
     file of `file_size` bytes without overlapping."""
     if layout.bits not in (2, 4, 8) or layout.block_size < 16 or layout.block_size & (layout.block_size - 1) \
-            or layout.block_size > 1 << 16:
+            or layout.block_size > MAX_BLOCK_SIZE:
         raise ArtifactError(f"{where}: unsupported bits {layout.bits} or block size {layout.block_size}")
     if layout.activation not in ACTIVATIONS or layout.accuracy_level not in (0, 1, 2, 3, 4):
         raise ArtifactError(f"{where}: unknown activation {layout.activation!r} or accuracy level")

@@ -28,7 +28,7 @@ from fate.artifacts.budget import Budget
 from fate.artifacts.outputs import check_output
 from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.schema import PRECISION_BITS
-from fate.artifacts.slots import layout_of
+from fate.artifacts.slots import MAX_BLOCK_SIZE, layout_of
 from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
 
@@ -269,8 +269,9 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     for bits in opts.bits:
         if bits not in PRECISION_OF_BITS:
             raise ModelError(f"--bits {bits} is not supported; choose from {sorted(PRECISION_OF_BITS, reverse=True)}")
-    if opts.block_size is not None and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
-        raise ModelError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
+    if opts.block_size is not None and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)
+                                        or opts.block_size > MAX_BLOCK_SIZE):
+        raise ModelError(f"--block-size must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {opts.block_size}")
     if opts.resolved_dense_bits not in DENSE_BITS:
         raise ModelError(f"--dense-bits {opts.dense_bits} is not supported; choose from {list(DENSE_BITS)}")
     check_output(opts.out_dir, opts.inputs, opts.force, "artifact")  # before any work: fail in a moment

@@ -264,3 +264,10 @@ def test_an_artifact_has_an_identity_that_covers_its_manifest(workspace, tmp_pat
     assert run("fate-verify", art).returncode == 0  # every file still matches the edited manifest
     edited = run("fate-verify", art, "--expect", digest)
     assert edited.returncode == 1 and "not the expected" in edited.stdout
+
+
+@pytest.mark.parametrize("size", ["8", "48", str(2**40)])
+def test_block_sizes_outside_what_readers_accept(workspace, tmp_path, size):
+    ckpt, _ = workspace
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--block-size", size, "--calib", "none", "-q"),
+            "--block-size")

@@ -8,6 +8,8 @@ major version is refused with a message saying what to install.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import types
 import typing
@@ -146,6 +148,15 @@ class GenerationDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+
+    def __post_init__(self) -> None:  # what the sampler will be given: checked when read and when written
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ArtifactError(f"generation: temperature must be a finite number > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ArtifactError(f"generation: top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ArtifactError(f"generation: top_k must be an integer >= 0, got {self.top_k!r}")
 
 
 @dataclass(frozen=True)

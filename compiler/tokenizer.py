@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fate.artifacts import GenerationDefaults, ModelError, TokenizerSpec
+from fate.artifacts import ArtifactError, GenerationDefaults, ModelError, TokenizerSpec
 from fate.artifacts import layout
 
 from .checkpoint import read_json
@@ -29,6 +29,15 @@ def _token_string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _number(config: dict, key: str, default, kind: type):
+    value = config.get(key)
+    if value is None or value == 0:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ArtifactError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 def read_tokenizer(model_dir: Path, cfg: ArchConfig) -> TokenizerBundle:
     from tokenizers import Tokenizer
 
@@ -44,7 +53,10 @@ def read_tokenizer(model_dir: Path, cfg: ArchConfig) -> TokenizerBundle:
     tok_cfg = read_json(model_dir / "tokenizer_config.json", "") if "tokenizer_config.json" in files else {}
     template = tok_cfg.get("chat_template")
     if "chat_template.jinja" in files:
-        template = files["chat_template.jinja"].decode("utf-8")
+        try:
+            template = files["chat_template.jinja"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelError(f"{model_dir / 'chat_template.jinja'} is not UTF-8 text (byte {e.start})") from None
     if not isinstance(template, str):
         template = None  # lists of named templates are not supported; no template then
 
@@ -59,12 +71,15 @@ def read_tokenizer(model_dir: Path, cfg: ArchConfig) -> TokenizerBundle:
 
     generation = None
     if gen_cfg:
-        generation = GenerationDefaults(
-            do_sample=bool(gen_cfg.get("do_sample", False)),
-            temperature=float(gen_cfg.get("temperature") or 1.0),
-            top_p=float(gen_cfg.get("top_p") or 1.0),
-            top_k=int(gen_cfg.get("top_k") or 0),
-        )
+        try:  # 0 or null means "not set" in transformers' configs
+            generation = GenerationDefaults(
+                do_sample=gen_cfg.get("do_sample", False) is True,
+                temperature=_number(gen_cfg, "temperature", 1.0, float),
+                top_p=_number(gen_cfg, "top_p", 1.0, float),
+                top_k=_number(gen_cfg, "top_k", 0, int),
+            )
+        except ArtifactError as e:
+            raise ModelError(f"{gen_path}: {e}") from None
     spec = TokenizerSpec(files=[layout.tokenizer_file(n) for n in files], eos_token_ids=eos,
                          bos_token_id=bos if isinstance(bos, int) else None, chat_template=template)
     return TokenizerBundle(files=files, spec=spec, generation=generation)

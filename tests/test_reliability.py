@@ -271,3 +271,20 @@ def test_block_sizes_outside_what_readers_accept(workspace, tmp_path, size):
     ckpt, _ = workspace
     refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--block-size", size, "--calib", "none", "-q"),
             "--block-size")
+
+
+@pytest.mark.parametrize("file, content, fragment", [
+    ("generation_config.json", '{"temperature": "hot", "eos_token_id": 0}', "temperature"),
+    ("generation_config.json", '{"top_k": -1, "eos_token_id": 0}', "top_k"),
+    ("generation_config.json", '{"temperature": NaN, "eos_token_id": 0}', "temperature"),
+    ("generation_config.json", '{"eos_token_id": "</s>"}', "token id"),
+    ("chat_template.jinja", b"{{ caf\xe9 }}", "not UTF-8"),
+])
+def test_checkpoint_settings_the_runtime_would_refuse_are_refused_at_compile(workspace, tmp_path, file, content,
+                                                                               fragment):
+    """What the compiler writes, the runtime accepts: a setting it could not is refused by name."""
+    ckpt, _ = workspace
+    target = ckpt / file
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--calib", "none", "-q"), fragment)
+    assert not (tmp_path / "o").exists()

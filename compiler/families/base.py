@@ -247,6 +247,11 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
 
 
 def token_ids(value: Any) -> list[int]:
+    """A config's token id or list of ids (eos_token_id may be either); anything else is refused."""
     if value is None:
         return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ModelError(f"a token id must be an integer >= 0 (or a list of them), got {value!r}")
+    return list(values)

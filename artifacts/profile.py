@@ -69,6 +69,33 @@ class Profile:
     eval_tokens: int  # tokens the recall figures are measured on (EAP is fitted on the others)
     layers: list[LayerProfile]
 
+    def check(self, experts_per_layer: dict[int, int]) -> "Profile":
+        """Refuse a profile whose numbers do not fit the manifest's MoE layers (layer index -> expert
+        count): every list the runtime indexes by expert, every table by (expert, expert)."""
+        indices = [layer.index for layer in self.layers]
+        if sorted(indices) != sorted(experts_per_layer):
+            raise ArtifactError(f"profile.json covers layers {sorted(indices)}, the manifest's MoE layers are "
+                                f"{sorted(experts_per_layer)}")
+        for layer in self.layers:
+            n = experts_per_layer[layer.index]
+            where = f"profile.json layer {layer.index}"
+            if layer.num_experts != n or len(layer.popularity) != n:
+                raise ArtifactError(f"{where}: {layer.num_experts} experts and {len(layer.popularity)} popularity "
+                                    f"figures for a layer of {n} experts")
+            if len(layer.miss_curve) != len(layer.miss_curve_slots):
+                raise ArtifactError(f"{where}: the miss curve's lists differ in length")
+            for name, curve in layer.predictors.items():
+                if not (len(curve.widths) == len(curve.decode) == len(curve.prefill) == len(curve.prefill_fetch)):
+                    raise ArtifactError(f"{where}: predictor {name}'s recall lists differ in length")
+            if layer.transitions_from is not None:
+                source = experts_per_layer.get(layer.transitions_from)
+                if source is None or layer.transitions_from >= layer.index:
+                    raise ArtifactError(f"{where}: transitions from layer {layer.transitions_from}, not an earlier "
+                                        f"MoE layer")
+                if len(layer.transitions) != source or any(len(row) != n for row in layer.transitions):
+                    raise ArtifactError(f"{where}: the transition table is not {source} x {n}")
+        return self
+
     def layer(self, index: int) -> LayerProfile:
         for layer in self.layers:
             if layer.index == index:

@@ -208,6 +208,11 @@ class Manifest:
         found = {p for layer in self.layers for p in layer.experts}
         return sorted(found, key=lambda p: -PRECISION_BITS[p])
 
+    @property
+    def experts_per_layer(self) -> dict[int, int]:
+        """MoE layer index -> its number of routed experts."""
+        return {layer.index: layer.routing.num_experts for layer in self.moe_layers}
+
     def validate(self) -> None:
         """Checks across fields that types alone cannot express."""
         m = self.model

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from fate.artifacts import FateError
+from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.budget import parse_budget
 
 from .export import CompileOptions, compile_checkpoint
@@ -72,9 +73,8 @@ def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_siz
                                  calibration=calibration,
                                  budget=parse_budget(budget), targets=targets)
         compile_checkpoint(options, log=log)
-    except FateError as e:
-        click.echo(f"fate-compile: error: {e}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as e:
+        exit_with("fate-compile", e)
     except KeyboardInterrupt:
         click.echo("fate-compile: interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -166,7 +166,7 @@ def replan(artifact_path, budget: Budget, targets: PlanTargets) -> Policy:
     manifest = artifact.manifest
     if not manifest.profile:
         raise ArtifactError(f"{artifact.root} has no profile; compile it with calibration first")
-    profile = profile_from_bytes(artifact.read_bytes(manifest.profile))
+    profile = profile_from_bytes(artifact.read_bytes(manifest.profile)).check(manifest.experts_per_layer)
     sizes = {f.path: f.size for f in manifest.files}
     policy = plan_for_budget(profile, manifest.layers, sizes, budget, targets)
     artifact.replace_manifest(dataclasses.replace(manifest, policy=policy))

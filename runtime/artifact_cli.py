@@ -7,14 +7,10 @@ from pathlib import Path
 
 import click
 
-from fate.artifacts import Artifact, FateError, pack_artifact, unpack_artifact
+from fate.artifacts import Artifact, pack_artifact, unpack_artifact
+from fate.artifacts.errors import USER_ERRORS, exit_with
 
 HELP = {"help_option_names": ["-h", "--help"]}
-
-
-def fail(command: str, error: Exception) -> None:
-    click.echo(f"{command}: error: {error}", err=True)
-    sys.exit(1)
 
 
 @click.command(context_settings=HELP)
@@ -26,8 +22,8 @@ def pack(artifact: Path, out: Path, force: bool) -> None:
     try:
         packed = pack_artifact(artifact, out, force=force)
         click.echo(f"{packed} sha256:{Artifact.open(packed).digest}")
-    except (FateError, OSError) as e:
-        fail("fate-pack", e)
+    except USER_ERRORS as e:
+        exit_with("fate-pack", e)
 
 
 @click.command(context_settings=HELP)
@@ -38,8 +34,8 @@ def unpack(archive: Path, out: Path, force: bool) -> None:
     """Extract a Fate ARCHIVE into an artifact directory, checking every file first."""
     try:
         click.echo(unpack_artifact(archive, out, force=force))
-    except (FateError, OSError) as e:
-        fail("fate-unpack", e)
+    except USER_ERRORS as e:
+        exit_with("fate-unpack", e)
 
 
 @click.command(context_settings=HELP)
@@ -52,8 +48,8 @@ def verify(artifact: Path, expect: str | None) -> None:
     sizes, SHA-256, and the graphs' operators. One line per problem; exit 0 only when all is well."""
     try:
         art = Artifact.open(artifact)
-    except (FateError, OSError) as e:
-        fail("fate-verify", e)
+    except USER_ERRORS as e:
+        exit_with("fate-verify", e)
     problems = art.verify()
     if expect is not None and expect.lower().removeprefix("sha256:") != art.digest:
         problems.insert(0, f"{artifact}: identity sha256:{art.digest} is not the expected {expect} "

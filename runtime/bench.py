@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from fate.artifacts import Artifact, FateError
+from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
@@ -274,9 +275,8 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
                                                "storage_bytes_per_s": bandwidth,
                                                "storage_first_read_bytes_per_s": first_read, "results": results,
                                                "runs": rows}, indent=1), inputs=[Path(artifact)])
-    except FateError as e:
-        click.echo(f"fate-bench: error: {e}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as e:
+        exit_with("fate-bench", e)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import click
 
 from fate.artifacts import FateError
+from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from fate.artifacts.budget import parse_budget
 
@@ -137,9 +138,8 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
         engine.close()
         if result.stats.stop_reason == "interrupted":
             sys.exit(130)
-    except FateError as e:
-        click.echo(f"fate-run: error: {e}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as e:
+        exit_with("fate-run", e)
     except KeyboardInterrupt:
         click.echo("fate-run: interrupted", err=True)
         sys.exit(130)

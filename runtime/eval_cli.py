@@ -8,13 +8,12 @@ goes through the offloading runtime, so the INT2 prefill hybrid carries its qual
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 
 from .api import Engine
@@ -60,9 +59,8 @@ def main(artifact, text_file, reference, window, max_tokens, memory_budget, int2
                        next_token_agreement=agreement(engine.logits, ref.logits, ids, window))
             ref.close()
         engine.close()
-    except (FateError, ValueError) as e:
-        click.echo(f"fate-eval: error: {e}", err=True)
-        sys.exit(1)
+    except (*USER_ERRORS, ValueError) as e:
+        exit_with("fate-eval", e)
     if as_json:
         click.echo(json.dumps(out))
         return

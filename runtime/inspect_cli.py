@@ -4,12 +4,12 @@ decided, per MoE layer; the HTML report is one self-contained file (inline SVG, 
 from __future__ import annotations
 
 import html
-import sys
 from pathlib import Path
 
 import click
 
 from fate.artifacts import Artifact, FateError, Manifest
+from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
@@ -113,11 +113,10 @@ def main(artifact: str, html_out: Path | None) -> None:
                 raise FateError("--html: this artifact has no calibration profile to report (compiled with --calib none)")
             click.echo("no calibration profile (compiled with --calib none)")
             return
-        profile = profile_from_bytes(art.read_bytes(m.profile))
+        profile = profile_from_bytes(art.read_bytes(m.profile)).check(m.experts_per_layer)
         click.echo(table(rows(m, profile)))
         if html_out is not None:
             write_report(html_out, report_html(art, profile), inputs=[Path(artifact)])
             click.echo(f"report: {html_out}")
-    except FateError as e:
-        click.echo(f"fate-inspect: error: {e}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as e:
+        exit_with("fate-inspect", e)

@@ -86,7 +86,8 @@ class OffloadedExperts(ExpertStore):
         manifest = artifact.manifest
         self.profile: Profile | None = None
         if manifest.profile:
-            self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify))
+            self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify)).check(
+                manifest.experts_per_layer)
         self.runner = ExpertRunner(artifact, options.executor, options.compute_threads)
         self.loader = ExpertLoader(artifact, self.runner, verify=options.verify,
                                    every_load=options.verify_every_load)

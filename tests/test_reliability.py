@@ -288,3 +288,42 @@ def test_checkpoint_settings_the_runtime_would_refuse_are_refused_at_compile(wor
     target.write_bytes(content if isinstance(content, bytes) else content.encode())
     refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--calib", "none", "-q"), fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_file_system_is_one_line(workspace):
+    """OSErrors (here: a folder that cannot be created) end every command in one line."""
+    ckpt, art = workspace
+    refused(run("fate-compile", ckpt, "-o", "/proc/self/fate-out", "--calib", "none", "-q"), "/proc/self")
+    refused(run("fate-unpack", "/proc/self/nothing.fate", "-o", "/proc/self/x"), "nothing.fate")
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    from fate.compiler import CompileOptions, compile_checkpoint
+    from fate.compiler.profile import CalibrationOptions
+
+    out = tmp_path_factory.mktemp("calibrated") / "art"
+    compile_checkpoint(CompileOptions(Path(__file__).parent.parent / "examples" / "tiny-moe", out, bits=(4,),
+                                      calibration=CalibrationOptions(tokens=1024)), log=lambda _m: None)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["short popularity", "transition shape", "missing layer"])
+def test_profiles_that_do_not_fit_the_manifest(calibrated, damage):
+    """Profile lists the runtime indexes by expert are checked against the manifest (Profile.check)."""
+    import json
+
+    from fate.artifacts.profile import profile_from_bytes
+
+    art = Artifact.open(calibrated)
+    profile = json.loads(art.read_bytes(art.manifest.profile))
+    layer = profile["layers"][-1]
+    if damage == "short popularity":
+        layer["popularity"] = layer["popularity"][:-1]
+    elif damage == "transition shape":
+        layer["transitions"] = [row[:-1] for row in layer["transitions"]]
+    else:
+        profile["layers"] = profile["layers"][:-1]
+    with pytest.raises(ArtifactError, match="profile.json"):
+        profile_from_bytes(json.dumps(profile).encode()).check(art.manifest.experts_per_layer)
+    profile_from_bytes(art.read_bytes(art.manifest.profile)).check(art.manifest.experts_per_layer)

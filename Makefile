@@ -48,7 +48,7 @@ runtime-check: compile-example
 	$(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/pip install -q --upgrade pip
 	$(RUNTIME_VENV)/bin/pip install -q .
-	$(BIN)/fate-pack $(ARTIFACT) -o out/tiny-moe.fate
+	$(BIN)/fate-pack $(ARTIFACT) -o out/tiny-moe.fate --force
 	$(RUNTIME_VENV)/bin/fate-verify out/tiny-moe.fate
 	$(RUNTIME_VENV)/bin/python -c "from fate.runtime import native; print('native expert kernel:', native.kernel_name())"
 	$(RUNTIME_VENV)/bin/fate-run out/tiny-moe.fate --prompt "$(PROMPT)" --max-new-tokens 24 --greedy --memory-budget 50%

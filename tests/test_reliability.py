@@ -327,3 +327,24 @@ def test_profiles_that_do_not_fit_the_manifest(calibrated, damage):
     with pytest.raises(ArtifactError, match="profile.json"):
         profile_from_bytes(json.dumps(profile).encode()).check(art.manifest.experts_per_layer)
     profile_from_bytes(art.read_bytes(art.manifest.profile)).check(art.manifest.experts_per_layer)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("num_attention_heads", 0, "num_attention_heads"),
+    ("head_dim", "32", "head_dim"),
+    ("rope_theta", "big", "rope_theta"),
+    ("model_type", ["mixtral"], "unsupported model type"),
+    ("sliding_window", "4096", "sliding window"),
+    ("num_key_value_heads", 3, "multiple"),
+    ("num_experts_per_tok", 99, "top-99"),
+])
+def test_config_values_of_the_wrong_kind_are_refused_by_name(workspace, tmp_path, key, value, fragment):
+    """ArchConfig checks what every family read; typed getters refuse strings where numbers belong."""
+    import json
+
+    ckpt, _ = workspace
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("rope_parameters", None) if key == "rope_theta" else None
+    config[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "o", "--calib", "none", "-q"), fragment)

@@ -28,8 +28,10 @@ def supported() -> list[str]:
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type")
-    if model_type not in _MODULES:
-        archs = ", ".join(config.get("architectures") or []) or "unknown architecture"
+    if not isinstance(model_type, str) or model_type not in _MODULES:
+        archs = config.get("architectures")
+        archs = ", ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
+        archs = archs or "unknown architecture"
         raise ModelError(f"unsupported model type {model_type!r} ({archs}); supported: {', '.join(supported())}")
     return importlib.import_module(f"{__name__}.{_MODULES[model_type]}").FAMILY
 

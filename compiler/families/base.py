@@ -9,6 +9,7 @@ expert, ...).
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -135,6 +136,39 @@ class ArchConfig:
     logits_scaling: float = 1.0
     bos_token_id: int | None = None
 
+    # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
+    # here, once for every family: a config with zero heads or a string sliding window is refused by
+    # name instead of compiling into an artifact the runtime cannot run.
+    POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
+                "num_experts", "top_k", "moe_intermediate_size")
+    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size")
+    FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
+              "embedding_multiplier", "residual_multiplier", "logits_scaling")
+
+    def __post_init__(self) -> None:
+        for name in self.POSITIVE + self.NON_NEGATIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in self.POSITIVE else 0):
+                raise ModelError(f"config.json: {name} must be an integer {'> 0' if name in self.POSITIVE else '>= 0'}, "
+                                 f"got {value!r}")
+        for name in self.FINITE + ("clip_qkv", "swiglu_limit", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        for window in (self.sliding_window, *(self.layer_windows or ())):
+            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+                raise ModelError(f"config.json: a sliding window must be an integer > 0, got {window!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
+                             f"{self.num_kv_heads} key/value heads")
+        if self.top_k > self.num_experts:
+            raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
+        if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.rope_inv_freq):
+            raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
+        if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
+            raise ModelError("config.json: a MoE layer index is outside the model's layers")
+
 
 # Names most families share (Llama-style layout), to start a family's table from.
 LAYER = "model.layers.{layer}"
@@ -185,6 +219,17 @@ def require(cfg: dict[str, Any], key: str, kind: type = int) -> Any:
     return value
 
 
+def optional(cfg: dict[str, Any], key: str, default: Any, kind: type | tuple = int) -> Any:
+    """cfg[key] when set (None or absent: `default`), checked to be `kind` (never a bool)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ModelError(f"config.json: {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
 def check_activation(cfg: dict[str, Any], key: str = "hidden_act") -> None:
     if cfg.get(key, "silu") != "silu":
         raise ModelError(f"config.json: {key} = {cfg[key]!r} is not supported (only 'silu')")
@@ -195,9 +240,12 @@ def rope_from_config(cfg: dict[str, Any], head_dim: int) -> tuple[list[float], f
     runtime needs no knowledge of RoPE variants. transformers 5 keeps the parameters in
     `rope_parameters`; older configs use `rope_theta` and `rope_scaling`."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = optional(params, "rope_theta", optional(cfg, "rope_theta", 10000.0, (int, float)), (int, float))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    partial = cfg.get("partial_rotary_factor", 1.0)
+    partial = optional(cfg, "partial_rotary_factor", 1.0, (int, float))
+    if not (math.isfinite(theta) and theta > 0 and 0 < partial <= 1):
+        raise ModelError(f"config.json: rope_theta {theta!r} and partial_rotary_factor {partial!r} must be a "
+                         f"finite number > 0 and a share in (0, 1]")
     dim = int(head_dim * partial)
     if rope_type == "default":
         import numpy as np
@@ -227,13 +275,15 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
     tied embeddings and special tokens. Families add their MoE fields and override the rest."""
     check_activation(cfg)
     hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
-    head_dim = cfg.get("head_dim") or hidden // heads
+    if heads <= 0 or hidden <= 0:
+        raise ModelError(f"config.json: hidden_size {hidden} and num_attention_heads {heads} must be > 0")
+    head_dim = optional(cfg, "head_dim", 0) or hidden // heads
     inv_freq, scaling = rope_from_config(cfg, rope_dim or head_dim)
     return dict(
         hidden_size=hidden,
         num_layers=require(cfg, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=optional(cfg, "num_key_value_heads", 0) or heads,
         head_dim=head_dim,
         vocab_size=require(cfg, "vocab_size"),
         rms_norm_eps=require(cfg, "rms_norm_eps", float),
@@ -242,7 +292,7 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
         rope_attention_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(cfg.get("eos_token_id")),
-        bos_token_id=cfg.get("bos_token_id"),
+        bos_token_id=optional(cfg, "bos_token_id", None),
     )
 
 

@@ -13,6 +13,7 @@ ALLOWED = {
     "artifacts": {"numpy"},
     "runtime": {"numpy", "onnxruntime", "tokenizers", "click", "jinja2"},
     "compiler": {"numpy", "onnx", "torch", "transformers", "safetensors", "tokenizers", "click"},
+    "entry": set(),  # the console scripts: standard library only, so a Ctrl-C at start-up is handled
 }
 STDLIB = set(sys.stdlib_module_names)
 

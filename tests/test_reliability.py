@@ -351,17 +351,17 @@ def test_config_values_of_the_wrong_kind_are_refused_by_name(workspace, tmp_path
 
 
 def test_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
-    """The entry points import their command inside a handler (fate.runtime.entry): an interrupt
+    """The entry points import their command inside a handler (fate.entry): an interrupt
     during the heavy imports, made deterministic here by a module whose import is interrupted."""
     (tmp_path / "slow_to_import.py").write_text("raise KeyboardInterrupt\n")
-    code = "from fate.runtime.entry import run; run('fate-x', 'slow_to_import:main')"
+    code = "from fate.entry import run; run('fate-x', 'slow_to_import:main')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip() == "fate-x: interrupted while starting", proc.stderr
 
 
 def test_the_entry_module_loads_no_heavy_package():
-    code = ("import sys, fate.runtime.entry, fate.runtime, fate.compiler; "
+    code = ("import sys, fate.entry, fate.compiler; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'onnxruntime', 'torch')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -1,6 +1,7 @@
 """The console entry points of every Fate command. Each imports its command only here, inside a
 handler: a Ctrl-C while onnxruntime, numpy or torch are still loading ends in one line and exit 130,
-not a traceback. Standard library only (the packages' __init__ files load lazily)."""
+not a traceback. A package of its own, standard library only: importing fate.runtime would already
+load onnxruntime."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ Temporary names of an unfinished write carry the writer's pid (`.NAME.partial-PI
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,8 @@ from typing import Iterable, Literal
 
 from . import layout
 from .archive import MAX_MANIFEST_BYTES
-from .errors import ArtifactError
+from .errors import ArtifactError, FateError
+from .inputs import load_json
 
 OutputKind = Literal["artifact", "archive", "report"]
 
@@ -86,8 +86,8 @@ def _listed_files(directory: Path) -> set[str] | None:
     try:
         if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
             return None
-        data = json.loads(manifest.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        data = load_json(manifest.read_bytes(), str(manifest), finite=False)
+    except (OSError, FateError):
         return None
     if not isinstance(data, dict) or "schema_version" not in data or not isinstance(data.get("files"), list):
         return None

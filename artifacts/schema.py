@@ -8,9 +8,9 @@ major version is refused with a message saying what to install.
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,13 +150,24 @@ class GenerationDefaults:
     top_k: int = 0
 
     def __post_init__(self) -> None:  # what the sampler will be given: checked when read and when written
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ArtifactError(f"generation: temperature must be a finite number > 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ArtifactError(f"generation: top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ArtifactError(f"generation: top_k must be an integer >= 0, got {self.top_k!r}")
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k, "_")
+        if problem:
+            raise ArtifactError(f"generation: {problem}")
+
+
+def sampling_problem(temperature: Any, top_p: Any, top_k: Any, sep: str = "-") -> str | None:
+    """What is wrong with sampling numbers, or None: one rule for the manifest's generation defaults
+    and the runtime's sampler. `sep` joins the names as their source spells them (top_p, --top-p)."""
+    def real(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if not (real(temperature) and math.isfinite(temperature) and temperature > 0):  # NaN fails every comparison
+        return f"temperature must be a finite number > 0 (greedy decoding for 0), got {temperature!r}"
+    if not (real(top_p) and 0 < top_p <= 1):
+        return f"top{sep}p must be in (0, 1], got {top_p!r}"
+    if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
+        return f"top{sep}k must be an integer >= 0, got {top_k!r}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from fate.artifacts import FateError
-from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .export import CompileOptions, compile_checkpoint
 from .policy import PlanTargets, replan
@@ -47,7 +47,8 @@ from .profile import BUILTIN, CalibrationOptions
               help="Largest error INT2 prefill transfers may add to a layer's experts output.")
 @click.option("--policy-only", is_flag=True,
               help="MODEL_DIR is an existing artifact: re-plan its policy from its profile for --budget.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an artifact Fate wrote (never an input or a folder holding one).")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is an artifact Fate wrote (never an input or a folder holding one).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, dense_bits: str,
          accuracy_level: int,

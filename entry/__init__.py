@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from functools import partial
 
 
 def run(command: str, target: str) -> None:
@@ -19,33 +20,12 @@ def run(command: str, target: str) -> None:
     main()
 
 
-def fate_compile() -> None:
-    run("fate-compile", "fate.compiler.cli:main")
-
-
-def fate_run() -> None:
-    run("fate-run", "fate.runtime.cli:main")
-
-
-def fate_inspect() -> None:
-    run("fate-inspect", "fate.runtime.inspect_cli:main")
-
-
-def fate_bench() -> None:
-    run("fate-bench", "fate.runtime.bench:main")
-
-
-def fate_pack() -> None:
-    run("fate-pack", "fate.runtime.artifact_cli:pack")
-
-
-def fate_unpack() -> None:
-    run("fate-unpack", "fate.runtime.artifact_cli:unpack")
-
-
-def fate_verify() -> None:
-    run("fate-verify", "fate.runtime.artifact_cli:verify")
-
-
-def fate_eval() -> None:
-    run("fate-eval", "fate.runtime.eval_cli:main")
+# One per console script in pyproject.toml: the command's name and where its click command lives.
+fate_compile = partial(run, "fate-compile", "fate.compiler.cli:main")
+fate_run = partial(run, "fate-run", "fate.runtime.cli:main")
+fate_inspect = partial(run, "fate-inspect", "fate.runtime.inspect_cli:main")
+fate_bench = partial(run, "fate-bench", "fate.runtime.bench:main")
+fate_pack = partial(run, "fate-pack", "fate.runtime.artifact_cli:pack")
+fate_unpack = partial(run, "fate-unpack", "fate.runtime.artifact_cli:unpack")
+fate_verify = partial(run, "fate-verify", "fate.runtime.artifact_cli:verify")
+fate_eval = partial(run, "fate-eval", "fate.runtime.eval_cli:main")

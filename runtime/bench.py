@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from fate.artifacts import Artifact, FateError
-from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 

@@ -9,9 +9,8 @@ from dataclasses import asdict
 import click
 
 from fate.artifacts import FateError
-from fate.artifacts.errors import USER_ERRORS, exit_with
-
 from fate.artifacts.budget import parse_budget
+from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .api import Engine
 from .cache import POLICIES

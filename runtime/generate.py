@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -10,6 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fate.artifacts import GenerationError
+from fate.artifacts.schema import sampling_problem
 
 from .model import FateModel
 
@@ -25,13 +25,9 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature <= 0:  # NaN compares false to everything
-            raise GenerationError(f"temperature must be a finite number > 0, got {self.temperature} "
-                                  f"(use greedy decoding for 0)")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError("top-p must be in (0, 1]")
-        if self.top_k < 0:
-            raise GenerationError("top-k must be >= 0")
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k)
+        if problem:
+            raise GenerationError(problem)
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise GenerationError(f"seed must be in [0, 2^64), got {self.seed}")
 

@@ -30,12 +30,10 @@ def render_template(template: str, **context) -> str:
             if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
                     abs(right) * max(1, abs(left).bit_length()) > 1 << 16:
                 raise SecurityError("an exponent too large")
-            if operator == "*" and isinstance(right, int) and hasattr(left, "__len__") and \
-                    len(left) * right > TEMPLATE_MAX_CHARS:
-                raise SecurityError("a repetition too large")
-            if operator == "*" and isinstance(left, int) and hasattr(right, "__len__") and \
-                    len(right) * left > TEMPLATE_MAX_CHARS:
-                raise SecurityError("a repetition too large")
+            if operator == "*":  # a sequence times a count, either way round
+                for items, count in ((left, right), (right, left)):
+                    if isinstance(count, int) and hasattr(items, "__len__") and len(items) * count > TEMPLATE_MAX_CHARS:
+                        raise SecurityError("a repetition too large")
             return super().call_binop(context, operator, left, right)
 
     deadline = time.monotonic() + TEMPLATE_SECONDS

@@ -148,9 +148,9 @@ class ArchConfig:
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in self.POSITIVE else 0):
-                raise ModelError(f"config.json: {name} must be an integer {'> 0' if name in self.POSITIVE else '>= 0'}, "
-                                 f"got {value!r}")
+            least = 1 if name in self.POSITIVE else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ModelError(f"config.json: {name} must be an integer >= {least}, got {value!r}")
         for name in self.FINITE + ("clip_qkv", "swiglu_limit", "attention_scale"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -212,10 +212,11 @@ class Family:
 # ------------------------------------------------------------------ config helpers for families
 
 
-def require(cfg: dict[str, Any], key: str, kind: type = int) -> Any:
-    value = cfg.get(key)
-    if value is None or isinstance(value, bool) or not isinstance(value, kind):
-        raise ModelError(f"config.json: {key!r} is missing or not {kind.__name__} (got {value!r})")
+def require(cfg: dict[str, Any], key: str, kind: type | tuple = int) -> Any:
+    """cfg[key], which must be set and of `kind` (never a bool)."""
+    value = optional(cfg, key, None, kind)
+    if value is None:
+        raise ModelError(f"config.json: {key!r} is missing")
     return value
 
 

@@ -62,7 +62,10 @@ typedef struct {
     int64_t n, k, blocks, block_bytes, zero_row;
 } proj_t;
 
-static int use_avx2 = 0, use_vnni = 0;
+/* x86 kernels, best first; set at import (and by set_kernel, for tests) */
+enum { K_PORTABLE, K_AVX2, K_VNNI, K_VNNI512 };
+static const char *const kernel_names[] = {"portable", "avx2", "avx-vnni", "avx512-vnni"};
+static int kernel = K_PORTABLE;
 
 /* ------------------------------------------------------------------ small helpers */
 
@@ -145,6 +148,9 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
  * (M is a constant, so the accumulators live in registers). */
 #define DOT_AVX2(acc, c, a) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))
 #define DOT_VNNI(acc, c, a) acc = _mm256_dpbusd_avx_epi32(acc, c, a)
+/* the same instruction, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (AMD Zen 4, Intel
+ * Ice Lake to Sapphire Rapids servers) */
+#define DOT_VNNI512(acc, c, a) acc = _mm256_dpbusd_epi32(acc, c, a)
 
 #define DEFINE_ROWS(NAME, TARGET, DOT, EXACT_U8)                                                              \
     __attribute__((target(TARGET))) static inline void NAME##_block(const uint8_t *w, int bits, int64_t bs,     \
@@ -231,6 +237,76 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
+    /* Decode: one token against 4 rows per pass, so four independent accumulator chains hide the   \
+     * dot instructions' latency and each block's activation scale is read once. */                       \
+    __attribute__((target(TARGET))) static void NAME##_rows4(const proj_t *p, int64_t n, int bits, int64_t bs,  \
+                                                             const int8_t *aq, const float *as,                 \
+                                                             const int32_t *asum, float *out) {                 \
+        __m256 acc[4];                                                                                          \
+        __m128 corr = _mm_setzero_ps();                                                                         \
+        const uint8_t *wrow[4], *zrow[4];                                                                       \
+        for (int r = 0; r < 4; r++) {                                                                           \
+            acc[r] = _mm256_setzero_ps();                                                                       \
+            wrow[r] = p->qweight + (n + r) * p->blocks * p->block_bytes;                                        \
+            zrow[r] = p->zeros + (n + r) * p->zero_row;                                                         \
+        }                                                                                                       \
+        int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
+        for (int64_t j = 0; j < p->blocks; j++) {                                                               \
+            __m256i isum[4];                                                                                    \
+            if (bits == 4 && bs % 64 == 0) { /* the four rows interleaved in one pass over the block */        \
+                const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                         \
+                (void)ones;                                                                                     \
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                \
+                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;          \
+                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;          \
+                const int8_t *a = aq + j * bs;                                                                  \
+                for (int64_t c = 0; c < bs; c += 64) {                                                          \
+                    __m256i alo = _mm256_loadu_si256((const __m256i *)(a + c));                                 \
+                    __m256i ahi = _mm256_loadu_si256((const __m256i *)(a + c + 32));                            \
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c / 2));                             \
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c / 2));                             \
+                    __m256i b2 = _mm256_loadu_si256((const __m256i *)(w2 + c / 2));                             \
+                    __m256i b3 = _mm256_loadu_si256((const __m256i *)(w3 + c / 2));                             \
+                    DOT(s0, _mm256_and_si256(b0, m4), alo);                                                     \
+                    DOT(s1, _mm256_and_si256(b1, m4), alo);                                                     \
+                    DOT(s2, _mm256_and_si256(b2, m4), alo);                                                     \
+                    DOT(s3, _mm256_and_si256(b3, m4), alo);                                                     \
+                    DOT(s0, _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4), ahi);                               \
+                    DOT(s1, _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), ahi);                               \
+                    DOT(s2, _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), ahi);                               \
+                    DOT(s3, _mm256_and_si256(_mm256_srli_epi16(b3, 4), m4), ahi);                               \
+                }                                                                                               \
+                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
+            } else {                                                                                            \
+                for (int r = 0; r < 4; r++) {                                                                   \
+                    isum[r] = _mm256_setzero_si256();                                                           \
+                    NAME##_block(wrow[r] + j * p->block_bytes, bits, bs, aq + j * bs, 0, 1, &isum[r]);         \
+                }                                                                                               \
+            }                                                                                                   \
+            int sh = (int)(j & per) * bits;                                                                     \
+            int64_t zb = j >> zshift;                                                                           \
+            __m128 ws = _mm_setr_ps(load_f32(p->scales, n * p->blocks + j),                                    \
+                                    load_f32(p->scales, (n + 1) * p->blocks + j),                              \
+                                    load_f32(p->scales, (n + 2) * p->blocks + j),                              \
+                                    load_f32(p->scales, (n + 3) * p->blocks + j));                             \
+            __m128i zp = _mm_setr_epi32((zrow[0][zb] >> sh) & zmask, (zrow[1][zb] >> sh) & zmask,            \
+                                        (zrow[2][zb] >> sh) & zmask, (zrow[3][zb] >> sh) & zmask);            \
+            __m128 f = _mm_mul_ps(ws, _mm_set1_ps(as[j]));                                                      \
+            /* the same float operations, in the same order, as NAME##_rows_m: one token's result never     \
+             * depends on which path computed it */                                                          \
+            corr = _mm_add_ps(corr, _mm_mul_ps(f, _mm_cvtepi32_ps(_mm_mullo_epi32(zp, _mm_set1_epi32(asum[j]))))); \
+            for (int r = 0; r < 4; r++)                                                                         \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(f[r]), acc[r]);           \
+        }                                                                                                       \
+        __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(acc[0]), _mm256_extractf128_ps(acc[0], 1));             \
+        __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(acc[1]), _mm256_extractf128_ps(acc[1], 1));             \
+        __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(acc[2]), _mm256_extractf128_ps(acc[2], 1));             \
+        __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(acc[3]), _mm256_extractf128_ps(acc[3], 1));             \
+        _MM_TRANSPOSE4_PS(t0, t1, t2, t3);                                                                      \
+        __m128 total = _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));                                      \
+        _mm_storeu_ps(out, _mm_sub_ps(total, corr));                                                            \
+    }                                                                                                           \
+                                                                                                                \
     __attribute__((target(TARGET))) static void NAME(const proj_t *p, int64_t n, int bits, int64_t bs,          \
                                                      const int8_t *aq, int64_t a_stride, const float *as,       \
                                                      const int32_t *asum, int m_count, float *out) {            \
@@ -245,6 +321,7 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
 
 DEFINE_ROWS(row_int8_avx2, "avx2,fma", DOT_AVX2, 0)
 DEFINE_ROWS(row_int8_vnni, "avx2,fma,avxvnni", DOT_VNNI, 1)
+DEFINE_ROWS(row_int8_vnni512, "avx2,fma,avx512f,avx512vl,avx512vnni", DOT_VNNI512, 1)
 #endif
 
 #ifdef FATE_NEON
@@ -366,23 +443,39 @@ static void project(const proj_t *p, const math_t *math, const int8_t *aq, const
                     const float *x, float *y, int64_t y_stride, int m_count) {
     int64_t a_stride = p->blocks * math->bs;
     float out[TILE];
-    for (int64_t n = 0; n < p->n; n++) {
-        if (!math->int8)
-            row_float(p, n, math->bits, math->bs, x, p->k, m_count, out);
+    int simd = math->int8 && math->bs % CHUNK == 0;
+    for (int64_t n = 0; n < p->n;) {
+        int rows = 1;
 #ifdef FATE_X86
-        else if (use_vnni && math->bs % CHUNK == 0)
+        if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= p->n) {
+            rows = 4; /* out[r] is row n + r */
+            if (kernel == K_VNNI512) row_int8_vnni512_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
+            else if (kernel == K_VNNI) row_int8_vnni_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
+            else row_int8_avx2_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
+        } else if (simd && kernel == K_VNNI512)
+            row_int8_vnni512(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
+        else if (simd && kernel == K_VNNI)
             row_int8_vnni(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else if (use_avx2 && math->bs % CHUNK == 0)
+        else if (simd && kernel == K_AVX2)
             row_int8_avx2(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
+        else
 #endif
 #ifdef FATE_NEON
-        else if (math->bs % CHUNK == 0)
+        if (simd)
             row_int8_neon(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-#endif
         else
+#endif
+        if (math->int8)
             row_int8_c(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        float b = p->bias ? load_f32(p->bias, n) : 0.0f;
-        for (int m = 0; m < m_count; m++) y[m * y_stride + n] = out[m] + b;
+        else
+            row_float(p, n, math->bits, math->bs, x, p->k, m_count, out);
+        if (rows == 4) {
+            for (int r = 0; r < 4; r++) y[n + r] = out[r] + (p->bias ? load_f32(p->bias, n + r) : 0.0f);
+        } else {
+            float b = p->bias ? load_f32(p->bias, n) : 0.0f;
+            for (int m = 0; m < m_count; m++) y[m * y_stride + n] = out[m] + b;
+        }
+        n += rows;
     }
 }
 
@@ -700,12 +793,35 @@ done:
     return result;
 }
 
+#ifdef FATE_X86
+/* The kernels this CPU runs, best first (a bit per kernel). */
+static int supported_kernels(void) {
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int mask = 1 << K_PORTABLE;
+    if (avx2) mask |= 1 << K_AVX2;
+    if (avx2 && __builtin_cpu_supports("avxvnni")) mask |= 1 << K_VNNI;
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        mask |= 1 << K_VNNI512;
+    return mask;
+}
+
+static int best_kernel(void) {
+    int mask = supported_kernels();
+    for (int k = K_VNNI512; k > K_PORTABLE; k--)
+        if (mask & (1 << k)) return k;
+    return K_PORTABLE;
+}
+#endif
+
 static PyObject *kernel_name(PyObject *self, PyObject *args) {
     (void)self; (void)args;
 #ifdef FATE_NEON
     return PyUnicode_FromString("neon");
+#elif defined(FATE_X86)
+    return PyUnicode_FromString(kernel_names[kernel]);
 #else
-    return PyUnicode_FromString(use_vnni ? "avx-vnni" : (use_avx2 ? "avx2" : "portable"));
+    return PyUnicode_FromString("portable");
 #endif
 }
 
@@ -714,12 +830,9 @@ static PyObject *set_kernel(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return NULL;
 #ifdef FATE_X86
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    int vnni = avx2 && __builtin_cpu_supports("avxvnni");
-    if (!strcmp(name, "best")) { use_avx2 = avx2; use_vnni = vnni; Py_RETURN_NONE; }
-    if (!strcmp(name, "avx-vnni") && vnni) { use_avx2 = 1; use_vnni = 1; Py_RETURN_NONE; }
-    if (!strcmp(name, "avx2") && avx2) { use_avx2 = 1; use_vnni = 0; Py_RETURN_NONE; }
-    if (!strcmp(name, "portable")) { use_avx2 = 0; use_vnni = 0; Py_RETURN_NONE; }
+    if (!strcmp(name, "best")) { kernel = best_kernel(); Py_RETURN_NONE; }
+    for (int k = 0; k < (int)(sizeof kernel_names / sizeof *kernel_names); k++)
+        if (!strcmp(name, kernel_names[k]) && (supported_kernels() & (1 << k))) { kernel = k; Py_RETURN_NONE; }
 #else
     if (!strcmp(name, "best") || !strcmp(name, "neon") || !strcmp(name, "portable")) Py_RETURN_NONE;
 #endif
@@ -730,9 +843,15 @@ static PyObject *set_kernel(PyObject *self, PyObject *arg) {
 static PyObject *kernels(PyObject *self, PyObject *args) {
     (void)self; (void)args;
 #ifdef FATE_X86
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    int vnni = avx2 && __builtin_cpu_supports("avxvnni");
-    return Py_BuildValue("[sss]", vnni ? "avx-vnni" : "portable", avx2 ? "avx2" : "portable", "portable");
+    PyObject *list = PyList_New(0);
+    int mask = supported_kernels();
+    for (int k = K_VNNI512; list && k >= K_PORTABLE; k--)
+        if (mask & (1 << k)) {
+            PyObject *name = PyUnicode_FromString(kernel_names[k]);
+            if (!name || PyList_Append(list, name) != 0) { Py_XDECREF(name); Py_CLEAR(list); break; }
+            Py_DECREF(name);
+        }
+    return list;
 #elif defined(FATE_NEON)
     return Py_BuildValue("[s]", "neon");
 #else
@@ -742,8 +861,8 @@ static PyObject *kernels(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
-    {"kernel", kernel_name, METH_NOARGS, "The kernel this CPU runs: avx2, neon or portable."},
-    {"set_kernel", set_kernel, METH_O, "Use kernel 'best', 'avx-vnni', 'avx2' or 'portable' (tests compare them)."},
+    {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
+    {"set_kernel", set_kernel, METH_O, "Use kernel 'best' or one of kernels() (tests compare them)."},
     {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run."},
     {NULL, NULL, 0, NULL},
 };
@@ -754,8 +873,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_experts", "Routed e
 PyMODINIT_FUNC PyInit__experts(void) {
 #ifdef FATE_X86
     __builtin_cpu_init();
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    use_vnni = use_avx2 && __builtin_cpu_supports("avxvnni");
+    kernel = best_kernel();
 #endif
     return PyModule_Create(&module);
 }

@@ -7,10 +7,8 @@ measurements, so it can be re-run for another budget without calibrating again.
   norm, or EAP) that reaches `target_recall` with the fewest experts (if none does, the best at
   top-k), widened only while one more prefetched expert is used at least
   `min_prefetch_precision` of the time, or no prefetch if its top-k is mostly wrong.
-- cache shares: slots go one at a time to the layer where one more slot removes the most
-  expected stalls, (miss(c) - miss(c+1)) x (1 - prefetch recall), after each layer's minimum
-  working set; a layer nothing predicts (the first) gains most, so shallow layers are favoured
-  exactly as far as the measurements say.
+- cache shares: runtime.allocation's greedy marginal gain over the miss curves, after each
+  layer's top-k and prefetch room (the run plan re-runs it at the run's own budget).
 - prefill INT2 share: the largest measured share of token-expert assignments (least popular
   experts first) whose error stays within `max_low_bit_error`.
 """
@@ -26,6 +24,7 @@ from fate.artifacts import Artifact, ArtifactError, LayerSpec
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import RUNTIME_PREDICTORS, LayerProfile, Profile, profile_from_bytes
 from fate.artifacts.schema import PRECISION_BITS, LayerPolicy, Policy
+from fate.runtime.allocation import SlotDemand, allocate_slots, miss_at
 
 
 @dataclass(frozen=True)
@@ -85,24 +84,8 @@ def choose_predictor(p: LayerProfile, targets: PlanTargets) -> tuple[str, int, f
         f"{targets.min_prefetch_precision:.0%} of the time")
 
 
-def miss_at(p: LayerProfile, slots: float) -> float:
-    return float(np.interp(slots, p.miss_curve_slots, p.miss_curve))
-
-
-def allocate_slots(profiles: list[LayerProfile], recalls: list[float], minimums: list[int], total: int) -> list[int]:
-    """Greedy marginal-gain allocation of `total` expert slots (see module docstring)."""
-    slots = list(minimums)
-    left = total - sum(slots)
-    while left > 0:
-        gains = [(miss_at(p, s) - miss_at(p, s + 1)) * (1 - r) if s < p.num_experts else -1.0
-                 for p, s, r in zip(profiles, slots, recalls)]
-        # ties go to the layer holding fewer slots, then to the shallower one
-        best = max(range(len(gains)), key=lambda i: (round(gains[i], 12), -slots[i], -i))
-        if gains[best] < 0:
-            break
-        slots[best] += 1
-        left -= 1
-    return slots
+def slot_demand(p: LayerProfile, recall: float, width: int) -> SlotDemand:
+    return SlotDemand(p.miss_curve_slots, p.miss_curve, recall, p.top_k, width, p.num_experts)
 
 
 def choose_low_bit_share(p: LayerProfile, stored: list[str], targets: PlanTargets) -> tuple[str | None, float, str]:
@@ -128,12 +111,13 @@ def plan(profile: Profile, layers: list[LayerSpec], targets: PlanTargets = PlanT
                         {"precision": why_precision, "prefetch": why_predictor, "prefill": why_low}))
 
     total = round(targets.budget * sum(p.num_experts for p in profiles))
-    minimums = [max(p.top_k, d[4]) for p, d in zip(profiles, decided)]
-    slots = allocate_slots(profiles, [d[5] for d in decided], minimums, total)
+    slots = allocate_slots([slot_demand(p, recall, width)
+                            for p, (_, _, _, _, width, recall, *_) in zip(profiles, decided)], total)
     granted = max(sum(slots), 1)
     policies = []
     for (layer, p, precision, predictor, width, recall, low, share, reasons), s in zip(decided, slots):
-        reasons["cache"] = (f"{s} of {p.num_experts} slots: demand miss rate {miss_at(p, s):.3f} there, "
+        reasons["cache"] = (f"{s} of {p.num_experts} slots: demand miss rate "
+                            f"{miss_at(p.miss_curve_slots, p.miss_curve, s):.3f} there, "
                             f"prefetch recall {recall:.3f}")
         policies.append(LayerPolicy(index=layer.index, precision=precision, cache_share=s / granted,
                                     prefetch_width=width, predictor=predictor, prefill_precision=low,

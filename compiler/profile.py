@@ -24,6 +24,7 @@ from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import replay_miss_rate
 from fate.runtime.positions import attention_bias, rope
+from fate.runtime.predictors import eap_scores, top_experts
 from fate.runtime.sessions import make_session
 
 from .quantize import dequantize
@@ -73,9 +74,9 @@ def rel_error(approx: np.ndarray, exact: np.ndarray) -> float:
 
 
 def top_mask(scores: np.ndarray, width: int) -> np.ndarray:
-    """Boolean [N, E]: each row's `width` highest scores."""
+    """Boolean [N, E]: each row's `width` highest scores (the runtime's prediction)."""
     mask = np.zeros(scores.shape, bool)
-    np.put_along_axis(mask, np.argsort(-scores, axis=1, kind="stable")[:, :width], True, axis=1)
+    np.put_along_axis(mask, top_experts(scores, width), True, axis=1)
     return mask
 
 
@@ -276,10 +277,7 @@ class Profiler:
         if self.previous.moe_ids is not None:
             fit = slice(0, self.eval_from)
             counts = self._transitions(out[IO.EXPERT_IDS], num_experts, fit).astype(np.float64)
-            prev_ids = self.previous.moe_ids
-            # popularity breaks ties between experts no transition names
-            prior = actual[fit].mean(0) * 1e-6
-            scores["eap"] = counts[prev_ids].sum(axis=1) + prior
+            scores["eap"] = eap_scores(counts, actual[fit].mean(0), self.previous.moe_ids)
         # previous token within the same sequence: shift router logits by one position (the
         # first token of each sequence has no previous one and counts against this predictor)
         logits = out[IO.ROUTER_LOGITS].reshape(self.n_seq, self.seq_len, -1)

@@ -30,6 +30,7 @@ from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .experts import ExpertStore, largest_file, resident_precision
 from .loader import ExpertLoader
 from .plan import LayerPlan, plan_run
+from .predictors import eap_scores, top_experts
 from .slots import SlotPool, scratch_buffer
 
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
@@ -99,13 +100,13 @@ class OffloadedExperts(ExpertStore):
             low_bit_prefill=options.low_bit_prefill)
         self.plans = self.run_plan.layers
         self.total_expert_bytes = self.run_plan.total_expert_bytes
-        # EAP tables, once: source layer -> {target layer: (transition counts, popularity tie-break)}
+        # EAP tables, once: source layer -> {target layer: (transition counts, popularity)}
         self._eap: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         for plan in self.plans.values():
             if plan.predictor == "eap":
                 measured = self.profile.layer(plan.index)
                 self._eap.setdefault(measured.transitions_from, {})[plan.index] = (
-                    np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity) * 1e-6)
+                    np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity))
         self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
                              {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
         self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
@@ -175,13 +176,13 @@ class OffloadedExperts(ExpertStore):
                                         self.profile.layer(layer).popularity if self.profile else None)
             for expert in sorted(self._low_bit_tail(plan, needed) - self.cache.resident(layer)):
                 self._start_low(plan, expert)
-        for target, (counts, prior) in self._eap.get(layer, {}).items():
-            self._request(self.plans[target], counts[expert_ids].sum(axis=1) + prior)
+        for target, (counts, popularity) in self._eap.get(layer, {}).items():
+            self._request(self.plans[target], eap_scores(counts, popularity, expert_ids))
 
     def _request(self, plan: LayerPlan, scores: np.ndarray) -> None:
         if plan.width <= 0:
             return
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : plan.width]
+        top = top_experts(scores, plan.width)
         if len(top) == 1:  # decode: the predictor's own order
             ranked = [int(e) for e in top[0]]
         else:  # prefill: the union, most popular first

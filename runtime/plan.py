@@ -2,9 +2,10 @@
 and profile, the flags, and which precisions the native executor runs (a property of the build
 and the artifact, not a timing), so the same command always plans the same run.
 
-Per MoE layer: the resident precision, a fixed number of slots (the policy's cache shares of the
-budget, at least top-k each), the predictor and its width, and whether the least popular tail of
-a prefill moves at INT2.
+Per MoE layer: the resident precision, a fixed number of slots (allocated at this run's budget
+from the profile's miss curves and prediction recall, as the compiler plans; without a profile,
+the policy's cache shares, or uniform), at least top-k each, the predictor and its width, and
+whether the least popular tail of a prefill moves at INT2.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from fate.artifacts import ArtifactError, LayerPolicy, Manifest
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import Profile
 
+from .allocation import SlotDemand, allocate_slots
 from .executors import SESSION_RESIDENT_FACTOR
 from .expert_cache import BudgetError
 from .slots import slot_size
@@ -73,13 +77,18 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
     if limit < minimum:
         raise BudgetError(f"a budget of {limit / 1e6:.1f} MB cannot hold one token's experts in every layer; "
                           f"the minimum is {minimum / 1e6:.1f} MB ({minimum / total:.1%} of the experts)")
-    shares = {l.index: 1 / len(layers) for l in layers}
-    if allocation == "policy" and manifest.policy:
-        shares = {i: decided[i].cache_share for i in shares}
-    slots = whole_slots(layers, shares, cost, limit)
+    predictors = {l.index: predictor_for(manifest, profile, l.index, decided[l.index], l.routing.top_k, prefetch)
+                  for l in layers}
+    if allocation == "policy" and profile is not None:
+        slots = measured_slots(layers, profile, predictors, cost, limit)
+    else:
+        shares = {l.index: 1 / len(layers) for l in layers}
+        if allocation == "policy" and manifest.policy:
+            shares = {i: decided[i].cache_share for i in shares}
+        slots = whole_slots(layers, shares, cost, limit)
     plans = {}
     for l in layers:
-        predictor, width = predictor_for(manifest, profile, l.index, decided[l.index], l.routing.top_k, prefetch)
+        predictor, width = predictors[l.index]
         # Prefetching into the slots the running experts need evicts them: with 5 slots, top-2 and
         # width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
         width = min(width, max(0, slots[l.index] - l.routing.top_k))
@@ -92,6 +101,21 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
         plans[l.index] = LayerPlan(l.index, chosen[l.index], slot[l.index], cost[l.index], slots[l.index], predictor,
                                    width, decided[l.index].prefill_low_share if low else 0.0, low)
     return RunPlan(plans, sum(p.slots * p.cost_bytes for p in plans.values()), total)
+
+
+def measured_slots(layers, profile: Profile, predictors: dict[int, tuple[str, int]], cost: dict[int, int],
+                   budget: int) -> dict[int, int]:
+    """Slots at this run's budget from the profile's miss curves and each predictor's recall at
+    its width (runtime.allocation, as the compiler plans)."""
+    demands = []
+    for l in layers:
+        measured = profile.layer(l.index)
+        name, width = predictors[l.index]
+        curve = measured.predictors.get(name)
+        recall = float(np.interp(width, curve.widths, curve.decode)) if curve is not None and width > 0 else 0.0
+        demands.append(SlotDemand(measured.miss_curve_slots, measured.miss_curve, recall, l.routing.top_k, width,
+                                  l.routing.num_experts, cost[l.index]))
+    return dict(zip((l.index for l in layers), allocate_slots(demands, budget)))
 
 
 def whole_slots(layers, shares: dict[int, float], cost: dict[int, int], budget: int) -> dict[int, int]:

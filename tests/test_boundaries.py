@@ -28,9 +28,11 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-# The compiler reuses the runtime's pure helpers (positions, sessions, cache policies, memory) so that
+# The compiler reuses the runtime's pure helpers (positions, sessions, cache policies, slot allocation,
+# predictors, memory) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
-SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.memory"}
+SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.memory",
+                  "fate.runtime.allocation", "fate.runtime.predictors"}
 
 
 def test_each_part_imports_only_what_it_may():

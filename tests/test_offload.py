@@ -194,19 +194,27 @@ def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrate
 
 def test_ctrl_c_exits_cleanly_with_partial_output(calibrated):
     """SIGINT once the first generated text is on stdout (an event, not a sleep): the run stops
-    at the next token, keeps what it printed and exits 130."""
+    at the next token, keeps what it printed and exits 130. On a loaded machine this process can
+    be descheduled long enough for the run to reach the end of its context before the signal is
+    sent; such an attempt says nothing about interruption and is repeated (hashing every load
+    keeps the run long)."""
     prompt = "Once upon a time"
-    proc = subprocess.Popen([str(BIN / "fate-run"), str(calibrated), "-p", prompt, "-n", "100000",
-                             "--memory-budget", "50%", "--temperature", "1.0", "--seed", "3", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = b""
-    while len(seen) <= len(prompt):  # the prompt is echoed first; wait for generated text after it
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        assert chunk, f"fate-run ended before generating: {proc.communicate()[1].decode()}"
-        seen += chunk
-    proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
-    out, err = (seen + rest).decode(), err.decode()
+    for _attempt in range(5):
+        proc = subprocess.Popen([str(BIN / "fate-run"), str(calibrated), "-p", prompt, "-n", "100000",
+                                 "--memory-budget", "50%", "--temperature", "1.0", "--seed", "3", "--ignore-eos",
+                                 "--verify-every-load"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = b""
+        while len(seen) <= len(prompt):  # the prompt is echoed first; wait for generated text after it
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"fate-run ended before generating: {proc.communicate()[1].decode()}"
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+        out, err = (seen + rest).decode(), err.decode()
+        if proc.returncode == 0 and "stop: context" in err:
+            continue  # finished before the signal was sent
+        break
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "stop: interrupted" in err
     assert out.startswith(prompt) and len(out) > len(prompt)

@@ -16,7 +16,8 @@ from fate.artifacts import Artifact
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import LayerProfile, Profile, RecallCurve, profile_from_bytes
 from fate.compiler import CompileOptions, compile_checkpoint
-from fate.compiler.policy import PlanTargets, allocate_slots, plan
+from fate.compiler.policy import PlanTargets, plan, slot_demand
+from fate.runtime.allocation import allocate_slots
 from fate.compiler.profile import CalibrationOptions, calibration_ids, recall_curve
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -147,15 +148,18 @@ def synthetic(recalls: list[float], miss: list[float] | None = None):
 
 
 def test_first_layer_fully_cached_when_nothing_predicts_it():
+    """After every layer's top-k and prefetch room (2 + 2 slots in the predicted layers), the
+    slots left go to the layer nothing predicts."""
     profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
-    policy = plan(profile, layers, PlanTargets(budget=0.5))
-    slots = [round(lp.cache_share * 16) for lp in policy.layers]
+    policy = plan(profile, layers, PlanTargets(budget=0.75))
+    slots = [round(lp.cache_share * 24) for lp in policy.layers]
     assert slots[0] == 8 and policy.layers[0].predictor == "none"
+    assert all(s >= 2 + lp.prefetch_width for s, lp in zip(slots, policy.layers))
 
 
 def test_uniform_measurements_give_no_shallow_preference():
-    slots = allocate_slots([synthetic_layer(i, 0.5, [max(0.0, 1 - s / 8) for s in range(9)]) for i in range(4)],
-                           [0.5] * 4, [2] * 4, 16)
+    slots = allocate_slots([slot_demand(synthetic_layer(i, 0.5, [max(0.0, 1 - s / 8) for s in range(9)]), 0.5, 0)
+                            for i in range(4)], 16)
     assert slots == [4, 4, 4, 4]
 
 

@@ -1,0 +1,80 @@
+"""The run plan (runtime.plan) on synthetic numbers: slots at the run's own budget from the
+profile's miss curves, as the compiler's policy allocates them, with no artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from fate.artifacts.budget import Budget
+from fate.compiler.policy import PlanTargets, plan
+from fate.runtime.plan import plan_run
+
+from test_profile import synthetic
+
+SLOT = 4096  # every expert file one page: slot counts and bytes agree
+
+
+def manifest_of(profile, layers, policy):
+    return SimpleNamespace(moe_layers=layers, layers=layers, policy=policy)
+
+
+def run_plan(profile, layers, policy, share: float, prefetch: str = "policy"):
+    return plan_run(manifest_of(profile, layers, policy), profile, Budget(share=share),
+                    precision=lambda layer: "int4", file_bytes=lambda layer, precision: SLOT,
+                    runs_native=lambda layer, precision: True, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
+def test_slots_are_what_the_compiler_allocates_at_the_run_budget(share):
+    """A policy planned for 50% run at another budget holds the allocation the profile gives that
+    budget, not the 50% shares rescaled."""
+    # the first layer has no predictor; miss curves differ so the greedy has choices to make
+    profile, layers = synthetic([0.0, 0.95, 0.6, 0.97], miss=[max(0.0, 1 - s / 6) for s in range(9)])
+    at_half = plan(profile, layers, PlanTargets(budget=0.5))
+    at_run = plan(profile, layers, PlanTargets(budget=share))
+    run = run_plan(profile, layers, at_half, share)
+    granted = round(share * 32)
+    want = [round(lp.cache_share * granted) for lp in at_run.layers]
+    got = [run.layers[i].slots for i in range(4)]
+    assert sum(got) * SLOT <= Budget(share=share).bytes_of(32 * SLOT)
+    assert all(s >= 2 for s in got)  # top-k everywhere
+    if share >= 0.5:  # room for every layer's prefetch width: the same minimums as the compiler's
+        assert got == want, (got, want)
+    assert got[0] == max(got)  # nothing predicts the first layer: it gains most from slots
+
+
+def test_prefetch_keeps_room_for_its_width_where_the_budget_allows():
+    profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+    run = run_plan(profile, layers, policy, 0.5)
+    for i in (1, 2, 3):
+        layer = run.layers[i]
+        assert layer.predictor == "cross_layer" and layer.width == policy.layers[i].prefetch_width
+        assert layer.slots >= 2 + layer.width
+
+
+def test_a_tight_budget_falls_back_to_top_k_minimums():
+    profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+    run = run_plan(profile, layers, policy, 0.25)  # 8 slots: top-k (2) in each of 4 layers and no more
+    assert [run.layers[i].slots for i in range(4)] == [2, 2, 2, 2]
+    assert all(run.layers[i].width == 0 for i in range(4))  # no room to prefetch into
+
+
+def test_without_a_profile_the_policy_shares_are_used():
+    profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+    run = plan_run(manifest_of(profile, layers, policy), None, Budget(share=0.5), precision=lambda layer: "int4",
+                   file_bytes=lambda layer, precision: SLOT, runs_native=lambda layer, precision: True)
+    assert [run.layers[i].slots for i in range(4)] == [round(lp.cache_share * 16) for lp in policy.layers]
+
+
+def test_the_plan_is_a_function_of_its_inputs():
+    profile, layers = synthetic([0.0, 0.95, 0.6, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+    first = run_plan(profile, layers, policy, 0.4)
+    assert all(run_plan(profile, layers, policy, 0.4) == first for _ in range(3))
+    assert dataclasses.asdict(first) == dataclasses.asdict(run_plan(profile, layers, policy, 0.4))

@@ -29,6 +29,7 @@ MAX_HEADER = 100 << 20
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -76,10 +77,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: bad header entry for {name}") from None
-        if dtype not in DTYPES:
+        if not all(is_count(v) for v in (*shape, begin, end)):
+            raise ModelError(f"{path}: tensor {name} has a shape or data_offsets that are not whole numbers >= 0")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
         if not 0 <= begin <= end or end - begin != expected:
@@ -87,7 +90,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if data_start + end > size:
             raise ModelError(f"{path} is truncated: tensor {name} ends past the end of the file")
         tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
+    spans = sorted((t.start, t.start + t.length, name) for name, t in tensors.items() if t.length)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ModelError(f"{path}: tensors {first} and {second} overlap in the file")
     return tensors
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Checkpoint:
@@ -147,6 +158,9 @@ class Checkpoint:
         stored = np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(shape)
         if raw:
             return stored
+        if info.dtype not in FLOAT_DTYPES:
+            raise ModelError(f"checkpoint tensor {name} is stored as {info.dtype}; a weight must be one of "
+                             f"{', '.join(FLOAT_DTYPES)}")
         if info.dtype == "BF16":
             out = (stored.astype(np.uint32) << 16).view(np.float32)
         else:

@@ -61,6 +61,7 @@ def run_one(config: RunConfig) -> dict:
     from .generate import SamplingConfig, generate
     from .model import FateModel
     from .offload import OffloadOptions
+    from .report import OffloadReport
 
     start = time.perf_counter()
     offload = None if config.budget == RESIDENT else OffloadOptions(
@@ -77,13 +78,11 @@ def run_one(config: RunConfig) -> dict:
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
            "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
            "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0}
-    if "decode" in report:
-        d, p = report["decode"], report["prefill"]
-        recalls = [r for r in d["prefetch_recall_per_layer"].values() if r is not None]
-        row.update(stall_s=p["stall_s"] + d["stall_s"], hit_rate=d["hit_rate"],
-                   recall=sum(recalls) / len(recalls) if recalls else None,
-                   mb_read=(p["bytes_read"] + d["bytes_read"]) / 1e6, budget_mb=report["budget_bytes"] / 1e6,
-                   decode_mb_per_token=d["bytes_read"] / 1e6 / d["tokens"] if d["tokens"] else None)
+    if isinstance(report, OffloadReport):
+        d = report.decode
+        row.update(stall_s=report.stall_s, hit_rate=d.hit_rate, recall=d.mean_recall(),
+                   mb_read=report.bytes_read / 1e6, budget_mb=report.budget_bytes / 1e6,
+                   decode_mb_per_token=d.bytes_per_token / 1e6 if d.tokens else None)
     return row
 
 

@@ -19,6 +19,7 @@ from .memory import peak_rss
 from .executors import EXECUTORS
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES, PREFETCH_MODES
+from .report import OffloadReport
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
@@ -44,7 +45,7 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
         "text": text,
         "stats": result.stats.to_dict(),
         "experts": asdict(engine.model.experts.stats),
-        "offload": engine.model.experts.report(),
+        "offload": engine.model.experts.report().to_json(),
         "peak_rss_bytes": peak_rss(),
     }
 
@@ -54,12 +55,10 @@ def summary(engine: Engine, result: GenerationResult) -> str:
     line = (f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
             f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, stop: {s.stop_reason}")
     offload = engine.model.experts.report()
-    if "decode" in offload:
-        d, p = offload["decode"], offload["prefill"]
-        hit = "-" if d["hit_rate"] is None else f"{d['hit_rate']:.1%}"
-        line += (f"; budget {offload['budget_bytes'] / 1e6:.1f} of {offload['total_expert_bytes'] / 1e6:.1f} MB, "
-                 f"decode hit rate {hit}, stalled {p['stall_s'] + d['stall_s']:.2f} s, "
-                 f"{(p['bytes_read'] + d['bytes_read']) / 1e6:.1f} MB read")
+    if isinstance(offload, OffloadReport):
+        hit = "-" if offload.decode.hit_rate is None else f"{offload.decode.hit_rate:.1%}"
+        line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
+                 f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
     return line + f"; peak RSS {peak_rss() / 1e6:.0f} MB]"
 
 

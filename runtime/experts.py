@@ -16,6 +16,7 @@ from fate.artifacts.schema import PRECISION_BITS
 
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .loader import ExpertLoader
+from .report import OffloadReport, ResidentReport
 from .slots import SlotPool
 
 
@@ -52,9 +53,9 @@ class ExpertStore(ABC):
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
         """The experts `layer`'s router chose [S, k] (activation-path predictors use them)."""
 
-    def report(self) -> dict:
+    @abstractmethod
+    def report(self) -> ResidentReport | OffloadReport:
         """Statistics of the run so far, for --json and the summary line."""
-        return {}
 
     def close(self) -> None:
         """Stop background work, release memory."""
@@ -111,5 +112,5 @@ class ResidentExperts(ExpertStore):
         self.runner.run(layer, work, x, y)
         return y
 
-    def report(self) -> dict:
-        return {"executor": self.runner.name()}
+    def report(self) -> ResidentReport:
+        return ResidentReport(self.runner.name())

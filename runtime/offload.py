@@ -31,6 +31,7 @@ from .experts import ExpertStore, largest_file, resident_precision
 from .loader import ExpertLoader
 from .plan import LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
+from .report import LayerReport, OffloadReport, PhaseReport
 from .slots import SlotPool, scratch_buffer
 
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
@@ -294,36 +295,32 @@ class OffloadedExperts(ExpertStore):
 
     # ------------------------------------------------------------------ stats
 
-    def report(self) -> dict:
+    def report(self) -> OffloadReport:
         self.finish()
         self.stats.loads = sum(p.cache.loads + p.low_bit_loads for p in self.phases.values())
         self.stats.bytes_read = sum(p.cache.bytes_read + p.low_bit_bytes for p in self.phases.values())
         resident = sum(self.plans[layer].cost_bytes * len(self.cache.resident(layer)) for layer in self.plans)
-        out = {"budget_bytes": self.run_plan.budget_bytes, "total_expert_bytes": self.total_expert_bytes,
-               "executor": self.runner.name(), "reads": self.pool.mode,
-               "resident_bytes": resident, "prefetch": self.options.prefetch,
-               "cache": self.options.cache, "allocation": self.options.allocation,
-               "layers": {p.index: {"precision": p.precision, "slots": p.slots, "slot_bytes": p.slot_bytes,
-                                    "predictor": p.predictor, "width": p.width,
-                                    "int2_prefill": p.low_precision is not None} for p in self.plans.values()}}
-        for name, phase in self.phases.items():
-            c = phase.cache
-            gets = sum(l.gets for l in c.layers.values())
-            hits = sum(l.hits for l in c.layers.values())
-            waits = sum(l.waits for l in c.layers.values())
-            out[name] = {
-                "tokens": phase.tokens, "seconds": phase.seconds,
-                "tokens_per_s": phase.tokens / phase.seconds if phase.seconds else 0.0,
-                "stall_s": c.stall_s, "experts_loaded": c.loads + phase.low_bit_loads,
-                "bytes_read": c.bytes_read + phase.low_bit_bytes, "int2_loads": phase.low_bit_loads,
-                "hit_rate": hits / gets if gets else None,
-                # resident, or already being loaded by the prefetcher, when asked for (the paper's "hit")
-                "covered_rate": (hits + waits) / gets if gets else None,
-                "late_prefetches": waits,
-                "hit_rate_per_layer": {i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},
-                "prefetch_recall_per_layer": {i: p.correct / p.actual if p.actual else None
-                                              for i, p in sorted(phase.prediction.items())},
-                "prefetch_precision_per_layer": {i: p.correct / p.predicted if p.predicted else None
-                                                 for i, p in sorted(phase.prediction.items())},
-            }
-        return out
+        layers = {p.index: LayerReport(p.precision, p.slots, p.slot_bytes, p.predictor, p.width,
+                                       p.low_precision is not None) for p in self.plans.values()}
+        return OffloadReport(
+            executor=self.runner.name(), budget_bytes=self.run_plan.budget_bytes,
+            total_expert_bytes=self.total_expert_bytes, reads=self.pool.mode, resident_bytes=resident,
+            prefetch=self.options.prefetch, cache=self.options.cache, allocation=self.options.allocation,
+            layers=layers, prefill=phase_report(self.phases["prefill"]), decode=phase_report(self.phases["decode"]))
+
+
+def phase_report(phase: PhaseStats) -> PhaseReport:
+    c = phase.cache
+    gets = sum(l.gets for l in c.layers.values())
+    hits = sum(l.hits for l in c.layers.values())
+    waits = sum(l.waits for l in c.layers.values())
+    return PhaseReport(
+        tokens=phase.tokens, seconds=phase.seconds, tokens_per_s=phase.tokens / phase.seconds if phase.seconds else 0.0,
+        stall_s=c.stall_s, experts_loaded=c.loads + phase.low_bit_loads, bytes_read=c.bytes_read + phase.low_bit_bytes,
+        int2_loads=phase.low_bit_loads, hit_rate=hits / gets if gets else None,
+        covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits,
+        hit_rate_per_layer={i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},
+        prefetch_recall_per_layer={i: p.correct / p.actual if p.actual else None
+                                   for i, p in sorted(phase.prediction.items())},
+        prefetch_precision_per_layer={i: p.correct / p.predicted if p.predicted else None
+                                      for i, p in sorted(phase.prediction.items())})

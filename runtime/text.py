@@ -106,19 +106,28 @@ class TextCodec:
 
 class StreamDecoder:
     """Turns a growing list of token ids into text pieces, holding back an incomplete UTF-8
-    character (shown as U+FFFD by the decoder) until the next token completes it."""
+    character (shown as U+FFFD by the decoder) until the next token completes it. A character
+    spans at most 4 bytes, so a replacement character that 4 more tokens have not completed is
+    invalid for good and is emitted as it is: sampled text that is a run of stray bytes still
+    streams, instead of appearing all at once at the end."""
+
+    MAX_HELD = 4
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
         self.emitted = 0
+        self.held = 0  # tokens since the text last ended in a complete character
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
+        if text.endswith("\ufffd") and self.held < self.MAX_HELD:
+            self.held += 1
+            text = text.rstrip("\ufffd")  # what is before the incomplete character is final
+        else:
+            self.held = 0
+        piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
         return piece
 
     def flush(self) -> str:

@@ -69,9 +69,9 @@ def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
         report = model.experts.report()
     finally:
         model.close()
-    assert report["prefill"]["int2_loads"] > 0
-    assert report["decode"]["int2_loads"] == 0
-    assert all(layer["precision"] != "int2" for layer in report["layers"].values())  # never resident
+    assert report.prefill.int2_loads > 0
+    assert report.decode.int2_loads == 0
+    assert all(layer.precision != "int2" for layer in report.layers.values())  # never resident
 
 
 def test_too_small_budget_is_refused_with_the_minimum(calibrated):
@@ -194,15 +194,15 @@ def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrate
 
 def test_ctrl_c_exits_cleanly_with_partial_output(calibrated):
     """SIGINT once the first generated text is on stdout (an event, not a sleep): the run stops
-    at the next token, keeps what it printed and exits 130. On a loaded machine this process can
+    at the next token, keeps what it printed and exits 130. Greedy: sampled text from a small model
+    can be a run of incomplete UTF-8 bytes that streams nothing until the end. On a loaded machine this process can
     be descheduled long enough for the run to reach the end of its context before the signal is
     sent; such an attempt says nothing about interruption and is repeated (hashing every load
     keeps the run long)."""
     prompt = "Once upon a time"
     for _attempt in range(5):
         proc = subprocess.Popen([str(BIN / "fate-run"), str(calibrated), "-p", prompt, "-n", "100000",
-                                 "--memory-budget", "50%", "--temperature", "1.0", "--seed", "3", "--ignore-eos",
-                                 "--verify-every-load"],
+                                 "--memory-budget", "50%", "--greedy", "--ignore-eos", "--verify-every-load"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         seen = b""
         while len(seen) <= len(prompt):  # the prompt is echoed first; wait for generated text after it
@@ -215,7 +215,7 @@ def test_ctrl_c_exits_cleanly_with_partial_output(calibrated):
         if proc.returncode == 0 and "stop: context" in err:
             continue  # finished before the signal was sent
         break
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (err, out[:300])
     assert "Traceback" not in err and "stop: interrupted" in err
     assert out.startswith(prompt) and len(out) > len(prompt)
 

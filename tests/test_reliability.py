@@ -249,6 +249,52 @@ def test_checkpoint_weights_that_are_nan_are_refused_by_name(mixtral, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def rewrite_header(path: Path, edit) -> None:
+    """Apply edit(header) to a safetensors file's JSON header, keeping its data as it is."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n:])
+
+
+def _first_two(header):
+    return sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])[:2]
+
+
+def _string_offsets(header):
+    name = _first_two(header)[0]
+    header[name]["data_offsets"] = [str(v) for v in header[name]["data_offsets"]]
+
+
+def _overlap(header):
+    a, b = _first_two(header)
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    begin = header[a]["data_offsets"][0]
+    header[b]["data_offsets"] = [begin, begin + size]
+
+
+def _integer_weight(header):
+    name = sorted(n for n in header if "q_proj" in n)[0]
+    header[name]["dtype"] = {"F32": "I32", "BF16": "I16", "F16": "I16"}[header[name]["dtype"]]
+
+
+@pytest.mark.parametrize("edit, fragment", [(_string_offsets, "whole numbers"), (_overlap, "overlap"),
+                                            (_integer_weight, "is stored as I")])
+def test_safetensors_headers_that_lie(mixtral, tmp_path, edit, fragment):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mixtral.ckpt, ckpt)
+    for path in sorted(ckpt.glob("*.safetensors")):
+        rewrite_header(path, edit)
+    refused(run("fate-compile", ckpt, "-o", tmp_path / "out", "--calib", "none", "-q"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_artifact_has_an_identity_that_covers_its_manifest(workspace, tmp_path):
     """fate-verify checks files against the manifest; --expect checks the manifest itself."""
     _, art = workspace
@@ -365,3 +411,21 @@ def test_the_entry_module_loads_no_heavy_package():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'onnxruntime', 'torch')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+class _ByteCodec:
+    """Token id = one byte; decoded as byte-level tokenizers do (invalid bytes become U+FFFD)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_text_holds_back_only_a_character_that_can_still_complete():
+    stream = text.StreamDecoder(_ByteCodec())
+    euro = "€".encode()  # three bytes: held until the third arrives
+    pieces = [stream.push(b) for b in b"ab" + euro]
+    assert pieces == ["a", "b", "", "", "€"]
+    # stray continuation bytes never complete: they stream after at most MAX_HELD tokens, not at the end
+    stray = [stream.push(0x80) for _ in range(12)]
+    assert "".join(stray).count("\ufffd") >= 12 - text.StreamDecoder.MAX_HELD
+    assert "".join(pieces + stray) + stream.flush() == (b"ab" + euro + b"\x80" * 12).decode("utf-8", "replace")

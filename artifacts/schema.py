@@ -282,6 +282,8 @@ class Manifest:
     def _validate_layer(self, i: int, layer: LayerSpec) -> None:
         if layer.index != i or layer.kind not in LAYER_KINDS:
             raise ArtifactError(f"manifest: layer {i} has index {layer.index} and kind {layer.kind!r}")
+        if layer.predicts_next and (i + 1 >= len(self.layers) or self.layers[i + 1].kind != "moe"):
+            raise ArtifactError(f"manifest: layer {i} predicts the next layer's experts, but no MoE layer follows")
         if layer.kind == "dense":
             if layer.routing is not None or layer.experts:
                 raise ArtifactError(f"manifest: dense layer {i} has routing or experts")

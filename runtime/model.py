@@ -12,6 +12,7 @@ from fate.artifacts import Artifact, GenerationError, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
+from .interface import check_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
 from .sessions import make_session
@@ -42,10 +43,14 @@ class FateModel:
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
         self.experts = experts
-        read = lambda path: artifact.read_graph(path, verify=verify)  # noqa: E731
-        self.embed = make_session(read(self.manifest.embed_graph), threads)
-        self.head = make_session(read(self.manifest.head_graph), threads)
-        self.layers = [make_session(read(layer.graph), threads) for layer in self.manifest.layers]
+        def load(path: str, interface: tuple[dict, dict]):
+            session = make_session(artifact.read_graph(path, verify=verify), threads)
+            check_interface(session, artifact.member(path).label, *interface)
+            return session
+
+        self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
+        self.head = load(self.manifest.head_graph, head_interface(self.manifest))
+        self.layers = [load(layer.graph, layer_interface(self.manifest, layer)) for layer in self.manifest.layers]
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
         self._windows = {layer.sliding_window for layer in self.manifest.layers}  # one mask per distinct window
 

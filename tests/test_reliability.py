@@ -234,6 +234,49 @@ def test_manifest_numbers_that_are_not_numbers(workspace, tmp_path, edit, fragme
     refused(run("fate-verify", art), fragment)
 
 
+def _fewer_kv_heads(m):
+    m["model"]["num_kv_heads"] = max(1, m["model"]["num_kv_heads"] // 2)
+
+
+def _shorter_rotary(m):
+    m["model"]["rope_inv_freq"] = m["model"]["rope_inv_freq"][:-1]
+
+
+def _fewer_experts_than_routed(m):
+    moe = next(layer for layer in m["layers"] if layer["kind"] == "moe")
+    moe["routing"]["num_experts"] -= 1
+    for files in moe["experts"].values():
+        files.pop()
+
+
+def _top_k(m):
+    moe = next(layer for layer in m["layers"] if layer["kind"] == "moe")
+    moe["routing"]["top_k"] -= 1
+
+
+def _predicts_past_the_last_layer(m):
+    m["layers"][-1]["predicts_next"] = True
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_fewer_kv_heads, "past_key is declared"), (_shorter_rotary, "cos is declared"),
+    (_fewer_experts_than_routed, "router_logits is declared"), (_top_k, "expert_ids is declared"),
+    (_predicts_past_the_last_layer, "no MoE layer follows")
+])
+def test_manifest_numbers_that_contradict_the_graphs(workspace, edit, fragment):
+    """What the graphs declare is checked against the manifest when they load: one line naming the
+    graph, never an onnxruntime error mid-generation or an expert index out of range."""
+    import json
+
+    _, art = workspace
+    path = art / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    refused(run("fate-run", art, "-p", "hello", "-n", "2"), fragment)
+    refused(run("fate-run", art, "-p", "hello", "-n", "2", "--memory-budget", "50%"), fragment)
+
+
 def test_checkpoint_weights_that_are_nan_are_refused_by_name(mixtral, tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -1,0 +1,77 @@
+"""Each dense graph's declared inputs and outputs checked against what the runtime will feed it and
+read from it, at load, so that a manifest whose numbers contradict its graphs (KV heads, head or
+rotary sizes, hidden size, expert counts, top-k, a prediction output the next layer expects) is
+refused in one line naming the graph, instead of failing inside onnxruntime mid-generation or
+routing to an expert that does not exist.
+
+A declared dimension that is a name (a dynamic axis: sequence, past, total length) matches any
+size; a number must equal the runtime's."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from fate.artifacts import ArtifactError, LayerSpec, Manifest
+from fate.artifacts.layout import GraphIO as IO
+
+Shape = tuple  # ints, or None where the size varies from step to step
+FLOAT, INT64 = "tensor(float)", "tensor(int64)"
+
+
+def check_interface(session: ort.InferenceSession, label: str, inputs: dict[str, tuple[Shape, str]],
+                    outputs: dict[str, tuple[Shape, str]]) -> None:
+    """inputs: exactly what the runtime feeds; outputs: what it reads (the graph may have more)."""
+    declared_in = {i.name: i for i in session.get_inputs()}
+    extra = sorted(set(declared_in) - set(inputs))
+    if extra:
+        raise ArtifactError(f"{label} wants inputs the runtime does not feed: {', '.join(extra)}")
+    declared_out = {o.name: o for o in session.get_outputs()}
+    for kind, wanted, declared in (("input", inputs, declared_in), ("output", outputs, declared_out)):
+        for name, (shape, dtype) in wanted.items():
+            arg = declared.get(name)
+            if arg is None:
+                raise ArtifactError(f"{label} has no {kind} {name!r}")
+            if arg.type != dtype:
+                raise ArtifactError(f"{label}: {kind} {name} is {arg.type}, the runtime uses {dtype}")
+            if not fits(arg.shape, shape):
+                raise ArtifactError(f"{label}: {kind} {name} is declared {list(arg.shape)}, but the manifest "
+                                    f"says {[d if d is not None else '*' for d in shape]}")
+
+
+def fits(declared, expected: Shape) -> bool:
+    if declared is None:  # no shape information at all: nothing to compare
+        return True
+    if len(declared) != len(expected):
+        return False
+    return all(not isinstance(d, int) or e is None or d == e for d, e in zip(declared, expected))
+
+
+def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
+    """What the runtime feeds one decoder layer graph and reads from it (runtime.model.forward)."""
+    spec = manifest.model
+    h, kv = spec.hidden_size, spec.num_kv_heads
+    key_dim, value_dim = spec.cache_key_dim or spec.head_dim, spec.cache_value_dim or spec.head_dim
+    rotary = 2 * len(spec.rope_inv_freq)
+    inputs = {IO.HIDDEN: ((1, None, h), FLOAT), IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT),
+              IO.ATTN_BIAS: ((None, None), FLOAT), IO.PAST_KEY: ((1, kv, None, key_dim), FLOAT),
+              IO.PAST_VALUE: ((1, kv, None, value_dim), FLOAT)}
+    outputs = {IO.PRESENT_KEY: ((1, kv, None, key_dim), FLOAT), IO.PRESENT_VALUE: ((1, kv, None, value_dim), FLOAT),
+               IO.RESIDUAL: ((1, None, h), FLOAT)}
+    if layer.kind == "moe":
+        experts, k = layer.routing.num_experts, layer.routing.top_k
+        outputs.update({IO.ROUTER_INPUT: ((None, h), FLOAT), IO.ROUTER_LOGITS: ((None, experts), FLOAT),
+                        IO.EXPERT_IDS: ((None, k), INT64), IO.EXPERT_WEIGHTS: ((None, k), FLOAT)})
+    if layer.predicts_next:
+        following = manifest.layers[layer.index + 1].routing.num_experts
+        outputs.update({name: ((None, following), FLOAT)
+                        for name in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)})
+    return inputs, outputs
+
+
+def embed_interface(manifest: Manifest) -> tuple[dict, dict]:
+    return {IO.INPUT_IDS: ((None,), INT64)}, {IO.HIDDEN: ((1, None, manifest.model.hidden_size), FLOAT)}
+
+
+def head_interface(manifest: Manifest) -> tuple[dict, dict]:
+    h, vocab = manifest.model.hidden_size, manifest.model.vocab_size
+    return {IO.HIDDEN: ((1, None, h), FLOAT)}, {IO.LOGITS: ((1, None, vocab), FLOAT)}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fate.artifacts import Artifact, GenerationError, LayerSpec, ModelSpec
+from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
@@ -44,8 +44,12 @@ class FateModel:
         self.spec = artifact.manifest.model
         self.experts = experts
         def load(path: str, interface: tuple[dict, dict]):
-            session = make_session(artifact.read_graph(path, verify=verify), threads)
-            check_interface(session, artifact.member(path).label, *interface)
+            data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
+            try:
+                session = make_session(data, threads)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
+                raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+            check_interface(session, label, *interface)
             return session
 
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))

@@ -73,12 +73,9 @@ class TextCodec:
         path = layout.tokenizer_file("tokenizer.json")
         if path not in spec.files:
             raise ArtifactError(f"{artifact.root} has no tokenizer.json")
-        try:
-            self.tokenizer = Tokenizer.from_str(artifact.read_bytes(path, verify=verify).decode("utf-8"))
-        except ArtifactError:
-            raise
-        except Exception as e:
-            raise ArtifactError(f"{artifact.member(path).label} cannot be loaded: {e}") from None
+        self.label = artifact.member(path).label
+        data = artifact.read_bytes(path, verify=verify)
+        self.tokenizer = self._guarded("load", lambda: Tokenizer.from_str(data.decode("utf-8")))
         self.chat_template = spec.chat_template
         self.eos_ids = set(spec.eos_token_ids)
         self.bos_token = self._token(spec.bos_token_id)
@@ -88,10 +85,22 @@ class TextCodec:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._guarded("encode text", lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._guarded("decode tokens", lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _guarded(self, what: str, call):
+        """A tokenizer is data from the artifact that runs as code (regexes, normalizers): whatever
+        the tokenizers library raises, including a Rust panic (pyo3's PanicException, a
+        BaseException), is one error naming the file."""
+        try:
+            return call()
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            raise ArtifactError(f"{self.label}: the tokenizer cannot {what}: {detail}") from None
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> list[int]:
         """Token ids of the model's chat template applied to one user turn."""

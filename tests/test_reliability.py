@@ -277,6 +277,20 @@ def test_manifest_numbers_that_contradict_the_graphs(workspace, edit, fragment):
     refused(run("fate-run", art, "-p", "hello", "-n", "2", "--memory-budget", "50%"), fragment)
 
 
+def test_a_graph_onnxruntime_refuses_is_one_line(workspace):
+    """An initializer whose dims claim more than its bytes (hand-edited, so --no-verify past the
+    hashes): onnxruntime's refusal becomes one line naming the graph."""
+    import onnx
+
+    _, art = workspace
+    path = sorted((art / "graphs").glob("layer_*.onnx"))[0]
+    model = onnx.load(path)
+    big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    big.dims[0] *= 1024
+    path.write_bytes(model.SerializeToString())
+    refused(run("fate-run", art, "-p", "hello", "-n", "2", "--no-verify"), path.name)
+
+
 def test_checkpoint_weights_that_are_nan_are_refused_by_name(mixtral, tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -472,3 +486,57 @@ def test_streamed_text_holds_back_only_a_character_that_can_still_complete():
     stray = [stream.push(0x80) for _ in range(12)]
     assert "".join(stray).count("\ufffd") >= 12 - text.StreamDecoder.MAX_HELD
     assert "".join(pieces + stray) + stream.flush() == (b"ab" + euro + b"\x80" * 12).decode("utf-8", "replace")
+
+
+def test_a_tokenizer_that_panics_is_one_error(workspace):
+    """tokenizers turns a Rust panic into pyo3's PanicException, a BaseException that `except
+    Exception` lets through as a traceback."""
+    _, art = workspace
+
+    class PanicException(BaseException):
+        pass
+
+    codec = text.TextCodec(Artifact.open(art))
+
+    class Panicking:
+        def encode(self, *_args, **_kwargs):
+            raise PanicException("regex engine: retry limit exceeded")
+
+        decode = encode
+
+    codec.tokenizer = Panicking()
+    with pytest.raises(ArtifactError, match="tokenizer cannot encode text: regex engine"):
+        codec.encode("hello")
+    with pytest.raises(ArtifactError, match="tokenizer cannot decode tokens"):
+        codec.decode([1, 2])
+    broken = art / "tokenizer" / "tokenizer.json"
+    size = broken.stat().st_size  # the size is checked even without hashes: keep it
+    broken.write_text('{"model": {"type": "nothing"}}'.ljust(size))
+    refused(run("fate-run", art, "-p", "hello", "-n", "1", "--no-verify"), "tokenizer cannot load")
+
+
+def test_expert_files_deleted_while_generating(workspace, tmp_path):
+    """The files go once the first text is out (an event, not a sleep); at a 25% budget the run
+    must reload experts later, and ends in one line, exit 1, never a traceback or a hang. An attempt
+    that reached the end of the model's short context before the files went (this process
+    descheduled on a loaded machine) says nothing and is repeated."""
+    _, art = workspace
+    for attempt in range(5):
+        copy = tmp_path / f"copy{attempt}"
+        shutil.copytree(art, copy)
+        proc = subprocess.Popen([str(BIN / "fate-run"), str(copy), "-p", "hello", "-n", "100000", "--greedy",
+                                 "--ignore-eos", "--memory-budget", "25%"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = b""
+        while len(seen) <= len("hello"):
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, proc.communicate()[1].decode()
+            seen += chunk
+        shutil.rmtree(copy / "experts")
+        _, err = proc.communicate(timeout=120)
+        err = err.decode()
+        if not (proc.returncode == 0 and "stop: context" in err):
+            break
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "fate-run" in lines[0] and "expert" in lines[0], err

@@ -217,7 +217,12 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
         const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;                                      \
         const uint8_t *zrow = p->zeros + n * p->zero_row;                                                       \
         int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
+        const uint8_t *ahead = wrow + p->blocks * p->block_bytes; /* the next row, fetched meanwhile */       \
+        const int more = n + 1 < p->n;                                                                          \
         for (int64_t j = 0; j < p->blocks; j++) {                                                               \
+            if (more)                                                                                           \
+                for (int64_t b = 0; b < p->block_bytes; b += 64)                                                \
+                    _mm_prefetch((const char *)(ahead + j * p->block_bytes + b), _MM_HINT_T0);                  \
             __m256i isum[TILE];                                                                                 \
             for (int m = 0; m < M; m++) isum[m] = _mm256_setzero_si256();                                      \
             NAME##_block(wrow + j * p->block_bytes, bits, bs, aq + j * bs, a_stride, M, isum);                  \
@@ -251,7 +256,15 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
             zrow[r] = p->zeros + (n + r) * p->zero_row;                                                         \
         }                                                                                                       \
         int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
+        /* the next four rows follow these in memory: fetch them while these compute (an expert read  \
+         * from memory, not cache, is bandwidth-bound, and four interleaved row streams plus scales    \
+         * are more than the hardware prefetcher follows well) */                                      \
+        const uint8_t *ahead = wrow[0] + 4 * p->blocks * p->block_bytes;                                     \
+        const int more = n + 8 <= p->n;                                                                         \
         for (int64_t j = 0; j < p->blocks; j++) {                                                               \
+            if (more)                                                                                           \
+                for (int64_t b = 0; b < 4 * p->block_bytes; b += 64)                                            \
+                    _mm_prefetch((const char *)(ahead + j * 4 * p->block_bytes + b), _MM_HINT_T0);              \
             __m256i isum[4];                                                                                    \
             if (bits == 4 && bs % 64 == 0) { /* the four rows interleaved in one pass over the block */        \
                 const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                         \

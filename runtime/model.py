@@ -127,8 +127,13 @@ class FateModel:
         return total.reshape(hidden.shape)
 
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits [S, V] for hidden states [1, S, H]."""
-        return self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
+        """Logits [S, V] for hidden states [1, S, H]; never NaN or infinite: whatever made them so (a
+        damaged weight in a graph or an expert, a manifest number) is refused, not sampled from."""
+        logits = self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
+        if not np.isfinite(logits).all():
+            raise GenerationError("the model computed NaN or infinite logits: a weight or a number in this "
+                                  "artifact is damaged")
+        return logits
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [len(ids), vocab] for a whole sequence, from an empty cache."""

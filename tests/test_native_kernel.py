@@ -222,3 +222,19 @@ def test_wire_walk_finds_every_initializer():
     for init in model.graph.initializer:
         offset, length = ranges[init.name]
         assert data[offset:offset + length] == init.raw_data
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_nan_reaches_the_output_instead_of_quantizing_to_zero(kernel):
+    """int8 activation quantization scales by max|x|; a NaN compares false with everything, so
+    without care it would quantize to zeros and a damaged weight would pass unseen."""
+    data, layout, _, _ = make_expert(64, 96, 4, 32, False, False, 4)
+    x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
+    x[1, 5] = np.nan
+    x[2, 7] = np.inf
+    native.KERNEL.set_kernel(kernel)
+    try:
+        y = run_native(data, layout, x)
+    finally:
+        native.KERNEL.set_kernel("best")
+    assert np.isfinite(y[0]).all() and not np.isfinite(y[1]).any() and not np.isfinite(y[2]).any()

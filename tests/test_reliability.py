@@ -540,3 +540,19 @@ def test_expert_files_deleted_while_generating(workspace, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "fate-run" in lines[0] and "expert" in lines[0], err
+
+
+@pytest.mark.parametrize("executor", ["native", "session"])
+def test_nan_expert_weights_are_refused_not_sampled(workspace, executor):
+    """Scales of every expert of the first MoE layer set to NaN, in place (so --no-verify gets past
+    the hashes, as an artifact published damaged would without it): one line, exit 1."""
+    _, art = workspace
+    manifest = Artifact.open(art).manifest
+    layer = manifest.moe_layers[0]
+    for precision, layout in layer.expert_layouts.items():  # whichever precision the run picks
+        scales = next(v for v in layout.tensors if v.name == "gate.scales")
+        for path in layer.experts[precision]:
+            with open(art / path, "r+b") as f:
+                f.seek(scales.offset)
+                f.write(np.full(int(np.prod(scales.shape)), np.nan, np.float32).tobytes())
+    refused(run("fate-run", art, "-p", "hello", "-n", "2", "--no-verify", "--executor", executor), "NaN")

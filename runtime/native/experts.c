@@ -103,8 +103,10 @@ static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t
     for (int64_t j = 0; j < blocks; j++) {
         int64_t start = j * bs, stop = start + bs < k ? start + bs : k;
         float amax = 0.0f;
+        int finite = 1;
         for (int64_t i = start; i < stop; i++) {
             float v = fabsf(x[i]);
+            finite &= isfinite(v);
             if (v > amax) amax = v;
         }
         float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -118,7 +120,8 @@ static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t
             out[(local / chunk) * chunk + permuted(bits, chunk, (int)(local % chunk))] = (int8_t)v;
             s += v;
         }
-        scale[j] = amax / 127.0f;
+        /* a NaN or infinity must reach the output (and be refused there), not quantize to zeros */
+        scale[j] = finite ? amax / 127.0f : NAN;
         sum[j] = s;
     }
 }

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py runtime/native/experts.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[compile,dev]"
+	$(BIN)/pip install -q -e ".[compile,dev,serve]"
 	touch $(STAMP)
 
 venv: $(STAMP)

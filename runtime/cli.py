@@ -38,6 +38,55 @@ def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None,
     )
 
 
+def engine_options(command):
+    """The flags that load an engine (precision, threads, verification, memory budget and offloading),
+    the same for every command that generates (fate-run, fate-serve)."""
+    options = [
+        click.option("--precision", default=None,
+                     help="Expert precision to run when several are stored (e.g. int4)."),
+        click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Compute threads for dense graphs and the native expert kernel (0: all cores)."),
+        click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load."),
+        click.option("--verify-every-load", is_flag=True,
+                     help="With a memory budget: check an expert's SHA-256 at every load, not only its first "
+                       "(for files that may change while Fate runs)."),
+        click.option("--memory-budget", default=None,
+                     help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
+                       "Default: every expert resident."),
+        click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="policy", show_default=True,
+                     help="policy: the predictor the compiler measured best per layer; cross-layer: the next layer's "
+                       "router on this layer's router input; eap: activation-path statistics; none: load on demand."),
+        click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+                     help="native: the C kernel computes experts from the bytes in their slots; session: an "
+                       "onnxruntime session per expert (the reference); auto: native where it is built."),
+        click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc",
+                     show_default=True),
+        click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
+                     help="Per-layer cache shares: the compiled policy's, or equal."),
+        click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
+                     help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
+                       "prefill numbers by design); auto: where they run natively, their load being a read."),
+        click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1)),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_engine(artifact: str, precision: str | None, threads: int, no_verify: bool, verify_every_load: bool,
+                memory_budget: str | None, prefetch: str, executor: str, cache_policy: str, allocation: str,
+                int2_prefill: str, prefetch_threads: int) -> Engine:
+    """An Engine as the engine_options flags say."""
+    if no_verify and verify_every_load:
+        raise FateError("--no-verify and --verify-every-load contradict each other")
+    offload = None if memory_budget is None else OffloadOptions(
+        budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
+        low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
+        verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
+    return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
+                       executor=executor)
+
+
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:
     return {
         "prompt_ids": result.prompt_ids,
@@ -73,46 +122,14 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings, stats).")
-@click.option("--precision", default=None, help="Expert precision to run when several are stored (e.g. int4).")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Compute threads for dense graphs and the native expert kernel (0: all cores).")
-@click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load.")
-@click.option("--verify-every-load", is_flag=True,
-              help="With a memory budget: check an expert's SHA-256 at every load, not only its first "
-                   "(for files that may change while Fate runs).")
-@click.option("--memory-budget", default=None,
-              help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
-                   "Default: every expert resident.")
-@click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="policy", show_default=True,
-              help="policy: the predictor the compiler measured best per layer; cross-layer: the next layer's "
-                   "router on this layer's router input; eap: activation-path statistics; none: load on demand.")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
-              help="native: the C kernel computes experts from the bytes in their slots; session: an "
-                   "onnxruntime session per expert (the reference); auto: native where it is built.")
-@click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc", show_default=True)
-@click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
-              help="Per-layer cache shares: the compiled policy's, or equal.")
-@click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
-              help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
-                   "prefill numbers by design); auto: where they run natively, their load being a read.")
-@click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1))
+@engine_options
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
-         top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool,
-         precision: str | None, threads: int, no_verify: bool, verify_every_load: bool, memory_budget: str | None,
-         prefetch: str,
-         executor: str, cache_policy: str, allocation: str, int2_prefill: str, prefetch_threads: int,
-         ignore_eos: bool) -> None:
+         top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool, ignore_eos: bool,
+         **engine_flags) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
-        if no_verify and verify_every_load:
-            raise FateError("--no-verify and --verify-every-load contradict each other")
-        offload = None if memory_budget is None else OffloadOptions(
-            budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
-            low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
-            verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
-        engine = Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
-                             executor=executor)
+        engine = load_engine(artifact, **engine_flags)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
         result = GenerationResult([])
         pieces: list[str] = []

@@ -11,7 +11,7 @@ import numpy as np
 from fate.artifacts import GenerationError
 from fate.artifacts.schema import sampling_problem
 
-from .model import FateModel
+from .model import FateModel, KVCache
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Sampler:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # of the prompt, whose keys and values came from a previous turn
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -89,9 +90,12 @@ class GenerationResult:
 
 
 def stream_tokens(model: FateModel, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
-                  eos_ids: set[int], result: GenerationResult | None = None) -> Iterator[int]:
+                  eos_ids: set[int], result: GenerationResult | None = None,
+                  cache: KVCache | None = None) -> Iterator[int]:
     """Yield generated token ids one by one. `result`, when given, is filled as it goes, so a
-    caller interrupted mid-way (Ctrl-C) still has the partial output and its timings."""
+    caller interrupted mid-way (Ctrl-C) still has the partial output and its timings. `cache`, when
+    given, holds the keys and values of the prompt's first `cache.length` tokens (a conversation's
+    earlier turns): only the rest is prefilled, and the cache is extended in place."""
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
     limit = model.spec.max_positions
@@ -101,11 +105,15 @@ def stream_tokens(model: FateModel, prompt_ids: list[int], max_new_tokens: int, 
     stats = result.stats
     stats.prompt_tokens = len(prompt_ids)
     sample = Sampler(sampling)
-    cache = model.new_cache()
+    cache = cache if cache is not None else model.new_cache()
+    if not 0 <= cache.length < len(prompt_ids):
+        raise GenerationError(f"a reused cache of {cache.length} tokens leaves nothing of a {len(prompt_ids)}-token "
+                              "prompt to prefill")
+    stats.reused_tokens = cache.length
     stats.stop_reason = "length"
 
     start = time.perf_counter()
-    hidden = model.forward(np.asarray(prompt_ids), cache)
+    hidden = model.forward(np.asarray(prompt_ids[cache.length:]), cache)
     token = sample(model.head_logits(hidden[:, -1:])[-1])
     stats.prefill_s = stats.time_to_first_token_s = time.perf_counter() - start
     decode_start = time.perf_counter()

@@ -104,10 +104,15 @@ class TextCodec:
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> list[int]:
         """Token ids of the model's chat template applied to one user turn."""
-        if not self.chat_template:
-            raise GenerationError("this model has no chat template; run without --chat")
         messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": user_message}]
+        return self.chat_ids(messages)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the model's chat template applied to a conversation ({role, content} each),
+        ending where the assistant's reply begins."""
+        if not self.chat_template:
+            raise GenerationError("this model has no chat template; run without --chat")
         text = render_template(self.chat_template, messages=messages, add_generation_prompt=True,
                                bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text, add_special_tokens=False)

@@ -1,0 +1,64 @@
+"""fate-serve: an OpenAI-compatible HTTP server over one artifact (runtime/server.py)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import click
+
+from fate.artifacts import FateError
+from fate.artifacts.budget import parse_budget
+from fate.artifacts.errors import USER_ERRORS, exit_with
+
+from .cli import engine_options, load_engine
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback unless you say otherwise).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="0: any free port (the one taken is printed).")
+@click.option("--model-name", default=None, help="The model's id in the API (default: the artifact's folder name).")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait while one generates; more get 429 with Retry-After.")
+@click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request may take, waiting included.")
+@click.option("--conversation-cache", default="256MB", show_default=True,
+              help="Memory for the keys and values of recent sequences, so a follow-up chat turn prefills only "
+                   "its new tokens (beside the expert budget); 0 turns it off.")
+@engine_options
+def main(artifact: str, host: str, port: int, model_name: str | None, max_queue: int, request_timeout: float,
+         conversation_cache: str, **engine_flags) -> None:
+    """Serve a Fate ARTIFACT with OpenAI's HTTP API (completions, chat completions, streaming)."""
+    try:
+        try:
+            import uvicorn
+
+            from .server import Server, ServeConfig, configure_logging
+        except ImportError as e:
+            raise FateError(f"fate-serve needs the serve extra ({e.name} is missing): pip install 'fate[serve]'") \
+                from None
+        cache_bytes = 0 if conversation_cache.strip() == "0" else parse_budget(conversation_cache).bytes
+        if cache_bytes is None:
+            raise FateError("--conversation-cache takes bytes (256MB, 1GiB) or 0")
+        listener = socket.create_server((host, port))
+        engine = load_engine(artifact, **engine_flags)
+        name = model_name or engine.model.artifact.root.name.removesuffix(".fate")
+        server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes))
+    except USER_ERRORS as e:
+        exit_with("fate-serve", e)
+    configure_logging()
+    bound_host, bound_port = listener.getsockname()[:2]
+    print(f"fate-serve: {name} on http://{bound_host}:{bound_port}/v1", file=sys.stderr, flush=True)
+    config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        server.close()
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

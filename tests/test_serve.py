@@ -1,0 +1,310 @@
+"""fate-serve, driven as its users drive it: the real `openai` client (and plain HTTP for the SSE
+framing) against a real server process on a free loopback port; the scheduler and stop strings on
+their own, where a fake engine makes queueing and cancellation deterministic (no sleeps)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fate.compiler import CompileOptions, compile_checkpoint
+from fate.runtime.conversations import ConversationCache
+from fate.runtime.generate import SamplingConfig
+from fate.runtime.model import KVCache
+from fate.runtime.serving import Job, Metrics, Outcome, QueueFull, Scheduler, StopMatcher
+
+openai = pytest.importorskip("openai")
+
+BIN = Path(sys.executable).parent
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
+PROMPT = "Once upon a time"
+
+
+class Served:
+    """A fate-serve process; the URL once it says where it listens (an event, not a sleep)."""
+
+    def __init__(self, artifact: Path, *flags: str):
+        self.proc = subprocess.Popen([str(BIN / "fate-serve"), str(artifact), "--port", "0", *flags],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        assert " on http://" in line, line + self.proc.stderr.read()
+        self.base = line.split(" on ", 1)[1].strip()
+        self.root = self.base.removesuffix("/v1")
+        self.model = line.split("fate-serve: ", 1)[1].split(" on ")[0]
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.client = openai.OpenAI(base_url=self.base, api_key="none", max_retries=0, timeout=120)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "tiny-moe"
+    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,)), log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(example):
+    served = Served(example, "--max-queue", "4")
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(mixtral):
+    served = Served(mixtral.artifact(4))
+    yield served
+    served.close()
+
+
+def fate_run_text(artifact: Path, prompt: str, n: int) -> str:
+    proc = subprocess.run([str(BIN / "fate-run"), str(artifact), "-p", prompt, "-n", str(n), "--greedy", "--json"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(proc.stdout)["text"]
+
+
+def test_greedy_completion_equals_fate_run(server, example):
+    want = fate_run_text(example, PROMPT, 24)
+    got = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert got.choices[0].text == want and got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == 24 and got.usage.total_tokens == got.usage.prompt_tokens + 24
+    streamed = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                                stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
+    assert [m.id for m in server.client.models.list().data] == [server.model]
+
+
+def test_stop_strings_also_across_token_boundaries(server, example):
+    text = fate_run_text(example, PROMPT, 32)
+    stop = text[7:13]  # six characters that most likely span tokens
+    cut = text[: text.index(stop)]
+    for stream in (False, True):
+        got = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=32, temperature=0,
+                                               stop=[stop, "never appears"], stream=stream)
+        if stream:
+            chunks = list(got)
+            assert "".join(c.choices[0].text for c in chunks) == cut
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        else:
+            assert got.choices[0].text == cut and got.choices[0].finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_repeats(server):
+    def sample():
+        return server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=16, temperature=0.9,
+                                                top_p=0.9, seed=7, extra_body={"top_k": 40}).choices[0].text
+    assert sample() == sample()
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"prompt": PROMPT, "n": 2}, 400, "n=1"),
+    ({"prompt": PROMPT, "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": PROMPT, "temperature": 3}, 400, "temperature"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": PROMPT, "stop": [1]}, 400, "stop"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": PROMPT * 400, "max_tokens": 10}, 400, "maximum context length is 1024"),
+    ({"prompt": PROMPT, "max_tokens": 5000}, 400, "maximum context length"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    reply = httpx.post(f"{server.base}/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"] and set(error) >= {"message", "type", "param", "code"}
+
+
+def test_malformed_json_and_no_chat_template(server):
+    reply = httpx.post(f"{server.base}/completions", content=b"{not json", timeout=60)
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        server.client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(f"{server.root}/health", timeout=60).json()["status"] == "ok"  # still serving
+
+
+def test_chat_streamed_and_not(chat_server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    whole = chat_server.client.chat.completions.create(model=chat_server.model, messages=messages, max_tokens=12,
+                                                       temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens >= 1
+    chunks = list(chat_server.client.chat.completions.create(model=chat_server.model, messages=messages,
+                                                             max_tokens=12, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_a_follow_up_turn_reuses_the_conversation(chat_server):
+    first = [{"role": "user", "content": "Tell me a story"}]
+    reply = chat_server.client.chat.completions.create(model=chat_server.model, messages=first, max_tokens=8,
+                                                       temperature=0).choices[0].message.content
+    follow = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    chat_server.client.chat.completions.create(model=chat_server.model, messages=follow, max_tokens=4, temperature=0)
+    metrics = httpx.get(f"{chat_server.root}/metrics", timeout=60).text
+    reused = next(line for line in metrics.splitlines() if line.startswith('fate_tokens_total{kind="reused"}'))
+    assert float(reused.split()[-1]) > 0, metrics
+
+
+def test_sse_framing_over_plain_http(server):
+    with httpx.stream("POST", f"{server.base}/completions", timeout=60,
+                      json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        body = "".join(reply.iter_text())
+    events = body.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["usage"]["completion_tokens"] == 6 and payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_clients_all_get_complete_answers(server, example):
+    prompts = ["Once upon a time", "The little dog", "She looked at the", "In the morning"]
+    want = {p: server.client.completions.create(model=server.model, prompt=p, max_tokens=12,
+                                                temperature=0).choices[0].text for p in prompts}
+    got: dict[str, str] = {}
+
+    def ask(prompt: str) -> None:
+        client = openai.OpenAI(base_url=server.base, api_key="none", max_retries=3, timeout=120)
+        got[prompt] = client.completions.create(model=server.model, prompt=prompt, max_tokens=12,
+                                                temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == want
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
+    with httpx.stream("POST", f"{server.base}/completions", timeout=60,
+                      json={"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}) as reply:
+        next(reply.iter_lines())  # the first event is out: the generation runs; leave
+    # the server goes on: the next request is answered, and the first ended cancelled, short of its length
+    after = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert after.usage.completion_tokens == 3
+    for _ in range(600):  # the log line of the cancelled request: an event the server reports
+        if any("finish=cancelled" in line for line in list(server.log)):
+            break
+        httpx.get(f"{server.root}/health", timeout=60)
+    line = next(line for line in server.log if "finish=cancelled" in line)
+    assert int(line.split("completion=")[1].split()[0]) < 1000
+
+
+def test_a_request_past_its_timeout_is_a_504(example):
+    served = Served(example, "--request-timeout", "0.000001")
+    try:
+        with pytest.raises(openai.APIStatusError) as raised:
+            served.client.completions.create(model=served.model, prompt=PROMPT, max_tokens=50, temperature=0)
+        assert raised.value.status_code == 504 and "timed out" in str(raised.value)
+        assert httpx.get(f"{served.root}/health", timeout=60).status_code == 200
+    finally:
+        served.close()
+
+
+# ---------------------------------------------------------------------- without a server
+
+
+class Gate:
+    """A fake engine run: holds the worker until the test opens it or the job is cancelled."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, job: Job) -> Outcome:
+        self.started.set()
+        while not (self.opened.is_set() or job.cancelled.is_set()):
+            self.opened.wait(0.01)
+        reason = "cancelled" if job.cancelled.is_set() else "length"
+        return Outcome(reason, len(job.prompt_ids), 0, 0, 0.0, 0.0, 0.0)
+
+
+def job(events: list, deadline: float = float("inf")) -> Job:
+    return Job([1, 2, 3], 4, SamplingConfig(), [], deadline, events.append)
+
+
+def test_a_job_whose_deadline_passed_in_the_queue_is_not_run():
+    gate, metrics = Gate(), Metrics()
+    gate.opened.set()
+    scheduler = Scheduler(gate, max_queue=1, metrics=metrics)
+    events: list = []
+    ended = threading.Event()
+    late = Job([1, 2, 3], 4, SamplingConfig(), [], 0.0, lambda e: (events.append(e), ended.set()))
+    scheduler.submit(late)
+    assert ended.wait(60)
+    scheduler.close()
+    assert events == [("error", 504, "the request timed out waiting in the queue")] and not gate.started.is_set()
+
+
+def test_the_queue_is_bounded_and_a_cancelled_waiter_frees_its_place():
+    gate = Gate()
+    scheduler = Scheduler(gate, max_queue=1, metrics=Metrics())
+    try:
+        first_events, second_events, third_events = [], [], []
+        first = job(first_events)
+        scheduler.submit(first)
+        assert gate.started.wait(60)  # running now
+        second = job(second_events)
+        scheduler.submit(second)  # the one waiting place
+        with pytest.raises(QueueFull):
+            scheduler.submit(job(third_events))
+        scheduler.cancel(second)  # leaves the queue at once
+        assert second_events == [("done", None)] and scheduler.queue_length == 0
+        third_done = threading.Event()
+        third = Job([1], 4, SamplingConfig(), [], float("inf"), lambda e: (third_events.append(e), third_done.set()))
+        scheduler.submit(third)
+        scheduler.cancel(first)  # the running one stops at its next check; the third runs
+        gate.opened.set()
+        assert third_done.wait(60)
+        assert first_events[-1][1].finish_reason == "cancelled" and third_events[-1][1].finish_reason == "length"
+    finally:
+        gate.opened.set()
+        scheduler.close()
+
+
+@pytest.mark.parametrize("pieces, stops, text, stopped", [
+    (["Hel", "lo wo", "rld"], ["o w"], "Hell", True),
+    (["ab", "c", "d"], ["cd"], "ab", True),
+    (["ab", "c"], ["cd"], "abc", False),  # the held-back "c" comes out at the end
+    (["x" * 5], [], "xxxxx", False),
+])
+def test_stop_strings_cut_at_the_first_match(pieces, stops, text, stopped):
+    matcher, out, hit = StopMatcher(stops), "", False
+    for piece in pieces:
+        part, hit = matcher.feed(piece)
+        out += part
+        if hit:
+            break
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == (text, stopped)
+
+
+def test_the_conversation_cache_returns_the_longest_shared_prefix_within_its_bound():
+    def cache(length: int) -> KVCache:
+        k = np.zeros((1, 2, length, 4), np.float32)
+        return KVCache([k, k], [k, k], length)
+
+    store = ConversationCache(limit_bytes=4 * 1024)
+    store.put([1, 2, 3, 4, 5], cache(5))
+    store.put([1, 2, 9], cache(3))
+    taken = store.take([1, 2, 3, 4, 7, 8])
+    assert taken.length == 4 and taken.keys[0].shape[2] == 4  # the first entry, cut where the prompts part
+    assert store.take([1, 2, 3]).length == 2  # what is left: [1, 2, 9]; one prompt token must stay to run
+    assert store.take([5]) is None
+    store.put(list(range(100)), cache(100))  # larger than the bound: not kept
+    assert store.nbytes == 0

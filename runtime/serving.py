@@ -212,20 +212,23 @@ class Scheduler:
                 if self._closed:
                     return
                 job = self.running = self._waiting.popleft()
+            outcome, failure = None, None
             try:
                 if time.monotonic() > job.deadline:
-                    self._fail(job, 504, "the request timed out waiting in the queue")
+                    failure = (504, "the request timed out waiting in the queue")
                 else:
                     outcome = self.run(job)
-                    job.emit(("done", outcome))
-                    self.on_end(job, 200, outcome)
             except FateError as e:  # the request's own numbers (a prompt the model refuses, NaN logits)
-                self._fail(job, 400, str(e))
+                failure = (400, str(e))
             except Exception as e:  # noqa: BLE001 - one failed request never takes the server down
-                self._fail(job, 500, f"{type(e).__name__}: {e}")
-            finally:
-                with self._cond:
-                    self.running = None
+                failure = (500, f"{type(e).__name__}: {e}")
+            with self._cond:  # free before anyone hears of the end: the next request finds the engine idle
+                self.running = None
+            if failure is not None:
+                self._fail(job, *failure)
+            else:
+                job.emit(("done", outcome))
+                self.on_end(job, 200, outcome)
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         job.emit(("error", status, message))

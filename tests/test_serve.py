@@ -46,6 +46,16 @@ class Served:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
+    def wait_for_log(self, text: str, count: int = 1) -> list[str]:
+        """The server's log lines holding `text`, once there are `count` (each poll a request to
+        /health, so the wait is on the server's own progress, bounded, not a sleep)."""
+        for _ in range(2000):
+            lines = [line for line in list(self.log) if text in line]
+            if len(lines) >= count:
+                return lines
+            httpx.get(f"{self.root}/health", timeout=60)
+        raise AssertionError(f"no {count} log lines with {text!r}: {self.log}")
+
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> Path:
@@ -196,11 +206,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
     # the server goes on: the next request is answered, and the first ended cancelled, short of its length
     after = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3, temperature=0)
     assert after.usage.completion_tokens == 3
-    for _ in range(600):  # the log line of the cancelled request: an event the server reports
-        if any("finish=cancelled" in line for line in list(server.log)):
-            break
-        httpx.get(f"{server.root}/health", timeout=60)
-    line = next(line for line in server.log if "finish=cancelled" in line)
+    line = server.wait_for_log("finish=cancelled")[0]
     assert int(line.split("completion=")[1].split()[0]) < 1000
 
 
@@ -211,6 +217,27 @@ def test_a_request_past_its_timeout_is_a_504(example):
             served.client.completions.create(model=served.model, prompt=PROMPT, max_tokens=50, temperature=0)
         assert raised.value.status_code == 504 and "timed out" in str(raised.value)
         assert httpx.get(f"{served.root}/health", timeout=60).status_code == 200
+    finally:
+        served.close()
+
+
+def test_a_full_queue_is_a_429_with_retry_after(example):
+    """--max-queue 0: while one request generates, the next is refused. The first holds the engine
+    for its whole length (1000 tokens, seconds); an attempt where it still ended first is repeated."""
+    served = Served(example, "--max-queue", "0")
+    try:
+        for _attempt in range(3):
+            with httpx.stream("POST", f"{served.base}/completions", timeout=120, json={
+                    "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}) as first:
+                next(first.iter_lines())  # generating now
+                second = httpx.post(f"{served.base}/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                                    timeout=120)
+            if second.status_code == 429:
+                break
+        assert second.status_code == 429, second.text
+        assert second.headers["retry-after"] == "1" and second.json()["error"]["type"] == "rate_limit_error"
+        served.wait_for_log("finish=cancelled")  # the first stopped when its client left: the engine is free
+        assert served.client.completions.create(model=served.model, prompt=PROMPT, max_tokens=2).usage
     finally:
         served.close()
 

@@ -60,6 +60,7 @@ class Params:
     stops: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool
 
 
 def _number(body: dict, name: str, kind, default, low=None, high=None):
@@ -107,7 +108,10 @@ def parse_params(body: dict, prompt_tokens: int, context: int, default_max: int 
                                   top_p=top_p, seed=seed)
     except FateError as e:
         raise ApiError(400, str(e)) from None
-    return Params(max_tokens, sampling, stops, stream, bool(options.get("include_usage", True)))
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
+    return Params(max_tokens, sampling, stops, stream, bool(options.get("include_usage", True)), ignore_eos)
 
 
 def usage(outcome: Outcome) -> dict:
@@ -209,7 +213,7 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(ids, params.max_tokens, params.sampling, params.stops,
                   time.monotonic() + self.config.request_timeout_s,
-                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event), params.ignore_eos)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:

@@ -38,6 +38,7 @@ class Job:
     stops: list[str]
     deadline: float  # time.monotonic() after which the job stops
     emit: Callable[[tuple], None]
+    ignore_eos: bool = False  # generate all max_tokens (an extension, as vLLM's, for measurements)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -122,9 +123,9 @@ class EngineRunner:
         result = GenerationResult(list(job.prompt_ids))
         decoder, stops = StreamDecoder(codec), StopMatcher(job.stops)
         finish, hit = "length", False
-        for token in stream_tokens(model, job.prompt_ids, job.max_tokens, job.sampling, codec.eos_ids, result,
-                                   cache):
-            if token in codec.eos_ids:
+        eos = set() if job.ignore_eos else codec.eos_ids
+        for token in stream_tokens(model, job.prompt_ids, job.max_tokens, job.sampling, eos, result, cache):
+            if token in eos:
                 finish = "stop"
                 break
             text, hit = stops.feed(decoder.push(token))

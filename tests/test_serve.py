@@ -200,8 +200,8 @@ def test_concurrent_clients_all_get_complete_answers(server, example):
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server):
-    with httpx.stream("POST", f"{server.base}/completions", timeout=60,
-                      json={"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}) as reply:
+    with httpx.stream("POST", f"{server.base}/completions", timeout=60, json={
+            "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}) as reply:
         next(reply.iter_lines())  # the first event is out: the generation runs; leave
     # the server goes on: the next request is answered, and the first ended cancelled, short of its length
     after = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3, temperature=0)
@@ -228,8 +228,10 @@ def test_a_full_queue_is_a_429_with_retry_after(example):
     try:
         for _attempt in range(3):
             with httpx.stream("POST", f"{served.base}/completions", timeout=120, json={
-                    "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}) as first:
-                next(first.iter_lines())  # generating now
+                    "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True,
+                    "ignore_eos": True}) as first:
+                lines = first.iter_lines()  # kept: a dropped iterator closes the response, and the stream
+                next(lines)  # generating now
                 second = httpx.post(f"{served.base}/completions", json={"prompt": PROMPT, "max_tokens": 2},
                                     timeout=120)
             if second.status_code == 429:

@@ -148,38 +148,10 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.config.model_name})
 
     async def completions(self, request: Request) -> Response:
-        try:
-            body = await self._body(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-            ids = self._encode(lambda: self.engine.codec.encode(prompt))
-            return await self._respond(request, body, ids, chat=False)
-        except ApiError as e:
-            self.metrics.failed(e.status)
-            log.info("- %d %s", e.status, e.message)
-            return e.response()
+        return await self._serve(request, self._prompt_ids, chat=False)
 
     async def chat(self, request: Request) -> Response:
-        try:
-            body = await self._body(request)
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise ApiError(400, "'messages' must be a non-empty list of {role, content} with string content",
-                               "messages")
-            if not self.engine.codec.chat_template:
-                raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
-            clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-            ids = self._encode(lambda: self.engine.codec.chat_ids(clean))
-            return await self._respond(request, body, ids, chat=True)
-        except ApiError as e:
-            self.metrics.failed(e.status)
-            log.info("- %d %s", e.status, e.message)
-            return e.response()
+        return await self._serve(request, self._chat_ids, chat=True)
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self._metrics_text(), media_type="text/plain; version=0.0.4")
@@ -199,12 +171,37 @@ class Server:
                            "model", "not_found_error")
         return body
 
-    @staticmethod
-    def _encode(make_ids) -> list[int]:
+    async def _serve(self, request: Request, ids_of, chat: bool) -> Response:
         try:
-            return make_ids()
-        except FateError as e:  # a chat template that runs away, a tokenizer that fails
-            raise ApiError(400, str(e)) from None
+            body = await self._body(request)
+            try:
+                ids = ids_of(body)
+            except FateError as e:  # a chat template that runs away, a tokenizer that fails
+                raise ApiError(400, str(e)) from None
+            return await self._respond(request, body, ids, chat)
+        except ApiError as e:
+            self.metrics.failed(e.status)
+            log.info("- %d %s", e.status, e.message)
+            return e.response()
+
+    def _prompt_ids(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        return self.engine.codec.encode(prompt)
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} with string content",
+                           "messages")
+        if not self.engine.codec.chat_template:
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
+        return self.engine.codec.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
 
     async def _respond(self, request: Request, body: dict, ids: list[int], chat: bool) -> Response:
         context = self.engine.model.spec.max_positions

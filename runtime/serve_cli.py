@@ -49,6 +49,9 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
         server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes))
     except USER_ERRORS as e:
         exit_with("fate-serve", e)
+    except KeyboardInterrupt:
+        click.echo("fate-serve: interrupted while starting", err=True)
+        sys.exit(130)
     configure_logging()
     bound_host, bound_port = listener.getsockname()[:2]
     print(f"fate-serve: {name} on http://{bound_host}:{bound_port}/v1", file=sys.stderr, flush=True)

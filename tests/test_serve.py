@@ -244,6 +244,18 @@ def test_a_full_queue_is_a_429_with_retry_after(example):
         served.close()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["/no/such/artifact"], "neither an artifact"),
+    (["{example}", "--conversation-cache", "50%"], "--conversation-cache takes bytes"),
+    (["{example}", "--memory-budget", "0.0001%"], "budget"),
+])
+def test_bad_flags_are_one_line(example, args, fragment):
+    proc = subprocess.run([str(BIN / "fate-serve"), *(a.format(example=example) for a in args), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
 # ---------------------------------------------------------------------- without a server
 
 

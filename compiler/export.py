@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 from . import graphs
 from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
-from .families.base import EXPERT_ROLES
+from .families.base import EXPERT_ROLES, LAYER
 from .policy import PlanTargets, plan_for_budget
 from .profile import BUILTIN, QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
@@ -218,7 +218,10 @@ class WeightReader:
             elif layer in self.cfg.moe_layers:
                 names.update(self.check(role, layer, expert)
                              for expert in range(self.cfg.num_experts) for role in EXPERT_ROLES)
-        leftovers = sorted(n for n in self.ckpt.names() - names if not self.family.skipped(n))
+        unused = tuple(LAYER.format(layer=i) + "." for i in range(
+            self.cfg.num_layers, self.cfg.num_layers + self.cfg.unused_trailing_layers))
+        leftovers = sorted(n for n in self.ckpt.names() - names
+                           if not self.family.skipped(n) and not n.startswith(unused))
         if leftovers:
             more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
             raise ModelError(f"checkpoint tensors not understood by the {self.family.model_type} family: "

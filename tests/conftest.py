@@ -53,6 +53,10 @@ CASES = {
     "deepseek_v3-halves": dict(family="deepseek_v3", seed=13, rope_interleave=False, q_lora_rank=None),
     # attention sinks, alternating sliding windows, biased interleaved experts, clamped SwiGLU
     "gpt_oss": dict(family="gpt_oss", seed=14),
+    "glm4_moe": dict(family="glm4_moe", seed=18),
+    # q/k norms, a quarter of each head rotated, no renormalization
+    "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
+                            partial_rotary_factor=0.25),
     # YaRN as GPT-OSS ships it (static inv_freq and cos/sin scale from transformers' own init)
     "gpt_oss-yarn": dict(family="gpt_oss", seed=17, rope_parameters={
         "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

@@ -140,3 +140,36 @@ def test_native_executor_matches_the_session_executor(built, bits):
         finally:
             model.close()
     assert rel_err(logits["native"], logits["session"]) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
+def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, tmp_path):
+    """Hub GLM-4.5 and DeepSeek-V3 checkpoints store `num_nextn_predict_layers` extra decoder layers
+    after the last one (for speculative decoding); transformers does not run them, nor does Fate.
+    Declared in config.json, they are skipped; undeclared, they are tensors nobody understands."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+    from tiny_models import make_model
+
+    ckpt = tmp_path / "ckpt"
+    hf = make_model(family, ckpt, seed=21)
+    weights = ckpt / "model.safetensors"
+    tensors = load_file(weights)
+    last = hf.config.num_hidden_layers
+    for name in [n for n in tensors if n.startswith("model.layers.1.")]:  # a copy of a MoE layer, plus MTP's own
+        tensors[name.replace("model.layers.1.", f"model.layers.{last}.")] = tensors[name]
+    tensors[f"model.layers.{last}.eh_proj.weight"] = np.zeros((64, 128), np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    compile_cmd = [str(Path(sys.executable).parent / "fate-compile"), str(ckpt), "-o", str(tmp_path / "art"),
+                   "--calib", "none", "--bits", "32", "-q", "--force"]
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    refused = subprocess.run(compile_cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and f"model.layers.{last}." in refused.stderr
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    subprocess.run(compile_cmd, check=True, timeout=300)
+    assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(hf, PROMPT)) < 1e-4

@@ -110,6 +110,18 @@ def deepseek_v3_config(**overrides):
                                **overrides})
 
 
+def glm4_moe_config(**overrides):
+    from transformers import Glm4MoeConfig
+
+    # GLM-4.5's shape in miniature: half the head rotated, q/k/v biases, sigmoid routing over groups
+    # with a correction bias, one shared expert, the first layer dense; no MTP layer
+    return Glm4MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                            "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1,
+                            "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+                            "routed_scaling_factor": 2.5, "attention_bias": True, "use_qk_norm": False,
+                            "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0, **overrides})
+
+
 def gpt_oss_config(**overrides):
     from transformers import GptOssConfig
 
@@ -121,7 +133,7 @@ def gpt_oss_config(**overrides):
 
 
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
-           "olmoe": olmoe_config, "granitemoe": granitemoe_config}
+           "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

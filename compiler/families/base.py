@@ -135,13 +135,16 @@ class ArchConfig:
     attention_scale: float | None = None
     logits_scaling: float = 1.0
     bos_token_id: int | None = None
+    # decoder layers stored after the last one that generation does not run: multi-token-prediction
+    # modules (GLM-4.5's and DeepSeek-V3's `num_nextn_predict_layers`); their tensors are skipped
+    unused_trailing_layers: int = 0
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
     # name instead of compiling into an artifact the runtime cannot run.
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "num_experts", "top_k", "moe_intermediate_size")
-    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size")
+    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
     FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
               "embedding_multiplier", "residual_multiplier", "logits_scaling")
 
@@ -243,7 +246,9 @@ def rope_from_config(cfg: dict[str, Any], head_dim: int) -> tuple[list[float], f
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = optional(params, "rope_theta", optional(cfg, "rope_theta", 10000.0, (int, float)), (int, float))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    partial = optional(cfg, "partial_rotary_factor", 1.0, (int, float))
+    # transformers 5 writes partial_rotary_factor into rope_parameters; hub configs keep it at the top
+    partial = optional(params, "partial_rotary_factor", optional(cfg, "partial_rotary_factor", 1.0, (int, float)),
+                       (int, float))
     if not (math.isfinite(theta) and theta > 0 and 0 < partial <= 1):
         raise ModelError(f"config.json: rope_theta {theta!r} and partial_rotary_factor {partial!r} must be a "
                          f"finite number > 0 and a share in (0, 1]")

@@ -5,7 +5,7 @@ by the plain sigmoid score, renormalized when norm_topk_prob, times routed_scali
 from dataclasses import replace
 
 from .base import LAYER as L
-from .base import Family, Role
+from .base import Family, Role, optional
 from .deepseek_v2 import FAMILY as DEEPSEEK_V2
 from .deepseek_v2 import read_config as read_v2_config
 
@@ -15,7 +15,9 @@ def read_config(cfg: dict):
     arch = read_v2_config({**cfg, "topk_method": "greedy",
                            "n_routed_experts": cfg.get("n_routed_experts") or cfg.get("num_local_experts")})
     return replace(arch, scoring="sigmoid", group_topk=groups, normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
-                   rope_interleaved=bool(cfg.get("rope_interleave", True)))
+                   rope_interleaved=bool(cfg.get("rope_interleave", True)),
+                   # the multi-token-prediction layer stored after the last decoder layer: not run
+                   unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0)
 
 
 FAMILY = Family(

@@ -1,0 +1,66 @@
+"""GLM-4.5 / GLM-4.5-Air (Glm4MoeForCausalLM): grouped-query attention with q/k/v biases and
+optional per-head q/k RMSNorm, RoPE on the first `partial_rotary_factor` of each head (the two
+halves, as Llama), DeepSeek-V3's routing (sigmoid scores, a correction bias and expert groups
+to choose, the plain scores renormalized and scaled to weigh), shared experts without a gate,
+and the first `first_k_dense_replace` layers dense. The multi-token-prediction layers hub
+checkpoints store after the last decoder layer (`num_nextn_predict_layers`) are not run: skipped."""
+
+from .base import (
+    ATTENTION_BIASES,
+    LAYER as L,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    Role,
+    common_fields,
+    optional,
+    require,
+)
+
+
+def read_config(cfg: dict) -> ArchConfig:
+    layers = require(cfg, "num_hidden_layers")
+    first_dense = cfg.get("first_k_dense_replace", 1) or 0
+    groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    return ArchConfig(
+        **common_fields(cfg),
+        sliding_window=None,
+        num_experts=require(cfg, "n_routed_experts"),
+        top_k=require(cfg, "num_experts_per_tok"),
+        normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+        moe_intermediate_size=require(cfg, "moe_intermediate_size"),
+        dense_intermediate_size=require(cfg, "intermediate_size"),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("n_shared_experts") or 0),
+        moe_layers=frozenset(range(first_dense, layers)),
+        qk_norm="head" if cfg.get("use_qk_norm") else "none",
+        scoring="sigmoid",
+        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
+        group_topk=(groups, kept) if groups > 1 else None,
+        unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0,
+    )
+
+
+FAMILY = Family(
+    model_type="glm4_moe",
+    architecture="Glm4MoeForCausalLM",
+    read_config=read_config,
+    tensors={
+        **STANDARD_TENSORS,
+        **{role: name for role, name in ATTENTION_BIASES.items() if role != Role.O_BIAS},
+        Role.Q_NORM: L + ".self_attn.q_norm.weight",
+        Role.K_NORM: L + ".self_attn.k_norm.weight",
+        Role.ROUTER: L + ".mlp.gate.weight",
+        Role.ROUTER_SCORE_BIAS: L + ".mlp.gate.e_score_correction_bias",
+        Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
+        Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
+        Role.EXPERT_DOWN: L + ".mlp.experts.{expert}.down_proj.weight",
+        Role.SHARED_GATE: L + ".mlp.shared_experts.gate_proj.weight",
+        Role.SHARED_UP: L + ".mlp.shared_experts.up_proj.weight",
+        Role.SHARED_DOWN: L + ".mlp.shared_experts.down_proj.weight",
+        Role.DENSE_GATE: L + ".mlp.gate_proj.weight",
+        Role.DENSE_UP: L + ".mlp.up_proj.weight",
+        Role.DENSE_DOWN: L + ".mlp.down_proj.weight",
+    },
+    skip=STANDARD_SKIP,
+)

@@ -122,6 +122,17 @@ def glm4_moe_config(**overrides):
                             "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0, **overrides})
 
 
+def dots1_config(**overrides):
+    from transformers import Dots1Config
+
+    # the last layer slides over a window shorter than the parity prompt + decode
+    return Dots1Config(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                          "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1,
+                          "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
+                          "routed_scaling_factor": 2.0, "attention_bias": True, "sliding_window": 6,
+                          "max_window_layers": 2, **overrides})
+
+
 def gpt_oss_config(**overrides):
     from transformers import GptOssConfig
 
@@ -133,7 +144,8 @@ def gpt_oss_config(**overrides):
 
 
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
-           "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config}
+           "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
+           "dots1": dots1_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -12,6 +12,7 @@ from .base import ArchConfig, Family, Role
 _MODULES = {
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
+    "dots1": "dots1",
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",

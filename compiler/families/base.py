@@ -302,6 +302,13 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
     )
 
 
+def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Per-layer sliding windows from transformers' `layer_types` (None: full attention)."""
+    types = cfg.get("layer_types") or ["full_attention"] * (cfg.get("num_hidden_layers") or 0)
+    window = cfg.get("sliding_window")
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
 def token_ids(value: Any) -> list[int]:
     """A config's token id or list of ids (eos_token_id may be either); anything else is refused."""
     if value is None:

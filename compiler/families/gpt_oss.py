@@ -7,19 +7,15 @@ time, one expert at a time."""
 
 from dataclasses import replace
 
-from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role
+from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, layer_windows
 from .base import LAYER as L
 from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
-    layers = cfg.get("num_hidden_layers")
-    types = cfg.get("layer_types") or ["full_attention"] * (layers or 0)
-    window = cfg.get("sliding_window")
-    windows = tuple(window if t == "sliding_attention" else None for t in types)
     arch = read_mixtral_config({**cfg, "sliding_window": None})
     return replace(arch, fused_layout="interleaved", swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
-                   swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), layer_windows=windows)
+                   swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), layer_windows=layer_windows(cfg))
 
 
 FAMILY = Family(

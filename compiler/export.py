@@ -98,7 +98,9 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.num_experts,),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
-        Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
+        # one tensor for the shared expert's gate and up, gate rows first (Granite), or one each
+        Role.SHARED_GATE: (2 * i_shared if c.shared_fused else i_shared, h),
+        Role.SHARED_UP: (2 * i_shared if c.shared_fused else i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
         Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h) if c.fused_layout == "rows" else (c.num_experts, h, 2 * i_moe),
@@ -152,6 +154,10 @@ class WeightReader:
     def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
         if role in EXPERT_ROLES and self.fused:
             tensor = self._fused_expert(role, layer, expert)
+        elif role in (Role.SHARED_GATE, Role.SHARED_UP) and self.cfg.shared_fused:
+            gate_up = self.ckpt.get(self.check(role, layer))
+            half = gate_up.shape[0] // 2
+            tensor = gate_up[:half] if role == Role.SHARED_GATE else gate_up[half:]
         else:
             tensor = self.ckpt.get(self.check(role, layer, expert))
         if role in RESIDUAL_BRANCH_OUTPUTS and self.cfg.residual_multiplier != 1.0:

@@ -82,6 +82,15 @@ def granitemoe_config(**overrides):
                                "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
 
 
+def granitemoeshared_config(**overrides):
+    from transformers import GraniteMoeSharedConfig
+
+    return GraniteMoeSharedConfig(**{**COMMON, "intermediate_size": 48, "shared_intermediate_size": 40,
+                                     "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                     "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                     "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
+
+
 def phimoe_config(**overrides):
     from transformers import PhimoeConfig
 
@@ -145,7 +154,7 @@ def gpt_oss_config(**overrides):
 
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
-           "dots1": dots1_config}
+           "dots1": dots1_config, "granitemoeshared": granitemoeshared_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

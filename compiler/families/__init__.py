@@ -16,6 +16,7 @@ _MODULES = {
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoeshared",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
     "phimoe": "phimoe",

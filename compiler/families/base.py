@@ -123,6 +123,7 @@ class ArchConfig:
     # fused expert tensors: "rows" [E, 2I, H] gate rows then up rows (Granite); "interleaved" [E, H, 2I]
     # with gate and up alternating by column, down [E, I, H], plus biases (GPT-OSS)
     fused_layout: str = "rows"
+    shared_fused: bool = False  # the shared expert's gate and up in one tensor, gate rows first (Granite)
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702

@@ -147,6 +147,8 @@ class WeightReader:
             raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} (the {role.value}{where})")
         shape = self.ckpt.shape(name)
         want = expected_shape(role, self.cfg)
+        if role == Role.ROUTER_SCORE_BIAS and shape == (1, *want):  # ERNIE-4.5 stores one row per expert group
+            shape = want
         if shape != want:
             raise ModelError(f"{name} has shape {list(shape)} but config.json implies {list(want)}")
         return name
@@ -160,6 +162,8 @@ class WeightReader:
             tensor = gate_up[:half] if role == Role.SHARED_GATE else gate_up[half:]
         else:
             tensor = self.ckpt.get(self.check(role, layer, expert))
+            if role == Role.ROUTER_SCORE_BIAS:
+                tensor = tensor.reshape(-1)
         if role in RESIDUAL_BRANCH_OUTPUTS and self.cfg.residual_multiplier != 1.0:
             tensor = tensor * np.float32(self.cfg.residual_multiplier)
         return tensor

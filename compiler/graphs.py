@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from fate.artifacts import ModelError
 from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
@@ -100,8 +101,14 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         return b.op("Transpose", y, perm=[0, 2, 1, 3])
 
-    q = rotary(b, project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM), cos, sin, d, rot)
-    k = rotary(b, project(Role.K, Role.K_BIAS, kv, Role.K_NORM), cos, sin, d, rot)
+    if cfg.rope_interleaved and rot != d:
+        raise ModelError("RoPE on adjacent pairs over part of each head is not supported")
+    # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
+    # same one, so their dot products (and the cached keys, used only in them) are unchanged
+    rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rot)) if cfg.rope_interleaved \
+        else (lambda t: rotary(b, t, cos, sin, d, rot))
+    q = rotate(project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM))
+    k = rotate(project(Role.K, Role.K_BIAS, kv, Role.K_NORM))
     v = project(Role.V, Role.V_BIAS, kv)
     present_k = b.op("Concat", past_k, k, axis=2)
     present_v = b.op("Concat", past_v, v, axis=2)
@@ -201,11 +208,15 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, s
 
 
 def choice_scores(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None) -> str:
-    """The scores a router ranks experts by: its logits (softmax keeps their order), or for
-    sigmoid routing sigmoid(logits) + the correction bias. Predictions are ranked the same way."""
-    if cfg.scoring != "sigmoid":
+    """The scores a router ranks experts by: its logits (softmax keeps their order), or with a
+    correction bias the probabilities (sigmoid, or softmax: ERNIE-4.5) plus the bias. Predictions
+    are ranked the same way."""
+    if cfg.scoring == "sigmoid":
+        scores = b.op("Sigmoid", logits)
+    elif score_bias is not None and cfg.scoring == "softmax":
+        scores = b.op("Softmax", logits, axis=-1)
+    else:
         return logits
-    scores = b.op("Sigmoid", logits)
     return scores if score_bias is None else b.op("Add", scores, b.const(score_bias.astype(np.float32), "score_bias"))
 
 
@@ -247,12 +258,24 @@ def softmax_with_sinks(b: GraphBuilder, scores: str, sinks: np.ndarray, kv: int)
     return b.op("Div", e, total)
 
 
-def route(b: GraphBuilder, logits: str, cfg: ArchConfig) -> tuple[str, str]:
+def route(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None = None) -> tuple[str, str]:
     """Softmax over experts, (group-limited) top-k, optional renormalization, routed scaling.
 
     group-limited (DeepSeek-V2): each group's best score ranks the groups; experts outside the
-    best `kept` groups are zeroed before the top-k."""
+    best `kept` groups are zeroed before the top-k. With a correction bias (ERNIE-4.5) the experts
+    are chosen by probability + bias and weighed by the probability alone."""
     probs = b.op("Softmax", logits, axis=-1)
+    if score_bias is not None:
+        if cfg.group_topk is not None:
+            raise ModelError("a router with a score correction bias and expert groups under softmax is not supported")
+        ids = b.op("TopK", choice_scores(b, logits, cfg, score_bias), b.ints([cfg.top_k]), outputs=2, axis=-1,
+                   largest=1, sorted=1)[1]
+        weights = b.op("GatherElements", probs, ids, axis=-1)
+        if cfg.normalize_top_k:
+            weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
+        if cfg.routed_scaling != 1.0:
+            weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
+        return ids, weights
     if cfg.group_topk is not None:
         groups, kept = cfg.group_topk
         per_group = b.op("ReduceMax", b.op("Reshape", probs, b.ints([0, groups, -1])), axes=[-1], keepdims=0)
@@ -332,7 +355,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         elif cfg.scoring == "sparsemixer":
             ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
         else:
-            ids, weights = route(b, logits, cfg)
+            ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
         if Role.SHARED_GATE in w:

@@ -56,6 +56,7 @@ CASES = {
     "glm4_moe": dict(family="glm4_moe", seed=18),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
+    "ernie4_5_moe": dict(family="ernie4_5_moe", seed=23),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

@@ -142,6 +142,15 @@ def dots1_config(**overrides):
                           "max_window_layers": 2, **overrides})
 
 
+def ernie4_5_moe_config(**overrides):
+    from transformers import Ernie4_5_MoeConfig
+
+    return Ernie4_5_MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                                 "moe_num_experts": 12, "moe_k": 3, "moe_num_shared_experts": 1,
+                                 "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
+                                 **overrides})
+
+
 def gpt_oss_config(**overrides):
     from transformers import GptOssConfig
 
@@ -154,7 +163,8 @@ def gpt_oss_config(**overrides):
 
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
-           "dots1": dots1_config, "granitemoeshared": granitemoeshared_config}
+           "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
+           "ernie4_5_moe": ernie4_5_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

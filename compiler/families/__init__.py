@@ -13,6 +13,7 @@ _MODULES = {
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
     "dots1": "dots1",
+    "ernie4_5_moe": "ernie4_5_moe",
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",

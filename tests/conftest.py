@@ -57,6 +57,7 @@ CASES = {
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "ernie4_5_moe": dict(family="ernie4_5_moe", seed=23),
+    "glm4_moe_lite": dict(family="glm4_moe_lite", seed=24, mlp_layer_types=["sparse", "dense", "sparse"]),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

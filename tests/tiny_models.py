@@ -151,6 +151,17 @@ def ernie4_5_moe_config(**overrides):
                                  **overrides})
 
 
+def glm4_moe_lite_config(**overrides):
+    from transformers import Glm4MoeLiteConfig
+
+    return Glm4MoeLiteConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                                "num_key_value_heads": 4, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                                "n_shared_experts": 1, "kv_lora_rank": 32, "q_lora_rank": 24, "qk_nope_head_dim": 16,
+                                "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 4, "topk_group": 2,
+                                "routed_scaling_factor": 1.8, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                **overrides})
+
+
 def gpt_oss_config(**overrides):
     from transformers import GptOssConfig
 
@@ -164,7 +175,7 @@ def gpt_oss_config(**overrides):
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
-           "ernie4_5_moe": ernie4_5_moe_config}
+           "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -15,6 +15,7 @@ _MODULES = {
     "dots1": "dots1",
     "ernie4_5_moe": "ernie4_5_moe",
     "glm4_moe": "glm4_moe",
+    "glm4_moe_lite": "glm4_moe_lite",
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",
     "granitemoeshared": "granitemoeshared",

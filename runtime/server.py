@@ -265,8 +265,8 @@ class Server:
                     yield _data({"error": {"message": event[2], "type": "server_error", "param": None,
                                            "code": event[1]}})
                 elif event[1] is not None and event[1].finish_reason == "timeout":
-                    yield _data({"error": {"message": f"the request timed out after {self.config.request_timeout_s:g} s",
-                                           "type": "timeout_error", "param": None, "code": 504}})
+                    message = f"the request timed out after {self.config.request_timeout_s:g} s"
+                    yield _data({"error": {"message": message, "type": "timeout_error", "param": None, "code": 504}})
                 elif event[1] is not None:
                     yield _data(shape.last(event[1], params.include_usage))
             yield "data: [DONE]\n\n"

@@ -85,7 +85,8 @@ class TextCodec:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._guarded("encode text", lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self._guarded("encode text",
+                             lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._guarded("decode tokens", lambda: self.tokenizer.decode(ids, skip_special_tokens=True))

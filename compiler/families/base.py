@@ -194,6 +194,23 @@ ATTENTION_BIASES = {
     Role.V_BIAS: LAYER + ".self_attn.v_proj.bias",
     Role.O_BIAS: LAYER + ".self_attn.o_proj.bias",
 }
+# The MLP module names most families share: routed experts one by one, shared experts without a
+# gate (DeepSeek's layout), and the dense MLP of layers that are not MoE.
+MLP_EXPERTS = {
+    Role.EXPERT_GATE: LAYER + ".mlp.experts.{expert}.gate_proj.weight",
+    Role.EXPERT_UP: LAYER + ".mlp.experts.{expert}.up_proj.weight",
+    Role.EXPERT_DOWN: LAYER + ".mlp.experts.{expert}.down_proj.weight",
+}
+SHARED_EXPERTS = {
+    Role.SHARED_GATE: LAYER + ".mlp.shared_experts.gate_proj.weight",
+    Role.SHARED_UP: LAYER + ".mlp.shared_experts.up_proj.weight",
+    Role.SHARED_DOWN: LAYER + ".mlp.shared_experts.down_proj.weight",
+}
+DENSE_MLP = {
+    Role.DENSE_GATE: LAYER + ".mlp.gate_proj.weight",
+    Role.DENSE_UP: LAYER + ".mlp.up_proj.weight",
+    Role.DENSE_DOWN: LAYER + ".mlp.down_proj.weight",
+}
 STANDARD_SKIP = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 

@@ -8,7 +8,18 @@ Checkpoints with `use_bias` (biases on every projection) are refused."""
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role, common_fields, require
+from .base import (
+    DENSE_MLP,
+    MLP_EXPERTS,
+    SHARED_EXPERTS,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    Role,
+    common_fields,
+    require,
+)
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
@@ -45,15 +56,9 @@ FAMILY = Family(
         **STANDARD_TENSORS,
         Role.ROUTER: L + ".mlp.gate.weight",
         Role.ROUTER_SCORE_BIAS: L + ".mlp.moe_statics.e_score_correction_bias",
-        Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
-        Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
-        Role.EXPERT_DOWN: L + ".mlp.experts.{expert}.down_proj.weight",
-        Role.SHARED_GATE: L + ".mlp.shared_experts.gate_proj.weight",
-        Role.SHARED_UP: L + ".mlp.shared_experts.up_proj.weight",
-        Role.SHARED_DOWN: L + ".mlp.shared_experts.down_proj.weight",
-        Role.DENSE_GATE: L + ".mlp.gate_proj.weight",
-        Role.DENSE_UP: L + ".mlp.up_proj.weight",
-        Role.DENSE_DOWN: L + ".mlp.down_proj.weight",
+        **MLP_EXPERTS,
+        **SHARED_EXPERTS,
+        **DENSE_MLP,
     },
     skip=STANDARD_SKIP,
 )

@@ -3,7 +3,7 @@ are split), optional clamping of q/k/v (`clip_qkv`), every layer MoE, no shared 
 
 from dataclasses import replace
 
-from .base import ATTENTION_BIASES, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, Family, Role
+from .base import ATTENTION_BIASES, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, Family, Role
 from .mixtral import read_config as read_mixtral_config
 
 
@@ -24,9 +24,7 @@ FAMILY = Family(
         Role.Q_NORM: L + ".self_attn.q_norm.weight",
         Role.K_NORM: L + ".self_attn.k_norm.weight",
         Role.ROUTER: L + ".mlp.gate.weight",
-        Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
-        Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
-        Role.EXPERT_DOWN: L + ".mlp.experts.{expert}.down_proj.weight",
+        **MLP_EXPERTS,
     },
     skip=STANDARD_SKIP,
 )

@@ -4,7 +4,9 @@ by a sigmoid gate, q/k/v biases, optional top-k renormalization, and dense MLP l
 
 from .base import (
     ATTENTION_BIASES,
+    DENSE_MLP,
     LAYER as L,
+    MLP_EXPERTS,
     STANDARD_SKIP,
     STANDARD_TENSORS,
     ArchConfig,
@@ -48,16 +50,12 @@ FAMILY = Family(
         **STANDARD_TENSORS,
         **{role: name for role, name in ATTENTION_BIASES.items() if role != Role.O_BIAS},
         Role.ROUTER: L + ".mlp.gate.weight",
-        Role.EXPERT_GATE: L + ".mlp.experts.{expert}.gate_proj.weight",
-        Role.EXPERT_UP: L + ".mlp.experts.{expert}.up_proj.weight",
-        Role.EXPERT_DOWN: L + ".mlp.experts.{expert}.down_proj.weight",
+        **MLP_EXPERTS,
         Role.SHARED_GATE: L + ".mlp.shared_expert.gate_proj.weight",
         Role.SHARED_UP: L + ".mlp.shared_expert.up_proj.weight",
         Role.SHARED_DOWN: L + ".mlp.shared_expert.down_proj.weight",
         Role.SHARED_EXPERT_GATE: L + ".mlp.shared_expert_gate.weight",
-        Role.DENSE_GATE: L + ".mlp.gate_proj.weight",
-        Role.DENSE_UP: L + ".mlp.up_proj.weight",
-        Role.DENSE_DOWN: L + ".mlp.down_proj.weight",
+        **DENSE_MLP,
     },
     skip=STANDARD_SKIP,
 )

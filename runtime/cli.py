@@ -62,7 +62,9 @@ def engine_options(command):
         click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc",
                      show_default=True),
         click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
-                     help="Per-layer cache shares: the compiled policy's, or equal."),
+                     help="Slots per layer: policy allocates them at this budget from the profile's miss "
+                          "curves and prediction recall (the compiled shares where there is no profile); "
+                          "uniform: equal."),
         click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
                      help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
                        "prefill numbers by design); auto: where they run natively, their load being a read."),

@@ -57,6 +57,10 @@ CASES = {
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "ernie4_5_moe": dict(family="ernie4_5_moe", seed=23),
+    # every layer MoE with random sigmoid routers: scores cluster near 0.5, and for 2 of 5 seeds tried one
+    # token's experts flip under INT8 noise (checked: the routed sets differ), which the quantized-error
+    # bound would read as a broken quantizer; this seed has no such near-tie
+    "solar_open": dict(family="solar_open", seed=27),
     "glm4_moe_lite": dict(family="glm4_moe_lite", seed=24, mlp_layer_types=["sparse", "dense", "sparse"]),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,

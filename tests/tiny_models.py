@@ -162,6 +162,14 @@ def glm4_moe_lite_config(**overrides):
                                 **overrides})
 
 
+def solar_open_config(**overrides):
+    from transformers import SolarOpenConfig
+
+    return SolarOpenConfig(**{**COMMON, "moe_intermediate_size": 32, "num_hidden_layers": 3, "head_dim": 16,
+                              "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1, "n_group": 4,
+                              "topk_group": 2, "routed_scaling_factor": 2.0, "attention_bias": True, **overrides})
+
+
 def gpt_oss_config(**overrides):
     from transformers import GptOssConfig
 
@@ -175,7 +183,8 @@ def gpt_oss_config(**overrides):
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
-           "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config}
+           "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
+           "solar_open": solar_open_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

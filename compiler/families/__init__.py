@@ -24,6 +24,7 @@ _MODULES = {
     "phimoe": "phimoe",
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
+    "solar_open": "solar_open",
 }
 
 

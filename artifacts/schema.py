@@ -29,8 +29,8 @@ LAYER_KINDS = ("moe", "dense")
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "gpt_oss",
-                  "granitemoe", "granitemoeshared", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe",
-                  "solar_open")
+                  "granitemoe", "granitemoe_swa", "granitemoeshared", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                  "qwen3_moe", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests

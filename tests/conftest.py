@@ -56,6 +56,7 @@ CASES = {
     "glm4_moe": dict(family="glm4_moe", seed=18),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
+    "granitemoe_swa": dict(family="granitemoe_swa", seed=28),
     "ernie4_5_moe": dict(family="ernie4_5_moe", seed=23),
     # every layer MoE with random sigmoid routers: scores cluster near 0.5, and for 2 of 5 seeds tried one
     # token's experts flip under INT8 noise (checked: the routed sets differ), which the quantized-error

@@ -91,6 +91,16 @@ def granitemoeshared_config(**overrides):
                                      "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
 
 
+def granitemoe_swa_config(**overrides):
+    from transformers import GraniteMoeSWAConfig
+
+    # a window shorter than the parity prompt + decode; layer 0 full, the others sliding (the default rule)
+    return GraniteMoeSWAConfig(**{**COMMON, "intermediate_size": 48, "shared_intermediate_size": 40,
+                                  "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                  "sliding_window": 6, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                  "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
+
+
 def phimoe_config(**overrides):
     from transformers import PhimoeConfig
 
@@ -184,7 +194,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
            "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
-           "solar_open": solar_open_config}
+           "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -18,6 +18,7 @@ _MODULES = {
     "glm4_moe_lite": "glm4_moe_lite",
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",
+    "granitemoe_swa": "granitemoe_swa",
     "granitemoeshared": "granitemoeshared",
     "mixtral": "mixtral",
     "olmoe": "olmoe",

@@ -27,8 +27,10 @@ def start(artifact: str, *flags: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([str(BIN / "fate-serve"), artifact, "--port", "0", *flags], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
+    while line and " on http://" not in line:  # warnings may come first
+        line = proc.stderr.readline()
     if " on http://" not in line:
-        raise SystemExit(line + proc.stderr.read())
+        raise SystemExit(proc.stderr.read() or "fate-serve ended before listening")
     return proc, line.split(" on ", 1)[1].strip()
 
 

@@ -33,8 +33,11 @@ class Served:
     def __init__(self, artifact: Path, *flags: str):
         self.proc = subprocess.Popen([str(BIN / "fate-serve"), str(artifact), "--port", "0", *flags],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        assert " on http://" in line, line + self.proc.stderr.read()
+        line, before = self.proc.stderr.readline(), []
+        while line and " on http://" not in line:  # warnings may come first (a kernel not built, ...)
+            before.append(line)
+            line = self.proc.stderr.readline()
+        assert " on http://" in line, "".join(before) + self.proc.stderr.read()
         self.base = line.split(" on ", 1)[1].strip()
         self.root = self.base.removesuffix("/v1")
         self.model = line.split("fate-serve: ", 1)[1].split(" on ")[0]

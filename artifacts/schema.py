@@ -131,6 +131,16 @@ class ModelSpec:
     # when not fp32 the embedding table is INT8 per row
     dense_precision: str = "fp32"
 
+    @property
+    def key_dim(self) -> int:
+        """What one cached key holds per token and KV head."""
+        return self.cache_key_dim or self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """What one cached value holds per token and KV head."""
+        return self.cache_value_dim or self.head_dim
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:

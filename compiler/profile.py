@@ -143,8 +143,8 @@ class Profiler:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
         spec = self.spec
-        empty_k = np.zeros((1, spec.num_kv_heads, 0, spec.cache_key_dim or spec.head_dim), np.float32)
-        empty_v = np.zeros((1, spec.num_kv_heads, 0, spec.cache_value_dim or spec.head_dim), np.float32)
+        empty_k = np.zeros((1, spec.num_kv_heads, 0, spec.key_dim), np.float32)
+        empty_v = np.zeros((1, spec.num_kv_heads, 0, spec.value_dim), np.float32)
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):

@@ -50,7 +50,7 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     """What the runtime feeds one decoder layer graph and reads from it (runtime.model.forward)."""
     spec = manifest.model
     h, kv = spec.hidden_size, spec.num_kv_heads
-    key_dim, value_dim = spec.cache_key_dim or spec.head_dim, spec.cache_value_dim or spec.head_dim
+    key_dim, value_dim = spec.key_dim, spec.value_dim
     rotary = 2 * len(spec.rope_inv_freq)
     inputs = {IO.HIDDEN: ((1, None, h), FLOAT), IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT),
               IO.ATTN_BIAS: ((None, None), FLOAT), IO.PAST_KEY: ((1, kv, None, key_dim), FLOAT),

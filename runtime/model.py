@@ -30,8 +30,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, spec: ModelSpec) -> "KVCache":
-        keys = np.zeros((1, spec.num_kv_heads, 0, spec.cache_key_dim or spec.head_dim), np.float32)
-        values = np.zeros((1, spec.num_kv_heads, 0, spec.cache_value_dim or spec.head_dim), np.float32)
+        keys = np.zeros((1, spec.num_kv_heads, 0, spec.key_dim), np.float32)
+        values = np.zeros((1, spec.num_kv_heads, 0, spec.value_dim), np.float32)
         return cls([keys] * spec.num_layers, [values] * spec.num_layers)
 
 

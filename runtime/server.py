@@ -250,8 +250,7 @@ class Server:
                                         f"({event[1].completion_tokens} tokens generated)", kind="timeout_error")
                 elif event[1] is not None:
                     return JSONResponse(shape.whole("".join(pieces), event[1]))
-            self.scheduler.cancel(job)  # the client left
-            return Response(status_code=499)
+            return Response(status_code=499)  # the client left; `finally` cancels its generation
         finally:
             gone.cancel()
             self.scheduler.cancel(job)

@@ -12,6 +12,7 @@ from .schema import (
     ModelSpec,
     Policy,
     RoutingSpec,
+    StateSpec,
     TensorView,
     TokenizerSpec,
 )
@@ -20,5 +21,5 @@ from .store import Artifact, ArtifactWriter, pack_artifact, unpack_artifact
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "ExpertLayout", "FateError", "FileEntry",
     "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
-    "Policy", "RoutingSpec", "TensorView", "TokenizerSpec", "pack_artifact", "unpack_artifact",
+    "Policy", "RoutingSpec", "StateSpec", "TensorView", "TokenizerSpec", "pack_artifact", "unpack_artifact",
 ]

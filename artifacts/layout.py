@@ -25,8 +25,10 @@ class GraphIO:
     """Input and output names of the graphs: the contract between compiler and runtime.
 
     embed:  input_ids [S] int64                         -> hidden [1, S, H]
-    layer:  hidden, cos [S, R], sin [S, R], attn_bias [S, T], past_key/past_value [1, KV, P, D]
-            -> present_key/present_value [1, KV, T, D], residual [1, S, H], router_input [S, H]
+    layer:  hidden, and for an attention layer cos [S, R], sin [S, R], attn_bias [S, T],
+            past_key/past_value [1, KV, P, D] -> present_key/present_value [1, KV, T, D]; for any other
+            mixer past_<name> -> present_<name> of each fixed-size state the manifest lists;
+            -> residual [1, S, H], router_input [S, H]
             (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
             expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
             next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
@@ -53,3 +55,13 @@ class GraphIO:
     EXPERT_IN = "x"
     EXPERT_OUT = "y"
     LOGITS = "logits"
+
+    @staticmethod
+    def past(state: str) -> str:
+        """The input carrying a layer's state `state` ("key", "value", "conv", ...) into a step."""
+        return f"past_{state}"
+
+    @staticmethod
+    def present(state: str) -> str:
+        """The output carrying it out, for the next step."""
+        return f"present_{state}"

@@ -19,17 +19,21 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.1"  # 1.1: expert slot layouts (LayerSpec.expert_layouts)
+SCHEMA_VERSION = "1.2"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 DENSE_PRECISIONS = ("fp32", "int8", "int4")
 
 LAYER_KINDS = ("moe", "dense")
+# What mixes tokens in a layer: attention caches keys and values that grow with the sequence; the
+# others carry a fixed-size state from token to token, listed in LayerSpec.state.
+MIXERS = ("attention", "short_conv")
+MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, below a hostile allocation
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "gpt_oss",
-                  "granitemoe", "granitemoe_swa", "granitemoeshared", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                  "granitemoe", "granitemoe_swa", "granitemoeshared", "lfm2_moe", "mixtral", "olmoe", "phimoe", "qwen2_moe",
                   "qwen3_moe", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
@@ -88,6 +92,19 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """One tensor a non-attention layer carries from token to token (float32, fixed shape): the
+    graph reads it as `past_<name>` and writes the next one as `present_<name>`."""
+
+    name: str
+    shape: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer: its dense graph and, for an MoE layer, its routing and expert files.
 
@@ -105,6 +122,10 @@ class LayerSpec:
     sliding_window: int | None = None  # this layer's window, when layers differ (else the model's)
     # precision -> slot layout, for the quantized precisions (absent: the experts run as sessions)
     expert_layouts: dict[str, ExpertLayout] = field(default_factory=dict)
+    # schema 1.2: what mixes tokens (MIXERS); attention's keys and values are sized by the model,
+    # every other mixer lists its fixed-size state
+    mixer: str = "attention"
+    state: list[StateSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -232,6 +253,11 @@ class Manifest:
         return sorted(found, key=lambda p: -PRECISION_BITS[p])
 
     @property
+    def state_bytes(self) -> int:
+        """The fixed-size state one sequence carries (every layer's but attention's keys and values)."""
+        return sum(state.nbytes for layer in self.layers for state in layer.state)
+
+    @property
     def experts_per_layer(self) -> dict[int, int]:
         """MoE layer index -> its number of routed experts."""
         return {layer.index: layer.routing.num_experts for layer in self.moe_layers}
@@ -294,6 +320,7 @@ class Manifest:
     def _validate_layer(self, i: int, layer: LayerSpec) -> None:
         if layer.index != i or layer.kind not in LAYER_KINDS:
             raise ArtifactError(f"manifest: layer {i} has index {layer.index} and kind {layer.kind!r}")
+        self._validate_state(i, layer)
         if layer.predicts_next and (i + 1 >= len(self.layers) or self.layers[i + 1].kind != "moe"):
             raise ArtifactError(f"manifest: layer {i} predicts the next layer's experts, but no MoE layer follows")
         if layer.kind == "dense":
@@ -311,6 +338,25 @@ class Manifest:
             if len(files) != r.num_experts:
                 raise ArtifactError(f"manifest: layer {i} lists {len(files)} {precision} experts, "
                                     f"routing says {r.num_experts}")
+
+    def _validate_state(self, i: int, layer: LayerSpec) -> None:
+        """The runtime allocates each state tensor from these numbers and feeds it under its name:
+        a name that is not a plain identifier, a negative or huge shape is refused here."""
+        if layer.mixer not in MIXERS:
+            raise ArtifactError(f"manifest: layer {i} has unknown mixer {layer.mixer!r}; this runtime knows "
+                                f"{', '.join(MIXERS)}")
+        if (layer.mixer == "attention") != (not layer.state):
+            raise ArtifactError(f"manifest: layer {i} is {layer.mixer} but lists "
+                                f"{'a' if layer.state else 'no'} fixed-size state")
+        names = set()
+        for state in layer.state:
+            if not state.name.isidentifier() or not state.name.islower() or state.name in ("key", "value") \
+                    or state.name in names:
+                raise ArtifactError(f"manifest: layer {i} has a state named {state.name!r}")
+            names.add(state.name)
+            if not state.shape or any(not 0 <= d <= MAX_DIM for d in state.shape) \
+                    or state.nbytes > MAX_STATE_BYTES:
+                raise ArtifactError(f"manifest: layer {i} state {state.name} has shape {state.shape}")
 
     def _validate_layouts(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
         from .slots import check_layout

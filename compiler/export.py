@@ -7,7 +7,7 @@ serialized: the checkpoint is read lazily and each graph is written as soon as i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ from fate.artifacts import (
     ModelError,
     ModelSpec,
     RoutingSpec,
+    StateSpec,
 )
 from fate.artifacts import layout
 from fate.artifacts.budget import Budget
@@ -47,8 +48,10 @@ DENSE_BITS = (32, 8, 4)
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS,
-                        Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE)
+SHORT_CONV_ROLES = (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM)
+OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
+                        Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
+                        Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.EXPERTS_DOWN: (c.num_experts, h, i_moe) if c.fused_layout == "rows" else (c.num_experts, i_moe, h),
         Role.EXPERTS_GATE_UP_BIAS: (c.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.num_experts, h),
         Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.num_experts,),
+        Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.conv_kernel), Role.CONV_BIAS: (h,),
+        Role.CONV_OUT: (h, h), Role.CONV_OUT_BIAS: (h,),
         Role.EXPERTS_GATE_UP_BLOCKS: (c.num_experts, 2 * i_moe, h // 32, 16),
         Role.EXPERTS_GATE_UP_SCALES: (c.num_experts, 2 * i_moe, h // 32),
         Role.EXPERTS_DOWN_BLOCKS: (c.num_experts, h, i_moe // 32, 16),
@@ -249,7 +254,9 @@ class WeightReader:
 
     def layer_roles(self, layer: int) -> list[Role]:
         m = self.cfg.latent_attention
-        if m is not None:
+        if self.cfg.mixer(layer) == "short_conv":
+            roles = list(SHORT_CONV_ROLES)
+        elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]
         else:
@@ -362,19 +369,21 @@ class LayerExporter:
                                            reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_BIAS, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer, dense_format(self.opts))
-        predicts_next = info.predicts_next
+        graph_path = layout.layer_graph(layer)
+        spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
+                         predicts_next=info.predicts_next,
+                         sliding_window=cfg.layer_windows[layer] if cfg.layer_windows else None,
+                         mixer=cfg.mixer(layer),
+                         state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()
         del info
-        graph_path = layout.layer_graph(layer)
         self.writer.write_bytes(graph_path, data)
         del data
         if self.profiler:  # onnxruntime reads the written file: no second in-memory copy
-            self.profiler.run_layer(layer, str(self.writer.tmp / graph_path), is_moe, predicts_next)
-        window = cfg.layer_windows[layer] if cfg.layer_windows else None
+            self.profiler.run_layer(spec, str(self.writer.tmp / graph_path))
         if not is_moe:
-            return LayerSpec(index=layer, kind="dense", graph=graph_path, predicts_next=predicts_next,
-                             sliding_window=window)
+            return spec
 
         experts, layouts = self._write_experts(layer, self.bits, feed_profiler=True)
         if self.profiler:
@@ -387,8 +396,7 @@ class LayerExporter:
                 layouts.update(more_layouts)
         routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
                               normalize_top_k=cfg.normalize_top_k)
-        return LayerSpec(index=layer, kind="moe", graph=graph_path, routing=routing, experts=experts,
-                         predicts_next=predicts_next, sliding_window=window, expert_layouts=layouts)
+        return replace(spec, routing=routing, experts=experts, expert_layouts=layouts)
 
     def _slot_layout(self, bits: int, biases) -> ExpertLayout:
         """The layout every expert file of a layer at `bits` must have (offsets filled per file)."""

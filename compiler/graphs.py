@@ -125,6 +125,31 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
+def short_conv(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past: str) -> tuple[str, str]:
+    """LFM2's gated short convolution; returns (output [1,S,H], present window [1, L-1, H]).
+
+    B, C, u = split(in_proj(x))              window = concat(past, B * u) over the sequence
+    conv_t  = sum_j w[:, j] * window[t + j]  (j < L: causal, the past's L - 1 inputs first)
+    out     = out_proj(C * conv)
+    Slices with negative ends keep the sequence length dynamic."""
+    h, width = cfg.hidden_size, cfg.conv_kernel
+    gate_b, gate_c, u = b.op("Split", linear(b, x, w[Role.CONV_IN], w.get(Role.CONV_IN_BIAS)),
+                             b.ints([h, h, h]), outputs=3, axis=-1)
+    window = b.op("Concat", past, b.op("Mul", gate_b, u), axis=1)
+    end = np.iinfo(np.int64).max
+    kernel = w[Role.CONV].reshape(h, width).astype(np.float32)
+    conv = None
+    for j in range(width):
+        tap = b.op("Slice", window, b.ints([j]), b.ints([j - (width - 1) if j < width - 1 else end]), b.ints([1]))
+        term = b.op("Mul", tap, b.const(np.ascontiguousarray(kernel[:, j]), "conv_tap"))
+        conv = term if conv is None else b.op("Add", conv, term)
+    if Role.CONV_BIAS in w:
+        conv = b.op("Add", conv, b.const(w[Role.CONV_BIAS].astype(np.float32), "conv_bias"))
+    # the last L - 1 inputs (none when L = 1: a start past the end selects nothing)
+    present = b.op("Slice", window, b.ints([-(width - 1) if width > 1 else end]), b.ints([end]), b.ints([1]))
+    return linear(b, b.op("Mul", gate_c, conv), w[Role.CONV_OUT], w.get(Role.CONV_OUT_BIAS)), present
+
+
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
     """One step of sparsemixer at inference (transformers' `sparsemixer`, eval branch):
 
@@ -240,7 +265,7 @@ def route_sigmoid(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.
     ids = b.op("TopK", choice, b.ints([cfg.top_k]), outputs=2, axis=-1, largest=1, sorted=1)[1]
     weights = b.op("GatherElements", scores, ids, axis=-1)
     if cfg.normalize_top_k:
-        total = b.op("Add", b.op("ReduceSum", weights, b.ints([-1]), keepdims=1), b.scalar(1e-20, "tiny"))
+        total = b.op("Add", b.op("ReduceSum", weights, b.ints([-1]), keepdims=1), b.scalar(cfg.topk_norm_eps, "tiny"))
         weights = b.op("Div", weights, total)
     if cfg.routed_scaling != 1.0:
         weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
@@ -296,6 +321,14 @@ def route(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray 
 # ----------------------------------------------------------------------------- whole graphs
 
 
+def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
+    """The fixed-size state a layer's mixer carries between steps (none for attention, whose keys
+    and values the model's numbers size)."""
+    if cfg.mixer(layer) == "short_conv":
+        return {"conv": [1, cfg.conv_kernel - 1, cfg.hidden_size]}
+    return {}
+
+
 @dataclass(frozen=True)
 class LayerGraphInfo:
     model: onnx.ModelProto
@@ -315,8 +348,9 @@ class NextRouter:
 
 def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
                 weights: WeightFormat = WeightFormat()) -> LayerGraphInfo:
-    """One decoder layer: attention, then either the dense MLP or the MoE front half (router,
-    top-k, shared expert) with the routed experts left to the runtime.
+    """One decoder layer: its token mixer (attention, or a short convolution with its state), then
+    either the dense MLP or the MoE front half (router, top-k, shared expert) with the routed
+    experts left to the runtime.
 
     With `next_layer`, two cross-layer predictions of layer l+1's router logits:
       next_router_logits      = router_{l+1}(router input of l)           (the paper's predictor)
@@ -324,21 +358,25 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
-    rot = 2 * len(cfg.rope_inv_freq)
-    cos = b.input(IO.COS, FLOAT, ["S", rot])
-    sin = b.input(IO.SIN, FLOAT, ["S", rot])
-    bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
-    m = cfg.latent_attention
-    key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
-    past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
-    past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
-
     x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
-    attend = latent_attention if cfg.latent_attention else attention
-    attn, present_k, present_v = attend(b, x, w, cfg, cos, sin, bias, past_k, past_v)
-    h = h_attn = b.op("Add", hidden, attn)
-    b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
-    b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
+    if cfg.mixer(layer) == "short_conv":
+        shape = state_shapes(cfg, layer)["conv"]
+        mixed, present = short_conv(b, x, w, cfg, b.input(IO.past("conv"), FLOAT, shape))
+        b.output(present, IO.present("conv"), FLOAT, shape)
+    else:
+        rot = 2 * len(cfg.rope_inv_freq)
+        cos = b.input(IO.COS, FLOAT, ["S", rot])
+        sin = b.input(IO.SIN, FLOAT, ["S", rot])
+        bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
+        m = cfg.latent_attention
+        key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
+        past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
+        past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
+        attend = latent_attention if cfg.latent_attention else attention
+        mixed, present_k, present_v = attend(b, x, w, cfg, cos, sin, bias, past_k, past_v)
+        b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
+        b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
+    h = h_attn = b.op("Add", hidden, mixed)
 
     normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fate.artifacts import ModelError, ModelSpec
+from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import replay_miss_rate
+from fate.runtime.state import initial_state, layer_feeds
 from fate.runtime.positions import attention_bias, rope
 from fate.runtime.predictors import eap_scores, top_experts
 from fate.runtime.sessions import make_session
@@ -134,24 +135,23 @@ class Profiler:
 
     # -------------------------------------------------------------- per layer, from the exporter
 
-    def run_layer(self, index: int, model: bytes | str, is_moe: bool, predicts_next: bool) -> None:
-        """Run the calibration activations through a layer graph (serialized, or a file path)."""
+    def run_layer(self, layer: LayerSpec, model: bytes | str) -> None:
+        """Run the calibration activations through a layer graph (serialized, or a file path); each
+        sequence from an empty state."""
+        index, is_moe, predicts_next = layer.index, layer.kind == "moe", layer.predicts_next
         names = [IO.RESIDUAL, IO.ROUTER_INPUT]
         if is_moe:
             names += [IO.ROUTER_LOGITS, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
-        spec = self.spec
-        empty_k = np.zeros((1, spec.num_kv_heads, 0, spec.key_dim), np.float32)
-        empty_v = np.zeros((1, spec.num_kv_heads, 0, spec.value_dim), np.float32)
+        empty = initial_state(self.spec, layer)
+        window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
+        positional = {IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window]}
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):
-            window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
-            feeds = {IO.HIDDEN: seq[None], IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window],
-                     IO.PAST_KEY: empty_k, IO.PAST_VALUE: empty_v}
-            for name, value in zip(names, session.run(names, feeds)):
+            for name, value in zip(names, session.run(names, layer_feeds(layer, seq[None], empty, positional))):
                 value = value.reshape(s, -1)
                 if name not in out:  # filled in place: no list of per-sequence copies
                     out[name] = np.empty((self.n_seq * s, value.shape[1]), value.dtype)

@@ -3,7 +3,8 @@
 from .api import Completion, Engine
 from .experts import ExpertStore, ResidentExperts
 from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens
-from .model import FateModel, KVCache
+from .model import FateModel
+from .state import KVCache
 from .offload import OffloadedExperts, OffloadOptions
 
 __all__ = ["Completion", "Engine", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .model import KVCache
+from .state import KVCache
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Conversation:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.cache.keys, self.cache.values))
+        return self.cache.nbytes
 
 
 def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
@@ -31,11 +31,6 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def truncated(cache: KVCache, length: int) -> KVCache:
-    """The first `length` tokens of a cache (views: later steps replace, never write, the arrays)."""
-    return KVCache([k[:, :, :length] for k in cache.keys], [v[:, :, :length] for v in cache.values], length)
 
 
 class ConversationCache:
@@ -52,18 +47,22 @@ class ConversationCache:
 
     def take(self, prompt_ids: list[int]) -> KVCache | None:
         """The cache of the kept sequence sharing the longest prefix with `prompt_ids`, cut to that
-        prefix (at most all but the prompt's last token, which must be run to sample from), or None."""
+        prefix (at most all but the prompt's last token, which must be run to sample from), or None.
+        A cache with fixed-size state (a hybrid model's) cannot be cut: it serves only a prompt
+        that extends its whole sequence."""
         with self._lock:
             best, best_len = None, 0
             for key, conversation in self._entries.items():
-                shared = min(common_prefix(conversation.ids, prompt_ids), len(prompt_ids) - 1,
-                             conversation.cache.length)
+                cache = conversation.cache
+                shared = min(common_prefix(conversation.ids, prompt_ids), len(prompt_ids) - 1, cache.length)
+                if shared < cache.length and not cache.rewindable:
+                    continue
                 if shared > best_len:
                     best, best_len = key, shared
             if best is None:
                 return None
             conversation = self._entries.pop(best)
-        return truncated(conversation.cache, best_len)
+        return conversation.cache.prefix(best_len)
 
     def put(self, ids: list[int], cache: KVCache) -> None:
         """Keep a finished sequence: `ids` the tokens the cache holds (prompt, then the reply's tokens

@@ -66,6 +66,9 @@ class GenerationStats:
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
     stop_reason: str = ""
+    # what the sequence holds at its end: attention's keys and values plus any fixed-size layer state
+    cache_bytes: int = 0
+    state_bytes: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -112,8 +115,10 @@ def stream_tokens(model: FateModel, prompt_ids: list[int], max_new_tokens: int, 
     stats.reused_tokens = cache.length
     stats.stop_reason = "length"
 
+    stats.state_bytes = model.manifest.state_bytes
     start = time.perf_counter()
     hidden = model.forward(np.asarray(prompt_ids[cache.length:]), cache)
+    stats.cache_bytes = cache.nbytes
     token = sample(model.head_logits(hidden[:, -1:])[-1])
     stats.prefill_s = stats.time_to_first_token_s = time.perf_counter() - start
     decode_start = time.perf_counter()
@@ -130,6 +135,7 @@ def stream_tokens(model: FateModel, prompt_ids: list[int], max_new_tokens: int, 
             stats.stop_reason = "context"
             break
         hidden = model.forward(np.asarray([token]), cache)
+        stats.cache_bytes = cache.nbytes
         token = sample(model.head_logits(hidden)[-1])
         stats.decode_s = time.perf_counter() - decode_start
 

@@ -50,13 +50,17 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     """What the runtime feeds one decoder layer graph and reads from it (runtime.model.forward)."""
     spec = manifest.model
     h, kv = spec.hidden_size, spec.num_kv_heads
-    key_dim, value_dim = spec.key_dim, spec.value_dim
-    rotary = 2 * len(spec.rope_inv_freq)
-    inputs = {IO.HIDDEN: ((1, None, h), FLOAT), IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT),
-              IO.ATTN_BIAS: ((None, None), FLOAT), IO.PAST_KEY: ((1, kv, None, key_dim), FLOAT),
-              IO.PAST_VALUE: ((1, kv, None, value_dim), FLOAT)}
-    outputs = {IO.PRESENT_KEY: ((1, kv, None, key_dim), FLOAT), IO.PRESENT_VALUE: ((1, kv, None, value_dim), FLOAT),
-               IO.RESIDUAL: ((1, None, h), FLOAT)}
+    inputs = {IO.HIDDEN: ((1, None, h), FLOAT)}
+    outputs = {IO.RESIDUAL: ((1, None, h), FLOAT)}
+    if layer.mixer == "attention":
+        rotary = 2 * len(spec.rope_inv_freq)
+        state = {"key": (1, kv, None, spec.key_dim), "value": (1, kv, None, spec.value_dim)}
+        inputs.update({IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT),
+                       IO.ATTN_BIAS: ((None, None), FLOAT)})
+    else:
+        state = {s.name: tuple(s.shape) for s in layer.state}
+    inputs.update({IO.past(name): (shape, FLOAT) for name, shape in state.items()})
+    outputs.update({IO.present(name): (shape, FLOAT) for name, shape in state.items()})
     if layer.kind == "moe":
         experts, k = layer.routing.num_experts, layer.routing.top_k
         outputs.update({IO.ROUTER_INPUT: ((None, h), FLOAT), IO.ROUTER_LOGITS: ((None, experts), FLOAT),

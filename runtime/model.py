@@ -4,11 +4,10 @@ experts through an ExpertStore. Imports no torch and no transformers."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec, ModelSpec
+from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
@@ -16,23 +15,9 @@ from .interface import check_interface, embed_interface, head_interface, layer_i
 from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
 from .sessions import make_session
+from .state import KVCache, initial_state, layer_feeds
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys and values [1, KV, T, D] of the tokens seen so far."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, spec: ModelSpec) -> "KVCache":
-        keys = np.zeros((1, spec.num_kv_heads, 0, spec.key_dim), np.float32)
-        values = np.zeros((1, spec.num_kv_heads, 0, spec.value_dim), np.float32)
-        return cls([keys] * spec.num_layers, [values] * spec.num_layers)
 
 
 class FateModel:
@@ -56,7 +41,8 @@ class FateModel:
         self.head = load(self.manifest.head_graph, head_interface(self.manifest))
         self.layers = [load(layer.graph, layer_interface(self.manifest, layer)) for layer in self.manifest.layers]
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
-        self._windows = {layer.sliding_window for layer in self.manifest.layers}  # one mask per distinct window
+        # one mask per distinct window of the attention layers
+        self._windows = {layer.sliding_window for layer in self.manifest.layers if layer.mixer == "attention"}
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -72,9 +58,8 @@ class FateModel:
             store.close()
             raise
 
-    @staticmethod
-    def _output_names(layer: LayerSpec) -> list[str]:
-        names = [IO.PRESENT_KEY, IO.PRESENT_VALUE, IO.RESIDUAL]
+    def _output_names(self, layer: LayerSpec) -> list[str]:
+        names = [IO.present(name) for name in initial_state(self.spec, layer)] + [IO.RESIDUAL]
         if layer.kind == "moe":
             names += [IO.ROUTER_INPUT, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
         if layer.predicts_next:
@@ -82,7 +67,7 @@ class FateModel:
         return names
 
     def new_cache(self) -> KVCache:
-        return KVCache.empty(self.spec)
+        return KVCache.empty(self.manifest)
 
     # ------------------------------------------------------------------ one forward pass
 
@@ -102,10 +87,10 @@ class FateModel:
         self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
-            feeds = {IO.HIDDEN: hidden, IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: masks[spec.sliding_window],
-                     IO.PAST_KEY: cache.keys[spec.index], IO.PAST_VALUE: cache.values[spec.index]}
-            out = dict(zip(names, session.run(names, feeds)))
-            cache.keys[spec.index], cache.values[spec.index] = out[IO.PRESENT_KEY], out[IO.PRESENT_VALUE]
+            state = cache.layers[spec.index]
+            positional = {IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: masks.get(spec.sliding_window)}
+            out = dict(zip(names, session.run(names, layer_feeds(spec, hidden, state, positional))))
+            cache.layers[spec.index] = {name: out[IO.present(name)] for name in state}
             if spec.predicts_next:
                 self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]

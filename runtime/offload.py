@@ -306,7 +306,8 @@ class OffloadedExperts(ExpertStore):
             executor=self.runner.name(), budget_bytes=self.run_plan.budget_bytes,
             total_expert_bytes=self.total_expert_bytes, reads=self.pool.mode, resident_bytes=resident,
             prefetch=self.options.prefetch, cache=self.options.cache, allocation=self.options.allocation,
-            layers=layers, prefill=phase_report(self.phases["prefill"]), decode=phase_report(self.phases["decode"]))
+            layers=layers, prefill=phase_report(self.phases["prefill"]), decode=phase_report(self.phases["decode"]),
+            state_bytes=self.run_plan.state_bytes)
 
 
 def phase_report(phase: PhaseStats) -> PhaseReport:

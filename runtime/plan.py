@@ -49,6 +49,9 @@ class RunPlan:
     layers: dict[int, LayerPlan]
     budget_bytes: int  # what the slots hold: sum of slots x cost
     total_expert_bytes: int  # every expert resident, at the same cost
+    # a sequence's fixed-size layer state (hybrid models), held beside the slots: a budget in bytes
+    # covers both, a share of the experts covers the slots only
+    state_bytes: int = 0
 
 
 def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precision: Callable[[int], str],
@@ -72,11 +75,14 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
     cost = {i: slot[i] if runs_native(i, chosen[i]) else int(file_bytes(i, chosen[i]) * SESSION_RESIDENT_FACTOR)
             for i in chosen}
     total = sum(cost[l.index] * l.routing.num_experts for l in layers)
-    limit = budget.bytes_of(total)
+    state = manifest.state_bytes
+    limit = budget.bytes_of(total) - (state if budget.bytes is not None else 0)
     minimum = sum(cost[l.index] * l.routing.top_k for l in layers)
     if limit < minimum:
-        raise BudgetError(f"a budget of {limit / 1e6:.1f} MB cannot hold one token's experts in every layer; "
-                          f"the minimum is {minimum / 1e6:.1f} MB ({minimum / total:.1%} of the experts)")
+        beside = f" beside the layers' state of {state / 1e6:.1f} MB" if budget.bytes is not None and state else ""
+        raise BudgetError(f"a budget of {budget.bytes_of(total) / 1e6:.1f} MB cannot hold one token's experts in "
+                          f"every layer{beside}; the minimum is {minimum / 1e6:.1f} MB ({minimum / total:.1%} of "
+                          "the experts)")
     predictors = {l.index: predictor_for(manifest, profile, l.index, decided[l.index], l.routing.top_k, prefetch)
                   for l in layers}
     if allocation == "policy" and profile is not None:
@@ -100,7 +106,7 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
             low = None
         plans[l.index] = LayerPlan(l.index, chosen[l.index], slot[l.index], cost[l.index], slots[l.index], predictor,
                                    width, decided[l.index].prefill_low_share if low else 0.0, low)
-    return RunPlan(plans, sum(p.slots * p.cost_bytes for p in plans.values()), total)
+    return RunPlan(plans, sum(p.slots * p.cost_bytes for p in plans.values()), total, state)
 
 
 def measured_slots(layers, profile: Profile, predictors: dict[int, tuple[str, int]], cost: dict[int, int],

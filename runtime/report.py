@@ -69,6 +69,7 @@ class OffloadReport:
     layers: dict[int, LayerReport]
     prefill: PhaseReport
     decode: PhaseReport
+    state_bytes: int = 0  # a sequence's fixed-size layer state, held beside the expert slots
 
     @property
     def stall_s(self) -> float:

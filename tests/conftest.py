@@ -63,6 +63,8 @@ CASES = {
     # bound would read as a broken quantizer; this seed has no such near-tie
     "solar_open": dict(family="solar_open", seed=27),
     "glm4_moe_lite": dict(family="glm4_moe_lite", seed=24, mlp_layer_types=["sparse", "dense", "sparse"]),
+    # a hybrid: short-convolution layers (their state beside the KV cache) with biases, an attention layer
+    "lfm2_moe": dict(family="lfm2_moe", seed=30, conv_bias=True),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

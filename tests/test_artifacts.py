@@ -22,7 +22,7 @@ def manifest_json(artifact: Path) -> dict:
 def test_format_md_lists_every_field():
     text = (Path(schema.__file__).parent / "FORMAT.md").read_text()
     documented = set(re.findall(r"`([a-z_0-9]+)`", text))
-    for cls in (schema.Manifest, schema.ModelSpec, schema.LayerSpec, schema.RoutingSpec,
+    for cls in (schema.Manifest, schema.ModelSpec, schema.LayerSpec, schema.StateSpec, schema.RoutingSpec,
                 schema.TokenizerSpec, schema.GenerationDefaults, schema.FileEntry, schema.Policy,
                 schema.LayerPolicy, profile.Profile, profile.LayerProfile, profile.RecallCurve):
         missing = {f.name for f in dataclasses.fields(cls)} - documented
@@ -51,6 +51,15 @@ def test_roundtrip_and_file_list(mixtral):
     (lambda m: m["model"].update(family="llama4"), "unknown model family"),
     (lambda m: m["model"].update(head_dim=10**9), "out of range"),
     (lambda m: m["layers"][0]["routing"].update(top_k=-3), "routing"),
+    # the layer-state contract (schema 1.2): shapes the runtime would allocate, names it would feed
+    (lambda m: m["layers"][0].update(mixer="mamba9"), "unknown mixer"),
+    (lambda m: m["layers"][0].update(state=[{"name": "conv", "shape": [1, 2, 64]}]), "attention but lists a"),
+    (lambda m: m["layers"][0].update(mixer="short_conv"), "short_conv but lists no"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1, -2, 64]}]), "shape"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1 << 20, 1 << 20]}]),
+     "shape"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "key", "shape": [1]}]), "named"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "a-b", "shape": [1]}]), "named"),
 ])
 def test_bad_manifests_are_refused(mixtral, tmp_path, mutate, message):
     target = tmp_path / "art"

@@ -17,8 +17,8 @@ from test_profile import synthetic
 SLOT = 4096  # every expert file one page: slot counts and bytes agree
 
 
-def manifest_of(profile, layers, policy):
-    return SimpleNamespace(moe_layers=layers, layers=layers, policy=policy)
+def manifest_of(profile, layers, policy, state_bytes: int = 0):
+    return SimpleNamespace(moe_layers=layers, layers=layers, policy=policy, state_bytes=state_bytes)
 
 
 def run_plan(profile, layers, policy, share: float, prefetch: str = "policy"):
@@ -78,3 +78,25 @@ def test_the_plan_is_a_function_of_its_inputs():
     first = run_plan(profile, layers, policy, 0.4)
     assert all(run_plan(profile, layers, policy, 0.4) == first for _ in range(3))
     assert dataclasses.asdict(first) == dataclasses.asdict(run_plan(profile, layers, policy, 0.4))
+
+
+def test_a_budget_in_bytes_holds_the_layers_state_beside_the_slots():
+    """A hybrid model's fixed-size state is memory the run holds whatever the experts do: a budget
+    in bytes covers it, a share of the experts does not (it is a share of the experts)."""
+    from fate.runtime.expert_cache import BudgetError
+
+    profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
+    policy = plan(profile, layers, PlanTargets(budget=0.5))
+
+    def slots(budget: Budget, state: int) -> int:
+        run = plan_run(manifest_of(profile, layers, policy, state), profile, budget, precision=lambda layer: "int4",
+                       file_bytes=lambda layer, precision: SLOT, runs_native=lambda layer, precision: True)
+        assert run.state_bytes == state
+        return sum(p.slots for p in run.layers.values())
+
+    cost = 2 * SLOT  # a slot holds its file plus the page an archive member may start into
+    assert slots(Budget(bytes=16 * cost), 0) == 16
+    assert slots(Budget(bytes=16 * cost), 3 * cost) == 13
+    assert slots(Budget(share=0.5), 3 * cost) == 16
+    with pytest.raises(BudgetError, match="state"):
+        slots(Budget(bytes=8 * cost), 1)  # 8 slots are the top-k minimum; the state leaves less

@@ -34,7 +34,14 @@ def calibrated(tmp_path_factory) -> Path:
 
 
 def moe_block(layer):
-    return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
+    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+
+
+def mlp_norm(layer):
+    """The norm before the MLP, whatever the family calls it."""
+    return layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.ffn_norm
 
 
 def router_of(layer):
@@ -53,7 +60,7 @@ def transformers_routing(hf, ids: np.ndarray):
     for i, layer in enumerate(layers):
         moe = moe_block(layer)
         hooks.append(moe.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+        hooks.append(mlp_norm(layer).register_forward_pre_hook(
             lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
         if router_of(layer) is not None:
             hooks.append(router_of(layer).register_forward_hook(
@@ -80,14 +87,14 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
 
         def rank_scores(logits: np.ndarray) -> np.ndarray:
             """What the router ranks by: logits (+ its bias, GPT-OSS), or sigmoid + correction bias
-            (DeepSeek-V3)."""
+            (DeepSeek-V3; LFM2 keeps it on the MoE block)."""
             if getattr(module, "bias", None) is not None:
                 logits = logits + module.bias.detach().numpy()
-            bias = getattr(module, "e_score_correction_bias", None)
+            bias = getattr(module, "e_score_correction_bias", getattr(moe_block(hf.model.layers[layer]), "expert_bias", None))
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
         with torch.no_grad():  # the next layer's own norm module, whatever its kind
-            renormed = hf.model.layers[layer].post_attention_layernorm(torch.from_numpy(hs[layer - 1])).numpy()
+            renormed = mlp_norm(hf.model.layers[layer])(torch.from_numpy(hs[layer - 1])).numpy()
         measured = profile.layer(layer).predictors
         for name, scores in (("cross_layer", rank_scores(xs[layer - 1] @ router.T)),
                              ("cross_layer_norm", rank_scores(renormed @ router.T))):
@@ -112,7 +119,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
-                                    "granitemoe_swa"])
+                                    "granitemoe_swa", "lfm2_moe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

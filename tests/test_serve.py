@@ -17,7 +17,7 @@ import pytest
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.runtime.conversations import ConversationCache
 from fate.runtime.generate import SamplingConfig
-from fate.runtime.model import KVCache
+from fate.runtime.state import KVCache
 from fate.runtime.serving import Job, Metrics, Outcome, QueueFull, Scheduler, StopMatcher
 
 openai = pytest.importorskip("openai")
@@ -341,14 +341,28 @@ def test_stop_strings_cut_at_the_first_match(pieces, stops, text, stopped):
 def test_the_conversation_cache_returns_the_longest_shared_prefix_within_its_bound():
     def cache(length: int) -> KVCache:
         k = np.zeros((1, 2, length, 4), np.float32)
-        return KVCache([k, k], [k, k], length)
+        return KVCache([{"key": k, "value": k}] * 2, length)
 
     store = ConversationCache(limit_bytes=4 * 1024)
     store.put([1, 2, 3, 4, 5], cache(5))
     store.put([1, 2, 9], cache(3))
     taken = store.take([1, 2, 3, 4, 7, 8])
-    assert taken.length == 4 and taken.keys[0].shape[2] == 4  # the first entry, cut where the prompts part
+    assert taken.length == 4 and taken.layers[0]["key"].shape[2] == 4  # the first entry, cut where the prompts part
     assert store.take([1, 2, 3]).length == 2  # what is left: [1, 2, 9]; one prompt token must stay to run
     assert store.take([5]) is None
     store.put(list(range(100)), cache(100))  # larger than the bound: not kept
     assert store.nbytes == 0
+
+
+def test_a_cache_with_fixed_state_serves_only_prompts_that_extend_its_whole_sequence():
+    def hybrid(length: int) -> KVCache:  # one attention layer, one short-convolution layer
+        k = np.zeros((1, 2, length, 4), np.float32)
+        return KVCache([{"key": k, "value": k}, {"conv": np.full((1, 2, 8), length, np.float32)}], length)
+
+    store = ConversationCache(limit_bytes=1 << 20)
+    store.put([1, 2, 3, 4], hybrid(4))
+    assert store.take([1, 2, 3, 7, 8]) is None  # the state has folded in token 4: it cannot be cut to 3
+    taken = store.take([1, 2, 3, 4, 5])
+    assert taken.length == 4 and taken.layers[1]["conv"][0, 0, 0] == 4
+    with pytest.raises(ValueError):
+        hybrid(4).prefix(3)

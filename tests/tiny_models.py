@@ -190,11 +190,21 @@ def gpt_oss_config(**overrides):
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides})
 
 
+def lfm2_moe_config(**overrides):
+    from transformers import Lfm2MoeConfig
+
+    # a hybrid: short-convolution layers around one attention layer, a dense first layer
+    return Lfm2MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4,
+                            "num_experts": 8, "num_experts_per_tok": 2, "num_dense_layers": 1,
+                            "layer_types": ["conv", "full_attention", "conv", "conv"], "routed_scaling_factor": 1.5,
+                            **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
            "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
-           "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config}
+           "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,
@@ -211,7 +221,7 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias is a buffer
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # routing biases are buffers
                 buffer.add_(0.05 * torch.randn_like(buffer))
     out.mkdir(parents=True, exist_ok=True)
     if bf16:

@@ -20,6 +20,7 @@ _MODULES = {
     "granitemoe": "granitemoe",
     "granitemoe_swa": "granitemoe_swa",
     "granitemoeshared": "granitemoeshared",
+    "lfm2_moe": "lfm2_moe",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
     "phimoe": "phimoe",

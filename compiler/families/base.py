@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fate.artifacts import ModelError
+from fate.artifacts.schema import MIXERS
 
 
 class Role(enum.Enum):
@@ -54,6 +55,14 @@ class Role(enum.Enum):
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"
     SHARED_EXPERT_GATE = "shared_expert_gate"
+    # a short convolution mixer (LFM2): in_proj to B, C, x [3H, H]; a depthwise causal conv over
+    # B * x [H, 1, L]; out_proj [H, H]; each with an optional bias
+    CONV_IN = "conv_in"
+    CONV_IN_BIAS = "conv_in_bias"
+    CONV = "conv"
+    CONV_BIAS = "conv_bias"
+    CONV_OUT = "conv_out"
+    CONV_OUT_BIAS = "conv_out_bias"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -139,15 +148,19 @@ class ArchConfig:
     # decoder layers stored after the last one that generation does not run: multi-token-prediction
     # modules (GLM-4.5's and DeepSeek-V3's `num_nextn_predict_layers`); their tensors are skipped
     unused_trailing_layers: int = 0
+    # each layer's token mixer (fate.artifacts.schema.MIXERS); None: attention everywhere
+    layer_mixers: tuple[str, ...] | None = None
+    conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
+    topk_norm_eps: float = 1e-20  # added to the sum of the top-k sigmoid weights before dividing (LFM2: 1e-6)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
     # name instead of compiling into an artifact the runtime cannot run.
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "num_experts", "top_k", "moe_intermediate_size")
-    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
+    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "conv_kernel")
     FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
-              "embedding_multiplier", "residual_multiplier", "logits_scaling")
+              "embedding_multiplier", "residual_multiplier", "logits_scaling", "topk_norm_eps")
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:
@@ -172,6 +185,15 @@ class ArchConfig:
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
+        if self.layer_mixers is not None:
+            if len(self.layer_mixers) != self.num_layers or not set(self.layer_mixers) <= set(MIXERS):
+                raise ModelError(f"config.json: layer types must name one of {', '.join(MIXERS)} per layer "
+                                 f"({self.num_layers})")
+            if "short_conv" in self.layer_mixers and self.conv_kernel < 1:
+                raise ModelError(f"config.json: a short convolution of width {self.conv_kernel}")
+
+    def mixer(self, layer: int) -> str:
+        return self.layer_mixers[layer] if self.layer_mixers else "attention"
 
 
 # Names most families share (Llama-style layout), to start a family's table from.

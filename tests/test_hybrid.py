@@ -1,0 +1,94 @@
+"""Hybrid models: layers whose mixer carries a fixed-size state beside the attention layers' keys
+and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE. Parity with transformers
+is in test_parity.py (the lfm2_moe case); these check what the runtime does with the state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import CASES, Built
+from fate.artifacts import ArtifactError
+from fate.artifacts.budget import parse_budget
+from fate.compiler import CompileOptions, compile_checkpoint
+from fate.compiler.profile import CalibrationOptions
+from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate, stream_tokens
+
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 128]
+GREEDY = SamplingConfig()
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp("lfm2"), **CASES["lfm2_moe"])
+
+
+@pytest.fixture(scope="module")
+def calibrated(hybrid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lfm2-calibrated") / "art"
+    compile_checkpoint(CompileOptions(hybrid.ckpt, out, bits=(4,), calibration=CalibrationOptions(tokens=512)),
+                       log=lambda _m: None)
+    return out
+
+
+def test_each_layer_carries_what_the_manifest_lists(hybrid):
+    model = FateModel.load(hybrid.artifact(32))
+    layers = model.manifest.layers
+    assert [layer.mixer for layer in layers] == ["short_conv", "attention", "short_conv", "short_conv"]
+    width = hybrid.hf.config.conv_L_cache
+    assert model.manifest.state_bytes == 3 * (width - 1) * 64 * 4
+    cache = model.new_cache()
+    model.forward(np.asarray(PROMPT), cache)
+    assert cache.layers[1]["key"].shape[2] == len(PROMPT)
+    assert all(cache.layers[i]["conv"].shape == (1, width - 1, 64) for i in (0, 2, 3))
+    assert np.abs(cache.layers[0]["conv"]).max() > 0 and not cache.rewindable
+    result = generate(model, PROMPT, max_new_tokens=3, sampling=GREEDY, eos_ids=set())
+    assert result.stats.state_bytes == model.manifest.state_bytes
+    assert result.stats.cache_bytes == model.manifest.state_bytes + 2 * 4 * 2 * 16 * (len(PROMPT) + 2)
+
+
+def test_prefill_in_pieces_equals_prefill_at_once(hybrid):
+    """The state carries the convolution window across steps of any size."""
+    model = FateModel.load(hybrid.artifact(32))
+    whole = model.logits(PROMPT)[-1]
+    cache = model.new_cache()
+    for piece in (PROMPT[:1], PROMPT[1:3], PROMPT[3:4], PROMPT[4:]):
+        last = model.head_logits(model.forward(np.asarray(piece), cache))[-1]
+    np.testing.assert_allclose(last, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+
+
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_offloaded_runs_give_the_all_resident_tokens(calibrated, budget):
+    resident = generate(FateModel.load(calibrated), PROMPT, max_new_tokens=12, sampling=GREEDY, eos_ids=set())
+    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget(budget), low_bit_prefill="off"))
+    try:
+        tokens = generate(model, PROMPT, max_new_tokens=12, sampling=GREEDY, eos_ids=set()).token_ids
+        assert tokens == resident.token_ids
+        assert model.experts.report().state_bytes == model.manifest.state_bytes
+    finally:
+        model.close()
+
+
+def test_a_follow_up_turn_on_the_kept_state_equals_a_fresh_run(hybrid):
+    model = FateModel.load(hybrid.artifact(32))
+    cache = model.new_cache()
+    reply = list(stream_tokens(model, PROMPT, 4, GREEDY, set(), cache=cache))
+    follow = PROMPT + reply + [7, 9]  # the cache holds all but the reply's last token
+    assert cache.length == len(PROMPT) + len(reply) - 1
+    again = list(stream_tokens(model, follow, 3, GREEDY, set(), cache=cache))
+    fresh = list(stream_tokens(model, follow, 3, GREEDY, set()))
+    assert again == fresh
+
+
+def test_a_state_shape_that_contradicts_the_graph_is_one_line(hybrid, tmp_path):
+    target = tmp_path / "art"
+    shutil.copytree(hybrid.artifact(4), target)
+    path = target / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["layers"][0]["state"][0]["shape"] = [1, 5, 64]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="past_conv is declared"):
+        FateModel.load(target)

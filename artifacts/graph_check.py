@@ -1,6 +1,7 @@
 """Refuse ONNX graphs that could reach outside the artifact or run code the runtime does not
-expect: external-data tensors (their location is a path), subgraphs and functions, and any
-operator outside the set Fate's compiler emits. Reads the protobuf wire format directly, so the
+expect: external-data tensors (their location is a path), functions, subgraphs except a Scan's
+body (which is checked by the same rules; a Scan runs once per element of its inputs, so it cannot
+loop without end as a Loop could), and any operator outside the set Fate's compiler emits. Reads the protobuf wire format directly, so the
 runtime needs no `onnx` package: a model is a few hundred fields around its weight bytes.
 
 Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto,
@@ -14,8 +15,8 @@ from .errors import ArtifactError
 ALLOWED_OPS = {
     "": {"Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "Div", "Equal", "Exp", "Expand", "Gather", "GatherElements",
          "Greater", "GreaterOrEqual", "Identity", "LayerNormalization", "MatMul", "Max", "Min", "Mul", "Neg", "Reciprocal", "ReduceMax",
-         "ReduceMean", "ReduceMin", "ReduceSum", "Reshape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Sub",
-         "Tile", "TopK", "Transpose", "Unsqueeze", "Where"},
+         "ReduceMean", "ReduceMin", "ReduceSum", "Reshape", "Scan", "Sigmoid", "Slice", "Softmax", "Softplus", "Split",
+         "Sqrt", "Sub", "Tile", "TopK", "Transpose", "Unsqueeze", "Where"},
     "ai.onnx": set(),  # filled below: the same operators under their explicit domain name
     "com.microsoft": {"MatMulNBits"},
 }
@@ -24,7 +25,10 @@ ALLOWED_OPS["ai.onnx"] = ALLOWED_OPS[""]
 # (message, field) pairs that are refused outright
 MODEL_REFUSED = {20: "training_info", 25: "functions"}
 GRAPH_REFUSED = {15: "sparse_initializer"}
-ATTRIBUTE_REFUSED = {6: "a subgraph", 11: "subgraphs"}
+ATTRIBUTE_REFUSED = {11: "subgraphs"}
+ATTRIBUTE_GRAPH = 6  # one subgraph: only a Scan's body
+SUBGRAPH_OPS = {"Scan"}
+MAX_NESTING = 2
 TENSOR_EXTERNAL_DATA = 13
 TENSOR_DATA_LOCATION = 14
 
@@ -90,8 +94,8 @@ def _tensor(buf: memoryview) -> None:
             raise WireError("a tensor uses external data (a file path), which artifacts never do")
 
 
-def _node(buf: memoryview) -> None:
-    op_type, domain = "", ""
+def _node(buf: memoryview, depth: int) -> None:
+    op_type, domain, subgraphs = "", "", []
     for field, wire, value in _fields(buf):
         if field == 4 and wire == 2:
             op_type = _text(value)
@@ -101,20 +105,28 @@ def _node(buf: memoryview) -> None:
             for a_field, a_wire, a_value in _fields(value):
                 if a_field in ATTRIBUTE_REFUSED:
                     raise WireError(f"operator {op_type or '?'} carries {ATTRIBUTE_REFUSED[a_field]}")
+                if a_field == ATTRIBUTE_GRAPH:
+                    subgraphs.append(a_value)
                 if a_field == 5 and a_wire == 2:
                     _tensor(a_value)
     if domain not in ALLOWED_OPS:
         raise WireError(f"operator domain {domain!r} is not one the runtime knows")
     if op_type not in ALLOWED_OPS[domain]:
         raise WireError(f"operator {domain + '.' if domain else ''}{op_type} is not one Fate's graphs use")
+    if subgraphs:  # judged once the whole node is read: its fields may come in any order
+        if domain or op_type not in SUBGRAPH_OPS or len(subgraphs) != 1 or depth >= MAX_NESTING:
+            raise WireError(f"operator {op_type or '?'} carries a subgraph")
+        if not isinstance(subgraphs[0], memoryview):
+            raise WireError("a subgraph attribute is not a message")
+        _graph(subgraphs[0], depth + 1)
 
 
-def _graph(buf: memoryview) -> None:
+def _graph(buf: memoryview, depth: int = 0) -> None:
     for field, wire, value in _fields(buf):
         if field in GRAPH_REFUSED:
             raise WireError(f"the graph has {GRAPH_REFUSED[field]}")
         if field == 1 and wire == 2:
-            _node(value)
+            _node(value, depth)
         elif field == 5 and wire == 2:
             _tensor(value)
 

@@ -49,6 +49,8 @@ DENSE_BITS = (32, 8, 4)
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
 SHORT_CONV_ROLES = (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM)
+DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
+                  Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS)
@@ -117,7 +119,25 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.EXPERTS_DOWN_BLOCKS: (c.num_experts, h, i_moe // 32, 16),
         Role.EXPERTS_DOWN_SCALES: (c.num_experts, h, i_moe // 32),
         **latent_shapes(c),
+        **linear_shapes(c),
+        **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate else {}),
     }[role]
+
+
+def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    """A gated DeltaNet's tensors as stored: separate, or q|k|v|z and b|a fused by key head."""
+    m = c.linear_attention
+    if m is None:
+        return {}
+    h = c.hidden_size
+    qkv, z, b = (m.conv_dim, h), (m.value_dim, h), (m.num_value_heads, h)
+    if m.fused:
+        qkv = z = (m.conv_dim + m.value_dim, h)
+        b = (2 * m.num_value_heads, h)
+    return {Role.LINEAR_QKV: qkv, Role.LINEAR_Z: z, Role.LINEAR_B: b, Role.LINEAR_A: b,
+            Role.LINEAR_CONV: (m.conv_dim, 1, m.conv_kernel), Role.LINEAR_DT_BIAS: (m.num_value_heads,),
+            Role.LINEAR_A_LOG: (m.num_value_heads,), Role.LINEAR_NORM: (m.value_head_dim,),
+            Role.LINEAR_OUT: (h, m.value_dim)}
 
 
 def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
@@ -134,8 +154,12 @@ def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
     return shapes
 
 
+FUSED_LINEAR = (Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A)
 # Outputs of the residual branches: scaled by the residual multiplier where a family has one.
-RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN)
+RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN, Role.CONV_OUT,
+                           Role.CONV_OUT_BIAS, Role.LINEAR_OUT)
+# RMSNorm weights that a family may store zero-centred (ArchConfig.norm_weight_offset)
+OFFSET_NORMS = (Role.ATTN_NORM, Role.MLP_NORM, Role.FINAL_NORM, Role.Q_NORM, Role.K_NORM)
 
 
 class WeightReader:
@@ -165,13 +189,38 @@ class WeightReader:
             gate_up = self.ckpt.get(self.check(role, layer))
             half = gate_up.shape[0] // 2
             tensor = gate_up[:half] if role == Role.SHARED_GATE else gate_up[half:]
+        elif role in (Role.Q, Role.Q_GATE) and self.cfg.attention_output_gate:
+            # [heads, 2 D, H]: each head's query rows, then its gate rows
+            both = self.ckpt.get(self.check(role, layer)).reshape(self.cfg.num_heads, 2, self.cfg.head_dim, -1)
+            tensor = both[:, 0 if role == Role.Q else 1].reshape(self.cfg.num_heads * self.cfg.head_dim, -1)
+        elif role in FUSED_LINEAR and self.cfg.linear_attention and self.cfg.linear_attention.fused:
+            tensor = self._fused_linear(role, layer)
         else:
             tensor = self.ckpt.get(self.check(role, layer, expert))
             if role == Role.ROUTER_SCORE_BIAS:
                 tensor = tensor.reshape(-1)
         if role in RESIDUAL_BRANCH_OUTPUTS and self.cfg.residual_multiplier != 1.0:
             tensor = tensor * np.float32(self.cfg.residual_multiplier)
+        if role in OFFSET_NORMS and self.cfg.norm_weight_offset:
+            tensor = tensor.astype(np.float32) + np.float32(self.cfg.norm_weight_offset)
         return tensor
+
+    def _fused_linear(self, role: Role, layer: int) -> np.ndarray:
+        """Qwen3-Next's in_proj_qkvz ([key heads, q | k | v | z of the group, H]) and in_proj_ba
+        ([key heads, b | a of the group, H]) reordered into whole q|k|v, z, b and a rows; value
+        heads keep their order (group-major, as transformers reshapes them)."""
+        m = self.cfg.linear_attention
+        group = m.num_value_heads // m.num_key_heads
+        if role in (Role.LINEAR_B, Role.LINEAR_A):
+            ba = self.ckpt.get(self.check(role, layer)).reshape(m.num_key_heads, 2 * group, -1)
+            return np.ascontiguousarray(ba[:, :group] if role == Role.LINEAR_B else ba[:, group:]).reshape(
+                m.num_value_heads, -1)
+        qkvz = self.ckpt.get(self.check(role, layer)).reshape(m.num_key_heads, -1, self.cfg.hidden_size)
+        dk, v = m.key_head_dim, group * m.value_head_dim
+        if role == Role.LINEAR_Z:
+            return np.ascontiguousarray(qkvz[:, 2 * dk + v:]).reshape(m.value_dim, -1)
+        parts = (qkvz[:, :dk], qkvz[:, dk:2 * dk], qkvz[:, 2 * dk:2 * dk + v])
+        return np.concatenate([p.reshape(-1, self.cfg.hidden_size) for p in parts])
 
     @property
     def fused(self) -> bool:
@@ -256,11 +305,14 @@ class WeightReader:
         m = self.cfg.latent_attention
         if self.cfg.mixer(layer) == "short_conv":
             roles = list(SHORT_CONV_ROLES)
+        elif self.cfg.mixer(layer) == "gated_deltanet":
+            roles = list(DELTANET_ROLES)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]
         else:
             roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
+            roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 

@@ -122,32 +122,113 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     context = b.op("MatMul", probs, v5)
     context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
+    if Role.Q_GATE in w:  # Qwen3-Next: each output channel gated by the query projection's second half
+        context = b.op("Mul", context, b.op("Sigmoid", linear(b, x, w[Role.Q_GATE])))
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+
+
+def causal_conv(b: GraphBuilder, past: str, x: str, kernel: np.ndarray, bias: np.ndarray | None) -> tuple[str, str]:
+    """A depthwise causal convolution over the sequence of x [1, S, C] with kernel [C, L], the
+    past's last L - 1 inputs [1, L - 1, C] before it; returns (conv [1, S, C], present [1, L - 1, C]).
+
+        window = concat(past, x);  conv_t = sum_j kernel[:, j] * window[t + j] (+ bias)
+    Slices with negative ends keep the sequence length dynamic."""
+    width = kernel.shape[1]
+    window = b.op("Concat", past, x, axis=1)
+    end = np.iinfo(np.int64).max
+    conv = None
+    for j in range(width):
+        tap = b.op("Slice", window, b.ints([j]), b.ints([j - (width - 1) if j < width - 1 else end]), b.ints([1]))
+        term = b.op("Mul", tap, b.const(np.ascontiguousarray(kernel[:, j], dtype=np.float32), "conv_tap"))
+        conv = term if conv is None else b.op("Add", conv, term)
+    if bias is not None:
+        conv = b.op("Add", conv, b.const(bias.astype(np.float32), "conv_bias"))
+    # the last L - 1 inputs (none when L = 1: a start past the end selects nothing)
+    present = b.op("Slice", window, b.ints([-(width - 1) if width > 1 else end]), b.ints([end]), b.ints([1]))
+    return conv, present
 
 
 def short_conv(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past: str) -> tuple[str, str]:
     """LFM2's gated short convolution; returns (output [1,S,H], present window [1, L-1, H]).
 
-    B, C, u = split(in_proj(x))              window = concat(past, B * u) over the sequence
-    conv_t  = sum_j w[:, j] * window[t + j]  (j < L: causal, the past's L - 1 inputs first)
-    out     = out_proj(C * conv)
-    Slices with negative ends keep the sequence length dynamic."""
-    h, width = cfg.hidden_size, cfg.conv_kernel
+    B, C, u = split(in_proj(x));  out = out_proj(C * causal_conv(B * u))"""
+    h = cfg.hidden_size
     gate_b, gate_c, u = b.op("Split", linear(b, x, w[Role.CONV_IN], w.get(Role.CONV_IN_BIAS)),
                              b.ints([h, h, h]), outputs=3, axis=-1)
-    window = b.op("Concat", past, b.op("Mul", gate_b, u), axis=1)
-    end = np.iinfo(np.int64).max
-    kernel = w[Role.CONV].reshape(h, width).astype(np.float32)
-    conv = None
-    for j in range(width):
-        tap = b.op("Slice", window, b.ints([j]), b.ints([j - (width - 1) if j < width - 1 else end]), b.ints([1]))
-        term = b.op("Mul", tap, b.const(np.ascontiguousarray(kernel[:, j]), "conv_tap"))
-        conv = term if conv is None else b.op("Add", conv, term)
-    if Role.CONV_BIAS in w:
-        conv = b.op("Add", conv, b.const(w[Role.CONV_BIAS].astype(np.float32), "conv_bias"))
-    # the last L - 1 inputs (none when L = 1: a start past the end selects nothing)
-    present = b.op("Slice", window, b.ints([-(width - 1) if width > 1 else end]), b.ints([end]), b.ints([1]))
+    conv, present = causal_conv(b, past, b.op("Mul", gate_b, u), w[Role.CONV].reshape(h, cfg.conv_kernel),
+                                w.get(Role.CONV_BIAS))
     return linear(b, b.op("Mul", gate_c, conv), w[Role.CONV_OUT], w.get(Role.CONV_OUT_BIAS)), present
+
+
+def l2_normalize(b: GraphBuilder, x: str, eps: float = 1e-6) -> str:
+    """x / sqrt(sum(x^2) + eps) over the last axis (transformers' and FLA's l2norm)."""
+    total = b.op("ReduceSum", b.op("Mul", x, x), b.ints([-1]), keepdims=1)
+    return b.op("Mul", x, b.op("Reciprocal", b.op("Sqrt", b.op("Add", total, b.scalar(eps, "eps")))))
+
+
+def delta_rule_step(hv: int, dk: int, dv: int) -> onnx.GraphProto:
+    """One token of the gated delta rule, the body of a Scan over the sequence:
+
+        S     = S * decay                         S [Hv, Dk, Dv], decay = exp(g) [Hv]
+        S     = S + k (beta (v - k^T S))^T        k [Hv, Dk], v [Hv, Dv], beta [Hv]
+        o     = q^T S                             q [Hv, Dk] -> o [Hv, Dv]
+    (transformers' torch_recurrent_gated_delta_rule, one step)."""
+    b = GraphBuilder("delta_rule_step", prefix="step_")
+    state = b.input("step_state", FLOAT, [hv, dk, dv])
+    q, k = b.input("step_q", FLOAT, [hv, dk]), b.input("step_k", FLOAT, [hv, dk])
+    v = b.input("step_v", FLOAT, [hv, dv])
+    decay, beta = b.input("step_decay", FLOAT, [hv]), b.input("step_beta", FLOAT, [hv])
+    state = b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([1, 2])))
+    row_k = b.op("Unsqueeze", k, b.ints([1]))  # [Hv, 1, Dk]
+    remembered = b.op("MatMul", row_k, state)  # [Hv, 1, Dv]
+    delta = b.op("Mul", b.op("Sub", b.op("Unsqueeze", v, b.ints([1])), remembered), b.op("Unsqueeze", beta, b.ints([1, 2])))
+    state = b.op("Add", state, b.op("MatMul", b.op("Unsqueeze", k, b.ints([2])), delta))
+    out = b.op("Reshape", b.op("MatMul", b.op("Unsqueeze", q, b.ints([1])), state), b.ints([hv, dv]))
+    b.output(state, "step_state_out", FLOAT, [hv, dk, dv])
+    b.output(out, "step_out", FLOAT, [hv, dv])
+    return b.graph()
+
+
+def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str,
+                   past_state: str) -> tuple[str, str, str]:
+    """Qwen3-Next's gated DeltaNet; returns (output [1,S,H], present conv window, present state).
+
+    q|k|v = silu(causal_conv(x Wqkv));  q, k = l2norm per head (q also / sqrt(Dk)), each key head
+    repeated for its group of value heads;  beta = sigmoid(x Wb);  g = -exp(A_log) softplus(x Wa + dt_bias)
+    o = the delta rule over the sequence from the past state (a Scan: one step per token)
+    out = out_proj(rmsnorm(o) * w * silu(x Wz)) per value head"""
+    m = cfg.linear_attention
+    hk, hv, dk, dv = m.num_key_heads, m.num_value_heads, m.key_head_dim, m.value_head_dim
+    mixed, present_conv = causal_conv(b, past_conv, linear(b, x, w[Role.LINEAR_QKV]),
+                                      w[Role.LINEAR_CONV].reshape(m.conv_dim, m.conv_kernel), None)
+    mixed = b.op("Mul", mixed, b.op("Sigmoid", mixed))
+    q, k, v = b.op("Split", b.op("Reshape", mixed, b.ints([-1, m.conv_dim])),
+                   b.ints([m.key_dim, m.key_dim, m.value_dim]), outputs=3, axis=-1)
+
+    def heads(t: str, scale: float | None) -> str:
+        """[S, Hk * Dk] -> l2-normalized [S, Hv, Dk], each key head repeated for its value heads."""
+        t = l2_normalize(b, b.op("Reshape", t, b.ints([-1, hk, 1, dk])))
+        if scale is not None:
+            t = b.op("Mul", t, b.scalar(scale, "query_scale"))
+        t = b.op("Expand", t, b.ints([1, hk, hv // hk, dk]))
+        return b.op("Reshape", t, b.ints([-1, hv, dk]))
+
+    q, k = heads(q, dk ** -0.5), heads(k, None)
+    v = b.op("Reshape", v, b.ints([-1, hv, dv]))
+    rows = b.op("Reshape", x, b.ints([-1, cfg.hidden_size]))
+    beta = b.op("Sigmoid", linear(b, rows, w[Role.LINEAR_B]))
+    a = b.op("Add", linear(b, rows, w[Role.LINEAR_A]), b.const(w[Role.LINEAR_DT_BIAS].astype(np.float32), "dt_bias"))
+    neg_rate = -np.exp(w[Role.LINEAR_A_LOG].astype(np.float64)).astype(np.float32)
+    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(neg_rate, "neg_decay_rate")))
+    state = b.op("Reshape", past_state, b.ints([hv, dk, dv]))
+    final, out = b.op("Scan", state, q, k, v, decay, beta, outputs=2, body=delta_rule_step(hv, dk, dv),
+                      num_scan_inputs=5)
+    present_state = b.op("Reshape", final, b.ints([1, hv, dk, dv]))
+    normed = rms_norm(b, out, w[Role.LINEAR_NORM], cfg.rms_norm_eps)  # [S, Hv, Dv]
+    z = b.op("Reshape", linear(b, rows, w[Role.LINEAR_Z]), b.ints([-1, hv, dv]))
+    gated = b.op("Mul", normed, b.op("Mul", z, b.op("Sigmoid", z)))
+    gated = b.op("Reshape", gated, b.ints([1, -1, m.value_dim]))
+    return linear(b, gated, w[Role.LINEAR_OUT]), present_conv, present_state
 
 
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
@@ -326,6 +407,10 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
     and values the model's numbers size)."""
     if cfg.mixer(layer) == "short_conv":
         return {"conv": [1, cfg.conv_kernel - 1, cfg.hidden_size]}
+    if cfg.mixer(layer) == "gated_deltanet":
+        m = cfg.linear_attention
+        return {"conv": [1, m.conv_kernel - 1, m.conv_dim],
+                "recurrent": [1, m.num_value_heads, m.key_head_dim, m.value_head_dim]}
     return {}
 
 
@@ -359,10 +444,13 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     b = GraphBuilder(f"layer_{layer}", weights)
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
-    if cfg.mixer(layer) == "short_conv":
-        shape = state_shapes(cfg, layer)["conv"]
-        mixed, present = short_conv(b, x, w, cfg, b.input(IO.past("conv"), FLOAT, shape))
-        b.output(present, IO.present("conv"), FLOAT, shape)
+    if cfg.mixer(layer) != "attention":
+        shapes = state_shapes(cfg, layer)
+        past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
+        mixer = short_conv if cfg.mixer(layer) == "short_conv" else gated_deltanet
+        mixed, *present = mixer(b, x, w, cfg, *past)
+        for value, (name, shape) in zip(present, shapes.items()):
+            b.output(value, IO.present(name), FLOAT, shape)
     else:
         rot = 2 * len(cfg.rope_inv_freq)
         cos = b.input(IO.COS, FLOAT, ["S", rot])

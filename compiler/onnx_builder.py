@@ -32,8 +32,10 @@ class WeightFormat:
 
 
 class GraphBuilder:
-    def __init__(self, name: str, weights: WeightFormat = WeightFormat()):
+    def __init__(self, name: str, weights: WeightFormat = WeightFormat(), prefix: str = ""):
+        """`prefix` starts every generated name: a subgraph's names must not repeat its outer graph's."""
         self.name = name
+        self.prefix = prefix
         self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -44,7 +46,7 @@ class GraphBuilder:
 
     def fresh(self, hint: str) -> str:
         self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{self.prefix}{hint}_{self._count}"
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
@@ -75,6 +77,11 @@ class GraphBuilder:
         if domain == MS_DOMAIN:
             self.uses_ms_domain = True
         return names[0] if outputs == 1 else names
+
+    def graph(self) -> onnx.GraphProto:
+        """The graph alone, with its initializers: the body of a Scan (which must use only the
+        default domain)."""
+        return helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.initializers)
 
     def model(self) -> onnx.ModelProto:
         """The model. Initializers are moved in one at a time (helper.make_graph/make_model

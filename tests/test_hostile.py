@@ -145,8 +145,30 @@ def unexpected_op(model):
     model.graph.node[0].op_type = "Loop"
 
 
+def _body(op_type: str):
+    from onnx import TensorProto, helper
+
+    return helper.make_graph([helper.make_node(op_type, ["a"], ["b"])], "body",
+                             [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                             [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+
+
+def subgraph_on_another_op(model):
+    from onnx import helper
+
+    model.graph.node[0].attribute.append(helper.make_attribute("body", _body("Identity")))
+
+
+def loop_inside_a_scan(model):
+    from onnx import helper
+
+    model.graph.node[0].op_type = "Scan"
+    model.graph.node[0].attribute.append(helper.make_attribute("body", _body("Loop")))
+
+
 @pytest.mark.parametrize("mutate,message", [(external_data, "external data"), (custom_op, "domain"),
-                                            (unexpected_op, "Loop")])
+                                            (unexpected_op, "Loop"), (subgraph_on_another_op, "carries a subgraph"),
+                                            (loop_inside_a_scan, "Loop")])
 def test_hostile_graphs_are_refused(mixtral, tmp_path, mutate, message):
     art = tmp_path / "art"
     shutil.copytree(mixtral.artifact(4), art)

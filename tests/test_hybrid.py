@@ -1,6 +1,7 @@
 """Hybrid models: layers whose mixer carries a fixed-size state beside the attention layers' keys
-and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE. Parity with transformers
-is in test_parity.py (the lfm2_moe case); these check what the runtime does with the state."""
+and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE (short convolutions) and a
+tiny Qwen3-Next (gated DeltaNet: a convolution window and a recurrent state). Parity with
+transformers is in test_parity.py; these check what the runtime does with the state."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 128]
 GREEDY = SamplingConfig()
 
 
-@pytest.fixture(scope="module")
-def hybrid(tmp_path_factory) -> Built:
-    return Built(tmp_path_factory.mktemp("lfm2"), **CASES["lfm2_moe"])
+MIXERS = {"lfm2_moe": ["short_conv", "attention", "short_conv", "short_conv"],
+          "qwen3_next": ["gated_deltanet", "gated_deltanet", "attention", "gated_deltanet"]}
+
+
+@pytest.fixture(scope="module", params=sorted(MIXERS))
+def hybrid(request, tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp(request.param), **CASES[request.param])
 
 
 @pytest.fixture(scope="module")
 def calibrated(hybrid, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lfm2-calibrated") / "art"
+    out = tmp_path_factory.mktemp(f"{hybrid.family}-calibrated") / "art"
     compile_checkpoint(CompileOptions(hybrid.ckpt, out, bits=(4,), calibration=CalibrationOptions(tokens=512)),
                        log=lambda _m: None)
     return out
@@ -37,17 +42,22 @@ def calibrated(hybrid, tmp_path_factory):
 def test_each_layer_carries_what_the_manifest_lists(hybrid):
     model = FateModel.load(hybrid.artifact(32))
     layers = model.manifest.layers
-    assert [layer.mixer for layer in layers] == ["short_conv", "attention", "short_conv", "short_conv"]
-    width = hybrid.hf.config.conv_L_cache
-    assert model.manifest.state_bytes == 3 * (width - 1) * 64 * 4
+    assert [layer.mixer for layer in layers] == MIXERS[hybrid.family]
+    attention = MIXERS[hybrid.family].index("attention")
     cache = model.new_cache()
     model.forward(np.asarray(PROMPT), cache)
-    assert cache.layers[1]["key"].shape[2] == len(PROMPT)
-    assert all(cache.layers[i]["conv"].shape == (1, width - 1, 64) for i in (0, 2, 3))
-    assert np.abs(cache.layers[0]["conv"]).max() > 0 and not cache.rewindable
+    assert cache.layers[attention]["key"].shape[2] == len(PROMPT)
+    for layer in layers:
+        if layer.mixer != "attention":
+            assert {s.name: tuple(s.shape) for s in layer.state} == {
+                name: a.shape for name, a in cache.layers[layer.index].items()}
+            assert all(np.abs(a).max() > 0 for a in cache.layers[layer.index].values())
+    assert not cache.rewindable
+    assert model.manifest.state_bytes == sum(s.nbytes for layer in layers for s in layer.state) > 0
     result = generate(model, PROMPT, max_new_tokens=3, sampling=GREEDY, eos_ids=set())
+    kv = 2 * 4 * model.spec.num_kv_heads * model.spec.head_dim * (len(PROMPT) + 2)
     assert result.stats.state_bytes == model.manifest.state_bytes
-    assert result.stats.cache_bytes == model.manifest.state_bytes + 2 * 4 * 2 * 16 * (len(PROMPT) + 2)
+    assert result.stats.cache_bytes == model.manifest.state_bytes + kv
 
 
 def test_prefill_in_pieces_equals_prefill_at_once(hybrid):

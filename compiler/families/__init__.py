@@ -26,6 +26,7 @@ _MODULES = {
     "phimoe": "phimoe",
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
+    "qwen3_next": "qwen3_next",
     "solar_open": "solar_open",
 }
 

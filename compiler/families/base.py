@@ -39,6 +39,7 @@ class Role(enum.Enum):
     O_BIAS = "o_bias"
     Q_NORM = "q_norm"
     K_NORM = "k_norm"
+    Q_GATE = "q_gate"  # attention output gated per channel by sigmoid(x @ Q_GATE^T) (Qwen3-Next)
     # multi-head latent attention (DeepSeek): low-rank query and key/value projections
     Q_A = "q_a"
     Q_A_NORM = "q_a_norm"
@@ -63,6 +64,19 @@ class Role(enum.Enum):
     CONV_BIAS = "conv_bias"
     CONV_OUT = "conv_out"
     CONV_OUT_BIAS = "conv_out_bias"
+    # a gated DeltaNet mixer (Qwen3-Next, Qwen3.5): q|k|v rows [2 Kd + Vd, H], the output gate z
+    # [Vd, H], the per-value-head b (write strength) and a (decay) [Hv, H]; a depthwise causal conv
+    # over q|k|v [2 Kd + Vd, 1, L]; dt_bias and A_log [Hv]; a gated RMSNorm over each value head
+    # [Dv]; out_proj [H, Vd]
+    LINEAR_QKV = "linear_qkv"
+    LINEAR_Z = "linear_z"
+    LINEAR_B = "linear_b"
+    LINEAR_A = "linear_a"
+    LINEAR_CONV = "linear_conv"
+    LINEAR_DT_BIAS = "linear_dt_bias"
+    LINEAR_A_LOG = "linear_a_log"
+    LINEAR_NORM = "linear_norm"
+    LINEAR_OUT = "linear_out"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -95,6 +109,32 @@ class LatentAttention:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+
+
+@dataclass(frozen=True)
+class LinearAttention:
+    """A gated DeltaNet's sizes: key heads (shared by groups of value heads), their head sizes,
+    the short convolution's width; `fused`: q, k, v, z (and b, a) stored in one tensor grouped by
+    key head (Qwen3-Next's in_proj_qkvz and in_proj_ba)."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    fused: bool = False
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
 
 
 @dataclass(frozen=True)
@@ -151,6 +191,11 @@ class ArchConfig:
     # each layer's token mixer (fate.artifacts.schema.MIXERS); None: attention everywhere
     layer_mixers: tuple[str, ...] | None = None
     conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
+    linear_attention: LinearAttention | None = None  # the gated DeltaNet layers' sizes
+    attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+    # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
+    # DeltaNet excepted
+    norm_weight_offset: float = 0.0
     topk_norm_eps: float = 1e-20  # added to the sum of the top-k sigmoid weights before dividing (LFM2: 1e-6)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
@@ -160,7 +205,8 @@ class ArchConfig:
                 "num_experts", "top_k", "moe_intermediate_size")
     NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "conv_kernel")
     FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
-              "embedding_multiplier", "residual_multiplier", "logits_scaling", "topk_norm_eps")
+              "embedding_multiplier", "residual_multiplier", "logits_scaling", "topk_norm_eps",
+              "norm_weight_offset")
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:
@@ -191,6 +237,14 @@ class ArchConfig:
                                  f"({self.num_layers})")
             if "short_conv" in self.layer_mixers and self.conv_kernel < 1:
                 raise ModelError(f"config.json: a short convolution of width {self.conv_kernel}")
+            if "gated_deltanet" in self.layer_mixers:
+                m = self.linear_attention
+                sizes = (m.num_key_heads, m.num_value_heads, m.key_head_dim, m.value_head_dim, m.conv_kernel) \
+                    if m else ()
+                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) \
+                        or m.num_value_heads % m.num_key_heads:
+                    raise ModelError(f"config.json: linear attention sizes {sizes} must be integers > 0, the "
+                                     "value heads a multiple of the key heads")
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

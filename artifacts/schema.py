@@ -34,7 +34,7 @@ MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, belo
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "gpt_oss",
                   "granitemoe", "granitemoe_swa", "granitemoeshared", "lfm2_moe", "mixtral", "olmoe", "phimoe", "qwen2_moe",
-                  "qwen3_moe", "qwen3_next", "solar_open")
+                  "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
 # Generous bounds that no real model reaches: they catch corrupt or hostile manifests

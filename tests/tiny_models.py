@@ -213,12 +213,37 @@ def qwen3_next_config(**overrides):
                                               "linear_attention"], **overrides})
 
 
+QWEN3_5_TEXT = dict(intermediate_size=None, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    num_hidden_layers=4, head_dim=16, num_experts=8, num_experts_per_tok=2, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])
+
+
+def qwen3_5_moe_text_config(**overrides):
+    from transformers import Qwen3_5MoeTextConfig
+
+    text = {**COMMON, **QWEN3_5_TEXT, **overrides}
+    text.pop("intermediate_size")
+    return Qwen3_5MoeTextConfig(**text)
+
+
+def qwen3_5_moe_config(**overrides):
+    """The multimodal checkpoint as released: the language model under a small vision tower."""
+    from transformers import Qwen3_5MoeConfig
+
+    text = {**COMMON, **QWEN3_5_TEXT, **overrides}
+    text.pop("intermediate_size")
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
            "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
            "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config,
-           "qwen3_next": qwen3_next_config}
+           "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
+           "qwen3_5_moe": qwen3_5_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

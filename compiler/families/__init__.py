@@ -25,6 +25,8 @@ _MODULES = {
     "olmoe": "olmoe",
     "phimoe": "phimoe",
     "qwen2_moe": "qwen2_moe",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe_text",
     "qwen3_moe": "qwen3_moe",
     "qwen3_next": "qwen3_next",
     "solar_open": "solar_open",

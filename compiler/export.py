@@ -49,11 +49,14 @@ DENSE_BITS = (32, 8, 4)
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
 SHORT_CONV_ROLES = (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM)
+MAMBA_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_DT_BIAS, Role.MAMBA_A_LOG, Role.MAMBA_D,
+               Role.MAMBA_NORM, Role.MAMBA_OUT, Role.MLP_NORM)
 DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
                   Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
-                        Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS)
+                        Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS,
+                        Role.MAMBA_IN_BIAS, Role.MAMBA_CONV_BIAS, Role.MAMBA_OUT_BIAS)
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,20 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.EXPERTS_DOWN_SCALES: (c.num_experts, h, i_moe // 32),
         **latent_shapes(c),
         **linear_shapes(c),
+        **mamba_shapes(c),
         **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate else {}),
     }[role]
+
+
+def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mamba
+    if m is None:
+        return {}
+    h, i, n = c.hidden_size, m.intermediate, m.num_heads
+    proj = i + m.conv_dim + n
+    return {Role.MAMBA_IN: (proj, h), Role.MAMBA_IN_BIAS: (proj,), Role.MAMBA_CONV: (m.conv_dim, 1, m.conv_kernel),
+            Role.MAMBA_CONV_BIAS: (m.conv_dim,), Role.MAMBA_DT_BIAS: (n,), Role.MAMBA_A_LOG: (n,), Role.MAMBA_D: (n,),
+            Role.MAMBA_NORM: (i,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
 
 
 def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
@@ -157,7 +172,7 @@ def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
 FUSED_LINEAR = (Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A)
 # Outputs of the residual branches: scaled by the residual multiplier where a family has one.
 RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN, Role.CONV_OUT,
-                           Role.CONV_OUT_BIAS, Role.LINEAR_OUT)
+                           Role.CONV_OUT_BIAS, Role.LINEAR_OUT, Role.MAMBA_OUT, Role.MAMBA_OUT_BIAS)
 # RMSNorm weights that a family may store zero-centred (ArchConfig.norm_weight_offset)
 OFFSET_NORMS = (Role.ATTN_NORM, Role.MLP_NORM, Role.FINAL_NORM, Role.Q_NORM, Role.K_NORM)
 
@@ -307,6 +322,8 @@ class WeightReader:
             roles = list(SHORT_CONV_ROLES)
         elif self.cfg.mixer(layer) == "gated_deltanet":
             roles = list(DELTANET_ROLES)
+        elif self.cfg.mixer(layer) == "mamba2":
+            roles = list(MAMBA_ROLES)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]

@@ -107,6 +107,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     # same one, so their dot products (and the cached keys, used only in them) are unchanged
     rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rot)) if cfg.rope_interleaved \
         else (lambda t: rotary(b, t, cos, sin, d, rot))
+    if rot == 0:  # no positions in the attention at all (Granite-4.0-H): order comes from the other layers
+        rotate = lambda t: t  # noqa: E731
     q = rotate(project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM))
     k = rotate(project(Role.K, Role.K_BIAS, kv, Role.K_NORM))
     v = project(Role.V, Role.V_BIAS, kv)
@@ -229,6 +231,65 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
     gated = b.op("Mul", normed, b.op("Mul", z, b.op("Sigmoid", z)))
     gated = b.op("Reshape", gated, b.ints([1, -1, m.value_dim]))
     return linear(b, gated, w[Role.LINEAR_OUT]), present_conv, present_state
+
+
+def ssm_step(heads: int, head_dim: int, state_size: int) -> onnx.GraphProto:
+    """One token of Mamba2's selective state space, the body of a Scan over the sequence:
+
+        S = S * decay + (dt x) B^T      S [Hn, Dh, N], decay = exp(dt A) [Hn], dt x [Hn, Dh], B [Hn, N]
+        y = S C                         C [Hn, N] -> y [Hn, Dh]
+    (transformers' mamba2_selective_state_update, without the D skip, added outside)."""
+    b = GraphBuilder("ssm_step", prefix="step_")
+    state = b.input("step_state", FLOAT, [heads, head_dim, state_size])
+    xdt = b.input("step_xdt", FLOAT, [heads, head_dim])
+    bb, cc = b.input("step_b", FLOAT, [heads, state_size]), b.input("step_c", FLOAT, [heads, state_size])
+    decay = b.input("step_decay", FLOAT, [heads])
+    state = b.op("Add", b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([1, 2]))),
+                 b.op("MatMul", b.op("Unsqueeze", xdt, b.ints([2])), b.op("Unsqueeze", bb, b.ints([1]))))
+    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", cc, b.ints([2]))), b.ints([heads, head_dim]))
+    b.output(state, "step_state_out", FLOAT, [heads, head_dim, state_size])
+    b.output(out, "step_out", FLOAT, [heads, head_dim])
+    return b.graph()
+
+
+def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_state: str) -> tuple[str, str, str]:
+    """A Mamba2 mixer (Bamba's, as Granite-4.0-H runs it); returns (output, present conv window,
+    present SSM state).
+
+    z | xBC | dt = in_proj(x);  x, B, C = silu(causal_conv(xBC)) (B and C per group of heads)
+    dt = softplus(dt + dt_bias);  decay = exp(dt * -exp(A_log))
+    y  = the selective scan from the past state (a Scan: one step per token) + D x
+    out = out_proj(group_rmsnorm(y * silu(z)) * w)"""
+    m = cfg.mamba
+    n, hd, ds, g, inner = m.num_heads, m.head_dim, m.state_size, m.groups, m.intermediate
+    proj = linear(b, x, w[Role.MAMBA_IN], w.get(Role.MAMBA_IN_BIAS))
+    gate, xbc, dt = b.op("Split", proj, b.ints([inner, m.conv_dim, n]), outputs=3, axis=-1)
+    conv, present_conv = causal_conv(b, past_conv, xbc, w[Role.MAMBA_CONV].reshape(m.conv_dim, m.conv_kernel),
+                                     w.get(Role.MAMBA_CONV_BIAS))
+    conv = b.op("Mul", conv, b.op("Sigmoid", conv))
+    xs, bb, cc = b.op("Split", b.op("Reshape", conv, b.ints([-1, m.conv_dim])), b.ints([inner, g * ds, g * ds]),
+                      outputs=3, axis=-1)
+    dt = b.op("Softplus", b.op("Add", b.op("Reshape", dt, b.ints([-1, n])),
+                               b.const(w[Role.MAMBA_DT_BIAS].astype(np.float32), "dt_bias")))
+    neg_rate = -np.exp(w[Role.MAMBA_A_LOG].astype(np.float64)).astype(np.float32)
+    decay = b.op("Exp", b.op("Mul", dt, b.const(neg_rate, "a")))
+    xh = b.op("Reshape", xs, b.ints([-1, n, hd]))
+    xdt = b.op("Mul", xh, b.op("Unsqueeze", dt, b.ints([-1])))
+
+    def per_head(t: str) -> str:  # [S, G * N] -> [S, Hn, N]: each group's B (or C) for its heads
+        t = b.op("Expand", b.op("Reshape", t, b.ints([-1, g, 1, ds])), b.ints([1, g, n // g, ds]))
+        return b.op("Reshape", t, b.ints([-1, n, ds]))
+
+    state = b.op("Reshape", past_state, b.ints([n, hd, ds]))
+    final, y = b.op("Scan", state, xdt, per_head(bb), per_head(cc), decay, outputs=2, body=ssm_step(n, hd, ds),
+                    num_scan_inputs=4)
+    present_state = b.op("Reshape", final, b.ints([1, n, hd, ds]))
+    y = b.op("Add", y, b.op("Mul", xh, b.const(w[Role.MAMBA_D].astype(np.float32).reshape(n, 1), "d_skip")))
+    z = b.op("Reshape", gate, b.ints([-1, n, hd]))
+    gated = b.op("Reshape", b.op("Mul", y, b.op("Mul", z, b.op("Sigmoid", z))), b.ints([1, -1, g, inner // g]))
+    normed = rms_norm(b, gated, w[Role.MAMBA_NORM].reshape(g, inner // g), cfg.rms_norm_eps)
+    out = linear(b, b.op("Reshape", normed, b.ints([1, -1, inner])), w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS))
+    return out, present_conv, present_state
 
 
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
@@ -411,6 +472,9 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
         m = cfg.linear_attention
         return {"conv": [1, m.conv_kernel - 1, m.conv_dim],
                 "recurrent": [1, m.num_value_heads, m.key_head_dim, m.value_head_dim]}
+    if cfg.mixer(layer) == "mamba2":
+        m = cfg.mamba
+        return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
     return {}
 
 
@@ -447,7 +511,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
-        mixer = short_conv if cfg.mixer(layer) == "short_conv" else gated_deltanet
+        mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba2": mamba2}[cfg.mixer(layer)]
         mixed, *present = mixer(b, x, w, cfg, *past)
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)

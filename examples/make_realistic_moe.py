@@ -4,6 +4,11 @@ with the bundled example tokenizer (so the vocabulary is small and the experts d
 
     python examples/make_realistic_moe.py --layers 4 --out /tmp/qwen-moe-a2.7b-4l
 
+`--family qwen3_5_moe_text` makes a hybrid instead, at the layer shapes of Qwen3.5-35B-A3B (hidden
+2048; gated DeltaNet layers with 16 key and 32 value heads of 128, every fourth layer gated attention
+with 16 heads of 256 and 2 KV heads; experts of intermediate 512, top-8, a shared expert of 512) with
+`--experts` routed experts per layer (256 in the real model).
+
 Random weights (transformers' own init): for speed and memory measurements, not for text.
 With transformers' init each layer's update is as large as the residual stream it adds to, so adjacent
 router inputs are far apart (cosine 0.33-0.78) and routing cannot be predicted across layers; trained
@@ -19,7 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 EXAMPLE = Path(__file__).parent / "tiny-moe"
 
@@ -31,16 +36,30 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embedding-scale", type=float, default=1.0,
                     help="multiply the embedding by this (1: transformers' init; 100: trained-like similarity)")
+    ap.add_argument("--family", choices=("qwen2_moe", "qwen3_5_moe_text"), default="qwen2_moe")
+    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 60 / 64)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    config = Qwen2MoeConfig(
-        vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,
-        num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
-        max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=False,
-        eos_token_id=0, bos_token_id=0, dtype="bfloat16",
-    )
-    model = Qwen2MoeForCausalLM(config).to(torch.bfloat16).eval()
+    if args.family == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,
+            num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632, num_experts=args.experts or 60, num_experts_per_tok=4,
+            norm_topk_prob=False, max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=False,
+            eos_token_id=0, bos_token_id=0, dtype="bfloat16",
+        )
+        model = Qwen2MoeForCausalLM(config)
+    else:
+        config = Qwen3_5MoeTextConfig(
+            vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,
+            num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+            moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=args.experts or 64,
+            num_experts_per_tok=8, max_position_embeddings=8192, tie_word_embeddings=False,
+            eos_token_id=0, bos_token_id=0, dtype="bfloat16",
+        )
+        model = Qwen3_5MoeForCausalLM(config)
+    model = model.to(torch.bfloat16).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(args.embedding_scale)
     model.save_pretrained(args.out, max_shard_size="2GB")

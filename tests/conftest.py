@@ -75,6 +75,10 @@ CASES = {
     # test_parity.ROUTING_FLIPS_AT_INT4)
     "qwen3_5_moe_text": dict(family="qwen3_5_moe_text", seed=32),
     "qwen3_5_moe": dict(family="qwen3_5_moe", seed=32),
+    # a hybrid: Mamba2 layers (conv window and SSM state, heads in groups) around attention without
+    # positions (as released), Granite's multipliers and shared expert; and with RoPE
+    "granitemoehybrid": dict(family="granitemoehybrid", seed=32),
+    "granitemoehybrid-rope": dict(family="granitemoehybrid", seed=33, position_embedding_type="rope"),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

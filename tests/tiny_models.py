@@ -237,13 +237,25 @@ def qwen3_5_moe_config(**overrides):
     return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
 
 
+def granitemoehybrid_config(**overrides):
+    from transformers import GraniteMoeHybridConfig
+
+    # a hybrid: Mamba2 layers (8 heads in 2 groups) around an attention layer, Granite's multipliers
+    return GraniteMoeHybridConfig(**{**COMMON, "intermediate_size": 48, "shared_intermediate_size": 40,
+                                     "num_hidden_layers": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                     "layer_types": ["mamba", "attention", "mamba", "mamba"], "mamba_n_heads": 8,
+                                     "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+                                     "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                     "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
            "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
            "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config,
            "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
-           "qwen3_5_moe": qwen3_5_moe_config}
+           "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

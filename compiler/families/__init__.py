@@ -19,6 +19,7 @@ _MODULES = {
     "gpt_oss": "gpt_oss",
     "granitemoe": "granitemoe",
     "granitemoe_swa": "granitemoe_swa",
+    "granitemoehybrid": "granitemoehybrid",
     "granitemoeshared": "granitemoeshared",
     "lfm2_moe": "lfm2_moe",
     "mixtral": "mixtral",

@@ -77,6 +77,19 @@ class Role(enum.Enum):
     LINEAR_A_LOG = "linear_a_log"
     LINEAR_NORM = "linear_norm"
     LINEAR_OUT = "linear_out"
+    # a Mamba2 mixer (Granite-4.0-H, Nemotron-H): in_proj to z | x B C | dt [I + conv + heads, H]; a
+    # depthwise causal conv over x B C [conv, 1, L]; dt_bias, A_log, D [heads]; a gated RMSNorm per
+    # group [I]; out_proj [H, I]; in/out/conv biases optional
+    MAMBA_IN = "mamba_in"
+    MAMBA_IN_BIAS = "mamba_in_bias"
+    MAMBA_CONV = "mamba_conv"
+    MAMBA_CONV_BIAS = "mamba_conv_bias"
+    MAMBA_DT_BIAS = "mamba_dt_bias"
+    MAMBA_A_LOG = "mamba_a_log"
+    MAMBA_D = "mamba_d"
+    MAMBA_NORM = "mamba_norm"
+    MAMBA_OUT = "mamba_out"
+    MAMBA_OUT_BIAS = "mamba_out_bias"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -138,6 +151,26 @@ class LinearAttention:
 
 
 @dataclass(frozen=True)
+class Mamba2:
+    """A Mamba2 mixer's sizes: heads of `head_dim` channels (intermediate = heads x head_dim), B and
+    C shared by groups of heads, the SSM state size, the short convolution's width."""
+
+    num_heads: int
+    head_dim: int
+    state_size: int
+    groups: int
+    conv_kernel: int
+
+    @property
+    def intermediate(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate + 2 * self.groups * self.state_size
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """config.json, read into the numbers the exporter needs (names differ across families)."""
 
@@ -192,6 +225,7 @@ class ArchConfig:
     layer_mixers: tuple[str, ...] | None = None
     conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
     linear_attention: LinearAttention | None = None  # the gated DeltaNet layers' sizes
+    mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
@@ -245,6 +279,13 @@ class ArchConfig:
                         or m.num_value_heads % m.num_key_heads:
                     raise ModelError(f"config.json: linear attention sizes {sizes} must be integers > 0, the "
                                      "value heads a multiple of the key heads")
+            if "mamba2" in self.layer_mixers:
+                m = self.mamba
+                sizes = (m.num_heads, m.head_dim, m.state_size, m.groups, m.conv_kernel) if m else ()
+                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) \
+                        or m.num_heads % m.groups:
+                    raise ModelError(f"config.json: Mamba sizes {sizes} must be integers > 0, the heads a "
+                                     "multiple of the groups")
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

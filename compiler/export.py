@@ -51,12 +51,15 @@ DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
 SHORT_CONV_ROLES = (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM)
 MAMBA_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_DT_BIAS, Role.MAMBA_A_LOG, Role.MAMBA_D,
                Role.MAMBA_NORM, Role.MAMBA_OUT, Role.MLP_NORM)
+MAMBA1_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_X, Role.MAMBA_DT, Role.MAMBA_DT_BIAS,
+                Role.MAMBA_A_LOG, Role.MAMBA_D, Role.MAMBA_OUT, Role.MLP_NORM)
 DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
                   Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS,
-                        Role.MAMBA_IN_BIAS, Role.MAMBA_CONV_BIAS, Role.MAMBA_OUT_BIAS)
+                        Role.MAMBA_IN_BIAS, Role.MAMBA_CONV_BIAS, Role.MAMBA_OUT_BIAS, Role.MAMBA_DT_NORM,
+                        Role.MAMBA_B_NORM, Role.MAMBA_C_NORM)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,13 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
 
 
 def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    if c.mamba1 is not None:
+        m, h = c.mamba1, c.hidden_size
+        i, n, r = m.intermediate, m.state_size, m.dt_rank
+        return {Role.MAMBA_IN: (2 * i, h), Role.MAMBA_IN_BIAS: (2 * i,), Role.MAMBA_CONV: (i, 1, m.conv_kernel),
+                Role.MAMBA_CONV_BIAS: (i,), Role.MAMBA_X: (r + 2 * n, i), Role.MAMBA_DT: (i, r),
+                Role.MAMBA_DT_BIAS: (i,), Role.MAMBA_A_LOG: (i, n), Role.MAMBA_D: (i,), Role.MAMBA_DT_NORM: (r,),
+                Role.MAMBA_B_NORM: (n,), Role.MAMBA_C_NORM: (n,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
     m = c.mamba
     if m is None:
         return {}
@@ -324,6 +334,8 @@ class WeightReader:
             roles = list(DELTANET_ROLES)
         elif self.cfg.mixer(layer) == "mamba2":
             roles = list(MAMBA_ROLES)
+        elif self.cfg.mixer(layer) == "mamba":
+            roles = list(MAMBA1_ROLES)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]

@@ -292,6 +292,56 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     return out, present_conv, present_state
 
 
+def selective_step(channels: int, state_size: int, neg_rate: np.ndarray) -> onnx.GraphProto:
+    """One token of Mamba's selective scan, per channel, the body of a Scan over the sequence:
+
+        S = S * exp(dt A) + (dt x) B^T      S [I, N], A = -exp(A_log) [I, N], dt and dt x [I], B [N]
+        y = S C                             C [N] -> y [I]
+    (transformers' Jamba mamba_selective_state_update, without the D skip and the gate)."""
+    b = GraphBuilder("selective_step", prefix="step_")
+    state = b.input("step_state", FLOAT, [channels, state_size])
+    dt, xdt = b.input("step_dt", FLOAT, [channels]), b.input("step_xdt", FLOAT, [channels])
+    bb, cc = b.input("step_b", FLOAT, [state_size]), b.input("step_c", FLOAT, [state_size])
+    decay = b.op("Exp", b.op("Mul", b.op("Unsqueeze", dt, b.ints([1])), b.const(neg_rate, "a")))
+    state = b.op("Add", b.op("Mul", state, decay),
+                 b.op("MatMul", b.op("Unsqueeze", xdt, b.ints([1])), b.op("Unsqueeze", bb, b.ints([0]))))
+    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", cc, b.ints([1]))), b.ints([channels]))
+    b.output(state, "step_state_out", FLOAT, [channels, state_size])
+    b.output(out, "step_out", FLOAT, [channels])
+    return b.graph()
+
+
+def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_state: str) -> tuple[str, str, str]:
+    """A Mamba (1) mixer as Jamba runs it; returns (output, present conv window, present SSM state).
+
+    u | z = in_proj(x);  u = silu(causal_conv(u));  dt_low | B | C = x_proj(u) (each RMS-normalized in Jamba)
+    dt = softplus(dt_proj(dt_low) + bias);  y = the selective scan from the past state + D u
+    out = out_proj(y * silu(z))"""
+    m = cfg.mamba1
+    i, n, r = m.intermediate, m.state_size, m.dt_rank
+    u, gate = b.op("Split", linear(b, x, w[Role.MAMBA_IN], w.get(Role.MAMBA_IN_BIAS)), b.ints([i, i]), outputs=2,
+                   axis=-1)
+    conv, present_conv = causal_conv(b, past_conv, u, w[Role.MAMBA_CONV].reshape(i, m.conv_kernel),
+                                     w.get(Role.MAMBA_CONV_BIAS))
+    rows = b.op("Reshape", b.op("Mul", conv, b.op("Sigmoid", conv)), b.ints([-1, i]))
+    dt_low, bb, cc = b.op("Split", linear(b, rows, w[Role.MAMBA_X]), b.ints([r, n, n]), outputs=3, axis=-1)
+
+    def normed(t: str, role: Role) -> str:
+        return rms_norm(b, t, w[role], cfg.rms_norm_eps) if role in w else t
+
+    dt_low, bb, cc = normed(dt_low, Role.MAMBA_DT_NORM), normed(bb, Role.MAMBA_B_NORM), normed(cc, Role.MAMBA_C_NORM)
+    dt = b.op("Softplus", linear(b, dt_low, w[Role.MAMBA_DT], w[Role.MAMBA_DT_BIAS]))
+    neg_rate = -np.exp(w[Role.MAMBA_A_LOG].astype(np.float64)).astype(np.float32)
+    state = b.op("Reshape", past_state, b.ints([i, n]))
+    final, y = b.op("Scan", state, dt, b.op("Mul", rows, dt), bb, cc, outputs=2, body=selective_step(i, n, neg_rate),
+                    num_scan_inputs=4)
+    present_state = b.op("Reshape", final, b.ints([1, i, n]))
+    y = b.op("Add", y, b.op("Mul", rows, b.const(w[Role.MAMBA_D].astype(np.float32), "d_skip")))
+    z = b.op("Reshape", gate, b.ints([-1, i]))
+    y = b.op("Reshape", b.op("Mul", y, b.op("Mul", z, b.op("Sigmoid", z))), b.ints([1, -1, i]))
+    return linear(b, y, w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS)), present_conv, present_state
+
+
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
     """One step of sparsemixer at inference (transformers' `sparsemixer`, eval branch):
 
@@ -475,6 +525,9 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
     if cfg.mixer(layer) == "mamba2":
         m = cfg.mamba
         return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
+    if cfg.mixer(layer) == "mamba":
+        m = cfg.mamba1
+        return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
     return {}
 
 
@@ -511,7 +564,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
-        mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba2": mamba2}[cfg.mixer(layer)]
+        mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba": mamba1,
+                 "mamba2": mamba2}[cfg.mixer(layer)]
         mixed, *present = mixer(b, x, w, cfg, *past)
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)

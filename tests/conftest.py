@@ -79,6 +79,9 @@ CASES = {
     # positions (as released), Granite's multipliers and shared expert; and with RoPE
     "granitemoehybrid": dict(family="granitemoehybrid", seed=32),
     "granitemoehybrid-rope": dict(family="granitemoehybrid", seed=33, position_embedding_type="rope"),
+    # a hybrid: Mamba (1) layers with normalized dt, B, C around attention without positions; MoE and
+    # dense layers alternating
+    "jamba": dict(family="jamba", seed=34),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

@@ -1,7 +1,7 @@
 """Hybrid models: layers whose mixer carries a fixed-size state beside the attention layers' keys
 and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE (short convolutions) and a
-tiny Qwen3-Next (gated DeltaNet: a convolution window and a recurrent state) and a tiny Granite-4.0-H
-(Mamba2: a convolution window and an SSM state). Parity with
+tiny Qwen3-Next (gated DeltaNet: a convolution window and a recurrent state), a tiny Granite-4.0-H
+(Mamba2: a convolution window and an SSM state) and a tiny Jamba (Mamba per channel). Parity with
 transformers is in test_parity.py; these check what the runtime does with the state."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ GREEDY = SamplingConfig()
 
 MIXERS = {"lfm2_moe": ["short_conv", "attention", "short_conv", "short_conv"],
           "qwen3_next": ["gated_deltanet", "gated_deltanet", "attention", "gated_deltanet"],
-          "granitemoehybrid": ["mamba2", "attention", "mamba2", "mamba2"]}
+          "granitemoehybrid": ["mamba2", "attention", "mamba2", "mamba2"],
+          "jamba": ["mamba", "attention", "mamba", "mamba"]}
 
 
 @pytest.fixture(scope="module", params=sorted(MIXERS))

@@ -41,7 +41,9 @@ def moe_block(layer):
 
 def mlp_norm(layer):
     """The norm before the MLP, whatever the family calls it."""
-    return layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.ffn_norm
+    for name in ("post_attention_layernorm", "ffn_norm", "pre_ff_layernorm"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
 
 
 def router_of(layer):
@@ -120,7 +122,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
-                                    "granitemoehybrid"])
+                                    "granitemoehybrid", "jamba"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -249,13 +249,24 @@ def granitemoehybrid_config(**overrides):
                                      "attention_multiplier": 0.03, "logits_scaling": 6.0, **overrides})
 
 
+def jamba_config(**overrides):
+    from transformers import JambaConfig
+
+    # a hybrid: Mamba layers around an attention layer (period 4, offset 1), MoE every other layer
+    return JambaConfig(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 4, "num_experts": 8,
+                          "num_experts_per_tok": 2, "attn_layer_period": 4, "attn_layer_offset": 1,
+                          "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 8, "mamba_d_conv": 4,
+                          "mamba_expand": 2, "mamba_dt_rank": 8, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
            "ernie4_5_moe": ernie4_5_moe_config, "glm4_moe_lite": glm4_moe_lite_config,
            "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config,
            "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
-           "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config}
+           "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config,
+           "jamba": jamba_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -90,6 +90,14 @@ class Role(enum.Enum):
     MAMBA_NORM = "mamba_norm"
     MAMBA_OUT = "mamba_out"
     MAMBA_OUT_BIAS = "mamba_out_bias"
+    # a Mamba (1) mixer (Jamba) has in_proj to x | z [2 I, H], conv, out_proj and their biases as above,
+    # and a per-channel SSM: x_proj to dt_low | B | C [R + 2 N, I], dt_proj [I, R] with its bias
+    # (MAMBA_DT_BIAS) [I], A_log [I, N], D [I]; Jamba also normalizes dt_low, B and C (RMSNorm)
+    MAMBA_X = "mamba_x"
+    MAMBA_DT = "mamba_dt"
+    MAMBA_DT_NORM = "mamba_dt_norm"
+    MAMBA_B_NORM = "mamba_b_norm"
+    MAMBA_C_NORM = "mamba_c_norm"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -171,6 +179,17 @@ class Mamba2:
 
 
 @dataclass(frozen=True)
+class Mamba1:
+    """A Mamba (1) mixer's sizes: channels, SSM state per channel, the rank of dt's projection, the
+    short convolution's width."""
+
+    intermediate: int
+    state_size: int
+    dt_rank: int
+    conv_kernel: int
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """config.json, read into the numbers the exporter needs (names differ across families)."""
 
@@ -226,6 +245,7 @@ class ArchConfig:
     conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
     linear_attention: LinearAttention | None = None  # the gated DeltaNet layers' sizes
     mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
+    mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
@@ -279,6 +299,11 @@ class ArchConfig:
                         or m.num_value_heads % m.num_key_heads:
                     raise ModelError(f"config.json: linear attention sizes {sizes} must be integers > 0, the "
                                      "value heads a multiple of the key heads")
+            if "mamba" in self.layer_mixers:
+                m = self.mamba1
+                sizes = (m.intermediate, m.state_size, m.dt_rank, m.conv_kernel) if m else ()
+                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+                    raise ModelError(f"config.json: Mamba sizes {sizes} must be integers > 0")
             if "mamba2" in self.layer_mixers:
                 m = self.mamba
                 sizes = (m.num_heads, m.head_dim, m.state_size, m.groups, m.conv_kernel) if m else ()

@@ -105,3 +105,41 @@ def test_a_state_shape_that_contradicts_the_graph_is_one_line(hybrid, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="past_conv is declared"):
         FateModel.load(target)
+
+
+def test_an_artifact_written_before_layer_state_still_runs(tmp_path):
+    """Schema 1.1 manifests have no `mixer` or `state`: every layer is attention, as before."""
+    built = Built(tmp_path / "mixtral", **CASES["mixtral"])
+    target = tmp_path / "old"
+    shutil.copytree(built.artifact(4), target)
+    path = target / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = "1.1"
+    for layer in manifest["layers"]:
+        del layer["mixer"], layer["state"]
+    path.write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(FateModel.load(target).logits(PROMPT), FateModel.load(built.artifact(4)).logits(PROMPT))
+
+
+@pytest.mark.parametrize("family, edit, fragment", [
+    ("lfm2_moe", {"layer_types": ["conv", "sliding_attention", "conv", "conv"]}, "layer_types must list"),
+    ("lfm2_moe", {"layer_types": ["conv", "full_attention"]}, "for each of the 4 layers"),
+    ("qwen3_next", {"linear_num_value_heads": 3}, "multiple of the key heads"),
+    ("qwen3_next", {"layer_types": None, "full_attention_interval": 0}, "full_attention_interval"),
+    ("granitemoehybrid", {"mamba_n_heads": 7}, "mamba_d_head"),
+    ("granitemoehybrid", {"time_step_limit": [0.0, 1.0]}, "time_step_limit"),
+    ("jamba", {"attn_layer_offset": 9}, "attn_layer_offset"),
+    ("jamba", {"num_experts": 1}, "dense model"),
+])
+def test_hybrid_configs_that_cannot_be_run_are_one_line(tmp_path, family, edit, fragment):
+    from fate.artifacts import ModelError
+
+    from tiny_models import make_model
+
+    ckpt = tmp_path / "ckpt"
+    make_model(family, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(edit)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=fragment):
+        compile_checkpoint(CompileOptions(ckpt, tmp_path / "art", bits=(4,)), log=lambda _m: None)

@@ -462,6 +462,15 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
     )
 
 
+def mixers_of_types(types: Any, mixer_of_type: dict[str, str], layers: int) -> tuple[str, ...]:
+    """Each layer's token mixer from a config's list of layer types (hybrid families), one per layer."""
+    if not isinstance(types, list) or len(types) != layers or any(
+            not isinstance(t, str) or t not in mixer_of_type for t in types):
+        raise ModelError(f"config.json: layer_types must list one of {', '.join(mixer_of_type)} for each of the "
+                         f"{layers} layers, got {types!r}")
+    return tuple(mixer_of_type[t] for t in types)
+
+
 def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
     """Per-layer sliding windows from transformers' `layer_types` (None: full attention)."""
     types = cfg.get("layer_types") or ["full_attention"] * (cfg.get("num_hidden_layers") or 0)

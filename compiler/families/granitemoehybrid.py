@@ -10,7 +10,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, Mamba2, Role, optional, require
+from .base import Family, Mamba2, Role, mixers_of_types, optional, require
 from .granitemoeshared import FAMILY as GRANITEMOESHARED
 from .granitemoeshared import read_config as read_granitemoeshared_config
 
@@ -21,9 +21,7 @@ MIXER_OF_TYPE = {"mamba": "mamba2", "linear_attention": "mamba2", "attention": "
 def layer_mixers(cfg: dict) -> tuple[str, ...]:
     layers = require(cfg, "num_hidden_layers")
     types = cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"] * layers
-    if not isinstance(types, list) or any(t not in MIXER_OF_TYPE for t in types):
-        raise ModelError(f"config.json: layer_types must list {', '.join(MIXER_OF_TYPE)} per layer, got {types!r}")
-    return tuple(MIXER_OF_TYPE[t] for t in types)
+    return mixers_of_types(types, MIXER_OF_TYPE, layers)
 
 
 def number(value) -> float | None:

@@ -8,7 +8,7 @@ chosen by score + `expert_bias`, top-k weights renormalized with a 1e-6 guard an
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import ArchConfig, Family, Role, common_fields, optional, require
+from .base import ArchConfig, Family, Role, common_fields, mixers_of_types, optional, require
 
 MIXER_OF_TYPE = {"full_attention": "attention", "conv": "short_conv"}
 
@@ -23,9 +23,7 @@ def layer_mixers(cfg: dict) -> tuple[str, ...]:
         if not isinstance(attention, (list, range)) or not all(isinstance(i, int) for i in attention):
             raise ModelError("config.json: full_attn_idxs must be a list of layer indices")
         return tuple("attention" if i in attention else "short_conv" for i in range(layers))
-    if not isinstance(types, list) or any(t not in MIXER_OF_TYPE for t in types):
-        raise ModelError(f"config.json: layer_types must list {' or '.join(MIXER_OF_TYPE)} per layer, got {types!r}")
-    return tuple(MIXER_OF_TYPE[t] for t in types)
+    return mixers_of_types(types, MIXER_OF_TYPE, layers)
 
 
 def read_config(cfg: dict) -> ArchConfig:

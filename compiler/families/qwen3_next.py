@@ -11,7 +11,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, LinearAttention, Role, optional, require
+from .base import Family, LinearAttention, Role, mixers_of_types, optional, require
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen2_moe import read_config as read_qwen2_moe_config
 
@@ -26,9 +26,7 @@ def layer_mixers(cfg: dict) -> tuple[str, ...]:
         if interval < 1:
             raise ModelError(f"config.json: full_attention_interval must be >= 1, got {interval}")
         types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
-    if not isinstance(types, list) or any(t not in MIXER_OF_TYPE for t in types):
-        raise ModelError(f"config.json: layer_types must list {' or '.join(MIXER_OF_TYPE)} per layer, got {types!r}")
-    return tuple(MIXER_OF_TYPE[t] for t in types)
+    return mixers_of_types(types, MIXER_OF_TYPE, layers)
 
 
 def linear_attention(cfg: dict, fused: bool) -> LinearAttention:

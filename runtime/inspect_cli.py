@@ -4,6 +4,7 @@ decided, per MoE layer; the HTML report is one self-contained file (inline SVG, 
 from __future__ import annotations
 
 import html
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -35,6 +36,7 @@ def rows(manifest: Manifest, profile: Profile) -> list[dict[str, str]]:
         prev = p.predictors.get("previous_token")
         out.append({
             "layer": str(p.index),
+            "mixer": manifest.layers[p.index].mixer,
             "similarity": fmt(p.similarity_mean),
             "cross@k": fmt(cross.decode[0] if cross else None),
             "eap@k": fmt(eap.decode[0] if eap else None),
@@ -108,6 +110,10 @@ def main(artifact: str, html_out: Path | None) -> None:
                    f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, "
                    f"dense weights {m.model.dense_precision}; Fate {m.fate_version}")
         click.echo(f"identity: sha256:{art.digest}")
+        mixers = Counter(layer.mixer for layer in m.layers)
+        if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
+            click.echo(f"mixers: {', '.join(f'{n} {name}' for name, n in sorted(mixers.items()))}; a sequence carries "
+                       f"{m.state_bytes / 1e6:.2f} MB of fixed-size layer state beside its keys and values")
         if not m.profile:
             if html_out is not None:
                 raise FateError("--html: this artifact has no calibration profile to report (compiled with --calib none)")

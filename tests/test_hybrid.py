@@ -85,6 +85,16 @@ def test_offloaded_runs_give_the_all_resident_tokens(calibrated, budget):
         model.close()
 
 
+def test_inspect_names_each_mixer_and_the_state_a_sequence_carries(calibrated):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).parent / "fate-inspect"), str(calibrated)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "mixers: 1 attention, 3 " in out and "MB of fixed-size layer state" in out
+
+
 def test_a_follow_up_turn_on_the_kept_state_equals_a_fresh_run(hybrid):
     model = FateModel.load(hybrid.artifact(32))
     cache = model.new_cache()

@@ -97,7 +97,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
         if cfg.clip_qkv is not None:
             y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
-        if norm_role is not None and cfg.qk_norm == "head":
+        if norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope:
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         return b.op("Transpose", y, perm=[0, 2, 1, 3])
 
@@ -111,6 +111,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
         rotate = lambda t: t  # noqa: E731
     q = rotate(project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM))
     k = rotate(project(Role.K, Role.K_BIAS, kv, Role.K_NORM))
+    if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
+        q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(Role.V, Role.V_BIAS, kv)
     present_k = b.op("Concat", past_k, k, axis=2)
     present_v = b.op("Concat", past_v, v, axis=2)

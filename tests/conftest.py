@@ -82,6 +82,8 @@ CASES = {
     # a hybrid: Mamba (1) layers with normalized dt, B, C around attention without positions; MoE and
     # dense layers alternating
     "jamba": dict(family="jamba", seed=34),
+    # q/k norms after RoPE, NTK-alpha RoPE, q/k/v/o biases, a shared MLP beside the experts
+    "hunyuan_v1_moe": dict(family="hunyuan_v1_moe", seed=35),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

@@ -98,7 +98,8 @@ def dequantized_dense_copy(hf, bits: int):
 
     model = copy.deepcopy(hf)
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("shared_expert_gate"):
+        # routers stay float32 in Fate: HunYuan's is a Linear (`gate.wg`), the others are parameters
+        if isinstance(module, torch.nn.Linear) and not name.endswith(("shared_expert_gate", "gate.wg")):
             w = module.weight.detach().float().numpy()
             stored = dequantize(quantize(w, bits))  # the default block size, as the compiler uses
             module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(stored)))  # unties an LM head

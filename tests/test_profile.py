@@ -50,7 +50,15 @@ def router_of(layer):
     """The router module of an MoE layer; None for a dense layer."""
     block = moe_block(layer)
     router = getattr(block, "gate", None) or getattr(block, "router", None)
-    return router if isinstance(getattr(router, "weight", None), torch.Tensor) else None
+    return router if router_weight(router) is not None else None
+
+
+def router_weight(router):
+    """The router's [experts, hidden] weight: its own, or its Linear's (HunYuan's `wg`)."""
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) and isinstance(getattr(router, "wg", None), torch.nn.Linear):
+        weight = router.wg.weight
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def transformers_routing(hf, ids: np.ndarray):
@@ -83,7 +91,7 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     eval_from = profile.calibration_tokens - profile.eval_tokens
     for layer in [p.index for p in profile.layers if p.index > 0]:
         module = router_of(hf.model.layers[layer])
-        router = module.weight.detach().numpy()
+        router = router_weight(module).detach().numpy()
         actual = np.zeros((len(chosen[layer]), router.shape[0]), bool)
         np.put_along_axis(actual, chosen[layer].astype(np.int64), True, axis=1)
 
@@ -122,7 +130,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
-                                    "granitemoehybrid", "jamba"])
+                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -259,6 +259,16 @@ def jamba_config(**overrides):
                           "mamba_expand": 2, "mamba_dt_rank": 8, **overrides})
 
 
+def hunyuan_v1_moe_config(**overrides):
+    from transformers import HunYuanMoEV1Config
+
+    # q/k norms after RoPE; RoPE as checkpoints ship it ("dynamic" with a fixed alpha)
+    return HunYuanMoEV1Config(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3, "num_experts": 8,
+                                 "moe_topk": 2, "head_dim": 16, "attention_bias": True, "rope_parameters": {
+                                     "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0},
+                                 **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
@@ -266,7 +276,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config,
            "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
            "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config,
-           "jamba": jamba_config}
+           "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -22,6 +22,7 @@ _MODULES = {
     "granitemoehybrid": "granitemoehybrid",
     "granitemoeshared": "granitemoeshared",
     "lfm2_moe": "lfm2_moe",
+    "hunyuan_v1_moe": "hunyuan_v1_moe",
     "jamba": "jamba",
     "mixtral": "mixtral",
     "olmoe": "olmoe",

@@ -214,6 +214,7 @@ class ArchConfig:
     tie_word_embeddings: bool
     eos_token_ids: list[int] = field(default_factory=list)
     qk_norm: str = "none"  # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE)
+    qk_norm_after_rope: bool = False  # the per-head norm applied to the rotated q and k (HunYuan)
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
     # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling

@@ -84,6 +84,8 @@ CASES = {
     "jamba": dict(family="jamba", seed=34),
     # q/k norms after RoPE, NTK-alpha RoPE, q/k/v/o biases, a shared MLP beside the experts
     "hunyuan_v1_moe": dict(family="hunyuan_v1_moe", seed=35),
+    # q/k norms over whole projections, rotary_dim, sigmoid routing with a correction bias
+    "minimax_m2": dict(family="minimax_m2", seed=36),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

@@ -97,10 +97,13 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
 
         def rank_scores(logits: np.ndarray) -> np.ndarray:
             """What the router ranks by: logits (+ its bias, GPT-OSS), or sigmoid + correction bias
-            (DeepSeek-V3; LFM2 keeps it on the MoE block)."""
+            (DeepSeek-V3; LFM2 and MiniMax-M2 keep it on the MoE block)."""
             if getattr(module, "bias", None) is not None:
                 logits = logits + module.bias.detach().numpy()
-            bias = getattr(module, "e_score_correction_bias", getattr(moe_block(hf.model.layers[layer]), "expert_bias", None))
+            block = moe_block(hf.model.layers[layer])
+            bias = next((b for b in (getattr(module, "e_score_correction_bias", None),
+                                     getattr(block, "e_score_correction_bias", None), getattr(block, "expert_bias", None))
+                         if b is not None), None)
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
         with torch.no_grad():  # the next layer's own norm module, whatever its kind
@@ -130,7 +133,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
-                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe"])
+                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -269,6 +269,14 @@ def hunyuan_v1_moe_config(**overrides):
                                  **overrides})
 
 
+def minimax_m2_config(**overrides):
+    from transformers import MiniMaxM2Config
+
+    # q/k norms over whole projections, half of each head rotated (rotary_dim), sigmoid routing with a bias
+    return MiniMaxM2Config(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3, "num_local_experts": 8,
+                              "num_experts_per_tok": 2, "head_dim": 16, "rotary_dim": 8, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
@@ -276,7 +284,8 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "solar_open": solar_open_config, "granitemoe_swa": granitemoe_swa_config, "lfm2_moe": lfm2_moe_config,
            "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
            "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config,
-           "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config}
+           "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config,
+           "minimax_m2": minimax_m2_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

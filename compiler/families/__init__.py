@@ -24,6 +24,7 @@ _MODULES = {
     "lfm2_moe": "lfm2_moe",
     "hunyuan_v1_moe": "hunyuan_v1_moe",
     "jamba": "jamba",
+    "minimax_m2": "minimax_m2",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
     "phimoe": "phimoe",

@@ -141,17 +141,22 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
-    def get(self, name: str, index: int | None = None, raw: bool = False) -> np.ndarray:
+    def get(self, name: str, index: int | None = None, raw: bool = False, parts: int | None = None) -> np.ndarray:
         """The tensor (or, with `index`, its slice [index] along the first axis, e.g. one expert of
-        a fused expert tensor) as float32 numpy, bf16/fp16 widened, read with one positioned read;
-        with `raw`, in its stored dtype (packed quantized data)."""
+        a fused expert tensor; with `parts` too, block [index] of that many equal blocks of rows,
+        e.g. one expert of experts stacked as [E * I, H]) as float32 numpy, bf16/fp16 widened, read
+        with one positioned read; with `raw`, in its stored dtype (packed quantized data)."""
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"checkpoint {self.dir} has no tensor {name}")
         start, length, shape = info.start, info.length, info.shape
         if index is not None:
-            length //= shape[0]
-            start, shape = start + index * length, shape[1:]
+            parts = parts or shape[0]
+            if shape[0] % parts or not 0 <= index < parts:
+                raise ModelError(f"checkpoint tensor {name} {list(shape)} has no block {index} of {parts}")
+            length //= parts
+            rows = shape[0] // parts
+            start, shape = start + index * length, (shape[1:] if parts == shape[0] else (rows, *shape[1:]))
         data = read_range(info.path, start, length, uncached=True)  # read once: no page-cache copy kept
         if len(data) != length:
             raise ModelError(f"{info.path} changed while reading {name}")

@@ -128,6 +128,9 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         **linear_shapes(c),
         **mamba_shapes(c),
         **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate else {}),
+        **({Role.Q: (q + 2 * kv, h), Role.K: (q + 2 * kv, h), Role.V: (q + 2 * kv, h)} if c.qkv_fused else {}),
+        **({Role.EXPERTS_GATE_UP: (c.num_experts * i_moe, h), Role.EXPERTS_UP: (c.num_experts * i_moe, h),
+            Role.EXPERTS_DOWN: (c.num_experts * i_moe, h)} if c.fused_layout == "stacked" else {}),
     }[role]
 
 
@@ -218,6 +221,10 @@ class WeightReader:
             # [heads, 2 D, H]: each head's query rows, then its gate rows
             both = self.ckpt.get(self.check(role, layer)).reshape(self.cfg.num_heads, 2, self.cfg.head_dim, -1)
             tensor = both[:, 0 if role == Role.Q else 1].reshape(self.cfg.num_heads * self.cfg.head_dim, -1)
+        elif role in (Role.Q, Role.K, Role.V) and self.cfg.qkv_fused:
+            q, kv = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
+            start, size = {Role.Q: (0, q), Role.K: (q, kv), Role.V: (q + kv, kv)}[role]
+            tensor = self.ckpt.get(self.check(role, layer))[start:start + size]
         elif role in FUSED_LINEAR and self.cfg.linear_attention and self.cfg.linear_attention.fused:
             tensor = self._fused_linear(role, layer)
         else:
@@ -268,6 +275,11 @@ class WeightReader:
         """One expert's projection ([out, in]) out of the layer's fused tensors (one positioned read each)."""
         if self.mxfp4(layer):
             return self._mxfp4_expert(role, layer, expert)
+        if self.cfg.fused_layout == "stacked":  # [E * I, H] each; down stored transposed
+            source = {Role.EXPERT_GATE: Role.EXPERTS_GATE_UP, Role.EXPERT_UP: Role.EXPERTS_UP,
+                      Role.EXPERT_DOWN: Role.EXPERTS_DOWN}[role]
+            block = self.ckpt.get(self.check(source, layer), index=expert, parts=self.cfg.num_experts)
+            return np.ascontiguousarray(block.T) if role == Role.EXPERT_DOWN else block
         interleaved = self.cfg.fused_layout == "interleaved"
         if role == Role.EXPERT_DOWN:
             down = self.ckpt.get(self.check(Role.EXPERTS_DOWN, layer), index=expert)
@@ -301,6 +313,7 @@ class WeightReader:
             if layer in self.cfg.moe_layers and self.fused:
                 packed = (Role.EXPERTS_GATE_UP_BLOCKS, Role.EXPERTS_GATE_UP_SCALES, Role.EXPERTS_DOWN_BLOCKS,
                           Role.EXPERTS_DOWN_SCALES) if self.mxfp4(layer) else (Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN)
+                packed += (Role.EXPERTS_UP,) if self.cfg.fused_layout == "stacked" else ()
                 names.update(self.check(role, layer) for role in packed)
                 names.update(self.check(role, layer) for role in (Role.EXPERTS_GATE_UP_BIAS, Role.EXPERTS_DOWN_BIAS)
                              if self.present(role, layer))

@@ -33,8 +33,12 @@ def calibrated(tmp_path_factory) -> Path:
     return out
 
 
+def decoder_layers(hf):
+    return hf.transformer.blocks if hasattr(hf, "transformer") else hf.model.layers
+
+
 def moe_block(layer):
-    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+    for name in ("mlp", "block_sparse_moe", "feed_forward", "ffn"):
         if hasattr(layer, name):
             return getattr(layer, name)
 
@@ -44,6 +48,7 @@ def mlp_norm(layer):
     for name in ("post_attention_layernorm", "ffn_norm", "pre_ff_layernorm"):
         if hasattr(layer, name):
             return getattr(layer, name)
+    return layer.norm_attn_norm.norm_2  # DBRX
 
 
 def router_of(layer):
@@ -54,17 +59,25 @@ def router_of(layer):
 
 
 def router_weight(router):
-    """The router's [experts, hidden] weight: its own, or its Linear's (HunYuan's `wg`)."""
+    """The router's [experts, hidden] weight: its own, or its Linear's (HunYuan's `wg`, DBRX's `layer`)."""
     weight = getattr(router, "weight", None)
-    if not isinstance(weight, torch.Tensor) and isinstance(getattr(router, "wg", None), torch.nn.Linear):
-        weight = router.wg.weight
+    for name in ("wg", "layer"):
+        if not isinstance(weight, torch.Tensor) and isinstance(getattr(router, name, None), torch.nn.Linear):
+            weight = getattr(router, name).weight
     return weight if isinstance(weight, torch.Tensor) else None
 
 
-def transformers_routing(hf, ids: np.ndarray):
+def chosen_experts(out, top_k: int) -> np.ndarray:
+    """What a router module chose: the indices it returns, or (DBRX's router returns only logits)
+    the top-k of its logits, which softmax keeps in order."""
+    indices = out[2] if isinstance(out, tuple) else out.topk(top_k, dim=-1).indices
+    return indices.reshape(-1, indices.shape[-1]).numpy()
+
+
+def transformers_routing(hf, ids: np.ndarray, top_k: int):
     """Per layer, from transformers itself: router input (the MoE block's input), pre-norm hidden,
     and the experts the router chose (hooked on the router module)."""
-    layers = hf.model.layers
+    layers = decoder_layers(hf)
     captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "chosen": [[] for _ in layers]}
     hooks = []
     for i, layer in enumerate(layers):
@@ -74,7 +87,7 @@ def transformers_routing(hf, ids: np.ndarray):
             lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
         if router_of(layer) is not None:
             hooks.append(router_of(layer).register_forward_hook(
-                lambda m, a, out, i=i: captured["chosen"][i].append(out[2].reshape(-1, out[2].shape[-1]).numpy())))
+                lambda m, a, out, i=i: captured["chosen"][i].append(chosen_experts(out, top_k))))
     with torch.no_grad():
         for row in ids:
             hf(torch.tensor(row[None]))
@@ -87,10 +100,10 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     art = Artifact.open(artifact)
     profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
     ids = calibration_ids(CALIB, encode)
-    xs, hs, chosen = transformers_routing(hf, ids)
+    xs, hs, chosen = transformers_routing(hf, ids, profile.layers[0].top_k)
     eval_from = profile.calibration_tokens - profile.eval_tokens
     for layer in [p.index for p in profile.layers if p.index > 0]:
-        module = router_of(hf.model.layers[layer])
+        module = router_of(decoder_layers(hf)[layer])
         router = router_weight(module).detach().numpy()
         actual = np.zeros((len(chosen[layer]), router.shape[0]), bool)
         np.put_along_axis(actual, chosen[layer].astype(np.int64), True, axis=1)
@@ -100,14 +113,14 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
             (DeepSeek-V3; LFM2 and MiniMax-M2 keep it on the MoE block)."""
             if getattr(module, "bias", None) is not None:
                 logits = logits + module.bias.detach().numpy()
-            block = moe_block(hf.model.layers[layer])
+            block = moe_block(decoder_layers(hf)[layer])
             bias = next((b for b in (getattr(module, "e_score_correction_bias", None),
                                      getattr(block, "e_score_correction_bias", None), getattr(block, "expert_bias", None))
                          if b is not None), None)
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
         with torch.no_grad():  # the next layer's own norm module, whatever its kind
-            renormed = mlp_norm(hf.model.layers[layer])(torch.from_numpy(hs[layer - 1])).numpy()
+            renormed = mlp_norm(decoder_layers(hf)[layer])(torch.from_numpy(hs[layer - 1])).numpy()
         measured = profile.layer(layer).predictors
         for name, scores in (("cross_layer", rank_scores(xs[layer - 1] @ router.T)),
                              ("cross_layer_norm", rank_scores(renormed @ router.T))):
@@ -133,7 +146,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
-                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2"])
+                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -277,6 +277,16 @@ def minimax_m2_config(**overrides):
                               "num_experts_per_tok": 2, "head_dim": 16, "rotary_dim": 8, **overrides})
 
 
+def dbrx_config(**overrides):
+    from transformers import DbrxConfig
+
+    # fused q/k/v clamped, LayerNorm without bias, experts stacked as [E * I, H]
+    return DbrxConfig(**{"vocab_size": VOCAB, "d_model": 64, "n_heads": 4, "n_layers": 3, "max_seq_len": 256,
+                         "initializer_range": 0.1, "tie_word_embeddings": False,
+                         "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.8, "rope_theta": 10000.0},
+                         "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 8, "moe_top_k": 2}, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
@@ -285,7 +295,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "qwen3_next": qwen3_next_config, "qwen3_5_moe_text": qwen3_5_moe_text_config,
            "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config,
            "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config,
-           "minimax_m2": minimax_m2_config}
+           "minimax_m2": minimax_m2_config, "dbrx": dbrx_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

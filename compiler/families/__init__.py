@@ -10,6 +10,7 @@ from .base import ArchConfig, Family, Role
 
 # model_type -> module name under fate.compiler.families
 _MODULES = {
+    "dbrx": "dbrx",
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
     "dots1": "dots1",

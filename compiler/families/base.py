@@ -108,6 +108,7 @@ class Role(enum.Enum):
     # all experts of a layer in one tensor ({layer}): [E, 2I, H] gate rows then up rows; [E, H, I]
     EXPERTS_GATE_UP = "experts_gate_up"
     EXPERTS_DOWN = "experts_down"
+    EXPERTS_UP = "experts_up"  # the up rows apart from the gate's (DBRX: w1, v1, w2 each [E * I, H])
     EXPERTS_GATE_UP_BIAS = "experts_gate_up_bias"
     EXPERTS_DOWN_BIAS = "experts_down_bias"
     # the same in MXFP4 ([E, out, in/32, 16] codes and [E, out, in/32] scales), decoded at compile time
@@ -223,8 +224,10 @@ class ArchConfig:
     routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
     group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
     # fused expert tensors: "rows" [E, 2I, H] gate rows then up rows (Granite); "interleaved" [E, H, 2I]
-    # with gate and up alternating by column, down [E, I, H], plus biases (GPT-OSS)
+    # with gate and up alternating by column, down [E, I, H], plus biases (GPT-OSS); "stacked": gate,
+    # up and down-transposed each [E * I, H] (DBRX's w1, v1, w2)
     fused_layout: str = "rows"
+    qkv_fused: bool = False  # q, k and v rows in one tensor (DBRX's Wqkv)
     shared_fused: bool = False  # the shared expert's gate and up in one tensor, gate rows first (Granite)
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None

@@ -8,7 +8,7 @@ rotate_half over the first rotary dims, softmax router scores in float32).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -581,7 +581,9 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
         past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
         attend = latent_attention if cfg.latent_attention else attention
-        mixed, present_k, present_v = attend(b, x, w, cfg, cos, sin, bias, past_k, past_v)
+        # a layer without positions still takes cos and sin (every attention layer is fed alike)
+        positions = replace(cfg, rope_inv_freq=[]) if layer in cfg.nope_layers else cfg
+        mixed, present_k, present_v = attend(b, x, w, positions, cos, sin, bias, past_k, past_v)
         b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     h = h_attn = b.op("Add", hidden, mixed)

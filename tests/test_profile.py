@@ -146,7 +146,8 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "deepseek_v3", "gpt_oss", "glm4_moe", "dots1",
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
-                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx"])
+                                    "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
+                                    "exaone_moe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

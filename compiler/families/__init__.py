@@ -15,6 +15,7 @@ _MODULES = {
     "deepseek_v3": "deepseek_v3",
     "dots1": "dots1",
     "ernie4_5_moe": "ernie4_5_moe",
+    "exaone_moe": "exaone_moe",
     "glm4_moe": "glm4_moe",
     "glm4_moe_lite": "glm4_moe_lite",
     "gpt_oss": "gpt_oss",

@@ -233,6 +233,7 @@ class ArchConfig:
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
+    nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold

@@ -1,0 +1,88 @@
+"""EXAONE-MoE (ExaoneMoeForCausalLM, K-EXAONE): EXAONE-4 attention (per-head q/k norms; sliding
+layers from `layer_types` or `sliding_window_pattern` rotate q and k, global layers use no
+positions at all) with DeepSeek-V3's MoE (sigmoid scores, a correction bias and expert groups to
+choose, renormalized, routed scaling, shared experts) after dense first layers (`mlp_layer_types`
+or `first_k_dense_replace`)."""
+
+from fate.artifacts import ModelError
+
+from .base import (
+    DENSE_MLP,
+    LAYER as L,
+    MLP_EXPERTS,
+    SHARED_EXPERTS,
+    STANDARD_SKIP,
+    STANDARD_TENSORS,
+    ArchConfig,
+    Family,
+    Role,
+    common_fields,
+    optional,
+    require,
+)
+
+
+def layer_types(cfg: dict, layers: int) -> list[str]:
+    """transformers' rule: `layer_types`, else every `sliding_window_pattern`-th layer global and
+    the others sliding (all global without a window)."""
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern, window = cfg.get("sliding_window_pattern", 4), cfg.get("sliding_window")
+        if window is None or pattern is None:
+            types = ["full_attention"] * layers
+        elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        else:
+            raise ModelError(f"config.json: sliding_window_pattern {pattern!r} is not an integer > 0")
+    if not isinstance(types, list) or len(types) != layers or any(
+            t not in ("sliding_attention", "full_attention") for t in types):
+        raise ModelError(f"config.json: layer_types must list sliding_attention or full_attention per layer, got {types!r}")
+    return types
+
+
+def read_config(cfg: dict) -> ArchConfig:
+    common = common_fields(cfg)
+    layers = common["num_layers"]
+    types = layer_types(cfg, layers)
+    window = optional(cfg, "sliding_window", None)
+    mlp_types = cfg.get("mlp_layer_types") or ["dense" if i < (cfg.get("first_k_dense_replace", 1) or 0) else "sparse"
+                                               for i in range(layers)]
+    if not isinstance(mlp_types, list) or len(mlp_types) != layers or any(t not in ("dense", "sparse") for t in mlp_types):
+        raise ModelError(f"config.json: mlp_layer_types must list dense or sparse per layer, got {mlp_types!r}")
+    groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    return ArchConfig(
+        **common,
+        sliding_window=None,
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
+        # with a window, only the sliding layers rotate (transformers' Exaone4Attention)
+        nope_layers=frozenset(i for i, t in enumerate(types) if t == "full_attention") if window else frozenset(),
+        num_experts=require(cfg, "num_experts"),
+        top_k=require(cfg, "num_experts_per_tok"),
+        normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+        moe_intermediate_size=require(cfg, "moe_intermediate_size"),
+        dense_intermediate_size=require(cfg, "intermediate_size"),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("num_shared_experts") or 0),
+        moe_layers=frozenset(i for i, t in enumerate(mlp_types) if t == "sparse"),
+        qk_norm="head",
+        scoring="sigmoid",
+        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
+        group_topk=(groups, kept) if groups > 1 else None,
+    )
+
+
+FAMILY = Family(
+    model_type="exaone_moe",
+    architecture="ExaoneMoeForCausalLM",
+    read_config=read_config,
+    tensors={
+        **STANDARD_TENSORS,
+        Role.Q_NORM: L + ".self_attn.q_norm.weight",
+        Role.K_NORM: L + ".self_attn.k_norm.weight",
+        Role.ROUTER: L + ".mlp.gate.weight",
+        Role.ROUTER_SCORE_BIAS: L + ".mlp.e_score_correction_bias",
+        **MLP_EXPERTS,
+        **SHARED_EXPERTS,
+        **DENSE_MLP,
+    },
+    skip=STANDARD_SKIP,
+)

@@ -42,6 +42,7 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
+        self._renamed: dict[str, str] = {}  # values renamed to the graph output they became
         self.uses_ms_domain = False
 
     def fresh(self, hint: str) -> str:
@@ -53,9 +54,19 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        """Expose `value` as graph output `name` (through Identity when the names differ)."""
-        if value != name:
+        """Expose `value` as graph output `name`: the node computing it writes `name` directly (an
+        Identity per output would be an op per step, and a copy of the KV cache for present_key),
+        or through Identity where `value` is an input, a constant or already another output."""
+        value = self._renamed.get(value, value)
+        taken = {o.name for o in self.outputs} | {i.name for i in self.inputs}
+        producer = next((n for n in self.nodes if value in n.output), None)
+        if value != name and (producer is None or value in taken):
             self.nodes.append(helper.make_node("Identity", [value], [name]))
+        elif value != name:
+            for node in self.nodes:
+                node.input[:] = [name if v == value else v for v in node.input]
+                node.output[:] = [name if v == value else v for v in node.output]
+            self._renamed[value] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def const(self, array: np.ndarray, hint: str = "const", name: str | None = None) -> str:
@@ -73,7 +84,8 @@ class GraphBuilder:
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
         names = [self.fresh(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain or None, **attrs))
+        inputs = [self._renamed.get(i, i) for i in inputs]
+        self.nodes.append(helper.make_node(op_type, inputs, names, domain=domain or None, **attrs))
         if domain == MS_DOMAIN:
             self.uses_ms_domain = True
         return names[0] if outputs == 1 else names

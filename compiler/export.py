@@ -356,6 +356,8 @@ class WeightReader:
             roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
             roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
+        if self.cfg.parallel_block:
+            roles.remove(Role.MLP_NORM)
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 
     def layer(self, layer: int) -> dict[Role, np.ndarray]:
@@ -458,8 +460,11 @@ class LayerExporter:
         is_moe = layer in cfg.moe_layers
         next_layer = None
         if layer + 1 in cfg.moe_layers:
-            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(Role.MLP_NORM, layer + 1),
-                                           reader.optional(Role.MLP_NORM_BIAS, layer + 1),
+            # the norm the next layer's router reads through: before its MLP, or (parallel blocks) its input norm
+            norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.parallel_block else (Role.MLP_NORM,
+                                                                                                Role.MLP_NORM_BIAS)
+            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(norm, layer + 1),
+                                           reader.optional(norm_bias, layer + 1),
                                            reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_BIAS, layer + 1))
         info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer, dense_format(self.opts))

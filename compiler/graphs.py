@@ -103,7 +103,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         return b.op("Transpose", y, perm=[0, 2, 1, 3])
 
-    if cfg.rope_interleaved and rot != d:
+    if cfg.rope_interleaved and rot not in (0, d):
         raise ModelError("RoPE on adjacent pairs over part of each head is not supported")
     # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
     # same one, so their dot products (and the cached keys, used only in them) are unchanged
@@ -590,7 +590,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     h = h_attn = b.op("Add", hidden, mixed)
 
-    normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+    normed = x if cfg.parallel_block else norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps,
+                                               cfg.norm)
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
     b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
     if layer not in cfg.moe_layers:
@@ -612,6 +613,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
             shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
             if Role.SHARED_EXPERT_GATE in w:
                 shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)))
+            if cfg.shared_scale != 1.0:
+                shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
             h = b.op("Add", h, shared)
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:

@@ -92,6 +92,10 @@ CASES = {
     # sliding layers with RoPE and global layers without positions, DeepSeek-V3's routing with groups (INT4
     # logit error 0.14-0.64 over 6 random seeds; this one within the bound that catches a broken quantizer)
     "exaone_moe": dict(family="exaone_moe", seed=44),
+    # parallel blocks, LayerNorm without bias, RoPE on pairs for some layers, averaged shared experts, logit scale
+    "cohere2_moe": dict(family="cohere2_moe", seed=45),
+    "cohere2_moe-sigmoid": dict(family="cohere2_moe", seed=46, expert_selection_fn="sigmoid", rms_norm_eps=1e-6,
+                                shared_expert_combination_strategy="sum"),
     # q/k norms, a quarter of each head rotated, no renormalization
     "glm4_moe-qknorm": dict(family="glm4_moe", seed=19, use_qk_norm=True, norm_topk_prob=False,
                             partial_rotary_factor=0.25),

@@ -48,7 +48,9 @@ def mlp_norm(layer):
     for name in ("post_attention_layernorm", "ffn_norm", "pre_ff_layernorm"):
         if hasattr(layer, name):
             return getattr(layer, name)
-    return layer.norm_attn_norm.norm_2  # DBRX
+    if hasattr(layer, "norm_attn_norm"):
+        return layer.norm_attn_norm.norm_2  # DBRX
+    return None  # a parallel block (Cohere): the MLP reads the attention's input norm
 
 
 def router_of(layer):
@@ -83,8 +85,9 @@ def transformers_routing(hf, ids: np.ndarray, top_k: int):
     for i, layer in enumerate(layers):
         moe = moe_block(layer)
         hooks.append(moe.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
-        hooks.append(mlp_norm(layer).register_forward_pre_hook(
-            lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
+        if mlp_norm(layer) is not None:
+            hooks.append(mlp_norm(layer).register_forward_pre_hook(
+                lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
         if router_of(layer) is not None:
             hooks.append(router_of(layer).register_forward_hook(
                 lambda m, a, out, i=i: captured["chosen"][i].append(chosen_experts(out, top_k))))
@@ -119,11 +122,15 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
                          if b is not None), None)
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
-        with torch.no_grad():  # the next layer's own norm module, whatever its kind
-            renormed = mlp_norm(decoder_layers(hf)[layer])(torch.from_numpy(hs[layer - 1])).numpy()
         measured = profile.layer(layer).predictors
-        for name, scores in (("cross_layer", rank_scores(xs[layer - 1] @ router.T)),
-                             ("cross_layer_norm", rank_scores(renormed @ router.T))):
+        variants = [("cross_layer", rank_scores(xs[layer - 1] @ router.T))]
+        # the renormalized variant reads the hidden state between attention and MLP, which a parallel
+        # block (Cohere) never forms in transformers: checked where it exists
+        if mlp_norm(decoder_layers(hf)[layer]) is not None:
+            with torch.no_grad():  # the next layer's own norm module, whatever its kind
+                renormed = mlp_norm(decoder_layers(hf)[layer])(torch.from_numpy(hs[layer - 1])).numpy()
+            variants.append(("cross_layer_norm", rank_scores(renormed @ router.T)))
+        for name, scores in variants:
             independent = recall_curve(scores[eval_from:], actual[eval_from:], measured[name].widths,
                                        profile.prefill_window)
             np.testing.assert_allclose(measured[name].decode, independent.decode, atol=0.01)
@@ -147,7 +154,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
                                     "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
-                                    "exaone_moe"])
+                                    "exaone_moe", "cohere2_moe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -234,6 +234,10 @@ class ArchConfig:
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
+    # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
+    # no norm before the MLP, the router reads the attention's input norm
+    parallel_block: bool = False
+    shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
@@ -265,7 +269,7 @@ class ArchConfig:
     NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "conv_kernel")
     FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
               "embedding_multiplier", "residual_multiplier", "logits_scaling", "topk_norm_eps",
-              "norm_weight_offset")
+              "norm_weight_offset", "shared_scale")
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:

@@ -13,6 +13,10 @@ def layer_graph(layer: int) -> str:
     return f"graphs/layer_{layer:03d}.onnx"
 
 
+def combine_graph(layer: int) -> str:
+    return f"graphs/combine_{layer:03d}.onnx"
+
+
 def expert_graph(layer: int, expert: int, precision: str) -> str:
     return f"experts/{precision}/layer_{layer:03d}/expert_{expert:03d}.onnx"
 
@@ -32,6 +36,8 @@ class GraphIO:
             (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
             expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
             next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
+    combine (a MoE layer whose MoE output is normalized before the residual add, OLMo-2 style):
+            residual [1, S, H], routed [S, H] (the weighted sum of the routed experts) -> hidden [1, S, H]
     expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
     head:   hidden [1, S, H] -> logits [1, S, V]
     """
@@ -55,6 +61,7 @@ class GraphIO:
     EXPERT_IN = "x"
     EXPERT_OUT = "y"
     LOGITS = "logits"
+    ROUTED = "routed"
 
     @staticmethod
     def past(state: str) -> str:

@@ -32,7 +32,7 @@ MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2")
 MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, below a hostile allocation
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
-KNOWN_FAMILIES = ("cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "glm4_moe", "glm4_moe_lite", "gpt_oss",
+KNOWN_FAMILIES = ("cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "gpt_oss",
                   "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "minimax_m2", "lfm2_moe", "mixtral", "olmoe", "phimoe", "qwen2_moe",
                   "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
@@ -126,6 +126,9 @@ class LayerSpec:
     # every other mixer lists its fixed-size state
     mixer: str = "attention"
     state: list[StateSpec] = field(default_factory=list)
+    # schema 1.2: a MoE layer whose routed experts' sum is normalized before it joins the residual
+    # (post-norm families): the graph that does it (residual, routed -> hidden); absent: a plain add
+    combine_graph: str | None = None
 
 
 @dataclass(frozen=True)
@@ -324,8 +327,8 @@ class Manifest:
         if layer.predicts_next and (i + 1 >= len(self.layers) or self.layers[i + 1].kind != "moe"):
             raise ArtifactError(f"manifest: layer {i} predicts the next layer's experts, but no MoE layer follows")
         if layer.kind == "dense":
-            if layer.routing is not None or layer.experts:
-                raise ArtifactError(f"manifest: dense layer {i} has routing or experts")
+            if layer.routing is not None or layer.experts or layer.combine_graph:
+                raise ArtifactError(f"manifest: dense layer {i} has routing, experts or a combine graph")
             return
         r = layer.routing
         if r is None or r.scoring not in SCORING_FUNCTIONS or not 0 < r.top_k <= r.num_experts <= MAX_EXPERTS:
@@ -377,6 +380,8 @@ class Manifest:
             paths.append(self.profile)
         for layer in self.layers:
             paths.append(layer.graph)
+            if layer.combine_graph:
+                paths.append(layer.combine_graph)
             for files in layer.experts.values():
                 paths.extend(files)
         return paths

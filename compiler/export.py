@@ -102,7 +102,7 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
     return {
         Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
         Role.FINAL_NORM_BIAS: (h,), Role.LM_HEAD_BIAS: (c.vocab_size,),
-        Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,), Role.ATTN_NORM_BIAS: (h,), Role.MLP_NORM_BIAS: (h,),
+        Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,), Role.POST_ATTN_NORM: (h,), Role.POST_MLP_NORM: (h,), Role.ATTN_NORM_BIAS: (h,), Role.MLP_NORM_BIAS: (h,),
         Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
         Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
         Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
@@ -356,8 +356,12 @@ class WeightReader:
             roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
             roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
-        if self.cfg.parallel_block:
+        if self.cfg.parallel_block or not self.cfg.pre_norms:
             roles.remove(Role.MLP_NORM)
+        if not self.cfg.pre_norms:
+            roles.remove(Role.ATTN_NORM)
+        if self.cfg.post_norms:
+            roles += [Role.POST_ATTN_NORM, Role.POST_MLP_NORM]
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 
     def layer(self, layer: int) -> dict[Role, np.ndarray]:
@@ -463,16 +467,23 @@ class LayerExporter:
             # the norm the next layer's router reads through: before its MLP, or (parallel blocks) its input norm
             norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.parallel_block else (Role.MLP_NORM,
                                                                                                 Role.MLP_NORM_BIAS)
-            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1), reader.get(norm, layer + 1),
+            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1),
+                                           reader.get(norm, layer + 1) if cfg.pre_norms else None,
                                            reader.optional(norm_bias, layer + 1),
                                            reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_BIAS, layer + 1))
-        info = graphs.layer_graph(layer, cfg, reader.layer(layer), next_layer, dense_format(self.opts))
+        weights = reader.layer(layer)
+        info = graphs.layer_graph(layer, cfg, weights, next_layer, dense_format(self.opts))
         graph_path = layout.layer_graph(layer)
+        combine_path = None
+        if is_moe and cfg.post_norms:
+            combine_path = layout.combine_graph(layer)
+            self.writer.write_bytes(combine_path, graphs.combine_graph(cfg, weights[Role.POST_MLP_NORM]).SerializeToString())
+        del weights
         spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
                          predicts_next=info.predicts_next,
                          sliding_window=cfg.layer_windows[layer] if cfg.layer_windows else None,
-                         mixer=cfg.mixer(layer),
+                         mixer=cfg.mixer(layer), combine_graph=combine_path,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()
@@ -480,7 +491,8 @@ class LayerExporter:
         self.writer.write_bytes(graph_path, data)
         del data
         if self.profiler:  # onnxruntime reads the written file: no second in-memory copy
-            self.profiler.run_layer(spec, str(self.writer.tmp / graph_path))
+            self.profiler.run_layer(spec, str(self.writer.tmp / graph_path),
+                                    None if combine_path is None else str(self.writer.tmp / combine_path))
         if not is_moe:
             return spec
 

@@ -546,7 +546,7 @@ class NextRouter:
     """What layer l needs of layer l+1 to predict its experts: its router and MLP-norm weights."""
 
     router: np.ndarray
-    norm: np.ndarray
+    norm: np.ndarray | None  # None: the next layer's router reads the stream without a norm
     norm_bias: np.ndarray | None = None
     score_bias: np.ndarray | None = None
     router_bias: np.ndarray | None = None
@@ -564,7 +564,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
-    x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+    x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
+        if Role.ATTN_NORM in w else hidden
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
@@ -588,14 +589,23 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         mixed, present_k, present_v = attend(b, x, w, positions, cos, sin, bias, past_k, past_v)
         b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
+    if Role.POST_ATTN_NORM in w:
+        mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.rms_norm_eps, cfg.norm)
     h = h_attn = b.op("Add", hidden, mixed)
 
-    normed = x if cfg.parallel_block else norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps,
-                                               cfg.norm)
+    if cfg.parallel_block:
+        normed = x
+    elif Role.MLP_NORM in w:
+        normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+    else:  # post-norm families: the MLP reads the residual stream itself
+        normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
     b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
     if layer not in cfg.moe_layers:
-        out = b.op("Add", h, swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN]))
+        mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
+        if Role.POST_MLP_NORM in w:
+            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.rms_norm_eps, cfg.norm)
+        out = b.op("Add", h, mlp)
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
         logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
@@ -609,6 +619,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
             ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
+        if Role.SHARED_GATE in w and Role.POST_MLP_NORM in w:
+            raise ModelError("a shared expert inside a post-normalized MoE block is not supported yet")
         if Role.SHARED_GATE in w:
             shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
             if Role.SHARED_EXPERT_GATE in w:
@@ -622,8 +634,10 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         predicted = choice_scores(b, linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                   next_layer.score_bias)
         b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
-        renormed = b.op("Reshape", norm(b, h_attn, next_layer.norm, next_layer.norm_bias, cfg.rms_norm_eps, cfg.norm),
-                        b.ints([-1, cfg.hidden_size]))
+        # the next router's input norm applied to this layer's stream (none in post-norm families)
+        renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
+                                                                cfg.rms_norm_eps, cfg.norm)
+        renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
         b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
@@ -664,6 +678,17 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
         act = b.op("Mul", b.op("Add", u, b.scalar(1.0, "one")), glu)
     y = proj(act, down, bd, "down")
     b.output(y, IO.EXPERT_OUT, FLOAT, ["N", hidden])
+    return b.model()
+
+
+def combine_graph(cfg: ArchConfig, post_norm: np.ndarray) -> onnx.ModelProto:
+    """hidden = residual + norm(routed): a post-norm MoE layer's output, once the runtime has summed
+    its routed experts (residual [1, S, H], routed [S, H])."""
+    b = GraphBuilder("combine")
+    residual = b.input(IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    routed = b.input(IO.ROUTED, FLOAT, ["S", cfg.hidden_size])
+    normed = norm(b, b.op("Unsqueeze", routed, b.ints([0])), post_norm, None, cfg.rms_norm_eps, cfg.norm)
+    b.output(b.op("Add", residual, normed), IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     return b.model()
 
 

@@ -132,12 +132,15 @@ class Profiler:
         self.previous = _Previous()
         self.layers: list[LayerProfile] = []
         self._moe: dict | None = None
+        self._combine: bytes | str | None = None
 
     # -------------------------------------------------------------- per layer, from the exporter
 
-    def run_layer(self, layer: LayerSpec, model: bytes | str) -> None:
+    def run_layer(self, layer: LayerSpec, model: bytes | str, combine: bytes | str | None = None) -> None:
         """Run the calibration activations through a layer graph (serialized, or a file path); each
-        sequence from an empty state."""
+        sequence from an empty state. `combine`: a post-norm MoE layer's combine graph, which makes
+        the layer's output from its residual and routed sum."""
+        self._combine = combine
         index, is_moe, predicts_next = layer.index, layer.kind == "moe", layer.predicts_next
         names = [IO.RESIDUAL, IO.ROUTER_INPUT]
         if is_moe:
@@ -179,7 +182,8 @@ class Profiler:
         rows = self.quant_rows
         self._moe = dict(
             index=index, out=out, counts=counts, tails=tails,
-            total=out[IO.RESIDUAL],  # the residual becomes the layer output in place
+            # the residual becomes the layer output in place (with a combine graph: the routed sum)
+            total=out[IO.RESIDUAL] if self._combine is None else np.zeros_like(out[IO.RESIDUAL]),
             routed=np.zeros((len(rows), out[IO.RESIDUAL].shape[1]), np.float32),
             quant={p: np.zeros_like(out[IO.RESIDUAL][rows]) for p in QUANT_BITS},
             low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
@@ -235,7 +239,14 @@ class Profiler:
             transitions=self._transitions(out[IO.EXPERT_IDS], num_experts).tolist(),
         )
         self.layers.append(profile)
-        self.hidden = m["total"].reshape(self.hidden.shape)
+        total = m["total"]
+        if self._combine is not None:  # hidden = residual + norm(routed sum), sequence by sequence
+            session, s = make_session(self._combine, lean=True), self.seq_len
+            residual = out[IO.RESIDUAL]
+            total = np.concatenate([session.run([IO.HIDDEN], {IO.RESIDUAL: residual[i * s:(i + 1) * s][None],
+                                                              IO.ROUTED: total[i * s:(i + 1) * s]})[0][0]
+                                    for i in range(self.n_seq)])
+        self.hidden = total.reshape(self.hidden.shape)
         self._moe = None
         self._advance(m["index"], out[IO.EXPERT_IDS], num_experts)
         return profile

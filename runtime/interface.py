@@ -72,6 +72,12 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     return inputs, outputs
 
 
+def combine_interface(manifest: Manifest) -> tuple[dict, dict]:
+    h = manifest.model.hidden_size
+    return ({IO.RESIDUAL: ((1, None, h), FLOAT), IO.ROUTED: ((None, h), FLOAT)},
+            {IO.HIDDEN: ((1, None, h), FLOAT)})
+
+
 def embed_interface(manifest: Manifest) -> tuple[dict, dict]:
     return {IO.INPUT_IDS: ((None,), INT64)}, {IO.HIDDEN: ((1, None, manifest.model.hidden_size), FLOAT)}
 

@@ -11,7 +11,7 @@ from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
 from .experts import ExpertStore, ResidentExperts
-from .interface import check_interface, embed_interface, head_interface, layer_interface
+from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
 from .sessions import make_session
@@ -40,6 +40,8 @@ class FateModel:
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
         self.head = load(self.manifest.head_graph, head_interface(self.manifest))
         self.layers = [load(layer.graph, layer_interface(self.manifest, layer)) for layer in self.manifest.layers]
+        self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
+                         for layer in self.manifest.layers if layer.combine_graph}
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
         # one mask per distinct window of the attention layers
         self._windows = {layer.sliding_window for layer in self.manifest.layers if layer.mixer == "attention"}
@@ -106,9 +108,12 @@ class FateModel:
         x, ids, weights = out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS]
         hidden = out[IO.RESIDUAL]
         y = self.experts.compute(layer, np.ascontiguousarray(x, dtype=np.float32), ids).reshape(*ids.shape, -1)
-        total = hidden.reshape(x.shape).copy()
+        combine = self.combines.get(layer)
+        total = np.zeros(x.shape, np.float32) if combine is not None else hidden.reshape(x.shape).copy()
         for j in range(ids.shape[1]):
             total += y[:, j] * weights[:, j, None]
+        if combine is not None:  # the routed sum is normalized before it joins the residual
+            return combine.run([IO.HIDDEN], {IO.RESIDUAL: hidden, IO.ROUTED: total})[0]
         return total.reshape(hidden.shape)
 
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:

@@ -296,3 +296,21 @@ def test_slot_budget_is_exact(calibrated):
         assert all(p.slot_bytes % PAGE == 0 for p in plans)
     finally:
         model.close()
+
+
+def test_a_post_norm_moe_layer_offloaded_gives_the_resident_tokens(tmp_path):
+    """FlexOlmo's combine graph (residual + norm(routed sum)) serves the offloaded store as well."""
+    from conftest import CASES, Built
+
+    built = Built(tmp_path / "flex", **CASES["flex_olmo"])
+    art = tmp_path / "art"
+    compile_checkpoint(CompileOptions(built.ckpt, art, bits=(4,), calibration=CalibrationOptions(tokens=512)),
+                       log=lambda _m: None)
+    prompt = [5, 17, 99, 3, 250, 41, 7, 64, 128]
+    resident = generate(FateModel.load(art), prompt, max_new_tokens=10, sampling=SamplingConfig(), eos_ids=set())
+    model = FateModel.load(art, offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="off"))
+    try:
+        assert generate(model, prompt, max_new_tokens=10, sampling=SamplingConfig(),
+                        eos_ids=set()).token_ids == resident.token_ids
+    finally:
+        model.close()

@@ -45,6 +45,8 @@ def moe_block(layer):
 
 def mlp_norm(layer):
     """The norm before the MLP, whatever the family calls it."""
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return None  # post-norm (FlexOlmo): its post_attention_layernorm norms the attention's output
     for name in ("post_attention_layernorm", "ffn_norm", "pre_ff_layernorm"):
         if hasattr(layer, name):
             return getattr(layer, name)
@@ -154,7 +156,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
                                     "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
-                                    "exaone_moe", "cohere2_moe"])
+                                    "exaone_moe", "cohere2_moe", "flex_olmo"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -306,6 +306,14 @@ def cohere2_moe_config(**overrides):
                                "prefix_dense_intermediate_size": 96, "logit_scale": 0.25, **overrides})
 
 
+def flex_olmo_config(**overrides):
+    from transformers import FlexOlmoConfig
+
+    # post-norm layers: no norm before attention or MoE, their outputs normalized before the residual add
+    return FlexOlmoConfig(**{**COMMON, "intermediate_size": 48, "num_hidden_layers": 3, "num_experts": 8,
+                             "num_experts_per_tok": 2, "pad_token_id": 0, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
@@ -315,7 +323,8 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "qwen3_5_moe": qwen3_5_moe_config, "granitemoehybrid": granitemoehybrid_config,
            "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config,
            "minimax_m2": minimax_m2_config, "dbrx": dbrx_config,
-           "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config}
+           "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config,
+           "flex_olmo": flex_olmo_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

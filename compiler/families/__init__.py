@@ -17,6 +17,7 @@ _MODULES = {
     "dots1": "dots1",
     "ernie4_5_moe": "ernie4_5_moe",
     "exaone_moe": "exaone_moe",
+    "flex_olmo": "flex_olmo",
     "glm4_moe": "glm4_moe",
     "glm4_moe_lite": "glm4_moe_lite",
     "gpt_oss": "gpt_oss",

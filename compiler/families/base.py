@@ -48,6 +48,9 @@ class Role(enum.Enum):
     KV_A_NORM = "kv_a_norm"
     KV_B = "kv_b"
     MLP_NORM = "mlp_norm"
+    # norms of a sublayer's output before the residual add (OLMo-2 style post-norm families)
+    POST_ATTN_NORM = "post_attn_norm"
+    POST_MLP_NORM = "post_mlp_norm"
     ROUTER = "router"
     ROUTER_SCORE_BIAS = "router_score_bias"  # added to the scores only to choose experts (DeepSeek-V3)
     ROUTER_BIAS = "router_bias"  # added to the router logits (GPT-OSS)
@@ -237,6 +240,10 @@ class ArchConfig:
     # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
     # no norm before the MLP, the router reads the attention's input norm
     parallel_block: bool = False
+    # the attention's and the MLP's outputs normalized before their residual adds (FlexOlmo); with
+    # pre_norms False their inputs are not normalized at all
+    post_norms: bool = False
+    pre_norms: bool = True
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)

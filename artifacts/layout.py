@@ -37,7 +37,8 @@ class GraphIO:
             expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
             next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
     combine (a MoE layer whose MoE output is normalized before the residual add, OLMo-2 style):
-            residual [1, S, H], routed [S, H] (the weighted sum of the routed experts) -> hidden [1, S, H]
+            residual [1, S, H], routed [S, H] (the weighted sum of the routed experts, plus the layer
+            graph's moe_partial [S, H] where it has one: its shared experts) -> hidden [1, S, H]
     expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
     head:   hidden [1, S, H] -> logits [1, S, V]
     """
@@ -62,6 +63,7 @@ class GraphIO:
     EXPERT_OUT = "y"
     LOGITS = "logits"
     ROUTED = "routed"
+    MOE_PARTIAL = "moe_partial"  # a post-norm MoE layer's shared experts' output [S, H], added to `routed`
 
     @staticmethod
     def past(state: str) -> str:

@@ -127,7 +127,8 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         **latent_shapes(c),
         **linear_shapes(c),
         **mamba_shapes(c),
-        **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate else {}),
+        **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate and not c.attention_gate_separate
+           else {Role.Q_GATE: (q, h)}),
         **({Role.Q: (q + 2 * kv, h), Role.K: (q + 2 * kv, h), Role.V: (q + 2 * kv, h)} if c.qkv_fused else {}),
         **({Role.EXPERTS_GATE_UP: (c.num_experts * i_moe, h), Role.EXPERTS_UP: (c.num_experts * i_moe, h),
             Role.EXPERTS_DOWN: (c.num_experts * i_moe, h)} if c.fused_layout == "stacked" else {}),
@@ -217,7 +218,7 @@ class WeightReader:
             gate_up = self.ckpt.get(self.check(role, layer))
             half = gate_up.shape[0] // 2
             tensor = gate_up[:half] if role == Role.SHARED_GATE else gate_up[half:]
-        elif role in (Role.Q, Role.Q_GATE) and self.cfg.attention_output_gate:
+        elif role in (Role.Q, Role.Q_GATE) and self.cfg.attention_output_gate and not self.cfg.attention_gate_separate:
             # [heads, 2 D, H]: each head's query rows, then its gate rows
             both = self.ckpt.get(self.check(role, layer)).reshape(self.cfg.num_heads, 2, self.cfg.head_dim, -1)
             tensor = both[:, 0 if role == Role.Q else 1].reshape(self.cfg.num_heads * self.cfg.head_dim, -1)

@@ -619,15 +619,17 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
             ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
-        if Role.SHARED_GATE in w and Role.POST_MLP_NORM in w:
-            raise ModelError("a shared expert inside a post-normalized MoE block is not supported yet")
         if Role.SHARED_GATE in w:
             shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
             if Role.SHARED_EXPERT_GATE in w:
                 shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)))
             if cfg.shared_scale != 1.0:
                 shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
-            h = b.op("Add", h, shared)
+            if Role.POST_MLP_NORM in w:  # normalized with the routed experts, by the combine graph
+                b.output(b.op("Reshape", shared, b.ints([-1, cfg.hidden_size])), IO.MOE_PARTIAL, FLOAT,
+                         ["S", cfg.hidden_size])
+            else:
+                h = b.op("Add", h, shared)
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:
         experts = next_layer.router.shape[0]

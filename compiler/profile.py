@@ -148,6 +148,8 @@ class Profiler:
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
+        if combine is not None and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}:
+            names.append(IO.MOE_PARTIAL)  # shared experts, normalized with the routed ones
         empty = initial_state(self.spec, layer)
         window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
         positional = {IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window]}
@@ -243,6 +245,8 @@ class Profiler:
         if self._combine is not None:  # hidden = residual + norm(routed sum), sequence by sequence
             session, s = make_session(self._combine, lean=True), self.seq_len
             residual = out[IO.RESIDUAL]
+            if IO.MOE_PARTIAL in out:
+                total = total + out[IO.MOE_PARTIAL]
             total = np.concatenate([session.run([IO.HIDDEN], {IO.RESIDUAL: residual[i * s:(i + 1) * s][None],
                                                               IO.ROUTED: total[i * s:(i + 1) * s]})[0][0]
                                     for i in range(self.n_seq)])

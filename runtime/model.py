@@ -43,6 +43,9 @@ class FateModel:
         self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
                          for layer in self.manifest.layers if layer.combine_graph}
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
+        for names, layer, session in zip(self._outputs, self.manifest.layers, self.layers):
+            if layer.combine_graph and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}:
+                names.append(IO.MOE_PARTIAL)  # shared experts inside a post-normalized MoE block
         # one mask per distinct window of the attention layers
         self._windows = {layer.sliding_window for layer in self.manifest.layers if layer.mixer == "attention"}
 
@@ -112,7 +115,9 @@ class FateModel:
         total = np.zeros(x.shape, np.float32) if combine is not None else hidden.reshape(x.shape).copy()
         for j in range(ids.shape[1]):
             total += y[:, j] * weights[:, j, None]
-        if combine is not None:  # the routed sum is normalized before it joins the residual
+        if combine is not None:  # the routed sum (with any shared experts) is normalized before it joins the residual
+            if IO.MOE_PARTIAL in out:
+                total += out[IO.MOE_PARTIAL]
             return combine.run([IO.HIDDEN], {IO.RESIDUAL: hidden, IO.ROUTED: total})[0]
         return total.reshape(hidden.shape)
 

@@ -97,6 +97,9 @@ CASES = {
     # post-norm layers: attention and MoE outputs normalized before the residual add (a combine graph);
     # INT4 logit error 0.24-0.61 over 5 random seeds, this one within the bound
     "flex_olmo": dict(family="flex_olmo", seed=49),
+    # pre and post norms with the shared expert inside the normalized MoE block, a separate attention gate,
+    # RoPE on sliding layers only, muP embeddings
+    "afmoe": dict(family="afmoe", seed=50),
     "cohere2_moe-sigmoid": dict(family="cohere2_moe", seed=46, expert_selection_fn="sigmoid", rms_norm_eps=1e-6,
                                 shared_expert_combination_strategy="sum"),
     # q/k norms, a quarter of each head rotated, no renormalization

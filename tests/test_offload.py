@@ -298,11 +298,12 @@ def test_slot_budget_is_exact(calibrated):
         model.close()
 
 
-def test_a_post_norm_moe_layer_offloaded_gives_the_resident_tokens(tmp_path):
-    """FlexOlmo's combine graph (residual + norm(routed sum)) serves the offloaded store as well."""
+@pytest.mark.parametrize("case", ["flex_olmo", "afmoe"])
+def test_a_post_norm_moe_layer_offloaded_gives_the_resident_tokens(tmp_path, case):
+    """The combine graph (residual + norm(routed sum + shared experts)) serves the offloaded store as well."""
     from conftest import CASES, Built
 
-    built = Built(tmp_path / "flex", **CASES["flex_olmo"])
+    built = Built(tmp_path / case, **CASES[case])
     art = tmp_path / "art"
     compile_checkpoint(CompileOptions(built.ckpt, art, bits=(4,), calibration=CalibrationOptions(tokens=512)),
                        log=lambda _m: None)

@@ -98,8 +98,9 @@ def dequantized_dense_copy(hf, bits: int):
 
     model = copy.deepcopy(hf)
     for name, module in model.named_modules():
-        # routers stay float32 in Fate: HunYuan's and DBRX's are Linears, the others parameters
-        if isinstance(module, torch.nn.Linear) and not name.endswith(("shared_expert_gate", "gate.wg", "router.layer")):
+        # routers stay float32 in Fate: HunYuan's, DBRX's and AFMoE's are Linears, the others parameters
+        if isinstance(module, torch.nn.Linear) and not name.endswith(("shared_expert_gate", "gate.wg", "router.layer",
+                                                                       "router.gate")):
             w = module.weight.detach().float().numpy()
             stored = dequantize(quantize(w, bits))  # the default block size, as the compiler uses
             module.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(stored)))  # unties an LM head

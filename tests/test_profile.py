@@ -45,6 +45,8 @@ def moe_block(layer):
 
 def mlp_norm(layer):
     """The norm before the MLP, whatever the family calls it."""
+    if hasattr(layer, "pre_mlp_layernorm"):
+        return layer.pre_mlp_layernorm  # pre and post norms (AFMoE)
     if hasattr(layer, "post_feedforward_layernorm"):
         return None  # post-norm (FlexOlmo): its post_attention_layernorm norms the attention's output
     for name in ("post_attention_layernorm", "ffn_norm", "pre_ff_layernorm"):
@@ -63,9 +65,10 @@ def router_of(layer):
 
 
 def router_weight(router):
-    """The router's [experts, hidden] weight: its own, or its Linear's (HunYuan's `wg`, DBRX's `layer`)."""
+    """The router's [experts, hidden] weight: its own, or its Linear's (HunYuan's `wg`, DBRX's `layer`,
+    AFMoE's `gate`)."""
     weight = getattr(router, "weight", None)
-    for name in ("wg", "layer"):
+    for name in ("wg", "layer", "gate"):
         if not isinstance(weight, torch.Tensor) and isinstance(getattr(router, name, None), torch.nn.Linear):
             weight = getattr(router, name).weight
     return weight if isinstance(weight, torch.Tensor) else None
@@ -156,7 +159,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
                                     "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
-                                    "exaone_moe", "cohere2_moe", "flex_olmo"])
+                                    "exaone_moe", "cohere2_moe", "flex_olmo", "afmoe"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -314,6 +314,17 @@ def flex_olmo_config(**overrides):
                              "num_experts_per_tok": 2, "pad_token_id": 0, **overrides})
 
 
+def afmoe_config(**overrides):
+    from transformers import AfmoeConfig
+
+    # pre and post norms (shared experts inside the normalized MoE block), a separate attention gate,
+    # sliding layers that alone use RoPE, sigmoid routing with a bias and a route scale, muP embeddings
+    return AfmoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4,
+                          "num_experts": 8, "num_experts_per_tok": 2, "head_dim": 16, "num_dense_layers": 1,
+                          "num_shared_experts": 1, "sliding_window": 6, "global_attn_every_n_layers": 2,
+                          "route_scale": 2.0, "mup_enabled": True, **overrides})
+
+
 CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepseek_v3": deepseek_v3_config, "phimoe": phimoe_config, "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config,
            "olmoe": olmoe_config, "granitemoe": granitemoe_config, "glm4_moe": glm4_moe_config,
            "dots1": dots1_config, "granitemoeshared": granitemoeshared_config,
@@ -324,7 +335,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config,
            "minimax_m2": minimax_m2_config, "dbrx": dbrx_config,
            "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config,
-           "flex_olmo": flex_olmo_config}
+           "flex_olmo": flex_olmo_config, "afmoe": afmoe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,
@@ -341,7 +352,7 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
         for name, buffer in model.named_buffers():
-            if name.endswith(("e_score_correction_bias", "expert_bias")):  # routing biases are buffers
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # routing biases, kept from training
                 buffer.add_(0.05 * torch.randn_like(buffer))
     out.mkdir(parents=True, exist_ok=True)
     if bf16:

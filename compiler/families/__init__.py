@@ -10,6 +10,7 @@ from .base import ArchConfig, Family, Role
 
 # model_type -> module name under fate.compiler.families
 _MODULES = {
+    "afmoe": "afmoe",
     "cohere2_moe": "cohere2_moe",
     "dbrx": "dbrx",
     "deepseek_v2": "deepseek_v2",

@@ -263,6 +263,7 @@ class ArchConfig:
     mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
     mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+    attention_gate_separate: bool = False  # ... or the gate has its own projection (AFMoE's gate_proj)
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
     norm_weight_offset: float = 0.0

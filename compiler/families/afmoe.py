@@ -10,7 +10,7 @@ import math
 from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
-from .base import common_fields, optional, require
+from .base import common_fields, optional, per_layer_types, require
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -22,9 +22,7 @@ def read_config(cfg: dict) -> ArchConfig:
         if every < 1:
             raise ModelError(f"config.json: global_attn_every_n_layers must be >= 1, got {every}")
         types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
-    if not isinstance(types, list) or len(types) != layers or any(
-            t not in ("sliding_attention", "full_attention") for t in types):
-        raise ModelError(f"config.json: layer_types must list sliding_attention or full_attention per layer, got {types!r}")
+    types = per_layer_types(types, "layer_types", ("sliding_attention", "full_attention"), layers)
     window = optional(cfg, "sliding_window", None)
     dense = optional(cfg, "num_dense_layers", 1)
     shared = optional(cfg, "num_shared_experts", 0)

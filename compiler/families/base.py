@@ -479,13 +479,19 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
     )
 
 
+def per_layer_types(types: Any, key: str, allowed, layers: int) -> list[str]:
+    """A config's list of per-layer type names (`layer_types`, `mlp_layer_types`), checked: one of
+    `allowed` for each layer."""
+    if not isinstance(types, list) or len(types) != layers or any(
+            not isinstance(t, str) or t not in allowed for t in types):
+        raise ModelError(f"config.json: {key} must list one of {', '.join(allowed)} for each of the {layers} "
+                         f"layers, got {types!r}")
+    return types
+
+
 def mixers_of_types(types: Any, mixer_of_type: dict[str, str], layers: int) -> tuple[str, ...]:
     """Each layer's token mixer from a config's list of layer types (hybrid families), one per layer."""
-    if not isinstance(types, list) or len(types) != layers or any(
-            not isinstance(t, str) or t not in mixer_of_type for t in types):
-        raise ModelError(f"config.json: layer_types must list one of {', '.join(mixer_of_type)} for each of the "
-                         f"{layers} layers, got {types!r}")
-    return tuple(mixer_of_type[t] for t in types)
+    return tuple(mixer_of_type[t] for t in per_layer_types(types, "layer_types", mixer_of_type, layers))
 
 
 def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:

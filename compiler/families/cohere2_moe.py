@@ -8,15 +8,7 @@ or averaged with the routed ones."""
 from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, SHARED_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig
-from .base import Family, Role, common_fields, optional, require
-
-
-def per_layer(cfg: dict, key: str, allowed: tuple[str, ...], layers: int) -> list[str]:
-    values = cfg.get(key)
-    if not isinstance(values, list) or len(values) != layers or any(v not in allowed for v in values):
-        raise ModelError(f"config.json: {key} must list {' or '.join(allowed)} for each of the {layers} layers, "
-                         f"got {values!r}")
-    return values
+from .base import Family, Role, common_fields, optional, per_layer_types, require
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -24,8 +16,8 @@ def read_config(cfg: dict) -> ArchConfig:
     common = common_fields({**cfg, "rms_norm_eps": float(rms if rms is not None else
                                                          optional(cfg, "layer_norm_eps", 1e-5, (int, float)))})
     layers = common["num_layers"]
-    types = per_layer(cfg, "layer_types", ("sliding_attention", "full_attention"), layers)
-    mlp = per_layer(cfg, "mlp_layer_types", ("dense", "sparse"), layers)
+    types = per_layer_types(cfg.get("layer_types"), "layer_types", ("sliding_attention", "full_attention"), layers)
+    mlp = per_layer_types(cfg.get("mlp_layer_types"), "mlp_layer_types", ("dense", "sparse"), layers)
     window = optional(cfg, "sliding_window", None)
     force = optional(cfg, "prefix_dense_sliding_window_pattern", 1) == 1
     rotated = {i for i in range(layers) if (window is not None and types[i] == "sliding_attention")

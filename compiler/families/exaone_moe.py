@@ -18,6 +18,7 @@ from .base import (
     Role,
     common_fields,
     optional,
+    per_layer_types,
     require,
 )
 
@@ -34,10 +35,7 @@ def layer_types(cfg: dict, layers: int) -> list[str]:
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         else:
             raise ModelError(f"config.json: sliding_window_pattern {pattern!r} is not an integer > 0")
-    if not isinstance(types, list) or len(types) != layers or any(
-            t not in ("sliding_attention", "full_attention") for t in types):
-        raise ModelError(f"config.json: layer_types must list sliding_attention or full_attention per layer, got {types!r}")
-    return types
+    return per_layer_types(types, "layer_types", ("sliding_attention", "full_attention"), layers)
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -47,8 +45,7 @@ def read_config(cfg: dict) -> ArchConfig:
     window = optional(cfg, "sliding_window", None)
     mlp_types = cfg.get("mlp_layer_types") or ["dense" if i < (cfg.get("first_k_dense_replace", 1) or 0) else "sparse"
                                                for i in range(layers)]
-    if not isinstance(mlp_types, list) or len(mlp_types) != layers or any(t not in ("dense", "sparse") for t in mlp_types):
-        raise ModelError(f"config.json: mlp_layer_types must list dense or sparse per layer, got {mlp_types!r}")
+    mlp_types = per_layer_types(mlp_types, "mlp_layer_types", ("dense", "sparse"), layers)
     groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
     return ArchConfig(
         **common,

@@ -58,10 +58,19 @@ def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None 
     return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 
 
+def silu(b: GraphBuilder, x: str) -> str:
+    """x * sigmoid(x)."""
+    return b.op("Mul", x, b.op("Sigmoid", x))
+
+
+def negative_rates(a_log: np.ndarray) -> np.ndarray:
+    """-exp(A_log) in float32, computed in float64: a state space's decay rates (A)."""
+    return -np.exp(a_log.astype(np.float64)).astype(np.float32)
+
+
 def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> str:
     """down(silu(gate(x)) * up(x)), weights stored as the builder says."""
-    g = linear(b, x, gate)
-    return linear(b, b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), linear(b, x, up)), down)
+    return linear(b, b.op("Mul", silu(b, linear(b, x, gate)), linear(b, x, up)), down)
 
 
 def rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rot_dim: int) -> str:
@@ -207,7 +216,7 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
     hk, hv, dk, dv = m.num_key_heads, m.num_value_heads, m.key_head_dim, m.value_head_dim
     mixed, present_conv = causal_conv(b, past_conv, linear(b, x, w[Role.LINEAR_QKV]),
                                       w[Role.LINEAR_CONV].reshape(m.conv_dim, m.conv_kernel), None)
-    mixed = b.op("Mul", mixed, b.op("Sigmoid", mixed))
+    mixed = silu(b, mixed)
     q, k, v = b.op("Split", b.op("Reshape", mixed, b.ints([-1, m.conv_dim])),
                    b.ints([m.key_dim, m.key_dim, m.value_dim]), outputs=3, axis=-1)
 
@@ -224,15 +233,14 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
     rows = b.op("Reshape", x, b.ints([-1, cfg.hidden_size]))
     beta = b.op("Sigmoid", linear(b, rows, w[Role.LINEAR_B]))
     a = b.op("Add", linear(b, rows, w[Role.LINEAR_A]), b.const(w[Role.LINEAR_DT_BIAS].astype(np.float32), "dt_bias"))
-    neg_rate = -np.exp(w[Role.LINEAR_A_LOG].astype(np.float64)).astype(np.float32)
-    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(neg_rate, "neg_decay_rate")))
+    decay = b.op("Exp", b.op("Mul", b.op("Softplus", a), b.const(negative_rates(w[Role.LINEAR_A_LOG]), "a")))
     state = b.op("Reshape", past_state, b.ints([hv, dk, dv]))
     final, out = b.op("Scan", state, q, k, v, decay, beta, outputs=2, body=delta_rule_step(hv, dk, dv),
                       num_scan_inputs=5)
     present_state = b.op("Reshape", final, b.ints([1, hv, dk, dv]))
     normed = rms_norm(b, out, w[Role.LINEAR_NORM], cfg.rms_norm_eps)  # [S, Hv, Dv]
     z = b.op("Reshape", linear(b, rows, w[Role.LINEAR_Z]), b.ints([-1, hv, dv]))
-    gated = b.op("Mul", normed, b.op("Mul", z, b.op("Sigmoid", z)))
+    gated = b.op("Mul", normed, silu(b, z))
     gated = b.op("Reshape", gated, b.ints([1, -1, m.value_dim]))
     return linear(b, gated, w[Role.LINEAR_OUT]), present_conv, present_state
 
@@ -270,13 +278,12 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     gate, xbc, dt = b.op("Split", proj, b.ints([inner, m.conv_dim, n]), outputs=3, axis=-1)
     conv, present_conv = causal_conv(b, past_conv, xbc, w[Role.MAMBA_CONV].reshape(m.conv_dim, m.conv_kernel),
                                      w.get(Role.MAMBA_CONV_BIAS))
-    conv = b.op("Mul", conv, b.op("Sigmoid", conv))
+    conv = silu(b, conv)
     xs, bb, cc = b.op("Split", b.op("Reshape", conv, b.ints([-1, m.conv_dim])), b.ints([inner, g * ds, g * ds]),
                       outputs=3, axis=-1)
     dt = b.op("Softplus", b.op("Add", b.op("Reshape", dt, b.ints([-1, n])),
                                b.const(w[Role.MAMBA_DT_BIAS].astype(np.float32), "dt_bias")))
-    neg_rate = -np.exp(w[Role.MAMBA_A_LOG].astype(np.float64)).astype(np.float32)
-    decay = b.op("Exp", b.op("Mul", dt, b.const(neg_rate, "a")))
+    decay = b.op("Exp", b.op("Mul", dt, b.const(negative_rates(w[Role.MAMBA_A_LOG]), "a")))
     xh = b.op("Reshape", xs, b.ints([-1, n, hd]))
     xdt = b.op("Mul", xh, b.op("Unsqueeze", dt, b.ints([-1])))
 
@@ -290,7 +297,7 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     present_state = b.op("Reshape", final, b.ints([1, n, hd, ds]))
     y = b.op("Add", y, b.op("Mul", xh, b.const(w[Role.MAMBA_D].astype(np.float32).reshape(n, 1), "d_skip")))
     z = b.op("Reshape", gate, b.ints([-1, n, hd]))
-    gated = b.op("Reshape", b.op("Mul", y, b.op("Mul", z, b.op("Sigmoid", z))), b.ints([1, -1, g, inner // g]))
+    gated = b.op("Reshape", b.op("Mul", y, silu(b, z)), b.ints([1, -1, g, inner // g]))
     normed = rms_norm(b, gated, w[Role.MAMBA_NORM].reshape(g, inner // g), cfg.rms_norm_eps)
     out = linear(b, b.op("Reshape", normed, b.ints([1, -1, inner])), w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS))
     return out, present_conv, present_state
@@ -327,7 +334,7 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
                    axis=-1)
     conv, present_conv = causal_conv(b, past_conv, u, w[Role.MAMBA_CONV].reshape(i, m.conv_kernel),
                                      w.get(Role.MAMBA_CONV_BIAS))
-    rows = b.op("Reshape", b.op("Mul", conv, b.op("Sigmoid", conv)), b.ints([-1, i]))
+    rows = b.op("Reshape", silu(b, conv), b.ints([-1, i]))
     dt_low, bb, cc = b.op("Split", linear(b, rows, w[Role.MAMBA_X]), b.ints([r, n, n]), outputs=3, axis=-1)
 
     def normed(t: str, role: Role) -> str:
@@ -335,14 +342,14 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
 
     dt_low, bb, cc = normed(dt_low, Role.MAMBA_DT_NORM), normed(bb, Role.MAMBA_B_NORM), normed(cc, Role.MAMBA_C_NORM)
     dt = b.op("Softplus", linear(b, dt_low, w[Role.MAMBA_DT], w[Role.MAMBA_DT_BIAS]))
-    neg_rate = -np.exp(w[Role.MAMBA_A_LOG].astype(np.float64)).astype(np.float32)
     state = b.op("Reshape", past_state, b.ints([i, n]))
-    final, y = b.op("Scan", state, dt, b.op("Mul", rows, dt), bb, cc, outputs=2, body=selective_step(i, n, neg_rate),
+    final, y = b.op("Scan", state, dt, b.op("Mul", rows, dt), bb, cc, outputs=2,
+                    body=selective_step(i, n, negative_rates(w[Role.MAMBA_A_LOG])),
                     num_scan_inputs=4)
     present_state = b.op("Reshape", final, b.ints([1, i, n]))
     y = b.op("Add", y, b.op("Mul", rows, b.const(w[Role.MAMBA_D].astype(np.float32), "d_skip")))
     z = b.op("Reshape", gate, b.ints([-1, i]))
-    y = b.op("Reshape", b.op("Mul", y, b.op("Mul", z, b.op("Sigmoid", z))), b.ints([1, -1, i]))
+    y = b.op("Reshape", b.op("Mul", y, silu(b, z)), b.ints([1, -1, i]))
     return linear(b, y, w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS)), present_conv, present_state
 
 
@@ -672,7 +679,7 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
     g, u = proj(x, gate, bg, "gate"), proj(x, up, bu, "up")
     limit = cfg.swiglu_limit if cfg is not None else None
     if limit is None:
-        act = b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), u)
+        act = b.op("Mul", silu(b, g), u)
     else:
         g = b.op("Min", g, b.scalar(limit, "limit"))
         u = b.op("Clip", u, b.scalar(-limit, "neg_limit"), b.scalar(limit, "limit"))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import enum
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from fate.artifacts import ModelError
 from fate.artifacts.schema import MIXERS
@@ -137,7 +138,22 @@ class LatentAttention:
 
 
 @dataclass(frozen=True)
-class LinearAttention:
+class MixerSizes:
+    """A recurrent mixer's sizes, checked when read: every integer field > 0 and, where WHOLE names
+    (whole, part, in words), one field a multiple of another."""
+
+    WHOLE: ClassVar[tuple[str, str, str] | None] = None
+
+    def __post_init__(self) -> None:
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "int"}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes.values()):
+            raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must be integers > 0")
+        if self.WHOLE and sizes[self.WHOLE[0]] % sizes[self.WHOLE[1]]:
+            raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must have {self.WHOLE[2]}")
+
+
+@dataclass(frozen=True)
+class LinearAttention(MixerSizes):
     """A gated DeltaNet's sizes: key heads (shared by groups of value heads), their head sizes,
     the short convolution's width; `fused`: q, k, v, z (and b, a) stored in one tensor grouped by
     key head (Qwen3-Next's in_proj_qkvz and in_proj_ba)."""
@@ -148,6 +164,7 @@ class LinearAttention:
     value_head_dim: int
     conv_kernel: int
     fused: bool = False
+    WHOLE: ClassVar = ("num_value_heads", "num_key_heads", "the value heads a multiple of the key heads")
 
     @property
     def key_dim(self) -> int:
@@ -163,7 +180,7 @@ class LinearAttention:
 
 
 @dataclass(frozen=True)
-class Mamba2:
+class Mamba2(MixerSizes):
     """A Mamba2 mixer's sizes: heads of `head_dim` channels (intermediate = heads x head_dim), B and
     C shared by groups of heads, the SSM state size, the short convolution's width."""
 
@@ -172,6 +189,7 @@ class Mamba2:
     state_size: int
     groups: int
     conv_kernel: int
+    WHOLE: ClassVar = ("num_heads", "groups", "the heads a multiple of the groups")
 
     @property
     def intermediate(self) -> int:
@@ -183,7 +201,7 @@ class Mamba2:
 
 
 @dataclass(frozen=True)
-class Mamba1:
+class Mamba1(MixerSizes):
     """A Mamba (1) mixer's sizes: channels, SSM state per channel, the rank of dt's projection, the
     short convolution's width."""
 
@@ -308,26 +326,10 @@ class ArchConfig:
                                  f"({self.num_layers})")
             if "short_conv" in self.layer_mixers and self.conv_kernel < 1:
                 raise ModelError(f"config.json: a short convolution of width {self.conv_kernel}")
-            if "gated_deltanet" in self.layer_mixers:
-                m = self.linear_attention
-                sizes = (m.num_key_heads, m.num_value_heads, m.key_head_dim, m.value_head_dim, m.conv_kernel) \
-                    if m else ()
-                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) \
-                        or m.num_value_heads % m.num_key_heads:
-                    raise ModelError(f"config.json: linear attention sizes {sizes} must be integers > 0, the "
-                                     "value heads a multiple of the key heads")
-            if "mamba" in self.layer_mixers:
-                m = self.mamba1
-                sizes = (m.intermediate, m.state_size, m.dt_rank, m.conv_kernel) if m else ()
-                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
-                    raise ModelError(f"config.json: Mamba sizes {sizes} must be integers > 0")
-            if "mamba2" in self.layer_mixers:
-                m = self.mamba
-                sizes = (m.num_heads, m.head_dim, m.state_size, m.groups, m.conv_kernel) if m else ()
-                if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) \
-                        or m.num_heads % m.groups:
-                    raise ModelError(f"config.json: Mamba sizes {sizes} must be integers > 0, the heads a "
-                                     "multiple of the groups")
+            for mixer, sizes in (("gated_deltanet", self.linear_attention), ("mamba", self.mamba1),
+                                 ("mamba2", self.mamba)):
+                if mixer in self.layer_mixers and sizes is None:  # each is checked when read (MixerSizes)
+                    raise ModelError(f"config.json: {mixer} layers without their sizes")
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

@@ -23,7 +23,7 @@ from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import replay_miss_rate
-from fate.runtime.state import initial_state, layer_feeds
+from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
 from fate.runtime.positions import attention_bias, rope
 from fate.runtime.predictors import eap_scores, top_experts
 from fate.runtime.sessions import make_session
@@ -148,8 +148,8 @@ class Profiler:
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
-        if combine is not None and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}:
-            names.append(IO.MOE_PARTIAL)  # shared experts, normalized with the routed ones
+        if hands_on_partial(layer, session):
+            names.append(IO.MOE_PARTIAL)
         empty = initial_state(self.spec, layer)
         window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
         positional = {IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window]}

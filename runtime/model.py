@@ -15,7 +15,7 @@ from .interface import check_interface, combine_interface, embed_interface, head
 from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
 from .sessions import make_session
-from .state import KVCache, initial_state, layer_feeds
+from .state import KVCache, hands_on_partial, layer_feeds, state_names
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 
@@ -44,8 +44,8 @@ class FateModel:
                          for layer in self.manifest.layers if layer.combine_graph}
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
         for names, layer, session in zip(self._outputs, self.manifest.layers, self.layers):
-            if layer.combine_graph and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}:
-                names.append(IO.MOE_PARTIAL)  # shared experts inside a post-normalized MoE block
+            if hands_on_partial(layer, session):
+                names.append(IO.MOE_PARTIAL)
         # one mask per distinct window of the attention layers
         self._windows = {layer.sliding_window for layer in self.manifest.layers if layer.mixer == "attention"}
 
@@ -64,7 +64,7 @@ class FateModel:
             raise
 
     def _output_names(self, layer: LayerSpec) -> list[str]:
-        names = [IO.present(name) for name in initial_state(self.spec, layer)] + [IO.RESIDUAL]
+        names = [IO.present(name) for name in state_names(layer)] + [IO.RESIDUAL]
         if layer.kind == "moe":
             names += [IO.ROUTER_INPUT, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
         if layer.predicts_next:

@@ -15,6 +15,17 @@ from fate.artifacts import LayerSpec, Manifest, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 
 
+def state_names(layer: LayerSpec) -> list[str]:
+    """The names of what a layer carries: "key" and "value" for attention, else its listed state."""
+    return ["key", "value"] if layer.mixer == "attention" else [state.name for state in layer.state]
+
+
+def hands_on_partial(layer: LayerSpec, session) -> bool:
+    """Whether a post-norm MoE layer's graph outputs its shared experts' sum (`moe_partial`), which
+    joins the routed sum before the combine graph normalizes both."""
+    return bool(layer.combine_graph) and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}
+
+
 def initial_state(spec: ModelSpec, layer: LayerSpec) -> dict[str, np.ndarray]:
     """What a layer carries into its first step: no keys and values yet (attention), or its
     fixed-size state at zero (the manifest's shapes, validated when it was read)."""

@@ -17,7 +17,7 @@ from fate.artifacts import ModelError
 from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
-from .onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
+from .onnx_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
 from .quantize import QuantizedWeight, matmul_nbits, quantize, quantize_rows_int8
 
 W = dict[Role, np.ndarray]
@@ -58,6 +58,27 @@ def linear(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None 
     return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), "bias"))
 
 
+def linears(b: GraphBuilder, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None]) -> list[str]:
+    """[linear(x, w, bias) for each w], as one matrix product split after: one MatMulNBits call
+    instead of several on the same input (the fixed cost of each is a few tens of microseconds a
+    step at decode). Each weight is quantized on its own, as `linear` would: the numbers are the
+    same, the rows of a block-wise quantized weight being independent."""
+    if len(weights) == 1:
+        return [linear(b, x, weights[0], biases[0])]
+    fmt = b.weights
+    widths = [w.shape[0] for w in weights]
+    if fmt.bits == 32:
+        stacked = np.concatenate([np.asarray(w, np.float32).T for w in weights], axis=1)
+        y = b.op("MatMul", x, b.const(np.ascontiguousarray(stacked), "weight"))
+    else:
+        parts = [quantize(w, fmt.bits, fmt.block_size) for w in weights]
+        y = matmul_nbits(b, x, QuantizedWeight.stack(parts), fmt.accuracy_level)
+    if any(bias is not None for bias in biases):
+        full = [np.zeros(n, np.float32) if bias is None else bias.astype(np.float32) for n, bias in zip(widths, biases)]
+        y = b.op("Add", y, b.const(np.concatenate(full), "bias"))
+    return list(b.op("Split", y, b.ints(widths), outputs=len(widths), axis=-1))
+
+
 def silu(b: GraphBuilder, x: str) -> str:
     """x * sigmoid(x)."""
     return b.op("Mul", x, b.op("Sigmoid", x))
@@ -70,11 +91,13 @@ def negative_rates(a_log: np.ndarray) -> np.ndarray:
 
 def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> str:
     """down(silu(gate(x)) * up(x)), weights stored as the builder says."""
-    return linear(b, b.op("Mul", silu(b, linear(b, x, gate)), linear(b, x, up)), down)
+    gated, upped = linears(b, x, [gate, up], [None, None])
+    return linear(b, b.op("Mul", silu(b, gated), upped), down)
 
 
 def rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rot_dim: int) -> str:
-    """RoPE on x [1, heads, S, head_dim] over its first rot_dim dims (transformers' rotate_half):
+    """RoPE on x [..., head_dim] over its first rot_dim dims (transformers' rotate_half), cos and
+    sin broadcasting against x:
 
         x_rot, x_pass = x[..., :rot], x[..., rot:]
         x1, x2 = halves of x_rot
@@ -93,16 +116,24 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
               past_k: str, past_v: str) -> tuple[str, str, str]:
     """Grouped-query attention with a KV cache; returns (output [1,S,H], present_k, present_v).
 
-    q [1,S,H*D] -> [1,H,S,D] -> [1,KV,G,S,D]      (query head h uses KV head h // G, as repeat_kv)
-    scores = q @ k^T * D^-0.5 + attn_bias [S,T] -> softmax -> @ v -> [1,S,H*D] -> o_proj
+    q, k, v [1,S,heads,D] (projection, the family's q/k norms and clamp, RoPE), then
+    scores = q @ k^T * scale + attn_bias [S,T] -> softmax -> @ v -> [1,S,H*D] -> o_proj,
+    query head h reading KV head h // (H / KV) as transformers' repeat_kv. The core is
+    onnxruntime's fused GroupQueryAttention where it computes exactly this (one kernel instead of
+    some twenty nodes of transposes, concatenations and matmuls per layer; the caches keep their
+    [1,KV,T,D] layout); attention sinks take the explicit form.
     """
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     rot = 2 * len(cfg.rope_inv_freq)
 
-    def project(weight: Role, bias_role: Role, n_heads: int, norm_role: Role | None = None) -> str:
-        """x -> [1, heads, S, d], with the family's q/k norm (whole projection or per head)
-        and clamp, in the order transformers applies them."""
-        y = linear(b, x, w[weight], w.get(bias_role))
+    gated = Role.Q_GATE in w
+    roles = [Role.Q, Role.K, Role.V] + ([Role.Q_GATE] if gated else [])
+    biases = {Role.Q: Role.Q_BIAS, Role.K: Role.K_BIAS, Role.V: Role.V_BIAS}
+    projected = linears(b, x, [w[r] for r in roles], [w.get(biases.get(r)) for r in roles])
+
+    def project(y: str, n_heads: int, norm_role: Role | None = None) -> str:
+        """A projection -> [1, S, heads, d], with the family's q/k norm (whole projection or per
+        head) and clamp, in the order transformers applies them."""
         if norm_role is not None and cfg.qk_norm == "projection":
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
@@ -110,36 +141,66 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
         if norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope:
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
-        return b.op("Transpose", y, perm=[0, 2, 1, 3])
+        return y
 
     if cfg.rope_interleaved and rot not in (0, d):
         raise ModelError("RoPE on adjacent pairs over part of each head is not supported")
+    # cos, sin [S, rot] -> [S, 1, rot]: one row per position, the same for every head
+    cos_s, sin_s = (b.op("Unsqueeze", t, b.ints([1])) for t in (cos, sin)) if rot else (cos, sin)
     # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
     # same one, so their dot products (and the cached keys, used only in them) are unchanged
-    rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rot)) if cfg.rope_interleaved \
-        else (lambda t: rotary(b, t, cos, sin, d, rot))
+    rotate = (lambda t: rotary_interleaved(b, t, cos_s, sin_s, rot)) if cfg.rope_interleaved \
+        else (lambda t: rotary(b, t, cos_s, sin_s, d, rot))
     if rot == 0:  # no positions in the attention at all (Granite-4.0-H): order comes from the other layers
         rotate = lambda t: t  # noqa: E731
-    q = rotate(project(Role.Q, Role.Q_BIAS, heads, Role.Q_NORM))
-    k = rotate(project(Role.K, Role.K_BIAS, kv, Role.K_NORM))
+    q = rotate(project(projected[0], heads, Role.Q_NORM))
+    k = rotate(project(projected[1], kv, Role.K_NORM))
     if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
         q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
-    v = project(Role.V, Role.V_BIAS, kv)
+    v = project(projected[2], kv)
+    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+    core = attention_explicit if Role.SINKS in w else attention_fused
+    context, present_k, present_v = core(b, q, k, v, past_k, past_v, bias, cfg, scale, w.get(Role.SINKS))
+    if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
+        context = b.op("Mul", context, b.op("Sigmoid", projected[3]))
+    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+
+
+def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, bias: str,
+                    cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
+    """onnxruntime's GroupQueryAttention on q, k, v [1,S,heads,D] (already rotated: its own RoPE
+    is off) with Fate's additive mask, which carries the causal and sliding-window limits; the
+    lengths it asks for come from the shapes (past P + new S)."""
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    flat = [b.op("Reshape", t, b.ints([1, -1, n * d])) for t, n in ((q, heads), (k, kv), (v, kv))]
+    total = b.op("Cast", b.op("Add", b.op("Shape", past_k, start=2, end=3), b.op("Shape", q, start=1, end=2)),
+                 to=onnx.TensorProto.INT32)  # [T]
+    seqlens = b.op("Sub", total, b.const(np.ones(1, np.int32), "one"))  # [batch]: last key index
+    total = b.op("Reshape", total, b.ints([]))  # a scalar
+    mask = b.op("Unsqueeze", bias, b.ints([0, 1]))  # [1, 1, S, T]
+    context, present_k, present_v = b.op(
+        "GroupQueryAttention", *flat, past_k, past_v, seqlens, total, "", "", "", mask, outputs=3,
+        domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv, scale=float(scale))
+    return context, present_k, present_v
+
+
+def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, bias: str,
+                       cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
+    """The same attention in plain ONNX nodes, for what the fused kernel cannot do (sinks):
+    q [1,S,H,D] -> [1,KV,G,S,D] against the caches [1,KV,T,D]."""
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = (b.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
     present_k = b.op("Concat", past_k, k, axis=2)
     present_v = b.op("Concat", past_v, v, axis=2)
-
     q5 = b.op("Reshape", q, b.ints([1, kv, heads // kv, -1, d]))
     k5 = b.op("Unsqueeze", b.op("Transpose", present_k, perm=[0, 1, 3, 2]), b.ints([2]))
     v5 = b.op("Unsqueeze", present_v, b.ints([2]))
-    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(scale, "scale")), bias)
-    probs = b.op("Softmax", scores, axis=-1) if Role.SINKS not in w else softmax_with_sinks(b, scores, w[Role.SINKS], kv)
+    probs = b.op("Softmax", scores, axis=-1) if sinks is None else softmax_with_sinks(b, scores, sinks, kv)
     context = b.op("MatMul", probs, v5)
     context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
-    if Role.Q_GATE in w:  # Qwen3-Next: each output channel gated by the query projection's second half
-        context = b.op("Mul", context, b.op("Sigmoid", linear(b, x, w[Role.Q_GATE])))
-    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+    return context, present_k, present_v
 
 
 def causal_conv(b: GraphBuilder, past: str, x: str, kernel: np.ndarray, bias: np.ndarray | None) -> tuple[str, str]:

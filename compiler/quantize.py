@@ -35,6 +35,17 @@ class QuantizedWeight:
     bits: int
     block_size: int
 
+    @staticmethod
+    def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The weights one above the other, [sum N, K]: each row keeps its own blocks, scales and
+        (byte-padded) zero points, so the stack computes exactly what the parts do."""
+        first = parts[0]
+        if any((p.k, p.bits, p.block_size) != (first.k, first.bits, first.block_size) for p in parts):
+            raise ValueError("stacked weights need one K, bit width and block size")
+        return QuantizedWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+                               np.concatenate([p.zero_points for p in parts]), sum(p.n for p in parts),
+                               first.k, first.bits, first.block_size)
+
 
 def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack the last axis of uint8 codes (< 2**bits) into bytes, first code in the low bits."""

@@ -9,9 +9,9 @@ STAMP   = $(VENV)/.installed
 ARTIFACT = out/tiny-moe
 PROMPT ?= The secret of a happy life is
 
-.PHONY: venv test demo perplexity compile-example fuzz runtime-check clean
+.PHONY: venv test demo perplexity compile-example fuzz runtime-check kernel-check clean
 
-$(STAMP): pyproject.toml setup.py runtime/native/experts.c
+$(STAMP): pyproject.toml setup.py runtime/native/experts.c runtime/native/kernel.c runtime/native/kernel.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
@@ -40,6 +40,17 @@ perplexity: compile-example
 # Longer fuzzing of the manifest and archive readers than make test does.
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_hostile.py -k fuzz --fuzz-examples 5000
+
+# The expert kernel without Python: every kernel of this CPU against portable C, and the aarch64
+# build (NEON) under qemu-user when the cross tools are here (Debian: gcc-aarch64-linux-gnu qemu-user).
+kernel-check:
+	mkdir -p build
+	cc -O2 -std=c11 -Wall -pthread tests/native/kernel_check.c runtime/native/kernel.c -lm -o build/kernel_check
+	build/kernel_check
+	if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then \
+		aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -pthread -static tests/native/kernel_check.c runtime/native/kernel.c \
+			-lm -o build/kernel_check_aarch64 && qemu-aarch64 build/kernel_check_aarch64; \
+	else echo "kernel-check: no aarch64 cross compiler or qemu-aarch64; NEON not checked"; fi
 
 # The runtime alone (no torch, no transformers) in a fresh environment runs a packed artifact.
 RUNTIME_VENV ?= .venv-runtime

@@ -23,7 +23,8 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("fate.runtime._experts", ["runtime/native/experts.c"],
+    ext_modules=[Extension("fate.runtime._experts", ["runtime/native/experts.c", "runtime/native/kernel.c"],
+                           depends=["runtime/native/kernel.h"],
                            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-maybe-uninitialized"], libraries=["m"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

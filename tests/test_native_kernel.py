@@ -5,6 +5,9 @@ onnxruntime session; and hostile slot layouts refused before a byte is read."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +241,37 @@ def test_a_nan_reaches_the_output_instead_of_quantizing_to_zero(kernel):
     finally:
         native.KERNEL.set_kernel("best")
     assert np.isfinite(y[0]).all() and not np.isfinite(y[1]).any() and not np.isfinite(y[2]).any()
+
+
+# ------------------------------------------------------------------ the kernel without Python
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = [ROOT / "tests" / "native" / "kernel_check.c", ROOT / "runtime" / "native" / "kernel.c"]
+
+
+def build_and_run(compiler: str, runner: list[str], tmp_path: Path, *flags: str) -> str:
+    """Build tests/native/kernel_check.c with the kernel and run it; its report."""
+    exe = tmp_path / "kernel_check"
+    built = subprocess.run([compiler, "-O2", "-std=c11", "-pthread", *flags, *map(str, HARNESS), "-lm", "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    done = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_every_kernel_of_this_cpu_agrees_with_portable_c(tmp_path):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    report = build_and_run(compiler, [], tmp_path)
+    assert " 0 disagree" in report, report
+
+
+def test_the_neon_kernel_agrees_with_portable_c_under_qemu(tmp_path):
+    """The aarch64 build of the kernel, NEON included, run by qemu-user: edge boards' path."""
+    compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if compiler is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+    report = build_and_run(compiler, [qemu], tmp_path, "-static")
+    assert report.startswith("kernels: neon portable;") and " 0 disagree" in report, report

@@ -1,667 +1,21 @@
-/* fate.runtime._experts: routed experts computed straight from the bytes of their files.
+/* fate.runtime._experts: the Python face of the expert kernel (kernel.c).
  *
- * An expert file read whole into a buffer (a slot) holds its three MatMulNBits-quantized
- * projections at offsets the manifest records (fate.artifacts.slots). run_experts() computes
- * every routed expert of one layer in one call, with the GIL released:
+ * run_experts() computes every routed expert of one layer in one call, with the GIL released,
+ * from the bytes of their files in their slots:
  *
  *     y[dest[a]] = down(act(gate(x[rows[a]]), up(x[rows[a]])))   for each assignment a
  *
- * Weights, MatMulNBits' layout (compiler/quantize.py): B uint8 [N, blocks, bs*bits/8], codes packed
- * low bits first along K; scales float [N*blocks]; zero points uint8 packed the same way per row.
- * dequant(B)[n, k] = (code - zp[n, k/bs]) * scale[n, k/bs].
- *
- * accuracy level 4 (the compiler's default): activations are quantized to int8 per block of bs,
- * symmetric (scale = max|a| / 127, round half to even), as onnxruntime's CompInt8 path does, and
- * each block's dot product is exact integer arithmetic:
- *     sum_i a_q[i] * (code[i] - zp) = sum_i a_q[i] * code[i] - zp * sum_i a_q[i].
- * Other levels compute in float32 on dequantized weights.
- *
- * Activations are stored permuted per 32-code chunk so that the unpacked codes line up without
- * shuffles: 4 bits [even positions, odd positions]; 2 bits [i%4 == 0, 1, 2, 3]; 8 bits as is.
- *
- * Work is split into tasks of (expert, up to TILE tokens), each a whole expert for its tokens, so
- * tasks need no barrier; a small persistent thread pool runs them. Kernels: AVX2 (chosen at run
- * time), NEON on aarch64, and portable C; all three compute the same integers.
+ * The kernel reads what it is given; everything it relies on is checked here first: the layout's
+ * numbers, every tensor of every expert inside its buffer, the sizes of x and y, starts running
+ * from 0 to the number of assignments without decreasing, every row and destination in range.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FATE_X86 1
-#endif
-#if defined(__aarch64__)
-#include <arm_neon.h>
-#define FATE_NEON 1
-#endif
-
-#define TILE 8       /* tokens computed together per pass over an expert's weights */
-#define CHUNK 32     /* codes per SIMD step */
-
-/* Layout vector (int64), as fate.runtime.native builds it from an ExpertLayout. */
-enum {
-    L_HIDDEN, L_INTER, L_BITS, L_BLOCK, L_ACCURACY, L_ACTIVATION, L_HAS_BIAS,
-    L_TENSORS, /* 3 projections x (qweight, scales, zero_points, bias) offsets */
-    L_SIZE = L_TENSORS + 12
-};
-enum { T_QWEIGHT, T_SCALES, T_ZEROS, T_BIAS };
-enum { ACT_SWIGLU = 0, ACT_SWIGLU_CLAMPED = 1 };
-
-typedef struct {
-    const uint8_t *qweight;
-    const uint8_t *scales; /* float32, possibly unaligned: read with memcpy */
-    const uint8_t *zeros;
-    const uint8_t *bias;   /* float32 or NULL */
-    int64_t n, k, blocks, block_bytes, zero_row;
-} proj_t;
-
-/* x86 kernels, best first; set at import (and by set_kernel, for tests) */
-enum { K_PORTABLE, K_AVX2, K_VNNI, K_VNNI512 };
-static const char *const kernel_names[] = {"portable", "avx2", "avx-vnni", "avx512-vnni"};
-static int kernel = K_PORTABLE;
-
-/* ------------------------------------------------------------------ small helpers */
-
-static inline float load_f32(const uint8_t *p, int64_t i) {
-    float v;
-    memcpy(&v, p + 4 * i, 4);
-    return v;
-}
-
-static inline int zero_point(const proj_t *p, int64_t n, int64_t block, int bits) {
-    const uint8_t *row = p->zeros + n * p->zero_row;
-    int per = 8 / bits;
-    return (row[block / per] >> ((block % per) * bits)) & ((1 << bits) - 1);
-}
-
-/* Position of natural index r (0 <= r < chunk) inside its permuted chunk. */
-static inline int permuted(int bits, int chunk, int r) {
-    if (bits == 4) return (r & 1) * (chunk / 2) + r / 2;
-    if (bits == 2) return (r & 3) * (chunk / 4) + r / 4;
-    return r;
-}
-
-/* Codes per permuted chunk: 64 for 4 bits (one 32-byte load unpacks into two 32-code vectors),
- * else 32; a block smaller than that is one chunk. */
-static inline int chunk_of(int64_t bs, int bits) {
-    int chunk = bits == 4 ? 64 : CHUNK;
-    return bs >= chunk ? chunk : (int)bs;
-}
-
-/* Quantize one row of K floats into blocks of bs: a_q [blocks*bs] (permuted), scale and code sum
- * per block. Padding past K is zero. */
-static void quantize_row(const float *x, int64_t k, int64_t bs, int bits, int8_t *q, float *scale, int32_t *sum) {
-    int64_t blocks = (k + bs - 1) / bs;
-    int chunk = chunk_of(bs, bits);
-    for (int64_t j = 0; j < blocks; j++) {
-        int64_t start = j * bs, stop = start + bs < k ? start + bs : k;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int64_t i = start; i < stop; i++) {
-            float v = fabsf(x[i]);
-            finite &= isfinite(v);
-            if (v > amax) amax = v;
-        }
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t s = 0;
-        int8_t *out = q + start;
-        memset(out, 0, (size_t)bs);
-        for (int64_t i = start; i < stop; i++) {
-            float r = nearbyintf(x[i] * inv);
-            int v = r > 127.0f ? 127 : (r < -127.0f ? -127 : (int)r);
-            int64_t local = i - start;
-            out[(local / chunk) * chunk + permuted(bits, chunk, (int)(local % chunk))] = (int8_t)v;
-            s += v;
-        }
-        /* a NaN or infinity must reach the output (and be refused there), not quantize to zeros */
-        scale[j] = finite ? amax / 127.0f : NAN;
-        sum[j] = s;
-    }
-}
-
-/* ------------------------------------------------------------------ integer block dot products */
-
-/* Code i of a block, packed low bits first (MatMulNBits). */
-static inline int code_at(const uint8_t *w, int64_t i, int bits) {
-    if (bits == 8) return w[i];
-    if (bits == 4) return (w[i / 2] >> ((i & 1) * 4)) & 15;
-    return (w[i / 4] >> ((i & 3) * 2)) & 3;
-}
-
-/* sum over one block of a_q[i] * code[i], portable C (also the reference the SIMD paths match). */
-static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bits) {
-    int chunk = chunk_of(bs, bits);
-    int32_t acc = 0;
-    for (int64_t i = 0; i < bs; i++) {
-        acc += code_at(w, i, bits) * a[(i / chunk) * chunk + permuted(bits, chunk, (int)(i % chunk))];
-    }
-    return acc;
-}
-
-#ifdef FATE_X86
-/* One block's integer dot products for M tokens, AVX2 (maddubs) or AVX-VNNI (dpbusd): the same
- * integers either way. Written once as a macro, instantiated per instruction set and token count
- * (M is a constant, so the accumulators live in registers). */
-#define DOT_AVX2(acc, c, a) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))
-#define DOT_VNNI(acc, c, a) acc = _mm256_dpbusd_avx_epi32(acc, c, a)
-/* the same instruction, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (AMD Zen 4, Intel
- * Ice Lake to Sapphire Rapids servers) */
-#define DOT_VNNI512(acc, c, a) acc = _mm256_dpbusd_epi32(acc, c, a)
-
-#define DEFINE_ROWS(NAME, TARGET, DOT, EXACT_U8)                                                              \
-    __attribute__((target(TARGET))) static inline void NAME##_block(const uint8_t *w, int bits, int64_t bs,     \
-                                                                    const int8_t *a, int64_t a_stride, int M,  \
-                                                                    __m256i *isum) {                           \
-        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);                                \
-        (void)ones;                                                                                             \
-        if (bits == 4 && bs >= 64) {                                                                            \
-            for (int64_t c = 0; c < bs; c += 64, w += 32) {                                                     \
-                __m256i b = _mm256_loadu_si256((const __m256i *)w);                                             \
-                __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);      \
-                for (int m = 0; m < M; m++) {                                                                   \
-                    const int8_t *am = a + m * a_stride + c;                                                    \
-                    DOT(isum[m], lo, _mm256_loadu_si256((const __m256i *)am));                                  \
-                    DOT(isum[m], hi, _mm256_loadu_si256((const __m256i *)(am + 32)));                           \
-                }                                                                                               \
-            }                                                                                                   \
-            return;                                                                                             \
-        }                                                                                                       \
-        const __m128i n4 = _mm_set1_epi8(0x0F), n2 = _mm_set1_epi8(0x03);                                      \
-        for (int64_t c = 0; c < bs; c += 32) {                                                                  \
-            __m256i codes, high = _mm256_setzero_si256();                                                       \
-            if (bits == 4) {                                                                                    \
-                __m128i b = _mm_loadu_si128((const __m128i *)w);                                                \
-                codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), n4), _mm_and_si128(b, n4));       \
-                w += 16;                                                                                        \
-            } else if (bits == 2) {                                                                             \
-                __m128i b = _mm_loadl_epi64((const __m128i *)w);                                                \
-                __m128i v01 = _mm_unpacklo_epi64(_mm_and_si128(b, n2), _mm_and_si128(_mm_srli_epi16(b, 2), n2)); \
-                __m128i v23 = _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), n2),                      \
-                                                 _mm_and_si128(_mm_srli_epi16(b, 6), n2));                     \
-                codes = _mm256_set_m128i(v23, v01);                                                             \
-                w += 8;                                                                                         \
-            } else {                                                                                            \
-                __m256i b = _mm256_loadu_si256((const __m256i *)w);                                             \
-                if (EXACT_U8) {                                                                                 \
-                    codes = b;                                                                                  \
-                } else { /* code = 16 * high + low keeps maddubs' pair sums inside int16 */                    \
-                    codes = _mm256_and_si256(b, m4);                                                            \
-                    high = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);                                       \
-                }                                                                                               \
-                w += 32;                                                                                        \
-            }                                                                                                   \
-            for (int m = 0; m < M; m++) {                                                                       \
-                __m256i am = _mm256_loadu_si256((const __m256i *)(a + m * a_stride + c));                       \
-                DOT(isum[m], codes, am);                                                                        \
-                if (bits == 8 && !EXACT_U8) {                                                                   \
-                    __m256i h = _mm256_setzero_si256();                                                         \
-                    DOT(h, high, am);                                                                           \
-                    isum[m] = _mm256_add_epi32(isum[m], _mm256_slli_epi32(h, 4));                               \
-                }                                                                                               \
-            }                                                                                                   \
-        }                                                                                                       \
-    }                                                                                                           \
-                                                                                                                \
-    __attribute__((target(TARGET))) static inline void NAME##_rows_m(const proj_t *p, int64_t n, int bits,      \
-                                                                     int64_t bs, const int8_t *aq,              \
-                                                                     int64_t a_stride, const float *as,         \
-                                                                     const int32_t *asum, const int M,          \
-                                                                     float *out) {                              \
-        __m256 acc[TILE];                                                                                       \
-        float corr[TILE];                                                                                       \
-        for (int m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); corr[m] = 0.0f; }                         \
-        const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;                                      \
-        const uint8_t *zrow = p->zeros + n * p->zero_row;                                                       \
-        int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
-        const uint8_t *ahead = wrow + p->blocks * p->block_bytes; /* the next row, fetched meanwhile */       \
-        const int more = n + 1 < p->n;                                                                          \
-        for (int64_t j = 0; j < p->blocks; j++) {                                                               \
-            if (more)                                                                                           \
-                for (int64_t b = 0; b < p->block_bytes; b += 64)                                                \
-                    _mm_prefetch((const char *)(ahead + j * p->block_bytes + b), _MM_HINT_T0);                  \
-            __m256i isum[TILE];                                                                                 \
-            for (int m = 0; m < M; m++) isum[m] = _mm256_setzero_si256();                                      \
-            NAME##_block(wrow + j * p->block_bytes, bits, bs, aq + j * bs, a_stride, M, isum);                  \
-            float ws = load_f32(p->scales, n * p->blocks + j);                                                  \
-            int zp = (zrow[j >> zshift] >> ((j & per) * bits)) & zmask;                                        \
-            for (int m = 0; m < M; m++) {                                                                       \
-                float f = ws * as[m * p->blocks + j];                                                           \
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(f), acc[m]);              \
-                corr[m] += f * (float)(zp * asum[m * p->blocks + j]);                                           \
-            }                                                                                                   \
-        }                                                                                                       \
-        for (int m = 0; m < M; m++) {                                                                           \
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));           \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
-            out[m] = _mm_cvtss_f32(s) - corr[m];                                                                \
-        }                                                                                                       \
-    }                                                                                                           \
-                                                                                                                \
-    /* Decode: one token against 4 rows per pass, so four independent accumulator chains hide the   \
-     * dot instructions' latency and each block's activation scale is read once. */                       \
-    __attribute__((target(TARGET))) static void NAME##_rows4(const proj_t *p, int64_t n, int bits, int64_t bs,  \
-                                                             const int8_t *aq, const float *as,                 \
-                                                             const int32_t *asum, float *out) {                 \
-        __m256 acc[4];                                                                                          \
-        __m128 corr = _mm_setzero_ps();                                                                         \
-        const uint8_t *wrow[4], *zrow[4];                                                                       \
-        for (int r = 0; r < 4; r++) {                                                                           \
-            acc[r] = _mm256_setzero_ps();                                                                       \
-            wrow[r] = p->qweight + (n + r) * p->blocks * p->block_bytes;                                        \
-            zrow[r] = p->zeros + (n + r) * p->zero_row;                                                         \
-        }                                                                                                       \
-        int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
-        /* the next four rows follow these in memory: fetch them while these compute (an expert read  \
-         * from memory, not cache, is bandwidth-bound, and four interleaved row streams plus scales    \
-         * are more than the hardware prefetcher follows well) */                                      \
-        const uint8_t *ahead = wrow[0] + 4 * p->blocks * p->block_bytes;                                     \
-        const int more = n + 8 <= p->n;                                                                         \
-        for (int64_t j = 0; j < p->blocks; j++) {                                                               \
-            if (more)                                                                                           \
-                for (int64_t b = 0; b < 4 * p->block_bytes; b += 64)                                            \
-                    _mm_prefetch((const char *)(ahead + j * 4 * p->block_bytes + b), _MM_HINT_T0);              \
-            __m256i isum[4];                                                                                    \
-            if (bits == 4 && bs % 64 == 0) { /* the four rows interleaved in one pass over the block */        \
-                const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                         \
-                (void)ones;                                                                                     \
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                \
-                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;          \
-                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;          \
-                const int8_t *a = aq + j * bs;                                                                  \
-                for (int64_t c = 0; c < bs; c += 64) {                                                          \
-                    __m256i alo = _mm256_loadu_si256((const __m256i *)(a + c));                                 \
-                    __m256i ahi = _mm256_loadu_si256((const __m256i *)(a + c + 32));                            \
-                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c / 2));                             \
-                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c / 2));                             \
-                    __m256i b2 = _mm256_loadu_si256((const __m256i *)(w2 + c / 2));                             \
-                    __m256i b3 = _mm256_loadu_si256((const __m256i *)(w3 + c / 2));                             \
-                    DOT(s0, _mm256_and_si256(b0, m4), alo);                                                     \
-                    DOT(s1, _mm256_and_si256(b1, m4), alo);                                                     \
-                    DOT(s2, _mm256_and_si256(b2, m4), alo);                                                     \
-                    DOT(s3, _mm256_and_si256(b3, m4), alo);                                                     \
-                    DOT(s0, _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4), ahi);                               \
-                    DOT(s1, _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), ahi);                               \
-                    DOT(s2, _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), ahi);                               \
-                    DOT(s3, _mm256_and_si256(_mm256_srli_epi16(b3, 4), m4), ahi);                               \
-                }                                                                                               \
-                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
-            } else {                                                                                            \
-                for (int r = 0; r < 4; r++) {                                                                   \
-                    isum[r] = _mm256_setzero_si256();                                                           \
-                    NAME##_block(wrow[r] + j * p->block_bytes, bits, bs, aq + j * bs, 0, 1, &isum[r]);         \
-                }                                                                                               \
-            }                                                                                                   \
-            int sh = (int)(j & per) * bits;                                                                     \
-            int64_t zb = j >> zshift;                                                                           \
-            __m128 ws = _mm_setr_ps(load_f32(p->scales, n * p->blocks + j),                                    \
-                                    load_f32(p->scales, (n + 1) * p->blocks + j),                              \
-                                    load_f32(p->scales, (n + 2) * p->blocks + j),                              \
-                                    load_f32(p->scales, (n + 3) * p->blocks + j));                             \
-            __m128i zp = _mm_setr_epi32((zrow[0][zb] >> sh) & zmask, (zrow[1][zb] >> sh) & zmask,            \
-                                        (zrow[2][zb] >> sh) & zmask, (zrow[3][zb] >> sh) & zmask);            \
-            __m128 f = _mm_mul_ps(ws, _mm_set1_ps(as[j]));                                                      \
-            /* the same float operations, in the same order, as NAME##_rows_m: one token's result never     \
-             * depends on which path computed it */                                                          \
-            corr = _mm_add_ps(corr, _mm_mul_ps(f, _mm_cvtepi32_ps(_mm_mullo_epi32(zp, _mm_set1_epi32(asum[j]))))); \
-            for (int r = 0; r < 4; r++)                                                                         \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(f[r]), acc[r]);           \
-        }                                                                                                       \
-        __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(acc[0]), _mm256_extractf128_ps(acc[0], 1));             \
-        __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(acc[1]), _mm256_extractf128_ps(acc[1], 1));             \
-        __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(acc[2]), _mm256_extractf128_ps(acc[2], 1));             \
-        __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(acc[3]), _mm256_extractf128_ps(acc[3], 1));             \
-        _MM_TRANSPOSE4_PS(t0, t1, t2, t3);                                                                      \
-        __m128 total = _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));                                      \
-        _mm_storeu_ps(out, _mm_sub_ps(total, corr));                                                            \
-    }                                                                                                           \
-                                                                                                                \
-    __attribute__((target(TARGET))) static void NAME(const proj_t *p, int64_t n, int bits, int64_t bs,          \
-                                                     const int8_t *aq, int64_t a_stride, const float *as,       \
-                                                     const int32_t *asum, int m_count, float *out) {            \
-        int m = 0;                                                                                              \
-        for (; m + 4 <= m_count; m += 4)                                                                        \
-            NAME##_rows_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
-                          4, out + m);                                                                          \
-        for (; m < m_count; m++)                                                                                \
-            NAME##_rows_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
-                          1, out + m);                                                                          \
-    }
-
-DEFINE_ROWS(row_int8_avx2, "avx2,fma", DOT_AVX2, 0)
-DEFINE_ROWS(row_int8_vnni, "avx2,fma,avxvnni", DOT_VNNI, 1)
-DEFINE_ROWS(row_int8_vnni512, "avx2,fma,avx512f,avx512vl,avx512vnni", DOT_VNNI512, 1)
-#endif
-
-#ifdef FATE_NEON
-static inline int32x4_t dot16_neon(int32x4_t acc, uint8x16_t codes, int8x16_t a) {
-    int8x16_t c = vreinterpretq_s8_u8(codes);
-    int16x8_t lo = vmull_s8(vget_low_s8(c), vget_low_s8(a));
-    int16x8_t hi = vmull_s8(vget_high_s8(c), vget_high_s8(a));
-    return vpadalq_s16(vpadalq_s16(acc, lo), hi);
-}
-
-static void row_int8_neon(const proj_t *p, int64_t n, int bits, int64_t bs, const int8_t *aq, int64_t a_stride,
-                          const float *as, const int32_t *asum, int m_count, float *out) {
-    float32x4_t acc[TILE];
-    float corr[TILE];
-    for (int m = 0; m < m_count; m++) { acc[m] = vdupq_n_f32(0.0f); corr[m] = 0.0f; }
-    const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;
-    int64_t chunk_bytes = CHUNK * bits / 8;
-    const uint8x16_t m4 = vdupq_n_u8(0x0F), m2 = vdupq_n_u8(0x03);
-    for (int64_t j = 0; j < p->blocks; j++) {
-        const uint8_t *w = wrow + j * p->block_bytes;
-        float ws = load_f32(p->scales, n * p->blocks + j);
-        int zp = zero_point(p, n, j, bits);
-        int32x4_t isum[TILE];
-        for (int m = 0; m < m_count; m++) isum[m] = vdupq_n_s32(0);
-        for (int64_t c = 0; c < bs; c += CHUNK, w += chunk_bytes) {
-            uint8x16_t c0, c1, h0 = vdupq_n_u8(0), h1 = vdupq_n_u8(0);
-            if (bits == 4 && bs >= 64) { /* 64 codes: [even 32 | odd 32] */
-                uint8x16_t b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
-                for (int m = 0; m < m_count; m++) {
-                    const int8_t *a = aq + m * a_stride + j * bs + c;
-                    isum[m] = dot16_neon(dot16_neon(isum[m], vandq_u8(b0, m4), vld1q_s8(a)), vandq_u8(b1, m4),
-                                         vld1q_s8(a + 16));
-                    isum[m] = dot16_neon(dot16_neon(isum[m], vshrq_n_u8(b0, 4), vld1q_s8(a + 32)), vshrq_n_u8(b1, 4),
-                                         vld1q_s8(a + 48));
-                }
-                c += 32;
-                w += 16; /* with the loop's own step: 64 codes, 32 bytes */
-                continue;
-            } else if (bits == 4) {
-                uint8x16_t b = vld1q_u8(w);
-                c0 = vandq_u8(b, m4);
-                c1 = vshrq_n_u8(b, 4);
-            } else if (bits == 2) {
-                uint8x8_t b = vld1_u8(w);
-                c0 = vandq_u8(vcombine_u8(b, vshr_n_u8(b, 2)), m2);
-                c1 = vandq_u8(vcombine_u8(vshr_n_u8(b, 4), vshr_n_u8(b, 6)), m2);
-            } else {
-                uint8x16_t b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
-                c0 = vandq_u8(b0, m4);
-                c1 = vandq_u8(b1, m4);
-                h0 = vshrq_n_u8(b0, 4);
-                h1 = vshrq_n_u8(b1, 4);
-            }
-            for (int m = 0; m < m_count; m++) {
-                const int8_t *a = aq + m * a_stride + j * bs + c;
-                int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
-                isum[m] = dot16_neon(dot16_neon(isum[m], c0, a0), c1, a1);
-                if (bits == 8) {
-                    int32x4_t h = dot16_neon(dot16_neon(vdupq_n_s32(0), h0, a0), h1, a1);
-                    isum[m] = vaddq_s32(isum[m], vshlq_n_s32(h, 4));
-                }
-            }
-        }
-        for (int m = 0; m < m_count; m++) {
-            float f = ws * as[m * p->blocks + j];
-            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(isum[m]), f);
-            corr[m] += f * (float)(zp * asum[m * p->blocks + j]);
-        }
-    }
-    for (int m = 0; m < m_count; m++) out[m] = vaddvq_f32(acc[m]) - corr[m];
-}
-#endif
-
-static void row_int8_c(const proj_t *p, int64_t n, int bits, int64_t bs, const int8_t *aq, int64_t a_stride,
-                       const float *as, const int32_t *asum, int m_count, float *out) {
-    const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;
-    for (int m = 0; m < m_count; m++) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < p->blocks; j++) {
-            float f = load_f32(p->scales, n * p->blocks + j) * as[m * p->blocks + j];
-            int32_t d = block_dot_c(wrow + j * p->block_bytes, aq + m * a_stride + j * bs, bs, bits);
-            acc += f * (float)(d - zero_point(p, n, j, bits) * asum[m * p->blocks + j]);
-        }
-        out[m] = acc;
-    }
-}
-
-/* float32 compute (accuracy level 0): dequantized weights times float activations. */
-static void row_float(const proj_t *p, int64_t n, int bits, int64_t bs, const float *x, int64_t x_stride, int m_count,
-                      float *out) {
-    const uint8_t *wrow = p->qweight + n * p->blocks * p->block_bytes;
-    for (int m = 0; m < m_count; m++) out[m] = 0.0f;
-    for (int64_t j = 0; j < p->blocks; j++) {
-        const uint8_t *w = wrow + j * p->block_bytes;
-        float ws = load_f32(p->scales, n * p->blocks + j);
-        float zp = (float)zero_point(p, n, j, bits);
-        int64_t stop = (j + 1) * bs < p->k ? bs : p->k - j * bs;
-        for (int m = 0; m < m_count; m++) {
-            const float *xs = x + m * x_stride + j * bs;
-            float acc = 0.0f;
-            for (int64_t i = 0; i < stop; i++) {
-                acc += ((float)code_at(w, i, bits) - zp) * ws * xs[i];
-            }
-            out[m] += acc;
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ one projection for a tile */
-
-typedef struct {
-    int bits;
-    int64_t bs;
-    int int8;
-} math_t;
-
-/* y[m, n] for rows n of `p`, m < m_count; inputs quantized (int8) or float, per `math`. */
-static void project(const proj_t *p, const math_t *math, const int8_t *aq, const float *as, const int32_t *asum,
-                    const float *x, float *y, int64_t y_stride, int m_count) {
-    int64_t a_stride = p->blocks * math->bs;
-    float out[TILE];
-    int simd = math->int8 && math->bs % CHUNK == 0;
-    for (int64_t n = 0; n < p->n;) {
-        int rows = 1;
-#ifdef FATE_X86
-        if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= p->n) {
-            rows = 4; /* out[r] is row n + r */
-            if (kernel == K_VNNI512) row_int8_vnni512_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
-            else if (kernel == K_VNNI) row_int8_vnni_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
-            else row_int8_avx2_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
-        } else if (simd && kernel == K_VNNI512)
-            row_int8_vnni512(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else if (simd && kernel == K_VNNI)
-            row_int8_vnni(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else if (simd && kernel == K_AVX2)
-            row_int8_avx2(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else
-#endif
-#ifdef FATE_NEON
-        if (simd)
-            row_int8_neon(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else
-#endif
-        if (math->int8)
-            row_int8_c(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out);
-        else
-            row_float(p, n, math->bits, math->bs, x, p->k, m_count, out);
-        if (rows == 4) {
-            for (int r = 0; r < 4; r++) y[n + r] = out[r] + (p->bias ? load_f32(p->bias, n + r) : 0.0f);
-        } else {
-            float b = p->bias ? load_f32(p->bias, n) : 0.0f;
-            for (int m = 0; m < m_count; m++) y[m * y_stride + n] = out[m] + b;
-        }
-        n += rows;
-    }
-}
-
-/* ------------------------------------------------------------------ the call */
-
-typedef struct {
-    int64_t hidden, inter;
-    math_t math;
-    int activation;
-    float limit, alpha;
-    int64_t offsets[12];
-    int has_bias;
-    /* inputs */
-    const float *x;
-    int64_t tokens;
-    const uint8_t **experts;
-    const int32_t *starts, *rows, *dest;
-    float *y;
-    /* x quantized once for the gate and up projections */
-    int8_t *xq;
-    float *xs;
-    int32_t *xsum;
-    /* tasks: (expert, first assignment, count) */
-    int64_t (*tasks)[3];
-    atomic_int failed;
-} call_t;
-
-static proj_t projection(const call_t *c, const uint8_t *base, int which) {
-    proj_t p;
-    p.n = which == 2 ? c->hidden : c->inter;
-    p.k = which == 2 ? c->inter : c->hidden;
-    p.blocks = (p.k + c->math.bs - 1) / c->math.bs;
-    p.block_bytes = c->math.bs * c->math.bits / 8;
-    p.zero_row = (p.blocks * c->math.bits + 7) / 8;
-    const int64_t *o = c->offsets + 4 * which;
-    p.qweight = base + o[T_QWEIGHT];
-    p.scales = base + o[T_SCALES];
-    p.zeros = base + o[T_ZEROS];
-    p.bias = c->has_bias ? base + o[T_BIAS] : NULL;
-    return p;
-}
-
-static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
-
-static void run_task(call_t *c, int64_t t) {
-    int64_t expert = c->tasks[t][0], first = c->tasks[t][1];
-    int m_count = (int)c->tasks[t][2];
-    const uint8_t *base = c->experts[expert];
-    proj_t gate = projection(c, base, 0), up = projection(c, base, 1), down = projection(c, base, 2);
-    int64_t h = c->hidden, in = c->inter, gb = gate.blocks, db = down.blocks, bs = c->math.bs;
-    /* float scratch, then int32, then int8 (alignment) */
-    size_t floats = (size_t)m_count * (size_t)(3 * in + 2 * h + db + gb);
-    size_t ints = (size_t)m_count * (size_t)(db + gb);
-    size_t bytes = (size_t)m_count * (size_t)(db + gb) * (size_t)bs;
-    uint8_t *scratch = malloc(4 * (floats + ints) + bytes + 1);
-    if (!scratch) { atomic_store(&c->failed, 1); return; }
-    float *g = (float *)scratch, *u = g + m_count * in, *act = u + m_count * in, *out = act + m_count * in;
-    float *xin = out + m_count * h, *hs = xin + m_count * h, *xs = hs + m_count * db;
-    int32_t *hsum = (int32_t *)(xs + m_count * gb), *xsum = hsum + m_count * db;
-    int8_t *hq = (int8_t *)(xsum + m_count * gb), *xq = hq + m_count * db * bs;
-    /* gather this tile's tokens: quantized rows (int8 math) or float rows */
-    for (int m = 0; m < m_count; m++) {
-        int64_t row = c->rows[first + m];
-        if (c->math.int8) {
-            memcpy(xq + m * gb * bs, c->xq + row * gb * bs, (size_t)(gb * bs));
-            memcpy(xs + m * gb, c->xs + row * gb, (size_t)gb * sizeof(float));
-            memcpy(xsum + m * gb, c->xsum + row * gb, (size_t)gb * sizeof(int32_t));
-        } else {
-            memcpy(xin + m * h, c->x + row * h, (size_t)h * sizeof(float));
-        }
-    }
-    project(&gate, &c->math, xq, xs, xsum, xin, g, in, m_count);
-    project(&up, &c->math, xq, xs, xsum, xin, u, in, m_count);
-    for (int64_t i = 0; i < m_count * in; i++) {
-        float gv = g[i], uv = u[i];
-        if (c->activation == ACT_SWIGLU_CLAMPED) {
-            gv = gv < c->limit ? gv : c->limit;
-            uv = uv < -c->limit ? -c->limit : (uv > c->limit ? c->limit : uv);
-            act[i] = (uv + 1.0f) * gv * sigmoid(c->alpha * gv);
-        } else {
-            act[i] = gv * sigmoid(gv) * uv;
-        }
-    }
-    if (c->math.int8)
-        for (int m = 0; m < m_count; m++)
-            quantize_row(act + m * in, in, bs, c->math.bits, hq + m * db * bs, hs + m * db, hsum + m * db);
-    project(&down, &c->math, hq, hs, hsum, act, out, h, m_count);
-    for (int m = 0; m < m_count; m++)
-        memcpy(c->y + (int64_t)c->dest[first + m] * h, out + m * h, (size_t)h * sizeof(float));
-    free(scratch);
-}
-
-/* ------------------------------------------------------------------ a small persistent pool */
-
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
-    int workers;
-    unsigned long generation;
-    call_t *call;
-    int64_t task_count;
-    atomic_llong next;
-    int busy;
-} pool_t;
-
-static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, NULL, 0, 0, 0};
-static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static void drain(call_t *c, int64_t count) {
-    for (;;) {
-        int64_t t = atomic_fetch_add(&pool.next, 1);
-        if (t >= count) return;
-        run_task(c, t);
-    }
-}
-
-static void *worker(void *arg) {
-    (void)arg;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
-    for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
-        call_t *c = pool.call;
-        int64_t count = pool.task_count;
-        pthread_mutex_unlock(&pool.lock);
-        drain(c, count);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
-    }
-    return NULL;
-}
-
-static int ensure_workers(int wanted) {
-    while (pool.workers < wanted) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&thread, &attr, worker, NULL);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) return -1;
-        pool.workers++;
-    }
-    return 0;
-}
-
-/* Run every task of `c`: `helpers` pool threads beside the calling one. */
-static void run_all(call_t *c, int64_t count, int helpers) {
-    atomic_store(&pool.next, 0);
-    if (helpers > 0 && count > 1) {
-        pthread_mutex_lock(&pool.lock);
-        if (ensure_workers(helpers) != 0) helpers = pool.workers;
-        /* every worker wakes on a new generation; extra ones find no task and report at once */
-        pool.call = c;
-        pool.task_count = count;
-        pool.busy = pool.workers;
-        pool.generation++;
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-        drain(c, count);
-        pthread_mutex_lock(&pool.lock);
-        while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-    } else {
-        drain(c, count);
-    }
-}
-
-/* ------------------------------------------------------------------ Python entry points */
+#include "kernel.h"
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) != 0) {
@@ -669,17 +23,6 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
         return -1;
     }
     return 0;
-}
-
-static int64_t tensor_bytes(const call_t *c, int which, int part) {
-    int64_t n = which == 2 ? c->hidden : c->inter, k = which == 2 ? c->inter : c->hidden;
-    int64_t blocks = (k + c->math.bs - 1) / c->math.bs;
-    switch (part) {
-        case T_QWEIGHT: return n * blocks * c->math.bs * c->math.bits / 8;
-        case T_SCALES: return n * blocks * 4;
-        case T_ZEROS: return n * ((blocks * c->math.bits + 7) / 8);
-        default: return c->has_bias ? n * 4 : 0;
-    }
 }
 
 static const char run_doc[] =
@@ -698,49 +41,41 @@ static PyObject *run_experts(PyObject *self, PyObject *args) {
         return NULL;
     Py_buffer lv = {0}, xv = {0}, sv = {0}, rv = {0}, dv = {0}, yv = {0};
     Py_buffer *ev = NULL;
+    const uint8_t **bases = NULL;
     Py_ssize_t n_experts = 0, got = 0;
     PyObject *result = NULL, *seq = NULL;
-    call_t c;
-    memset(&c, 0, sizeof c);
+    fate_layout l;
+    memset(&l, 0, sizeof l);
     if (get_buffer(layout_obj, &lv, 0, "layout") || get_buffer(x_obj, &xv, 0, "x") ||
         get_buffer(starts_obj, &sv, 0, "starts") || get_buffer(rows_obj, &rv, 0, "rows") ||
         get_buffer(dest_obj, &dv, 0, "dest") || get_buffer(y_obj, &yv, 1, "y"))
         goto done;
     if (lv.len != L_SIZE * 8) { PyErr_SetString(PyExc_ValueError, "layout: expected 19 int64"); goto done; }
-    const int64_t *l = lv.buf;
-    c.hidden = l[L_HIDDEN]; c.inter = l[L_INTER];
-    c.math.bits = (int)l[L_BITS]; c.math.bs = l[L_BLOCK]; c.math.int8 = l[L_ACCURACY] == 4;
-    c.activation = (int)l[L_ACTIVATION]; c.has_bias = l[L_HAS_BIAS] != 0;
-    c.limit = (float)limit; c.alpha = (float)alpha;
-    memcpy(c.offsets, l + L_TENSORS, sizeof c.offsets);
-    if (c.hidden <= 0 || c.inter <= 0 || c.hidden > (1 << 20) || c.inter > (1 << 20) ||
-        (c.math.bits != 2 && c.math.bits != 4 && c.math.bits != 8) || c.math.bs < 16 || c.math.bs > (1 << 16) ||
-        (c.math.bs & (c.math.bs - 1)) || (c.activation != ACT_SWIGLU && c.activation != ACT_SWIGLU_CLAMPED)) {
+    const int64_t *v = lv.buf;
+    l.hidden = v[L_HIDDEN]; l.inter = v[L_INTER];
+    l.bits = (int)v[L_BITS]; l.block = v[L_BLOCK]; l.int8 = v[L_ACCURACY] == 4;
+    l.activation = (int)v[L_ACTIVATION]; l.has_bias = v[L_HAS_BIAS] != 0;
+    l.limit = (float)limit; l.alpha = (float)alpha;
+    memcpy(l.offsets, v + L_TENSORS, sizeof l.offsets);
+    if (v[L_BITS] != l.bits || v[L_ACTIVATION] != l.activation || fate_layout_check(&l) != 0) {
         PyErr_SetString(PyExc_ValueError, "layout: unsupported numbers");
         goto done;
     }
-    if (xv.len % (c.hidden * 4) || yv.len % (c.hidden * 4) || sv.len % 4 || rv.len != dv.len || rv.len % 4) {
+    if (xv.len % (l.hidden * 4) || yv.len % (l.hidden * 4) || sv.len % 4 || rv.len != dv.len || rv.len % 4) {
         PyErr_SetString(PyExc_ValueError, "x, y, starts, rows or dest has the wrong size");
         goto done;
     }
-    c.tokens = xv.len / (c.hidden * 4);
-    int64_t out_rows = yv.len / (c.hidden * 4), assignments = rv.len / 4;
+    int64_t tokens = xv.len / (l.hidden * 4), out_rows = yv.len / (l.hidden * 4), assignments = rv.len / 4;
     seq = PySequence_Fast(experts_obj, "experts: expected a sequence of buffers");
     if (!seq) goto done;
     n_experts = PySequence_Fast_GET_SIZE(seq);
     if (sv.len / 4 != n_experts + 1) { PyErr_SetString(PyExc_ValueError, "starts: expected len(experts) + 1"); goto done; }
     ev = calloc((size_t)n_experts + 1, sizeof(Py_buffer));
-    c.experts = calloc((size_t)n_experts + 1, sizeof(uint8_t *));
-    if (!ev || !c.experts) { PyErr_NoMemory(); goto done; }
+    bases = calloc((size_t)n_experts + 1, sizeof(uint8_t *));
+    if (!ev || !bases) { PyErr_NoMemory(); goto done; }
     /* every tensor of every expert inside its buffer */
-    int64_t need = 0;
-    for (int which = 0; which < 3; which++)
-        for (int part = 0; part < 4; part++) {
-            int64_t size = tensor_bytes(&c, which, part), off = c.offsets[4 * which + part];
-            if (size == 0) continue;
-            if (off < 0 || off > INT64_MAX - size) { PyErr_SetString(PyExc_ValueError, "layout: bad offset"); goto done; }
-            if (off + size > need) need = off + size;
-        }
+    int64_t need = fate_layout_bytes(&l);
+    if (need < 0) { PyErr_SetString(PyExc_ValueError, "layout: bad offset"); goto done; }
     for (got = 0; got < n_experts; got++) {
         if (get_buffer(PySequence_Fast_GET_ITEM(seq, got), &ev[got], 0, "experts[i]")) goto done;
         if (ev[got].len < need) {
@@ -749,59 +84,31 @@ static PyObject *run_experts(PyObject *self, PyObject *args) {
             got++;
             goto done;
         }
-        c.experts[got] = ev[got].buf;
+        bases[got] = ev[got].buf;
     }
-    c.starts = sv.buf; c.rows = rv.buf; c.dest = dv.buf; c.x = xv.buf; c.y = yv.buf;
-    if (c.starts[0] != 0 || c.starts[n_experts] != assignments) {
+    const int32_t *starts = sv.buf, *rows = rv.buf, *dest = dv.buf;
+    if (starts[0] != 0 || starts[n_experts] != assignments) {
         PyErr_SetString(PyExc_ValueError, "starts must run from 0 to len(rows)");
         goto done;
     }
-    int64_t task_count = 0;
-    for (Py_ssize_t e = 0; e < n_experts; e++) {
-        if (c.starts[e + 1] < c.starts[e]) { PyErr_SetString(PyExc_ValueError, "starts must not decrease"); goto done; }
-        task_count += (c.starts[e + 1] - c.starts[e] + TILE - 1) / TILE;
-    }
+    for (Py_ssize_t e = 0; e < n_experts; e++)
+        if (starts[e + 1] < starts[e]) { PyErr_SetString(PyExc_ValueError, "starts must not decrease"); goto done; }
     for (int64_t a = 0; a < assignments; a++)
-        if (c.rows[a] < 0 || c.rows[a] >= c.tokens || c.dest[a] < 0 || c.dest[a] >= out_rows) {
+        if (rows[a] < 0 || rows[a] >= tokens || dest[a] < 0 || dest[a] >= out_rows) {
             PyErr_SetString(PyExc_IndexError, "rows or dest out of range");
             goto done;
         }
-    int64_t blocks = (c.hidden + c.math.bs - 1) / c.math.bs;
-    c.tasks = malloc((size_t)(task_count + 1) * sizeof *c.tasks);
-    if (c.math.int8) {
-        c.xq = malloc((size_t)(c.tokens * blocks * c.math.bs + 1));
-        c.xs = malloc((size_t)(c.tokens * blocks + 1) * sizeof(float));
-        c.xsum = malloc((size_t)(c.tokens * blocks + 1) * sizeof(int32_t));
-    }
-    if (!c.tasks || (c.math.int8 && (!c.xq || !c.xs || !c.xsum))) { PyErr_NoMemory(); goto done; }
-    int64_t t = 0;
-    for (Py_ssize_t e = 0; e < n_experts; e++)
-        for (int64_t a = c.starts[e]; a < c.starts[e + 1]; a += TILE) {
-            c.tasks[t][0] = e;
-            c.tasks[t][1] = a;
-            c.tasks[t][2] = c.starts[e + 1] - a < TILE ? c.starts[e + 1] - a : TILE;
-            t++;
-        }
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&call_lock);
-    if (c.math.int8)
-        for (int64_t row = 0; row < c.tokens; row++)
-            quantize_row(c.x + row * c.hidden, c.hidden, c.math.bs, c.math.bits, c.xq + row * blocks * c.math.bs,
-                         c.xs + row * blocks, c.xsum + row * blocks);
-    run_all(&c, task_count, threads > 1 ? threads - 1 : 0);
-    pthread_mutex_unlock(&call_lock);
+    rc = fate_run_experts(&l, bases, n_experts, xv.buf, tokens, starts, rows, dest, yv.buf, threads);
     Py_END_ALLOW_THREADS
-    if (atomic_load(&c.failed)) { PyErr_NoMemory(); goto done; }
+    if (rc != 0) { PyErr_NoMemory(); goto done; }
     Py_INCREF(Py_None);
     result = Py_None;
 done:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ev[i]);
     free(ev);
-    free((void *)c.experts);
-    free(c.tasks);
-    free(c.xq);
-    free(c.xs);
-    free(c.xsum);
+    free((void *)bases);
     Py_XDECREF(seq);
     Py_buffer *views[] = {&lv, &xv, &sv, &rv, &dv, &yv};
     for (size_t i = 0; i < sizeof views / sizeof *views; i++)
@@ -809,77 +116,38 @@ done:
     return result;
 }
 
-#ifdef FATE_X86
-/* The kernels this CPU runs, best first (a bit per kernel). */
-static int supported_kernels(void) {
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    int mask = 1 << K_PORTABLE;
-    if (avx2) mask |= 1 << K_AVX2;
-    if (avx2 && __builtin_cpu_supports("avxvnni")) mask |= 1 << K_VNNI;
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512vnni"))
-        mask |= 1 << K_VNNI512;
-    return mask;
-}
-
-static int best_kernel(void) {
-    int mask = supported_kernels();
-    for (int k = K_VNNI512; k > K_PORTABLE; k--)
-        if (mask & (1 << k)) return k;
-    return K_PORTABLE;
-}
-#endif
-
 static PyObject *kernel_name(PyObject *self, PyObject *args) {
     (void)self; (void)args;
-#ifdef FATE_NEON
-    return PyUnicode_FromString("neon");
-#elif defined(FATE_X86)
-    return PyUnicode_FromString(kernel_names[kernel]);
-#else
-    return PyUnicode_FromString("portable");
-#endif
+    return PyUnicode_FromString(fate_kernel_name());
 }
 
 static PyObject *set_kernel(PyObject *self, PyObject *arg) {
     (void)self;
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return NULL;
-#ifdef FATE_X86
-    if (!strcmp(name, "best")) { kernel = best_kernel(); Py_RETURN_NONE; }
-    for (int k = 0; k < (int)(sizeof kernel_names / sizeof *kernel_names); k++)
-        if (!strcmp(name, kernel_names[k]) && (supported_kernels() & (1 << k))) { kernel = k; Py_RETURN_NONE; }
-#else
-    if (!strcmp(name, "best") || !strcmp(name, "neon") || !strcmp(name, "portable")) Py_RETURN_NONE;
-#endif
+    if (fate_set_kernel(name) == 0) Py_RETURN_NONE;
     PyErr_Format(PyExc_ValueError, "kernel %s is not available on this CPU", name);
     return NULL;
 }
 
 static PyObject *kernels(PyObject *self, PyObject *args) {
     (void)self; (void)args;
-#ifdef FATE_X86
-    PyObject *list = PyList_New(0);
-    int mask = supported_kernels();
-    for (int k = K_VNNI512; list && k >= K_PORTABLE; k--)
-        if (mask & (1 << k)) {
-            PyObject *name = PyUnicode_FromString(kernel_names[k]);
-            if (!name || PyList_Append(list, name) != 0) { Py_XDECREF(name); Py_CLEAR(list); break; }
-            Py_DECREF(name);
-        }
+    const char *names[8];
+    int count = fate_kernels(names, 8);
+    PyObject *list = PyList_New(count);
+    for (int i = 0; list && i < count; i++) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (!name) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, i, name);
+    }
     return list;
-#elif defined(FATE_NEON)
-    return Py_BuildValue("[s]", "neon");
-#else
-    return Py_BuildValue("[s]", "portable");
-#endif
 }
 
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
     {"set_kernel", set_kernel, METH_O, "Use kernel 'best' or one of kernels() (tests compare them)."},
-    {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run."},
+    {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run, best first."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -887,9 +155,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_experts", "Routed e
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__experts(void) {
-#ifdef FATE_X86
-    __builtin_cpu_init();
-    kernel = best_kernel();
-#endif
+    fate_kernel_init();
     return PyModule_Create(&module);
 }

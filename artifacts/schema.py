@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.2"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state
+SCHEMA_VERSION = "1.3"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+# 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}

@@ -117,6 +117,10 @@ class ExpertRunner:
 def assignments(ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """expert -> (token rows, output rows) of a layer's routing ids [S, k], experts in id order."""
     top_k = ids.shape[1]
+    if ids.shape[0] == 1 and len(set(ids[0].tolist())) == top_k:  # decode: one row per expert
+        row = np.zeros(1, np.int32)
+        return {expert: (row, np.array([j], np.int32)) for j, expert in sorted(enumerate(ids[0].tolist()),
+                                                                                key=lambda p: p[1])}
     flat = ids.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)

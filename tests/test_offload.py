@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fate.artifacts import Artifact, ArtifactError
@@ -20,6 +21,7 @@ from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
+from fate.runtime.executors import assignments
 from fate.runtime.expert_cache import BudgetError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -315,3 +317,18 @@ def test_a_post_norm_moe_layer_offloaded_gives_the_resident_tokens(tmp_path, cas
                         eos_ids=set()).token_ids == resident.token_ids
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("ids", [[[7, 3, 12, 1]], [[5, 5]], [[2, 9], [9, 1]], [[4, 0, 4], [0, 4, 4]]],
+                         ids=["decode", "decode-repeated", "two-tokens", "repeats"])
+def test_assignments_cover_every_routing_slot_once(ids):
+    """Each (token, k) slot of the router's choice is one output row of its expert, whatever the
+    shape (decode takes a shortcut): y row t * k + j must come from expert ids[t][j] on token t."""
+    routing = np.asarray(ids)
+    seen = {}
+    for expert, (rows, dest) in assignments(routing).items():
+        assert list(rows) == [int(d) // routing.shape[1] for d in dest]
+        for d in dest:
+            assert int(d) not in seen
+            seen[int(d)] = expert
+    assert seen == {t * routing.shape[1] + j: int(e) for t, row in enumerate(ids) for j, e in enumerate(row)}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts.graph_check import check_graph
 from fate.artifacts.layout import GraphIO
 
 from . import native
@@ -82,13 +83,14 @@ class ExpertRunner:
             return "session"
         return f"native ({native.kernel_name()})"
 
-    def prepare(self, loaded: LoadedExpert, check) -> None:
-        """After a load: a session expert gets its session (and its bytes may go)."""
+    def prepare(self, loaded: LoadedExpert, label: str) -> None:
+        """After a load: a session expert gets its session (and its bytes may go); `label` names
+        its file in what is refused."""
         if not self.native_for(loaded.layer, loaded.precision):
             data = bytes(loaded.data)
-            check(data)
+            check_graph(data, label)
             try:
-                loaded.session = make_expert_session(data)
+                loaded.session = make_expert_session(data, label=label)
             except Exception as e:  # onnxruntime rejects the bytes: the caller names the file
                 raise ArtifactError(f"not a loadable ONNX graph: {e}") from None
             loaded.data = None

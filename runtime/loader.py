@@ -9,7 +9,6 @@ import sys
 import threading
 
 from fate.artifacts import Artifact, ArtifactError
-from fate.artifacts.graph_check import check_graph
 
 from .executors import ExpertRunner, LoadedExpert
 from .slots import read_aligned
@@ -50,7 +49,7 @@ class ExpertLoader:
                                  f"expert {expert} instead")
             loaded = LoadedExpert(layer, expert, candidate, member.size, data)
             try:
-                self.runner.prepare(loaded, lambda raw: check_graph(raw, member.label))
+                self.runner.prepare(loaded, member.label)
             except ArtifactError as e:
                 raise ArtifactError(f"{member.label}: {e}") from None
             return loaded

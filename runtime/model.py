@@ -31,7 +31,7 @@ class FateModel:
         def load(path: str, interface: tuple[dict, dict]):
             data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
             try:
-                session = make_session(data, threads)
+                session = make_session(data, threads, label=label)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)

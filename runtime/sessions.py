@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
+from fate.artifacts import ArtifactError
+
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
+class NamedSession:
+    """A session of an artifact's graph that names the file when a run fails. onnxruntime checks what
+    its kernels rely on (a fused attention's head counts against its inputs, shapes against
+    reshapes) and raises; a graph whose numbers do not fit (damaged, or hostile) then stops with one
+    line naming it instead of onnxruntime's traceback."""
+
+    def __init__(self, session: ort.InferenceSession, label: str):
+        self.session = session
+        self.label = label
+
+    def run(self, names, feeds):
+        try:
+            return self.session.run(names, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
+            raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
 def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-                 lean: bool = False) -> ort.InferenceSession:
+                 lean: bool = False, label: str | None = None):
     """A session over serialized ONNX bytes (or an .onnx file path). threads=0 lets onnxruntime pick (all cores);
     experts get their own (make_expert_session).
     `lean` trades speed for memory (no prepacked weight copies): for one-off runs.
+    `label` (an artifact's file): a NamedSession, whose failed runs name it.
     """
     options = _options(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -19,7 +42,12 @@ def make_session(model: bytes | str, threads: int = 0, providers: tuple[str, ...
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
-    return _without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers)))
+    return _named(_without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers))),
+                  label)
+
+
+def _named(session: ort.InferenceSession, label: str | None):
+    return session if label is None else NamedSession(session, label)
 
 
 def _options(threads: int) -> ort.SessionOptions:
@@ -28,11 +56,11 @@ def _options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     # Idle pool threads must not spin: prefetch threads load experts on the same cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: Fate reports a failed load or run itself, in one line
     return options
 
 
-def make_expert_session(model: bytes, providers: tuple[str, ...] = DEFAULT_PROVIDERS) -> ort.InferenceSession:
+def make_expert_session(model: bytes, providers: tuple[str, ...] = DEFAULT_PROVIDERS, label: str | None = None):
     """A session for one routed expert: one thread, and only basic graph optimizations (constant
     folding, which fp16 experts need for their weight Cast). The extended passes find nothing to
     fuse in a hand-written eight-node graph but cost a third of a small expert's creation time
@@ -40,7 +68,8 @@ def make_expert_session(model: bytes, providers: tuple[str, ...] = DEFAULT_PROVI
     creation is what every cache miss pays."""
     options = _options(threads=1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return _without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers)))
+    return _named(_without_model_bytes(ort.InferenceSession(model, sess_options=options, providers=list(providers))),
+                  label)
 
 
 def _without_model_bytes(session: ort.InferenceSession) -> ort.InferenceSession:

@@ -179,6 +179,23 @@ def test_hostile_graphs_are_refused(mixtral, tmp_path, mutate, message):
     assert proc.returncode == 1 and message in proc.stdout
 
 
+def wrong_attention_heads(model):
+    (node,) = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    for attribute in node.attribute:
+        if attribute.name == "num_heads":
+            attribute.i = 3  # the projections hold 4 heads: onnxruntime must refuse it, not read past them
+
+
+def test_fused_attention_with_wrong_numbers_is_one_line(mixtral, tmp_path):
+    """The fused attention's attributes are the artifact's to state: numbers that do not match its
+    inputs stop generation with one line naming what failed, never a crash or a traceback."""
+    art = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), art)
+    rewrite_graph(art, wrong_attention_heads)
+    line = one_line_error("fate-run", art, "-p", "hi")
+    assert "GroupQueryAttention" in line or "num_heads" in line, line
+
+
 def test_no_pickles_and_no_remote_code():
     pattern = re.compile(r"\bpickle\b|allow_pickle\s*=\s*True|torch\.load\(|trust_remote_code\s*=\s*True")
     for part in ("artifacts", "runtime", "compiler"):

@@ -11,7 +11,7 @@ PROMPT ?= The secret of a happy life is
 
 .PHONY: venv test demo perplexity compile-example fuzz runtime-check kernel-check clean
 
-$(STAMP): pyproject.toml setup.py runtime/native/experts.c runtime/native/kernel.c runtime/native/kernel.h
+$(STAMP): pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"

@@ -62,10 +62,12 @@ class CacheCounters:
 
 class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
-                 policy: str = "arc", threads: int = 2):
-        """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage)."""
+                 policy: str = "arc", threads: int = 2, start: Callable | None = None):
+        """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
+        start(layer, expert, slot) -> a load begun, whose result() is load's (for start_fetch)."""
         self.slots = dict(slots)
         self._load = load
+        self._start = start
         self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](n) for layer, n in slots.items()}
         self._resident: dict[Key, tuple[object, int]] = {}  # key -> (value, slot)
         self._free: dict[int, list[int]] = {layer: list(range(n - 1, -1, -1)) for layer, n in slots.items()}
@@ -130,6 +132,39 @@ class ExpertCache:
             self._complete(key, future, slot)
         return future.result()  # re-raises a failed load
 
+    def start_fetch(self, layer: int, expert: int):
+        """A demand load the caller waits for itself, never blocking here: an object with `done()`
+        and `result()` (the value, pinned), or None when no slot of `layer` can be had now (every
+        one pinned or being filled: the caller runs what it has, unpins, and asks again). Needs
+        `start` (see __init__); loads happen as in `fetch`, counted the same."""
+        self._raise_background_error()
+        key = (layer, expert)
+        counters = self.counters.layer(layer)
+        with self._lock:
+            entry = self._resident.get(key)
+            if entry is not None:
+                counters.gets += 1
+                counters.hits += 1
+                self._policies[layer].hit(key)
+                self._pins[layer][expert] += 1
+                return _Ready(entry[0])
+            future = self._inflight.get(key)
+            if future is None:
+                slot = self._take_slot(layer, demand=True)
+                if slot is None:
+                    return None
+                future = self._inflight[key] = Future()
+                counters.misses += 1
+                pending = self._start(layer, expert, slot)
+            else:
+                counters.waits += 1
+                pending = None
+            counters.gets += 1
+            self._wanted[key] += 1  # pinned the moment it arrives, before anyone can evict it
+        if pending is None:
+            return future
+        return _Loading(self, key, future, slot, pending)
+
     def unpin(self, layer: int, experts) -> None:
         with self._lock:
             pins = self._pins[layer]
@@ -180,27 +215,40 @@ class ExpertCache:
         had (a load in flight finishes, a pin is released); a prefetch takes None instead."""
         with self._lock:
             while True:
-                if self._free[layer]:
-                    return self._free[layer].pop()
-                exclude = {(layer, e) for e in self._pins[layer]}
-                if not demand:
-                    exclude |= {(layer, e) for e in self._protected[layer]}
-                victim = self._policies[layer].victim(None, exclude)
-                if victim is not None:
-                    _, slot = self._resident.pop(victim)
-                    self.counters.layer(layer).evictions += 1
+                slot = self._take_slot(layer, demand)
+                if slot is not None or not demand or self._closed:
                     return slot
-                if not demand or self._closed:
-                    return None
                 self._slot_freed.wait()
+
+    def _take_slot(self, layer: int, demand: bool) -> int | None:
+        """A free slot, or an evicted expert's (never a pinned one; for a prefetch, never a
+        protected one either); None when neither can be had now. Under the lock."""
+        if self._free[layer]:
+            return self._free[layer].pop()
+        exclude = {(layer, e) for e in self._pins[layer]}
+        if not demand:
+            exclude |= {(layer, e) for e in self._protected[layer]}
+        victim = self._policies[layer].victim(None, exclude)
+        if victim is None:
+            return None
+        _, slot = self._resident.pop(victim)
+        self.counters.layer(layer).evictions += 1
+        return slot
 
     def _complete(self, key: Key, future: Future, slot: int | None, prefetched: bool = False) -> None:
         """Load `key` into `slot` (outside the lock), make it resident, resolve its future."""
+        def load():
+            if slot is None:
+                raise BudgetError(f"no slot of layer {key[0]} could be had (closing)")
+            return self._load(key[0], key[1], slot)
+        self._settle(key, future, slot, load, prefetched)
+
+    def _settle(self, key: Key, future: Future, slot: int | None, load, prefetched: bool = False) -> None:
+        """Run `load` (outside the lock): make `key` resident in `slot` and resolve its future, or
+        free the slot and hand the failure to whoever waits."""
         layer = key[0]
         try:
-            if slot is None:
-                raise BudgetError(f"no slot of layer {layer} could be had (closing)")
-            value, read = self._load(layer, key[1], slot)
+            value, read = load()
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._inflight.pop(key, None)
@@ -251,3 +299,34 @@ class ExpertCache:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class _Ready:
+    """start_fetch's answer for an expert already resident (pinned)."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> object:
+        return self.value
+
+
+class _Loading:
+    """start_fetch's answer for a load it began: finished (made resident, pinned) by whoever asks
+    for the result, once; others waiting on the same expert wait on its future."""
+
+    def __init__(self, cache: ExpertCache, key: Key, future: Future, slot: int, pending):
+        self._cache, self._key, self._future, self._slot, self._pending = cache, key, future, slot, pending
+        self._settled = False
+
+    def done(self) -> bool:
+        return self._settled or self._pending.done()
+
+    def result(self) -> object:
+        if not self._settled:
+            self._settled = True
+            self._cache._settle(self._key, self._future, self._slot, self._pending.result)
+        return self._future.result()  # re-raises a failed load

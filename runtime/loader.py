@@ -1,6 +1,8 @@
 """Loading one expert: one positioned read of its file into a slot (page cache bypassed), its
 SHA-256 checked the first time this process reads it; the session executor then builds its
-session. Runs in prefetch threads and, on a miss, in the generation loop's helpers."""
+session. `load` does it all at once (prefetch threads); `start` begins the read on the native
+I/O threads and `PendingLoad.result()` finishes it (the generation loop's own misses: no Python
+thread is handed the work)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import threading
 from fate.artifacts import Artifact, ArtifactError
 
 from .executors import ExpertRunner, LoadedExpert
-from .slots import read_aligned
+from .slots import SlotRead
 
 
 class ExpertLoader:
@@ -28,18 +30,32 @@ class ExpertLoader:
         self._members: dict = {}
         self._lock = threading.Lock()
 
-    def load(self, layer: int, expert: int, precision: str, buffer: memoryview, direct) -> LoadedExpert:
-        """The expert read into `buffer` (a slot; `direct`: the pool, while O_DIRECT works)."""
+    def start(self, layer: int, expert: int, precision: str, buffer: memoryview, direct) -> PendingLoad:
+        """The expert's read begun (on native I/O threads where the extension has them); its
+        `result()` finishes what `load` does, falling back the same way on a failure."""
+        try:
+            read = self._begin(self.artifact.manifest.layers[layer].experts[precision][expert], buffer, direct,
+                               precision)
+        except ArtifactError:  # load() meets it again and falls back, or says so
+            read = None
+        return PendingLoad(self, (layer, expert, precision, buffer, direct), read)
+
+    def load(self, layer: int, expert: int, precision: str, buffer: memoryview, direct,
+             started: SlotRead | None = None) -> LoadedExpert:
+        """The expert read into `buffer` (a slot; `direct`: the pool, while O_DIRECT works);
+        `started`: its read at `precision`, already begun."""
         stored = self.artifact.manifest.layers[layer].experts
         order = [precision] + [p for p in stored if p != precision]
         first_error = None
         for candidate in order:
             path = stored[candidate][expert]
             try:
+                if started is not None:  # waited for first: nothing else may write this buffer meanwhile
+                    read, started = started, None
+                else:
+                    read = self._begin(path, buffer, direct, precision)
+                data = read.wait()
                 member = self._member(path)
-                if member.size + member.offset % 4096 > len(buffer):
-                    raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
-                data = read_aligned(buffer, member.file, member.offset, member.size, direct)
                 self._check_first(path, data, member.label)
             except ArtifactError as e:
                 first_error = first_error or e
@@ -54,6 +70,12 @@ class ExpertLoader:
                 raise ArtifactError(f"{member.label}: {e}") from None
             return loaded
         raise first_error
+
+    def _begin(self, path: str, buffer: memoryview, direct, precision: str) -> SlotRead:
+        member = self._member(path)
+        if member.size + member.offset % 4096 > len(buffer):
+            raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
+        return SlotRead(buffer, member.file, member.offset, member.size, direct)
 
     def _member(self, path: str):
         """Where the file's bytes are: checked (listed, no link, the listed size) on its first load;
@@ -78,3 +100,17 @@ class ExpertLoader:
             if key not in self._warned:
                 self._warned.add(key)
                 print(message, file=sys.stderr)
+
+
+class PendingLoad:
+    """An expert load under way (ExpertLoader.start): `done()` never blocks; `result()` waits for
+    the read without Python's lock, checks it and gives the LoadedExpert."""
+
+    def __init__(self, loader: ExpertLoader, args: tuple, read: SlotRead | None):
+        self._loader, self._args, self._read = loader, args, read
+
+    def done(self) -> bool:
+        return self._read is None or self._read.done()
+
+    def result(self) -> LoadedExpert:
+        return self._loader.load(*self._args, started=self._read)

@@ -32,7 +32,7 @@ from .loader import ExpertLoader
 from .plan import LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
-from .slots import SlotPool, scratch_buffer
+from .slots import SlotPool, native_reads, scratch_buffer
 
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
 
@@ -111,7 +111,11 @@ class OffloadedExperts(ExpertStore):
         self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
                              {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
         self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
-                                 threads=options.threads)
+                                 threads=options.threads, start=self._start)
+        # layers whose misses the generation loop reads itself on native I/O threads and waits for without
+        # Python's lock (their experts run from the slot's bytes); the others load in helper threads
+        self._reads_itself = {p.index for p in self.plans.values()
+                              if native_reads() and self.runner.native_for(p.index, p.precision)}
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
@@ -126,11 +130,12 @@ class OffloadedExperts(ExpertStore):
     # ------------------------------------------------------------------ ExpertStore
 
     def _load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
+        return self._start(layer, expert, slot).result()
+
+    def _start(self, layer: int, expert: int, slot: int) -> "_StartedLoad":
         plan = self.plans[layer]
-        loaded = self.loader.load(layer, expert, plan.precision, self.pool.buffer(layer, slot), self.pool)
-        if loaded.session is not None:  # the session holds its own copy: the slot's pages can go
-            self.pool.release(layer, slot)
-        return loaded, loaded.nbytes
+        return _StartedLoad(self, layer, slot,
+                            self.loader.start(layer, expert, plan.precision, self.pool.buffer(layer, slot), self.pool))
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"
@@ -221,8 +226,10 @@ class OffloadedExperts(ExpertStore):
         return self.loader.load(plan.index, expert, plan.low_precision, scratch_buffer(size), None)
 
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Resident experts run at once, in one call, while the misses load `threads` at a time in
-        helper threads; each batch that arrives runs as soon as it is in (pinned until then)."""
+        """Resident experts run at once, in one call, while the misses load `threads` at a time: read
+        on the native I/O threads and waited for here without Python's lock where the experts run
+        natively, else in helper threads. Each batch that arrives runs as soon as it is in (pinned
+        until then)."""
         y = np.empty((ids.size, x.shape[1]), np.float32)
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
@@ -232,24 +239,35 @@ class OffloadedExperts(ExpertStore):
             resident = self.cache.resident(layer)
             low = {e: f for e, f in low.items() if e not in resident}
         pending = [e for e in todo if e not in low]
+        running: dict = {}  # load -> expert, in the order started
         try:
             hits = self.cache.take_resident(layer, pending)
             misses = [e for e in pending if e not in hits]
             window = max(1, min(self.options.threads, self.plans[layer].slots))
-            running: dict[Future, int] = {}
+            reads_itself = layer in self._reads_itself
 
             def refill() -> None:
                 while misses and len(running) < window:
-                    expert = misses.pop(0)
-                    running[self._demand_pool.submit(self.cache.fetch, layer, expert)] = expert
+                    expert = misses[0]
+                    load = self.cache.start_fetch(layer, expert) if reads_itself else None
+                    if load is None:
+                        if reads_itself and running:  # every slot pinned or filling: run what arrives first
+                            return
+                        load = self._demand_pool.submit(self.cache.fetch, layer, expert)  # a helper waits for a slot
+                    running[load] = misses.pop(0)
 
             refill()
             self._run(layer, hits, todo, x, y)
             while running:
                 start = time.perf_counter()
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                first = next(iter(running))
+                if reads_itself:
+                    first.result()  # waits without Python's lock (a native read, or a helper's load)
+                    done = [load for load in running if load.done()]
+                else:
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 phase.cache.stall_s += time.perf_counter() - start
-                arrived = {running.pop(f): f.result() for f in done}  # re-raises a failed load
+                arrived = {running.pop(load): load.result() for load in done}  # re-raises a failed load
                 refill()
                 self._run(layer, arrived, todo, x, y)
             for expert, future in low.items():
@@ -260,6 +278,11 @@ class OffloadedExperts(ExpertStore):
                 phase.low_bit_bytes += loaded.nbytes
                 self.runner.run(layer, [Work(loaded, *todo[expert])], x, y)
         finally:
+            for load in running:  # a failure above left loads begun: settle them (their slots come back)
+                try:
+                    load.result()
+                except BaseException:  # noqa: BLE001 - the first failure is the one being raised
+                    pass
             self._routed(layer, set(todo))
         return y
 
@@ -325,3 +348,20 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
                                    for i, p in sorted(phase.prediction.items())},
         prefetch_precision_per_layer={i: p.correct / p.predicted if p.predicted else None
                                       for i, p in sorted(phase.prediction.items())})
+
+
+class _StartedLoad:
+    """The cache's view of a demand load begun on the native I/O threads (ExpertCache.start_fetch):
+    `result()` is `_load`'s (loaded, bytes read)."""
+
+    def __init__(self, store: OffloadedExperts, layer: int, slot: int, pending):
+        self._store, self._layer, self._slot, self._pending = store, layer, slot, pending
+
+    def done(self) -> bool:
+        return self._pending.done()
+
+    def result(self) -> tuple[LoadedExpert, int]:
+        loaded = self._pending.result()
+        if loaded.session is not None:  # the session holds its own copy: the slot's pages can go
+            self._store.pool.release(self._layer, self._slot)
+        return loaded, loaded.nbytes

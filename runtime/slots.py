@@ -18,6 +18,8 @@ import os
 
 from fate.artifacts import ArtifactError
 
+from .native import KERNEL
+
 PAGE = 4096
 
 
@@ -75,6 +77,49 @@ class SlotPool:
 def scratch_buffer(file_bytes: int) -> memoryview:
     """A page-aligned buffer outside the pool, for a copy used once (an INT2 prefill transfer)."""
     return memoryview(mmap.mmap(-1, slot_size(file_bytes)))
+
+
+class SlotRead:
+    """A read into a slot that may still be under way: `done()` never blocks; `wait()` gives the
+    view of exactly the file's bytes. Native reads (runtime/native/reads.c) run on I/O threads and
+    are waited for without Python's lock; elsewhere the read is done when it is started."""
+
+    def __init__(self, buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None):
+        self._args = (buffer, path, offset, size, pool)
+        self._view: memoryview | None = None
+        self._native = None
+        start = offset - offset % PAGE
+        shift = offset - start
+        if shift + size > len(buffer):
+            raise ArtifactError(f"{path}: {size} bytes do not fit a slot of {len(buffer)}")
+        if native_reads():
+            length = min(len(buffer), -(-(shift + size) // PAGE) * PAGE)
+            self._native = KERNEL.Read(os.fspath(path), start, length, buffer, pool is not None, True)
+        else:
+            self._view = read_aligned(buffer, path, offset, size, pool)
+
+    def done(self) -> bool:
+        return self._view is not None or self._native.done()
+
+    def wait(self) -> memoryview:
+        if self._view is None:
+            buffer, path, offset, size, pool = self._args
+            shift = offset % PAGE
+            try:
+                got, direct_failed = self._native.wait()
+            except OSError as e:  # as a read here would say it: naming the file
+                raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+            if direct_failed and pool is not None:
+                pool.direct_failed()
+            if got < shift + size:
+                raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+            self._view = buffer[shift:shift + size]
+        return self._view
+
+
+def native_reads() -> bool:
+    """Whether reads run on the extension's I/O threads (built with it)."""
+    return KERNEL is not None and hasattr(KERNEL, "Read")
 
 
 def read_aligned(buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None) -> memoryview:

@@ -178,3 +178,55 @@ def test_victim_respects_exclusions(cls):
         policy.insert(k)
     assert policy.victim(4, {1, 2, 3}) is None
     assert policy.victim(4, {1, 2}) == 3 and len(policy) == 2
+
+
+class FakeStart:
+    """start(layer, expert, slot) for ExpertCache.start_fetch: a load begun, finished by result()."""
+
+    def __init__(self, loader: FakeLoader):
+        self.loader = loader
+        self.begun: list[tuple[int, int]] = []
+
+    def __call__(self, layer: int, expert: int, slot: int):
+        self.begun.append((layer, expert))
+        loader = self.loader
+
+        class Pending:
+            def done(self) -> bool:
+                return loader.gate is None or loader.gate.is_set()
+
+            def result(self):
+                return loader(layer, expert, slot)
+
+        return Pending()
+
+
+def test_start_fetch_begins_a_load_the_caller_finishes_and_never_blocks():
+    loader = FakeLoader()
+    start = FakeStart(loader)
+    cache = ExpertCache({0: 2}, loader, threads=1, start=start)
+    try:
+        first, second = cache.start_fetch(0, 1), cache.start_fetch(0, 2)
+        assert start.begun == [(0, 1), (0, 2)] and not cache.resident(0)  # begun, not yet resident
+        assert cache.start_fetch(0, 3) is None  # both slots are being filled: no waiting here
+        again = cache.start_fetch(0, 1)  # the same expert again: its load, not a new one
+        assert start.begun == [(0, 1), (0, 2)] and cache.counters.layer(0).waits == 1
+        assert first.result() == "blob-0-1@0" and second.result() == "blob-0-2@1" and again.result() == "blob-0-1@0"
+        assert cache.resident(0) == {1, 2} and cache.start_fetch(0, 3) is None  # pinned: 1 twice, 2 once
+        cache.unpin(0, [2])
+        third = cache.start_fetch(0, 3)  # 2 is evicted for it; 1 stays pinned
+        assert third.result() == "blob-0-3@1" and cache.resident(0) == {1, 3}
+        assert cache.counters.layer(0).misses == 3 and cache.counters.loads == 3
+    finally:
+        cache.close()
+
+
+def test_start_fetch_failure_frees_the_slot_and_reaches_the_caller():
+    loader = FakeLoader(fail={(0, 5)})
+    cache = ExpertCache({0: 1}, loader, threads=1, start=FakeStart(loader))
+    try:
+        with pytest.raises(OSError, match="expert 5"):
+            cache.start_fetch(0, 5).result()
+        assert cache.start_fetch(0, 6).result() == "blob-0-6@0"  # the slot came back
+    finally:
+        cache.close()

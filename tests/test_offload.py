@@ -22,6 +22,7 @@ from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime.executors import assignments
+from fate.runtime.slots import native_reads
 from fate.runtime.expert_cache import BudgetError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -114,10 +115,11 @@ def test_prefetch_width_leaves_room_for_the_experts_in_use(calibrated):
 
 
 def test_misses_load_in_parallel_within_a_window(calibrated):
-    """The misses of a layer load in helper threads while the loop runs its resident experts, at
-    most --prefetch-threads at a time (what is held beyond the cache stays a few experts)."""
+    """Session experts: the misses of a layer load in helper threads while the loop runs its
+    resident experts, at most --prefetch-threads at a time (what is held beyond the cache stays a
+    few experts)."""
     model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
-                                                              low_bit_prefill="off"))
+                                                              low_bit_prefill="off", executor="session"))
     store = model.experts
     lock, active, peak = threading.Lock(), [0], [0]
     load = store.loader.load
@@ -139,6 +141,39 @@ def test_misses_load_in_parallel_within_a_window(calibrated):
     finally:
         model.close()
     assert peak[0] == 2
+
+
+@pytest.mark.skipif(not native_reads(), reason="the native extension is not built")
+def test_native_misses_are_read_together_and_waited_for_in_the_loop(calibrated):
+    """Native experts: the loop begins up to --prefetch-threads reads of a layer's misses on the
+    native I/O threads before it waits for the first, and waits itself (no helper thread loads)."""
+    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
+                                                              low_bit_prefill="off", executor="native"))
+    store = model.experts
+    outstanding, peak, threads = [0], [0], set()
+    start = store.loader.start
+
+    def counted_start(*args):
+        pending = start(*args)
+        outstanding[0] += 1
+        peak[0] = max(peak[0], outstanding[0])
+        result = pending.result
+
+        def finished():
+            threads.add(threading.current_thread().name)
+            outstanding[0] -= 1
+            return result()
+
+        pending.result = finished
+        return pending
+
+    store.loader.start = counted_start
+    try:
+        generate(model, PROMPT * 3, 2, SamplingConfig(), eos_ids=set())
+    finally:
+        model.close()
+    assert peak[0] == 2 and outstanding[0] == 0
+    assert threading.main_thread().name in threads
 
 
 def damage(art: Path, layer: int, expert: int, precision: str, how: str) -> str:
@@ -332,3 +367,24 @@ def test_assignments_cover_every_routing_slot_once(ids):
             assert int(d) not in seen
             seen[int(d)] = expert
     assert seen == {t * routing.shape[1] + j: int(e) for t, row in enumerate(ids) for j, e in enumerate(row)}
+
+
+def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
+    """A read into a slot (on the native I/O threads where built) gives exactly the file's bytes
+    at any offset, refuses a file shorter than asked, and names a file that is gone."""
+    from fate.runtime.slots import SlotPool, SlotRead
+
+    data = os.urandom(20000)
+    path = tmp_path / "expert.onnx"
+    path.write_bytes(data)
+    pool = SlotPool({0: 2}, {0: len(data)})
+    try:
+        for offset, size in ((0, 20000), (512, 9000), (5000, 15000), (4096, 1)):
+            read = SlotRead(pool.buffer(0, 1), path, offset, size, pool)
+            assert bytes(read.wait()) == data[offset:offset + size] and read.done()
+        with pytest.raises(ArtifactError, match="shorter than the manifest says"):
+            SlotRead(pool.buffer(0, 0), path, 10000, 12000, pool).wait()
+        with pytest.raises(FileNotFoundError, match="gone.onnx"):
+            SlotRead(pool.buffer(0, 0), tmp_path / "gone.onnx", 0, 100, pool).wait()
+    finally:
+        pool.close()

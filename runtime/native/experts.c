@@ -12,10 +12,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernel.h"
+#include "reads.h"
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) != 0) {
@@ -143,6 +145,91 @@ static PyObject *kernels(PyObject *self, PyObject *args) {
     return list;
 }
 
+/* ------------------------------------------------------------------ Read: a file read into a slot */
+
+typedef struct {
+    PyObject_HEAD
+    fate_read *read;
+    Py_buffer view; /* the slot, held until the read is over */
+} ReadObject;
+
+static int Read_init(ReadObject *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"path", "offset", "length", "buffer", "direct", "urgent", NULL};
+    PyObject *path_obj, *buffer;
+    long long offset, length;
+    int direct, urgent;
+    if (self->read) { PyErr_SetString(PyExc_RuntimeError, "Read is started once"); return -1; }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&LLOpp", names, PyUnicode_FSConverter, &path_obj, &offset,
+                                     &length, &buffer, &direct, &urgent))
+        return -1;
+    int rc = -1;
+    if (offset < 0 || length < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must not be negative");
+    } else if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == 0) {
+        if (self->view.len < length) {
+            PyErr_SetString(PyExc_ValueError, "the buffer is shorter than the read");
+            PyBuffer_Release(&self->view);
+        } else {
+            self->read = fate_read_start(PyBytes_AS_STRING(path_obj), offset, length, self->view.buf, direct, urgent);
+            if (self->read) rc = 0;
+            else { PyErr_NoMemory(); PyBuffer_Release(&self->view); }
+        }
+    }
+    Py_DECREF(path_obj);
+    return rc;
+}
+
+static void Read_dealloc(ReadObject *self) {
+    if (self->read) {
+        Py_BEGIN_ALLOW_THREADS
+        fate_read_free(self->read); /* the slot stays ours until the I/O thread is done with it */
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&self->view);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Read_done(ReadObject *self, PyObject *args) {
+    (void)args;
+    if (!self->read) { PyErr_SetString(PyExc_RuntimeError, "Read was not started"); return NULL; }
+    return PyBool_FromLong(fate_read_done(self->read));
+}
+
+static PyObject *Read_wait(ReadObject *self, PyObject *args) {
+    (void)args;
+    if (!self->read) { PyErr_SetString(PyExc_RuntimeError, "Read was not started"); return NULL; }
+    Py_BEGIN_ALLOW_THREADS
+    fate_read_wait(self->read);
+    Py_END_ALLOW_THREADS
+    int error, direct_failed;
+    int64_t got = fate_read_result(self->read, &error, &direct_failed);
+    if (got < 0) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("(LO)", (long long)got, direct_failed ? Py_True : Py_False);
+}
+
+static PyMethodDef read_methods[] = {
+    {"done", (PyCFunction)Read_done, METH_NOARGS, "Whether the read is over (never blocks)."},
+    {"wait", (PyCFunction)Read_wait, METH_NOARGS,
+     "Wait (without the GIL) until the read is over: (bytes read, whether O_DIRECT was refused); OSError if it failed."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fate.runtime._experts.Read",
+    .tp_doc = "Read(path, offset, length, buffer, direct, urgent): [offset, offset + length) of a file read into\n"
+              "buffer on a native I/O thread; urgent reads go first. The buffer is held until the read is over.",
+    .tp_basicsize = sizeof(ReadObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Read_init,
+    .tp_dealloc = (destructor)Read_dealloc,
+    .tp_methods = read_methods,
+};
+
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
@@ -156,5 +243,14 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_experts", "Routed e
 
 PyMODINIT_FUNC PyInit__experts(void) {
     fate_kernel_init();
-    return PyModule_Create(&module);
+    if (PyType_Ready(&ReadType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&ReadType);
+    if (PyModule_AddObject(m, "Read", (PyObject *)&ReadType) < 0) {
+        Py_DECREF(&ReadType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

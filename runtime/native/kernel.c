@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "kernel.h"
+#include "threads.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -618,13 +619,7 @@ static void *worker(void *arg) {
 
 static int ensure_workers(int wanted) {
     while (pool.workers < wanted) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&thread, &attr, worker, NULL);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) return -1;
+        if (start_detached(worker) != 0) return -1;
         pool.workers++;
     }
     return 0;

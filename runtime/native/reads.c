@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "reads.h"
+#include "threads.h"
 
 struct fate_read {
     struct fate_read *next;
@@ -103,16 +104,7 @@ fate_read *fate_read_start(const char *path, int64_t offset, int64_t length, uin
     if (!r->path) { free(r); return NULL; }
     r->offset = offset; r->length = length; r->dest = dest; r->direct = direct;
     pthread_mutex_lock(&io_lock);
-    while (io_threads < IO_THREADS) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&thread, &attr, io_worker, NULL);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
-        io_threads++;
-    }
+    while (io_threads < IO_THREADS && start_detached(io_worker) == 0) io_threads++;
     if (io_threads == 0) { /* no thread could be started: read here, now */
         pthread_mutex_unlock(&io_lock);
         perform(r);

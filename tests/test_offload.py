@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime.executors import assignments
-from fate.runtime.slots import native_reads
 from fate.runtime.expert_cache import BudgetError
+from fate.runtime.slots import SlotPool, SlotRead, native_reads
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
 BIN = Path(sys.executable).parent
@@ -121,21 +120,27 @@ def test_misses_load_in_parallel_within_a_window(calibrated):
     model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
                                                               low_bit_prefill="off", executor="session"))
     store = model.experts
-    lock, active, peak = threading.Lock(), [0], [0]
+    changed = threading.Condition()
+    active, peak, waited = [0], [0], [False]
     load = store.loader.load
 
-    def slow_load(*args, **kwargs):
-        with lock:
+    def overlapping_load(*args, **kwargs):
+        """The first load waits (an event, not a sleep) until a second one is under way beside it,
+        so that two loads allowed to overlap do; if none is ever allowed to, it gives up."""
+        with changed:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            changed.notify_all()
+            if not waited[0]:
+                waited[0] = True
+                changed.wait_for(lambda: peak[0] >= 2, timeout=10)
         try:
-            time.sleep(0.02)  # long enough that loads which may overlap do
             return load(*args, **kwargs)
         finally:
-            with lock:
+            with changed:
                 active[0] -= 1
 
-    store.loader.load = slow_load
+    store.loader.load = overlapping_load
     try:
         generate(model, PROMPT * 3, 2, SamplingConfig(), eos_ids=set())
     finally:
@@ -372,8 +377,6 @@ def test_assignments_cover_every_routing_slot_once(ids):
 def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
     """A read into a slot (on the native I/O threads where built) gives exactly the file's bytes
     at any offset, refuses a file shorter than asked, and names a file that is gone."""
-    from fate.runtime.slots import SlotPool, SlotRead
-
     data = os.urandom(20000)
     path = tmp_path / "expert.onnx"
     path.write_bytes(data)

@@ -30,12 +30,14 @@ class ExpertLoader:
         self._members: dict = {}
         self._lock = threading.Lock()
 
-    def start(self, layer: int, expert: int, precision: str, buffer: memoryview, direct) -> PendingLoad:
-        """The expert's read begun (on native I/O threads where the extension has them); its
-        `result()` finishes what `load` does, falling back the same way on a failure."""
+    def start(self, layer: int, expert: int, precision: str, buffer: memoryview, direct,
+              urgent: bool = False) -> PendingLoad:
+        """The expert's read begun (on native I/O threads where the extension has them; `urgent`:
+        ahead of those queued); its `result()` finishes what `load` does, falling back the same
+        way on a failure."""
         try:
             read = self._begin(self.artifact.manifest.layers[layer].experts[precision][expert], buffer, direct,
-                               precision)
+                               precision, urgent)
         except ArtifactError:  # load() meets it again and falls back, or says so
             read = None
         return PendingLoad(self, (layer, expert, precision, buffer, direct), read)
@@ -71,11 +73,11 @@ class ExpertLoader:
             return loaded
         raise first_error
 
-    def _begin(self, path: str, buffer: memoryview, direct, precision: str) -> SlotRead:
+    def _begin(self, path: str, buffer: memoryview, direct, precision: str, urgent: bool = False) -> SlotRead:
         member = self._member(path)
         if member.size + member.offset % 4096 > len(buffer):
             raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
-        return SlotRead(buffer, member.file, member.offset, member.size, direct)
+        return SlotRead(buffer, member.file, member.offset, member.size, direct, urgent)
 
     def _member(self, path: str):
         """Where the file's bytes are: checked (listed, no link, the listed size) on its first load;

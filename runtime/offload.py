@@ -111,7 +111,7 @@ class OffloadedExperts(ExpertStore):
         self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
                              {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
         self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
-                                 threads=options.threads, start=self._start)
+                                 threads=options.threads, start=self._start_demand)
         # layers whose misses the generation loop reads itself on native I/O threads and waits for without
         # Python's lock (their experts run from the slot's bytes); the others load in helper threads
         self._reads_itself = {p.index for p in self.plans.values()
@@ -132,10 +132,14 @@ class OffloadedExperts(ExpertStore):
     def _load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
         return self._start(layer, expert, slot).result()
 
-    def _start(self, layer: int, expert: int, slot: int) -> "_StartedLoad":
+    def _start(self, layer: int, expert: int, slot: int, urgent: bool = False) -> "_StartedLoad":
         plan = self.plans[layer]
-        return _StartedLoad(self, layer, slot,
-                            self.loader.start(layer, expert, plan.precision, self.pool.buffer(layer, slot), self.pool))
+        return _StartedLoad(self, layer, slot, self.loader.start(
+            layer, expert, plan.precision, self.pool.buffer(layer, slot), self.pool, urgent))
+
+    def _start_demand(self, layer: int, expert: int, slot: int) -> "_StartedLoad":
+        """A miss the generation loop is stalled on: its read goes before queued prefetches."""
+        return self._start(layer, expert, slot, urgent=True)
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"
@@ -351,8 +355,8 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
 
 
 class _StartedLoad:
-    """The cache's view of a demand load begun on the native I/O threads (ExpertCache.start_fetch):
-    `result()` is `_load`'s (loaded, bytes read)."""
+    """A load into a slot as the cache sees it, begun (ExpertCache's `start`) or run at once
+    (`load`): `result()` gives (loaded, bytes read), and gives a session expert's slot pages back."""
 
     def __init__(self, store: OffloadedExperts, layer: int, slot: int, pending):
         self._store, self._layer, self._slot, self._pending = store, layer, slot, pending

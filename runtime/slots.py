@@ -8,11 +8,13 @@ those bytes in place (fate.artifacts.slots says where its tensors lie).
 Reads bypass the page cache where the file system allows O_DIRECT (the slot is page-aligned and
 the read is widened to whole pages); elsewhere they are ordinary reads followed by
 posix_fadvise(DONTNEED), so that reading experts never grows the OS cache beside the budget.
-os.preadv releases the GIL: reads of one layer's misses run in parallel threads.
+Where the extension is built, reads run on its native I/O threads (runtime/native/reads.c) and are
+waited for without the GIL; elsewhere os.preadv, which releases it too.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -38,6 +40,11 @@ class SlotPool:
         self._direct_ok = hasattr(os, "O_DIRECT")
 
     @property
+    def direct(self) -> bool:
+        """Whether reads still try O_DIRECT (until the file system refuses it once)."""
+        return self._direct_ok
+
+    @property
     def mode(self) -> str:
         return "O_DIRECT" if self._direct_ok else "buffered + fadvise(DONTNEED)"
 
@@ -54,7 +61,7 @@ class SlotPool:
         if not 0 <= slot < self.slots[layer]:
             raise IndexError(f"layer {layer} has no slot {slot}")
         buffer = self.buffer(layer, slot)
-        return read_aligned(buffer, path, offset, size, self if self._direct_ok else None)
+        return read_aligned(buffer, path, offset, size, self)
 
     def direct_failed(self) -> None:
         """The file system refused O_DIRECT: every later read is buffered and dropped after."""
@@ -84,17 +91,17 @@ class SlotRead:
     view of exactly the file's bytes. Native reads (runtime/native/reads.c) run on I/O threads and
     are waited for without Python's lock; elsewhere the read is done when it is started."""
 
-    def __init__(self, buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None):
-        self._args = (buffer, path, offset, size, pool)
+    def __init__(self, buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None,
+                 urgent: bool = False):
+        """`pool`: the slots' pool, whose O_DIRECT state the read follows (None: a buffered read);
+        `urgent`: a read the generation loop is stalled on, queued before the others."""
+        self._args = (buffer, path, size, pool)
         self._view: memoryview | None = None
         self._native = None
-        start = offset - offset % PAGE
-        shift = offset - start
-        if shift + size > len(buffer):
-            raise ArtifactError(f"{path}: {size} bytes do not fit a slot of {len(buffer)}")
+        start, self._shift, length = aligned_span(buffer, path, offset, size)
         if native_reads():
-            length = min(len(buffer), -(-(shift + size) // PAGE) * PAGE)
-            self._native = KERNEL.Read(os.fspath(path), start, length, buffer, pool is not None, True)
+            direct = pool is not None and pool.direct
+            self._native = KERNEL.Read(os.fspath(path), start, length, buffer, direct, urgent)
         else:
             self._view = read_aligned(buffer, path, offset, size, pool)
 
@@ -103,17 +110,16 @@ class SlotRead:
 
     def wait(self) -> memoryview:
         if self._view is None:
-            buffer, path, offset, size, pool = self._args
-            shift = offset % PAGE
+            buffer, path, size, pool = self._args
             try:
                 got, direct_failed = self._native.wait()
             except OSError as e:  # as a read here would say it: naming the file
                 raise OSError(e.errno, e.strerror, os.fspath(path)) from None
             if direct_failed and pool is not None:
                 pool.direct_failed()
-            if got < shift + size:
-                raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
-            self._view = buffer[shift:shift + size]
+            if got < self._shift + size:
+                raise shorter_than_listed(path)
+            self._view = buffer[self._shift:self._shift + size]
         return self._view
 
 
@@ -122,27 +128,38 @@ def native_reads() -> bool:
     return KERNEL is not None and hasattr(KERNEL, "Read")
 
 
-def read_aligned(buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None) -> memoryview:
-    """One positioned read of [offset, offset + size) into a page-aligned buffer, bypassing the page
-    cache (O_DIRECT when `pool` still allows it, else a read dropped from the cache)."""
+def aligned_span(buffer: memoryview, path, offset: int, size: int) -> tuple[int, int, int]:
+    """(start, shift, length) of a read of [offset, offset + size) into a page-aligned buffer: from
+    the page `start` holding its first byte, which lands at `shift`, for `length` bytes in whole
+    pages (what O_DIRECT needs; never past the buffer). Refused where the bytes do not fit."""
     start = offset - offset % PAGE
     shift = offset - start
     if shift + size > len(buffer):
         raise ArtifactError(f"{path}: {size} bytes do not fit a slot of {len(buffer)}")
-    if pool is not None:
+    return start, shift, min(len(buffer), -(-(shift + size) // PAGE) * PAGE)
+
+
+def shorter_than_listed(path) -> ArtifactError:
+    return ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+
+
+def read_aligned(buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None) -> memoryview:
+    """One positioned read of [offset, offset + size) into a page-aligned buffer, bypassing the page
+    cache (O_DIRECT when `pool` still allows it, else a read dropped from the cache)."""
+    start, shift, length = aligned_span(buffer, path, offset, size)
+    if pool is not None and pool.direct:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:
-            pool.direct_failed()
+        except OSError as e:
+            refused_direct(e, pool)
         else:
             try:
-                length = -(-(shift + size) // PAGE) * PAGE
                 done = _read_fully(fd, buffer[:length], start)
-            except OSError:  # EINVAL: this file system or device wants another alignment
-                pool.direct_failed()
+            except OSError as e:
+                refused_direct(e, pool)
             else:
                 if done < shift + size:
-                    raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+                    raise shorter_than_listed(path)
                 return buffer[shift:shift + size]
             finally:
                 os.close(fd)
@@ -154,8 +171,16 @@ def read_aligned(buffer: memoryview, path, offset: int, size: int, pool: SlotPoo
     finally:
         os.close(fd)
     if done < size:
-        raise ArtifactError(f"{path} is shorter than the manifest says (changed while running?)")
+        raise shorter_than_listed(path)
     return buffer[shift:shift + size]
+
+
+def refused_direct(error: OSError, pool: SlotPool) -> None:
+    """EINVAL from an O_DIRECT open or read: this file system or device wants another alignment, so
+    this read and every later one are buffered (as reads.c does). Any other error is the file's."""
+    if error.errno != errno.EINVAL:
+        raise error
+    pool.direct_failed()
 
 
 def _read_fully(fd: int, view: memoryview, offset: int) -> int:

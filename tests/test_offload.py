@@ -389,5 +389,12 @@ def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
             SlotRead(pool.buffer(0, 0), path, 10000, 12000, pool).wait()
         with pytest.raises(FileNotFoundError, match="gone.onnx"):
             SlotRead(pool.buffer(0, 0), tmp_path / "gone.onnx", 0, 100, pool).wait()
+        with pytest.raises(FileNotFoundError, match="gone.onnx"):  # the same through the Python read
+            pool.read_into(0, 0, tmp_path / "gone.onnx", 0, 100)
+        assert pool.direct == hasattr(os, "O_DIRECT")  # a missing file is not the file system refusing O_DIRECT
+        pool.direct_failed()  # once refused, every later read is buffered, and reads the same bytes
+        assert not pool.direct and pool.mode.startswith("buffered")
+        assert bytes(SlotRead(pool.buffer(0, 1), path, 512, 9000, pool).wait()) == data[512:9512]
+        assert bytes(pool.read_into(0, 1, path, 512, 9000)) == data[512:9512]
     finally:
         pool.close()

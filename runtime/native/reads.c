@@ -32,7 +32,8 @@ struct fate_read {
 
 static pthread_mutex_t io_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t io_work = PTHREAD_COND_INITIALIZER, io_finished = PTHREAD_COND_INITIALIZER;
-static fate_read *queue_head = NULL, *queue_tail = NULL;
+/* one queue, urgent reads first and in order among themselves (urgent_tail: the last of them) */
+static fate_read *queue_head = NULL, *queue_tail = NULL, *urgent_tail = NULL;
 static int io_threads = 0;
 
 /* Read until `length` bytes or the end of the file; -1 with errno on an error. */
@@ -87,6 +88,7 @@ static void *io_worker(void *arg) {
         fate_read *r = queue_head;
         queue_head = r->next;
         if (!queue_head) queue_tail = NULL;
+        if (urgent_tail == r) urgent_tail = NULL;
         r->state = 1;
         pthread_mutex_unlock(&io_lock);
         perform(r);
@@ -112,9 +114,11 @@ fate_read *fate_read_start(const char *path, int64_t offset, int64_t length, uin
         return r;
     }
     if (urgent) {
-        r->next = queue_head;
-        queue_head = r;
-        if (!queue_tail) queue_tail = r;
+        fate_read **at = urgent_tail ? &urgent_tail->next : &queue_head;
+        r->next = *at;
+        *at = r;
+        urgent_tail = r;
+        if (!r->next) queue_tail = r;
     } else {
         if (queue_tail) queue_tail->next = r; else queue_head = r;
         queue_tail = r;

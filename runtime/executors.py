@@ -12,6 +12,7 @@ in the router's order whatever order they ran in: tokens do not depend on what w
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -108,8 +109,8 @@ class ExpertRunner:
             key = (layer, precision)
             if key not in self._vectors:
                 self._vectors[key] = native.layout_vector(layout)
-            starts = np.zeros(len(batch) + 1, np.int32)
-            np.cumsum([len(w.rows) for w in batch], out=starts[1:])
+            starts = np.fromiter(itertools.accumulate((len(w.rows) for w in batch), initial=0), np.int32,
+                                 len(batch) + 1)
             rows = np.concatenate([w.rows for w in batch]).astype(np.int32, copy=False)
             dest = np.concatenate([w.dest for w in batch]).astype(np.int32, copy=False)
             native.run_experts(layout, self._vectors[key], [w.expert.data for w in batch], x, starts, rows, dest, y,

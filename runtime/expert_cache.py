@@ -6,9 +6,13 @@ eviction policy (ARC or LRU, from runtime.cache) built with that real capacity, 
 profiler replays. The cache knows nothing of ONNX or tokens: `load(layer, expert, slot)` fills a
 slot and returns whatever the executor needs, with the bytes it read.
 
-- `prefetch(layer, experts, step)`: queue loads in priority order; a newer step for the same layer
-  makes older queued requests stale (dropped when dequeued). A prefetch never evicts a pinned or
-  protected expert, and is dropped when no slot can be had.
+- `prefetch(layer, experts, step)`: queue loads in priority order for the prefetch threads; a newer
+  step for the same layer makes older queued requests stale (dropped when dequeued). A prefetch
+  never evicts a pinned or protected expert, and is dropped when no slot can be had.
+- `start_prefetch(layer, experts)`: the same loads begun at once in the caller's thread (reads on
+  the native I/O threads, no prefetch thread involved); finished by whoever asks for the expert, or
+  by `harvest()` once their reads are over; `retire(layer, wanted)` gives up those whose reads have
+  not begun once the layer's routing is known.
 - `fetch(layer, expert)`: the expert, pinned: resident -> hit; in flight -> wait for that load
   (never load twice); otherwise load it now in the caller's thread into a free or evicted slot,
   waiting for one if every slot is pinned or being filled. The caller unpins it after running it.
@@ -62,16 +66,21 @@ class CacheCounters:
 
 class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
-                 policy: str = "arc", threads: int = 2, start: Callable | None = None):
+                 policy: str = "arc", threads: int = 2, start: Callable | None = None,
+                 start_background: Callable | None = None):
         """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
-        start(layer, expert, slot) -> a load begun, whose result() is load's (for start_fetch)."""
+        start(layer, expert, slot) -> a load begun, with `done()`, `cancel()` (True when its read had
+        not begun: it is given up) and `result()` (load's); for start_fetch, whose caller is stalled
+        on it; start_background: the same, queued behind those (for start_prefetch)."""
         self.slots = dict(slots)
         self._load = load
         self._start = start
+        self._start_background = start_background
         self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](n) for layer, n in slots.items()}
         self._resident: dict[Key, tuple[object, int]] = {}  # key -> (value, slot)
         self._free: dict[int, list[int]] = {layer: list(range(n - 1, -1, -1)) for layer, n in slots.items()}
         self._inflight: dict[Key, Future] = {}
+        self._begun: dict[Key, _Loading] = {}  # start_prefetch's loads nobody has asked for yet
         self._wanted: Counter = Counter()  # in flight: how many callers wait for it (pinned on arrival)
         self._pins: dict[int, Counter] = {layer: Counter() for layer in slots}
         self._protected: dict[int, set[int]] = {layer: set() for layer in slots}
@@ -112,21 +121,26 @@ class ExpertCache:
         key = (layer, expert)
         counters = self.counters.layer(layer)
         with self._lock:
-            counters.gets += 1
             entry = self._resident.get(key)
             if entry is not None:
+                counters.gets += 1
                 counters.hits += 1
                 self._policies[layer].hit(key)
                 self._pins[layer][expert] += 1
                 return entry[0]
-            future = self._inflight.get(key)
-            run_here = future is None
-            if run_here:
-                counters.misses += 1
-                future = self._inflight[key] = Future()
-            else:
-                counters.waits += 1
+            begun = self._claim_begun(key, counters)
+            if begun is None:
+                counters.gets += 1
+                future = self._inflight.get(key)
+                run_here = future is None
+                if run_here:
+                    counters.misses += 1
+                    future = self._inflight[key] = Future()
+                else:
+                    counters.waits += 1
             self._wanted[key] += 1  # pinned the moment it arrives, before anyone can evict it
+        if begun is not None:
+            return begun.result()
         if run_here:
             slot = self._acquire_slot(layer, demand=True)
             self._complete(key, future, slot)
@@ -148,6 +162,10 @@ class ExpertCache:
                 self._policies[layer].hit(key)
                 self._pins[layer][expert] += 1
                 return _Ready(entry[0])
+            begun = self._claim_begun(key, counters)
+            if begun is not None:
+                self._wanted[key] += 1
+                return begun
             future = self._inflight.get(key)
             if future is None:
                 slot = self._take_slot(layer, demand=True)
@@ -164,6 +182,59 @@ class ExpertCache:
         if pending is None:
             return future
         return _Loading(self, key, future, slot, pending)
+
+    def start_prefetch(self, layer: int, experts: list[int]) -> None:
+        """Begin loads of `experts` (best first) of `layer` now, never waiting: into free slots or
+        evicted ones (never a pinned or protected expert's), stopping at the first no slot can be
+        had for. Needs `start_background` (see __init__)."""
+        self._raise_background_error()
+        counters = self.counters.layer(layer)
+        with self._lock:
+            for expert in experts:
+                key = (layer, expert)
+                if key in self._resident or key in self._inflight:
+                    continue
+                slot = self._take_slot(layer, demand=False)
+                if slot is None:  # every slot pinned, protected or being filled
+                    self.counters.dropped_stale += 1
+                    return
+                future = self._inflight[key] = Future()
+                counters.prefetched += 1
+                self._begun[key] = _Loading(self, key, future, slot, self._start_background(layer, expert, slot),
+                                            prefetched=True)
+
+    def retire(self, layer: int, wanted) -> None:
+        """`layer`'s routing is known: its begun prefetches of other experts whose reads no I/O
+        thread has started are given up, and their slots come back (the storage reads what
+        this token needs instead)."""
+        with self._lock:
+            for key in [k for k in self._begun if k[0] == layer and k[1] not in wanted]:
+                loading = self._begun[key]
+                if loading.cancel():
+                    del self._begun[key]
+                    self._inflight.pop(key, None)
+                    self._free[layer].append(loading.slot)
+                    self.counters.dropped_stale += 1
+                    loading.future.cancel()  # unclaimed: nobody waits on it
+            self._slot_freed.notify_all()
+
+    def harvest(self) -> None:
+        """Finish the begun prefetches whose reads are over (never waits): resident, evictable."""
+        if not self._begun:
+            return
+        with self._lock:
+            done = [self._begun.pop(key) for key, loading in list(self._begun.items()) if loading.done()]
+        for loading in done:
+            self._finish_unclaimed(loading)
+
+    def settle_begun(self, layer: int) -> bool:
+        """Wait for `layer`'s begun prefetches and finish them, so that their slots can be had;
+        whether there were any."""
+        with self._lock:
+            mine = [self._begun.pop(key) for key in [k for k in self._begun if k[0] == layer]]
+        for loading in mine:
+            self._finish_unclaimed(loading)
+        return bool(mine)
 
     def unpin(self, layer: int, experts) -> None:
         with self._lock:
@@ -205,6 +276,11 @@ class ExpertCache:
             self._queue.clear()
             self._wake.notify_all()
             self._slot_freed.notify_all()
+            begun = list(self._begun.values())
+            self._begun.clear()
+        for loading in begun:  # no read may still write into the slots once the pool goes
+            if not loading.cancel():
+                loading.settle_quietly()
         for w in self._workers:
             w.join(timeout=5)
 
@@ -295,6 +371,29 @@ class ExpertCache:
                 with self._lock:
                     self._error = self._error or exc
 
+    def _claim_begun(self, key: Key, counters: LayerCounters) -> _Loading | None:
+        """A begun prefetch of `key`, now the caller's to finish (counted as a hit when its read is
+        over, else as a late prefetch); a read still queued is begun again as urgent. Under the lock."""
+        loading = self._begun.pop(key, None)
+        if loading is None:
+            return None
+        counters.gets += 1
+        if loading.done():
+            counters.hits += 1
+        else:
+            counters.waits += 1
+            if self._start is not None and loading.cancel():
+                loading.pending = self._start(key[0], key[1], loading.slot)
+        return loading
+
+    def _finish_unclaimed(self, loading: _Loading) -> None:
+        """Finish a begun prefetch nobody asked for; a failure is raised at the next fetch, as a
+        prefetch thread's is."""
+        error = loading.settle_quietly()
+        if error is not None:
+            with self._lock:
+                self._error = self._error or error
+
     def _raise_background_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -315,18 +414,32 @@ class _Ready:
 
 
 class _Loading:
-    """start_fetch's answer for a load it began: finished (made resident, pinned) by whoever asks
-    for the result, once; others waiting on the same expert wait on its future."""
+    """A load the cache began (start_fetch, start_prefetch): finished (made resident, pinned for
+    those who asked) by whoever asks for the result, once; others waiting on the same expert wait
+    on its future."""
 
-    def __init__(self, cache: ExpertCache, key: Key, future: Future, slot: int, pending):
-        self._cache, self._key, self._future, self._slot, self._pending = cache, key, future, slot, pending
+    def __init__(self, cache: ExpertCache, key: Key, future: Future, slot: int, pending, prefetched: bool = False):
+        self._cache, self._key, self.future, self.slot, self.pending = cache, key, future, slot, pending
+        self._prefetched = prefetched
         self._settled = False
 
     def done(self) -> bool:
-        return self._settled or self._pending.done()
+        return self._settled or self.pending.done()
+
+    def cancel(self) -> bool:
+        """Give up the read if it has not begun (the caller then owns the slot again)."""
+        return not self._settled and self.pending.cancel()
 
     def result(self) -> object:
         if not self._settled:
             self._settled = True
-            self._cache._settle(self._key, self._future, self._slot, self._pending.result)
-        return self._future.result()  # re-raises a failed load
+            self._cache._settle(self._key, self.future, self.slot, self.pending.result, self._prefetched)
+        return self.future.result()  # re-raises a failed load
+
+    def settle_quietly(self) -> BaseException | None:
+        """Finish it, giving the failure back instead of raising it."""
+        try:
+            self.result()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            return e
+        return None

@@ -114,5 +114,9 @@ class PendingLoad:
     def done(self) -> bool:
         return self._read is None or self._read.done()
 
+    def cancel(self) -> bool:
+        """Give up a load whose read no I/O thread has begun: True, and `result()` must not follow."""
+        return self._read is not None and self._read.cancel()
+
     def result(self) -> LoadedExpert:
         return self._loader.load(*self._args, started=self._read)

@@ -14,7 +14,7 @@ from .experts import ExpertStore, ResidentExperts
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
 from .positions import attention_bias, rope
-from .sessions import make_session
+from .sessions import graph_threads, make_session
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
@@ -31,7 +31,7 @@ class FateModel:
         def load(path: str, interface: tuple[dict, dict]):
             data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
             try:
-                session = make_session(data, threads, label=label)
+                session = make_session(data, graph_threads(threads, len(data)), label=label)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)

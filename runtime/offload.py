@@ -111,9 +111,10 @@ class OffloadedExperts(ExpertStore):
         self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
                              {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
         self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
-                                 threads=options.threads, start=self._start_demand)
-        # layers whose misses the generation loop reads itself on native I/O threads and waits for without
-        # Python's lock (their experts run from the slot's bytes); the others load in helper threads
+                                 threads=options.threads, start=self._start_demand, start_background=self._start)
+        # layers whose loads the generation loop begins itself on native I/O threads (prefetches and
+        # misses alike) and waits for without Python's lock (their experts run from the slot's bytes);
+        # the others load in prefetch and helper threads
         self._reads_itself = {p.index for p in self.plans.values()
                               if native_reads() and self.runner.native_for(p.index, p.precision)}
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
@@ -201,10 +202,14 @@ class OffloadedExperts(ExpertStore):
         self._predicted[plan.index] = set(ranked)
         low = self._low_bit_tail(plan, ranked) if len(top) > 1 else set()
         self.cache.protect(plan.index, set(ranked) - low)
-        self.cache.prefetch(plan.index, [e for e in ranked if e not in low][: plan.slots], self._step)
-        resident = self.cache.resident(plan.index)
-        for expert in sorted(low - resident):
-            self._start_low(plan, expert)
+        wanted = [e for e in ranked if e not in low][: plan.slots]
+        if plan.index in self._reads_itself:
+            self.cache.start_prefetch(plan.index, wanted)
+        else:
+            self.cache.prefetch(plan.index, wanted, self._step)
+        if low:
+            for expert in sorted(low - self.cache.resident(plan.index)):
+                self._start_low(plan, expert)
 
     def _low_bit_tail(self, plan: LayerPlan, ranked: list[int]) -> set[int]:
         """The least popular experts of a prefill fetch set, up to the policy's share of assignments."""
@@ -244,16 +249,21 @@ class OffloadedExperts(ExpertStore):
             low = {e: f for e, f in low.items() if e not in resident}
         pending = [e for e in todo if e not in low]
         running: dict = {}  # load -> expert, in the order started
+        reads_itself = layer in self._reads_itself
+        if reads_itself:  # prefetches this token does not need and no thread has begun reading: dropped
+            self.cache.retire(layer, todo)
+        self.cache.harvest()
         try:
             hits = self.cache.take_resident(layer, pending)
             misses = [e for e in pending if e not in hits]
             window = max(1, min(self.options.threads, self.plans[layer].slots))
-            reads_itself = layer in self._reads_itself
 
             def refill() -> None:
                 while misses and len(running) < window:
                     expert = misses[0]
                     load = self.cache.start_fetch(layer, expert) if reads_itself else None
+                    if load is None and reads_itself and not running and self.cache.settle_begun(layer):
+                        load = self.cache.start_fetch(layer, expert)  # the slots were our own prefetches'
                     if load is None:
                         if reads_itself and running:  # every slot pinned or filling: run what arrives first
                             return
@@ -363,6 +373,9 @@ class _StartedLoad:
 
     def done(self) -> bool:
         return self._pending.done()
+
+    def cancel(self) -> bool:
+        return self._pending.cancel()
 
     def result(self) -> tuple[LoadedExpert, int]:
         loaded = self._pending.result()

@@ -108,6 +108,10 @@ class SlotRead:
     def done(self) -> bool:
         return self._view is not None or self._native.done()
 
+    def cancel(self) -> bool:
+        """Take the read back if no I/O thread has begun it (the buffer is then free again)."""
+        return self._view is None and self._native.cancel()
+
     def wait(self) -> memoryview:
         if self._view is None:
             buffer, path, size, pool = self._args

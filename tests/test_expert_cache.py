@@ -183,17 +183,27 @@ def test_victim_respects_exclusions(cls):
 class FakeStart:
     """start(layer, expert, slot) for ExpertCache.start_fetch: a load begun, finished by result()."""
 
-    def __init__(self, loader: FakeLoader):
+    def __init__(self, loader: FakeLoader, queued: set | None = None):
+        """queued: (layer, expert) whose reads no I/O thread has begun: they can be cancelled."""
         self.loader = loader
-        self.begun: list[tuple[int, int]] = []
+        self.queued = queued if queued is not None else set()
+        self.begun: list[tuple[int, int, int]] = []  # (layer, expert, slot)
+        self.cancelled: list[tuple[int, int]] = []
 
     def __call__(self, layer: int, expert: int, slot: int):
-        self.begun.append((layer, expert))
-        loader = self.loader
+        self.begun.append((layer, expert, slot))
+        owner, loader, key = self, self.loader, (layer, expert)
 
         class Pending:
             def done(self) -> bool:
-                return loader.gate is None or loader.gate.is_set()
+                return key not in owner.queued and (loader.gate is None or loader.gate.is_set())
+
+            def cancel(self) -> bool:
+                if key not in owner.queued:
+                    return False
+                owner.queued.discard(key)
+                owner.cancelled.append(key)
+                return True
 
             def result(self):
                 return loader(layer, expert, slot)
@@ -207,10 +217,10 @@ def test_start_fetch_begins_a_load_the_caller_finishes_and_never_blocks():
     cache = ExpertCache({0: 2}, loader, threads=1, start=start)
     try:
         first, second = cache.start_fetch(0, 1), cache.start_fetch(0, 2)
-        assert start.begun == [(0, 1), (0, 2)] and not cache.resident(0)  # begun, not yet resident
+        assert start.begun == [(0, 1, 0), (0, 2, 1)] and not cache.resident(0)  # begun, not yet resident
         assert cache.start_fetch(0, 3) is None  # both slots are being filled: no waiting here
         again = cache.start_fetch(0, 1)  # the same expert again: its load, not a new one
-        assert start.begun == [(0, 1), (0, 2)] and cache.counters.layer(0).waits == 1
+        assert len(start.begun) == 2 and cache.counters.layer(0).waits == 1
         assert first.result() == "blob-0-1@0" and second.result() == "blob-0-2@1" and again.result() == "blob-0-1@0"
         assert cache.resident(0) == {1, 2} and cache.start_fetch(0, 3) is None  # pinned: 1 twice, 2 once
         cache.unpin(0, [2])
@@ -228,5 +238,69 @@ def test_start_fetch_failure_frees_the_slot_and_reaches_the_caller():
         with pytest.raises(OSError, match="expert 5"):
             cache.start_fetch(0, 5).result()
         assert cache.start_fetch(0, 6).result() == "blob-0-6@0"  # the slot came back
+    finally:
+        cache.close()
+
+
+def test_begun_prefetches_are_finished_by_whoever_asks_or_by_harvest():
+    """start_prefetch begins loads at once (no prefetch thread); the loop that asks for one finishes
+    it (a hit when its read is over), harvest() finishes the others, and close() leaves none."""
+    loader = FakeLoader()
+    demand, background = FakeStart(loader), FakeStart(loader)
+    cache = ExpertCache({0: 4}, loader, threads=1, start=demand, start_background=background)
+    try:
+        cache.start_prefetch(0, [1, 2, 3])
+        assert [b[:2] for b in background.begun] == [(0, 1), (0, 2), (0, 3)] and not cache.resident(0)
+        assert cache.start_fetch(0, 1).result() == "blob-0-1@0" and not demand.begun  # its load, finished here
+        cache.harvest()
+        assert cache.resident(0) == {1, 2, 3}
+        cache.start_prefetch(0, [2, 4])  # resident ones are not read again
+        assert [b[:2] for b in background.begun][3:] == [(0, 4)]
+        counters = cache.counters.layer(0)
+        assert (counters.prefetched, counters.hits, counters.misses, cache.counters.loads) == (4, 1, 0, 3)
+    finally:
+        cache.close()
+    assert cache.resident(0) == {1, 2, 3, 4}  # close() finished the begun one before the slots go
+
+
+def test_retire_gives_up_the_prefetches_the_router_did_not_choose_whose_reads_are_queued():
+    loader = FakeLoader()
+    background = FakeStart(loader, queued={(0, 2), (0, 3)})
+    cache = ExpertCache({0: 3}, loader, threads=1, start=FakeStart(loader), start_background=background)
+    try:
+        cache.start_prefetch(0, [1, 2, 3])
+        cache.retire(0, {1, 3})  # the router chose 1 and 3: 2 is given up, its slot free again
+        assert background.cancelled == [(0, 2)] and cache.counters.dropped_stale == 1
+        cache.harvest()
+        assert cache.resident(0) == {1}  # 3's read is still queued: neither finished nor given up
+        cache.start_fetch(0, 5).result()  # 2's slot serves a demand load, without evicting 1
+        assert cache.resident(0) == {1, 5} and cache.counters.layer(0).evictions == 0
+    finally:
+        cache.close()
+    assert (0, 3) in background.cancelled  # close() gives up what no thread began
+
+
+def test_asking_for_a_queued_prefetch_reads_it_as_urgent_into_its_slot():
+    loader = FakeLoader()
+    demand, background = FakeStart(loader), FakeStart(loader, queued={(0, 7)})
+    cache = ExpertCache({0: 2}, loader, threads=1, start=demand, start_background=background)
+    try:
+        cache.start_prefetch(0, [7])
+        load = cache.start_fetch(0, 7)
+        assert background.cancelled == [(0, 7)] and demand.begun == [(0, 7, background.begun[0][2])]
+        assert load.result() == "blob-0-7@0" and cache.counters.layer(0).waits == 1
+    finally:
+        cache.close()
+
+
+def test_slots_held_by_begun_prefetches_come_back_when_the_loop_settles_them():
+    loader = FakeLoader()
+    cache = ExpertCache({0: 2}, loader, threads=1, start=FakeStart(loader), start_background=FakeStart(loader))
+    try:
+        cache.protect(0, {1, 2})
+        cache.start_prefetch(0, [1, 2])
+        assert cache.start_fetch(0, 3) is None  # both slots filling
+        assert cache.settle_begun(0) and not cache.settle_begun(0)
+        assert cache.start_fetch(0, 3).result() == "blob-0-3@1"  # a demand load may evict a prediction
     finally:
         cache.close()

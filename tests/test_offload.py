@@ -3,6 +3,7 @@ refused when too small, and faults reported clearly."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -397,4 +398,37 @@ def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
         assert bytes(SlotRead(pool.buffer(0, 1), path, 512, 9000, pool).wait()) == data[512:9512]
         assert bytes(pool.read_into(0, 1, path, 512, 9000)) == data[512:9512]
     finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not native_reads() or not hasattr(os, "mkfifo"), reason="needs the native reads and FIFOs")
+def test_prefetch_reads_leave_threads_to_stalls_and_can_be_given_up_while_queued(tmp_path):
+    """Background (prefetch) reads hold at most half the I/O threads: with two of them stuck (on
+    FIFOs nobody writes yet), an urgent read still finishes, and a third background read stays
+    queued, so it can be given up (cancel) and never touches its buffer."""
+    data = os.urandom(8192)
+    path = tmp_path / "expert.onnx"
+    path.write_bytes(data)
+    fifos = [tmp_path / f"stuck{i}" for i in range(2)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    pool = SlotPool({0: 4}, {0: len(data)})
+    pool.direct_failed()  # FIFOs refuse O_DIRECT; keep every read here on the same path
+    stuck = [SlotRead(pool.buffer(0, i), fifo, 0, 1, pool) for i, fifo in enumerate(fifos)]
+    try:
+        queued = SlotRead(pool.buffer(0, 2), path, 0, len(data), pool)
+        urgent = SlotRead(pool.buffer(0, 3), path, 0, len(data), pool, urgent=True)
+        assert bytes(urgent.wait()) == data
+        assert queued.cancel() and queued.done()
+        with pytest.raises(OSError) as cancelled:
+            queued.wait()
+        assert cancelled.value.errno == errno.ECANCELED
+        assert not urgent.cancel()  # over: nothing to give up
+        assert bytes(pool.buffer(0, 2)[:16]) == bytes(16)  # the given-up read wrote nothing
+    finally:
+        for fifo in fifos:  # a writer that opens and closes: the stuck opens return (a FIFO cannot pread)
+            os.close(os.open(fifo, os.O_WRONLY))
+        for read in stuck:
+            with pytest.raises(OSError, match="stuck"):
+                read.wait()
         pool.close()

@@ -195,6 +195,12 @@ static PyObject *Read_done(ReadObject *self, PyObject *args) {
     return PyBool_FromLong(fate_read_done(self->read));
 }
 
+static PyObject *Read_cancel(ReadObject *self, PyObject *args) {
+    (void)args;
+    if (!self->read) { PyErr_SetString(PyExc_RuntimeError, "Read was not started"); return NULL; }
+    return PyBool_FromLong(fate_read_cancel(self->read));
+}
+
 static PyObject *Read_wait(ReadObject *self, PyObject *args) {
     (void)args;
     if (!self->read) { PyErr_SetString(PyExc_RuntimeError, "Read was not started"); return NULL; }
@@ -212,6 +218,8 @@ static PyObject *Read_wait(ReadObject *self, PyObject *args) {
 
 static PyMethodDef read_methods[] = {
     {"done", (PyCFunction)Read_done, METH_NOARGS, "Whether the read is over (never blocks)."},
+    {"cancel", (PyCFunction)Read_cancel, METH_NOARGS,
+     "Take the read off the queue if no I/O thread has begun it: True (wait() then raises OSError ECANCELED)."},
     {"wait", (PyCFunction)Read_wait, METH_NOARGS,
      "Wait (without the GIL) until the read is over: (bytes read, whether O_DIRECT was refused); OSError if it failed."},
     {NULL, NULL, 0, NULL},

@@ -3,7 +3,9 @@
  *
  * A read is one file's [offset, offset + length) into `dest` (a slot: page-aligned, long enough),
  * with O_DIRECT where asked and the file system allows it (else an ordinary read whose pages are
- * dropped from the page cache after). Urgent reads (a layer stalled on them) go before queued ones.
+ * dropped from the page cache after). Urgent reads (a layer stalled on them) go before queued ones,
+ * and the others (prefetches) never hold more than half the threads, so that a stall finds a
+ * thread free. A read still queued can be cancelled (a prefetch the router did not ask for).
  * No Python here: experts.c wraps a read as the Read type. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,7 +23,7 @@ struct fate_read {
     char *path;
     int64_t offset, length;
     uint8_t *dest;
-    int direct;
+    int direct, urgent;
     int state; /* 0 queued, 1 reading, 2 finished */
     int64_t got;
     int error;
@@ -29,12 +31,13 @@ struct fate_read {
 };
 
 #define IO_THREADS 4
+#define BACKGROUND_THREADS (IO_THREADS / 2) /* at most this many non-urgent reads at once */
 
 static pthread_mutex_t io_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t io_work = PTHREAD_COND_INITIALIZER, io_finished = PTHREAD_COND_INITIALIZER;
 /* one queue, urgent reads first and in order among themselves (urgent_tail: the last of them) */
 static fate_read *queue_head = NULL, *queue_tail = NULL, *urgent_tail = NULL;
-static int io_threads = 0;
+static int io_threads = 0, background_running = 0;
 
 /* Read until `length` bytes or the end of the file; -1 with errno on an error. */
 static int64_t read_fully(int fd, uint8_t *dest, int64_t length, int64_t offset) {
@@ -80,19 +83,32 @@ static void perform(fate_read *r) {
     close(fd);
 }
 
+/* The read a free thread may take now: the first urgent one, else the first queued while fewer than
+ * BACKGROUND_THREADS background reads run; unlinked from the queue. Under io_lock. */
+static fate_read *take_next(void) {
+    fate_read *r = queue_head;
+    if (!r || (!r->urgent && background_running >= BACKGROUND_THREADS)) return NULL;
+    queue_head = r->next;
+    if (!queue_head) queue_tail = NULL;
+    if (urgent_tail == r) urgent_tail = NULL;
+    return r;
+}
+
 static void *io_worker(void *arg) {
     (void)arg;
     pthread_mutex_lock(&io_lock);
     for (;;) {
-        while (!queue_head) pthread_cond_wait(&io_work, &io_lock);
-        fate_read *r = queue_head;
-        queue_head = r->next;
-        if (!queue_head) queue_tail = NULL;
-        if (urgent_tail == r) urgent_tail = NULL;
+        fate_read *r;
+        while (!(r = take_next())) pthread_cond_wait(&io_work, &io_lock);
         r->state = 1;
+        if (!r->urgent) background_running++;
         pthread_mutex_unlock(&io_lock);
         perform(r);
         pthread_mutex_lock(&io_lock);
+        if (!r->urgent) {
+            background_running--;
+            pthread_cond_signal(&io_work); /* a queued background read may run now */
+        }
         r->state = 2;
         pthread_cond_broadcast(&io_finished);
     }
@@ -104,7 +120,7 @@ fate_read *fate_read_start(const char *path, int64_t offset, int64_t length, uin
     if (!r) return NULL;
     r->path = strdup(path);
     if (!r->path) { free(r); return NULL; }
-    r->offset = offset; r->length = length; r->dest = dest; r->direct = direct;
+    r->offset = offset; r->length = length; r->dest = dest; r->direct = direct; r->urgent = urgent;
     pthread_mutex_lock(&io_lock);
     while (io_threads < IO_THREADS && start_detached(io_worker) == 0) io_threads++;
     if (io_threads == 0) { /* no thread could be started: read here, now */
@@ -126,6 +142,24 @@ fate_read *fate_read_start(const char *path, int64_t offset, int64_t length, uin
     pthread_cond_signal(&io_work);
     pthread_mutex_unlock(&io_lock);
     return r;
+}
+
+int fate_read_cancel(fate_read *r) {
+    pthread_mutex_lock(&io_lock);
+    int cancelled = r->state == 0;
+    if (cancelled) {
+        fate_read *before = NULL;
+        for (fate_read *q = queue_head; q != r; q = q->next) before = q;
+        if (before) before->next = r->next; else queue_head = r->next;
+        if (queue_tail == r) queue_tail = before;
+        if (urgent_tail == r) urgent_tail = before;
+        r->state = 2;
+        r->got = -1;
+        r->error = ECANCELED;
+        pthread_cond_broadcast(&io_finished);
+    }
+    pthread_mutex_unlock(&io_lock);
+    return cancelled;
 }
 
 int fate_read_done(fate_read *r) {

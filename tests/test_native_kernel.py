@@ -115,6 +115,23 @@ def test_kernel_matches_the_numpy_reference(case, kernel):
         native.KERNEL.set_kernel("best")
 
 
+def test_pool_threads_split_a_large_layer_without_changing_a_bit():
+    """A call with enough weight bytes wakes pool threads (small ones stay on the caller's: a wake
+    costs more than they do); either way each (token, expert) row is computed by one task, so the
+    result is the same bits on one thread or four."""
+    data, layout, _, _ = make_expert(512, 1024, 8, 128, False, False, 4)  # 1.6 MB a pass: helpers wake
+    experts = [data, make_expert(512, 1024, 8, 128, False, False, 4, seed=1)[0], data]
+    x = np.random.default_rng(5).standard_normal((19, 512)).astype(np.float32)
+    starts = np.array([0, 7, 12, 19], np.int32)
+    rows, dest = np.arange(19, dtype=np.int32)[::-1].copy(), np.arange(19, dtype=np.int32)
+    outputs = []
+    for threads in (1, 4, 1, 4):
+        y = np.zeros_like(x)
+        native.run_experts(layout, native.layout_vector(layout), experts, x, starts, rows, dest, y, threads)
+        outputs.append(y)
+    assert all(np.array_equal(outputs[0], y) for y in outputs[1:]) and np.abs(outputs[0]).sum() > 0
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES[:9], ids=str)
 def test_a_token_gets_the_same_bits_alone_or_in_a_tile(case, kernel):

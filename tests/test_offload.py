@@ -23,6 +23,7 @@ from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime.executors import assignments
 from fate.runtime.expert_cache import BudgetError
+from fate.runtime.sessions import SMALL_GRAPH_BYTES, graph_threads
 from fate.runtime.slots import SlotPool, SlotRead, native_reads
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -432,3 +433,10 @@ def test_prefetch_reads_leave_threads_to_stalls_and_can_be_given_up_while_queued
             with pytest.raises(OSError, match="stuck"):
                 read.wait()
         pool.close()
+
+
+def test_small_dense_graphs_run_on_one_thread_unless_told():
+    """Waking onnxruntime's pool costs more than a small graph's products: auto (0) gives them one
+    thread and large graphs every core; a thread count given is used as given."""
+    assert graph_threads(0, 80_000) == 1 and graph_threads(0, SMALL_GRAPH_BYTES) == 0
+    assert graph_threads(3, 80_000) == 3 and graph_threads(1, 50 << 20) == 1

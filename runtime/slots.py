@@ -18,6 +18,8 @@ import errno
 import mmap
 import os
 
+import numpy as np
+
 from fate.artifacts import ArtifactError
 
 from .native import KERNEL
@@ -92,6 +94,9 @@ def private_memory(size: int) -> mmap.mmap:
             area.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # not offered here: ordinary pages
             pass
+    # Touched now, once: the first read into a slot would otherwise fault its pages in (and have the
+    # kernel find room for huge pages) in the middle of a prefill.
+    np.frombuffer(area, np.uint8)[::PAGE] = 0
     return area
 
 

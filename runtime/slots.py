@@ -84,9 +84,11 @@ class SlotPool:
 
 
 def private_memory(size: int) -> mmap.mmap:
-    """Anonymous private memory, in transparent huge pages where the system gives them on request:
-    the kernel streams each expert's weights once per token, and with 4 KB pages that is a TLB miss
-    every 4 KB. (Python's default anonymous map is shared memory, which gets no huge pages.)"""
+    """Anonymous private memory, in transparent huge pages where the system gives them on request.
+    An O_DIRECT read into huge pages goes to the device as fewer, larger requests: 9 MB expert files
+    read at 1.7-2.2 GB/s into them against 0.77 GB/s into Python's default anonymous map (shared
+    memory, which gets no huge pages) on this project's virtual disk; and the kernel, which streams
+    each expert once per token, meets fewer TLB misses."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     area = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
     if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -102,7 +104,7 @@ def private_memory(size: int) -> mmap.mmap:
 
 def scratch_buffer(file_bytes: int) -> memoryview:
     """A page-aligned buffer outside the pool, for a copy used once (an INT2 prefill transfer)."""
-    return memoryview(mmap.mmap(-1, slot_size(file_bytes)))
+    return memoryview(private_memory(slot_size(file_bytes)))
 
 
 class SlotRead:

@@ -171,9 +171,9 @@ class ExpertCache:
                 slot = self._take_slot(layer, demand=True)
                 if slot is None:
                     return None
+                pending = self._begin(self._start, layer, expert, slot)
                 future = self._inflight[key] = Future()
                 counters.misses += 1
-                pending = self._start(layer, expert, slot)
             else:
                 counters.waits += 1
                 pending = None
@@ -198,10 +198,10 @@ class ExpertCache:
                 if slot is None:  # every slot pinned, protected or being filled
                     self.counters.dropped_stale += 1
                     return
+                pending = self._begin(self._start_background, layer, expert, slot)
                 future = self._inflight[key] = Future()
                 counters.prefetched += 1
-                self._begun[key] = _Loading(self, key, future, slot, self._start_background(layer, expert, slot),
-                                            prefetched=True)
+                self._begun[key] = _Loading(self, key, future, slot, pending, prefetched=True)
 
     def retire(self, layer: int, wanted) -> None:
         """`layer`'s routing is known: its begun prefetches of other experts whose reads no I/O
@@ -370,6 +370,14 @@ class ExpertCache:
             if exc is not None:
                 with self._lock:
                     self._error = self._error or exc
+
+    def _begin(self, start: Callable, layer: int, expert: int, slot: int):
+        """start(layer, expert, slot), giving the slot back if it fails. Under the lock."""
+        try:
+            return start(layer, expert, slot)
+        except BaseException:
+            self._free[layer].append(slot)
+            raise
 
     def _claim_begun(self, key: Key, counters: LayerCounters) -> _Loading | None:
         """A begun prefetch of `key`, now the caller's to finish (counted as a hit when its read is

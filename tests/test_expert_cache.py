@@ -304,3 +304,25 @@ def test_slots_held_by_begun_prefetches_come_back_when_the_loop_settles_them():
         assert cache.start_fetch(0, 3).result() == "blob-0-3@1"  # a demand load may evict a prediction
     finally:
         cache.close()
+
+
+def test_a_load_that_cannot_even_begin_leaves_no_slot_or_key_behind():
+    loader = FakeLoader()
+    working = FakeStart(loader)
+    failures = iter([MemoryError("no memory for the read"), MemoryError("no memory for the read")])
+
+    def start(layer, expert, slot):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return working(layer, expert, slot)
+
+    cache = ExpertCache({0: 1}, loader, threads=1, start=start, start_background=start)
+    try:
+        with pytest.raises(MemoryError):
+            cache.start_prefetch(0, [4])
+        with pytest.raises(MemoryError):
+            cache.start_fetch(0, 4)
+        assert cache.start_fetch(0, 4).result() == "blob-0-4@0"  # the one slot came back both times
+    finally:
+        cache.close()

@@ -391,7 +391,12 @@ class ExpertCache:
         else:
             counters.waits += 1
             if self._start is not None and loading.cancel():
-                loading.pending = self._start(key[0], key[1], loading.slot)
+                try:
+                    loading.pending = self._begin(self._start, key[0], key[1], loading.slot)
+                except BaseException:
+                    self._inflight.pop(key, None)
+                    loading.future.cancel()
+                    raise
         return loading
 
     def _finish_unclaimed(self, loading: _Loading) -> None:

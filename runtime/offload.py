@@ -328,6 +328,7 @@ class OffloadedExperts(ExpertStore):
         self._demand_pool.shutdown(wait=True, cancel_futures=True)
         self.cache.close()
         self._low_pool.shutdown(wait=True, cancel_futures=True)
+        self.loader.close()
         self.pool.close()
 
     # ------------------------------------------------------------------ stats

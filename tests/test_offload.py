@@ -21,6 +21,7 @@ from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
+from fate.runtime import loader as loader_module
 from fate.runtime.executors import assignments
 from fate.runtime.expert_cache import BudgetError
 from fate.runtime.sessions import SMALL_GRAPH_BYTES, graph_threads
@@ -197,8 +198,11 @@ def damage(art: Path, layer: int, expert: int, precision: str, how: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("how", ["missing", "truncated", "corrupt"])
-def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how):
+@pytest.mark.parametrize("how", ["missing", "truncated", "corrupt", "corrupt-hashed-ahead"])
+def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how, monkeypatch):
+    if how == "corrupt-hashed-ahead":  # every file hashed on the hashing threads, as large ones are
+        monkeypatch.setattr(loader_module, "HASH_AHEAD_BYTES", 0)
+        how = "corrupt"
     art = tmp_path / "art"
     shutil.copytree(calibrated, art)
     data = json.loads((art / "manifest.json").read_text())

@@ -7,6 +7,7 @@ interface; the generation loop does not change."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,11 @@ def largest_file(artifact: Artifact, layer: int, precision: str) -> int:
     return max(artifact.entry(path).size for path in artifact.manifest.layers[layer].experts[precision])
 
 
+# Loads begun ahead of the one being finished, so that reading the next experts overlaps checking
+# (hashing) and preparing this one.
+LOADS_AHEAD = 4
+
+
 class ResidentExperts(ExpertStore):
     """Every expert read into a slot at start and kept: the all-resident reference."""
 
@@ -93,17 +99,35 @@ class ResidentExperts(ExpertStore):
         self.precisions = {spec.index: resident_precision(artifact, spec.index, precision) for spec in layers}
         self.pool = SlotPool({spec.index: spec.routing.num_experts for spec in layers},
                              {spec.index: largest_file(artifact, spec.index, self.precisions[spec.index])
-                              for spec in layers})
+                              for spec in layers}, reused=False)
         self.experts: dict[tuple[int, int], LoadedExpert] = {}
-        for spec in layers:
-            for expert in range(spec.routing.num_experts):
-                loaded = self.loader.load(spec.index, expert, self.precisions[spec.index],
-                                          self.pool.buffer(spec.index, expert), self.pool)
-                if loaded.session is not None:
-                    self.pool.release(spec.index, expert)
-                self.experts[(spec.index, expert)] = loaded
-                self.stats.loads += 1
-                self.stats.bytes_read += loaded.nbytes
+        begun: deque = deque()  # reads (and hashes) under way ahead of the load being finished
+        try:
+            for spec in layers:
+                for expert in range(spec.routing.num_experts):
+                    begun.append(((spec.index, expert), self.loader.start(
+                        spec.index, expert, self.precisions[spec.index], self.pool.buffer(spec.index, expert),
+                        self.pool)))
+                    if len(begun) > LOADS_AHEAD:
+                        self._keep(*begun.popleft())
+            while begun:
+                self._keep(*begun.popleft())
+        finally:
+            for _, load in begun:  # a load failed: nothing may still read into the pool
+                if not load.cancel():
+                    try:
+                        load.result()
+                    except BaseException:  # noqa: BLE001 - the first failure is the one being raised
+                        pass
+            self.loader.close()
+
+    def _keep(self, key: tuple[int, int], load) -> None:
+        loaded = load.result()
+        if loaded.session is not None:
+            self.pool.release(*key)
+        self.experts[key] = loaded
+        self.stats.loads += 1
+        self.stats.bytes_read += loaded.nbytes
 
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)

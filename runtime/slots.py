@@ -34,11 +34,14 @@ def slot_size(file_bytes: int) -> int:
 
 
 class SlotPool:
-    def __init__(self, slots: dict[int, int], file_bytes: dict[int, int]):
-        """slots: layer -> number of slots; file_bytes: layer -> the largest expert file it holds."""
+    def __init__(self, slots: dict[int, int], file_bytes: dict[int, int], reused: bool = True):
+        """slots: layer -> number of slots; file_bytes: layer -> the largest expert file it holds;
+        reused: slots are read into again and again (a budget), so huge pages pay for their cost at
+        start; a pool filled once (every expert resident) keeps ordinary pages."""
         self.slots = dict(slots)
         self.slot_bytes = {layer: slot_size(file_bytes[layer]) for layer in slots}
-        self._maps = {layer: private_memory(max(1, n) * self.slot_bytes[layer]) for layer, n in slots.items()}
+        self._maps = {layer: private_memory(max(1, n) * self.slot_bytes[layer], huge=reused)
+                      for layer, n in slots.items()}
         self._direct_ok = hasattr(os, "O_DIRECT")
 
     @property
@@ -83,22 +86,22 @@ class SlotPool:
                 pass
 
 
-def private_memory(size: int) -> mmap.mmap:
-    """Anonymous private memory, in transparent huge pages where the system gives them on request.
-    An O_DIRECT read into huge pages goes to the device as fewer, larger requests: 9 MB expert files
-    read at 1.7-2.2 GB/s into them against 0.77 GB/s into Python's default anonymous map (shared
-    memory, which gets no huge pages) on this project's virtual disk; and the kernel, which streams
-    each expert once per token, meets fewer TLB misses."""
+def private_memory(size: int, huge: bool = True) -> mmap.mmap:
+    """Anonymous private memory; with `huge`, in transparent huge pages where the system gives them
+    on request, every page touched now. An O_DIRECT read into huge pages goes to the device as
+    fewer, larger requests: 9 MB expert files read at 1.4-2.2 GB/s into them against 0.8-1.0 GB/s
+    into 4 KB pages on this project's virtual disk (examples/slot_read_bench.py). Python's default
+    anonymous map is shared memory, which gets no huge pages. Huge pages cost at their first touch
+    (on that disk's VM, 3.2 s for 2.2 GB against 1.1 s for 4 KB pages): touched here, once, not in
+    the middle of a prefill; worth it where slots are read into again and again."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     area = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             area.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # not offered here: ordinary pages
             pass
-    # Touched now, once: the first read into a slot would otherwise fault its pages in (and have the
-    # kernel find room for huge pages) in the middle of a prefill.
-    np.frombuffer(area, np.uint8)[::PAGE] = 0
+        np.frombuffer(area, np.uint8)[::PAGE] = 0
     return area
 
 

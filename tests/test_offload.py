@@ -184,6 +184,18 @@ def test_native_misses_are_read_together_and_waited_for_in_the_loop(calibrated):
     assert threading.main_thread().name in threads
 
 
+def only_int4(art: Path) -> None:
+    """Keep only the int4 experts, so that a broken one has no other copy to fall back to."""
+    data = json.loads((art / "manifest.json").read_text())
+    for layer in data["layers"]:
+        layer["experts"].pop("int2", None)
+        layer.get("expert_layouts", {}).pop("int2", None)
+    if data["policy"]:
+        for lp in data["policy"]["layers"]:
+            lp["prefill_precision"] = None
+    (art / "manifest.json").write_text(json.dumps(data))
+
+
 def damage(art: Path, layer: int, expert: int, precision: str, how: str) -> str:
     path = Artifact.open(art).manifest.layers[layer].experts[precision][expert]
     target = art / path
@@ -205,14 +217,7 @@ def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how, m
         how = "corrupt"
     art = tmp_path / "art"
     shutil.copytree(calibrated, art)
-    data = json.loads((art / "manifest.json").read_text())
-    for layer in data["layers"]:  # keep only int4 so there is nothing to fall back to
-        layer["experts"].pop("int2", None)
-        layer.get("expert_layouts", {}).pop("int2", None)
-    if data["policy"]:
-        for lp in data["policy"]["layers"]:
-            lp["prefill_precision"] = None
-    (art / "manifest.json").write_text(json.dumps(data))
+    only_int4(art)
     path = damage(art, 0, 0, "int4", how)
     budget = OffloadOptions(parse_budget("100%"), low_bit_prefill="off")
     if how != "corrupt":  # missing and truncated files are caught when the artifact is opened
@@ -226,6 +231,21 @@ def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how, m
                 model.logits(list(range(start, start + 40)))
         finally:
             model.close()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_all_resident_load_names_a_corrupt_expert_and_leaves_no_read_behind(calibrated, tmp_path, monkeypatch, ahead):
+    """Every expert read at start, several ahead of the one being checked: a corrupt one (no other
+    copy) is named, and the reads begun after it are given up or waited for before the error."""
+    if ahead:
+        monkeypatch.setattr(loader_module, "HASH_AHEAD_BYTES", 0)
+    art = tmp_path / "art"
+    shutil.copytree(calibrated, art)
+    only_int4(art)
+    path = damage(art, 0, 1, "int4", "corrupt")
+    with pytest.raises(ArtifactError, match=Path(path).name):
+        FateModel.load(art)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fate-hash")]
 
 
 def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrated, tmp_path, capfd):

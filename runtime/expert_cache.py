@@ -106,12 +106,8 @@ class ExpertCache:
         found = {}
         with self._lock:
             for expert in experts:
-                entry = self._resident.get((layer, expert))
+                entry = self._pin_resident((layer, expert), counters)
                 if entry is not None:
-                    counters.gets += 1
-                    counters.hits += 1
-                    self._policies[layer].hit((layer, expert))
-                    self._pins[layer][expert] += 1
                     found[expert] = entry[0]
         return found
 
@@ -121,12 +117,8 @@ class ExpertCache:
         key = (layer, expert)
         counters = self.counters.layer(layer)
         with self._lock:
-            entry = self._resident.get(key)
+            entry = self._pin_resident(key, counters)
             if entry is not None:
-                counters.gets += 1
-                counters.hits += 1
-                self._policies[layer].hit(key)
-                self._pins[layer][expert] += 1
                 return entry[0]
             begun = self._claim_begun(key, counters)
             if begun is None:
@@ -155,12 +147,8 @@ class ExpertCache:
         key = (layer, expert)
         counters = self.counters.layer(layer)
         with self._lock:
-            entry = self._resident.get(key)
+            entry = self._pin_resident(key, counters)
             if entry is not None:
-                counters.gets += 1
-                counters.hits += 1
-                self._policies[layer].hit(key)
-                self._pins[layer][expert] += 1
                 return _Ready(entry[0])
             begun = self._claim_begun(key, counters)
             if begun is not None:
@@ -220,21 +208,13 @@ class ExpertCache:
 
     def harvest(self) -> None:
         """Finish the begun prefetches whose reads are over (never waits): resident, evictable."""
-        if not self._begun:
-            return
-        with self._lock:
-            done = [self._begun.pop(key) for key, loading in list(self._begun.items()) if loading.done()]
-        for loading in done:
-            self._finish_unclaimed(loading)
+        if self._begun:
+            self._finish_begun(lambda key, loading: loading.done())
 
     def settle_begun(self, layer: int) -> bool:
         """Wait for `layer`'s begun prefetches and finish them, so that their slots can be had;
         whether there were any."""
-        with self._lock:
-            mine = [self._begun.pop(key) for key in [k for k in self._begun if k[0] == layer]]
-        for loading in mine:
-            self._finish_unclaimed(loading)
-        return bool(mine)
+        return self._finish_begun(lambda key, loading: key[0] == layer)
 
     def unpin(self, layer: int, experts) -> None:
         with self._lock:
@@ -371,6 +351,16 @@ class ExpertCache:
                 with self._lock:
                     self._error = self._error or exc
 
+    def _pin_resident(self, key: Key, counters: LayerCounters) -> tuple[object, int] | None:
+        """`key`'s entry if resident, pinned and counted as a hit. Under the lock."""
+        entry = self._resident.get(key)
+        if entry is not None:
+            counters.gets += 1
+            counters.hits += 1
+            self._policies[key[0]].hit(key)
+            self._pins[key[0]][key[1]] += 1
+        return entry
+
     def _begin(self, start: Callable, layer: int, expert: int, slot: int):
         """start(layer, expert, slot), giving the slot back if it fails. Under the lock."""
         try:
@@ -399,13 +389,17 @@ class ExpertCache:
                     raise
         return loading
 
-    def _finish_unclaimed(self, loading: _Loading) -> None:
-        """Finish a begun prefetch nobody asked for; a failure is raised at the next fetch, as a
-        prefetch thread's is."""
-        error = loading.settle_quietly()
-        if error is not None:
-            with self._lock:
-                self._error = self._error or error
+    def _finish_begun(self, which: Callable[[Key, _Loading], bool]) -> bool:
+        """Finish (waiting where need be) the begun prefetches nobody asked for that `which` picks;
+        a failure is raised at the next fetch, as a prefetch thread's is. Whether there were any."""
+        with self._lock:
+            picked = [self._begun.pop(key) for key, loading in list(self._begun.items()) if which(key, loading)]
+        for loading in picked:
+            error = loading.settle_quietly()
+            if error is not None:
+                with self._lock:
+                    self._error = self._error or error
+        return bool(picked)
 
     def _raise_background_error(self) -> None:
         if self._error is not None:

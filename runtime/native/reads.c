@@ -83,14 +83,20 @@ static void perform(fate_read *r) {
     close(fd);
 }
 
+/* Take `r` off the queue, `before` being the read queued just ahead of it (NULL: it is the head).
+ * Under io_lock. */
+static void unlink_queued(fate_read *r, fate_read *before) {
+    if (before) before->next = r->next; else queue_head = r->next;
+    if (queue_tail == r) queue_tail = before;
+    if (urgent_tail == r) urgent_tail = before;
+}
+
 /* The read a free thread may take now: the first urgent one, else the first queued while fewer than
  * BACKGROUND_THREADS background reads run; unlinked from the queue. Under io_lock. */
 static fate_read *take_next(void) {
     fate_read *r = queue_head;
     if (!r || (!r->urgent && background_running >= BACKGROUND_THREADS)) return NULL;
-    queue_head = r->next;
-    if (!queue_head) queue_tail = NULL;
-    if (urgent_tail == r) urgent_tail = NULL;
+    unlink_queued(r, NULL);
     return r;
 }
 
@@ -150,9 +156,7 @@ int fate_read_cancel(fate_read *r) {
     if (cancelled) {
         fate_read *before = NULL;
         for (fate_read *q = queue_head; q != r; q = q->next) before = q;
-        if (before) before->next = r->next; else queue_head = r->next;
-        if (queue_tail == r) queue_tail = before;
-        if (urgent_tail == r) urgent_tail = before;
+        unlink_queued(r, before);
         r->state = 2;
         r->got = -1;
         r->error = ECANCELED;

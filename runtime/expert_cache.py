@@ -195,6 +195,8 @@ class ExpertCache:
         """`layer`'s routing is known: its begun prefetches of other experts whose reads no I/O
         thread has started are given up, and their slots come back (the storage reads what
         this token needs instead)."""
+        if not self._begun:  # added to by the caller's thread alone (start_prefetch): empty stays empty
+            return
         with self._lock:
             for key in [k for k in self._begun if k[0] == layer and k[1] not in wanted]:
                 loading = self._begun[key]
@@ -204,7 +206,7 @@ class ExpertCache:
                     self._free[layer].append(loading.slot)
                     self.counters.dropped_stale += 1
                     loading.future.cancel()  # unclaimed: nobody waits on it
-            self._slot_freed.notify_all()
+                    self._slot_freed.notify_all()
 
     def harvest(self) -> None:
         """Finish the begun prefetches whose reads are over (never waits): resident, evictable."""

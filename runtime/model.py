@@ -113,8 +113,9 @@ class FateModel:
         y = self.experts.compute(layer, np.ascontiguousarray(x, dtype=np.float32), ids).reshape(*ids.shape, -1)
         combine = self.combines.get(layer)
         total = np.zeros(x.shape, np.float32) if combine is not None else hidden.reshape(x.shape).copy()
+        y *= weights[:, :, None]
         for j in range(ids.shape[1]):
-            total += y[:, j] * weights[:, j, None]
+            total += y[:, j]
         if combine is not None:  # the routed sum (with any shared experts) is normalized before it joins the residual
             if IO.MOE_PARTIAL in out:
                 total += out[IO.MOE_PARTIAL]

@@ -18,10 +18,15 @@ class NamedSession:
     def __init__(self, session: ort.InferenceSession, label: str):
         self.session = session
         self.label = label
+        # onnxruntime's Python `run` checks the feed's names in Python before its C++ session checks
+        # them again (names, types, shapes): Fate's calls go straight to the C++ session, which
+        # raises the same errors, where this onnxruntime has it
+        inner = getattr(session, "_sess", None)
+        self._run = inner.run if callable(getattr(inner, "run", None)) else session.run
 
     def run(self, names, feeds):
         try:
-            return self.session.run(names, feeds)
+            return self._run(names, feeds, None)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
             raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
 

@@ -29,8 +29,11 @@ class GraphIO:
     """Input and output names of the graphs: the contract between compiler and runtime.
 
     embed:  input_ids [S] int64                         -> hidden [1, S, H]
-    layer:  hidden, and for an attention layer cos [S, R], sin [S, R], attn_bias [S, T],
-            past_key/past_value [1, KV, P, D] -> present_key/present_value [1, KV, T, D]; for any other
+    layer:  hidden, and for an attention layer its position inputs (the manifest's `positions`:
+            "per_token" cos [S, R], sin [S, R], attn_bias [S, T]; "tables" cos_cache [T, R/2],
+            sin_cache [T, R/2], seqlens_k [1] int32 (T - 1), total_sequence_length [] int32 (T),
+            attn_bias [S, T]), past_key/past_value [1, KV, P, D] -> present_key/present_value
+            [1, KV, T, D]; for any other
             mixer past_<name> -> present_<name> of each fixed-size state the manifest lists;
             -> residual [1, S, H], router_input [S, H]
             (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
@@ -48,6 +51,10 @@ class GraphIO:
     COS = "cos"
     SIN = "sin"
     ATTN_BIAS = "attn_bias"
+    COS_CACHE = "cos_cache"  # cos/sin of every position up to the step's last, half the rotary dims
+    SIN_CACHE = "sin_cache"
+    SEQLENS = "seqlens_k"
+    TOTAL_LENGTH = "total_sequence_length"
     PAST_KEY = "past_key"
     PAST_VALUE = "past_value"
     PRESENT_KEY = "present_key"

@@ -19,14 +19,19 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.3"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
-# 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name)
+SCHEMA_VERSION = "1.4"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+# 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
+# 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 DENSE_PRECISIONS = ("fp32", "int8", "int4")
 
 LAYER_KINDS = ("moe", "dense")
+# What an attention layer graph takes for positions: "per_token", cos and sin of the step's new tokens;
+# "tables", cos and sin of every position up to the step's last with the sequence lengths, which the fused
+# attention rotates q and k with itself (fate.artifacts.layout.GraphIO)
+POSITION_INPUTS = ("per_token", "tables")
 # What mixes tokens in a layer: attention caches keys and values that grow with the sequence; the
 # others carry a fixed-size state from token to token, listed in LayerSpec.state.
 MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2")
@@ -130,6 +135,8 @@ class LayerSpec:
     # schema 1.2: a MoE layer whose routed experts' sum is normalized before it joins the residual
     # (post-norm families): the graph that does it (residual, routed -> hidden); absent: a plain add
     combine_graph: str | None = None
+    # schema 1.4: an attention layer's position inputs (POSITION_INPUTS)
+    positions: str = "per_token"
 
 
 @dataclass(frozen=True)
@@ -361,6 +368,9 @@ class Manifest:
             if not state.shape or any(not 0 <= d <= MAX_DIM for d in state.shape) \
                     or state.nbytes > MAX_STATE_BYTES:
                 raise ArtifactError(f"manifest: layer {i} state {state.name} has shape {state.shape}")
+        if layer.positions not in POSITION_INPUTS or (layer.positions != "per_token" and layer.mixer != "attention"):
+            raise ArtifactError(f"manifest: layer {i} ({layer.mixer}) has position inputs {layer.positions!r}; "
+                                f"this runtime knows {', '.join(POSITION_INPUTS)} (tables for attention only)")
 
     def _validate_layouts(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
         from .slots import check_layout

@@ -419,7 +419,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
             spec, calib_ids, embed_data, opts.calibration, opts.calibration.source,
-            activation=(cfg.swiglu_limit, cfg.swiglu_alpha), layer_windows=cfg.layer_windows)
+            activation=(cfg.swiglu_limit, cfg.swiglu_alpha))
         del embed_data
         exporter = LayerExporter(writer, reader, cfg, opts, profiler)
         layers = []
@@ -484,7 +484,7 @@ class LayerExporter:
         spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
                          predicts_next=info.predicts_next,
                          sliding_window=cfg.layer_windows[layer] if cfg.layer_windows else None,
-                         mixer=cfg.mixer(layer), combine_graph=combine_path,
+                         mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()

@@ -17,7 +17,7 @@ from fate.artifacts import ModelError
 from fate.artifacts.layout import GraphIO as IO
 
 from .families.base import ArchConfig, Role
-from .onnx_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
+from .onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
 from .quantize import QuantizedWeight, matmul_nbits, quantize, quantize_rows_int8
 
 W = dict[Role, np.ndarray]
@@ -124,11 +124,50 @@ def rotate_half_matrix(rot_dim: int) -> np.ndarray:
     return r
 
 
-def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str, bias: str,
+@dataclass(frozen=True)
+class PositionInputs:
+    """An attention layer graph's position inputs (the manifest's LayerSpec.positions): per_token,
+    cos and sin [S, rot] of the step's tokens; tables, cos and sin [T, rot / 2] of every position up
+    to the step's last, with seqlens_k [1] (T - 1) and total_sequence_length [] (T), which
+    GroupQueryAttention rotates q and k with itself. attn_bias [S, T] either way."""
+
+    kind: str
+    cos: str
+    sin: str
+    bias: str
+    seqlens: str | None = None
+    total: str | None = None
+
+
+def position_inputs(b: GraphBuilder, cfg: ArchConfig, tables: bool) -> PositionInputs:
+    rot = 2 * len(cfg.rope_inv_freq)
+    bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
+    if not tables:
+        return PositionInputs("per_token", b.input(IO.COS, FLOAT, ["S", rot]), b.input(IO.SIN, FLOAT, ["S", rot]), bias)
+    return PositionInputs("tables", b.input(IO.COS_CACHE, FLOAT, ["T", rot // 2]),
+                          b.input(IO.SIN_CACHE, FLOAT, ["T", rot // 2]), bias,
+                          b.input(IO.SEQLENS, INT32, [1]), b.input(IO.TOTAL_LENGTH, INT32, []))
+
+
+def takes_position_tables(cfg: ArchConfig, w: W) -> bool:
+    """Whether a layer's attention can rotate q and k inside GroupQueryAttention: RoPE right before
+    the fused kernel (not after a q/k norm, no sinks, no latent attention), in sizes the kernel takes
+    (onnxruntime: rotary dims a multiple of 16 within a head that is a multiple of 16). Fewer nodes:
+    tiny-moe's layer attention 24-29 -> 15-18 us a decode step, qwen shapes 127-146 -> 76-90 us."""
+    rot, d = 2 * len(cfg.rope_inv_freq), cfg.head_dim
+    if cfg.latent_attention or cfg.qk_norm_after_rope or Role.SINKS in w:
+        return False
+    if rot == 0 or rot % 16 or d % 16 or rot > d:
+        return False
+    return not cfg.rope_interleaved or rot == d
+
+
+def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: PositionInputs,
               past_k: str, past_v: str) -> tuple[str, str, str]:
     """Grouped-query attention with a KV cache; returns (output [1,S,H], present_k, present_v).
 
-    q, k, v [1,S,heads,D] (projection, the family's q/k norms and clamp, RoPE), then
+    q, k, v [1,S,heads,D] (projection, the family's q/k norms and clamp, RoPE: inside the fused
+    kernel with position tables), then
     scores = q @ k^T * scale + attn_bias [S,T] -> softmax -> @ v -> [1,S,H*D] -> o_proj,
     query head h reading KV head h // (H / KV) as transformers' repeat_kv. The core is
     onnxruntime's fused GroupQueryAttention where it computes exactly this (one kernel instead of
@@ -143,64 +182,87 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str
     biases = {Role.Q: Role.Q_BIAS, Role.K: Role.K_BIAS, Role.V: Role.V_BIAS}
     projected = linears(b, x, [w[r] for r in roles], [w.get(biases.get(r)) for r in roles])
 
+    tables = positions.kind == "tables"
+
     def project(y: str, n_heads: int, norm_role: Role | None = None) -> str:
-        """A projection -> [1, S, heads, d], with the family's q/k norm (whole projection or per
-        head) and clamp, in the order transformers applies them."""
+        """A projection -> [1, S, heads, d] (with position tables: [1, S, heads * d], as the fused
+        kernel takes it), with the family's q/k norm (whole projection or per head) and clamp, in
+        the order transformers applies them."""
         if norm_role is not None and cfg.qk_norm == "projection":
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
+        per_head = norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope
+        if tables and not per_head:
+            return y
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
-        if norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope:
+        if per_head:
             y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
-        return y
+        return b.op("Reshape", y, b.ints([1, -1, n_heads * d])) if tables else y
 
     if cfg.rope_interleaved and rot not in (0, d):
         raise ModelError("RoPE on adjacent pairs over part of each head is not supported")
-    # cos, sin [S, rot] -> [S, 1, rot]: one row per position, the same for every head
-    cos_s, sin_s = (b.op("Unsqueeze", t, b.ints([1])) for t in (cos, sin)) if rot else (cos, sin)
-    # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
-    # same one, so their dot products (and the cached keys, used only in them) are unchanged
-    rotate = (lambda t: rotary_interleaved(b, t, cos_s, sin_s, rot)) if cfg.rope_interleaved \
-        else (lambda t: rotary(b, t, cos_s, sin_s, d, rot))
-    if rot == 0:  # no positions in the attention at all (Granite-4.0-H): order comes from the other layers
-        rotate = lambda t: t  # noqa: E731
-    q = rotate(project(projected[0], heads, Role.Q_NORM))
-    k = rotate(project(projected[1], kv, Role.K_NORM))
-    if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
-        q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
+    if tables:  # GroupQueryAttention rotates q and k itself
+        q, k = project(projected[0], heads, Role.Q_NORM), project(projected[1], kv, Role.K_NORM)
+    else:
+        # cos, sin [S, rot] -> [S, 1, rot]: one row per position, the same for every head
+        cos_s, sin_s = (b.op("Unsqueeze", t, b.ints([1])) for t in (positions.cos, positions.sin)) if rot \
+            else (positions.cos, positions.sin)
+        # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
+        # same one, so their dot products (and the cached keys, used only in them) are unchanged
+        rotate = (lambda t: rotary_interleaved(b, t, cos_s, sin_s, rot)) if cfg.rope_interleaved \
+            else (lambda t: rotary(b, t, cos_s, sin_s, d, rot))
+        if rot == 0:  # no positions in the attention at all (Granite-4.0-H): order comes from the other layers
+            rotate = lambda t: t  # noqa: E731
+        q = rotate(project(projected[0], heads, Role.Q_NORM))
+        k = rotate(project(projected[1], kv, Role.K_NORM))
+        if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
+            q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
-    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     core = attention_explicit if Role.SINKS in w else attention_fused
-    context, present_k, present_v = core(b, q, k, v, past_k, past_v, bias, cfg, scale, w.get(Role.SINKS))
+    context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale_of(cfg),
+                                         w.get(Role.SINKS))
     if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
         context = b.op("Mul", context, b.op("Sigmoid", projected[3]))
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
-def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, bias: str,
+def scale_of(cfg: ArchConfig) -> float:
+    return cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+
+
+def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,
                     cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
-    """onnxruntime's GroupQueryAttention on q, k, v [1,S,heads,D] (already rotated: its own RoPE
-    is off) with Fate's additive mask, which carries the causal and sliding-window limits; the
-    lengths it asks for come from the shapes (past P + new S)."""
+    """onnxruntime's GroupQueryAttention with Fate's additive mask, which carries the causal and
+    sliding-window limits. Per-token positions: q, k, v [1,S,heads,D], already rotated (its own RoPE
+    is off), the lengths it asks for computed from the shapes (past P + new S). Position tables:
+    q, k, v [1,S,heads*D], rotated inside with the tables, lengths as fed."""
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    mask = b.op("Unsqueeze", positions.bias, b.ints([0, 1]))  # [1, 1, S, T]
+    if positions.kind == "tables":
+        rotary = {"do_rotary": 1, "rotary_interleaved": int(cfg.rope_interleaved)} if cfg.rope_inv_freq else {}
+        tables = (positions.cos, positions.sin) if rotary else ("", "")
+        context, present_k, present_v = b.op(
+            "GroupQueryAttention", q, k, v, past_k, past_v, positions.seqlens, positions.total, *tables, "", mask,
+            outputs=3, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv, scale=float(scale), **rotary)
+        return context, present_k, present_v
     flat = [b.op("Reshape", t, b.ints([1, -1, n * d])) for t, n in ((q, heads), (k, kv), (v, kv))]
     total = b.op("Cast", b.op("Add", b.op("Shape", past_k, start=2, end=3), b.op("Shape", q, start=1, end=2)),
                  to=onnx.TensorProto.INT32)  # [T]
     seqlens = b.op("Sub", total, b.const(np.ones(1, np.int32), "one"))  # [batch]: last key index
     total = b.op("Reshape", total, b.ints([]))  # a scalar
-    mask = b.op("Unsqueeze", bias, b.ints([0, 1]))  # [1, 1, S, T]
     context, present_k, present_v = b.op(
         "GroupQueryAttention", *flat, past_k, past_v, seqlens, total, "", "", "", mask, outputs=3,
         domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv, scale=float(scale))
     return context, present_k, present_v
 
 
-def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, bias: str,
+def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,
                        cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
     """The same attention in plain ONNX nodes, for what the fused kernel cannot do (sinks):
     q [1,S,H,D] -> [1,KV,G,S,D] against the caches [1,KV,T,D]."""
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    bias = positions.bias
     q, k, v = (b.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
     present_k = b.op("Concat", past_k, k, axis=2)
     present_v = b.op("Concat", past_v, v, axis=2)
@@ -469,7 +531,7 @@ def rotary_interleaved(b: GraphBuilder, x: str, cos: str, sin: str, rot: int) ->
     return b.op("Reshape", b.op("Concat", real, imag, axis=-1), b.ints([0, 0, 0, rot]))
 
 
-def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, sin: str, bias: str,
+def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: PositionInputs,
                      past_k: str, past_v: str) -> tuple[str, str, str]:
     """DeepSeek's multi-head latent attention, caching what transformers caches: the normalized
     latent c [1, 1, T, kv_lora] (as "key") and the shared rotary key [1, 1, T, rope] (as "value").
@@ -487,6 +549,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, cos: str, s
         q = linear(b, x, w[Role.Q])
     q = b.op("Transpose", b.op("Reshape", q, b.ints([1, -1, heads, nope + rope])), perm=[0, 2, 1, 3])
     q_nope, q_pe = b.op("Split", q, b.ints([nope, rope]), outputs=2, axis=-1)
+    cos, sin, bias = positions.cos, positions.sin, positions.bias
     rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rope)) if cfg.rope_interleaved \
         else (lambda t: rotary(b, t, cos, sin, rope, rope))
     q = b.op("Concat", q_nope, rotate(q_pe), axis=-1)
@@ -619,6 +682,7 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
 class LayerGraphInfo:
     model: onnx.ModelProto
     predicts_next: bool
+    positions: str = "per_token"  # an attention layer's position inputs (PositionInputs.kind)
 
 
 @dataclass(frozen=True)
@@ -643,6 +707,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
       next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
     The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
+    position_kind = "per_token"
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
         if Role.ATTN_NORM in w else hidden
@@ -655,18 +720,16 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)
     else:
-        rot = 2 * len(cfg.rope_inv_freq)
-        cos = b.input(IO.COS, FLOAT, ["S", rot])
-        sin = b.input(IO.SIN, FLOAT, ["S", rot])
-        bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
+        positions = position_inputs(b, cfg, takes_position_tables(cfg, w))
+        position_kind = positions.kind
         m = cfg.latent_attention
         key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
         past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
         past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
         attend = latent_attention if cfg.latent_attention else attention
-        # a layer without positions still takes cos and sin (every attention layer is fed alike)
-        positions = replace(cfg, rope_inv_freq=[]) if layer in cfg.nope_layers else cfg
-        mixed, present_k, present_v = attend(b, x, w, positions, cos, sin, bias, past_k, past_v)
+        # a layer without positions still takes them (every attention layer is fed alike)
+        rotated = replace(cfg, rope_inv_freq=[]) if layer in cfg.nope_layers else cfg
+        mixed, present_k, present_v = attend(b, x, w, rotated, positions, past_k, past_v)
         b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     if Role.POST_ATTN_NORM in w:
@@ -723,7 +786,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
-    return LayerGraphInfo(b.model(), next_layer is not None)
+    return LayerGraphInfo(b.model(), next_layer is not None, position_kind)
 
 
 def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0,

@@ -17,6 +17,7 @@ OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
 FLOAT = TensorProto.FLOAT
+INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64
 
 

@@ -24,7 +24,7 @@ from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import replay_miss_rate
 from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
-from fate.runtime.positions import attention_bias, rope
+from fate.runtime.positions import PositionTables
 from fate.runtime.predictors import eap_scores, top_experts
 from fate.runtime.sessions import make_session
 
@@ -115,16 +115,13 @@ class _Previous:
 
 class Profiler:
     def __init__(self, spec: ModelSpec, ids: np.ndarray, embed: bytes, options: CalibrationOptions,
-                 source_name: str, activation: tuple[float | None, float] = (None, 1.702),
-                 layer_windows: tuple[int | None, ...] | None = None):
+                 source_name: str, activation: tuple[float | None, float] = (None, 1.702)):
         self.spec, self.options, self.source_name = spec, options, source_name
         self.activation = activation  # (swiglu_limit, swiglu_alpha): the experts' activation
-        self.layer_windows = layer_windows
         self.n_seq, self.seq_len = ids.shape
         session = make_session(embed, lean=True)
         self.hidden = np.stack([session.run([IO.HIDDEN], {IO.INPUT_IDS: row})[0][0] for row in ids])
-        self.cos, self.sin = rope(spec, np.arange(self.seq_len))
-        self.bias = {w: attention_bias(spec, 0, self.seq_len, w) for w in set(layer_windows or [spec.sliding_window])}
+        self.positions = PositionTables(spec).step(0, self.seq_len)  # every sequence from an empty state
         # EAP is fitted on the first three quarters of the sequences; every recall is measured
         # on the last quarter, so predictors are compared on the same unseen tokens.
         self.eval_from = (self.n_seq - max(1, self.n_seq // 4)) * self.seq_len
@@ -151,8 +148,7 @@ class Profiler:
         if hands_on_partial(layer, session):
             names.append(IO.MOE_PARTIAL)
         empty = initial_state(self.spec, layer)
-        window = self.layer_windows[index] if self.layer_windows else self.spec.sliding_window
-        positional = {IO.COS: self.cos, IO.SIN: self.sin, IO.ATTN_BIAS: self.bias[window]}
+        positional = self.positions.for_layer(layer) if layer.mixer == "attention" else {}
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):

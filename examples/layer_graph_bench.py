@@ -19,7 +19,6 @@ import numpy as np
 
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime.model import FateModel
-from fate.runtime.positions import attention_bias, rope
 from fate.runtime.state import layer_feeds
 
 
@@ -37,11 +36,10 @@ def step_feeds(model: FateModel, past: int, prefill: int) -> list:
     else:
         hidden = model.forward(np.arange(1, past + 1) % model.spec.vocab_size, cache)[:, -1:]
         start, new = past, 1
-    cos, sin = rope(model.spec, np.arange(start, start + new))
+    positions = model.positions.step(start, new)
     feeds = []
     for spec, session in zip(model.manifest.layers, model.layers):
-        positional = {IO.COS: cos, IO.SIN: sin,
-                      IO.ATTN_BIAS: attention_bias(model.spec, start, new, spec.sliding_window)}
+        positional = positions.for_layer(spec) if spec.mixer == "attention" else {}
         names = [o.name for o in session.get_outputs()]
         feeds.append((session, names, layer_feeds(spec, hidden, cache.layers[spec.index], positional)))
     return feeds

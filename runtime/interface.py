@@ -15,7 +15,7 @@ from fate.artifacts import ArtifactError, LayerSpec, Manifest
 from fate.artifacts.layout import GraphIO as IO
 
 Shape = tuple  # ints, or None where the size varies from step to step
-FLOAT, INT64 = "tensor(float)", "tensor(int64)"
+FLOAT, INT32, INT64 = "tensor(float)", "tensor(int32)", "tensor(int64)"
 
 
 def check_interface(session: ort.InferenceSession, label: str, inputs: dict[str, tuple[Shape, str]],
@@ -55,8 +55,12 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     if layer.mixer == "attention":
         rotary = 2 * len(spec.rope_inv_freq)
         state = {"key": (1, kv, None, spec.key_dim), "value": (1, kv, None, spec.value_dim)}
-        inputs.update({IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT),
-                       IO.ATTN_BIAS: ((None, None), FLOAT)})
+        inputs[IO.ATTN_BIAS] = ((None, None), FLOAT)
+        if layer.positions == "tables":
+            inputs.update({IO.COS_CACHE: ((None, rotary // 2), FLOAT), IO.SIN_CACHE: ((None, rotary // 2), FLOAT),
+                           IO.SEQLENS: ((1,), INT32), IO.TOTAL_LENGTH: ((), INT32)})
+        else:
+            inputs.update({IO.COS: ((None, rotary), FLOAT), IO.SIN: ((None, rotary), FLOAT)})
     else:
         state = {s.name: tuple(s.shape) for s in layer.state}
     inputs.update({IO.past(name): (shape, FLOAT) for name, shape in state.items()})

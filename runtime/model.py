@@ -13,7 +13,7 @@ from fate.artifacts.layout import GraphIO as IO
 from .experts import ExpertStore, ResidentExperts
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
-from .positions import attention_bias, rope
+from .positions import PositionTables
 from .sessions import graph_threads, make_session
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
 
@@ -46,8 +46,7 @@ class FateModel:
         for names, layer, session in zip(self._outputs, self.manifest.layers, self.layers):
             if hands_on_partial(layer, session):
                 names.append(IO.MOE_PARTIAL)
-        # one mask per distinct window of the attention layers
-        self._windows = {layer.sliding_window for layer in self.manifest.layers if layer.mixer == "attention"}
+        self.positions = PositionTables(self.spec)
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -86,14 +85,12 @@ class FateModel:
                                   f"{self.spec.max_positions}")
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
-        positions = np.arange(cache.length, cache.length + ids.size)
-        cos, sin = rope(self.spec, positions)
-        masks = {w: attention_bias(self.spec, cache.length, ids.size, w) for w in self._windows}
+        positions = self.positions.step(cache.length, ids.size)
         self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
             state = cache.layers[spec.index]
-            positional = {IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: masks.get(spec.sliding_window)}
+            positional = positions.for_layer(spec) if spec.mixer == "attention" else {}
             out = dict(zip(names, session.run(names, layer_feeds(spec, hidden, state, positional))))
             cache.layers[spec.index] = {name: out[IO.present(name)] for name in state}
             if spec.predicts_next:

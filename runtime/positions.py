@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fate.artifacts import ModelSpec
+from fate.artifacts import LayerSpec, ModelSpec
+from fate.artifacts.layout import GraphIO as IO
+
+FIRST_TABLE_ROWS = 256
 
 
 def rope(spec: ModelSpec, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -25,3 +28,53 @@ def attention_bias(spec: ModelSpec, past: int, new: int, window: int | None = No
     if window:
         allowed &= (q - k) < window
     return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
+
+
+class PositionTables:
+    """A model's RoPE cos and sin for positions 0..n-1, half the rotary dims (what GroupQueryAttention
+    rotates with): grown by doubling as sequences get longer, so a step slices them instead of
+    computing them again. The same float32 numbers `rope` gives for those positions."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        half = len(spec.rope_inv_freq)
+        self.cos = self.sin = np.zeros((0, half), np.float32)
+
+    def upto(self, total: int) -> tuple[np.ndarray, np.ndarray]:
+        if total > len(self.cos):
+            rows = min(max(total, 2 * len(self.cos), FIRST_TABLE_ROWS), max(total, self.spec.max_positions))
+            half = len(self.spec.rope_inv_freq)
+            cos, sin = rope(self.spec, np.arange(rows))
+            self.cos, self.sin = np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+        return self.cos[:total], self.sin[:total]
+
+    def step(self, past: int, new: int) -> "StepPositions":
+        return StepPositions(self, past, new)
+
+
+class StepPositions:
+    """The position inputs of one step (`new` tokens after `past`), each computed once and shared by
+    the attention layers that take it (LayerSpec.positions)."""
+
+    def __init__(self, tables: PositionTables, past: int, new: int):
+        self.tables, self.past, self.new = tables, past, new
+        self._masks: dict[int | None, np.ndarray] = {}
+        self._per_token: tuple[np.ndarray, np.ndarray] | None = None
+        self._tables: dict[str, np.ndarray] | None = None
+
+    def for_layer(self, layer: LayerSpec) -> dict[str, np.ndarray]:
+        bias = self._masks.get(layer.sliding_window)
+        if bias is None:
+            bias = self._masks[layer.sliding_window] = attention_bias(self.tables.spec, self.past, self.new,
+                                                                      layer.sliding_window)
+        if layer.positions == "tables":
+            if self._tables is None:
+                total = self.past + self.new
+                cos, sin = self.tables.upto(total)
+                self._tables = {IO.COS_CACHE: cos, IO.SIN_CACHE: sin, IO.SEQLENS: np.array([total - 1], np.int32),
+                                IO.TOTAL_LENGTH: np.array(total, np.int32)}
+            return {**self._tables, IO.ATTN_BIAS: bias}
+        if self._per_token is None:
+            self._per_token = rope(self.tables.spec, np.arange(self.past, self.past + self.new))
+        cos, sin = self._per_token
+        return {IO.COS: cos, IO.SIN: sin, IO.ATTN_BIAS: bias}

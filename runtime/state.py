@@ -37,8 +37,8 @@ def initial_state(spec: ModelSpec, layer: LayerSpec) -> dict[str, np.ndarray]:
 
 def layer_feeds(layer: LayerSpec, hidden: np.ndarray, state: dict[str, np.ndarray],
                 positional: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A layer graph's inputs: the hidden states, the layer's state, and for attention the
-    positional inputs (cos, sin and the attention bias of its window)."""
+    """A layer graph's inputs: the hidden states, the layer's state, and for attention its
+    position inputs (runtime.positions.StepPositions.for_layer)."""
     feeds = {IO.HIDDEN: hidden, **{IO.past(name): value for name, value in state.items()}}
     if layer.mixer == "attention":
         feeds.update(positional)

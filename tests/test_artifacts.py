@@ -60,6 +60,10 @@ def test_roundtrip_and_file_list(mixtral):
      "shape"),
     (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "key", "shape": [1]}]), "named"),
     (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "a-b", "shape": [1]}]), "named"),
+    # position inputs (schema 1.4): a kind the runtime knows, and tables for attention only
+    (lambda m: m["layers"][0].update(positions="rows"), "position inputs 'rows'"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1, 2, 64]}],
+                                     positions="tables"), "position inputs 'tables'"),
 ])
 def test_bad_manifests_are_refused(mixtral, tmp_path, mutate, message):
     target = tmp_path / "art"

@@ -258,10 +258,17 @@ def _predicts_past_the_last_layer(m):
     m["layers"][-1]["predicts_next"] = True
 
 
+def _positions_of_the_other_kind(m):
+    for layer in m["layers"]:
+        if layer.get("mixer", "attention") == "attention":
+            layer["positions"] = "tables" if layer.get("positions", "per_token") == "per_token" else "per_token"
+
+
 @pytest.mark.parametrize("edit, fragment", [
-    (_fewer_kv_heads, "past_key is declared"), (_shorter_rotary, "cos is declared"),
+    (_fewer_kv_heads, "past_key is declared"), (_shorter_rotary, "cos_cache is declared"),
     (_fewer_experts_than_routed, "router_logits is declared"), (_top_k, "expert_ids is declared"),
-    (_predicts_past_the_last_layer, "no MoE layer follows")
+    (_predicts_past_the_last_layer, "no MoE layer follows"),
+    (_positions_of_the_other_kind, "wants inputs the runtime does not feed")
 ])
 def test_manifest_numbers_that_contradict_the_graphs(workspace, edit, fragment):
     """What the graphs declare is checked against the manifest when they load: one line naming the

@@ -1,0 +1,61 @@
+"""The position inputs the runtime feeds attention layer graphs (runtime.positions)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fate.artifacts import LayerSpec, ModelSpec
+from fate.artifacts.layout import GraphIO as IO
+from fate.runtime.positions import FIRST_TABLE_ROWS, PositionTables, attention_bias, rope
+
+
+def spec(max_positions: int = 4096) -> ModelSpec:
+    fields = {f.name: None for f in dataclasses.fields(ModelSpec)}
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).tolist()
+    fields.update(rope_inv_freq=inv_freq, rope_attention_scaling=1.25, max_positions=max_positions,
+                  sliding_window=None)
+    return ModelSpec(**fields)
+
+
+def layer(positions: str, window: int | None = None) -> LayerSpec:
+    return LayerSpec(index=0, kind="dense", graph="g", sliding_window=window, positions=positions)
+
+
+def test_tables_hold_what_rope_gives_and_grow_by_doubling():
+    model = spec()
+    tables = PositionTables(model)
+    cos, sin = tables.upto(3)
+    assert cos.shape == (3, 8) and len(tables.cos) == FIRST_TABLE_ROWS
+    full_cos, full_sin = rope(model, np.arange(700))
+    cos, sin = tables.upto(700)
+    assert len(tables.cos) == 700  # more than double what it had: exactly what is asked
+    cos, sin = tables.upto(701)
+    assert len(tables.cos) == 1400 and cos.shape == (701, 8)
+    np.testing.assert_array_equal(cos[:700], full_cos[:, :8])
+    np.testing.assert_array_equal(sin[:700], full_sin[:, :8])
+    assert cos.flags.c_contiguous
+
+
+def test_tables_stop_at_the_model_context():
+    tables = PositionTables(spec(max_positions=300))
+    tables.upto(280)
+    tables.upto(290)
+    assert len(tables.cos) == 300
+
+
+def test_a_step_feeds_each_layer_its_kind():
+    model = spec()
+    step = PositionTables(model).step(10, 3)
+    per_token = step.for_layer(layer("per_token"))
+    cos, sin = rope(model, np.arange(10, 13))
+    np.testing.assert_array_equal(per_token[IO.COS], cos)
+    np.testing.assert_array_equal(per_token[IO.SIN], sin)
+    tables = step.for_layer(layer("tables", window=4))
+    assert set(tables) == {IO.COS_CACHE, IO.SIN_CACHE, IO.SEQLENS, IO.TOTAL_LENGTH, IO.ATTN_BIAS}
+    assert tables[IO.COS_CACHE].shape == (13, 8)
+    assert tables[IO.SEQLENS].tolist() == [12] and tables[IO.SEQLENS].dtype == np.int32
+    assert int(tables[IO.TOTAL_LENGTH]) == 13 and tables[IO.TOTAL_LENGTH].shape == ()
+    np.testing.assert_array_equal(tables[IO.ATTN_BIAS], attention_bias(model, 10, 3, 4))
+    np.testing.assert_array_equal(per_token[IO.ATTN_BIAS], attention_bias(model, 10, 3))

@@ -124,29 +124,40 @@ class StreamDecoder:
     character (shown as U+FFFD by the decoder) until the next token completes it. A character
     spans at most 4 bytes, so a replacement character that 4 more tokens have not completed is
     invalid for good and is emitted as it is: sampled text that is a run of stray bytes still
-    streams, instead of appearing all at once at the end."""
+    streams, instead of appearing all at once at the end.
+
+    Each token decodes a window of the last few tokens, not the whole text (which made a long
+    generation quadratic): once everything decoded so far has been emitted and ends in a complete
+    character, the window restarts CONTEXT tokens back, those tokens' text counted as emitted. The
+    context keeps what a decoder does at the start of a text (a leading space stripped) away from
+    the tokens still to come."""
 
     MAX_HELD = 4
+    CONTEXT = 8
 
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
-        self.emitted = 0
+        self.start = 0  # the window: ids[start:]
+        self.emitted = 0  # characters of the window's text already given out
         self.held = 0  # tokens since the text last ended in a complete character
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.codec.decode(self.ids)
+        text = self.codec.decode(self.ids[self.start:])
         if text.endswith("\ufffd") and self.held < self.MAX_HELD:
             self.held += 1
             text = text.rstrip("\ufffd")  # what is before the incomplete character is final
         else:
             self.held = 0
         piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        if self.held == 0 and self.emitted == len(text) and len(self.ids) - self.start > 2 * self.CONTEXT:
+            self.start = len(self.ids) - self.CONTEXT
+            self.emitted = len(self.codec.decode(self.ids[self.start:]))
         return piece
 
     def flush(self) -> str:
         """What is still held back when generation ends (an incomplete character stays U+FFFD)."""
-        text = self.codec.decode(self.ids)
+        text = self.codec.decode(self.ids[self.start:])
         piece, self.emitted = text[self.emitted:], len(text)
         return piece

@@ -495,6 +495,16 @@ def test_streamed_text_holds_back_only_a_character_that_can_still_complete():
     assert "".join(pieces + stray) + stream.flush() == (b"ab" + euro + b"\x80" * 12).decode("utf-8", "replace")
 
 
+def test_streamed_text_over_many_windows_is_the_whole_text():
+    """The decoder restarts its window as it goes: characters of every width, split across tokens
+    anywhere, and stray bytes still add up to the decoded whole."""
+    data = ("naïve café — 北京 😀 " * 12).encode() + b"\x80\x80\xe2" + "ok €".encode()
+    stream = text.StreamDecoder(_ByteCodec())
+    pieces = [stream.push(b) for b in data]
+    assert stream.start > 0  # the window moved
+    assert "".join(pieces) + stream.flush() == data.decode("utf-8", "replace")
+
+
 def test_a_tokenizer_that_panics_is_one_error(workspace):
     """tokenizers turns a Rust panic into pyo3's PanicException, a BaseException that `except
     Exception` lets through as a traceback."""

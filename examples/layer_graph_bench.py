@@ -19,7 +19,6 @@ import numpy as np
 
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime.model import FateModel
-from fate.runtime.state import layer_feeds
 
 
 def process_cpu() -> float:
@@ -27,8 +26,9 @@ def process_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def step_feeds(model: FateModel, past: int, prefill: int) -> list:
-    """(session, output names, feeds) per layer for one step on a fixed state."""
+def layer_step(model: FateModel, past: int, prefill: int):
+    """A function that runs every layer graph once as the generation loop does (FateModel.run_layer),
+    always on the same state: a prompt of `past` tokens, or an empty cache for a prefill."""
     cache = model.new_cache()
     if prefill:
         hidden = model.embed.run([IO.HIDDEN], {IO.INPUT_IDS: np.arange(1, prefill + 1) % model.spec.vocab_size})[0]
@@ -37,12 +37,17 @@ def step_feeds(model: FateModel, past: int, prefill: int) -> list:
         hidden = model.forward(np.arange(1, past + 1) % model.spec.vocab_size, cache)[:, -1:]
         start, new = past, 1
     positions = model.positions.step(start, new)
-    feeds = []
-    for spec, session in zip(model.manifest.layers, model.layers):
-        positional = positions.for_layer(spec) if spec.mixer == "attention" else {}
-        names = [o.name for o in session.get_outputs()]
-        feeds.append((session, names, layer_feeds(spec, hidden, cache.layers[spec.index], positional)))
-    return feeds
+    for index in range(len(cache.layers)):  # in-place buffers with room for the step: never grown while timed
+        if cache.runs_in_place(index):
+            cache.reserve(index, start + new, model.spec.max_positions)
+    fixed = [dict(state) for state in cache.layers]
+
+    def step() -> None:
+        for spec in model.manifest.layers:
+            model.run_layer(spec, hidden, cache, positions.for_layer(spec) if spec.mixer == "attention" else {}, new)
+        cache.layers[:] = [dict(state) for state in fixed]  # what the step replaced, back as it was
+
+    return step
 
 
 def main() -> None:
@@ -57,15 +62,14 @@ def main() -> None:
     work = {}
     for path in args.artifacts:
         model = FateModel.load(path, threads=args.threads)
-        work[path] = step_feeds(model, args.past, args.prefill_tokens)
+        work[path] = layer_step(model, args.past, args.prefill_tokens)
     wall = {path: [] for path in work}
     cpu = {path: [] for path in work}
     for _ in range(args.rounds):
-        for path, feeds in work.items():
+        for path, step in work.items():
             start, start_cpu = time.perf_counter(), process_cpu()
             for _ in range(args.steps):
-                for session, names, feed in feeds:
-                    session.run(names, feed)
+                step()
             wall[path].append((time.perf_counter() - start) / args.steps)
             cpu[path].append((process_cpu() - start_cpu) / args.steps)
     what = f"prefill of {args.prefill_tokens}" if args.prefill_tokens else f"decode at {args.past} past"

@@ -88,11 +88,9 @@ class FateModel:
         positions = self.positions.step(cache.length, ids.size)
         self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
-        for spec, session, names in zip(self.manifest.layers, self.layers, self._outputs):
-            state = cache.layers[spec.index]
-            positional = positions.for_layer(spec) if spec.mixer == "attention" else {}
-            out = dict(zip(names, session.run(names, layer_feeds(spec, hidden, state, positional))))
-            cache.layers[spec.index] = {name: out[IO.present(name)] for name in state}
+        for spec in self.manifest.layers:
+            out = self.run_layer(spec, hidden, cache, positions.for_layer(spec) if spec.mixer == "attention" else {},
+                                 ids.size)
             if spec.predicts_next:
                 self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]
@@ -101,6 +99,20 @@ class FateModel:
                 hidden = self._routed_experts(spec.index, out)
         cache.length += ids.size
         return hidden
+
+    def run_layer(self, spec: LayerSpec, hidden: np.ndarray, cache: KVCache, positional: dict[str, np.ndarray],
+                  new_tokens: int) -> dict[str, np.ndarray]:
+        """One layer graph on `new_tokens` hidden states after the cache's `length`: its outputs by
+        name, the layer's state in `cache` replaced (or, kept in place, written into)."""
+        session, names = self.layers[spec.index], self._outputs[spec.index]
+        if cache.runs_in_place(spec.index):
+            state = cache.reserve(spec.index, cache.length + new_tokens, self.spec.max_positions)
+            shared = {IO.present(name): IO.past(name) for name in state}
+            return dict(zip(names, session.run_in_place(names, layer_feeds(spec, hidden, state, positional), shared)))
+        state = cache.state(spec.index)
+        out = dict(zip(names, session.run(names, layer_feeds(spec, hidden, state, positional))))
+        cache.layers[spec.index] = {name: out[IO.present(name)] for name in state}
+        return out
 
     def _routed_experts(self, layer: int, out: dict[str, np.ndarray]) -> np.ndarray:
         """residual + sum over each token's top-k experts of weight * expert(router_input), summed in

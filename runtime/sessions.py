@@ -30,6 +30,29 @@ class NamedSession:
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
             raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
 
+    def run_in_place(self, names, feeds, shared: dict[str, str]):
+        """run(names, feeds), each output of `shared` written into the array fed as the input it
+        names (shared[output] = input) instead of a new one: that array is the output returned."""
+        try:
+            binding = self.session.io_binding()
+            values = {}
+            for name, value in feeds.items():
+                if name in shared.values():
+                    values[name] = ort.OrtValue.ortvalue_from_numpy(value)  # the array's own memory
+                    binding.bind_ortvalue_input(name, values[name])
+                else:
+                    binding.bind_cpu_input(name, value)
+            for name in names:
+                if name in shared:
+                    binding.bind_ortvalue_output(name, values[shared[name]])
+                else:
+                    binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            results = binding.get_outputs()
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
+            raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
+        return [feeds[shared[name]] if name in shared else value.numpy() for name, value in zip(names, results)]
+
     def __getattr__(self, name: str):
         return getattr(self.session, name)
 

@@ -1,4 +1,5 @@
-"""The position inputs the runtime feeds attention layer graphs (runtime.positions)."""
+"""The position inputs the runtime feeds attention layer graphs (runtime.positions), and their keys and
+values kept in place (runtime.state)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,31 @@ def test_a_step_feeds_each_layer_its_kind():
     assert int(tables[IO.TOTAL_LENGTH]) == 13 and tables[IO.TOTAL_LENGTH].shape == ()
     np.testing.assert_array_equal(tables[IO.ATTN_BIAS], attention_bias(model, 10, 3, 4))
     np.testing.assert_array_equal(per_token[IO.ATTN_BIAS], attention_bias(model, 10, 3))
+
+
+def test_keys_and_values_kept_in_place_give_the_same_numbers(mixtral, monkeypatch):
+    """A prefill, decode steps, and a follow-up cut from an earlier point of the sequence (as a
+    conversation's next turn): the same hidden states bit for bit whether the fused attention
+    writes into the cache's buffers or the cache is copied each step."""
+    from fate.runtime import state
+    from fate.runtime.model import FateModel
+
+    model = FateModel.load(mixtral.artifact(4))
+    assert any(model.new_cache().in_place)
+    ids = np.random.default_rng(0).integers(1, model.spec.vocab_size, 40)
+
+    def run():
+        cache = model.new_cache()
+        hidden = [model.forward(ids[:20], cache)]
+        hidden += [model.forward(ids[i:i + 1], cache) for i in range(20, 30)]
+        cut = cache.prefix(25)
+        hidden += [model.forward(ids[30:34], cut), model.forward(ids[34:35], cut)]
+        return hidden, cut
+
+    copied, cut = run()
+    assert not any(cut._buffered(i) for i in range(len(cut.layers)))
+    monkeypatch.setattr(state, "IN_PLACE_BYTES", 1)
+    in_place, cut = run()
+    assert all(cut._buffered(i) == cut.in_place[i] for i in range(len(cut.layers)))
+    for a, b in zip(copied, in_place):
+        np.testing.assert_array_equal(a, b)

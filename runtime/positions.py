@@ -37,16 +37,17 @@ class PositionTables:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        half = len(spec.rope_inv_freq)
-        self.cos = self.sin = np.zeros((0, half), np.float32)
+        empty = np.zeros((0, len(spec.rope_inv_freq)), np.float32)
+        self.tables = (empty, empty)  # replaced whole, never changed: threads may read it as it grows
 
     def upto(self, total: int) -> tuple[np.ndarray, np.ndarray]:
-        if total > len(self.cos):
-            rows = min(max(total, 2 * len(self.cos), FIRST_TABLE_ROWS), max(total, self.spec.max_positions))
+        cos, sin = self.tables
+        if total > len(cos):
+            rows = min(max(total, 2 * len(cos), FIRST_TABLE_ROWS), max(total, self.spec.max_positions))
             half = len(self.spec.rope_inv_freq)
-            cos, sin = rope(self.spec, np.arange(rows))
-            self.cos, self.sin = np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
-        return self.cos[:total], self.sin[:total]
+            cos, sin = (np.ascontiguousarray(t[:, :half]) for t in rope(self.spec, np.arange(rows)))
+            self.tables = (cos, sin)
+        return cos[:total], sin[:total]
 
     def step(self, past: int, new: int) -> "StepPositions":
         return StepPositions(self, past, new)

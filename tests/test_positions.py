@@ -28,12 +28,12 @@ def test_tables_hold_what_rope_gives_and_grow_by_doubling():
     model = spec()
     tables = PositionTables(model)
     cos, sin = tables.upto(3)
-    assert cos.shape == (3, 8) and len(tables.cos) == FIRST_TABLE_ROWS
+    assert cos.shape == (3, 8) and len(tables.tables[0]) == FIRST_TABLE_ROWS
     full_cos, full_sin = rope(model, np.arange(700))
     cos, sin = tables.upto(700)
-    assert len(tables.cos) == 700  # more than double what it had: exactly what is asked
+    assert len(tables.tables[0]) == 700  # more than double what it had: exactly what is asked
     cos, sin = tables.upto(701)
-    assert len(tables.cos) == 1400 and cos.shape == (701, 8)
+    assert len(tables.tables[0]) == 1400 and cos.shape == (701, 8)
     np.testing.assert_array_equal(cos[:700], full_cos[:, :8])
     np.testing.assert_array_equal(sin[:700], full_sin[:, :8])
     assert cos.flags.c_contiguous
@@ -43,7 +43,7 @@ def test_tables_stop_at_the_model_context():
     tables = PositionTables(spec(max_positions=300))
     tables.upto(280)
     tables.upto(290)
-    assert len(tables.cos) == 300
+    assert len(tables.tables[0]) == 300
 
 
 def test_a_step_feeds_each_layer_its_kind():

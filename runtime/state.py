@@ -71,11 +71,14 @@ class KVCache:
     layers: list[dict[str, np.ndarray]]
     length: int = 0
     in_place: tuple[bool, ...] = ()
+    position_bytes: int = 0  # an attention layer's keys and values per position
 
     @classmethod
     def empty(cls, manifest: Manifest) -> "KVCache":
-        return cls([initial_state(manifest.model, layer) for layer in manifest.layers], 0,
-                   tuple(layer.positions == "tables" for layer in manifest.layers))
+        spec = manifest.model
+        return cls([initial_state(spec, layer) for layer in manifest.layers], 0,
+                   tuple(layer.positions == "tables" for layer in manifest.layers),
+                   4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim))
 
     @property
     def nbytes(self) -> int:
@@ -88,11 +91,8 @@ class KVCache:
 
     def runs_in_place(self, index: int) -> bool:
         """Whether layer `index`'s next step writes its keys and values into place."""
-        if index >= len(self.in_place) or not self.in_place[index]:
-            return False
-        per_position = sum(a.nbytes // max(a.shape[2], 1) for a in self.layers[index].values()) \
-            if all(a.shape[2] for a in self.layers[index].values()) else 0
-        return self.length * per_position >= IN_PLACE_BYTES
+        return self.length * self.position_bytes >= IN_PLACE_BYTES and index < len(self.in_place) \
+            and self.in_place[index]
 
     def state(self, index: int) -> dict[str, np.ndarray]:
         """Layer `index`'s state as a step that replaces it reads it: keys and values of exactly
@@ -119,11 +119,11 @@ class KVCache:
         """The cache of the first `length` tokens (views; in-place buffers handed over whole); needs
         `rewindable` unless nothing is cut."""
         if length == self.length:
-            return KVCache([dict(state) for state in self.layers], length, self.in_place)
+            return KVCache([dict(state) for state in self.layers], length, self.in_place, self.position_bytes)
         if not 0 <= length < self.length or not self.rewindable:
             raise ValueError(f"cannot cut a cache of {self.length} tokens to {length}")
         return KVCache([dict(state) if self._buffered(i) else {name: a[:, :, :length] for name, a in state.items()}
-                        for i, state in enumerate(self.layers)], length, self.in_place)
+                        for i, state in enumerate(self.layers)], length, self.in_place, self.position_bytes)
 
     def _buffered(self, index: int) -> bool:
         """Whether layer `index` holds its keys and values in buffers with room beyond `length`."""

@@ -18,6 +18,11 @@ from .sessions import graph_threads, make_session
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
+# A long prompt runs this many tokens at a time: what a step holds besides the weights (the
+# attention's mask and scores, each token's routed experts' outputs) grows with its tokens, and with
+# the whole sequence for attention; at qwen shapes a 4,096-token prompt in one step peaked 2.9 GB
+# above the model
+PREFILL_CHUNK = 256
 
 
 class FateModel:
@@ -76,7 +81,8 @@ class FateModel:
     # ------------------------------------------------------------------ one forward pass
 
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run new token ids through every layer, extending `cache`; returns hidden [1, S, H]."""
+        """Run new token ids through every layer, extending `cache`; returns hidden [1, S, H]. More
+        than PREFILL_CHUNK tokens run as consecutive steps of that many."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise GenerationError("no tokens to run")
@@ -85,8 +91,13 @@ class FateModel:
                                   f"{self.spec.max_positions}")
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
+        prefill = cache.length == 0 or ids.size > 1
+        chunks = [self._step(ids[i:i + PREFILL_CHUNK], cache, prefill) for i in range(0, ids.size, PREFILL_CHUNK)]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
+
+    def _step(self, ids: np.ndarray, cache: KVCache, prefill: bool) -> np.ndarray:
         positions = self.positions.step(cache.length, ids.size)
-        self.experts.begin_step(ids.size, prefill=cache.length == 0 or ids.size > 1)
+        self.experts.begin_step(ids.size, prefill=prefill)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec in self.manifest.layers:
             out = self.run_layer(spec, hidden, cache, positions.for_layer(spec) if spec.mixer == "attention" else {},

@@ -88,3 +88,23 @@ def test_keys_and_values_kept_in_place_give_the_same_numbers(mixtral, monkeypatc
     assert all(cut._buffered(i) == cut.in_place[i] for i in range(len(cut.layers)))
     for a, b in zip(copied, in_place):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_long_prompt_runs_in_steps_with_the_numbers_of_one(mixtral, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK runs as consecutive steps (bounded memory), with the logits
+    of running it whole to float32 rounding, and greedy decoding goes on from either alike."""
+    from fate.runtime import model as model_module
+    from fate.runtime.model import FateModel
+
+    model = FateModel.load(mixtral.artifact(4))
+    ids = np.random.default_rng(1).integers(1, model.spec.vocab_size, 45)
+    whole = model.logits(ids)
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 8)
+    steps = []
+    original = model._step
+    monkeypatch.setattr(model, "_step", lambda chunk, cache, prefill: steps.append((chunk.size, prefill)) or
+                        original(chunk, cache, prefill))
+    cache = model.new_cache()
+    chunked = model.head_logits(model.forward(ids, cache))
+    assert steps == [(8, True)] * 5 + [(5, True)] and cache.length == 45
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4)

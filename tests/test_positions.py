@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from fate.artifacts import LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
@@ -108,3 +109,24 @@ def test_a_long_prompt_runs_in_steps_with_the_numbers_of_one(mixtral, monkeypatc
     chunked = model.head_logits(model.forward(ids, cache))
     assert steps == [(8, True)] * 5 + [(5, True)] and cache.length == 45
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4)
+
+
+def test_a_graph_that_cannot_write_in_place_is_one_error(tmp_path):
+    """A graph whose output does not fit the buffer it is bound to (here: it grows the sequence,
+    as a copying attention does) is refused by onnxruntime: one error naming the file."""
+    from onnx import TensorProto, helper
+
+    from fate.artifacts import ArtifactError
+    from fate.runtime.sessions import make_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["past", "new"], ["present"], axis=2)], "g",
+        [helper.make_tensor_value_info("past", TensorProto.FLOAT, [1, 2, "P", 4]),
+         helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 2, 1, 4])],
+        [helper.make_tensor_value_info("present", TensorProto.FLOAT, [1, 2, "T", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = make_session(model.SerializeToString(), threads=1, label="graphs/layer_007.onnx")
+    past = np.zeros((1, 2, 8, 4), np.float32)
+    with pytest.raises(ArtifactError, match="graphs/layer_007.onnx: onnxruntime could not run it"):
+        session.run_in_place(["present"], {"past": past, "new": np.ones((1, 2, 1, 4), np.float32)}, {"present": "past"})
+    assert not past.any()  # nothing written into the buffer

@@ -219,16 +219,12 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
             q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
+    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     core = attention_explicit if Role.SINKS in w else attention_fused
-    context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale_of(cfg),
-                                         w.get(Role.SINKS))
+    context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale, w.get(Role.SINKS))
     if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
         context = b.op("Mul", context, b.op("Sigmoid", projected[3]))
     return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
-
-
-def scale_of(cfg: ArchConfig) -> float:
-    return cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
 
 
 def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,

@@ -28,10 +28,6 @@ def shared(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def private_small_pages(size: int) -> mmap.mmap:
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
 def read_all(area: mmap.mmap, members) -> tuple[float, float, float]:
     """(bytes per second, seconds per read, CPU share) reading every member into `area`."""
     view = memoryview(area)
@@ -58,7 +54,7 @@ def main() -> None:
     members = [art.member(p) for layer in art.manifest.moe_layers for files in layer.experts.values() for p in files]
     size = slot_size(max(m.size + m.offset % PAGE for m in members))
     rng = random.Random(1)
-    kinds = {"shared, 4 KB pages": shared, "private, 4 KB pages": private_small_pages,
+    kinds = {"shared, 4 KB pages": shared, "private, 4 KB pages": lambda size: private_memory(size, huge=False),
              "private, huge pages": private_memory}
     print(f"{len(members)} expert files, largest {size / 1e6:.1f} MB with its page; {args.files} reads per row")
     for _ in range(args.rounds):

@@ -203,7 +203,7 @@ class OffloadedExperts(ExpertStore):
             ranked = rank_by_popularity(predicted, popularity)
             low = self._low_bit_tail(plan, ranked)
         self.cache.protect(plan.index, predicted - low)
-        wanted = [e for e in ranked if e not in low][: plan.slots] if low else ranked[: plan.slots]
+        wanted = [e for e in ranked if e not in low][: plan.slots]
         if plan.index in self._reads_itself:
             self.cache.start_prefetch(plan.index, wanted)
         else:
@@ -244,11 +244,11 @@ class OffloadedExperts(ExpertStore):
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
         phase = self.phases[self._phase]
-        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low} if self._low else {}
+        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low}
         if low:  # an INT2 copy serves only where the expert is not resident at its own precision
             resident = self.cache.resident(layer)
             low = {e: f for e, f in low.items() if e not in resident}
-        pending = [e for e in todo if e not in low] if low else list(todo)
+        pending = [e for e in todo if e not in low]
         running: dict = {}  # load -> expert, in the order started
         reads_itself = layer in self._reads_itself
         if reads_itself:  # prefetches this token does not need and no thread has begun reading: dropped
@@ -319,9 +319,8 @@ class OffloadedExperts(ExpertStore):
             counters.actual += len(experts)
             counters.correct += len(predicted & experts)
         self.cache.protect(layer, set())
-        if self._low:
-            for key in [k for k in self._low if k[0] == layer]:
-                self._low.pop(key).cancel()
+        for key in [k for k in self._low if k[0] == layer]:
+            self._low.pop(key).cancel()
 
     def finish(self) -> None:
         self._switch_phase(self._phase)

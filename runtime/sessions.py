@@ -28,7 +28,7 @@ class NamedSession:
         try:
             return self._run(names, feeds, None)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
-            raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
+            raise self._refused(e) from None
 
     def run_in_place(self, names, feeds, shared: dict[str, str]):
         """run(names, feeds), each output of `shared` written into the array fed as the input it
@@ -50,8 +50,11 @@ class NamedSession:
             self.session.run_with_iobinding(binding)
             results = binding.get_outputs()
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
-            raise ArtifactError(f"{self.label}: onnxruntime could not run it: {str(e).splitlines()[0][:300]}") from None
+            raise self._refused(e) from None
         return [feeds[shared[name]] if name in shared else value.numpy() for name, value in zip(names, results)]
+
+    def _refused(self, error: Exception) -> ArtifactError:
+        return ArtifactError(f"{self.label}: onnxruntime could not run it: {str(error).splitlines()[0][:300]}")
 
     def __getattr__(self, name: str):
         return getattr(self.session, name)

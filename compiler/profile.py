@@ -148,7 +148,7 @@ class Profiler:
         if hands_on_partial(layer, session):
             names.append(IO.MOE_PARTIAL)
         empty = initial_state(self.spec, layer)
-        positional = self.positions.for_layer(layer) if layer.mixer == "attention" else {}
+        positional = self.positions.for_layer(layer)
         out: dict[str, np.ndarray] = {}
         s = self.seq_len
         for i, seq in enumerate(self.hidden):

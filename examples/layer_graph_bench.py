@@ -44,7 +44,7 @@ def layer_step(model: FateModel, past: int, prefill: int):
 
     def step() -> None:
         for spec in model.manifest.layers:
-            model.run_layer(spec, hidden, cache, positions.for_layer(spec) if spec.mixer == "attention" else {}, new)
+            model.run_layer(spec, hidden, cache, positions.for_layer(spec), new)
         cache.layers[:] = [dict(state) for state in fixed]  # what the step replaced, back as it was
 
     return step

@@ -100,8 +100,7 @@ class FateModel:
         self.experts.begin_step(ids.size, prefill=prefill)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         for spec in self.manifest.layers:
-            out = self.run_layer(spec, hidden, cache, positions.for_layer(spec) if spec.mixer == "attention" else {},
-                                 ids.size)
+            out = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size)
             if spec.predicts_next:
                 self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]

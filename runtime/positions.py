@@ -64,6 +64,9 @@ class StepPositions:
         self._tables: dict[str, np.ndarray] | None = None
 
     def for_layer(self, layer: LayerSpec) -> dict[str, np.ndarray]:
+        """What `layer`'s graph takes for positions (nothing, for a mixer other than attention)."""
+        if layer.mixer != "attention":
+            return {}
         bias = self._masks.get(layer.sliding_window)
         if bias is None:
             bias = self._masks[layer.sliding_window] = attention_bias(self.tables.spec, self.past, self.new,

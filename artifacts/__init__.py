@@ -3,6 +3,7 @@
 from .errors import ArtifactError, FateError, GenerationError, ModelError
 from .schema import (
     SCHEMA_VERSION,
+    DecodeStep,
     ExpertLayout,
     FileEntry,
     GenerationDefaults,
@@ -19,7 +20,7 @@ from .schema import (
 from .store import Artifact, ArtifactWriter, pack_artifact, unpack_artifact
 
 __all__ = [
-    "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "ExpertLayout", "FateError", "FileEntry",
+    "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "DecodeStep", "ExpertLayout", "FateError", "FileEntry",
     "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
     "Policy", "RoutingSpec", "StateSpec", "TensorView", "TokenizerSpec", "pack_artifact", "unpack_artifact",
 ]

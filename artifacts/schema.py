@@ -19,9 +19,11 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.4"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+SCHEMA_VERSION = "1.5"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
 # 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
+# 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
+# runtime before it ignores it and runs the graph)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
@@ -98,6 +100,30 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True)
+class DecodeStep:
+    """A layer the native step computes for one token straight from the bytes of its graph file: RMSNorm,
+    q|k|v (+ bias), RoPE in two halves from the position tables, grouped-query attention over the keys
+    and values (within the layer's window), o, the residual; RMSNorm, a float32 softmax router and its
+    top-k; the shared expert (SwiGLU, optional sigmoid gate); the next layer's router (cross-layer
+    prediction). The same numbers as the graph to float32 rounding (the graph is the reference, and
+    what prefill runs). `tensors` place slots.STEP_TENSORS in the graph file; the compiler writes a
+    step only where the graph computes exactly this."""
+
+    bits: int
+    block_size: int
+    accuracy_level: int  # 4: activations quantized to int8 per block, as MatMulNBits does
+    attention_scale: float
+    norm_eps: float
+    shared_intermediate_size: int  # 0: no shared expert
+    shared_scale: float
+    routed_scaling: float
+    qkv_bias: bool
+    shared_expert_gate: bool
+    next_norm: bool  # the next router reads this layer's stream through the next layer's own norm
+    tensors: list[TensorView]
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One tensor a non-attention layer carries from token to token (float32, fixed shape): the
     graph reads it as `past_<name>` and writes the next one as `present_<name>`."""
@@ -137,6 +163,8 @@ class LayerSpec:
     combine_graph: str | None = None
     # schema 1.4: an attention layer's position inputs (POSITION_INPUTS)
     positions: str = "per_token"
+    # schema 1.5: the layer's decode step, for the native kernel (absent: the graph runs every step)
+    decode_step: DecodeStep | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +324,8 @@ class Manifest:
         for i, layer in enumerate(self.layers):
             self._validate_layer(i, layer)
             self._validate_layouts(layer, sizes)
+        for layer in self.layers:  # after every layer's own checks: a step reads the next layer's routing
+            self._validate_decode_step(layer, sizes)
         if not self.tokenizer.eos_token_ids:
             raise ArtifactError("manifest: tokenizer.eos_token_ids is empty")
         listed = {f.path for f in self.files}
@@ -384,6 +414,22 @@ class Manifest:
             for path in layer.experts[precision]:
                 if path in sizes:  # unlisted files are refused below
                     check_layout(layout, sizes[path], f"{where} ({path})")
+
+    def _validate_decode_step(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
+        from .slots import check_decode_step
+
+        step = layer.decode_step
+        if step is None:
+            return
+        where = f"manifest: layer {layer.index} decode step"
+        if layer.kind != "moe" or layer.mixer != "attention" or layer.positions != "tables" \
+                or layer.routing.scoring != "softmax" or layer.combine_graph or self.model.key_dim != self.model.head_dim \
+                or self.model.value_dim != self.model.head_dim:
+            raise ArtifactError(f"{where}: only a softmax-routed MoE layer with fused attention has one")
+        following = self.layers[layer.index + 1] if layer.predicts_next else None
+        m = self.model
+        check_decode_step(step, (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim), layer.routing.num_experts,
+                          following.routing.num_experts if following else 0, sizes.get(layer.graph, 0), where)
 
     def referenced_files(self) -> list[str]:
         paths = [self.embed_graph, self.head_graph, *self.tokenizer.files]

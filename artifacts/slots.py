@@ -14,9 +14,11 @@ is field 5 (repeated TensorProto); TensorProto.name is field 8, raw_data field 9
 
 from __future__ import annotations
 
+import math
+
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
-from .schema import ExpertLayout, TensorView
+from .schema import DecodeStep, ExpertLayout, TensorView
 
 PROJECTIONS = ("gate", "up", "down")
 QUANT_PARTS = ("qweight", "scales", "zero_points")
@@ -57,13 +59,73 @@ def expected_tensors(layout: ExpertLayout) -> dict[str, tuple[str, tuple[int, ..
     h, i, bits, bs = layout.hidden_size, layout.intermediate_size, layout.bits, layout.block_size
     shapes = {}
     for proj, (n, k) in zip(PROJECTIONS, ((i, h), (i, h), (h, i))):
-        blocks = -(-k // bs)
-        shapes[f"{proj}.qweight"] = ("uint8", (n, blocks, bs * bits // 8))
-        shapes[f"{proj}.scales"] = ("float32", (n * blocks,))
-        shapes[f"{proj}.zero_points"] = ("uint8", (n * (-(-blocks * bits // 8)),))
+        shapes.update(quantized_tensors(proj, n, k, bits, bs))
         if layout.has_bias:
             shapes[f"{proj}.bias"] = ("float32", (n,))
     return shapes
+
+
+def quantized_tensors(name: str, n: int, k: int, bits: int, bs: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The three tensors of an [n, k] weight in MatMulNBits' layout (compiler/quantize.py)."""
+    blocks = -(-k // bs)
+    return {f"{name}.qweight": ("uint8", (n, blocks, bs * bits // 8)),
+            f"{name}.scales": ("float32", (n * blocks,)),
+            f"{name}.zero_points": ("uint8", (n * (-(-blocks * bits // 8)),))}
+
+
+# The ONNX initializer each decode-step tensor is, where the names differ (a writer MUST use these names;
+# the compiler's layer graphs name them by role: compiler/graphs.py layer_graph)
+STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm.norm_weight",
+                     "router": "router.weight", "shared_expert_gate": "shared_expert_gate.weight",
+                     "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight"}
+
+# (hidden size, query heads, key/value heads, head dim): the attention sizes a decode step's tensors follow
+Heads = tuple[int, int, int, int]
+
+# A decode step's tensors, in the order the native step reads their offsets (runtime/native/kernel.h).
+STEP_TENSORS = ("attn_norm", "qkv.qweight", "qkv.scales", "qkv.zero_points", "qkv.bias", "o.qweight", "o.scales",
+                "o.zero_points", "mlp_norm", "router", "shared_gate_up.qweight", "shared_gate_up.scales",
+                "shared_gate_up.zero_points", "shared_down.qweight", "shared_down.scales", "shared_down.zero_points",
+                "shared_expert_gate", "next_router", "next_norm")
+
+
+def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
+                          next_experts: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor a layer's decode step reads, from its numbers alone:
+    `experts` routed experts, and the next layer's `next_experts` (0: no cross-layer prediction)."""
+    h, q, kv, d = heads
+    bits, bs, inter = step.bits, step.block_size, step.shared_intermediate_size
+    want = {"attn_norm": ("float32", (h,)),
+            **quantized_tensors("qkv", (q + 2 * kv) * d, h, bits, bs),
+            **quantized_tensors("o", h, q * d, bits, bs),
+            "mlp_norm": ("float32", (h,)), "router": ("float32", (h, experts))}
+    if step.qkv_bias:
+        want["qkv.bias"] = ("float32", ((q + 2 * kv) * d,))
+    if inter:
+        want.update(quantized_tensors("shared_gate_up", 2 * inter, h, bits, bs))
+        want.update(quantized_tensors("shared_down", h, inter, bits, bs))
+        if step.shared_expert_gate:
+            want["shared_expert_gate"] = ("float32", (h, 1))
+    if next_experts:
+        want["next_router"] = ("float32", (h, next_experts))
+        if step.next_norm:
+            want["next_norm"] = ("float32", (h,))
+    return want
+
+
+def check_decode_step(step: DecodeStep, heads: Heads, experts: int, next_experts: int, file_size: int,
+                      where: str) -> None:
+    """Refuse a decode step whose numbers the native step does not compute, or whose tensors are not
+    exactly the expected ones inside its graph file."""
+    if step.bits not in (2, 4, 8) or step.block_size < 16 or step.block_size & (step.block_size - 1) \
+            or step.block_size > MAX_BLOCK_SIZE or step.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ArtifactError(f"{where}: unsupported bits {step.bits}, block size {step.block_size} or accuracy level")
+    numbers = (step.attention_scale, step.norm_eps, step.shared_scale, step.routed_scaling)
+    if not all(math.isfinite(x) for x in numbers) or not 0 <= step.shared_intermediate_size <= (1 << 20):
+        raise ArtifactError(f"{where}: numbers out of range")
+    if (step.shared_expert_gate and not step.shared_intermediate_size) or (step.next_norm and not next_experts):
+        raise ArtifactError(f"{where}: a gate without a shared expert, or a norm without a prediction")
+    check_views(step.tensors, expected_step_tensors(step, heads, experts, next_experts), file_size, where)
 
 
 def nbytes(view: TensorView) -> int:
@@ -83,10 +145,16 @@ def check_layout(layout: ExpertLayout, file_size: int, where: str) -> None:
         raise ArtifactError(f"{where}: unknown activation {layout.activation!r} or accuracy level")
     if layout.activation == "swiglu_clamped" and (layout.swiglu_limit is None or layout.swiglu_alpha is None):
         raise ArtifactError(f"{where}: a clamped SwiGLU needs its limit and alpha")
-    want = expected_tensors(layout)
-    views = {v.name: v for v in layout.tensors}
-    if len(views) != len(layout.tensors) or set(views) != set(want):
-        raise ArtifactError(f"{where}: the slot layout places {sorted(views)}, expected {sorted(want)}")
+    check_views(layout.tensors, expected_tensors(layout), file_size, where)
+
+
+def check_views(tensors: list[TensorView], want: dict[str, tuple[str, tuple[int, ...]]], file_size: int,
+                where: str) -> None:
+    """Refuse views that are not exactly the tensors `want` names with their dtypes and shapes, or
+    that do not lie inside a file of `file_size` bytes without overlapping."""
+    views = {v.name: v for v in tensors}
+    if len(views) != len(tensors) or set(views) != set(want):
+        raise ArtifactError(f"{where}: places {sorted(views)}, expected {sorted(want)}")
     spans = []
     for name, (dtype, shape) in want.items():
         view = views[name]
@@ -103,14 +171,36 @@ def check_layout(layout: ExpertLayout, file_size: int, where: str) -> None:
             raise ArtifactError(f"{where}: {name} and {other} overlap")
 
 
+def views_of(model: bytes, want: dict[str, tuple[str, tuple[int, ...]]],
+             stored: dict[str, str] | None = None) -> list[TensorView]:
+    """Where each tensor of `want` lies in serialized ONNX bytes: the initializer of its name, or of
+    the name `stored` gives it."""
+    ranges = initializer_ranges(model)
+    views = []
+    for name, (dtype, shape) in want.items():
+        initializer = (stored or {}).get(name, name)
+        if initializer not in ranges:
+            raise ArtifactError(f"graph has no initializer {initializer!r} stored as raw data")
+        view = TensorView(name, ranges[initializer][0], dtype, list(shape))
+        if ranges[initializer][1] != nbytes(view):
+            raise ArtifactError(f"graph initializer {initializer!r} has {ranges[initializer][1]} bytes, "
+                                f"expected {dtype} {list(shape)}")
+        views.append(view)
+    return views
+
+
 def layout_of(model: bytes, layout: ExpertLayout) -> ExpertLayout:
     """`layout` with the offsets found in serialized expert bytes (tensors placed by name)."""
     import dataclasses
 
-    ranges = initializer_ranges(model)
-    views = []
-    for name, (dtype, shape) in expected_tensors(layout).items():
-        if name not in ranges:
-            raise ArtifactError(f"expert graph has no initializer {name!r} stored as raw data")
-        views.append(TensorView(name, ranges[name][0], dtype, list(shape)))
-    return dataclasses.replace(layout, tensors=views)
+    return dataclasses.replace(layout, tensors=views_of(model, expected_tensors(layout)))
+
+
+def check_step_in_graph(step: DecodeStep, graph: bytes, where: str) -> None:
+    """Refuse a decode step whose tensors are not exactly where the graph keeps the initializers they
+    name: the step then computes what the graph computes, from the same bytes."""
+    ranges = initializer_ranges(graph)
+    for view in step.tensors:
+        if ranges.get(STEP_INITIALIZERS.get(view.name, view.name)) != (view.offset, nbytes(view)):
+            raise ArtifactError(f"{where}: {view.name} at byte {view.offset} is not the graph's "
+                                f"{STEP_INITIALIZERS.get(view.name, view.name)!r}")

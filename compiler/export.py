@@ -488,6 +488,9 @@ class LayerExporter:
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()
+        if info.decode_step is not None:
+            spec = replace(spec, decode_step=graphs.decode_step_views(info.decode_step, data, cfg,
+                                                                      cfg.num_experts if next_layer else 0))
         del info
         self.writer.write_bytes(graph_path, data)
         del data

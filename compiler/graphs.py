@@ -13,12 +13,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from fate.artifacts import ModelError
+from fate.artifacts import DecodeStep, ModelError
 from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.slots import STEP_INITIALIZERS, expected_step_tensors, views_of
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
-from .quantize import QuantizedWeight, matmul_nbits, quantize, quantize_rows_int8
+from .quantize import DEFAULT_BLOCK_SIZE, QuantizedWeight, matmul_nbits, quantize, quantize_rows_int8
 
 W = dict[Role, np.ndarray]
 Weight = np.ndarray | QuantizedWeight
@@ -89,10 +90,13 @@ def negative_rates(a_log: np.ndarray) -> np.ndarray:
     return -np.exp(a_log.astype(np.float64)).astype(np.float32)
 
 
-def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> str:
-    """down(silu(gate(x)) * up(x)), weights stored as the builder says."""
-    gated, upped = linears(b, x, [gate, up], [None, None])
-    return linear(b, b.op("Mul", silu(b, gated), upped), down)
+def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, tag: str = "mlp") -> str:
+    """down(silu(gate(x)) * up(x)), weights stored as the builder says (named `{tag}_gate_up.*` and
+    `{tag}_down.*`)."""
+    with b.tagged(f"{tag}_gate_up"):
+        gated, upped = linears(b, x, [gate, up], [None, None])
+    with b.tagged(f"{tag}_down"):
+        return linear(b, b.op("Mul", silu(b, gated), upped), down)
 
 
 def rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rot_dim: int) -> str:
@@ -180,7 +184,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
     gated = Role.Q_GATE in w
     roles = [Role.Q, Role.K, Role.V] + ([Role.Q_GATE] if gated else [])
     biases = {Role.Q: Role.Q_BIAS, Role.K: Role.K_BIAS, Role.V: Role.V_BIAS}
-    projected = linears(b, x, [w[r] for r in roles], [w.get(biases.get(r)) for r in roles])
+    with b.tagged("qkv"):
+        projected = linears(b, x, [w[r] for r in roles], [w.get(biases.get(r)) for r in roles])
 
     tables = positions.kind == "tables"
 
@@ -224,7 +229,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
     context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale, w.get(Role.SINKS))
     if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
         context = b.op("Mul", context, b.op("Sigmoid", projected[3]))
-    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+    with b.tagged("o"):
+        return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
 def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,
@@ -564,7 +570,8 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
                               b.scalar(scale, "scale")), bias)
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
     context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * vd]))
-    return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
+    with b.tagged("o"):
+        return linear(b, context, w[Role.O], w.get(Role.O_BIAS)), present_k, present_v
 
 
 def choice_scores(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None) -> str:
@@ -679,6 +686,7 @@ class LayerGraphInfo:
     model: onnx.ModelProto
     predicts_next: bool
     positions: str = "per_token"  # an attention layer's position inputs (PositionInputs.kind)
+    decode_step: DecodeStep | None = None  # its tensors placed once the graph is serialized (decode_step_views)
 
 
 @dataclass(frozen=True)
@@ -705,8 +713,9 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     b = GraphBuilder(f"layer_{layer}", weights)
     position_kind = "per_token"
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
-    x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
-        if Role.ATTN_NORM in w else hidden
+    with b.tagged("attn_norm"):
+        x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
+            if Role.ATTN_NORM in w else hidden
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
@@ -735,7 +744,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if cfg.parallel_block:
         normed = x
     elif Role.MLP_NORM in w:
-        normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+        with b.tagged("mlp_norm"):
+            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
     else:  # post-norm families: the MLP reads the residual stream itself
         normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
@@ -747,7 +757,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         out = b.op("Add", h, mlp)
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
-        logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
+        with b.tagged("router"):
+            logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
         b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
                  ["S", cfg.num_experts])
         if cfg.scoring == "sigmoid":
@@ -759,9 +770,11 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
         if Role.SHARED_GATE in w:
-            shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN])
+            shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN], tag="shared")
             if Role.SHARED_EXPERT_GATE in w:
-                shared = b.op("Mul", shared, b.op("Sigmoid", linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)))
+                with b.tagged("shared_expert_gate"):
+                    gate = linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)
+                shared = b.op("Mul", shared, b.op("Sigmoid", gate))
             if cfg.shared_scale != 1.0:
                 shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
             if Role.POST_MLP_NORM in w:  # normalized with the routed experts, by the combine graph
@@ -772,17 +785,20 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     if next_layer is not None:
         experts = next_layer.router.shape[0]
-        predicted = choice_scores(b, linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True), cfg,
-                                  next_layer.score_bias)
+        with b.tagged("next_router"):
+            next_logits = linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True)
+        predicted = choice_scores(b, next_logits, cfg, next_layer.score_bias)
         b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
         # the next router's input norm applied to this layer's stream (none in post-norm families)
-        renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
-                                                                cfg.rms_norm_eps, cfg.norm)
+        with b.tagged("next_norm"):
+            renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
+                                                                    cfg.rms_norm_eps, cfg.norm)
         renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
         b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
-    return LayerGraphInfo(b.model(), next_layer is not None, position_kind)
+    return LayerGraphInfo(b.model(), next_layer is not None, position_kind,
+                          decode_step(layer, cfg, w, next_layer, b.weights) if position_kind == "tables" else None)
 
 
 def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0,
@@ -858,3 +874,47 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
         logits = b.op("Div", logits, b.scalar(logits_scaling, "logits_scaling"))
     b.output(logits, IO.LOGITS, FLOAT, [1, "S", lm_head.shape[0]])
     return b.model()
+
+
+# ----------------------------------------------------------------------------- the native decode step
+
+# What a layer graph may hold for the native decode step to compute it (DecodeStep); any other role
+# (q/k norms, sinks, output gates, post-norms, router biases, ...) leaves the layer to its graph.
+STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O,
+                        Role.MLP_NORM, Role.ROUTER, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
+                        Role.SHARED_EXPERT_GATE})
+
+
+def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
+                fmt: WeightFormat) -> DecodeStep | None:
+    """The numbers of a layer's native decode step (its tensors are placed after serialization:
+    decode_step_views), or None where the layer graph computes something the step does not."""
+    dense_roles = {role for role in w if not role.value.startswith("expert")}
+    plain = (cfg.mixer(layer) == "attention" and layer in cfg.moe_layers and layer not in cfg.nope_layers
+             and dense_roles <= STEP_ROLES and {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles
+             and cfg.norm == "rms" and cfg.scoring == "softmax" and cfg.group_topk is None
+             and cfg.clip_qkv is None and not cfg.rope_interleaved and not cfg.parallel_block
+             and not cfg.post_norms and cfg.pre_norms and fmt.bits in (2, 4, 8))
+    shared = Role.SHARED_GATE in w
+    if shared and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
+        plain = False
+    if next_layer is not None and (next_layer.router_bias is not None or next_layer.score_bias is not None
+                                   or next_layer.norm_bias is not None):
+        plain = False
+    if not plain:
+        return None
+    return DecodeStep(
+        bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
+        attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
+        norm_eps=cfg.rms_norm_eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
+        shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
+        qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
+        shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
+        next_norm=next_layer is not None and next_layer.norm is not None, tensors=[])
+
+
+def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:
+    """`step` with its tensors placed in the serialized layer graph `data`."""
+    heads = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    want = expected_step_tensors(step, heads, cfg.num_experts, next_experts)
+    return replace(step, tensors=views_of(data, want, STEP_INITIALIZERS))

@@ -7,6 +7,7 @@ in memory at a time and every op is one we chose: standard ONNX at opset 17 plus
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,8 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
         self._renamed: dict[str, str] = {}  # values renamed to the graph output they became
+        self._tag: str | None = None
+        self._named: set[str] = set()
         self.uses_ms_domain = False
 
     def fresh(self, hint: str) -> str:
@@ -73,9 +76,22 @@ class GraphBuilder:
     def const(self, array: np.ndarray, hint: str = "const", name: str | None = None) -> str:
         """A constant initializer; `name` fixes its name (expert weights, which the manifest's slot
         layout finds by name), else a fresh one from `hint`."""
+        if name is None and self._tag is not None and f"{self._tag}.{hint}" not in self._named:
+            name = f"{self._tag}.{hint}"
         name = name or self.fresh(hint)
+        self._named.add(name)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    @contextlib.contextmanager
+    def tagged(self, tag: str):
+        """Constants made inside are named `{tag}.{hint}` (the first of each hint): a reader finds a
+        weight by role in the serialized graph (the decode step's tensors, artifacts/slots.py)."""
+        outer, self._tag = self._tag, tag
+        try:
+            yield
+        finally:
+            self._tag = outer
 
     def ints(self, values: list[int], hint: str = "shape") -> str:
         return self.const(np.asarray(values, dtype=np.int64), hint)

@@ -79,6 +79,11 @@ class ExpertRunner:
                                 f"(recompile with this Fate; float experts run as sessions)")
         return has_layout
 
+    def native_steps(self) -> bool:
+        """Whether layers with a decode step run it natively (the session executor is the reference
+        path: graphs and sessions only)."""
+        return self.mode != "session" and native.available()
+
     def name(self) -> str:
         if self.mode == "session" or not native.available():
             return "session"

@@ -36,6 +36,8 @@ class ExpertStats:
 
 
 class ExpertStore(ABC):
+    runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
+
     def __init__(self) -> None:
         self.stats = ExpertStats()
 

@@ -10,6 +10,7 @@ import numpy as np
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
+from .decode_step import NativeDecodeStep
 from .experts import ExpertStore, ResidentExperts
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
@@ -33,18 +34,23 @@ class FateModel:
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
         self.experts = experts
-        def load(path: str, interface: tuple[dict, dict]):
+        def load(path: str, interface: tuple[dict, dict], layer: LayerSpec | None = None):
             data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
             try:
                 session = make_session(data, graph_threads(threads, len(data)), label=label)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)
+            if layer is not None and layer.decode_step is not None and experts.runner.native_steps():
+                following = self.manifest.layers[layer.index + 1] if layer.predicts_next else None
+                self.steps[layer.index] = NativeDecodeStep(self.spec, layer, following.routing.num_experts
+                                                           if following else 0, data, experts.runner.threads, label)
             return session
 
+        self.steps: dict[int, NativeDecodeStep] = {}
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
         self.head = load(self.manifest.head_graph, head_interface(self.manifest))
-        self.layers = [load(layer.graph, layer_interface(self.manifest, layer)) for layer in self.manifest.layers]
+        self.layers = [load(layer.graph, layer_interface(self.manifest, layer), layer) for layer in self.manifest.layers]
         self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
                          for layer in self.manifest.layers if layer.combine_graph}
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
@@ -99,8 +105,11 @@ class FateModel:
         positions = self.positions.step(cache.length, ids.size)
         self.experts.begin_step(ids.size, prefill=prefill)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
+        cos, sin = self.positions.upto(cache.length + ids.size) if ids.size == 1 and self.steps else (None, None)
         for spec in self.manifest.layers:
-            out = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size)
+            step = self.steps.get(spec.index) if ids.size == 1 else None
+            out = step.run(hidden, cache, cos, sin) if step is not None else \
+                self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size)
             if spec.predicts_next:
                 self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]

@@ -118,6 +118,74 @@ done:
     return result;
 }
 
+static const char step_doc[] =
+    "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
+    "         next_logits, next_logits_norm, threads)\n"
+    "One decoder layer's decode step from the bytes of its graph file (kernel.h: fate_run_step).\n"
+    "step: int64 vector; floats: (eps, scale, shared_scale, routed_scaling); key, value: float32\n"
+    "[1, KV, capacity, D], written at pos; next_logits, next_logits_norm: float32 [E'] or None.\n"
+    "Every size, offset and index is checked first.";
+
+static PyObject *run_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
+        *w_obj, *next_obj, *next_norm_obj;
+    double eps, scale, shared_scale, routed_scaling;
+    long long pos;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O(dddd)OOOOLOOOOOOOOi", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
+                          &graph_obj, &x_obj, &key_obj, &value_obj, &pos, &cos_obj, &sin_obj, &res_obj, &ri_obj,
+                          &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads))
+        return NULL;
+    Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
+              wv = {0}, nv = {0}, nnv = {0};
+    PyObject *result = NULL;
+    fate_step s;
+    if (get_buffer(step_obj, &sv, 0, "step") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
+        get_buffer(key_obj, &kv, 1, "key") || get_buffer(value_obj, &vv, 1, "value") ||
+        get_buffer(cos_obj, &cv, 0, "cos") || get_buffer(sin_obj, &snv, 0, "sin") ||
+        get_buffer(res_obj, &rv, 1, "residual") || get_buffer(ri_obj, &riv, 1, "router_input") ||
+        get_buffer(ids_obj, &iv, 1, "ids") || get_buffer(w_obj, &wv, 1, "weights") ||
+        (next_obj != Py_None && get_buffer(next_obj, &nv, 1, "next_logits")) ||
+        (next_norm_obj != Py_None && get_buffer(next_norm_obj, &nnv, 1, "next_logits_norm")))
+        goto done;
+    if (sv.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); goto done; }
+    memcpy(s.v, sv.buf, sizeof s.v);
+    s.eps = (float)eps; s.scale = (float)scale; s.shared_scale = (float)shared_scale;
+    s.routed_scaling = (float)routed_scaling;
+    int64_t need = fate_step_bytes(&s);
+    if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); goto done; }
+    if (gv.len < need) {
+        PyErr_Format(PyExc_ValueError, "graph buffer has %zd bytes; its step needs %lld", gv.len, (long long)need);
+        goto done;
+    }
+    const int64_t *v = s.v;
+    int64_t h = v[S_HIDDEN], per_position = v[S_KV_HEADS] * v[S_HEAD_DIM] * 4;
+    if (xv.len != h * 4 || rv.len != h * 4 || riv.len != h * 4 || iv.len != v[S_TOP_K] * 8 ||
+        wv.len != v[S_TOP_K] * 4 || cv.len < v[S_ROT_HALF] * 4 || snv.len < v[S_ROT_HALF] * 4 ||
+        kv.len != vv.len || kv.len % per_position ||
+        (nv.obj && nv.len != v[S_NEXT_EXPERTS] * 4) || (nnv.obj && nnv.len != v[S_NEXT_EXPERTS] * 4) ||
+        ((nv.obj || nnv.obj) && v[S_NEXT_EXPERTS] == 0)) {
+        PyErr_SetString(PyExc_ValueError, "run_step: an array has the wrong size");
+        goto done;
+    }
+    int64_t capacity = kv.len / per_position;
+    if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fate_run_step(&s, gv.buf, xv.buf, kv.buf, vv.buf, capacity, pos, cv.buf, snv.buf, rv.buf, riv.buf, iv.buf,
+                       wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, threads);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) { PyErr_NoMemory(); goto done; }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:;
+    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv};
+    for (size_t i = 0; i < sizeof views / sizeof *views; i++)
+        if (views[i]->obj) PyBuffer_Release(views[i]);
+    return result;
+}
+
 static PyObject *kernel_name(PyObject *self, PyObject *args) {
     (void)self; (void)args;
     return PyUnicode_FromString(fate_kernel_name());
@@ -240,6 +308,7 @@ static PyTypeObject ReadType = {
 
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
+    {"run_step", run_step, METH_VARARGS, step_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
     {"set_kernel", set_kernel, METH_O, "Use kernel 'best' or one of kernels() (tests compare them)."},
     {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run, best first."},

@@ -24,12 +24,14 @@
  * and AVX2 (chosen at run time), NEON on aarch64, and portable C; all compute the same integers.
  * No Python here: runtime/native/experts.c is the module, and checks every input before it calls.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernel.h"
 #include "threads.h"
@@ -451,15 +453,15 @@ typedef struct {
 } math_t;
 
 /* y[m, n] for rows n of `p`, m < m_count; inputs quantized (int8) or float, per `math`. */
-static void project(const proj_t *p, const math_t *math, const int8_t *aq, const float *as, const int32_t *asum,
-                    const float *x, float *y, int64_t y_stride, int m_count) {
+static void project_rows(const proj_t *p, const math_t *math, const int8_t *aq, const float *as, const int32_t *asum,
+                         const float *x, float *y, int64_t y_stride, int m_count, int64_t first, int64_t end) {
     int64_t a_stride = p->blocks * math->bs;
     float out[TILE];
     int simd = math->int8 && math->bs % CHUNK == 0;
-    for (int64_t n = 0; n < p->n;) {
+    for (int64_t n = first; n < end;) {
         int rows = 1;
 #ifdef FATE_X86
-        if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= p->n) {
+        if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= end) {
             rows = 4; /* out[r] is row n + r */
             if (kernel == K_VNNI512) row_int8_vnni512_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
             else if (kernel == K_VNNI) row_int8_vnni_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
@@ -489,6 +491,11 @@ static void project(const proj_t *p, const math_t *math, const int8_t *aq, const
         }
         n += rows;
     }
+}
+
+static void project(const proj_t *p, const math_t *math, const int8_t *aq, const float *as, const int32_t *asum,
+                    const float *x, float *y, int64_t y_stride, int m_count) {
+    project_rows(p, math, aq, as, asum, x, y, y_stride, m_count, 0, p->n);
 }
 
 /* ------------------------------------------------------------------ the call */
@@ -532,7 +539,8 @@ static proj_t projection(const call_t *c, const uint8_t *base, int which) {
 
 static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-static void run_task(call_t *c, int64_t t) {
+static void run_task(void *ctx, int64_t t) {
+    call_t *c = ctx;
     int64_t expert = c->tasks[t][0], first = c->tasks[t][1];
     int m_count = (int)c->tasks[t][2];
     const uint8_t *base = c->experts[expert];
@@ -582,41 +590,77 @@ static void run_task(call_t *c, int64_t t) {
 
 /* ------------------------------------------------------------------ a small persistent pool */
 
+typedef void (*task_fn)(void *ctx, int64_t task);
+
+/* A call publishes a new generation; pool threads watch for it (spinning a while, then asleep), join
+ * while it is open and take tasks until none is left. The caller takes tasks too, then closes the
+ * generation and waits only for threads that joined: a thread still waking up never holds a call
+ * back, and never sees a call that is over. Waits on both sides spin: a thread that joined is
+ * running a task of microseconds, and a futex wake-up costs tens of microseconds on a VM, several
+ * times per decoder layer. */
 typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
+    pthread_mutex_t lock; /* for sleeping only */
+    pthread_cond_t wake;
     int workers;
-    unsigned long generation;
-    call_t *call;
+    atomic_ulong generation, open; /* the latest call; the one threads may join (0: none) */
+    atomic_int joined, sleepers;
+    task_fn fn;
+    void *ctx;
     int64_t task_count;
     atomic_llong next;
-    int busy;
 } pool_t;
 
-static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, NULL, 0, 0, 0};
+static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void drain(call_t *c, int64_t count) {
+/* How long a pool thread watches for the next call before it sleeps: a decoder layer's step is
+ * several parallel calls a few microseconds apart, then the routed experts. Short enough that a
+ * thread left watching after a token costs the cores little. */
+#define SPIN_NS 150000
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#ifdef FATE_X86
+    _mm_pause();
+#elif defined(FATE_NEON)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void drain(task_fn fn, void *ctx, int64_t count) {
     for (;;) {
         int64_t t = atomic_fetch_add(&pool.next, 1);
         if (t >= count) return;
-        run_task(c, t);
+        fn(ctx, t);
     }
 }
 
 static void *worker(void *arg) {
     (void)arg;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
+    unsigned long seen = atomic_load(&pool.generation);
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
-        call_t *c = pool.call;
-        int64_t count = pool.task_count;
-        pthread_mutex_unlock(&pool.lock);
-        drain(c, count);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
+        int64_t until = now_ns() + SPIN_NS;
+        for (int i = 0; atomic_load(&pool.generation) == seen; i++) {
+            if ((i & 255) == 255 && now_ns() > until) {
+                pthread_mutex_lock(&pool.lock);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.lock);
+                break;
+            }
+            cpu_relax();
+        }
+        seen = atomic_load(&pool.generation);
+        atomic_fetch_add(&pool.joined, 1);
+        if (atomic_load(&pool.open) == seen) /* fn, ctx and count were written before it opened */
+            drain(pool.fn, pool.ctx, pool.task_count);
+        atomic_fetch_sub(&pool.joined, 1);
     }
     return NULL;
 }
@@ -629,26 +673,28 @@ static int ensure_workers(int wanted) {
     return 0;
 }
 
-/* Run every task of `c`: `helpers` pool threads beside the calling one. */
-static void run_all(call_t *c, int64_t count, int helpers) {
+/* Run tasks 0..count-1 of `fn`, with pool threads (up to `helpers` of them) beside the calling one
+ * (call_lock held). */
+static void run_all(task_fn fn, void *ctx, int64_t count, int helpers) {
     atomic_store(&pool.next, 0);
-    if (helpers > 0 && count > 1) {
+    if (helpers <= 0 || count <= 1 || ensure_workers(helpers) != 0 || pool.workers == 0) {
+        drain(fn, ctx, count);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.task_count = count;
+    unsigned long generation = atomic_load(&pool.generation) + 1;
+    atomic_store(&pool.open, generation);
+    atomic_store(&pool.generation, generation);
+    if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
-        if (ensure_workers(helpers) != 0) helpers = pool.workers;
-        /* every worker wakes on a new generation; extra ones find no task and report at once */
-        pool.call = c;
-        pool.task_count = count;
-        pool.busy = pool.workers;
-        pool.generation++;
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
-        drain(c, count);
-        pthread_mutex_lock(&pool.lock);
-        while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-    } else {
-        drain(c, count);
     }
+    drain(fn, ctx, count);
+    atomic_store(&pool.open, 0);
+    while (atomic_load(&pool.joined) > 0) cpu_relax();
 }
 
 
@@ -728,7 +774,7 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
         for (int64_t row = 0; row < tokens; row++)
             quantize_row(x + row * c.hidden, c.hidden, c.math.bs, c.math.bits, c.xq + row * blocks * c.math.bs,
                          c.xs + row * blocks, c.xsum + row * blocks);
-    run_all(&c, task_count, helper_count(l, task_count, threads));
+    run_all(run_task, &c, task_count, helper_count(l, task_count, threads));
     pthread_mutex_unlock(&call_lock);
     rc = atomic_load(&c.failed) ? -1 : 0;
 done:
@@ -737,6 +783,297 @@ done:
     free(c.xs);
     free(c.xsum);
     return rc;
+}
+
+/* ------------------------------------------------------------------ a decoder layer's decode step */
+
+typedef struct {
+    int64_t n, k;
+    int required;
+} step_matrix;
+
+/* A quantized projection of the step: rows n, inputs k, its three tensors' offsets. */
+static proj_t step_projection(const fate_step *s, const uint8_t *base, int weight, int64_t n, int64_t k) {
+    proj_t p;
+    int bits = (int)s->v[S_BITS];
+    int64_t bs = s->v[S_BLOCK];
+    p.n = n;
+    p.k = k;
+    p.blocks = (k + bs - 1) / bs;
+    p.block_bytes = bs * bits / 8;
+    p.zero_row = (p.blocks * bits + 7) / 8;
+    p.qweight = base + s->v[S_OFFSETS + weight];
+    p.scales = base + s->v[S_OFFSETS + weight + 1];
+    p.zeros = base + s->v[S_OFFSETS + weight + 2];
+    p.bias = NULL;
+    return p;
+}
+
+/* rows and inputs of the step's quantized projections */
+static void step_shapes(const fate_step *s, int64_t shape[4][2]) {
+    const int64_t *v = s->v;
+    int64_t h = v[S_HIDDEN], d = v[S_HEAD_DIM];
+    shape[0][0] = (v[S_HEADS] + 2 * v[S_KV_HEADS]) * d; shape[0][1] = h;    /* q|k|v */
+    shape[1][0] = h; shape[1][1] = v[S_HEADS] * d;                          /* o */
+    shape[2][0] = 2 * v[S_SHARED_INTER]; shape[2][1] = h;                   /* shared gate|up */
+    shape[3][0] = h; shape[3][1] = v[S_SHARED_INTER];                       /* shared down */
+}
+
+static int64_t grow(int64_t need, int64_t off, int64_t size) {
+    if (need < 0 || off < 0 || size < 0 || off > INT64_MAX - size) return -1;
+    return off + size > need ? off + size : need;
+}
+
+int64_t fate_step_bytes(const fate_step *s) {
+    const int64_t *v = s->v, *o = v + S_OFFSETS;
+    int64_t h = v[S_HIDDEN], bits = v[S_BITS], bs = v[S_BLOCK];
+    for (int i = S_HIDDEN; i <= S_SHARED_INTER; i++)
+        if (v[i] < 0 || v[i] > (1 << 20)) return -1;
+    if (h <= 0 || v[S_HEADS] <= 0 || v[S_KV_HEADS] <= 0 || v[S_HEAD_DIM] <= 0 || v[S_HEADS] % v[S_KV_HEADS] ||
+        2 * v[S_ROT_HALF] > v[S_HEAD_DIM] || v[S_EXPERTS] <= 0 || v[S_TOP_K] <= 0 || v[S_TOP_K] > v[S_EXPERTS] ||
+        v[S_WINDOW] < 0 || (v[S_INT8] != 0 && v[S_INT8] != 1) || (v[S_NORMALIZE] != 0 && v[S_NORMALIZE] != 1))
+        return -1;
+    if ((bits != 2 && bits != 4 && bits != 8) || bs < 16 || bs > (1 << 16) || (bs & (bs - 1))) return -1;
+    if (!isfinite(s->eps) || !isfinite(s->scale) || !isfinite(s->shared_scale) || !isfinite(s->routed_scaling))
+        return -1;
+    int shared = v[S_SHARED_INTER] > 0;
+    int64_t shape[4][2];
+    step_shapes(s, shape);
+    const int weights[4] = {T_QKV_W, T_O_W, T_GU_W, T_DOWN_W};
+    int64_t need = 0;
+    for (int m = 0; m < 4; m++) {
+        int64_t n = shape[m][0], blocks = (shape[m][1] + bs - 1) / bs;
+        if (m >= 2 && !shared) {
+            if (o[weights[m]] != -1 || o[weights[m] + 1] != -1 || o[weights[m] + 2] != -1) return -1;
+            continue;
+        }
+        need = grow(need, o[weights[m]], n * blocks * (bs * bits / 8));
+        need = grow(need, o[weights[m] + 1], n * blocks * 4);
+        need = grow(need, o[weights[m] + 2], n * ((blocks * bits + 7) / 8));
+    }
+    need = grow(need, o[T_ATTN_NORM], h * 4);
+    need = grow(need, o[T_MLP_NORM], h * 4);
+    need = grow(need, o[T_ROUTER], h * v[S_EXPERTS] * 4);
+    /* optional tensors: absent (-1), or inside the buffer */
+    if (o[T_QKV_B] != -1) need = grow(need, o[T_QKV_B], shape[0][0] * 4);
+    if (o[T_SHARED_GATE] != -1) need = shared ? grow(need, o[T_SHARED_GATE], h * 4) : -1;
+    if ((o[T_NEXT_ROUTER] == -1) != (v[S_NEXT_EXPERTS] == 0)) return -1;
+    if (o[T_NEXT_ROUTER] != -1) need = grow(need, o[T_NEXT_ROUTER], h * v[S_NEXT_EXPERTS] * 4);
+    if (o[T_NEXT_NORM] != -1) need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_NORM], h * 4) : -1;
+    return need;
+}
+
+typedef struct {
+    proj_t proj;
+    math_t math;
+    const int8_t *aq;
+    const float *as;
+    const int32_t *asum;
+    const float *x;
+    float *y;
+    int64_t rows_per_task;
+    /* attention */
+    const float *q;
+    float *context;
+    const float *key, *value;
+    int64_t capacity, first, last, head_dim, group;
+    float scale;
+    float *scores; /* [heads, positions] */
+} step_t;
+
+#define STEP_ROWS 64 /* rows of a projection per task: a few tens of KB of weights */
+
+static void rows_task(void *ctx, int64_t t) {
+    step_t *st = ctx;
+    int64_t first = t * st->rows_per_task, end = first + st->rows_per_task;
+    if (end > st->proj.n) end = st->proj.n;
+    project_rows(&st->proj, &st->math, st->aq, st->as, st->asum, st->x, st->y, st->proj.n, 1, first, end);
+}
+
+/* y = x @ W^T for one token, rows shared among the caller and up to threads - 1 pool threads */
+static void step_project(step_t *st, const proj_t *p, const int8_t *aq, const float *as, const int32_t *asum,
+                         const float *x, float *y, int threads) {
+    st->proj = *p;
+    st->aq = aq; st->as = as; st->asum = asum; st->x = x; st->y = y;
+    st->rows_per_task = STEP_ROWS;
+    int64_t tasks = (p->n + STEP_ROWS - 1) / STEP_ROWS;
+    int64_t worth = p->n * p->blocks * p->block_bytes / BYTES_PER_THREAD - 1;
+    int helpers = threads > 1 ? threads - 1 : 0;
+    if (worth < helpers) helpers = worth > 0 ? (int)worth : 0;
+    run_all(rows_task, st, tasks, helpers);
+}
+
+static void head_task(void *ctx, int64_t h) {
+    step_t *st = ctx;
+    int64_t d = st->head_dim, g = h / st->group, count = st->last - st->first + 1;
+    const float *q = st->q + h * d;
+    const float *keys = st->key + g * st->capacity * d, *values = st->value + g * st->capacity * d;
+    float *scores = st->scores + h * count, *out = st->context + h * d;
+    float peak = -INFINITY;
+    for (int64_t t = 0; t < count; t++) {
+        const float *k = keys + (st->first + t) * d;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < d; j++) dot += q[j] * k[j];
+        scores[t] = dot * st->scale;
+        if (scores[t] > peak) peak = scores[t];
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < count; t++) {
+        scores[t] = expf(scores[t] - peak);
+        total += scores[t];
+    }
+    for (int64_t j = 0; j < d; j++) out[j] = 0.0f;
+    for (int64_t t = 0; t < count; t++) {
+        const float *val = values + (st->first + t) * d;
+        float p = scores[t] / total;
+        for (int64_t j = 0; j < d; j++) out[j] += p * val[j];
+    }
+}
+
+/* x / sqrt(mean(x^2) + eps) * w; returns nothing, writes y */
+static void rms_norm(const float *x, const uint8_t *w, int64_t n, float eps, float *y) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) sum += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(sum / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * inv * load_f32(w, i);
+}
+
+/* y[e] = sum_k x[k] * W[k, e], W float32 [K, E] (a MatMul's weight) */
+static void matvec(const float *x, const uint8_t *w, int64_t k_count, int64_t e_count, float *y) {
+    for (int64_t e = 0; e < e_count; e++) y[e] = 0.0f;
+    for (int64_t k = 0; k < k_count; k++) {
+        float xk = x[k];
+        const uint8_t *row = w + k * e_count * 4;
+        for (int64_t e = 0; e < e_count; e++) y[e] += xk * load_f32(row, e);
+    }
+}
+
+static void rotate(float *head, const float *cos, const float *sin, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float a = head[i], b = head[i + half];
+        head[i] = a * cos[i] - b * sin[i];
+        head[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* softmax over the router's logits, the top_k largest (ties: the lower index), optionally renormalized */
+static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int normalize, float scaling,
+                        float *probs, int64_t *ids, float *weights) {
+    float peak = -INFINITY, total = 0.0f;
+    for (int64_t e = 0; e < experts; e++) peak = logits[e] > peak ? logits[e] : peak;
+    for (int64_t e = 0; e < experts; e++) total += probs[e] = expf(logits[e] - peak);
+    for (int64_t e = 0; e < experts; e++) probs[e] /= total;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < top_k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+        }
+        ids[j] = best;
+        weights[j] = probs[best];
+        sum += weights[j];
+    }
+    for (int64_t j = 0; j < top_k; j++) {
+        if (normalize) weights[j] /= sum;
+        weights[j] *= scaling;
+    }
+}
+
+int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
+                  int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
+                  float *weights, float *next_logits, float *next_logits_norm, int threads) {
+    const int64_t *v = s->v, *o = v + S_OFFSETS;
+    int64_t h = v[S_HIDDEN], heads = v[S_HEADS], kv = v[S_KV_HEADS], d = v[S_HEAD_DIM], half = v[S_ROT_HALF];
+    int64_t inter = v[S_SHARED_INTER], experts = v[S_EXPERTS], bs = v[S_BLOCK];
+    int64_t shape[4][2];
+    step_shapes(s, shape);
+    int64_t widest = h > experts ? h : experts;
+    for (int m = 0; m < 4; m++) widest = shape[m][0] > widest ? shape[m][0] : widest;
+    int64_t first = v[S_WINDOW] > 0 && pos + 1 > v[S_WINDOW] ? pos + 1 - v[S_WINDOW] : 0;
+    int64_t count = pos - first + 1;
+    /* float scratch: normed, projection out, context, attention out, hidden, probs, scores; then the
+     * int8 activations, their scales and sums (for the widest input) */
+    int64_t inputs = heads * d > h ? heads * d : h;
+    inputs = inter > inputs ? inter : inputs;
+    int64_t blocks = (inputs + bs - 1) / bs;
+    size_t floats = (size_t)(h + widest + heads * d + 3 * h + experts + heads * count + blocks);
+    size_t bytes = 4 * floats + 4 * (size_t)blocks + (size_t)(blocks * bs) + 64;
+    uint8_t *scratch = malloc(bytes);
+    if (!scratch) return -1;
+    float *normed = (float *)scratch, *y = normed + h, *context = y + widest, *attn = context + heads * d;
+    float *hidden = attn + h, *renormed = hidden + h, *probs = renormed + h, *scores = probs + experts;
+    float *as = scores + heads * count;
+    int32_t *asum = (int32_t *)(as + blocks);
+    int8_t *aq = (int8_t *)(asum + blocks);
+
+    step_t st;
+    memset(&st, 0, sizeof st);
+    st.math.bits = (int)v[S_BITS];
+    st.math.bs = bs;
+    st.math.int8 = (int)v[S_INT8];
+    pthread_mutex_lock(&call_lock);
+
+    /* attention: q|k|v of the normed token */
+    rms_norm(x, base + o[T_ATTN_NORM], h, s->eps, normed);
+    proj_t qkv = step_projection(s, base, T_QKV_W, shape[0][0], h);
+    if (st.math.int8) quantize_row(normed, h, bs, st.math.bits, aq, as, asum);
+    step_project(&st, &qkv, aq, as, asum, normed, y, threads);
+    if (o[T_QKV_B] != -1)
+        for (int64_t i = 0; i < shape[0][0]; i++) y[i] += load_f32(base + o[T_QKV_B], i);
+    float *q = y, *k = y + heads * d, *val = k + kv * d;
+    for (int64_t i = 0; i < heads; i++) rotate(q + i * d, cos, sin, half);
+    for (int64_t g = 0; g < kv; g++) {
+        rotate(k + g * d, cos, sin, half);
+        memcpy(key + (g * capacity + pos) * d, k + g * d, (size_t)d * sizeof(float));
+        memcpy(value + (g * capacity + pos) * d, val + g * d, (size_t)d * sizeof(float));
+    }
+    st.q = q; st.context = context; st.key = key; st.value = value; st.capacity = capacity;
+    st.first = first; st.last = pos; st.head_dim = d; st.group = heads / kv; st.scale = s->scale;
+    st.scores = scores;
+    /* the heads on the pool once the keys and values they read are worth a thread */
+    int64_t worth = 2 * kv * count * d * 4 / BYTES_PER_THREAD - 1;
+    int helpers = threads > 1 ? threads - 1 : 0;
+    run_all(head_task, &st, heads, worth < helpers ? (worth > 0 ? (int)worth : 0) : helpers);
+    proj_t out = step_projection(s, base, T_O_W, h, heads * d);
+    if (st.math.int8) quantize_row(context, heads * d, bs, st.math.bits, aq, as, asum);
+    step_project(&st, &out, aq, as, asum, context, attn, threads);
+    for (int64_t i = 0; i < h; i++) hidden[i] = x[i] + attn[i];
+
+    /* the MoE block's front half: router input, routing, the shared expert */
+    rms_norm(hidden, base + o[T_MLP_NORM], h, s->eps, router_input);
+    matvec(router_input, base + o[T_ROUTER], h, experts, y);
+    route_top_k(y, experts, v[S_TOP_K], (int)v[S_NORMALIZE], s->routed_scaling, probs, ids, weights);
+    if (o[T_NEXT_ROUTER] != -1) {
+        if (next_logits) matvec(router_input, base + o[T_NEXT_ROUTER], h, v[S_NEXT_EXPERTS], next_logits);
+        if (next_logits_norm) {
+            if (o[T_NEXT_NORM] != -1) rms_norm(hidden, base + o[T_NEXT_NORM], h, s->eps, renormed);
+            else memcpy(renormed, hidden, (size_t)h * sizeof(float));
+            matvec(renormed, base + o[T_NEXT_ROUTER], h, v[S_NEXT_EXPERTS], next_logits_norm);
+        }
+    }
+    if (inter > 0) {
+        proj_t gate_up = step_projection(s, base, T_GU_W, 2 * inter, h);
+        if (st.math.int8) quantize_row(router_input, h, bs, st.math.bits, aq, as, asum);
+        step_project(&st, &gate_up, aq, as, asum, router_input, y, threads);
+        for (int64_t i = 0; i < inter; i++) y[i] = y[i] * sigmoid(y[i]) * y[inter + i];
+        proj_t down = step_projection(s, base, T_DOWN_W, h, inter);
+        if (st.math.int8) quantize_row(y, inter, bs, st.math.bits, aq, as, asum);
+        step_project(&st, &down, aq, as, asum, y, attn, threads);
+        float gate = s->shared_scale;
+        if (o[T_SHARED_GATE] != -1) {
+            float logit;
+            matvec(router_input, base + o[T_SHARED_GATE], h, 1, &logit);
+            gate = sigmoid(logit) * s->shared_scale;
+        }
+        for (int64_t i = 0; i < h; i++) residual[i] = hidden[i] + attn[i] * gate;
+    } else {
+        memcpy(residual, hidden, (size_t)h * sizeof(float));
+    }
+    pthread_mutex_unlock(&call_lock);
+    free(scratch);
+    return 0;
 }
 
 /* The kernels this CPU runs (a bit per kernel). */

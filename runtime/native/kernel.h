@@ -39,6 +39,40 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
                      int64_t tokens, const int32_t *starts, const int32_t *rows, const int32_t *dest, float *y,
                      int threads);
 
+/* One decoder layer's decode step (one token), from the bytes of its graph file: RMSNorm, the q|k|v
+ * projection (+ bias), RoPE on the first rot_half * 2 dims of each q and k head (two halves), the new
+ * key and value written at `pos` of the caches [KV, capacity, D], grouped-query attention over
+ * positions (pos - window, pos], the output projection, the residual; RMSNorm, the router (float32
+ * [H, E]), softmax top-k; the shared expert (SwiGLU, optional sigmoid gate, scale); the next layer's
+ * router on this layer's router input and on its own norm of the stream (cross-layer prediction).
+ * Step vector (int64), as fate.runtime.native builds it from a validated DecodeStep: */
+enum {
+    S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_ROT_HALF, S_EXPERTS, S_TOP_K, S_NEXT_EXPERTS, S_SHARED_INTER,
+    S_BITS, S_BLOCK, S_INT8, S_NORMALIZE, S_WINDOW,
+    S_OFFSETS, /* then one offset per tensor (STEP_TENSORS order; -1: absent) */
+};
+enum {
+    T_ATTN_NORM, T_QKV_W, T_QKV_S, T_QKV_Z, T_QKV_B, T_O_W, T_O_S, T_O_Z, T_MLP_NORM, T_ROUTER,
+    T_GU_W, T_GU_S, T_GU_Z, T_DOWN_W, T_DOWN_S, T_DOWN_Z, T_SHARED_GATE, T_NEXT_ROUTER, T_NEXT_NORM,
+    STEP_TENSORS
+};
+#define S_SIZE (S_OFFSETS + STEP_TENSORS)
+
+typedef struct {
+    int64_t v[S_SIZE];
+    float eps, scale, shared_scale, routed_scaling;
+} fate_step;
+
+/* Bytes the graph buffer must hold for every tensor of `s`; -1 when its numbers or offsets are not
+ * ones the step computes (a required tensor missing, a size out of range, an offset out of range). */
+int64_t fate_step_bytes(const fate_step *s);
+
+/* The step itself; every buffer checked by the caller (sizes from fate_step_bytes and the numbers).
+ * next_logits and next_logits_norm may be NULL (no prediction). Returns 0, or -1 when memory ran out. */
+int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
+                  int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
+                  float *weights, float *next_logits, float *next_logits_norm, int threads);
+
 /* Kernel choice: the best this CPU runs is chosen at start; tests compare them. */
 void fate_kernel_init(void);
 const char *fate_kernel_name(void);

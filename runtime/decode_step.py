@@ -1,0 +1,57 @@
+"""A layer's decode step in native code: one call per layer per token instead of an onnxruntime run
+of its graph, computed from the bytes of that same graph file (the tensors the manifest's
+DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
+the compiler wrote one, the native kernel is built and the experts are not held to the session
+executor. Numbers equal the graph's to float32 rounding (the same int8 activation math for the
+quantized products; sums in another order)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fate.artifacts import LayerSpec, ModelSpec
+from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.slots import STEP_TENSORS, check_step_in_graph
+
+from . import native
+from .state import KVCache
+
+
+def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndarray:
+    """The int64 vector the native step reads (runtime/native/kernel.h, S_*): sizes, routing, the
+    layer's window, and the offset of every tensor in STEP_TENSORS order (-1 where absent)."""
+    step, routing = layer.decode_step, layer.routing
+    offsets = {view.name: view.offset for view in step.tensors}
+    head = [spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, len(spec.rope_inv_freq),
+            routing.num_experts, routing.top_k, next_experts, step.shared_intermediate_size, step.bits,
+            step.block_size, int(step.accuracy_level == 4), int(routing.normalize_top_k),
+            layer.sliding_window or spec.sliding_window or 0]
+    return np.asarray(head + [offsets.get(name, -1) for name in STEP_TENSORS], dtype=np.int64)
+
+
+class NativeDecodeStep:
+    """One layer's decode step over its graph file's bytes (`data`, kept for the model's life)."""
+
+    def __init__(self, spec: ModelSpec, layer: LayerSpec, next_experts: int, data: bytes, threads: int, label: str):
+        step = layer.decode_step
+        check_step_in_graph(step, data, f"{label}: decode step")
+        self.spec, self.index, self.graph, self.threads = spec, layer.index, data, threads
+        self.vector = step_vector(spec, layer, next_experts)
+        self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling)
+        self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
+
+    def run(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
+        """The layer's outputs for one token after the cache's `length` (the graph's names), its key and
+        value written into the cache's buffers in place; cos, sin: the position tables so far."""
+        position, h = cache.length, self.spec.hidden_size
+        state = cache.reserve(self.index, position + 1, self.spec.max_positions)
+        out = {IO.RESIDUAL: np.empty((1, 1, h), np.float32), IO.ROUTER_INPUT: np.empty((1, h), np.float32),
+               IO.EXPERT_IDS: np.empty((1, self.top_k), np.int64),
+               IO.EXPERT_WEIGHTS: np.empty((1, self.top_k), np.float32)}
+        predicted = [np.empty((1, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
+        out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
+        native.KERNEL.run_step(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
+                               state["key"], state["value"], position, cos[position], sin[position],
+                               out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
+                               *(predicted or (None, None)), self.threads)
+        return out

@@ -184,3 +184,30 @@ def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, 
     (ckpt / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     subprocess.run(compile_cmd, check=True, timeout=300)
     assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(hf, PROMPT)) < 1e-4
+
+
+# Families whose MoE layers the native decode step computes (DecodeStep), and those where some cases'
+# do (Granite-4.0-H: attention layers with RoPE); the others keep their graphs for what the step does
+# not do (q/k norms, sinks, latent attention, other routers, post-norms, RoPE on adjacent pairs, ...)
+DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "qwen2_moe"}
+SOME_DECODE_STEPS = {"granitemoehybrid"}
+
+
+def test_decode_steps_follow_the_layer_graphs(built):
+    """With INT4 dense weights, the layers that carry a decode step run it natively: logits, prefill
+    and decode, equal to the graphs' own to float32 rounding of the same int8 math."""
+    from fate.runtime import native
+
+    if not native.available():
+        pytest.skip("native kernel not built")
+    path = built.artifact(4, dense_bits=4)
+    with_steps = FateModel.load(path)
+    graphs = FateModel.load(path)
+    graphs.steps = {}
+    if built.family in DECODE_STEP_FAMILIES:
+        assert with_steps.steps
+    elif built.family not in SOME_DECODE_STEPS:
+        assert not with_steps.steps
+    continuation = [7, 99, 3, 12, 40]
+    assert rel_err(incremental_logits(with_steps, PROMPT, continuation),
+                   incremental_logits(graphs, PROMPT, continuation)) < 1e-3

@@ -1,0 +1,165 @@
+"""A layer's decode step in native code (runtime.decode_step): the same numbers as the layer graph it
+is read from, layer by layer and over a generation; where it runs and where the graph does; and a
+manifest that places its tensors anywhere but where the graph keeps them is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts.layout import GraphIO as IO
+from fate.runtime import native
+from fate.runtime.model import FateModel
+
+from conftest import Built
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
+
+# (family, dense bits, accuracy level, config overrides): a shared expert with its gate, q|k|v biases
+# and cross-layer predictions (qwen2_moe), float32 activations, and a window shorter than the context
+CASES = {
+    "qwen2_moe-int4": ("qwen2_moe", 4, 4, {}),
+    "qwen2_moe-int8-float": ("qwen2_moe", 8, 0, {}),
+    "mixtral-window": ("mixtral", 4, 4, {"sliding_window": 5}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    family, dense_bits, level, overrides = CASES[request.param]
+    built = Built(tmp_path_factory.mktemp(request.param), family=family, seed=21, **overrides)
+    return built, built.artifact(4, dense_bits=dense_bits, accuracy_level=level)
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def test_each_step_computes_what_its_graph_computes(case):
+    """Every layer with a step, on the same hidden state and cache (a prompt longer than the window):
+    the graph's outputs to float32 rounding, the same experts chosen, the same key and value added."""
+    _, path = case
+    model = FateModel.load(path)
+    assert set(model.steps) == {layer.index for layer in model.manifest.layers if layer.kind == "moe"}
+    cache = model.new_cache()
+    model.forward(np.arange(1, 12), cache)
+    hidden = np.random.default_rng(0).standard_normal((1, 1, model.spec.hidden_size)).astype(np.float32)
+    for index, step in model.steps.items():
+        spec = model.manifest.layers[index]
+        by_graph, by_step = copy.deepcopy(cache), copy.deepcopy(cache)
+        want = model.run_layer(spec, hidden, by_graph, model.positions.step(cache.length, 1).for_layer(spec), 1)
+        got = step.run(hidden, by_step, *model.positions.upto(cache.length + 1))
+        assert set(got) == {name for name in want if not name.startswith("present")}
+        np.testing.assert_array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS])
+        for name in got:
+            assert rel_err(got[name], want[name]) < 1e-5, name
+        for name in ("key", "value"):
+            added = by_step.layers[index][name][:, :, :cache.length + 1]
+            assert rel_err(added, by_graph.layers[index][name]) < 1e-5
+
+
+def test_generation_with_steps_follows_the_graphs(case):
+    """Prefill, then decode through the steps (keys and values in place), a cut as a conversation's
+    next turn, and decode again: the logits of the graphs alone to the int8 math's rounding."""
+    _, path = case
+    ids = np.random.default_rng(1).integers(1, 300, 30)
+
+    def run(model):
+        cache = model.new_cache()
+        rows = [model.head_logits(model.forward(ids[:10], cache))]
+        rows += [model.head_logits(model.forward(ids[i:i + 1], cache)) for i in range(10, 22)]
+        cut = cache.prefix(16)
+        rows += [model.head_logits(model.forward(ids[22:26], cut))]
+        rows += [model.head_logits(model.forward(ids[i:i + 1], cut)) for i in range(26, 30)]
+        return np.concatenate(rows)
+
+    with_steps = FateModel.load(path)
+    graphs = FateModel.load(path)
+    graphs.steps = {}
+    assert with_steps.steps
+    assert rel_err(run(with_steps), run(graphs)) < 1e-3
+
+
+def test_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
+    _, path = case
+    assert FateModel.load(path, executor="session").steps == {}
+    monkeypatch.setattr(native, "KERNEL", None)
+    model = FateModel.load(path)
+    assert model.steps == {}
+    assert np.isfinite(model.logits([3, 4, 5])).all()
+
+
+def edited(path, tmp_path, edit) -> str:
+    art = tmp_path / "art"
+    shutil.copytree(path, art)
+    data = json.loads((art / "manifest.json").read_text())
+    edit(next(layer for layer in data["layers"] if layer.get("decode_step")))
+    (art / "manifest.json").write_text(json.dumps(data))
+    return str(art)
+
+
+def views(layer) -> dict:
+    return {view["name"]: view for view in layer["decode_step"]["tensors"]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda layer: views(layer)["qkv.scales"].update(offset=10**9), "lies outside"),
+    (lambda layer: views(layer)["router"].update(shape=[1, 1]), "router is float32"),
+    (lambda layer: layer["decode_step"].update(bits=3), "unsupported bits"),
+    (lambda layer: layer["decode_step"]["tensors"].pop(), "places"),
+    (lambda layer: layer.update(positions="per_token"), "only a softmax-routed MoE layer"),
+])
+def test_a_step_that_does_not_fit_its_numbers_is_refused(case, tmp_path, edit, message):
+    _, path = case
+    with pytest.raises(ArtifactError, match=message):
+        Artifact.open(edited(path, tmp_path, edit))
+
+
+def test_a_step_pointing_at_other_bytes_of_the_graph_is_refused_before_it_runs(case, tmp_path):
+    """Two tensors of one shape swapped: the manifest alone cannot tell, the graph can."""
+    _, path = case
+
+    def swap(layer):
+        found = views(layer)
+        found["attn_norm"]["offset"], found["mlp_norm"]["offset"] = \
+            found["mlp_norm"]["offset"], found["attn_norm"]["offset"]
+
+    with pytest.raises(ArtifactError, match="decode step: attn_norm"):
+        FateModel.load(edited(path, tmp_path, swap))
+
+
+def test_the_native_call_checks_what_it_is_given(case):
+    """Wrong sizes, a position outside the caches, a vector with an offset past the graph: an
+    exception, never a read or write out of bounds."""
+    _, path = case
+    model = FateModel.load(path)
+    step = next(iter(model.steps.values()))
+    h, k = model.spec.hidden_size, step.top_k
+    kv, d = model.spec.num_kv_heads, model.spec.head_dim
+    cos, sin = model.positions.upto(8)
+
+    def call(vector=step.vector, graph=step.graph, x=np.zeros(h, np.float32), cache=4, pos=2, ids=k):
+        key = np.zeros((1, kv, cache, d), np.float32)
+        predicted = [np.empty(step.next_experts, np.float32)] * 2 if step.next_experts else [None, None]
+        native.KERNEL.run_step(vector, step.numbers, graph, x, key, key.copy(), pos, cos[pos % 8], sin[pos % 8],
+                               np.empty(h, np.float32), np.empty(h, np.float32), np.empty(ids, np.int64),
+                               np.empty(ids, np.float32), *predicted, 2)
+
+    call()
+    with pytest.raises(ValueError):
+        call(x=np.zeros(h + 1, np.float32))
+    with pytest.raises(ValueError):
+        call(ids=k + 1)
+    with pytest.raises(IndexError):
+        call(pos=4)
+    with pytest.raises(ValueError):
+        call(graph=step.graph[:len(step.graph) // 2])
+    bad = step.vector.copy()
+    bad[-5] = 10**12
+    with pytest.raises(ValueError):
+        call(vector=bad)

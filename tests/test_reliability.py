@@ -278,6 +278,8 @@ def test_manifest_numbers_that_contradict_the_graphs(workspace, edit, fragment):
     _, art = workspace
     path = art / "manifest.json"
     manifest = json.loads(path.read_text())
+    for layer in manifest["layers"]:  # a decode step's own checks refuse some of these first (test_decode_step)
+        layer.pop("decode_step", None)
     edit(manifest)
     path.write_text(json.dumps(manifest))
     refused(run("fate-run", art, "-p", "hello", "-n", "2"), fragment)

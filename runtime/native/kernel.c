@@ -881,7 +881,9 @@ typedef struct {
     float *scores; /* [heads, positions] */
 } step_t;
 
-#define STEP_ROWS 64 /* rows of a projection per task: a few tens of KB of weights */
+/* A projection's rows are split into this many tasks per thread: long runs of rows (one stream per
+ * thread for the hardware prefetcher), and a thread that joins late still finds work. */
+#define STEP_TASKS_PER_THREAD 8
 
 static void rows_task(void *ctx, int64_t t) {
     step_t *st = ctx;
@@ -895,11 +897,13 @@ static void step_project(step_t *st, const proj_t *p, const int8_t *aq, const fl
                          const float *x, float *y, int threads) {
     st->proj = *p;
     st->aq = aq; st->as = as; st->asum = asum; st->x = x; st->y = y;
-    st->rows_per_task = STEP_ROWS;
-    int64_t tasks = (p->n + STEP_ROWS - 1) / STEP_ROWS;
     int64_t worth = p->n * p->blocks * p->block_bytes / BYTES_PER_THREAD - 1;
     int helpers = threads > 1 ? threads - 1 : 0;
     if (worth < helpers) helpers = worth > 0 ? (int)worth : 0;
+    int64_t split = (int64_t)(helpers + 1) * STEP_TASKS_PER_THREAD;
+    int64_t rows = ((p->n + split - 1) / split + 3) / 4 * 4; /* whole passes of the four-row decode kernel */
+    st->rows_per_task = rows;
+    int64_t tasks = (p->n + rows - 1) / rows;
     run_all(rows_task, st, tasks, helpers);
 }
 

@@ -65,7 +65,10 @@ def test_each_step_computes_what_its_graph_computes(case):
 
 def test_generation_with_steps_follows_the_graphs(case):
     """Prefill, then decode through the steps (keys and values in place), a cut as a conversation's
-    next turn, and decode again: the logits of the graphs alone to the int8 math's rounding."""
+    next turn, and decode again: the logits of the graphs alone to the int8 math's rounding (a last-bit
+    difference in an activation can move its int8 code by one, about 1% of a block: the bound of the
+    native-against-session check in test_parity; a wrong head, window or weight moves logits by their
+    own size)."""
     _, path = case
     ids = np.random.default_rng(1).integers(1, 300, 30)
 
@@ -82,7 +85,7 @@ def test_generation_with_steps_follows_the_graphs(case):
     graphs = FateModel.load(path)
     graphs.steps = {}
     assert with_steps.steps
-    assert rel_err(run(with_steps), run(graphs)) < 1e-3
+    assert rel_err(run(with_steps), run(graphs)) < 2e-2
 
 
 def test_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):

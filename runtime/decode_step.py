@@ -1,6 +1,6 @@
 """A layer's decode step in native code: one call per layer per token instead of an onnxruntime run
-of its graph, computed from the bytes of that same graph file (the tensors the manifest's
-DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
+of its graph (and, with every expert resident, a second call for the routed experts), computed from
+the bytes of that same graph file (the tensors the manifest's DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
 the compiler wrote one, the native kernel is built and the experts are not held to the session
 executor. Numbers equal the graph's to float32 rounding (the same int8 activation math for the
 quantized products; sums in another order)."""
@@ -14,6 +14,7 @@ from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.slots import STEP_TENSORS, check_step_in_graph
 
 from . import native
+from .experts import RoutedExperts
 from .state import KVCache
 
 
@@ -30,12 +31,15 @@ def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndar
 
 
 class NativeDecodeStep:
-    """One layer's decode step over its graph file's bytes (`data`, kept for the model's life)."""
+    """One layer's decode step over its graph file's bytes (`data`, kept for the model's life). With
+    `routed` (every expert resident and native), the step runs the chosen experts too and its residual
+    is the layer's output; else the caller runs them from the routing it returns."""
 
-    def __init__(self, spec: ModelSpec, layer: LayerSpec, next_experts: int, data: bytes, threads: int, label: str):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec, next_experts: int, data: bytes, threads: int, label: str,
+                 routed: RoutedExperts | None = None):
         step = layer.decode_step
         check_step_in_graph(step, data, f"{label}: decode step")
-        self.spec, self.index, self.graph, self.threads = spec, layer.index, data, threads
+        self.spec, self.index, self.graph, self.threads, self.routed = spec, layer.index, data, threads, routed
         self.vector = step_vector(spec, layer, next_experts)
         self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling)
         self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
@@ -53,5 +57,5 @@ class NativeDecodeStep:
         native.KERNEL.run_step(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
                                state["key"], state["value"], position, cos[position], sin[position],
                                out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
-                               *(predicted or (None, None)), self.threads)
+                               *(predicted or (None, None)), self.threads, self.routed)
         return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts import Artifact, ArtifactError, ExpertLayout
 from fate.artifacts.graph_check import check_graph
 from fate.artifacts.layout import GraphIO
 
@@ -79,6 +79,14 @@ class ExpertRunner:
                                 f"(recompile with this Fate; float experts run as sessions)")
         return has_layout
 
+    def layout(self, layer: int, precision: str) -> tuple[ExpertLayout, np.ndarray]:
+        """The slot layout of `layer`'s experts at `precision`, and the vector the kernel reads of it."""
+        layout = self.artifact.manifest.layers[layer].expert_layouts[precision]
+        key = (layer, precision)
+        if key not in self._vectors:
+            self._vectors[key] = native.layout_vector(layout)
+        return layout, self._vectors[key]
+
     def native_steps(self) -> bool:
         """Whether layers with a decode step run it natively (the session executor is the reference
         path: graphs and sessions only)."""
@@ -110,16 +118,12 @@ class ExpertRunner:
             else:
                 groups.setdefault(w.expert.precision, []).append(w)
         for precision, batch in groups.items():
-            layout = self.artifact.manifest.layers[layer].expert_layouts[precision]
-            key = (layer, precision)
-            if key not in self._vectors:
-                self._vectors[key] = native.layout_vector(layout)
+            layout, vector = self.layout(layer, precision)
             starts = np.fromiter(itertools.accumulate((len(w.rows) for w in batch), initial=0), np.int32,
                                  len(batch) + 1)
             rows = np.concatenate([w.rows for w in batch]).astype(np.int32, copy=False)
             dest = np.concatenate([w.dest for w in batch]).astype(np.int32, copy=False)
-            native.run_experts(layout, self._vectors[key], [w.expert.data for w in batch], x, starts, rows, dest, y,
-                               self.threads)
+            native.run_experts(layout, vector, [w.expert.data for w in batch], x, starts, rows, dest, y, self.threads)
 
 
 def assignments(ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +36,16 @@ class ExpertStats:
         self.runs_per_layer[layer] = self.runs_per_layer.get(layer, 0) + experts
 
 
+class RoutedExperts(NamedTuple):
+    """A layer's experts as the native decode step takes them: the layout vector, the clamped SwiGLU's
+    numbers, and every expert's bytes by id."""
+
+    layout: np.ndarray
+    limit: float
+    alpha: float
+    buffers: list
+
+
 class ExpertStore(ABC):
     runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
 
@@ -55,6 +66,11 @@ class ExpertStore(ABC):
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
         """The experts `layer`'s router chose [S, k] (activation-path predictors use them)."""
+
+    def native_layer(self, layer: int) -> RoutedExperts | None:
+        """What a native decode step needs to run `layer`'s routed experts itself (every one always
+        resident, run natively), or None: the step hands its routing to `compute`."""
+        return None
 
     @abstractmethod
     def report(self) -> ResidentReport | OffloadReport:
@@ -130,6 +146,15 @@ class ResidentExperts(ExpertStore):
         self.experts[key] = loaded
         self.stats.loads += 1
         self.stats.bytes_read += loaded.nbytes
+
+    def native_layer(self, layer: int) -> RoutedExperts | None:
+        precision = self.precisions[layer]
+        if not self.runner.native_for(layer, precision):
+            return None
+        layout, vector = self.runner.layout(layer, precision)
+        count = self.runner.artifact.manifest.layers[layer].routing.num_experts
+        return RoutedExperts(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0,
+                             [self.experts[(layer, expert)].data for expert in range(count)])
 
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)

@@ -44,7 +44,8 @@ class FateModel:
             if layer is not None and layer.decode_step is not None and experts.runner.native_steps():
                 following = self.manifest.layers[layer.index + 1] if layer.predicts_next else None
                 self.steps[layer.index] = NativeDecodeStep(self.spec, layer, following.routing.num_experts
-                                                           if following else 0, data, experts.runner.threads, label)
+                                                           if following else 0, data, experts.runner.threads, label,
+                                                           experts.native_layer(layer.index))
             return session
 
         self.steps: dict[int, NativeDecodeStep] = {}
@@ -115,7 +116,10 @@ class FateModel:
             hidden = out[IO.RESIDUAL]
             if spec.kind == "moe":
                 self.experts.observe(spec.index, out[IO.EXPERT_IDS])
-                hidden = self._routed_experts(spec.index, out)
+                if step is not None and step.routed is not None:  # the step ran them
+                    self.experts.stats.count(spec.index, out[IO.EXPERT_IDS].size)
+                else:
+                    hidden = self._routed_experts(spec.index, out)
         cache.length += ids.size
         return hidden
 

@@ -14,7 +14,9 @@ import pytest
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime import native
+from fate.artifacts.budget import parse_budget
 from fate.runtime.model import FateModel
+from fate.runtime.offload import OffloadOptions
 
 from conftest import Built
 
@@ -42,18 +44,25 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 def test_each_step_computes_what_its_graph_computes(case):
     """Every layer with a step, on the same hidden state and cache (a prompt longer than the window):
-    the graph's outputs to float32 rounding, the same experts chosen, the same key and value added."""
+    the graph's outputs to float32 rounding, the same experts chosen, the same key and value added.
+    Run with the layer's experts (all resident), the step's output is its residual plus the routed
+    experts' sum exactly as the runtime adds them after a graph: the same bits."""
     _, path = case
     model = FateModel.load(path)
     assert set(model.steps) == {layer.index for layer in model.manifest.layers if layer.kind == "moe"}
+    assert all(step.routed is not None for step in model.steps.values())
     cache = model.new_cache()
     model.forward(np.arange(1, 12), cache)
     hidden = np.random.default_rng(0).standard_normal((1, 1, model.spec.hidden_size)).astype(np.float32)
+    tables = model.positions.upto(cache.length + 1)
     for index, step in model.steps.items():
         spec = model.manifest.layers[index]
-        by_graph, by_step = copy.deepcopy(cache), copy.deepcopy(cache)
+        by_graph, by_step, routing = copy.deepcopy(cache), copy.deepcopy(cache), copy.deepcopy(cache)
         want = model.run_layer(spec, hidden, by_graph, model.positions.step(cache.length, 1).for_layer(spec), 1)
-        got = step.run(hidden, by_step, *model.positions.upto(cache.length + 1))
+        with_experts = step.run(hidden, routing, *tables)
+        routed, step.routed = step.routed, None
+        got = step.run(hidden, by_step, *tables)
+        step.routed = routed
         assert set(got) == {name for name in want if not name.startswith("present")}
         np.testing.assert_array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS])
         for name in got:
@@ -61,6 +70,7 @@ def test_each_step_computes_what_its_graph_computes(case):
         for name in ("key", "value"):
             added = by_step.layers[index][name][:, :, :cache.length + 1]
             assert rel_err(added, by_graph.layers[index][name]) < 1e-5
+        np.testing.assert_array_equal(with_experts[IO.RESIDUAL], model._routed_experts(index, got))
 
 
 def test_generation_with_steps_follows_the_graphs(case):
@@ -91,6 +101,8 @@ def test_generation_with_steps_follows_the_graphs(case):
 def test_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
     _, path = case
     assert FateModel.load(path, executor="session").steps == {}
+    offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%")))
+    assert offloaded.steps and all(step.routed is None for step in offloaded.steps.values())
     monkeypatch.setattr(native, "KERNEL", None)
     model = FateModel.load(path)
     assert model.steps == {}
@@ -137,8 +149,8 @@ def test_a_step_pointing_at_other_bytes_of_the_graph_is_refused_before_it_runs(c
 
 
 def test_the_native_call_checks_what_it_is_given(case):
-    """Wrong sizes, a position outside the caches, a vector with an offset past the graph: an
-    exception, never a read or write out of bounds."""
+    """Wrong sizes, a position outside the caches, a vector with an offset past the graph, experts that
+    do not fit: an exception, never a read or write out of bounds."""
     _, path = case
     model = FateModel.load(path)
     step = next(iter(model.steps.values()))
@@ -146,14 +158,19 @@ def test_the_native_call_checks_what_it_is_given(case):
     kv, d = model.spec.num_kv_heads, model.spec.head_dim
     cos, sin = model.positions.upto(8)
 
-    def call(vector=step.vector, graph=step.graph, x=np.zeros(h, np.float32), cache=4, pos=2, ids=k):
+    def call(vector=step.vector, graph=step.graph, x=np.zeros(h, np.float32), cache=4, pos=2, ids=k, routed=None):
         key = np.zeros((1, kv, cache, d), np.float32)
         predicted = [np.empty(step.next_experts, np.float32)] * 2 if step.next_experts else [None, None]
         native.KERNEL.run_step(vector, step.numbers, graph, x, key, key.copy(), pos, cos[pos % 8], sin[pos % 8],
                                np.empty(h, np.float32), np.empty(h, np.float32), np.empty(ids, np.int64),
-                               np.empty(ids, np.float32), *predicted, 2)
+                               np.empty(ids, np.float32), *predicted, 2, routed)
 
     call()
+    call(routed=step.routed)
+    with pytest.raises(ValueError):  # an expert missing, or one too short for its layout
+        call(routed=step.routed._replace(buffers=step.routed.buffers[:-1]))
+    with pytest.raises(ValueError):
+        call(routed=step.routed._replace(buffers=[b"\0" * 64] * len(step.routed.buffers)))
     with pytest.raises(ValueError):
         call(x=np.zeros(h + 1, np.float32))
     with pytest.raises(ValueError):

@@ -27,6 +27,38 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
+/* An expert layout vector (int64[19], fate.runtime.native.layout_vector) into `l`, its numbers checked. */
+static int parse_layout(const Py_buffer *lv, double limit, double alpha, fate_layout *l) {
+    if (lv->len != L_SIZE * 8) { PyErr_SetString(PyExc_ValueError, "layout: expected 19 int64"); return -1; }
+    const int64_t *v = lv->buf;
+    memset(l, 0, sizeof *l);
+    l->hidden = v[L_HIDDEN]; l->inter = v[L_INTER];
+    l->bits = (int)v[L_BITS]; l->block = v[L_BLOCK]; l->int8 = v[L_ACCURACY] == 4;
+    l->activation = (int)v[L_ACTIVATION]; l->has_bias = v[L_HAS_BIAS] != 0;
+    l->limit = (float)limit; l->alpha = (float)alpha;
+    memcpy(l->offsets, v + L_TENSORS, sizeof l->offsets);
+    if (v[L_BITS] != l->bits || v[L_ACTIVATION] != l->activation || fate_layout_check(l) != 0) {
+        PyErr_SetString(PyExc_ValueError, "layout: unsupported numbers");
+        return -1;
+    }
+    return 0;
+}
+
+/* Every buffer of `seq` (views into `views`, bases into `bases`), each at least `need` bytes; returns
+ * how many views were taken (all on success), or -1 - taken with an exception set. */
+static Py_ssize_t get_experts(PyObject *seq, Py_ssize_t count, int64_t need, Py_buffer *views, const uint8_t **bases) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (get_buffer(PySequence_Fast_GET_ITEM(seq, i), &views[i], 0, "experts[i]")) return -1 - i;
+        bases[i] = views[i].buf;
+        if (views[i].len < need) {
+            PyErr_Format(PyExc_ValueError, "expert buffer %zd has %zd bytes; its layout needs %lld", i, views[i].len,
+                         (long long)need);
+            return -1 - (i + 1);
+        }
+    }
+    return count;
+}
+
 static const char run_doc[] =
     "run_experts(layout, experts, x, starts, rows, dest, y, threads, limit, alpha)\n"
     "Compute y[dest[a]] = expert(x[rows[a]]) for the assignments a in starts[e]..starts[e+1] of\n"
@@ -52,17 +84,7 @@ static PyObject *run_experts(PyObject *self, PyObject *args) {
         get_buffer(starts_obj, &sv, 0, "starts") || get_buffer(rows_obj, &rv, 0, "rows") ||
         get_buffer(dest_obj, &dv, 0, "dest") || get_buffer(y_obj, &yv, 1, "y"))
         goto done;
-    if (lv.len != L_SIZE * 8) { PyErr_SetString(PyExc_ValueError, "layout: expected 19 int64"); goto done; }
-    const int64_t *v = lv.buf;
-    l.hidden = v[L_HIDDEN]; l.inter = v[L_INTER];
-    l.bits = (int)v[L_BITS]; l.block = v[L_BLOCK]; l.int8 = v[L_ACCURACY] == 4;
-    l.activation = (int)v[L_ACTIVATION]; l.has_bias = v[L_HAS_BIAS] != 0;
-    l.limit = (float)limit; l.alpha = (float)alpha;
-    memcpy(l.offsets, v + L_TENSORS, sizeof l.offsets);
-    if (v[L_BITS] != l.bits || v[L_ACTIVATION] != l.activation || fate_layout_check(&l) != 0) {
-        PyErr_SetString(PyExc_ValueError, "layout: unsupported numbers");
-        goto done;
-    }
+    if (parse_layout(&lv, limit, alpha, &l) != 0) goto done;
     if (xv.len % (l.hidden * 4) || yv.len % (l.hidden * 4) || sv.len % 4 || rv.len != dv.len || rv.len % 4) {
         PyErr_SetString(PyExc_ValueError, "x, y, starts, rows or dest has the wrong size");
         goto done;
@@ -78,16 +100,8 @@ static PyObject *run_experts(PyObject *self, PyObject *args) {
     /* every tensor of every expert inside its buffer */
     int64_t need = fate_layout_bytes(&l);
     if (need < 0) { PyErr_SetString(PyExc_ValueError, "layout: bad offset"); goto done; }
-    for (got = 0; got < n_experts; got++) {
-        if (get_buffer(PySequence_Fast_GET_ITEM(seq, got), &ev[got], 0, "experts[i]")) goto done;
-        if (ev[got].len < need) {
-            PyErr_Format(PyExc_ValueError, "expert buffer %zd has %zd bytes; its layout needs %lld", got, ev[got].len,
-                         (long long)need);
-            got++;
-            goto done;
-        }
-        bases[got] = ev[got].buf;
-    }
+    got = get_experts(seq, n_experts, need, ev, bases);
+    if (got < 0) { got = -1 - got; goto done; }
     const int32_t *starts = sv.buf, *rows = rv.buf, *dest = dv.buf;
     if (starts[0] != 0 || starts[n_experts] != assignments) {
         PyErr_SetString(PyExc_ValueError, "starts must run from 0 to len(rows)");
@@ -120,26 +134,32 @@ done:
 
 static const char step_doc[] =
     "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
-    "         next_logits, next_logits_norm, threads)\n"
+    "         next_logits, next_logits_norm, threads, routed)\n"
     "One decoder layer's decode step from the bytes of its graph file (kernel.h: fate_run_step).\n"
     "step: int64 vector; floats: (eps, scale, shared_scale, routed_scaling); key, value: float32\n"
-    "[1, KV, capacity, D], written at pos; next_logits, next_logits_norm: float32 [E'] or None.\n"
-    "Every size, offset and index is checked first.";
+    "[1, KV, capacity, D], written at pos; next_logits, next_logits_norm: float32 [E'] or None;\n"
+    "routed: None, or (layout, limit, alpha, experts) to run the chosen experts too (every expert's\n"
+    "buffer, by id). Every size, offset and index is checked first.";
 
 static PyObject *run_step(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
-        *w_obj, *next_obj, *next_norm_obj;
+        *w_obj, *next_obj, *next_norm_obj, *routed_obj;
     double eps, scale, shared_scale, routed_scaling;
     long long pos;
     int threads;
-    if (!PyArg_ParseTuple(args, "O(dddd)OOOOLOOOOOOOOi", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
+    if (!PyArg_ParseTuple(args, "O(dddd)OOOOLOOOOOOOOiO", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
                           &graph_obj, &x_obj, &key_obj, &value_obj, &pos, &cos_obj, &sin_obj, &res_obj, &ri_obj,
-                          &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads))
+                          &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads, &routed_obj))
         return NULL;
     Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
-              wv = {0}, nv = {0}, nnv = {0};
-    PyObject *result = NULL;
+              wv = {0}, nv = {0}, nnv = {0}, lv = {0};
+    PyObject *result = NULL, *seq = NULL, *layout_obj = NULL, *experts_obj = NULL;
+    Py_buffer *ev = NULL;
+    const uint8_t **bases = NULL;
+    Py_ssize_t got = 0;
+    fate_layout routed;
+    double limit = 0.0, alpha = 0.0;
     fate_step s;
     if (get_buffer(step_obj, &sv, 0, "step") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
         get_buffer(key_obj, &kv, 1, "key") || get_buffer(value_obj, &vv, 1, "value") ||
@@ -171,16 +191,39 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     }
     int64_t capacity = kv.len / per_position;
     if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
+    if (routed_obj != Py_None) { /* the layer's experts: one buffer per expert id, each holding its layout */
+        if (!PyArg_ParseTuple(routed_obj, "OddO", &layout_obj, &limit, &alpha, &experts_obj) ||
+            get_buffer(layout_obj, &lv, 0, "layout") || parse_layout(&lv, limit, alpha, &routed))
+            goto done;
+        int64_t need = fate_layout_bytes(&routed);
+        seq = PySequence_Fast(experts_obj, "experts: expected a sequence of buffers");
+        if (!seq) goto done;
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+        if (need < 0 || routed.hidden != h || count != v[S_EXPERTS]) {
+            PyErr_SetString(PyExc_ValueError, "run_step: the routed experts do not fit the step");
+            goto done;
+        }
+        ev = calloc((size_t)count + 1, sizeof(Py_buffer));
+        bases = calloc((size_t)count + 1, sizeof(uint8_t *));
+        if (!ev || !bases) { PyErr_NoMemory(); goto done; }
+        got = get_experts(seq, count, need, ev, bases);
+        if (got < 0) { got = -1 - got; goto done; }
+    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = fate_run_step(&s, gv.buf, xv.buf, kv.buf, vv.buf, capacity, pos, cv.buf, snv.buf, rv.buf, riv.buf, iv.buf,
-                       wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, threads);
+                       wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, bases ? &routed : NULL, bases,
+                       threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) { PyErr_NoMemory(); goto done; }
     Py_INCREF(Py_None);
     result = Py_None;
 done:;
-    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv};
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ev[i]);
+    free(ev);
+    free((void *)bases);
+    Py_XDECREF(seq);
+    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv, &lv};
     for (size_t i = 0; i < sizeof views / sizeof *views; i++)
         if (views[i]->obj) PyBuffer_Release(views[i]);
     return result;

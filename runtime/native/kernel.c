@@ -738,9 +738,10 @@ static int helper_count(const fate_layout *l, int64_t tasks, int threads) {
     return worth < helpers ? (worth > 0 ? (int)worth : 0) : helpers;
 }
 
-int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_t n_experts, const float *x,
-                     int64_t tokens, const int32_t *starts, const int32_t *rows, const int32_t *dest, float *y,
-                     int threads) {
+/* fate_run_experts with call_lock held by the caller (a decode step runs its layer's experts itself) */
+static int run_experts_locked(const fate_layout *l, const uint8_t *const *experts, int64_t n_experts, const float *x,
+                              int64_t tokens, const int32_t *starts, const int32_t *rows, const int32_t *dest,
+                              float *y, int threads) {
     call_t c;
     memset(&c, 0, sizeof c);
     c.hidden = l->hidden; c.inter = l->inter;
@@ -769,19 +770,26 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
             c.tasks[t][2] = starts[e + 1] - a < TILE ? starts[e + 1] - a : TILE;
             t++;
         }
-    pthread_mutex_lock(&call_lock);
     if (c.math.int8)
         for (int64_t row = 0; row < tokens; row++)
             quantize_row(x + row * c.hidden, c.hidden, c.math.bs, c.math.bits, c.xq + row * blocks * c.math.bs,
                          c.xs + row * blocks, c.xsum + row * blocks);
     run_all(run_task, &c, task_count, helper_count(l, task_count, threads));
-    pthread_mutex_unlock(&call_lock);
     rc = atomic_load(&c.failed) ? -1 : 0;
 done:
     free(c.tasks);
     free(c.xq);
     free(c.xs);
     free(c.xsum);
+    return rc;
+}
+
+int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_t n_experts, const float *x,
+                     int64_t tokens, const int32_t *starts, const int32_t *rows, const int32_t *dest, float *y,
+                     int threads) {
+    pthread_mutex_lock(&call_lock);
+    int rc = run_experts_locked(l, experts, n_experts, x, tokens, starts, rows, dest, y, threads);
+    pthread_mutex_unlock(&call_lock);
     return rc;
 }
 
@@ -992,9 +1000,42 @@ static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int
     }
 }
 
+/* The routed experts of a step's token, added to the residual in the router's order: what the runtime's
+ * Python does with the experts' outputs, operation for operation (each weighted output rounded, then
+ * added), so the sum has the same bits either way. */
+static int add_routed(const fate_layout *routed, const uint8_t *const *experts, const int64_t *ids, const float *weights,
+                      int64_t top_k, const float *x, float *residual, int threads) {
+    int64_t h = routed->hidden;
+    const uint8_t **chosen = malloc((size_t)top_k * sizeof *chosen);
+    int32_t *index = malloc((size_t)(3 * top_k + 1) * sizeof *index);
+    float *y = malloc((size_t)(top_k * h) * sizeof *y);
+    int rc = -1;
+    if (chosen && index && y) {
+        int32_t *starts = index, *rows = index + top_k + 1, *dest = rows + top_k;
+        for (int64_t j = 0; j < top_k; j++) {
+            chosen[j] = experts[ids[j]];
+            starts[j] = (int32_t)j;
+            rows[j] = 0;
+            dest[j] = (int32_t)j;
+        }
+        starts[top_k] = (int32_t)top_k;
+        rc = run_experts_locked(routed, chosen, top_k, x, 1, starts, rows, dest, y, threads);
+        for (int64_t j = 0; rc == 0 && j < top_k; j++)
+            for (int64_t i = 0; i < h; i++) {
+                float weighted = y[j * h + i] * weights[j];
+                residual[i] += weighted;
+            }
+    }
+    free(chosen);
+    free(index);
+    free(y);
+    return rc;
+}
+
 int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
                   int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
-                  float *weights, float *next_logits, float *next_logits_norm, int threads) {
+                  float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
+                  const uint8_t *const *expert_bases, int threads) {
     const int64_t *v = s->v, *o = v + S_OFFSETS;
     int64_t h = v[S_HIDDEN], heads = v[S_HEADS], kv = v[S_KV_HEADS], d = v[S_HEAD_DIM], half = v[S_ROT_HALF];
     int64_t inter = v[S_SHARED_INTER], experts = v[S_EXPERTS], bs = v[S_BLOCK];
@@ -1082,9 +1123,10 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     } else {
         memcpy(residual, hidden, (size_t)h * sizeof(float));
     }
+    int rc = routed ? add_routed(routed, expert_bases, ids, weights, v[S_TOP_K], router_input, residual, threads) : 0;
     pthread_mutex_unlock(&call_lock);
     free(scratch);
-    return 0;
+    return rc;
 }
 
 /* The kernels this CPU runs (a bit per kernel). */

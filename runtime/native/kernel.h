@@ -68,10 +68,14 @@ typedef struct {
 int64_t fate_step_bytes(const fate_step *s);
 
 /* The step itself; every buffer checked by the caller (sizes from fate_step_bytes and the numbers).
- * next_logits and next_logits_norm may be NULL (no prediction). Returns 0, or -1 when memory ran out. */
+ * next_logits and next_logits_norm may be NULL (no prediction). With `routed` (the layer's expert
+ * layout, hidden size the step's) and `experts` (every routed expert's bytes, by id), the chosen
+ * experts run too and their weighted outputs join the residual in the router's order. Returns 0, or
+ * -1 when memory ran out. */
 int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
                   int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
-                  float *weights, float *next_logits, float *next_logits_norm, int threads);
+                  float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
+                  const uint8_t *const *experts, int threads);
 
 /* Kernel choice: the best this CPU runs is chosen at start; tests compare them. */
 void fate_kernel_init(void);

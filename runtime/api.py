@@ -35,11 +35,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto") -> "Engine":
+             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
+             decode_steps: bool = True) -> "Engine":
         """All experts resident, or with `offload` (a memory budget, prefetch mode, cache policy)
-        only a budget of them, the rest loaded ahead of need. `executor`: native, session or auto."""
+        only a budget of them, the rest loaded ahead of need. `executor`: native, session or auto;
+        `decode_steps`: native decode steps where the artifact has them (FateModel.load)."""
         model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload,
-                               executor=executor)
+                               executor=executor, decode_steps=decode_steps)
         return cls(model, TextCodec(model.artifact, verify=verify))
 
     def encode(self, text: str) -> list[int]:

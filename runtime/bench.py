@@ -49,11 +49,13 @@ class RunConfig:
     cache: str = "arc"
     precision: str | None = None
     executor: str = "auto"
+    decode_steps: bool = True
 
     @property
     def label(self) -> str:
         label = RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
-        return label if self.executor == "auto" else f"{label} [{self.executor}]"
+        label = label if self.executor == "auto" else f"{label} [{self.executor}]"
+        return label if self.decode_steps else f"{label} [graphs]"
 
 
 def run_one(config: RunConfig) -> dict:
@@ -67,7 +69,8 @@ def run_one(config: RunConfig) -> dict:
     offload = None if config.budget == RESIDENT else OffloadOptions(
         budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache, precision=config.precision,
         executor=config.executor)
-    model = FateModel.load(config.artifact, precision=config.precision, offload=offload, executor=config.executor)
+    model = FateModel.load(config.artifact, precision=config.precision, offload=offload, executor=config.executor,
+                           decode_steps=config.decode_steps)
     load_s = time.perf_counter() - start
     try:
         result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
@@ -217,6 +220,8 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--prefetch", default="none,eap,cross-layer,policy", show_default=True, help="Comma-separated modes.")
 @click.option("--executors", default="auto", show_default=True,
               help="Comma-separated executors to compare (auto, native, session).")
+@click.option("--decode-steps", "decode_steps", default="on", show_default=True,
+              help="Comma-separated: on (native decode steps where the artifact has them), off (graphs every token).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Text to take the prompt from.")
 @click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
@@ -227,8 +232,8 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)
-def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, repeat, cache, precision, json_out, plot,
-         worker) -> None:
+def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_len, gen_len, repeat, cache, precision,
+         json_out, plot, worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
         click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
@@ -242,12 +247,15 @@ def main(artifact, budgets, prefetch, executors, prompts, prompt_len, gen_len, r
             if out is not None:
                 check_output(out, [Path(artifact)], True, "report")
         ids = prompt_ids(artifact, prompt_len, prompts)
-        kinds = [e.strip() for e in executors.split(",")]
-        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision, e) for e in kinds]
+        steps = [{"on": True, "off": False}.get(v.strip()) for v in decode_steps.split(",")]
+        if None in steps:
+            raise FateError(f"--decode-steps takes on, off or both (on,off), got {decode_steps!r}")
+        kinds = [(e.strip(), on) for e in executors.split(",") for on in steps]
+        configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision, e, on) for e, on in kinds]
         for b in budgets.split(","):
             parse_budget(b)  # fail before any run
-            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e) for e in kinds
-                        for p in prefetch.split(",")]
+            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e, on)
+                        for e, on in kinds for p in prefetch.split(",")]
         first_read, bandwidth = storage_bandwidth(artifact)
         rows: dict[str, list[dict]] = {c.label: [] for c in configs}
         total = len(configs) * (repeat + 1)

@@ -59,6 +59,10 @@ def engine_options(command):
         click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
                      help="native: the C kernel computes experts from the bytes in their slots; session: an "
                        "onnxruntime session per expert (the reference); auto: native where it is built."),
+        click.option("--decode-steps", type=click.Choice(["on", "off"]), default="on", show_default=True,
+                     help="on: layers the compiler described run each decode token in one native call from their "
+                       "graph's bytes (kept beside the graph's session: more memory, by the dense weights of "
+                       "those layers); off: the graphs run every token."),
         click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc",
                      show_default=True),
         click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
@@ -76,8 +80,8 @@ def engine_options(command):
 
 
 def load_engine(artifact: str, precision: str | None, threads: int, no_verify: bool, verify_every_load: bool,
-                memory_budget: str | None, prefetch: str, executor: str, cache_policy: str, allocation: str,
-                int2_prefill: str, prefetch_threads: int) -> Engine:
+                memory_budget: str | None, prefetch: str, executor: str, decode_steps: str, cache_policy: str,
+                allocation: str, int2_prefill: str, prefetch_threads: int) -> Engine:
     """An Engine as the engine_options flags say."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
@@ -86,7 +90,7 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
         low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
         verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
     return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
-                       executor=executor)
+                       executor=executor, decode_steps=decode_steps == "on")
 
 
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:

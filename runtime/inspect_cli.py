@@ -110,6 +110,9 @@ def main(artifact: str, html_out: Path | None) -> None:
                    f"{len(m.moe_layers)} MoE, experts stored as {', '.join(m.precisions)}, "
                    f"dense weights {m.model.dense_precision}; Fate {m.fate_version}")
         click.echo(f"identity: sha256:{art.digest}")
+        steps = [layer.index for layer in m.layers if layer.decode_step is not None]
+        click.echo(f"native decode steps: {len(steps)} of {m.model.num_layers} layers"
+                   + (f" ({', '.join(map(str, steps))})" if 0 < len(steps) < m.model.num_layers else ""))
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
             click.echo(f"mixers: {', '.join(f'{n} {name}' for name, n in sorted(mixers.items()))}; a sequence carries "

@@ -29,7 +29,8 @@ PREFILL_CHUNK = 256
 class FateModel:
     """`FateModel.load(path)`, then `logits(ids)`, or the generation API in fate.runtime.generate."""
 
-    def __init__(self, artifact: Artifact, experts: ExpertStore, threads: int = 0, verify: bool = True):
+    def __init__(self, artifact: Artifact, experts: ExpertStore, threads: int = 0, verify: bool = True,
+                 decode_steps: bool = True):
         self.artifact = artifact
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
@@ -41,7 +42,7 @@ class FateModel:
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)
-            if layer is not None and layer.decode_step is not None and experts.runner.native_steps():
+            if decode_steps and layer is not None and layer.decode_step is not None and experts.runner.native_steps():
                 following = self.manifest.layers[layer.index + 1] if layer.predicts_next else None
                 self.steps[layer.index] = NativeDecodeStep(self.spec, layer, following.routing.num_experts
                                                            if following else 0, data, experts.runner.threads, label,
@@ -62,14 +63,17 @@ class FateModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto") -> "FateModel":
+             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
+             decode_steps: bool = True) -> "FateModel":
         """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache.
-        `executor` (auto, native, session) computes the experts; with `offload` its own says."""
+        `executor` (auto, native, session) computes the experts; with `offload` its own says.
+        `decode_steps`: layers with a DecodeStep run decode tokens natively (runtime.decode_step) where
+        the experts' executor is native; their graph bytes stay in memory beside the sessions."""
         artifact = Artifact.open(path)
         store = ResidentExperts(artifact, precision, verify=verify, executor=executor, threads=threads) \
             if offload is None else OffloadedExperts(artifact, offload)
         try:
-            return cls(artifact, store, threads, verify)
+            return cls(artifact, store, threads, verify, decode_steps)
         except BaseException:
             store.close()
             raise

@@ -98,9 +98,10 @@ def test_generation_with_steps_follows_the_graphs(case):
     assert rel_err(run(with_steps), run(graphs)) < 2e-2
 
 
-def test_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
+def test_steps_off_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
     _, path = case
     assert FateModel.load(path, executor="session").steps == {}
+    assert FateModel.load(path, decode_steps=False).steps == {}  # --decode-steps off
     offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%")))
     assert offloaded.steps and all(step.routed is None for step in offloaded.steps.values())
     monkeypatch.setattr(native, "KERNEL", None)

@@ -102,7 +102,7 @@ class ExpertLayout:
 @dataclass(frozen=True)
 class DecodeStep:
     """A layer the native step computes for one token straight from the bytes of its graph file: RMSNorm,
-    q|k|v (+ bias), RoPE in two halves from the position tables, grouped-query attention over the keys
+    q|k|v (+ bias, + a norm per head of q and k), RoPE in two halves from the position tables, grouped-query attention over the keys
     and values (within the layer's window), o, the residual; RMSNorm, a float32 softmax router and its
     top-k; the shared expert (SwiGLU, optional sigmoid gate); the next layer's router (cross-layer
     prediction). The same numbers as the graph to float32 rounding (the graph is the reference, and
@@ -121,6 +121,7 @@ class DecodeStep:
     shared_expert_gate: bool
     next_norm: bool  # the next router reads this layer's stream through the next layer's own norm
     tensors: list[TensorView]
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3-MoE)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def quantized_tensors(name: str, n: int, k: int, bits: int, bs: int) -> dict[str
 # the compiler's layer graphs name them by role: compiler/graphs.py layer_graph)
 STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm.norm_weight",
                      "router": "router.weight", "shared_expert_gate": "shared_expert_gate.weight",
-                     "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight"}
+                     "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight",
+                     "q_norm": "q_norm.norm_weight", "k_norm": "k_norm.norm_weight"}
 
 # (hidden size, query heads, key/value heads, head dim): the attention sizes a decode step's tensors follow
 Heads = tuple[int, int, int, int]
@@ -86,7 +87,7 @@ Heads = tuple[int, int, int, int]
 STEP_TENSORS = ("attn_norm", "qkv.qweight", "qkv.scales", "qkv.zero_points", "qkv.bias", "o.qweight", "o.scales",
                 "o.zero_points", "mlp_norm", "router", "shared_gate_up.qweight", "shared_gate_up.scales",
                 "shared_gate_up.zero_points", "shared_down.qweight", "shared_down.scales", "shared_down.zero_points",
-                "shared_expert_gate", "next_router", "next_norm")
+                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm")
 
 
 def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
@@ -101,6 +102,9 @@ def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
             "mlp_norm": ("float32", (h,)), "router": ("float32", (h, experts))}
     if step.qkv_bias:
         want["qkv.bias"] = ("float32", ((q + 2 * kv) * d,))
+    if step.qk_norm:
+        want["q_norm"] = ("float32", (d,))
+        want["k_norm"] = ("float32", (d,))
     if inter:
         want.update(quantized_tensors("shared_gate_up", 2 * inter, h, bits, bs))
         want.update(quantized_tensors("shared_down", h, inter, bits, bs))

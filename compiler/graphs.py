@@ -202,7 +202,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
             return y
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
         if per_head:
-            y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+            with b.tagged("q_norm" if norm_role == Role.Q_NORM else "k_norm"):
+                y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         return b.op("Reshape", y, b.ints([1, -1, n_heads * d])) if tables else y
 
     if cfg.rope_interleaved and rot not in (0, d):
@@ -882,7 +883,7 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
 # (q/k norms, sinks, output gates, post-norms, router biases, ...) leaves the layer to its graph.
 STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O,
                         Role.MLP_NORM, Role.ROUTER, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
-                        Role.SHARED_EXPERT_GATE})
+                        Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM})
 
 
 def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
@@ -898,6 +899,10 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     shared = Role.SHARED_GATE in w
     if shared and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
         plain = False
+    qk_norm = Role.Q_NORM in w
+    if (qk_norm or Role.K_NORM in w) and not (qk_norm and Role.K_NORM in w and cfg.qk_norm == "head"
+                                              and not cfg.qk_norm_after_rope):
+        plain = False  # only RMSNorm over each head of q and k before RoPE (Qwen3)
     if next_layer is not None and (next_layer.router_bias is not None or next_layer.score_bias is not None
                                    or next_layer.norm_bias is not None):
         plain = False
@@ -910,7 +915,7 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
-        next_norm=next_layer is not None and next_layer.norm is not None, tensors=[])
+        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, tensors=[])
 
 
 def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:

@@ -23,11 +23,13 @@ from conftest import Built
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
 
 # (family, dense bits, accuracy level, config overrides): a shared expert with its gate, q|k|v biases
-# and cross-layer predictions (qwen2_moe), float32 activations, and a window shorter than the context
+# and cross-layer predictions (qwen2_moe), float32 activations, a window shorter than the context, and
+# q and k normalized per head (qwen3_moe, whose head_dim is not hidden / heads)
 CASES = {
     "qwen2_moe-int4": ("qwen2_moe", 4, 4, {}),
     "qwen2_moe-int8-float": ("qwen2_moe", 8, 0, {}),
     "mixtral-window": ("mixtral", 4, 4, {"sliding_window": 5}),
+    "qwen3_moe-qk-norms": ("qwen3_moe", 4, 4, {}),
 }
 
 

@@ -868,6 +868,11 @@ int64_t fate_step_bytes(const fate_step *s) {
     if ((o[T_NEXT_ROUTER] == -1) != (v[S_NEXT_EXPERTS] == 0)) return -1;
     if (o[T_NEXT_ROUTER] != -1) need = grow(need, o[T_NEXT_ROUTER], h * v[S_NEXT_EXPERTS] * 4);
     if (o[T_NEXT_NORM] != -1) need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_NORM], h * 4) : -1;
+    if ((o[T_Q_NORM] == -1) != (o[T_K_NORM] == -1)) return -1;
+    if (o[T_Q_NORM] != -1) {
+        need = grow(need, o[T_Q_NORM], v[S_HEAD_DIM] * 4);
+        need = grow(need, o[T_K_NORM], v[S_HEAD_DIM] * 4);
+    }
     return need;
 }
 
@@ -1075,6 +1080,10 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     if (o[T_QKV_B] != -1)
         for (int64_t i = 0; i < shape[0][0]; i++) y[i] += load_f32(base + o[T_QKV_B], i);
     float *q = y, *k = y + heads * d, *val = k + kv * d;
+    if (o[T_Q_NORM] != -1) { /* each head normalized before it is rotated (in place: a norm reads before it writes) */
+        for (int64_t i = 0; i < heads; i++) rms_norm(q + i * d, base + o[T_Q_NORM], d, s->eps, q + i * d);
+        for (int64_t g = 0; g < kv; g++) rms_norm(k + g * d, base + o[T_K_NORM], d, s->eps, k + g * d);
+    }
     for (int64_t i = 0; i < heads; i++) rotate(q + i * d, cos, sin, half);
     for (int64_t g = 0; g < kv; g++) {
         rotate(k + g * d, cos, sin, half);

@@ -40,7 +40,7 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
                      int threads);
 
 /* One decoder layer's decode step (one token), from the bytes of its graph file: RMSNorm, the q|k|v
- * projection (+ bias), RoPE on the first rot_half * 2 dims of each q and k head (two halves), the new
+ * projection (+ bias, + RMSNorm over each head of q and k), RoPE on the first rot_half * 2 dims of each q and k head (two halves), the new
  * key and value written at `pos` of the caches [KV, capacity, D], grouped-query attention over
  * positions (pos - window, pos], the output projection, the residual; RMSNorm, the router (float32
  * [H, E]), softmax top-k; the shared expert (SwiGLU, optional sigmoid gate, scale); the next layer's
@@ -54,7 +54,7 @@ enum {
 enum {
     T_ATTN_NORM, T_QKV_W, T_QKV_S, T_QKV_Z, T_QKV_B, T_O_W, T_O_S, T_O_Z, T_MLP_NORM, T_ROUTER,
     T_GU_W, T_GU_S, T_GU_Z, T_DOWN_W, T_DOWN_S, T_DOWN_Z, T_SHARED_GATE, T_NEXT_ROUTER, T_NEXT_NORM,
-    STEP_TENSORS
+    T_Q_NORM, T_K_NORM, STEP_TENSORS
 };
 #define S_SIZE (S_OFFSETS + STEP_TENSORS)
 

@@ -7,6 +7,7 @@ from .schema import (
     ExpertLayout,
     FileEntry,
     GenerationDefaults,
+    HeadStep,
     LayerPolicy,
     LayerSpec,
     Manifest,
@@ -21,6 +22,6 @@ from .store import Artifact, ArtifactWriter, pack_artifact, unpack_artifact
 
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "ArtifactError", "ArtifactWriter", "DecodeStep", "ExpertLayout", "FateError", "FileEntry",
-    "GenerationDefaults", "GenerationError", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
+    "GenerationDefaults", "GenerationError", "HeadStep", "LayerPolicy", "LayerSpec", "Manifest", "ModelError", "ModelSpec",
     "Policy", "RoutingSpec", "StateSpec", "TensorView", "TokenizerSpec", "pack_artifact", "unpack_artifact",
 ]

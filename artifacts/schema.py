@@ -125,6 +125,21 @@ class DecodeStep:
 
 
 @dataclass(frozen=True)
+class HeadStep:
+    """The LM head the native step computes for one token from the bytes of the head graph: logits =
+    RMSNorm(hidden) @ lm_head^T (+ bias) / logits_scaling. `tensors` place `final_norm`, `lm_head.*`
+    (MatMulNBits' layout) and `lm_head.bias` in the head graph file."""
+
+    bits: int
+    block_size: int
+    accuracy_level: int
+    norm_eps: float
+    logits_scaling: float
+    has_bias: bool
+    tensors: list[TensorView]
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One tensor a non-attention layer carries from token to token (float32, fixed shape): the
     graph reads it as `past_<name>` and writes the next one as `present_<name>`."""
@@ -282,6 +297,8 @@ class Manifest:
     files: list[FileEntry]
     profile: str | None = None
     policy: Policy | None = None
+    # schema 1.5: the head's decode step, for the native kernel (absent: the head graph runs every step)
+    head_step: HeadStep | None = None
 
     @property
     def moe_layers(self) -> list[LayerSpec]:
@@ -327,6 +344,11 @@ class Manifest:
             self._validate_layouts(layer, sizes)
         for layer in self.layers:  # after every layer's own checks: a step reads the next layer's routing
             self._validate_decode_step(layer, sizes)
+        if self.head_step is not None:
+            from .slots import check_head_step
+
+            check_head_step(self.head_step, m.hidden_size, m.vocab_size, sizes.get(self.head_graph, 0),
+                            "manifest: head step")
         if not self.tokenizer.eos_token_ids:
             raise ArtifactError("manifest: tokenizer.eos_token_ids is empty")
         listed = {f.path for f in self.files}

@@ -18,7 +18,7 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
-from .schema import DecodeStep, ExpertLayout, TensorView
+from .schema import DecodeStep, ExpertLayout, HeadStep, TensorView
 
 PROJECTIONS = ("gate", "up", "down")
 QUANT_PARTS = ("qweight", "scales", "zero_points")
@@ -78,7 +78,8 @@ def quantized_tensors(name: str, n: int, k: int, bits: int, bs: int) -> dict[str
 STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm.norm_weight",
                      "router": "router.weight", "shared_expert_gate": "shared_expert_gate.weight",
                      "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight",
-                     "q_norm": "q_norm.norm_weight", "k_norm": "k_norm.norm_weight"}
+                     "q_norm": "q_norm.norm_weight", "k_norm": "k_norm.norm_weight",
+                     "final_norm": "final_norm.norm_weight"}
 
 # (hidden size, query heads, key/value heads, head dim): the attention sizes a decode step's tensors follow
 Heads = tuple[int, int, int, int]
@@ -117,13 +118,35 @@ def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
     return want
 
 
+def expected_head_tensors(step: HeadStep, hidden: int, vocab: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor the head's decode step reads."""
+    want = {"final_norm": ("float32", (hidden,)),
+            **quantized_tensors("lm_head", vocab, hidden, step.bits, step.block_size)}
+    if step.has_bias:
+        want["lm_head.bias"] = ("float32", (vocab,))
+    return want
+
+
+def check_head_step(step: HeadStep, hidden: int, vocab: int, file_size: int, where: str) -> None:
+    """Refuse a head step the native step does not compute, or whose tensors are not exactly the
+    expected ones inside the head graph file."""
+    check_quantized_numbers(step, where)
+    if not math.isfinite(step.norm_eps) or not math.isfinite(step.logits_scaling) or step.logits_scaling == 0:
+        raise ArtifactError(f"{where}: numbers out of range")
+    check_views(step.tensors, expected_head_tensors(step, hidden, vocab), file_size, where)
+
+
+def check_quantized_numbers(step: DecodeStep | HeadStep, where: str) -> None:
+    if step.bits not in (2, 4, 8) or step.block_size < 16 or step.block_size & (step.block_size - 1) \
+            or step.block_size > MAX_BLOCK_SIZE or step.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ArtifactError(f"{where}: unsupported bits {step.bits}, block size {step.block_size} or accuracy level")
+
+
 def check_decode_step(step: DecodeStep, heads: Heads, experts: int, next_experts: int, file_size: int,
                       where: str) -> None:
     """Refuse a decode step whose numbers the native step does not compute, or whose tensors are not
     exactly the expected ones inside its graph file."""
-    if step.bits not in (2, 4, 8) or step.block_size < 16 or step.block_size & (step.block_size - 1) \
-            or step.block_size > MAX_BLOCK_SIZE or step.accuracy_level not in (0, 1, 2, 3, 4):
-        raise ArtifactError(f"{where}: unsupported bits {step.bits}, block size {step.block_size} or accuracy level")
+    check_quantized_numbers(step, where)
     numbers = (step.attention_scale, step.norm_eps, step.shared_scale, step.routed_scaling)
     if not all(math.isfinite(x) for x in numbers) or not 0 <= step.shared_intermediate_size <= (1 << 20):
         raise ArtifactError(f"{where}: numbers out of range")
@@ -200,7 +223,7 @@ def layout_of(model: bytes, layout: ExpertLayout) -> ExpertLayout:
     return dataclasses.replace(layout, tensors=views_of(model, expected_tensors(layout)))
 
 
-def check_step_in_graph(step: DecodeStep, graph: bytes, where: str) -> None:
+def check_step_in_graph(step: DecodeStep | HeadStep, graph: bytes, where: str) -> None:
     """Refuse a decode step whose tensors are not exactly where the graph keeps the initializers they
     name: the step then computes what the graph computes, from the same bytes."""
     ranges = initializer_ranges(graph)

@@ -428,9 +428,14 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             release_freed_memory()
             log(f"  layer {layer + 1}/{cfg.num_layers} done ({time.time() - start:.1f} s)")
         lm_head = embed if reader.tied_lm_head() else reader.get(Role.LM_HEAD)
-        head = graphs.head_graph(cfg, reader.get(Role.FINAL_NORM), reader.optional(Role.FINAL_NORM_BIAS), lm_head,
-                                 reader.optional(Role.LM_HEAD_BIAS), dense_format(opts))
-        writer.write_bytes(layout.HEAD_GRAPH, head.SerializeToString())
+        final_norm_bias, lm_head_bias = reader.optional(Role.FINAL_NORM_BIAS), reader.optional(Role.LM_HEAD_BIAS)
+        head = graphs.head_graph(cfg, reader.get(Role.FINAL_NORM), final_norm_bias, lm_head, lm_head_bias,
+                                 dense_format(opts)).SerializeToString()
+        head_step = graphs.head_step(cfg, lm_head.shape[0], final_norm_bias, lm_head_bias, dense_format(opts))
+        if head_step is not None:
+            head_step = graphs.head_step_views(head_step, head, cfg)
+        writer.write_bytes(layout.HEAD_GRAPH, head)
+        del head
         for name, data in tokenizer.files.items():
             writer.write_bytes(layout.tokenizer_file(name), data)
         policy = None
@@ -443,7 +448,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             schema_version="", fate_version="", model=spec,
             embed_graph=layout.EMBED_GRAPH, head_graph=layout.HEAD_GRAPH, layers=layers,
             tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
-            profile=None if profiler is None else layout.PROFILE, policy=policy,
+            profile=None if profiler is None else layout.PROFILE, policy=policy, head_step=head_step,
         )
         out = writer.commit(manifest)
     log(f"wrote {out} in {time.time() - start:.1f} s")

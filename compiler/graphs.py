@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from fate.artifacts import DecodeStep, ModelError
+from fate.artifacts import DecodeStep, HeadStep, ModelError
 from fate.artifacts.layout import GraphIO as IO
-from fate.artifacts.slots import STEP_INITIALIZERS, expected_step_tensors, views_of
+from fate.artifacts.slots import STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
@@ -869,7 +869,10 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
                lm_head_bias: np.ndarray | None, weights: WeightFormat = WeightFormat()) -> onnx.ModelProto:
     b = GraphBuilder("head", weights)
     h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
-    logits = linear(b, norm(b, h, final_norm, final_norm_bias, cfg.rms_norm_eps, cfg.norm), lm_head, lm_head_bias)
+    with b.tagged("final_norm"):
+        normed = norm(b, h, final_norm, final_norm_bias, cfg.rms_norm_eps, cfg.norm)
+    with b.tagged("lm_head"):
+        logits = linear(b, normed, lm_head, lm_head_bias)
     logits_scaling = cfg.logits_scaling
     if logits_scaling != 1.0:
         logits = b.op("Div", logits, b.scalar(logits_scaling, "logits_scaling"))
@@ -916,6 +919,23 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
         next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, tensors=[])
+
+
+def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,
+              fmt: WeightFormat) -> HeadStep | None:
+    """The numbers of the head's native decode step (RMSNorm and a quantized LM head), or None."""
+    if cfg.norm != "rms" or final_norm_bias is not None or fmt.bits not in (2, 4, 8) \
+            or lm_head_rows != cfg.vocab_size:
+        return None
+    return HeadStep(bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits],
+                    accuracy_level=fmt.accuracy_level, norm_eps=cfg.rms_norm_eps, logits_scaling=cfg.logits_scaling,
+                    has_bias=lm_head_bias is not None, tensors=[])
+
+
+def head_step_views(step: HeadStep, data: bytes, cfg: ArchConfig) -> HeadStep:
+    """`step` with its tensors placed in the serialized head graph `data`."""
+    return replace(step, tensors=views_of(data, expected_head_tensors(step, cfg.hidden_size, cfg.vocab_size),
+                                          STEP_INITIALIZERS))
 
 
 def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:

@@ -9,13 +9,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from fate.artifacts import LayerSpec, ModelSpec
+from fate.artifacts import HeadStep, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.slots import STEP_TENSORS, check_step_in_graph
 
 from . import native
 from .experts import RoutedExperts
 from .state import KVCache
+
+
+class NativeHead:
+    """The LM head's decode step over the head graph's bytes: logits of one token."""
+
+    def __init__(self, spec: ModelSpec, step: HeadStep, data: bytes, threads: int, label: str):
+        check_step_in_graph(step, data, f"{label}: head step")
+        offsets = {view.name: view.offset for view in step.tensors}
+        self.vector = np.asarray([spec.hidden_size, spec.vocab_size, step.bits, step.block_size,
+                                  int(step.accuracy_level == 4)] +
+                                 [offsets.get(name, -1) for name in ("final_norm", "lm_head.qweight", "lm_head.scales",
+                                                                     "lm_head.zero_points", "lm_head.bias")], np.int64)
+        self.numbers = (step.norm_eps, step.logits_scaling)
+        self.graph, self.threads, self.vocab = data, threads, spec.vocab_size
+
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [1, V] of hidden [1, 1, H]."""
+        logits = np.empty((1, self.vocab), np.float32)
+        native.KERNEL.run_head(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
+                               logits, self.threads)
+        return logits
 
 
 def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndarray:

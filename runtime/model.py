@@ -10,7 +10,7 @@ import numpy as np
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.layout import GraphIO as IO
 
-from .decode_step import NativeDecodeStep
+from .decode_step import NativeDecodeStep, NativeHead
 from .experts import ExpertStore, ResidentExperts
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .offload import OffloadedExperts, OffloadOptions
@@ -35,14 +35,17 @@ class FateModel:
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
         self.experts = experts
-        def load(path: str, interface: tuple[dict, dict], layer: LayerSpec | None = None):
+        def load(path: str, interface: tuple[dict, dict], layer: LayerSpec | None = None, head: bool = False):
             data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
             try:
                 session = make_session(data, graph_threads(threads, len(data)), label=label)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)
-            if decode_steps and layer is not None and layer.decode_step is not None and experts.runner.native_steps():
+            native_steps = decode_steps and experts.runner.native_steps()
+            if native_steps and head and self.manifest.head_step is not None:
+                self.native_head = NativeHead(self.spec, self.manifest.head_step, data, experts.runner.threads, label)
+            if native_steps and layer is not None and layer.decode_step is not None:
                 following = self.manifest.layers[layer.index + 1] if layer.predicts_next else None
                 self.steps[layer.index] = NativeDecodeStep(self.spec, layer, following.routing.num_experts
                                                            if following else 0, data, experts.runner.threads, label,
@@ -50,8 +53,9 @@ class FateModel:
             return session
 
         self.steps: dict[int, NativeDecodeStep] = {}
+        self.native_head: NativeHead | None = None
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
-        self.head = load(self.manifest.head_graph, head_interface(self.manifest))
+        self.head = load(self.manifest.head_graph, head_interface(self.manifest), head=True)
         self.layers = [load(layer.graph, layer_interface(self.manifest, layer), layer) for layer in self.manifest.layers]
         self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
                          for layer in self.manifest.layers if layer.combine_graph}
@@ -161,7 +165,10 @@ class FateModel:
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [S, V] for hidden states [1, S, H]; never NaN or infinite: whatever made them so (a
         damaged weight in a graph or an expert, a manifest number) is refused, not sampled from."""
-        logits = self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
+        if hidden.shape[1] == 1 and self.native_head is not None:
+            logits = self.native_head.run(hidden)
+        else:
+            logits = self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
         if not np.isfinite(logits).all():
             raise GenerationError("the model computed NaN or infinite logits: a weight or a number in this "
                                   "artifact is damaged")

@@ -24,7 +24,8 @@ def test_format_md_lists_every_field():
     documented = set(re.findall(r"`([a-z_0-9]+)`", text))
     for cls in (schema.Manifest, schema.ModelSpec, schema.LayerSpec, schema.StateSpec, schema.RoutingSpec,
                 schema.TokenizerSpec, schema.GenerationDefaults, schema.FileEntry, schema.Policy,
-                schema.LayerPolicy, profile.Profile, profile.LayerProfile, profile.RecallCurve):
+                schema.LayerPolicy, schema.DecodeStep, schema.HeadStep, profile.Profile, profile.LayerProfile,
+                profile.RecallCurve):
         missing = {f.name for f in dataclasses.fields(cls)} - documented
         assert not missing, f"FORMAT.md does not describe {cls.__name__}.{missing}"
 

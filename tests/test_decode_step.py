@@ -75,6 +75,20 @@ def test_each_step_computes_what_its_graph_computes(case):
         np.testing.assert_array_equal(with_experts[IO.RESIDUAL], model._routed_experts(index, got))
 
 
+def test_the_head_step_computes_what_the_head_graph_computes(case):
+    """One token's logits from the head graph's bytes: the graph's to float32 rounding; several tokens
+    (a whole sequence's logits) still go through the graph."""
+    _, path = case
+    model = FateModel.load(path)
+    assert model.native_head is not None
+    hidden = np.random.default_rng(2).standard_normal((1, 1, model.spec.hidden_size)).astype(np.float32)
+    want = model.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
+    got = model.head_logits(hidden)
+    assert got.shape == want.shape == (1, model.spec.vocab_size)
+    assert rel_err(got, want) < 1e-5 and got.argmax() == want.argmax()
+    assert model.head_logits(np.repeat(hidden, 3, axis=1)).shape == (3, model.spec.vocab_size)
+
+
 def test_generation_with_steps_follows_the_graphs(case):
     """Prefill, then decode through the steps (keys and values in place), a cut as a conversation's
     next turn, and decode again: the logits of the graphs alone to the int8 math's rounding (a last-bit
@@ -94,21 +108,21 @@ def test_generation_with_steps_follows_the_graphs(case):
         return np.concatenate(rows)
 
     with_steps = FateModel.load(path)
-    graphs = FateModel.load(path)
-    graphs.steps = {}
-    assert with_steps.steps
+    graphs = FateModel.load(path, decode_steps=False)
+    assert with_steps.steps and with_steps.native_head and not graphs.steps and graphs.native_head is None
     assert rel_err(run(with_steps), run(graphs)) < 2e-2
 
 
 def test_steps_off_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
     _, path = case
     assert FateModel.load(path, executor="session").steps == {}
-    assert FateModel.load(path, decode_steps=False).steps == {}  # --decode-steps off
+    off = FateModel.load(path, decode_steps=False)  # --decode-steps off
+    assert off.steps == {} and off.native_head is None
     offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%")))
     assert offloaded.steps and all(step.routed is None for step in offloaded.steps.values())
     monkeypatch.setattr(native, "KERNEL", None)
     model = FateModel.load(path)
-    assert model.steps == {}
+    assert model.steps == {} and model.native_head is None
     assert np.isfinite(model.logits([3, 4, 5])).all()
 
 
@@ -136,6 +150,34 @@ def test_a_step_that_does_not_fit_its_numbers_is_refused(case, tmp_path, edit, m
     _, path = case
     with pytest.raises(ArtifactError, match=message):
         Artifact.open(edited(path, tmp_path, edit))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda step: step["tensors"][0].update(offset=10**9), "lies outside"),
+    (lambda step: step.update(logits_scaling=0), "out of range"),
+    (lambda step: step.update(has_bias=True), "places"),
+])
+def test_a_head_step_that_does_not_fit_is_refused(case, tmp_path, edit, message):
+    _, path = case
+    art = tmp_path / "art"
+    shutil.copytree(path, art)
+    data = json.loads((art / "manifest.json").read_text())
+    edit(data["head_step"])
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=message):
+        Artifact.open(str(art))
+
+
+def test_a_head_step_off_its_initializers_is_refused_before_it_runs(case, tmp_path):
+    _, path = case
+    art = tmp_path / "art"
+    shutil.copytree(path, art)
+    data = json.loads((art / "manifest.json").read_text())
+    norm = next(view for view in data["head_step"]["tensors"] if view["name"] == "final_norm")
+    norm["offset"] -= 4
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="head step: final_norm"):
+        FateModel.load(str(art))
 
 
 def test_a_step_pointing_at_other_bytes_of_the_graph_is_refused_before_it_runs(case, tmp_path):
@@ -186,3 +228,12 @@ def test_the_native_call_checks_what_it_is_given(case):
     bad[-5] = 10**12
     with pytest.raises(ValueError):
         call(vector=bad)
+    head = model.native_head
+    logits = np.empty(model.spec.vocab_size, np.float32)
+    native.KERNEL.run_head(head.vector, head.numbers, head.graph, np.zeros(h, np.float32), logits, 2)
+    with pytest.raises(ValueError):
+        native.KERNEL.run_head(head.vector, head.numbers, head.graph, np.zeros(h, np.float32), logits[:-1], 2)
+    with pytest.raises(ValueError):
+        native.KERNEL.run_head(head.vector, head.numbers, head.graph[:100], np.zeros(h, np.float32), logits, 2)
+    with pytest.raises(ValueError):
+        native.KERNEL.run_head(head.vector, (1e-6, 0.0), head.graph, np.zeros(h, np.float32), logits, 2)

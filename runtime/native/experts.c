@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -229,6 +230,48 @@ done:;
     return result;
 }
 
+static const char head_doc[] =
+    "run_head(head, floats, graph, x, logits, threads)\n"
+    "The LM head's decode step from the bytes of the head graph (kernel.h: fate_run_head). head: int64\n"
+    "vector; floats: (eps, logits_scaling); x: float32 [H]; logits: float32 [V]. Everything checked first.";
+
+static PyObject *run_head(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *head_obj, *graph_obj, *x_obj, *logits_obj;
+    double eps, scaling;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O(dd)OOOi", &head_obj, &eps, &scaling, &graph_obj, &x_obj, &logits_obj, &threads))
+        return NULL;
+    Py_buffer hv = {0}, gv = {0}, xv = {0}, lv = {0};
+    PyObject *result = NULL;
+    if (get_buffer(head_obj, &hv, 0, "head") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
+        get_buffer(logits_obj, &lv, 1, "logits"))
+        goto done;
+    if (hv.len != H_SIZE * 8) { PyErr_Format(PyExc_ValueError, "head: expected %d int64", H_SIZE); goto done; }
+    const int64_t *v = hv.buf;
+    int64_t need = fate_head_bytes(v);
+    if (need < 0 || !isfinite(eps) || !isfinite(scaling) || scaling == 0.0) {
+        PyErr_SetString(PyExc_ValueError, "head: unsupported numbers or a bad offset");
+        goto done;
+    }
+    if (gv.len < need || xv.len != v[H_HIDDEN] * 4 || lv.len != v[H_VOCAB] * 4) {
+        PyErr_SetString(PyExc_ValueError, "run_head: the graph or an array has the wrong size");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fate_run_head(v, (float)eps, (float)scaling, gv.buf, xv.buf, lv.buf, threads);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) { PyErr_NoMemory(); goto done; }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:;
+    Py_buffer *views[] = {&hv, &gv, &xv, &lv};
+    for (size_t i = 0; i < sizeof views / sizeof *views; i++)
+        if (views[i]->obj) PyBuffer_Release(views[i]);
+    return result;
+}
+
 static PyObject *kernel_name(PyObject *self, PyObject *args) {
     (void)self; (void)args;
     return PyUnicode_FromString(fate_kernel_name());
@@ -352,6 +395,7 @@ static PyTypeObject ReadType = {
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"run_step", run_step, METH_VARARGS, step_doc},
+    {"run_head", run_head, METH_VARARGS, head_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
     {"set_kernel", set_kernel, METH_O, "Use kernel 'best' or one of kernels() (tests compare them)."},
     {"kernels", kernels, METH_NOARGS, "The kernels this CPU can run, best first."},

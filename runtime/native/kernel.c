@@ -1138,6 +1138,56 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     return rc;
 }
 
+int64_t fate_head_bytes(const int64_t *v) {
+    int64_t h = v[H_HIDDEN], n = v[H_VOCAB], bits = v[H_BITS], bs = v[H_BLOCK];
+    if (h <= 0 || h > (1 << 20) || n <= 0 || n > (1 << 24) || (v[H_INT8] != 0 && v[H_INT8] != 1)) return -1;
+    if ((bits != 2 && bits != 4 && bits != 8) || bs < 16 || bs > (1 << 16) || (bs & (bs - 1))) return -1;
+    int64_t blocks = (h + bs - 1) / bs, need = 0;
+    need = grow(need, v[H_NORM], h * 4);
+    need = grow(need, v[H_QWEIGHT], n * blocks * (bs * bits / 8));
+    need = grow(need, v[H_SCALES], n * blocks * 4);
+    need = grow(need, v[H_ZEROS], n * ((blocks * bits + 7) / 8));
+    if (v[H_BIAS] != -1) need = grow(need, v[H_BIAS], n * 4);
+    return need;
+}
+
+int fate_run_head(const int64_t *v, float eps, float scaling, const uint8_t *base, const float *x, float *logits,
+                  int threads) {
+    int64_t h = v[H_HIDDEN], n = v[H_VOCAB], bs = v[H_BLOCK], bits = v[H_BITS];
+    int64_t blocks = (h + bs - 1) / bs;
+    uint8_t *scratch = malloc((size_t)(4 * h + 8 * blocks + blocks * bs + 64));
+    if (!scratch) return -1;
+    float *normed = (float *)scratch, *as = normed + h;
+    int32_t *asum = (int32_t *)(as + blocks);
+    int8_t *aq = (int8_t *)(asum + blocks);
+    step_t st;
+    memset(&st, 0, sizeof st);
+    st.math.bits = (int)bits;
+    st.math.bs = bs;
+    st.math.int8 = (int)v[H_INT8];
+    proj_t p;
+    p.n = n;
+    p.k = h;
+    p.blocks = blocks;
+    p.block_bytes = bs * bits / 8;
+    p.zero_row = (blocks * bits + 7) / 8;
+    p.qweight = base + v[H_QWEIGHT];
+    p.scales = base + v[H_SCALES];
+    p.zeros = base + v[H_ZEROS];
+    p.bias = NULL;
+    pthread_mutex_lock(&call_lock);
+    rms_norm(x, base + v[H_NORM], h, eps, normed);
+    if (st.math.int8) quantize_row(normed, h, bs, st.math.bits, aq, as, asum);
+    step_project(&st, &p, aq, as, asum, normed, logits, threads);
+    pthread_mutex_unlock(&call_lock);
+    for (int64_t i = 0; i < n; i++) {
+        float value = v[H_BIAS] != -1 ? logits[i] + load_f32(base + v[H_BIAS], i) : logits[i];
+        logits[i] = scaling != 1.0f ? value / scaling : value;
+    }
+    free(scratch);
+    return 0;
+}
+
 /* The kernels this CPU runs (a bit per kernel). */
 static int supported_kernels(void) {
     int mask = 1 << K_PORTABLE;

@@ -77,6 +77,17 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
                   const uint8_t *const *experts, int threads);
 
+/* The LM head's decode step: logits = RMSNorm(x) @ lm_head^T (+ bias) / scaling, from the bytes of the
+ * head graph. Head vector (int64), as fate.runtime.decode_step builds it from a validated HeadStep: */
+enum { H_HIDDEN, H_VOCAB, H_BITS, H_BLOCK, H_INT8, H_NORM, H_QWEIGHT, H_SCALES, H_ZEROS, H_BIAS, H_SIZE };
+
+/* Bytes the head graph buffer must hold (-1: numbers or offsets the step does not take). */
+int64_t fate_head_bytes(const int64_t *v);
+
+/* logits [vocab] for one token x [hidden]; every buffer checked by the caller. 0, or -1 out of memory. */
+int fate_run_head(const int64_t *v, float eps, float scaling, const uint8_t *base, const float *x, float *logits,
+                  int threads);
+
 /* Kernel choice: the best this CPU runs is chosen at start; tests compare them. */
 void fate_kernel_init(void);
 const char *fate_kernel_name(void);

@@ -291,6 +291,21 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
                     DOT(s3, _mm256_and_si256(_mm256_srli_epi16(b3, 4), m4), ahi);                               \
                 }                                                                                               \
                 isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
+            } else if (bits == 8 && EXACT_U8) { /* four independent chains: one would wait on each dot */     \
+                const __m256i ones = _mm256_set1_epi16(1);                                                      \
+                (void)ones;                                                                                     \
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                \
+                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;          \
+                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;          \
+                const int8_t *a = aq + j * bs;                                                                  \
+                for (int64_t c = 0; c < bs; c += 32) {                                                          \
+                    __m256i av = _mm256_loadu_si256((const __m256i *)(a + c));                                  \
+                    DOT(s0, _mm256_loadu_si256((const __m256i *)(w0 + c)), av);                                 \
+                    DOT(s1, _mm256_loadu_si256((const __m256i *)(w1 + c)), av);                                 \
+                    DOT(s2, _mm256_loadu_si256((const __m256i *)(w2 + c)), av);                                 \
+                    DOT(s3, _mm256_loadu_si256((const __m256i *)(w3 + c)), av);                                 \
+                }                                                                                               \
+                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
             } else {                                                                                            \
                 for (int r = 0; r < 4; r++) {                                                                   \
                     isum[r] = _mm256_setzero_si256();                                                           \

@@ -28,6 +28,17 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
+/* What a call took: expert buffers (the first `got` of `ev`), their bases, the sequence, and views. */
+static void release(Py_buffer *ev, Py_ssize_t got, const uint8_t **bases, PyObject *seq, Py_buffer *const *views,
+                    size_t count) {
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ev[i]);
+    free(ev);
+    free((void *)bases);
+    Py_XDECREF(seq);
+    for (size_t i = 0; i < count; i++)
+        if (views[i]->obj) PyBuffer_Release(views[i]);
+}
+
 /* An expert layout vector (int64[19], fate.runtime.native.layout_vector) into `l`, its numbers checked. */
 static int parse_layout(const Py_buffer *lv, double limit, double alpha, fate_layout *l) {
     if (lv->len != L_SIZE * 8) { PyErr_SetString(PyExc_ValueError, "layout: expected 19 int64"); return -1; }
@@ -122,14 +133,9 @@ static PyObject *run_experts(PyObject *self, PyObject *args) {
     if (rc != 0) { PyErr_NoMemory(); goto done; }
     Py_INCREF(Py_None);
     result = Py_None;
-done:
-    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ev[i]);
-    free(ev);
-    free((void *)bases);
-    Py_XDECREF(seq);
+done:;
     Py_buffer *views[] = {&lv, &xv, &sv, &rv, &dv, &yv};
-    for (size_t i = 0; i < sizeof views / sizeof *views; i++)
-        if (views[i]->obj) PyBuffer_Release(views[i]);
+    release(ev, got, bases, seq, views, sizeof views / sizeof *views);
     return result;
 }
 
@@ -220,13 +226,8 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     Py_INCREF(Py_None);
     result = Py_None;
 done:;
-    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ev[i]);
-    free(ev);
-    free((void *)bases);
-    Py_XDECREF(seq);
     Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv, &lv};
-    for (size_t i = 0; i < sizeof views / sizeof *views; i++)
-        if (views[i]->obj) PyBuffer_Release(views[i]);
+    release(ev, got, bases, seq, views, sizeof views / sizeof *views);
     return result;
 }
 
@@ -267,8 +268,7 @@ static PyObject *run_head(PyObject *self, PyObject *args) {
     result = Py_None;
 done:;
     Py_buffer *views[] = {&hv, &gv, &xv, &lv};
-    for (size_t i = 0; i < sizeof views / sizeof *views; i++)
-        if (views[i]->obj) PyBuffer_Release(views[i]);
+    release(NULL, 0, NULL, NULL, views, sizeof views / sizeof *views);
     return result;
 }
 

@@ -267,45 +267,38 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
                 for (int64_t b = 0; b < 4 * p->block_bytes; b += 64)                                            \
                     _mm_prefetch((const char *)(ahead + j * 4 * p->block_bytes + b), _MM_HINT_T0);              \
             __m256i isum[4];                                                                                    \
-            if (bits == 4 && bs % 64 == 0) { /* the four rows interleaved in one pass over the block */        \
-                const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                         \
-                (void)ones;                                                                                     \
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                \
-                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;          \
-                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;          \
-                const int8_t *a = aq + j * bs;                                                                  \
-                for (int64_t c = 0; c < bs; c += 64) {                                                          \
-                    __m256i alo = _mm256_loadu_si256((const __m256i *)(a + c));                                 \
-                    __m256i ahi = _mm256_loadu_si256((const __m256i *)(a + c + 32));                            \
-                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c / 2));                             \
-                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c / 2));                             \
-                    __m256i b2 = _mm256_loadu_si256((const __m256i *)(w2 + c / 2));                             \
-                    __m256i b3 = _mm256_loadu_si256((const __m256i *)(w3 + c / 2));                             \
-                    DOT(s0, _mm256_and_si256(b0, m4), alo);                                                     \
-                    DOT(s1, _mm256_and_si256(b1, m4), alo);                                                     \
-                    DOT(s2, _mm256_and_si256(b2, m4), alo);                                                     \
-                    DOT(s3, _mm256_and_si256(b3, m4), alo);                                                     \
-                    DOT(s0, _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4), ahi);                               \
-                    DOT(s1, _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), ahi);                               \
-                    DOT(s2, _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), ahi);                               \
-                    DOT(s3, _mm256_and_si256(_mm256_srli_epi16(b3, 4), m4), ahi);                               \
-                }                                                                                               \
-                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
-            } else if (bits == 8 && EXACT_U8) { /* four independent chains: one would wait on each dot */     \
-                const __m256i ones = _mm256_set1_epi16(1);                                                      \
-                (void)ones;                                                                                     \
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                \
-                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;          \
-                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;          \
-                const int8_t *a = aq + j * bs;                                                                  \
-                for (int64_t c = 0; c < bs; c += 32) {                                                          \
-                    __m256i av = _mm256_loadu_si256((const __m256i *)(a + c));                                  \
-                    DOT(s0, _mm256_loadu_si256((const __m256i *)(w0 + c)), av);                                 \
-                    DOT(s1, _mm256_loadu_si256((const __m256i *)(w1 + c)), av);                                 \
-                    DOT(s2, _mm256_loadu_si256((const __m256i *)(w2 + c)), av);                                 \
-                    DOT(s3, _mm256_loadu_si256((const __m256i *)(w3 + c)), av);                                 \
-                }                                                                                               \
-                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                         \
+            /* the four rows interleaved in one pass over the block: four independent dot chains */                 \
+            if ((bits == 4 && bs % 64 == 0) || (bits == 8 && EXACT_U8)) {                                           \
+                const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                             \
+                (void)ones;                                                                                         \
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;                                     \
+                const uint8_t *w0 = wrow[0] + j * p->block_bytes, *w1 = wrow[1] + j * p->block_bytes;               \
+                const uint8_t *w2 = wrow[2] + j * p->block_bytes, *w3 = wrow[3] + j * p->block_bytes;               \
+                const int8_t *a = aq + j * bs;                                                                      \
+                for (int64_t c = 0; bits == 4 && c < bs; c += 64) {                                                 \
+                    __m256i alo = _mm256_loadu_si256((const __m256i *)(a + c));                                     \
+                    __m256i ahi = _mm256_loadu_si256((const __m256i *)(a + c + 32));                                \
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c / 2));                                 \
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c / 2));                                 \
+                    __m256i b2 = _mm256_loadu_si256((const __m256i *)(w2 + c / 2));                                 \
+                    __m256i b3 = _mm256_loadu_si256((const __m256i *)(w3 + c / 2));                                 \
+                    DOT(s0, _mm256_and_si256(b0, m4), alo);                                                         \
+                    DOT(s1, _mm256_and_si256(b1, m4), alo);                                                         \
+                    DOT(s2, _mm256_and_si256(b2, m4), alo);                                                         \
+                    DOT(s3, _mm256_and_si256(b3, m4), alo);                                                         \
+                    DOT(s0, _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4), ahi);                                   \
+                    DOT(s1, _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), ahi);                                   \
+                    DOT(s2, _mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), ahi);                                   \
+                    DOT(s3, _mm256_and_si256(_mm256_srli_epi16(b3, 4), m4), ahi);                                   \
+                }                                                                                                   \
+                for (int64_t c = 0; bits == 8 && c < bs; c += 32) { /* EXACT_U8: the codes as they are */           \
+                    __m256i av = _mm256_loadu_si256((const __m256i *)(a + c));                                      \
+                    DOT(s0, _mm256_loadu_si256((const __m256i *)(w0 + c)), av);                                     \
+                    DOT(s1, _mm256_loadu_si256((const __m256i *)(w1 + c)), av);                                     \
+                    DOT(s2, _mm256_loadu_si256((const __m256i *)(w2 + c)), av);                                     \
+                    DOT(s3, _mm256_loadu_si256((const __m256i *)(w3 + c)), av);                                     \
+                }                                                                                                   \
+                isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;                                             \
             } else {                                                                                            \
                 for (int r = 0; r < 4; r++) {                                                                   \
                     isum[r] = _mm256_setzero_si256();                                                           \

@@ -222,14 +222,35 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 @given(data=st.data())
 def test_fuzz_manifest_reader(mixtral, fuzz_examples, data):
-    """Random JSON and random edits of a real manifest: an ArtifactError or a valid manifest."""
-    base = json.loads((mixtral.artifact(4) / "manifest.json").read_text())
+    """Random JSON and random edits of a real manifest (one with decode steps): an ArtifactError or a
+    valid manifest."""
+    base = json.loads((mixtral.artifact(4, dense_bits=4) / "manifest.json").read_text())
     doc = data.draw(st.one_of(JSON, st.just(base)))
     if isinstance(doc, dict) and doc is base:
         doc = json.loads(json.dumps(base))
         for _ in range(data.draw(st.integers(1, 3))):
             key = data.draw(st.sampled_from(sorted(doc)))
             doc[key] = data.draw(JSON)
+    try:
+        manifest_from_json(doc)
+    except ArtifactError:
+        pass
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+@given(data=st.data())
+def test_fuzz_decode_steps(mixtral, fuzz_examples, data):
+    """Random values in a layer's decode step and the head step, their numbers and their tensor views
+    (what native code reads through): an ArtifactError or a valid manifest."""
+    doc = json.loads((mixtral.artifact(4, dense_bits=4) / "manifest.json").read_text())
+    steps = [layer["decode_step"] for layer in doc["layers"] if layer.get("decode_step")] + [doc["head_step"]]
+    value = st.integers(-2**63, 2**63 - 1) | st.sampled_from([-1, 0, 1, 3, 16, 10**9]) | JSON
+    for _ in range(data.draw(st.integers(1, 4))):
+        step = data.draw(st.sampled_from(steps))
+        views = step["tensors"] if isinstance(step["tensors"], list) else []
+        target = data.draw(st.sampled_from(views)) if views and data.draw(st.booleans()) else step
+        if isinstance(target, dict) and target:
+            target[data.draw(st.sampled_from(sorted(target)))] = data.draw(value)
     try:
         manifest_from_json(doc)
     except ArtifactError:

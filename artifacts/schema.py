@@ -121,7 +121,8 @@ class DecodeStep:
     shared_expert_gate: bool
     next_norm: bool  # the next router reads this layer's stream through the next layer's own norm
     tensors: list[TensorView]
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3-MoE)
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: over each "head" (Qwen3-MoE), or the whole "projection"
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the projection norms (OLMoE)
 
 
 @dataclass(frozen=True)

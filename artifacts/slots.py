@@ -81,6 +81,9 @@ STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm
                      "q_norm": "q_norm.norm_weight", "k_norm": "k_norm.norm_weight",
                      "final_norm": "final_norm.norm_weight"}
 
+# What a decode step normalizes q and k with before RoPE (DecodeStep.qk_norm), in kernel.h's order
+QK_NORMS = ("none", "head", "projection")
+
 # (hidden size, query heads, key/value heads, head dim): the attention sizes a decode step's tensors follow
 Heads = tuple[int, int, int, int]
 
@@ -103,9 +106,10 @@ def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
             "mlp_norm": ("float32", (h,)), "router": ("float32", (h, experts))}
     if step.qkv_bias:
         want["qkv.bias"] = ("float32", ((q + 2 * kv) * d,))
-    if step.qk_norm:
-        want["q_norm"] = ("float32", (d,))
-        want["k_norm"] = ("float32", (d,))
+    if step.qk_norm != "none":  # one weight per head dim, or per channel of the whole projection
+        per_head = step.qk_norm == "head"
+        want["q_norm"] = ("float32", (d if per_head else q * d,))
+        want["k_norm"] = ("float32", (d if per_head else kv * d,))
     if inter:
         want.update(quantized_tensors("shared_gate_up", 2 * inter, h, bits, bs))
         want.update(quantized_tensors("shared_down", h, inter, bits, bs))
@@ -150,6 +154,8 @@ def check_decode_step(step: DecodeStep, heads: Heads, experts: int, next_experts
     numbers = (step.attention_scale, step.norm_eps, step.shared_scale, step.routed_scaling)
     if not all(math.isfinite(x) for x in numbers) or not 0 <= step.shared_intermediate_size <= (1 << 20):
         raise ArtifactError(f"{where}: numbers out of range")
+    if step.qk_norm not in QK_NORMS or (step.clip_qkv is not None and not 0 < step.clip_qkv < math.inf):
+        raise ArtifactError(f"{where}: unknown q/k norm {step.qk_norm!r} or a clamp out of range")
     if (step.shared_expert_gate and not step.shared_intermediate_size) or (step.next_norm and not next_experts):
         raise ArtifactError(f"{where}: a gate without a shared expert, or a norm without a prediction")
     check_views(step.tensors, expected_step_tensors(step, heads, experts, next_experts), file_size, where)

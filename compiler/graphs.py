@@ -15,7 +15,7 @@ import onnx
 
 from fate.artifacts import DecodeStep, HeadStep, ModelError
 from fate.artifacts.layout import GraphIO as IO
-from fate.artifacts.slots import STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
+from fate.artifacts.slots import QK_NORMS, STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightFormat
@@ -194,7 +194,8 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         kernel takes it), with the family's q/k norm (whole projection or per head) and clamp, in
         the order transformers applies them."""
         if norm_role is not None and cfg.qk_norm == "projection":
-            y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+            with b.tagged("q_norm" if norm_role == Role.Q_NORM else "k_norm"):
+                y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
         per_head = norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope
@@ -897,15 +898,14 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     plain = (cfg.mixer(layer) == "attention" and layer in cfg.moe_layers and layer not in cfg.nope_layers
              and dense_roles <= STEP_ROLES and {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles
              and cfg.norm == "rms" and cfg.scoring == "softmax" and cfg.group_topk is None
-             and cfg.clip_qkv is None and not cfg.rope_interleaved and not cfg.parallel_block
+             and not cfg.rope_interleaved and not cfg.parallel_block
              and not cfg.post_norms and cfg.pre_norms and fmt.bits in (2, 4, 8))
     shared = Role.SHARED_GATE in w
     if shared and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
         plain = False
-    qk_norm = Role.Q_NORM in w
-    if (qk_norm or Role.K_NORM in w) and not (qk_norm and Role.K_NORM in w and cfg.qk_norm == "head"
-                                              and not cfg.qk_norm_after_rope):
-        plain = False  # only RMSNorm over each head of q and k before RoPE (Qwen3)
+    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
+    if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
+        plain = False  # RMSNorm over q and k before RoPE: each head (Qwen3) or the whole projection (OLMoE)
     if next_layer is not None and (next_layer.router_bias is not None or next_layer.score_bias is not None
                                    or next_layer.norm_bias is not None):
         plain = False
@@ -918,7 +918,8 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
-        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, tensors=[])
+        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
+        tensors=[])
 
 
 def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel no
 
 # (family, dense bits, accuracy level, config overrides): a shared expert with its gate, q|k|v biases
 # and cross-layer predictions (qwen2_moe), float32 activations, a window shorter than the context, and
-# q and k normalized per head (qwen3_moe, whose head_dim is not hidden / heads)
+# q and k normalized per head (qwen3_moe, whose head_dim is not hidden / heads) or over the whole
+# projection, then clamped (olmoe)
 CASES = {
     "qwen2_moe-int4": ("qwen2_moe", 4, 4, {}),
     "qwen2_moe-int8-float": ("qwen2_moe", 8, 0, {}),
     "mixtral-window": ("mixtral", 4, 4, {"sliding_window": 5}),
     "qwen3_moe-qk-norms": ("qwen3_moe", 4, 4, {}),
+    "olmoe-projection-norms-clamp": ("olmoe", 4, 4, {"clip_qkv": 0.8}),
 }
 
 

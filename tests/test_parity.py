@@ -189,7 +189,7 @@ def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, 
 # Families whose MoE layers the native decode step computes (DecodeStep), and those where some cases'
 # do (Granite-4.0-H: attention layers with RoPE); the others keep their graphs for what the step does
 # not do (q/k norms, sinks, latent attention, other routers, post-norms, RoPE on adjacent pairs, ...)
-DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "qwen2_moe", "qwen3_moe"}
+DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
 SOME_DECODE_STEPS = {"granitemoehybrid"}
 
 

@@ -876,10 +876,13 @@ int64_t fate_step_bytes(const fate_step *s) {
     if ((o[T_NEXT_ROUTER] == -1) != (v[S_NEXT_EXPERTS] == 0)) return -1;
     if (o[T_NEXT_ROUTER] != -1) need = grow(need, o[T_NEXT_ROUTER], h * v[S_NEXT_EXPERTS] * 4);
     if (o[T_NEXT_NORM] != -1) need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_NORM], h * 4) : -1;
-    if ((o[T_Q_NORM] == -1) != (o[T_K_NORM] == -1)) return -1;
-    if (o[T_Q_NORM] != -1) {
-        need = grow(need, o[T_Q_NORM], v[S_HEAD_DIM] * 4);
-        need = grow(need, o[T_K_NORM], v[S_HEAD_DIM] * 4);
+    if (v[S_QK_NORM] < 0 || v[S_QK_NORM] > 2 || (o[T_Q_NORM] == -1) != (v[S_QK_NORM] == 0) ||
+        (o[T_K_NORM] == -1) != (v[S_QK_NORM] == 0) || !(s->clip >= 0.0f) || isinf(s->clip))
+        return -1;
+    if (v[S_QK_NORM] != 0) { /* a weight per head dim, or per channel of the whole projection */
+        int64_t d = v[S_HEAD_DIM], each = v[S_QK_NORM] == 1;
+        need = grow(need, o[T_Q_NORM], (each ? d : v[S_HEADS] * d) * 4);
+        need = grow(need, o[T_K_NORM], (each ? d : v[S_KV_HEADS] * d) * 4);
     }
     return need;
 }
@@ -1088,7 +1091,15 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     if (o[T_QKV_B] != -1)
         for (int64_t i = 0; i < shape[0][0]; i++) y[i] += load_f32(base + o[T_QKV_B], i);
     float *q = y, *k = y + heads * d, *val = k + kv * d;
-    if (o[T_Q_NORM] != -1) { /* each head normalized before it is rotated (in place: a norm reads before it writes) */
+    /* the graph's order: a norm over the whole projection, the clamp, a norm over each head; in place (a
+     * norm reads before it writes) */
+    if (v[S_QK_NORM] == 2) {
+        rms_norm(q, base + o[T_Q_NORM], heads * d, s->eps, q);
+        rms_norm(k, base + o[T_K_NORM], kv * d, s->eps, k);
+    }
+    if (s->clip > 0.0f)
+        for (int64_t i = 0; i < (heads + 2 * kv) * d; i++) y[i] = y[i] < -s->clip ? -s->clip : (y[i] > s->clip ? s->clip : y[i]);
+    if (v[S_QK_NORM] == 1) {
         for (int64_t i = 0; i < heads; i++) rms_norm(q + i * d, base + o[T_Q_NORM], d, s->eps, q + i * d);
         for (int64_t g = 0; g < kv; g++) rms_norm(k + g * d, base + o[T_K_NORM], d, s->eps, k + g * d);
     }

@@ -48,7 +48,7 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
  * Step vector (int64), as fate.runtime.native builds it from a validated DecodeStep: */
 enum {
     S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_ROT_HALF, S_EXPERTS, S_TOP_K, S_NEXT_EXPERTS, S_SHARED_INTER,
-    S_BITS, S_BLOCK, S_INT8, S_NORMALIZE, S_WINDOW,
+    S_BITS, S_BLOCK, S_INT8, S_NORMALIZE, S_WINDOW, S_QK_NORM, /* 0 none, 1 each head, 2 the whole projection */
     S_OFFSETS, /* then one offset per tensor (STEP_TENSORS order; -1: absent) */
 };
 enum {
@@ -60,7 +60,7 @@ enum {
 
 typedef struct {
     int64_t v[S_SIZE];
-    float eps, scale, shared_scale, routed_scaling;
+    float eps, scale, shared_scale, routed_scaling, clip; /* clip: q, k, v clamped to [-clip, clip]; 0: not */
 } fate_step;
 
 /* Bytes the graph buffer must hold for every tensor of `s`; -1 when its numbers or offsets are not

@@ -123,6 +123,13 @@ class DecodeStep:
     tensors: list[TensorView]
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: over each "head" (Qwen3-MoE), or the whole "projection"
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the projection norms (OLMoE)
+    # sigmoid routing (RoutingSpec.scoring): experts chosen by score + correction bias (`score_bias`) within
+    # the best groups [groups, kept] (a group's score: the sum of its two best), weighted by the plain
+    # score, renormalized with `topk_norm_eps`; the next layer's prediction is its sigmoid score + its bias
+    score_bias: bool = False
+    next_score_bias: bool = False
+    group_topk: list[int] | None = None
+    topk_norm_eps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -447,12 +454,13 @@ class Manifest:
             return
         where = f"manifest: layer {layer.index} decode step"
         if layer.kind != "moe" or layer.mixer != "attention" or layer.positions != "tables" \
-                or layer.routing.scoring != "softmax" or layer.combine_graph or self.model.key_dim != self.model.head_dim \
+                or layer.routing.scoring not in ("softmax", "sigmoid") or layer.combine_graph \
+                or self.model.key_dim != self.model.head_dim \
                 or self.model.value_dim != self.model.head_dim:
-            raise ArtifactError(f"{where}: only a softmax-routed MoE layer with fused attention has one")
+            raise ArtifactError(f"{where}: only a softmax- or sigmoid-routed MoE layer with fused attention has one")
         following = self.layers[layer.index + 1] if layer.predicts_next else None
         m = self.model
-        check_decode_step(step, (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim), layer.routing.num_experts,
+        check_decode_step(step, (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim), layer.routing,
                           following.routing.num_experts if following else 0, sizes.get(layer.graph, 0), where)
 
     def referenced_files(self) -> list[str]:

@@ -18,7 +18,7 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
-from .schema import DecodeStep, ExpertLayout, HeadStep, TensorView
+from .schema import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, TensorView
 
 PROJECTIONS = ("gate", "up", "down")
 QUANT_PARTS = ("qweight", "scales", "zero_points")
@@ -79,7 +79,8 @@ STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm
                      "router": "router.weight", "shared_expert_gate": "shared_expert_gate.weight",
                      "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight",
                      "q_norm": "q_norm.norm_weight", "k_norm": "k_norm.norm_weight",
-                     "final_norm": "final_norm.norm_weight"}
+                     "final_norm": "final_norm.norm_weight", "score_bias": "routing.score_bias",
+                     "next_score_bias": "next_scores.score_bias"}
 
 # What a decode step normalizes q and k with before RoPE (DecodeStep.qk_norm), in kernel.h's order
 QK_NORMS = ("none", "head", "projection")
@@ -91,7 +92,7 @@ Heads = tuple[int, int, int, int]
 STEP_TENSORS = ("attn_norm", "qkv.qweight", "qkv.scales", "qkv.zero_points", "qkv.bias", "o.qweight", "o.scales",
                 "o.zero_points", "mlp_norm", "router", "shared_gate_up.qweight", "shared_gate_up.scales",
                 "shared_gate_up.zero_points", "shared_down.qweight", "shared_down.scales", "shared_down.zero_points",
-                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm")
+                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm", "score_bias", "next_score_bias")
 
 
 def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
@@ -115,10 +116,14 @@ def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
         want.update(quantized_tensors("shared_down", h, inter, bits, bs))
         if step.shared_expert_gate:
             want["shared_expert_gate"] = ("float32", (h, 1))
+    if step.score_bias:
+        want["score_bias"] = ("float32", (experts,))
     if next_experts:
         want["next_router"] = ("float32", (h, next_experts))
         if step.next_norm:
             want["next_norm"] = ("float32", (h,))
+        if step.next_score_bias:
+            want["next_score_bias"] = ("float32", (next_experts,))
     return want
 
 
@@ -146,10 +151,20 @@ def check_quantized_numbers(step: DecodeStep | HeadStep, where: str) -> None:
         raise ArtifactError(f"{where}: unsupported bits {step.bits}, block size {step.block_size} or accuracy level")
 
 
-def check_decode_step(step: DecodeStep, heads: Heads, experts: int, next_experts: int, file_size: int,
+def check_decode_step(step: DecodeStep, heads: Heads, routing: RoutingSpec, next_experts: int, file_size: int,
                       where: str) -> None:
     """Refuse a decode step whose numbers the native step does not compute, or whose tensors are not
     exactly the expected ones inside its graph file."""
+    experts = routing.num_experts
+    sigmoid = routing.scoring == "sigmoid"
+    if step.group_topk is not None:
+        groups, kept = (step.group_topk + [0, 0])[:2] if len(step.group_topk) == 2 else (0, 0)
+        if not sigmoid or groups < 1 or experts % groups or experts // groups < 2 or not 1 <= kept <= groups \
+                or experts - (groups - kept) * (experts // groups) < routing.top_k:
+            raise ArtifactError(f"{where}: expert groups {step.group_topk} do not fit {experts} experts, top-{routing.top_k}")
+    if (step.score_bias or step.next_score_bias) and not sigmoid or not 0 <= step.topk_norm_eps < math.inf \
+            or (step.next_score_bias and not next_experts):
+        raise ArtifactError(f"{where}: a score bias without sigmoid routing, or numbers out of range")
     check_quantized_numbers(step, where)
     numbers = (step.attention_scale, step.norm_eps, step.shared_scale, step.routed_scaling)
     if not all(math.isfinite(x) for x in numbers) or not 0 <= step.shared_intermediate_size <= (1 << 20):

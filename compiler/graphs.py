@@ -764,7 +764,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
                  ["S", cfg.num_experts])
         if cfg.scoring == "sigmoid":
-            ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+            with b.tagged("routing"):
+                ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
         elif cfg.scoring == "sparsemixer":
             ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
         else:
@@ -789,7 +790,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         experts = next_layer.router.shape[0]
         with b.tagged("next_router"):
             next_logits = linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True)
-        predicted = choice_scores(b, next_logits, cfg, next_layer.score_bias)
+        with b.tagged("next_scores"):
+            predicted = choice_scores(b, next_logits, cfg, next_layer.score_bias)
         b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
         # the next router's input norm applied to this layer's stream (none in post-norm families)
         with b.tagged("next_norm"):
@@ -887,7 +889,7 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
 # (q/k norms, sinks, output gates, post-norms, router biases, ...) leaves the layer to its graph.
 STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O,
                         Role.MLP_NORM, Role.ROUTER, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
-                        Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM})
+                        Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM, Role.ROUTER_SCORE_BIAS})
 
 
 def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
@@ -897,7 +899,7 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     dense_roles = {role for role in w if not role.value.startswith("expert")}
     plain = (cfg.mixer(layer) == "attention" and layer in cfg.moe_layers and layer not in cfg.nope_layers
              and dense_roles <= STEP_ROLES and {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles
-             and cfg.norm == "rms" and cfg.scoring == "softmax" and cfg.group_topk is None
+             and cfg.norm == "rms" and cfg.scoring in ("softmax", "sigmoid")
              and not cfg.rope_interleaved and not cfg.parallel_block
              and not cfg.post_norms and cfg.pre_norms and fmt.bits in (2, 4, 8))
     shared = Role.SHARED_GATE in w
@@ -906,8 +908,15 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
     if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
         plain = False  # RMSNorm over q and k before RoPE: each head (Qwen3) or the whole projection (OLMoE)
-    if next_layer is not None and (next_layer.router_bias is not None or next_layer.score_bias is not None
-                                   or next_layer.norm_bias is not None):
+    if cfg.scoring == "softmax" and (cfg.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
+        plain = False  # softmax routing with groups or a correction bias: its graph
+    if cfg.group_topk is not None:
+        groups, kept = cfg.group_topk
+        size = cfg.num_experts // groups if groups > 0 else 0
+        if size < 2 or cfg.num_experts % groups or not 1 <= kept <= groups or kept * size < cfg.top_k:
+            plain = False
+    if next_layer is not None and (next_layer.router_bias is not None or next_layer.norm_bias is not None
+                                   or (next_layer.score_bias is not None and cfg.scoring != "sigmoid")):
         plain = False
     if not plain:
         return None
@@ -919,7 +928,9 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
         next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
-        tensors=[])
+        score_bias=Role.ROUTER_SCORE_BIAS in w,
+        next_score_bias=next_layer is not None and next_layer.score_bias is not None,
+        group_topk=list(cfg.group_topk) if cfg.group_topk else None, topk_norm_eps=cfg.topk_norm_eps, tensors=[])
 
 
 def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,

@@ -47,7 +47,8 @@ def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndar
     head = [spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, len(spec.rope_inv_freq),
             routing.num_experts, routing.top_k, next_experts, step.shared_intermediate_size, step.bits,
             step.block_size, int(step.accuracy_level == 4), int(routing.normalize_top_k),
-            layer.sliding_window or spec.sliding_window or 0, QK_NORMS.index(step.qk_norm)]
+            layer.sliding_window or spec.sliding_window or 0, QK_NORMS.index(step.qk_norm),
+            int(routing.scoring == "sigmoid"), *(step.group_topk or (0, 0))]
     return np.asarray(head + [offsets.get(name, -1) for name in STEP_TENSORS], dtype=np.int64)
 
 
@@ -62,7 +63,8 @@ class NativeDecodeStep:
         check_step_in_graph(step, data, f"{label}: decode step")
         self.spec, self.index, self.graph, self.threads, self.routed = spec, layer.index, data, threads, routed
         self.vector = step_vector(spec, layer, next_experts)
-        self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling, step.clip_qkv or 0.0)
+        self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling, step.clip_qkv or 0.0,
+                        step.topk_norm_eps)
         self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
 
     def run(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:

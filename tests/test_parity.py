@@ -11,6 +11,7 @@ import torch
 
 from fate.artifacts import Artifact
 from fate.runtime import FateModel, SamplingConfig, generate
+from step_checks import assert_steps_match_graphs
 
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 128]
 DECODE_STEPS = 8
@@ -186,17 +187,18 @@ def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, 
     assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(hf, PROMPT)) < 1e-4
 
 
-# Families whose MoE layers the native decode step computes (DecodeStep), and those where some cases'
-# do (Granite-4.0-H: attention layers with RoPE); the others keep their graphs for what the step does
-# not do (q/k norms, sinks, latent attention, other routers, post-norms, RoPE on adjacent pairs, ...)
-DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
-SOME_DECODE_STEPS = {"granitemoehybrid"}
+# Families whose MoE layers the native decode step computes (DecodeStep), and those where some layers
+# do (hybrids' attention layers, EXAONE's layers with RoPE); the others keep their graphs for what the
+# step does not do (sinks, latent attention, sparsemixer, norms after RoPE, post-norms, RoPE on
+# adjacent pairs, rotary sizes the fused attention refuses, ...)
+DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "solar_open"}
+SOME_DECODE_STEPS = {"granitemoehybrid", "lfm2_moe", "exaone_moe"}  # attention layers with RoPE, MoE ones
 
 
 def test_decode_steps_follow_the_layer_graphs(built):
-    """With INT4 dense weights, the layers that carry a decode step run it natively: logits, prefill
-    and decode, equal to the graphs' own to the rounding of the same int8 math (the bound of the
-    native-against-session check above; test_decode_step holds each step to 1e-5 of its graph)."""
+    """With INT4 dense weights, the layers that carry a decode step run it natively: each step equal to
+    its graph to 1e-5 on the same input; logits, prefill and decode, equal to the graphs' own to the
+    rounding of the same int8 math (the bound of the native-against-session check above)."""
     from fate.runtime import native
 
     if not native.available():
@@ -209,6 +211,7 @@ def test_decode_steps_follow_the_layer_graphs(built):
         assert with_steps.steps
     elif built.family not in SOME_DECODE_STEPS:
         assert not with_steps.steps, sorted(with_steps.steps)
+    assert_steps_match_graphs(with_steps)
     continuation = [7, 99, 3, 12, 40]
     assert rel_err(incremental_logits(with_steps, PROMPT, continuation),
                    incremental_logits(graphs, PROMPT, continuation)) < 2e-2

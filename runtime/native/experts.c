@@ -143,7 +143,8 @@ static const char step_doc[] =
     "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
     "         next_logits, next_logits_norm, threads, routed)\n"
     "One decoder layer's decode step from the bytes of its graph file (kernel.h: fate_run_step).\n"
-    "step: int64 vector; floats: (eps, scale, shared_scale, routed_scaling, clip); key, value: float32\n"
+    "step: int64 vector; floats: (eps, scale, shared_scale, routed_scaling, clip, topk_eps); key, value\n"
+    "float32 "
     "[1, KV, capacity, D], written at pos; next_logits, next_logits_norm: float32 [E'] or None;\n"
     "routed: None, or (layout, limit, alpha, experts) to run the chosen experts too (every expert's\n"
     "buffer, by id). Every size, offset and index is checked first.";
@@ -152,11 +153,11 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
         *w_obj, *next_obj, *next_norm_obj, *routed_obj;
-    double eps, scale, shared_scale, routed_scaling, clip;
+    double eps, scale, shared_scale, routed_scaling, clip, topk_eps;
     long long pos;
     int threads;
-    if (!PyArg_ParseTuple(args, "O(ddddd)OOOOLOOOOOOOOiO", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
-                          &clip,
+    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOiO", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
+                          &clip, &topk_eps,
                           &graph_obj, &x_obj, &key_obj, &value_obj, &pos, &cos_obj, &sin_obj, &res_obj, &ri_obj,
                           &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads, &routed_obj))
         return NULL;
@@ -182,6 +183,7 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     s.eps = (float)eps; s.scale = (float)scale; s.shared_scale = (float)shared_scale;
     s.routed_scaling = (float)routed_scaling;
     s.clip = (float)clip;
+    s.topk_eps = (float)topk_eps;
     int64_t need = fate_step_bytes(&s);
     if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); goto done; }
     if (gv.len < need) {

@@ -876,6 +876,16 @@ int64_t fate_step_bytes(const fate_step *s) {
     if ((o[T_NEXT_ROUTER] == -1) != (v[S_NEXT_EXPERTS] == 0)) return -1;
     if (o[T_NEXT_ROUTER] != -1) need = grow(need, o[T_NEXT_ROUTER], h * v[S_NEXT_EXPERTS] * 4);
     if (o[T_NEXT_NORM] != -1) need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_NORM], h * 4) : -1;
+    int64_t e = v[S_EXPERTS], groups = v[S_GROUPS], kept = v[S_KEPT], sigmoid_routing = v[S_SCORING] == 1;
+    if (v[S_SCORING] < 0 || v[S_SCORING] > 1 || !isfinite(s->topk_eps) || s->topk_eps < 0.0f) return -1;
+    if (groups != 0 && (!sigmoid_routing || groups < 0 || groups > 4096 || e % groups || e / groups < 2 || kept < 1 ||
+                        kept > groups ||
+                        kept * (e / groups) < v[S_TOP_K]))
+        return -1;
+    if (!sigmoid_routing && (o[T_SCORE_BIAS] != -1 || o[T_NEXT_SCORE_BIAS] != -1)) return -1;
+    if (o[T_SCORE_BIAS] != -1) need = grow(need, o[T_SCORE_BIAS], e * 4);
+    if (o[T_NEXT_SCORE_BIAS] != -1)
+        need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_SCORE_BIAS], v[S_NEXT_EXPERTS] * 4) : -1;
     if (v[S_QK_NORM] < 0 || v[S_QK_NORM] > 2 || (o[T_Q_NORM] == -1) != (v[S_QK_NORM] == 0) ||
         (o[T_K_NORM] == -1) != (v[S_QK_NORM] == 0) || !(s->clip >= 0.0f) || isinf(s->clip))
         return -1;
@@ -1048,6 +1058,62 @@ static int add_routed(const fate_layout *routed, const uint8_t *const *experts, 
     return rc;
 }
 
+/* DeepSeek-V3's routing, as the graph computes it: score = sigmoid(logit); experts chosen by score +
+ * bias (`bias` may be NULL) among the `kept` best of `groups` groups (a group's worth: the sum of its two
+ * best; a group ties into the kept ones at the threshold), top_k of them (ties: the lower index);
+ * weighted by the plain score, optionally renormalized (+ eps), times the scaling. */
+static void route_sigmoid(const float *logits, const uint8_t *bias, int64_t experts, int64_t groups, int64_t kept,
+                          int64_t top_k, int normalize, float eps, float scaling, float *scores, float *choice,
+                          int64_t *ids, float *weights) {
+    for (int64_t e = 0; e < experts; e++) {
+        scores[e] = sigmoid(logits[e]);
+        choice[e] = bias ? scores[e] + load_f32(bias, e) : scores[e];
+    }
+    if (groups > 0) {
+        int64_t size = experts / groups;
+        float worth[groups], sorted[groups];
+        for (int64_t g = 0; g < groups; g++) {
+            float best = -INFINITY, second = -INFINITY;
+            for (int64_t i = 0; i < size; i++) {
+                float c = choice[g * size + i];
+                if (c > best) { second = best; best = c; }
+                else if (c > second) second = c;
+            }
+            worth[g] = sorted[g] = best + second;
+        }
+        for (int64_t i = 0; i < kept; i++) /* the kept-th largest worth, by selection */
+            for (int64_t j = i + 1; j < groups; j++)
+                if (sorted[j] > sorted[i]) { float t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t; }
+        float threshold = sorted[kept - 1];
+        for (int64_t g = 0; g < groups; g++)
+            if (!(worth[g] >= threshold))
+                for (int64_t i = 0; i < size; i++) choice[g * size + i] = -INFINITY;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < top_k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+        }
+        ids[j] = best;
+        weights[j] = scores[best];
+        sum += weights[j];
+    }
+    for (int64_t j = 0; j < top_k; j++) {
+        if (normalize) weights[j] /= sum + eps;
+        weights[j] *= scaling;
+    }
+}
+
+/* the scores a router's prediction is ranked by: its logits (softmax keeps their order), or with sigmoid
+ * routing the scores plus the correction bias */
+static void choice_scores(float *logits, int64_t count, int sigmoid_routing, const uint8_t *bias) {
+    for (int64_t e = 0; sigmoid_routing && e < count; e++)
+        logits[e] = bias ? sigmoid(logits[e]) + load_f32(bias, e) : sigmoid(logits[e]);
+}
+
 int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
                   int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
@@ -1057,7 +1123,7 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     int64_t inter = v[S_SHARED_INTER], experts = v[S_EXPERTS], bs = v[S_BLOCK];
     int64_t shape[4][2];
     step_shapes(s, shape);
-    int64_t widest = h > experts ? h : experts;
+    int64_t widest = h > 2 * experts ? h : 2 * experts; /* the router's logits, and sigmoid routing's choice */
     for (int m = 0; m < 4; m++) widest = shape[m][0] > widest ? shape[m][0] : widest;
     int64_t first = v[S_WINDOW] > 0 && pos + 1 > v[S_WINDOW] ? pos + 1 - v[S_WINDOW] : 0;
     int64_t count = pos - first + 1;
@@ -1124,13 +1190,23 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     /* the MoE block's front half: router input, routing, the shared expert */
     rms_norm(hidden, base + o[T_MLP_NORM], h, s->eps, router_input);
     matvec(router_input, base + o[T_ROUTER], h, experts, y);
-    route_top_k(y, experts, v[S_TOP_K], (int)v[S_NORMALIZE], s->routed_scaling, probs, ids, weights);
+    int sigmoid_routing = v[S_SCORING] == 1;
+    if (sigmoid_routing)
+        route_sigmoid(y, o[T_SCORE_BIAS] != -1 ? base + o[T_SCORE_BIAS] : NULL, experts, v[S_GROUPS], v[S_KEPT],
+                      v[S_TOP_K], (int)v[S_NORMALIZE], s->topk_eps, s->routed_scaling, probs, y + experts, ids, weights);
+    else
+        route_top_k(y, experts, v[S_TOP_K], (int)v[S_NORMALIZE], s->routed_scaling, probs, ids, weights);
     if (o[T_NEXT_ROUTER] != -1) {
-        if (next_logits) matvec(router_input, base + o[T_NEXT_ROUTER], h, v[S_NEXT_EXPERTS], next_logits);
+        const uint8_t *next_bias = o[T_NEXT_SCORE_BIAS] != -1 ? base + o[T_NEXT_SCORE_BIAS] : NULL;
+        if (next_logits) {
+            matvec(router_input, base + o[T_NEXT_ROUTER], h, v[S_NEXT_EXPERTS], next_logits);
+            choice_scores(next_logits, v[S_NEXT_EXPERTS], sigmoid_routing, next_bias);
+        }
         if (next_logits_norm) {
             if (o[T_NEXT_NORM] != -1) rms_norm(hidden, base + o[T_NEXT_NORM], h, s->eps, renormed);
             else memcpy(renormed, hidden, (size_t)h * sizeof(float));
             matvec(renormed, base + o[T_NEXT_ROUTER], h, v[S_NEXT_EXPERTS], next_logits_norm);
+            choice_scores(next_logits_norm, v[S_NEXT_EXPERTS], sigmoid_routing, next_bias);
         }
     }
     if (inter > 0) {

@@ -49,18 +49,20 @@ int fate_run_experts(const fate_layout *l, const uint8_t *const *experts, int64_
 enum {
     S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_ROT_HALF, S_EXPERTS, S_TOP_K, S_NEXT_EXPERTS, S_SHARED_INTER,
     S_BITS, S_BLOCK, S_INT8, S_NORMALIZE, S_WINDOW, S_QK_NORM, /* 0 none, 1 each head, 2 the whole projection */
+    S_SCORING, S_GROUPS, S_KEPT, /* 0 softmax, 1 sigmoid (with groups: the best kept of them; 0: none) */
     S_OFFSETS, /* then one offset per tensor (STEP_TENSORS order; -1: absent) */
 };
 enum {
     T_ATTN_NORM, T_QKV_W, T_QKV_S, T_QKV_Z, T_QKV_B, T_O_W, T_O_S, T_O_Z, T_MLP_NORM, T_ROUTER,
     T_GU_W, T_GU_S, T_GU_Z, T_DOWN_W, T_DOWN_S, T_DOWN_Z, T_SHARED_GATE, T_NEXT_ROUTER, T_NEXT_NORM,
-    T_Q_NORM, T_K_NORM, STEP_TENSORS
+    T_Q_NORM, T_K_NORM, T_SCORE_BIAS, T_NEXT_SCORE_BIAS, STEP_TENSORS
 };
 #define S_SIZE (S_OFFSETS + STEP_TENSORS)
 
 typedef struct {
     int64_t v[S_SIZE];
     float eps, scale, shared_scale, routed_scaling, clip; /* clip: q, k, v clamped to [-clip, clip]; 0: not */
+    float topk_eps;                                     /* sigmoid routing: added to the top-k sum */
 } fate_step;
 
 /* Bytes the graph buffer must hold for every tensor of `s`; -1 when its numbers or offsets are not

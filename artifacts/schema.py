@@ -128,6 +128,7 @@ class DecodeStep:
     # score, renormalized with `topk_norm_eps`; the next layer's prediction is its sigmoid score + its bias
     score_bias: bool = False
     next_score_bias: bool = False
+    o_bias: bool = False  # the output projection's bias
     group_topk: list[int] | None = None
     topk_norm_eps: float = 0.0
 

@@ -92,7 +92,8 @@ Heads = tuple[int, int, int, int]
 STEP_TENSORS = ("attn_norm", "qkv.qweight", "qkv.scales", "qkv.zero_points", "qkv.bias", "o.qweight", "o.scales",
                 "o.zero_points", "mlp_norm", "router", "shared_gate_up.qweight", "shared_gate_up.scales",
                 "shared_gate_up.zero_points", "shared_down.qweight", "shared_down.scales", "shared_down.zero_points",
-                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm", "score_bias", "next_score_bias")
+                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm", "score_bias", "next_score_bias",
+                "o.bias")
 
 
 def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
@@ -118,6 +119,8 @@ def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,
             want["shared_expert_gate"] = ("float32", (h, 1))
     if step.score_bias:
         want["score_bias"] = ("float32", (experts,))
+    if step.o_bias:
+        want["o.bias"] = ("float32", (h,))
     if next_experts:
         want["next_router"] = ("float32", (h, next_experts))
         if step.next_norm:

@@ -887,7 +887,7 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
 
 # What a layer graph may hold for the native decode step to compute it (DecodeStep); any other role
 # (q/k norms, sinks, output gates, post-norms, router biases, ...) leaves the layer to its graph.
-STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O,
+STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O, Role.O_BIAS,
                         Role.MLP_NORM, Role.ROUTER, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
                         Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM, Role.ROUTER_SCORE_BIAS})
 
@@ -925,7 +925,7 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
         norm_eps=cfg.rms_norm_eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
         shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
-        qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)),
+        qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)), o_bias=Role.O_BIAS in w,
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
         next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
         score_bias=Role.ROUTER_SCORE_BIAS in w,

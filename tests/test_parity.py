@@ -191,7 +191,8 @@ def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, 
 # do (hybrids' attention layers, EXAONE's layers with RoPE); the others keep their graphs for what the
 # step does not do (sinks, latent attention, sparsemixer, norms after RoPE, post-norms, RoPE on
 # adjacent pairs, rotary sizes the fused attention refuses, ...)
-DECODE_STEP_FAMILIES = {"granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "solar_open"}
+DECODE_STEP_FAMILIES = {"dots1", "granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
+                        "solar_open"}
 SOME_DECODE_STEPS = {"granitemoehybrid", "lfm2_moe", "exaone_moe"}  # attention layers with RoPE, MoE ones
 
 

@@ -884,6 +884,7 @@ int64_t fate_step_bytes(const fate_step *s) {
         return -1;
     if (!sigmoid_routing && (o[T_SCORE_BIAS] != -1 || o[T_NEXT_SCORE_BIAS] != -1)) return -1;
     if (o[T_SCORE_BIAS] != -1) need = grow(need, o[T_SCORE_BIAS], e * 4);
+    if (o[T_O_B] != -1) need = grow(need, o[T_O_B], h * 4);
     if (o[T_NEXT_SCORE_BIAS] != -1)
         need = o[T_NEXT_ROUTER] != -1 ? grow(need, o[T_NEXT_SCORE_BIAS], v[S_NEXT_EXPERTS] * 4) : -1;
     if (v[S_QK_NORM] < 0 || v[S_QK_NORM] > 2 || (o[T_Q_NORM] == -1) != (v[S_QK_NORM] == 0) ||
@@ -1185,6 +1186,8 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     proj_t out = step_projection(s, base, T_O_W, h, heads * d);
     if (st.math.int8) quantize_row(context, heads * d, bs, st.math.bits, aq, as, asum);
     step_project(&st, &out, aq, as, asum, context, attn, threads);
+    if (o[T_O_B] != -1)
+        for (int64_t i = 0; i < h; i++) attn[i] += load_f32(base + o[T_O_B], i);
     for (int64_t i = 0; i < h; i++) hidden[i] = x[i] + attn[i];
 
     /* the MoE block's front half: router input, routing, the shared expert */

@@ -1002,29 +1002,36 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t half
     }
 }
 
-/* softmax over the router's logits, the top_k largest (ties: the lower index), optionally renormalized */
-static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int normalize, float scaling,
-                        float *probs, int64_t *ids, float *weights) {
-    float peak = -INFINITY, total = 0.0f;
-    for (int64_t e = 0; e < experts; e++) peak = logits[e] > peak ? logits[e] : peak;
-    for (int64_t e = 0; e < experts; e++) total += probs[e] = expf(logits[e] - peak);
-    for (int64_t e = 0; e < experts; e++) probs[e] /= total;
+/* The top_k experts by `rank` (ties: the lower index), weighted by `weight_of`, optionally renormalized
+ * (eps added to the sum), times the scaling: both routers end here. */
+static void pick_top_k(const float *rank, const float *weight_of, int64_t experts, int64_t top_k, int normalize,
+                       float eps, float scaling, int64_t *ids, float *weights) {
     float sum = 0.0f;
     for (int64_t j = 0; j < top_k; j++) {
         int64_t best = -1;
         for (int64_t e = 0; e < experts; e++) {
             int taken = 0;
             for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+            if (!taken && (best < 0 || rank[e] > rank[best])) best = e;
         }
         ids[j] = best;
-        weights[j] = probs[best];
+        weights[j] = weight_of[best];
         sum += weights[j];
     }
     for (int64_t j = 0; j < top_k; j++) {
-        if (normalize) weights[j] /= sum;
+        if (normalize) weights[j] /= sum + eps;
         weights[j] *= scaling;
     }
+}
+
+/* softmax over the router's logits, the top_k largest, optionally renormalized */
+static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int normalize, float scaling,
+                        float *probs, int64_t *ids, float *weights) {
+    float peak = -INFINITY, total = 0.0f;
+    for (int64_t e = 0; e < experts; e++) peak = logits[e] > peak ? logits[e] : peak;
+    for (int64_t e = 0; e < experts; e++) total += probs[e] = expf(logits[e] - peak);
+    for (int64_t e = 0; e < experts; e++) probs[e] /= total;
+    pick_top_k(probs, probs, experts, top_k, normalize, 0.0f, scaling, ids, weights);
 }
 
 /* The routed experts of a step's token, added to the residual in the router's order: what the runtime's
@@ -1090,22 +1097,7 @@ static void route_sigmoid(const float *logits, const uint8_t *bias, int64_t expe
             if (!(worth[g] >= threshold))
                 for (int64_t i = 0; i < size; i++) choice[g * size + i] = -INFINITY;
     }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < top_k; j++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < experts; e++) {
-            int taken = 0;
-            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
-        }
-        ids[j] = best;
-        weights[j] = scores[best];
-        sum += weights[j];
-    }
-    for (int64_t j = 0; j < top_k; j++) {
-        if (normalize) weights[j] /= sum + eps;
-        weights[j] *= scaling;
-    }
+    pick_top_k(choice, scores, experts, top_k, normalize, eps, scaling, ids, weights);
 }
 
 /* the scores a router's prediction is ranked by: its logits (softmax keeps their order), or with sigmoid

@@ -161,10 +161,11 @@ def check_decode_step(step: DecodeStep, heads: Heads, routing: RoutingSpec, next
     experts = routing.num_experts
     sigmoid = routing.scoring == "sigmoid"
     if step.group_topk is not None:
-        groups, kept = (step.group_topk + [0, 0])[:2] if len(step.group_topk) == 2 else (0, 0)
+        groups, kept = step.group_topk if len(step.group_topk) == 2 else (0, 0)
         if not sigmoid or groups < 1 or experts % groups or experts // groups < 2 or not 1 <= kept <= groups \
-                or experts - (groups - kept) * (experts // groups) < routing.top_k:
-            raise ArtifactError(f"{where}: expert groups {step.group_topk} do not fit {experts} experts, top-{routing.top_k}")
+                or kept * (experts // groups) < routing.top_k:  # the kept groups hold the top-k
+            raise ArtifactError(f"{where}: expert groups {step.group_topk} do not fit {experts} experts, "
+                                f"top-{routing.top_k}")
     if (step.score_bias or step.next_score_bias) and not sigmoid or not 0 <= step.topk_norm_eps < math.inf \
             or (step.next_score_bias and not next_experts):
         raise ArtifactError(f"{where}: a score bias without sigmoid routing, or numbers out of range")

@@ -124,6 +124,8 @@ def views(layer) -> dict:
     (lambda layer: views(layer)["qkv.scales"].update(offset=10**9), "lies outside"),
     (lambda layer: views(layer)["router"].update(shape=[1, 1]), "router is float32"),
     (lambda layer: layer["decode_step"].update(bits=3), "unsupported bits"),
+    (lambda layer: layer["decode_step"].update(group_topk=[3, 1]), "expert groups"),
+    (lambda layer: layer["decode_step"].update(qk_norm="every other"), "unknown q/k norm"),
     (lambda layer: layer["decode_step"]["tensors"].pop(), "places"),
     (lambda layer: layer.update(positions="per_token"), "routed MoE layer with fused attention"),
 ])

@@ -54,8 +54,8 @@ def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndar
 
 class NativeDecodeStep:
     """One layer's decode step over its graph file's bytes (`data`, kept for the model's life). With
-    `routed` (every expert resident and native), the step runs the chosen experts too and its residual
-    is the layer's output; else the caller runs them from the routing it returns."""
+    `routed` (the layer's slots), the step runs the chosen experts too where all of them are resident
+    there, and its residual is the layer's output; else the caller runs them from the routing it returns."""
 
     def __init__(self, spec: ModelSpec, layer: LayerSpec, next_experts: int, data: bytes, threads: int, label: str,
                  routed: RoutedExperts | None = None):
@@ -67,9 +67,11 @@ class NativeDecodeStep:
                         step.topk_norm_eps)
         self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
 
-    def run(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray,
+            sin: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
         """The layer's outputs for one token after the cache's `length` (the graph's names), its key and
-        value written into the cache's buffers in place; cos, sin: the position tables so far."""
+        value written into the cache's buffers in place; cos, sin: the position tables so far. And
+        whether it ran the routed experts (every chosen one in `routed`): the residual then includes them."""
         position, h = cache.length, self.spec.hidden_size
         state = cache.reserve(self.index, position + 1, self.spec.max_positions)
         out = {IO.RESIDUAL: np.empty((1, 1, h), np.float32), IO.ROUTER_INPUT: np.empty((1, h), np.float32),
@@ -77,8 +79,8 @@ class NativeDecodeStep:
                IO.EXPERT_WEIGHTS: np.empty((1, self.top_k), np.float32)}
         predicted = [np.empty((1, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
         out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
-        native.KERNEL.run_step(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
+        ran = native.KERNEL.run_step(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
                                state["key"], state["value"], position, cos[position], sin[position],
                                out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
                                *(predicted or (None, None)), self.threads, self.routed)
-        return out
+        return out, ran

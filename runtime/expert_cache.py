@@ -31,6 +31,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from fate.artifacts import FateError
 
 from .cache import POLICIES, EvictionPolicy
@@ -67,12 +69,17 @@ class CacheCounters:
 class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
                  policy: str = "arc", threads: int = 2, start: Callable | None = None,
-                 start_background: Callable | None = None):
+                 start_background: Callable | None = None, located: dict[int, np.ndarray] | None = None,
+                 locate: Callable[[Key, object], int] | None = None):
         """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
         start(layer, expert, slot) -> a load begun, with `done()`, `cancel()` (True when its read had
         not begun: it is given up) and `result()` (load's); for start_fetch, whose caller is stalled
-        on it; start_background: the same, queued behind those (for start_prefetch)."""
+        on it; start_background: the same, queued behind those (for start_prefetch); located: layer ->
+        an array by expert id that the cache keeps equal to `locate(key, value)` of each resident
+        expert and -1 for the others (set when it becomes resident, -1 before its slot is reused)."""
         self.slots = dict(slots)
+        self.located = located or {}
+        self._locate = locate
         self._load = load
         self._start = start
         self._start_background = start_background
@@ -110,6 +117,16 @@ class ExpertCache:
                 if entry is not None:
                     found[expert] = entry[0]
         return found
+
+    def count_hits(self, layer: int, experts: list[int]) -> None:
+        """`experts` of `layer`, resident, were used without being taken (pinned): counted as hits
+        and made recent, as take_resident would."""
+        counters = self.counters.layer(layer)
+        with self._lock:
+            for expert in experts:
+                counters.gets += 1
+                counters.hits += 1
+                self._policies[layer].hit((layer, expert))
 
     def fetch(self, layer: int, expert: int) -> object:
         """The expert's value, pinned; loaded here on a miss unless it is in flight."""
@@ -290,6 +307,8 @@ class ExpertCache:
         if victim is None:
             return None
         _, slot = self._resident.pop(victim)
+        if layer in self.located:
+            self.located[layer][victim[1]] = -1
         self.counters.layer(layer).evictions += 1
         return slot
 
@@ -320,6 +339,8 @@ class ExpertCache:
             self.counters.loads += 1
             self.counters.bytes_read += read
             self._resident[key] = (value, slot)
+            if layer in self.located:
+                self.located[layer][key[1]] = self._locate(key, value)
             waiting = self._wanted.pop(key, 0)
             self._policies[layer].insert(key, cold=prefetched and not waiting)
             if waiting:

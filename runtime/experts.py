@@ -38,12 +38,16 @@ class ExpertStats:
 
 class RoutedExperts(NamedTuple):
     """A layer's experts as the native decode step takes them: the layout vector, the clamped SwiGLU's
-    numbers, and every expert's bytes by id."""
+    numbers, the layer's slots (one buffer) and, by expert id, where that expert's bytes begin in them
+    or -1 where they are not there. The step runs the chosen experts when all of them are there; the
+    store keeps `where` true, and its slots unchanged while a step runs (the loop's thread alone
+    fills and evicts them between its steps)."""
 
     layout: np.ndarray
     limit: float
     alpha: float
-    buffers: list
+    pool: memoryview
+    where: np.ndarray  # int64 [experts]
 
 
 class ExpertStore(ABC):
@@ -68,9 +72,13 @@ class ExpertStore(ABC):
         """The experts `layer`'s router chose [S, k] (activation-path predictors use them)."""
 
     def native_layer(self, layer: int) -> RoutedExperts | None:
-        """What a native decode step needs to run `layer`'s routed experts itself (every one always
-        resident, run natively), or None: the step hands its routing to `compute`."""
+        """What a native decode step needs to run `layer`'s routed experts itself where they are
+        resident and run natively, or None: the step hands its routing to `compute`."""
         return None
+
+    def ran_in_step(self, layer: int, expert_ids: np.ndarray) -> None:
+        """`layer`'s decode step ran the experts it chose ([1, k]) itself (see native_layer)."""
+        self.stats.count(layer, expert_ids.size)
 
     @abstractmethod
     def report(self) -> ResidentReport | OffloadReport:
@@ -153,8 +161,10 @@ class ResidentExperts(ExpertStore):
             return None
         layout, vector = self.runner.layout(layer, precision)
         count = self.runner.artifact.manifest.layers[layer].routing.num_experts
+        where = np.asarray([self.pool.offset_of(layer, loaded.data) if loaded.precision == precision else -1
+                            for loaded in (self.experts[(layer, expert)] for expert in range(count))], np.int64)
         return RoutedExperts(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0,
-                             [self.experts[(layer, expert)].data for expert in range(count)])
+                             self.pool.layer_buffer(layer), where)
 
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)

@@ -117,16 +117,18 @@ class FateModel:
         cos, sin = self.positions.upto(cache.length + ids.size) if ids.size == 1 and self.steps else (None, None)
         for spec in self.manifest.layers:
             step = self.steps.get(spec.index) if ids.size == 1 else None
-            out = step.run(hidden, cache, cos, sin) if step is not None else \
-                self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size)
+            if step is not None:
+                out, ran_experts = step.run(hidden, cache, cos, sin)
+            else:
+                out, ran_experts = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size), False
             if spec.predicts_next:
                 self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]
             if spec.kind == "moe":
+                if ran_experts:
+                    self.experts.ran_in_step(spec.index, out[IO.EXPERT_IDS])
                 self.experts.observe(spec.index, out[IO.EXPERT_IDS])
-                if step is not None and step.routed is not None:  # the step ran them
-                    self.experts.stats.count(spec.index, out[IO.EXPERT_IDS].size)
-                else:
+                if not ran_experts:
                     hidden = self._routed_experts(spec.index, out)
         cache.length += ids.size
         return hidden

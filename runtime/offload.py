@@ -27,7 +27,7 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .expert_cache import CacheCounters, ExpertCache
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .experts import ExpertStore, largest_file, resident_precision
+from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision
 from .loader import ExpertLoader
 from .plan import LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
@@ -110,13 +110,17 @@ class OffloadedExperts(ExpertStore):
                     np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity))
         self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
                              {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
-        self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
-                                 threads=options.threads, start=self._start_demand, start_background=self._start)
         # layers whose loads the generation loop begins itself on native I/O threads (prefetches and
         # misses alike) and waits for without Python's lock (their experts run from the slot's bytes);
-        # the others load in prefetch and helper threads
+        # the others load in prefetch and helper threads. Only the loop's thread fills and evicts their
+        # slots, so their decode steps may run the resident experts the cache locates in them
         self._reads_itself = {p.index for p in self.plans.values()
                               if native_reads() and self.runner.native_for(p.index, p.precision)}
+        located = {layer: np.full(manifest.layers[layer].routing.num_experts, -1, np.int64)
+                   for layer in self._reads_itself}
+        self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
+                                 threads=options.threads, start=self._start_demand, start_background=self._start,
+                                 located=located, locate=self._locate)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
@@ -141,6 +145,30 @@ class OffloadedExperts(ExpertStore):
     def _start_demand(self, layer: int, expert: int, slot: int) -> "_StartedLoad":
         """A miss the generation loop is stalled on: its read goes before queued prefetches."""
         return self._start(layer, expert, slot, urgent=True)
+
+    def _locate(self, key: tuple[int, int], loaded: LoadedExpert) -> int:
+        """Where a resident expert's bytes begin in its layer's slots, for the decode step; -1 for a
+        copy at another precision than the layer's (a fallback), which the step's layout does not fit."""
+        layer = key[0]
+        if loaded.data is None or loaded.precision != self.plans[layer].precision:
+            return -1
+        return self.pool.offset_of(layer, loaded.data)
+
+    def native_layer(self, layer: int) -> RoutedExperts | None:
+        if layer not in self._reads_itself:
+            return None
+        layout, vector = self.runner.layout(layer, self.plans[layer].precision)
+        return RoutedExperts(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0,
+                             self.pool.layer_buffer(layer), self.cache.located[layer])
+
+    def ran_in_step(self, layer: int, expert_ids: np.ndarray) -> None:
+        """Every expert the step chose was resident and ran there: the bookkeeping `compute` does for hits."""
+        todo = sorted(set(expert_ids.reshape(-1).tolist()))
+        self.stats.count(layer, len(todo))
+        self.cache.retire(layer, todo)
+        self.cache.harvest()
+        self.cache.count_hits(layer, todo)
+        self._routed(layer, set(todo))
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"

@@ -61,6 +61,18 @@ class SlotPool:
         size = self.slot_bytes[layer]
         return memoryview(self._maps[layer])[slot * size:(slot + 1) * size]
 
+    def layer_buffer(self, layer: int) -> memoryview:
+        """Every slot of `layer`, one buffer: what a native decode step reads experts from."""
+        return memoryview(self._maps[layer])
+
+    def offset_of(self, layer: int, data: memoryview) -> int:
+        """Where `data` (bytes read into a slot of `layer`) begins in `layer_buffer(layer)`."""
+        base = np.frombuffer(self._maps[layer], np.uint8)
+        at = np.frombuffer(data, np.uint8).ctypes.data - base.ctypes.data
+        if not 0 <= at <= base.size - len(data):
+            raise ValueError(f"these bytes are not in a slot of layer {layer}")
+        return at
+
     def read_into(self, layer: int, slot: int, path: str | os.PathLike, offset: int, size: int) -> memoryview:
         """Read `size` bytes of `path` at `offset` into a slot; the view of exactly those bytes."""
         if not 0 <= slot < self.slots[layer]:

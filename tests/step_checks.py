@@ -27,10 +27,12 @@ def assert_steps_match_graphs(model, prompt: int = 11, bound: float = 1e-5) -> N
         spec = model.manifest.layers[index]
         by_graph, by_step, routing = copy.deepcopy(cache), copy.deepcopy(cache), copy.deepcopy(cache)
         want = model.run_layer(spec, hidden, by_graph, model.positions.step(cache.length, 1).for_layer(spec), 1)
-        with_experts = step.run(hidden, routing, *tables) if step.routed is not None else None
+        with_experts, ran = step.run(hidden, routing, *tables) if step.routed is not None else (None, False)
+        assert ran == (step.routed is not None)
         routed, step.routed = step.routed, None
-        got = step.run(hidden, by_step, *tables)
+        got, ran = step.run(hidden, by_step, *tables)
         step.routed = routed
+        assert not ran
         assert set(got) == {name for name in want if not name.startswith("present")}
         np.testing.assert_array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS])
         for name in got:

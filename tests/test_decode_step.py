@@ -99,8 +99,9 @@ def test_steps_off_the_session_executor_and_a_missing_kernel_run_the_graphs(case
     assert FateModel.load(path, executor="session").steps == {}
     off = FateModel.load(path, decode_steps=False)  # --decode-steps off
     assert off.steps == {} and off.native_head is None
-    offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%")))
-    assert offloaded.steps and all(step.routed is None for step in offloaded.steps.values())
+    offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%"), executor="session"))
+    assert offloaded.steps == {}
+    offloaded.close()
     monkeypatch.setattr(native, "KERNEL", None)
     model = FateModel.load(path)
     assert model.steps == {} and model.native_head is None
@@ -189,16 +190,21 @@ def test_the_native_call_checks_what_it_is_given(case):
     def call(vector=step.vector, graph=step.graph, x=np.zeros(h, np.float32), cache=4, pos=2, ids=k, routed=None):
         key = np.zeros((1, kv, cache, d), np.float32)
         predicted = [np.empty(step.next_experts, np.float32)] * 2 if step.next_experts else [None, None]
-        native.KERNEL.run_step(vector, step.numbers, graph, x, key, key.copy(), pos, cos[pos % 8], sin[pos % 8],
-                               np.empty(h, np.float32), np.empty(h, np.float32), np.empty(ids, np.int64),
-                               np.empty(ids, np.float32), *predicted, 2, routed)
+        return native.KERNEL.run_step(vector, step.numbers, graph, x, key, key.copy(), pos, cos[pos % 8],
+                                      sin[pos % 8], np.empty(h, np.float32), np.empty(h, np.float32),
+                                      np.empty(ids, np.int64), np.empty(ids, np.float32), *predicted, 2, routed)
 
-    call()
-    call(routed=step.routed)
-    with pytest.raises(ValueError):  # an expert missing, or one too short for its layout
-        call(routed=step.routed._replace(buffers=step.routed.buffers[:-1]))
+    assert call() is False
+    where = step.routed.where
+    assert call(routed=step.routed) is True
+    assert call(routed=step.routed._replace(where=np.full_like(where, -1))) is False  # none there: the caller runs them
+    pool = len(step.routed.pool)
+    for bad in (where[:-1], np.append(where, 0), where.astype(np.int32), np.full_like(where, -2),
+                np.full_like(where, pool), np.full_like(where, pool - 64), np.full_like(where, 2**62)):
+        with pytest.raises(ValueError):  # an expert missing, outside the pool, or too short for its layout
+            call(routed=step.routed._replace(where=bad))
     with pytest.raises(ValueError):
-        call(routed=step.routed._replace(buffers=[b"\0" * 64] * len(step.routed.buffers)))
+        call(routed=step.routed._replace(pool=step.routed.pool[:int(where.max())]))
     with pytest.raises(ValueError):
         call(x=np.zeros(h + 1, np.float32))
     with pytest.raises(ValueError):

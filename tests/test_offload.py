@@ -260,6 +260,59 @@ def test_corrupt_expert_falls_back_to_another_precision_with_a_warning(calibrate
         pytest.skip("the damaged expert was not routed to by this prompt")
 
 
+def test_a_fallback_copy_is_not_run_by_the_decode_step(calibrated, tmp_path, capfd):
+    """An expert read from another precision's copy does not fit its layer's layout: the step leaves it
+    to the executor, which runs it at its own precision."""
+    art = tmp_path / "art"
+    shutil.copytree(calibrated, art)
+    damage(art, 2, 3, "int4", "corrupt")
+    model = FateModel.load(art)
+    try:
+        assert "using the int2 copy of layer 2 expert 3" in capfd.readouterr().err
+        where = model.experts.native_layer(2).where
+        assert where[3] == -1 and (np.delete(where, 3) >= 0).all()
+    finally:
+        model.close()
+
+
+def decode_logits(model: FateModel, ids: list[int], steps: int) -> np.ndarray:
+    cache = model.new_cache()
+    rows = [model.head_logits(model.forward(np.asarray(ids), cache))[-1:]]
+    for _ in range(steps):
+        rows.append(model.head_logits(model.forward(np.asarray([int(rows[-1].argmax())]), cache)))
+    return np.concatenate(rows)
+
+
+def test_offloaded_decode_steps_run_the_resident_experts_with_all_resident_bits(calibrated, monkeypatch):
+    """At a tight budget a decode step runs its experts itself where every one it chose is resident,
+    and hands the others to `compute`: both happen, and every logit has the bits of all-resident."""
+    if not native_reads():
+        pytest.skip("native reads not built")
+    model = FateModel.load(calibrated)
+    try:
+        reference = decode_logits(model, PROMPT, 40)
+    finally:
+        model.close()
+    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("25%"), low_bit_prefill="off"))
+    ran = {"step": 0, "compute": 0}
+    for name, how in (("ran_in_step", "step"), ("compute", "compute")):
+        original = getattr(model.experts, name)
+
+        def counted(*args, original=original, how=how):
+            ran[how] += 1
+            return original(*args)
+        monkeypatch.setattr(model.experts, name, counted)
+    try:
+        assert model.steps and all(step.routed is not None for step in model.steps.values())
+        got = decode_logits(model, PROMPT, 40)
+        report = model.experts.report()
+    finally:
+        model.close()
+    np.testing.assert_array_equal(got, reference)
+    assert ran["step"] > 0 and ran["compute"] > 0, ran
+    assert report.decode.hit_rate is not None and 0 < report.decode.hit_rate < 1
+
+
 def as_from_a_terminal() -> None:
     """In the child before it starts: SIGINT delivered and handled by default, as a command started
     from a shell gets it. A child inherits its parent's signal mask and ignored signals; in a whole

@@ -146,8 +146,10 @@ static const char step_doc[] =
     "step: int64 vector; floats: (eps, scale, shared_scale, routed_scaling, clip, topk_eps); key, value\n"
     "float32 "
     "[1, KV, capacity, D], written at pos; next_logits, next_logits_norm: float32 [E'] or None;\n"
-    "routed: None, or (layout, limit, alpha, experts) to run the chosen experts too (every expert's\n"
-    "buffer, by id). Every size, offset and index is checked first.";
+    "routed: None, or (layout, limit, alpha, pool, where) to run the chosen experts too: where[e], int64\n"
+    "per expert id, is the offset of expert e's file bytes in the buffer pool, or -1 (not there). Returns\n"
+    "True when it ran them (every chosen one was there), else False: the residual then holds no routed\n"
+    "output and the caller runs them. Every size, offset and index is checked first.";
 
 static PyObject *run_step(PyObject *self, PyObject *args) {
     (void)self;
@@ -162,11 +164,9 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
                           &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads, &routed_obj))
         return NULL;
     Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
-              wv = {0}, nv = {0}, nnv = {0}, lv = {0};
-    PyObject *result = NULL, *seq = NULL, *layout_obj = NULL, *experts_obj = NULL;
-    Py_buffer *ev = NULL;
+              wv = {0}, nv = {0}, nnv = {0}, lv = {0}, pv = {0}, ov = {0};
+    PyObject *result = NULL, *layout_obj = NULL, *pool_obj = NULL, *where_obj = NULL;
     const uint8_t **bases = NULL;
-    Py_ssize_t got = 0;
     fate_layout routed;
     double limit = 0.0, alpha = 0.0;
     fate_step s;
@@ -202,23 +202,28 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     }
     int64_t capacity = kv.len / per_position;
     if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
-    if (routed_obj != Py_None) { /* the layer's experts: one buffer per expert id, each holding its layout */
-        if (!PyArg_ParseTuple(routed_obj, "OddO", &layout_obj, &limit, &alpha, &experts_obj) ||
-            get_buffer(layout_obj, &lv, 0, "layout") || parse_layout(&lv, limit, alpha, &routed))
+    if (routed_obj != Py_None) { /* the layer's experts: where each one's bytes lie in one pool, if there */
+        if (!PyArg_ParseTuple(routed_obj, "OddOO", &layout_obj, &limit, &alpha, &pool_obj, &where_obj) ||
+            get_buffer(layout_obj, &lv, 0, "layout") || parse_layout(&lv, limit, alpha, &routed) ||
+            get_buffer(pool_obj, &pv, 0, "pool") || get_buffer(where_obj, &ov, 0, "where"))
             goto done;
-        int64_t need = fate_layout_bytes(&routed);
-        seq = PySequence_Fast(experts_obj, "experts: expected a sequence of buffers");
-        if (!seq) goto done;
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-        if (need < 0 || routed.hidden != h || count != v[S_EXPERTS]) {
+        int64_t need = fate_layout_bytes(&routed), count = v[S_EXPERTS];
+        if (need < 0 || routed.hidden != h || ov.len != count * 8) {
             PyErr_SetString(PyExc_ValueError, "run_step: the routed experts do not fit the step");
             goto done;
         }
-        ev = calloc((size_t)count + 1, sizeof(Py_buffer));
         bases = calloc((size_t)count + 1, sizeof(uint8_t *));
-        if (!ev || !bases) { PyErr_NoMemory(); goto done; }
-        got = get_experts(seq, count, need, ev, bases);
-        if (got < 0) { got = -1 - got; goto done; }
+        if (!bases) { PyErr_NoMemory(); goto done; }
+        /* read once, here: the kernel uses these bases, whatever the caller's table says meanwhile */
+        const int64_t *where = ov.buf;
+        for (int64_t e = 0; e < count; e++) {
+            int64_t at = where[e];
+            if (at < -1 || (at >= 0 && (at > pv.len || need > pv.len - at))) {
+                PyErr_Format(PyExc_ValueError, "run_step: expert %lld lies outside its pool", (long long)e);
+                goto done;
+            }
+            bases[e] = at >= 0 ? (const uint8_t *)pv.buf + at : NULL;
+        }
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -226,12 +231,11 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
                        wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, bases ? &routed : NULL, bases,
                        threads);
     Py_END_ALLOW_THREADS
-    if (rc != 0) { PyErr_NoMemory(); goto done; }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    if (rc < 0) { PyErr_NoMemory(); goto done; }
+    result = PyBool_FromLong(bases != NULL && rc == 0);
 done:;
-    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv, &lv};
-    release(ev, got, bases, seq, views, sizeof views / sizeof *views);
+    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv, &lv, &pv, &ov};
+    release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
     return result;
 }
 

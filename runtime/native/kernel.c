@@ -1036,10 +1036,13 @@ static void route_top_k(const float *logits, int64_t experts, int64_t top_k, int
 
 /* The routed experts of a step's token, added to the residual in the router's order: what the runtime's
  * Python does with the experts' outputs, operation for operation (each weighted output rounded, then
- * added), so the sum has the same bits either way. */
+ * added), so the sum has the same bits either way. 1, the residual untouched, when a chosen expert has
+ * no bytes here (not resident: the caller runs them). */
 static int add_routed(const fate_layout *routed, const uint8_t *const *experts, const int64_t *ids, const float *weights,
                       int64_t top_k, const float *x, float *residual, int threads) {
     int64_t h = routed->hidden;
+    for (int64_t j = 0; j < top_k; j++)
+        if (!experts[ids[j]]) return 1;
     const uint8_t **chosen = malloc((size_t)top_k * sizeof *chosen);
     int32_t *index = malloc((size_t)(3 * top_k + 1) * sizeof *index);
     float *y = malloc((size_t)(top_k * h) * sizeof *y);

@@ -71,9 +71,10 @@ int64_t fate_step_bytes(const fate_step *s);
 
 /* The step itself; every buffer checked by the caller (sizes from fate_step_bytes and the numbers).
  * next_logits and next_logits_norm may be NULL (no prediction). With `routed` (the layer's expert
- * layout, hidden size the step's) and `experts` (every routed expert's bytes, by id), the chosen
- * experts run too and their weighted outputs join the residual in the router's order. Returns 0, or
- * -1 when memory ran out. */
+ * layout, hidden size the step's) and `experts` (each routed expert's bytes by id, NULL where they are
+ * not at hand), the chosen experts run too and their weighted outputs join the residual in the router's
+ * order. Returns 0; 1 when a chosen expert was NULL (the residual then holds no routed output); -1 when
+ * memory ran out. */
 int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
                   int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,

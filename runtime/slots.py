@@ -14,6 +14,7 @@ waited for without the GIL; elsewhere os.preadv, which releases it too.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -42,6 +43,7 @@ class SlotPool:
         self.slot_bytes = {layer: slot_size(file_bytes[layer]) for layer in slots}
         self._maps = {layer: private_memory(max(1, n) * self.slot_bytes[layer], huge=reused)
                       for layer, n in slots.items()}
+        self._bases = {layer: address(area) for layer, area in self._maps.items()}
         self._direct_ok = hasattr(os, "O_DIRECT")
 
     @property
@@ -66,10 +68,9 @@ class SlotPool:
         return memoryview(self._maps[layer])
 
     def offset_of(self, layer: int, data: memoryview) -> int:
-        """Where `data` (bytes read into a slot of `layer`) begins in `layer_buffer(layer)`."""
-        base = np.frombuffer(self._maps[layer], np.uint8)
-        at = np.frombuffer(data, np.uint8).ctypes.data - base.ctypes.data
-        if not 0 <= at <= base.size - len(data):
+        """Where `data` (bytes read into a slot of `layer`: writable) begins in `layer_buffer(layer)`."""
+        at = address(data) - self._bases[layer]
+        if not 0 <= at <= len(self._maps[layer]) - len(data):
             raise ValueError(f"these bytes are not in a slot of layer {layer}")
         return at
 
@@ -96,6 +97,11 @@ class SlotPool:
                 m.close()
             except BufferError:  # a view is still held somewhere; the map goes with it
                 pass
+
+
+def address(buffer) -> int:
+    """The address of a writable buffer's first byte (the ctypes view is let go at once)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def private_memory(size: int, huge: bool = True) -> mmap.mmap:

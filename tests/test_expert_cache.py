@@ -326,3 +326,47 @@ def test_a_load_that_cannot_even_begin_leaves_no_slot_or_key_behind():
         assert cache.start_fetch(0, 4).result() == "blob-0-4@0"  # the one slot came back both times
     finally:
         cache.close()
+
+
+def test_located_follows_residence_through_loads_evictions_and_failures():
+    """The array a native step reads: locate(value) for each resident expert, -1 for the rest, true
+    after every demand load, begun prefetch, eviction, failure and count_hits (which evicts nothing)."""
+    import numpy as np
+
+    loader = FakeLoader(fail={(0, 6)})
+    located = {0: np.full(8, -1, np.int64)}
+    cache = ExpertCache({0: 3}, loader, threads=1, start=FakeStart(loader), start_background=FakeStart(loader),
+                        located=located, locate=lambda key, value: 100 * int(value.rsplit("@", 1)[1]) + key[1])
+
+    def check():
+        with cache._lock:
+            want = np.full(8, -1, np.int64)
+            for (layer, expert), (_, slot) in cache._resident.items():
+                want[expert] = 100 * slot + expert
+        np.testing.assert_array_equal(located[0], want)
+
+    try:
+        for step in range(40):
+            wanted = [(step * 3) % 8, (step * 5 + 1) % 8]
+            cache.start_prefetch(0, [e for e in [(step * 7 + 2) % 8] if e != 6])  # a failed prefetch is raised later
+            check()
+            for expert in dict.fromkeys(wanted):
+                load = cache.start_fetch(0, expert)
+                if load is None:
+                    cache.settle_begun(0)
+                    load = cache.start_fetch(0, expert)
+                try:
+                    load.result()
+                except OSError:
+                    assert expert == 6
+                    continue
+                finally:
+                    check()
+                cache.unpin(0, [expert])
+            cache.harvest()
+            resident = sorted(cache.resident(0))
+            cache.count_hits(0, resident[:2])
+            check()
+        assert cache.counters.layer(0).evictions > 0 and located[0][6] == -1
+    finally:
+        cache.close()

@@ -71,6 +71,7 @@ class PhaseStats:
     cache: CacheCounters = field(default_factory=CacheCounters)
     low_bit_loads: int = 0
     low_bit_bytes: int = 0
+    in_step: int = 0  # MoE layer-steps whose decode step ran the experts (all resident)
     prediction: dict[int, PredictionCounters] = field(default_factory=dict)
 
 
@@ -165,6 +166,7 @@ class OffloadedExperts(ExpertStore):
         """Every expert the step chose was resident and ran there: the bookkeeping `compute` does for hits."""
         todo = sorted(set(expert_ids.reshape(-1).tolist()))
         self.stats.count(layer, len(todo))
+        self.phases[self._phase].in_step += 1
         self.cache.retire(layer, todo)
         self.cache.harvest()
         self.cache.count_hits(layer, todo)
@@ -386,7 +388,7 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
         tokens=phase.tokens, seconds=phase.seconds, tokens_per_s=phase.tokens / phase.seconds if phase.seconds else 0.0,
         stall_s=c.stall_s, experts_loaded=c.loads + phase.low_bit_loads, bytes_read=c.bytes_read + phase.low_bit_bytes,
         int2_loads=phase.low_bit_loads, hit_rate=hits / gets if gets else None,
-        covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits,
+        covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits, layers_run_in_step=phase.in_step,
         hit_rate_per_layer={i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},
         prefetch_recall_per_layer={i: p.correct / p.actual if p.actual else None
                                    for i, p in sorted(phase.prediction.items())},

@@ -310,6 +310,7 @@ def test_offloaded_decode_steps_run_the_resident_experts_with_all_resident_bits(
         model.close()
     np.testing.assert_array_equal(got, reference)
     assert ran["step"] > 0 and ran["compute"] > 0, ran
+    assert report.prefill.layers_run_in_step + report.decode.layers_run_in_step == ran["step"]
     assert report.decode.hit_rate is not None and 0 < report.decode.hit_rate < 1
 
 

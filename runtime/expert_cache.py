@@ -124,9 +124,10 @@ class ExpertCache:
         counters = self.counters.layer(layer)
         with self._lock:
             for expert in experts:
-                counters.gets += 1
-                counters.hits += 1
-                self._policies[layer].hit((layer, expert))
+                if (layer, expert) in self._resident:  # the eviction policy must never hold another key
+                    counters.gets += 1
+                    counters.hits += 1
+                    self._policies[layer].hit((layer, expert))
 
     def fetch(self, layer: int, expert: int) -> object:
         """The expert's value, pinned; loaded here on a miss unless it is in flight."""
@@ -326,6 +327,7 @@ class ExpertCache:
         layer = key[0]
         try:
             value, read = load()
+            where = self._locate(key, value) if layer in self.located else None
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._inflight.pop(key, None)
@@ -339,8 +341,8 @@ class ExpertCache:
             self.counters.loads += 1
             self.counters.bytes_read += read
             self._resident[key] = (value, slot)
-            if layer in self.located:
-                self.located[layer][key[1]] = self._locate(key, value)
+            if where is not None:
+                self.located[layer][key[1]] = where
             waiting = self._wanted.pop(key, 0)
             self._policies[layer].insert(key, cold=prefetched and not waiting)
             if waiting:

@@ -370,3 +370,26 @@ def test_located_follows_residence_through_loads_evictions_and_failures():
         assert cache.counters.layer(0).evictions > 0 and located[0][6] == -1
     finally:
         cache.close()
+
+
+def test_a_load_whose_bytes_cannot_be_located_fails_like_a_load_and_frees_its_slot():
+    """Whoever waits on it gets the error (never a hang), the slot comes back, nothing is resident."""
+    import numpy as np
+
+    def locate(key, value):
+        if key[1] == 2:
+            raise ValueError("these bytes are not in a slot of layer 0")
+        return 0
+
+    loader = FakeLoader()
+    located = {0: np.full(4, -1, np.int64)}
+    cache = ExpertCache({0: 1}, loader, threads=1, start=FakeStart(loader), located=located, locate=locate)
+    try:
+        with pytest.raises(ValueError, match="not in a slot"):
+            cache.start_fetch(0, 2).result()
+        assert not cache.resident(0) and located[0][2] == -1
+        cache.count_hits(0, [2])  # not resident: not counted, not made recent
+        assert cache.counters.layer(0).hits == 0
+        assert cache.start_fetch(0, 1).result() == "blob-0-1@0" and located[0][1] == 0
+    finally:
+        cache.close()

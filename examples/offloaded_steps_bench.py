@@ -29,6 +29,18 @@ def decode_rate(model: FateModel, prompt: np.ndarray, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def alternate(models: dict[str, FateModel], rounds: int, tokens: int) -> dict[str, list[float]]:
+    """Decode tokens/s of each model, round after round in turn (after a warm-up), from one prompt."""
+    prompt = np.random.default_rng(0).integers(0, next(iter(models.values())).spec.vocab_size, 32)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        decode_rate(model, prompt, 8)
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(decode_rate(model, prompt, tokens))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
@@ -44,13 +56,7 @@ def main() -> None:
             args.artifact, offload=OffloadOptions(parse_budget(budget)))
         for step in handing.steps.values():
             step.routed = None
-    prompt = np.random.default_rng(0).integers(0, models["all-resident"].spec.vocab_size, 32)
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():  # warm-up
-        decode_rate(model, prompt, 20)
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rates[name].append(decode_rate(model, prompt, args.tokens))
+    rates = alternate(models, args.rounds, args.tokens)
     resident = statistics.median(rates["all-resident"])
     for name, got in rates.items():
         median = statistics.median(got)

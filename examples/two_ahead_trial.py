@@ -16,23 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
+from offloaded_steps_bench import alternate  # examples/, beside this file
 
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime.model import FateModel
 from fate.runtime.offload import OffloadOptions
-
-
-def decode_rate(model: FateModel, prompt: np.ndarray, tokens: int) -> float:
-    cache = model.new_cache()
-    token = int(model.head_logits(model.forward(prompt, cache))[-1].argmax())
-    start = time.perf_counter()
-    for _ in range(tokens):
-        token = int(model.head_logits(model.forward(np.asarray([token]), cache))[-1].argmax())
-    return tokens / (time.perf_counter() - start)
 
 
 def routers(model: FateModel) -> dict[int, np.ndarray]:
@@ -79,13 +70,7 @@ def main() -> None:
     models = {name: FateModel.load(args.artifact, offload=OffloadOptions(parse_budget(args.budget)))
               for name in ("policy", f"policy + two ahead (width {args.width})")}
     prefetch_two_ahead(models[f"policy + two ahead (width {args.width})"], args.width)
-    prompt = np.random.default_rng(0).integers(0, models["policy"].spec.vocab_size, 32)
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        decode_rate(model, prompt, 8)
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rates[name].append(decode_rate(model, prompt, args.tokens))
+    rates = alternate(models, args.rounds, args.tokens)
     for name, model in models.items():
         decode = model.experts.report().decode
         print(f"{name:30s} {statistics.median(rates[name]):7.2f} tok/s ({min(rates[name]):.2f}-{max(rates[name]):.2f})"

@@ -1,6 +1,7 @@
 """A layer's decode step in native code: one call per layer per token instead of an onnxruntime run
-of its graph (and, with every expert resident, a second call for the routed experts), computed from
-the bytes of that same graph file (the tensors the manifest's DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
+of its graph (and, where every expert the router chose is resident in a slot, instead of a second call
+for the routed experts), computed from the bytes of that same graph file (the tensors the manifest's
+DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
 the compiler wrote one, the native kernel is built and the experts are not held to the session
 executor. Numbers equal the graph's to float32 rounding (the same int8 activation math for the
 quantized products; sums in another order)."""

@@ -49,6 +49,22 @@ class RoutedExperts(NamedTuple):
     pool: memoryview
     where: np.ndarray  # int64 [experts]
 
+    @classmethod
+    def of(cls, runner: ExpertRunner, pool: SlotPool, layer: int, precision: str,
+           where: np.ndarray) -> "RoutedExperts":
+        """`layer`'s experts at `precision` in `pool`, placed by `where` (see slot_offset)."""
+        layout, vector = runner.layout(layer, precision)
+        return cls(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0, pool.layer_buffer(layer), where)
+
+
+def slot_offset(pool: SlotPool, loaded: LoadedExpert, precision: str) -> int:
+    """Where a loaded expert's bytes begin in its layer's slots, for the decode step; -1 where the
+    step's layout (the layer's `precision`) does not fit them: a copy read at another precision (a
+    fallback) or a session expert."""
+    if loaded.data is None or loaded.precision != precision:
+        return -1
+    return pool.offset_of(loaded.layer, loaded.data)
+
 
 class ExpertStore(ABC):
     runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
@@ -159,12 +175,10 @@ class ResidentExperts(ExpertStore):
         precision = self.precisions[layer]
         if not self.runner.native_for(layer, precision):
             return None
-        layout, vector = self.runner.layout(layer, precision)
         count = self.runner.artifact.manifest.layers[layer].routing.num_experts
-        where = np.asarray([self.pool.offset_of(layer, loaded.data) if loaded.precision == precision else -1
-                            for loaded in (self.experts[(layer, expert)] for expert in range(count))], np.int64)
-        return RoutedExperts(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0,
-                             self.pool.layer_buffer(layer), where)
+        where = np.asarray([slot_offset(self.pool, self.experts[(layer, expert)], precision)
+                            for expert in range(count)], np.int64)
+        return RoutedExperts.of(self.runner, self.pool, layer, precision, where)
 
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)

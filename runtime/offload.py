@@ -27,7 +27,7 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .expert_cache import CacheCounters, ExpertCache
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision
+from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
 from .loader import ExpertLoader
 from .plan import LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
@@ -148,19 +148,12 @@ class OffloadedExperts(ExpertStore):
         return self._start(layer, expert, slot, urgent=True)
 
     def _locate(self, key: tuple[int, int], loaded: LoadedExpert) -> int:
-        """Where a resident expert's bytes begin in its layer's slots, for the decode step; -1 for a
-        copy at another precision than the layer's (a fallback), which the step's layout does not fit."""
-        layer = key[0]
-        if loaded.data is None or loaded.precision != self.plans[layer].precision:
-            return -1
-        return self.pool.offset_of(layer, loaded.data)
+        return slot_offset(self.pool, loaded, self.plans[key[0]].precision)
 
     def native_layer(self, layer: int) -> RoutedExperts | None:
         if layer not in self._reads_itself:
             return None
-        layout, vector = self.runner.layout(layer, self.plans[layer].precision)
-        return RoutedExperts(vector, layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0,
-                             self.pool.layer_buffer(layer), self.cache.located[layer])
+        return RoutedExperts.of(self.runner, self.pool, layer, self.plans[layer].precision, self.cache.located[layer])
 
     def ran_in_step(self, layer: int, expert_ids: np.ndarray) -> None:
         """Every expert the step chose was resident and ran there: the bookkeeping `compute` does for hits."""

@@ -153,13 +153,27 @@ def position_inputs(b: GraphBuilder, cfg: ArchConfig, tables: bool) -> PositionI
                           b.input(IO.SEQLENS, INT32, [1]), b.input(IO.TOTAL_LENGTH, INT32, []))
 
 
+def fused_attention_refusal(cfg: ArchConfig, w: W) -> str | None:
+    """Why onnxruntime's GroupQueryAttention cannot compute a layer's attention exactly, or None where
+    it can. Its CPU kernel checks these only when it runs (onnxruntime 1.22-1.32: "head_size must be a
+    multiple of 8", "num_heads must be a multiple of kv_num_heads"), so they are checked here, when the
+    graph is built, and a layer that fails one takes the explicit form, which computes the same."""
+    if Role.SINKS in w:
+        return "attention sinks"
+    if cfg.head_dim % 8:
+        return f"head size {cfg.head_dim} is not a multiple of 8"
+    if cfg.num_heads % cfg.num_kv_heads:
+        return f"{cfg.num_heads} heads are not a multiple of {cfg.num_kv_heads} key-value heads"
+    return None
+
+
 def takes_position_tables(cfg: ArchConfig, w: W) -> bool:
     """Whether a layer's attention can rotate q and k inside GroupQueryAttention: RoPE right before
     the fused kernel (not after a q/k norm, no sinks, no latent attention), in sizes the kernel takes
     (onnxruntime: rotary dims a multiple of 16 within a head that is a multiple of 16). Fewer nodes:
     tiny-moe's layer attention 24-29 -> 15-18 us a decode step, qwen shapes 127-146 -> 76-90 us."""
     rot, d = 2 * len(cfg.rope_inv_freq), cfg.head_dim
-    if cfg.latent_attention or cfg.qk_norm_after_rope or Role.SINKS in w:
+    if cfg.latent_attention or cfg.qk_norm_after_rope or fused_attention_refusal(cfg, w) is not None:
         return False
     if rot == 0 or rot % 16 or d % 16 or rot > d:
         return False
@@ -176,7 +190,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
     query head h reading KV head h // (H / KV) as transformers' repeat_kv. The core is
     onnxruntime's fused GroupQueryAttention where it computes exactly this (one kernel instead of
     some twenty nodes of transposes, concatenations and matmuls per layer; the caches keep their
-    [1,KV,T,D] layout); attention sinks take the explicit form.
+    [1,KV,T,D] layout); what it cannot compute (fused_attention_refusal) takes the explicit form.
     """
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     rot = 2 * len(cfg.rope_inv_freq)
@@ -227,7 +241,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
             q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
     scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
-    core = attention_explicit if Role.SINKS in w else attention_fused
+    core = attention_fused if fused_attention_refusal(cfg, w) is None else attention_explicit
     context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale, w.get(Role.SINKS))
     if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
         context = b.op("Mul", context, b.op("Sigmoid", projected[3]))
@@ -263,7 +277,7 @@ def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v
 
 def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,
                        cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
-    """The same attention in plain ONNX nodes, for what the fused kernel cannot do (sinks):
+    """The same attention in plain ONNX nodes, for what the fused kernel cannot do (fused_attention_refusal):
     q [1,S,H,D] -> [1,KV,G,S,D] against the caches [1,KV,T,D]."""
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = positions.bias

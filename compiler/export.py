@@ -366,7 +366,11 @@ class WeightReader:
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 
     def layer(self, layer: int) -> dict[Role, np.ndarray]:
-        return {role: self.get(role, layer) for role in self.layer_roles(layer)}
+        w = {role: self.get(role, layer) for role in self.layer_roles(layer)}
+        if Role.SHARED_GATE in w and w[Role.SHARED_GATE].size == 0:  # a shared expert of size 0 adds exactly 0
+            for role in (Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE):
+                w.pop(role, None)
+        return w
 
 
 def dense_format(opts: CompileOptions) -> WeightFormat:
@@ -399,6 +403,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
     cfg = family.read_config(ckpt.config)
+    cfg.check_rotary()
     tokenizer = read_tokenizer(opts.model_dir, cfg)
     reader = WeightReader(ckpt, family, cfg)
     reader.check_all()

@@ -124,6 +124,8 @@ CASES = {
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=60,
                      help="hypothesis examples per fuzz test (make fuzz runs many more)")
+    parser.addoption("--fuzz-seeds", type=int, default=2,
+                     help="randomized configs per family in test_fuzz_parity (make fuzz runs many more)")
 
 
 @pytest.fixture(scope="session")

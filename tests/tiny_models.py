@@ -339,14 +339,17 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,
-               bf16: bool = False, **overrides):
+               bf16: bool = False, eager_experts: bool = False, **overrides):
     """Save a random tiny model of `family` into `out`; returns the transformers model (eval, fp32).
-    With bf16 the checkpoint is saved in bfloat16 and the returned model is it loaded in float32."""
+    With bf16 the checkpoint is saved in bfloat16 and the returned model is it loaded in float32.
+    With eager_experts the reference runs its experts one by one: torch's grouped matmul, its CPU
+    default, refuses sizes that are not a multiple of 16 bytes, which real checkpoints may have."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides)).eval()
+    extra = {"experts_implementation": "eager"} if eager_experts else {}
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides), **extra).eval()
     with torch.no_grad():  # transformers initializes norms to 1 and biases to 0: make them matter
         for param in model.parameters():
             if param.ndim == 1:

@@ -318,9 +318,6 @@ class ArchConfig:
             raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
         if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.rope_inv_freq):
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
-        if self.latent_attention is None and 2 * len(self.rope_inv_freq) > self.head_dim:
-            raise ModelError(f"config.json: RoPE rotates pairs of dims, {2 * len(self.rope_inv_freq)} of a head of "
-                             f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
         if self.layer_mixers is not None:
@@ -333,6 +330,13 @@ class ArchConfig:
                                  ("mamba2", self.mamba)):
                 if mixer in self.layer_mixers and sizes is None:  # each is checked when read (MixerSizes)
                     raise ModelError(f"config.json: {mixer} layers without their sizes")
+
+    def check_rotary(self) -> None:
+        """RoPE rotates pairs of dims: refuse more of them than a head holds (checked once the family
+        has set its positions, which families without any clear)."""
+        if self.latent_attention is None and 2 * len(self.rope_inv_freq) > self.head_dim:
+            raise ModelError(f"config.json: RoPE rotates pairs of dims, {2 * len(self.rope_inv_freq)} of a head of "
+                             f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

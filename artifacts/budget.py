@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .errors import FateError
 
+MAX_BYTES = 2**60  # an exabyte: above any machine's memory, within int64 everywhere a size goes
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -39,7 +40,11 @@ def parse_budget(text: str) -> Budget:
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", t)
         if not m:
             raise FateError(f"cannot read budget {text!r}: use bytes with a unit (300MB, 2GiB) or a share (25%)")
-        return Budget(bytes=int(float(m.group(1)) * UNITS[m.group(2) or ""]))
+        value = float(m.group(1)) * UNITS[m.group(2) or ""]
+        if not value < MAX_BYTES:  # also inf, from a number of hundreds of digits
+            raise FateError(f"budget {text[:40]!r}{'...' if len(text) > 40 else ''} is more bytes than any "
+                            f"machine has (at most {MAX_BYTES // 10**15} PB)")
+        return Budget(bytes=int(value))
     if not 0 < share <= 1:
         raise FateError(f"budget share {text!r} must be in (0%, 100%]")
     return Budget(share=share)

@@ -84,9 +84,13 @@ class Profile:
                                     f"figures for a layer of {n} experts")
             if len(layer.miss_curve) != len(layer.miss_curve_slots):
                 raise ArtifactError(f"{where}: the miss curve's lists differ in length")
+            check_curve(f"{where}: the miss curve", layer.miss_curve_slots, layer.miss_curve, n)
             for name, curve in layer.predictors.items():
                 if not (len(curve.widths) == len(curve.decode) == len(curve.prefill) == len(curve.prefill_fetch)):
                     raise ArtifactError(f"{where}: predictor {name}'s recall lists differ in length")
+                for values in (curve.decode, curve.prefill):
+                    check_curve(f"{where}: predictor {name}'s recall", curve.widths, values, n)
+                check_curve(f"{where}: predictor {name}'s prefill fetches", curve.widths, curve.prefill_fetch, n, n)
             if layer.transitions_from is not None:
                 source = experts_per_layer.get(layer.transitions_from)
                 if source is None or layer.transitions_from >= layer.index:
@@ -101,6 +105,17 @@ class Profile:
             if layer.index == index:
                 return layer
         raise ArtifactError(f"profile has no MoE layer {index}")
+
+
+def check_curve(what: str, xs: list[int], ys: list[float], experts: int, most: float = 1.0) -> None:
+    """A curve the runtime interpolates: points at increasing counts within [0, experts], each value
+    in [0, most] (a share, or a count of experts)."""
+    if not xs:
+        raise ArtifactError(f"{what} has no points")
+    if any(b <= a for a, b in zip(xs, xs[1:])) or xs[0] < 0 or xs[-1] > experts:
+        raise ArtifactError(f"{what} is not at increasing counts within 0..{experts}")
+    if not all(0.0 <= y <= most for y in ys):  # also NaN
+        raise ArtifactError(f"{what} holds a value outside [0, {most:g}]")
 
 
 def profile_to_bytes(profile: Profile) -> bytes:

@@ -1,5 +1,6 @@
 """fate-run: generation from a Fate artifact with onnxruntime and numpy (no torch)."""
 
+from .sessions import ort  # noqa: F401 - first: onnxruntime loaded before anything else imports it, quietly
 from .api import Completion, Engine
 from .experts import ExpertStore, ResidentExperts
 from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens

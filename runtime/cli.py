@@ -19,7 +19,10 @@ from .memory import peak_rss
 from .executors import EXECUTORS
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES, PREFETCH_MODES
+from .sessions import usable_cores
 from .report import OffloadReport
+
+MAX_PREFETCH_THREADS = 64
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
@@ -72,7 +75,9 @@ def engine_options(command):
         click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
                      help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
                        "prefill numbers by design); auto: where they run natively, their load being a read."),
-        click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(min=1)),
+        click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(1, MAX_PREFETCH_THREADS),
+                     help=f"Threads that read experts from disk (at most {MAX_PREFETCH_THREADS}: more than a "
+                          "disk's queue gains nothing)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -85,6 +90,10 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
     """An Engine as the engine_options flags say."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
+    if threads > usable_cores():
+        click.echo(f"fate: --threads {threads} is more than the {usable_cores()} cores this process may use; "
+                   f"using {usable_cores()}", err=True)
+        threads = usable_cores()
     offload = None if memory_budget is None else OffloadOptions(
         budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
         low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,

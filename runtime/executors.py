@@ -13,7 +13,6 @@ in the router's order whatever order they ran in: tokens do not depend on what w
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +22,7 @@ from fate.artifacts.graph_check import check_graph
 from fate.artifacts.layout import GraphIO
 
 from . import native
-from .sessions import make_expert_session
+from .sessions import make_expert_session, usable_cores
 
 EXECUTORS = ("auto", "native", "session")
 # Resident memory of an expert's session per byte of its file (onnxruntime keeps the initializers
@@ -67,7 +66,7 @@ class ExpertRunner:
             raise ArtifactError("--executor native: the native expert kernel is not built in this installation")
         if self.mode == "auto" and not native.available():
             native.warn_unavailable()
-        self.threads = self.threads or os.cpu_count() or 1
+        self.threads = min(self.threads, usable_cores()) if self.threads > 0 else usable_cores()
 
     def native_for(self, layer: int, precision: str) -> bool:
         """Whether experts of `layer` at `precision` run natively (they need a slot layout)."""

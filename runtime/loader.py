@@ -47,7 +47,7 @@ class ExpertLoader:
         path = self.artifact.manifest.layers[layer].experts[precision][expert]
         try:
             read = self._begin(path, buffer, direct, precision, urgent)
-        except ArtifactError:  # load() meets it again and falls back, or says so
+        except (ArtifactError, OSError):  # load() meets it again and falls back, or says so
             return PendingLoad(self, (layer, expert, precision, buffer, direct), None, None)
         return PendingLoad(self, (layer, expert, precision, buffer, direct), read, self._hash_ahead(path, read))
 
@@ -69,8 +69,8 @@ class ExpertLoader:
                 data = read.wait()
                 member = self._member(path)
                 self._check_first(path, data, member.label, ahead)
-            except ArtifactError as e:
-                first_error = first_error or e
+            except (ArtifactError, OSError) as e:  # a file removed or unreadable since the start is missing
+                first_error = first_error or self._as_artifact_error(path, e)
                 continue
             if candidate != precision:
                 self._warn(path, f"fate: warning: {first_error}; using the {candidate} copy of layer {layer} "
@@ -88,6 +88,12 @@ class ExpertLoader:
         if member.size + member.offset % 4096 > len(buffer):
             raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
         return SlotRead(buffer, member.file, member.offset, member.size, direct, urgent)
+
+    def _as_artifact_error(self, path: str, error: Exception) -> ArtifactError:
+        if isinstance(error, ArtifactError):
+            return error
+        reason = getattr(error, "strerror", None) or str(error)
+        return ArtifactError(f"{self.artifact.root / path}: cannot be read ({reason})")
 
     def _member(self, path: str):
         """Where the file's bytes are: checked (listed, no link, the listed size) on its first load;

@@ -28,9 +28,11 @@ from .cli import engine_options, load_engine
 @click.option("--conversation-cache", default="256MB", show_default=True,
               help="Memory for the keys and values of recent sequences, so a follow-up chat turn prefills only "
                    "its new tokens (beside the expert budget); 0 turns it off.")
+@click.option("--max-request-size", default="8MB", show_default=True,
+              help="The largest request body taken; a larger one is answered 413 before it is read.")
 @engine_options
 def main(artifact: str, host: str, port: int, model_name: str | None, max_queue: int, request_timeout: float,
-         conversation_cache: str, **engine_flags) -> None:
+         conversation_cache: str, max_request_size: str, **engine_flags) -> None:
     """Serve a Fate ARTIFACT with OpenAI's HTTP API (completions, chat completions, streaming)."""
     try:
         try:
@@ -43,10 +45,13 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
         cache_bytes = 0 if conversation_cache.strip() == "0" else parse_budget(conversation_cache).bytes
         if cache_bytes is None:
             raise FateError("--conversation-cache takes bytes (256MB, 1GiB) or 0")
+        body_bytes = parse_budget(max_request_size).bytes
+        if not body_bytes:
+            raise FateError("--max-request-size takes bytes (8MB, 64KiB)")
         listener = socket.create_server((host, port))
         engine = load_engine(artifact, **engine_flags)
         name = model_name or engine.model.artifact.root.name.removesuffix(".fate")
-        server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes))
+        server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes, body_bytes))
     except USER_ERRORS as e:
         exit_with("fate-serve", e)
     except KeyboardInterrupt:
@@ -58,6 +63,9 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
     config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: one line and 130, as fate-run
+        click.echo("fate-serve: stopped", err=True)
+        sys.exit(130)
     finally:
         server.close()
         engine.close()

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -28,6 +29,9 @@ from .serving import EngineRunner, Job, Metrics, Outcome, QueueFull, Scheduler
 
 log = logging.getLogger("fate.serve")
 MAX_STOPS = 4  # as OpenAI
+# A stop string longer than any a client needs costs every token of its request (the matcher is linear
+# in it): bounded, as is the body of a request (ServeConfig.max_body_bytes).
+MAX_STOP_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class ServeConfig:
     max_queue: int = 8
     request_timeout_s: float = 600.0
     conversation_bytes: int = 256 << 20
+    max_body_bytes: int = 8 << 20  # a larger body is a 413 before it is read in full
 
 
 class ApiError(Exception):
@@ -72,7 +77,9 @@ def _number(body: dict, name: str, kind, default, low=None, high=None):
     if kind is float and value != value:
         raise ApiError(400, f"'{name}' must be a number", name)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"'{name}' must be between {low} and {high}", name)
+        bounds = f"between {low} and {high}" if low is not None and high is not None else \
+            f"at least {low}" if low is not None else f"at most {high}"
+        raise ApiError(400, f"'{name}' must be {bounds}", name)
     return kind(value)
 
 
@@ -100,6 +107,8 @@ def parse_params(body: dict, prompt_tokens: int, context: int, default_max: int 
     stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may hold at most {MAX_STOP_CHARS} characters", "stop")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
@@ -158,9 +167,25 @@ class Server:
 
     # ------------------------------------------------------------------ one request
 
+    async def _read(self, request: Request) -> bytes:
+        """The request's body, refused with 413 past max_body_bytes: by its Content-Length before
+        anything is read, else as soon as what arrives passes the limit."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = ApiError(413, f"the request body is larger than this server takes ({limit} bytes)")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _body(self, request: Request) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await self._read(request))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -174,8 +199,8 @@ class Server:
     async def _serve(self, request: Request, ids_of, chat: bool) -> Response:
         try:
             body = await self._body(request)
-            try:
-                ids = ids_of(body)
+            try:  # templates and tokenizers take time on long texts: not on the event loop
+                ids = await run_in_threadpool(ids_of, body)
             except FateError as e:  # a chat template that runs away, a tokenizer that fails
                 raise ApiError(400, str(e)) from None
             return await self._respond(request, body, ids, chat)
@@ -183,6 +208,18 @@ class Server:
             self.metrics.failed(e.status)
             log.info("- %d %s", e.status, e.message)
             return e.response()
+        except ClientDisconnect:  # it left before its request was whole: nobody to answer
+            log.info("- a client left before its request was read")
+            return Response(status_code=499)
+
+    def _check_length(self, chars: int, field: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it: no token covers more than
+        the tokenizer's longest token, so `chars` characters are at least chars / that many tokens."""
+        context = self.engine.model.spec.max_positions
+        least = chars // self.engine.codec.max_token_chars
+        if least >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; the request's "
+                                f"{chars} characters are at least {least} tokens", field)
 
     def _prompt_ids(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -190,6 +227,7 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        self._check_length(len(prompt), "prompt")
         return self.engine.codec.encode(prompt)
 
     def _chat_ids(self, body: dict) -> list[int]:
@@ -201,6 +239,7 @@ class Server:
                            "messages")
         if not self.engine.codec.chat_template:
             raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         return self.engine.codec.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
 
     async def _respond(self, request: Request, body: dict, ids: list[int], chat: bool) -> Response:

@@ -56,20 +56,38 @@ class Outcome:
 
 class StopMatcher:
     """Cuts generated text at the first stop string, also one that spans pieces: text that could
-    still be the start of a stop string is held back until the next piece decides."""
+    still be the start of a stop string is held back until the next piece decides.
+
+    Linear time: each stop string is a Knuth-Morris-Pratt automaton whose state is the longest
+    prefix of the stop that ends the text so far, so a character costs amortized O(1) per stop
+    whatever the stops' lengths (searching the held text for every prefix was quadratic in the
+    stop's length, every token). The text is cut at the first place where a stop string is
+    complete, before that stop."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
         self.pending = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text that is final, whether a stop string was found)."""
+        start = len(self.pending)
         self.pending += piece
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending = self.pending[: min(found)], ""
-            return out, True
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        for at in range(start, len(self.pending)):
+            char, done = self.pending[at], 0
+            for i, stop in enumerate(self.stops):
+                k, fail = self.state[i], self.fail[i]
+                while k and stop[k] != char:
+                    k = fail[k - 1]
+                k = k + 1 if stop[k] == char else 0
+                if k == len(stop):  # complete here; of several, the longest starts first
+                    done, k = max(done, k), fail[k - 1]
+                self.state[i] = k
+            if done:
+                out, self.pending = self.pending[: at + 1 - done], ""
+                return out, True
+        hold = max(self.state, default=0)  # the longest stop prefix the text ends with
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out, False
@@ -77,6 +95,19 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's table: fail[i] is the length of the longest proper prefix of s[:i + 1] that is also
+    its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class Metrics:

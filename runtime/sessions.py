@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
+import os
+import sys
 
 from fate.artifacts import ArtifactError
+
+
+def _import_onnxruntime_quietly():
+    """onnxruntime (1.32's Linux wheels) starts its 1DS telemetry as it is imported: it keeps a device
+    id under ~/.cache/Microsoft and, where it cannot (a service user without a writable HOME), warns on
+    stderr. Fate's stderr holds Fate's own lines (--json readers parse stdout, services log stderr):
+    file descriptor 2 is pointed at /dev/null while the library loads, and its telemetry events are
+    turned off once it has."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        import onnxruntime
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
+
+
+ort = _import_onnxruntime_quietly()
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -66,10 +91,20 @@ class NamedSession:
 SMALL_GRAPH_BYTES = 4 << 20
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def graph_threads(threads: int, graph_bytes: int) -> int:
-    """The intra-op threads of a dense graph: as given, else one for a small graph, else all cores (0)."""
+    """The intra-op threads of a dense graph: as given (at most the usable cores: more only wait on
+    each other, and each costs onnxruntime a thread pool slot at start), else one for a small graph,
+    else all cores (0)."""
     if threads > 0:
-        return threads
+        return min(threads, usable_cores())
     return 1 if graph_bytes < SMALL_GRAPH_BYTES else 0
 
 

@@ -46,6 +46,13 @@ def render_template(template: str, **context) -> str:
         return trace
 
     env = Bounded(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):  # what Hugging Face templates call to refuse a conversation (as transformers)
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(str(message))
+
+    env.globals["raise_exception"] = raise_exception
     pieces, size = [], 0
     previous = sys.gettrace()
     try:
@@ -80,6 +87,10 @@ class TextCodec:
         self.eos_ids = set(spec.eos_token_ids)
         self.bos_token = self._token(spec.bos_token_id)
         self.eos_token = self._token(spec.eos_token_ids[0])
+        # the most characters one token stands for (a byte-level token's string has one per byte):
+        # a text of n characters is at least n / this many tokens, known before encoding it
+        self.max_token_chars = max(1, max(map(len, self._guarded("list its vocabulary",
+                                                                 self.tokenizer.get_vocab)), default=1))
 
     def _token(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")

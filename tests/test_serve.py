@@ -366,3 +366,35 @@ def test_a_cache_with_fixed_state_serves_only_prompts_that_extend_its_whole_sequ
     assert taken.length == 4 and taken.layers[1]["conv"][0, 0, 0] == 4
     with pytest.raises(ValueError):
         hybrid(4).prefix(3)
+
+
+def first_stop_reference(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the stop string that is complete first (of those complete at once, the longest)."""
+    ends = [(text.find(s) + len(s), -len(s)) for s in stops if s and s in text]
+    if not ends:
+        return text, False
+    end, neg = min(ends)
+    return text[:end + neg], True
+
+
+def test_stop_matcher_agrees_with_a_plain_search(fuzz_examples):
+    """Any pieces and stops (small alphabets make overlaps, self-overlapping stops and prefixes of
+    other stops common): the matcher's output is the plain search's, and nothing is lost."""
+    from hypothesis import given, settings, strategies as st
+
+    text = st.text(alphabet="abc", max_size=12)
+
+    @settings(max_examples=max(fuzz_examples, 300), deadline=None)
+    @given(st.lists(text, max_size=6), st.lists(text, max_size=4))
+    def check(pieces, stops):
+        matcher, out, hit = StopMatcher(stops), "", False
+        for piece in pieces:
+            part, hit = matcher.feed(piece)
+            out += part
+            if hit:
+                break
+        if not hit:
+            out += matcher.flush()
+        assert (out, hit) == first_stop_reference("".join(pieces), stops)
+
+    check()

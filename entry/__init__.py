@@ -17,7 +17,19 @@ def run(command: str, target: str) -> None:
     except KeyboardInterrupt:
         print(f"{command}: interrupted while starting", file=sys.stderr, flush=True)
         sys.exit(130)
-    main()
+    import click
+
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help, --version
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print(f"{command}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except click.ClickException as e:  # a flag or argument click refused: one line, not its usage block
+        hint = f" (see {command} --help)" if isinstance(e, click.UsageError) else ""
+        print(f"{command}: error: {e.format_message().rstrip('.')}{hint}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 # One per console script in pyproject.toml: the command's name and where its click command lives.

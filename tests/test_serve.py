@@ -398,3 +398,70 @@ def test_stop_matcher_agrees_with_a_plain_search(fuzz_examples):
         assert (out, hit) == first_stop_reference("".join(pieces), stops)
 
     check()
+
+
+# ---------------------------------------------------------------------- hostile requests (December)
+
+
+def test_a_huge_stop_string_is_refused_and_a_long_one_costs_linear_time(server):
+    """A 1 MB stop stalled the engine for everyone (the matcher was quadratic in the stop's length
+    every token): stops are bounded, and the matcher is linear (test_stop_matcher_agrees_...)."""
+    reply = httpx.post(f"{server.base}/completions", json={"prompt": PROMPT, "stop": "x" * (1 << 20)}, timeout=60)
+    assert reply.status_code == 400 and "stop string" in reply.json()["error"]["message"]
+    long_stop = "never produced " * 250  # under the bound: served, and the answer comes
+    out = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, stop=[long_stop])
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_bodies_past_the_limit_are_413_and_prompts_that_cannot_fit_are_refused_untokenized(example):
+    served = Served(example, "--max-request-size", "64KB")
+    try:
+        big = {"prompt": "x" * 100_000}
+        reply = httpx.post(f"{served.base}/completions", json=big, timeout=60)  # Content-Length says it
+        assert reply.status_code == 413 and "larger than" in reply.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: refused as soon as what arrives passes the limit
+            yield b'{"prompt": "'
+            for _ in range(100):
+                yield b"x" * 4096
+            yield b'"}'
+
+        reply = httpx.post(f"{served.base}/completions", content=chunks(), timeout=60)
+        assert reply.status_code == 413
+        # under the body limit, but more characters than the context can hold whatever the tokens
+        reply = httpx.post(f"{served.base}/completions", json={"prompt": "y" * 60_000}, timeout=60)
+        assert reply.status_code == 400 and "characters are at least" in reply.json()["error"]["message"]
+        assert httpx.get(f"{served.root}/health", timeout=60).json()["status"] == "ok"
+    finally:
+        served.close()
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line_and_ctrl_c_is_one_line_and_130(example):
+    import signal
+    import socket
+
+    served = Served(example)
+    host, port = served.root.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{\"prompt\": \"")
+    served.wait_for_log("left before its request was read")
+    assert served.client.completions.create(model=served.model, prompt=PROMPT, max_tokens=2).usage  # still serving
+    served.proc.send_signal(signal.SIGINT)
+    assert served.proc.wait(timeout=60) == 130
+    log = "".join(served.log) + served.proc.stderr.read()
+    assert "Traceback" not in log and "Aborted" not in log and "fate-serve: stopped" in log, log
+
+
+def test_range_errors_name_the_bound_they_break(server):
+    reply = httpx.post(f"{server.base}/completions", json={"prompt": PROMPT, "max_tokens": 0}, timeout=60)
+    assert reply.json()["error"]["message"] == "'max_tokens' must be at least 1"
+
+
+def test_a_chat_template_that_raises_gives_its_own_message():
+    from fate.artifacts import GenerationError
+    from fate.runtime.text import render_template
+
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Roles must alternate') }}{% endif %}"
+    with pytest.raises(GenerationError, match="Roles must alternate"):
+        render_template(template, messages=[{"role": "system", "content": "x"}])

@@ -1,0 +1,108 @@
+"""Faults and hostile input found in December, each held by a test that failed before its fix:
+resources a user asks for are bounded, damaged profiles and manifests are refused with one line,
+files that vanish mid-run fall back as missing ones do, and stderr holds only Fate's lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_hostile import one_line_error
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def replace_file(art: Path, path: str, raw: bytes) -> None:
+    """Write an artifact's file anew, its manifest entry (size, SHA-256) to match: damage that
+    passes the integrity checks, as a faulty compiler or a hand edit would leave it."""
+    (art / path).write_bytes(raw)
+    manifest = json.loads((art / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == path:
+            entry.update(size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """The example model compiled as a user does: calibrated, so with a profile and INT2 copies."""
+    out = tmp_path_factory.mktemp("faults") / "tiny-moe"
+    proc = run("fate-compile", EXAMPLE, "-o", out, "--bits", "4", "-q")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture
+def art(calibrated, tmp_path) -> Path:
+    out = tmp_path / "art"
+    shutil.copytree(calibrated, out)
+    return out
+
+
+def test_thread_counts_are_bounded(art):
+    """--threads 10000 gave every session 10,000 threads (no answer in a minute); now the usable
+    cores, said in one line. --prefetch-threads 10000 started 10,000 threads; now refused."""
+    proc = run("fate-run", art, "-p", "hi", "-n", "2", "--greedy", "--threads", "10000", "--memory-budget", "50%")
+    assert proc.returncode == 0, proc.stderr
+    assert "--threads 10000 is more than the" in proc.stderr
+    line = one_line_error("fate-run", art, "-p", "hi", "--memory-budget", "50%", "--prefetch-threads", "10000")
+    assert "--prefetch-threads" in line
+
+
+def test_a_budget_of_hundreds_of_digits_is_one_line(art):
+    assert "more bytes than any machine has" in one_line_error("fate-run", art, "-p", "hi", "--memory-budget", "9" * 400)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda layer: layer.update(miss_curve=[], miss_curve_slots=[]), "miss curve has no points"),
+    (lambda layer: layer.update(miss_curve_slots=layer["miss_curve_slots"][::-1]), "not at increasing counts"),
+    (lambda layer: layer["miss_curve"].__setitem__(0, 7.0), "outside [0, 1]"),
+])
+def test_a_profile_with_a_broken_curve_is_one_line(art, damage, fragment):
+    profile = json.loads((art / "profile.json").read_text())
+    damage(profile["layers"][0])
+    replace_file(art, "profile.json", json.dumps(profile).encode())
+    assert fragment in one_line_error("fate-run", art, "-p", "hi", "--memory-budget", "50%")
+
+
+def test_expert_files_removed_mid_run_fall_back_to_their_other_copy(art):
+    """A read that fails with an OSError (the folder deleted under a running process) is a missing
+    file: the stored copy at another precision is used, with a warning, as the README says."""
+    from fate.artifacts.budget import parse_budget
+    from fate.runtime import Engine, OffloadOptions, SamplingConfig
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    precisions = list(manifest["layers"][0]["experts"])
+    assert len(precisions) > 1, precisions  # the calibrated artifact keeps INT2 copies
+    engine = Engine.load(art, offload=OffloadOptions(budget=parse_budget("25%")))
+    try:
+        engine.generate("The quick brown fox", 4, SamplingConfig())
+        shutil.rmtree(art / "experts" / precisions[0])
+        out = engine.generate("A mixture of experts routes every token", 12, SamplingConfig())
+        assert len(out.result.token_ids) == 12
+    finally:
+        engine.close()
+
+
+def test_stderr_holds_only_fates_lines_without_a_writable_home(art, tmp_path):
+    """onnxruntime's telemetry warns on stderr where it cannot keep its device id (a service user
+    without a writable HOME): Fate loads it with stderr silenced."""
+    env = {**os.environ, "HOME": "/proc/nonexistent", "XDG_CACHE_HOME": "/proc/nonexistent"}
+    proc = run("fate-run", art, "-p", "hi", "-n", "2", "--greedy", "--json", env=env)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    json.loads(proc.stdout)

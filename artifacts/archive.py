@@ -74,6 +74,9 @@ def scan(path: Path) -> tuple[bytes, dict[str, Member]]:
                 name = info.name
                 if not info.isreg():
                     raise ArtifactError(f"{path}: member {name!r} is not a regular file (links and devices are refused)")
+                if info.issparse() or any(key.startswith("GNU.sparse") for key in info.pax_headers):
+                    # its bytes are not laid out in place: the runtime reads members where they lie
+                    raise ArtifactError(f"{path}: member {name!r} is a sparse file, which archives never hold")
                 try:
                     safe_relpath(name)
                 except ArtifactError:

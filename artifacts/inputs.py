@@ -6,10 +6,44 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .errors import FateError
+
+T = TypeVar("T")
+_STDERR = threading.Lock()
+
+
+def with_stderr_held(call: Callable[[], T], keep: bool = True) -> T:
+    """call() with file descriptor 2 written to a temporary file, not the terminal: libraries that
+    print from native code (a Rust panic's message and backtrace, onnxruntime's warnings) cannot be
+    reached otherwise. What they wrote goes on to stderr afterwards when the call returned and `keep`
+    says so; when it raised, the caller reports the error in one line, and their lines are dropped.
+    Calls are serialized (file descriptor 2 is the process's); other threads' lines written meanwhile
+    are delayed, not lost, where `keep`."""
+    with _STDERR:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                result = call()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            if keep:
+                held.seek(0)
+                written = held.read()
+                if written:
+                    sys.stderr.buffer.write(written) if hasattr(sys.stderr, "buffer") else \
+                        sys.stderr.write(written.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+    return result
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -35,9 +69,19 @@ def load_json(data: bytes, where: str, error: type[FateError] = FateError, finit
             refuse(text)
         return value
 
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """An object whose keys repeat is refused: readers disagree on which value wins (Python's
+        keeps the last, others the first), so what one tool checks another may not run."""
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise error(f"{where} repeats the key {repeated[:80]!r} in one object")
+        return out
+
     try:
         return json.loads(data.decode("utf-8"), parse_float=number,
-                          parse_constant=refuse if finite else None)
+                          parse_constant=refuse if finite else None, object_pairs_hook=unique)
     except UnicodeDecodeError as e:
         raise error(f"{where} is not UTF-8 (byte {e.start})") from None
     except RecursionError:

@@ -375,13 +375,18 @@ class Manifest:
 
     def _validate_policy(self, policy: Policy) -> None:
         moe = {layer.index: layer for layer in self.moe_layers}
+        for name in ("budget", "target_recall", "max_quant_error", "max_low_bit_error"):
+            value = getattr(policy, name)
+            if not 0 <= value <= (1 if name in ("budget", "target_recall") else math.inf):
+                raise ArtifactError(f"manifest: policy.{name} = {value} is out of range")
         if sorted(p.index for p in policy.layers) != sorted(moe):
             raise ArtifactError("manifest: the policy does not cover exactly the MoE layers")
         for p in policy.layers:
             layer = moe[p.index]
             if p.precision not in layer.experts or (p.prefill_precision and p.prefill_precision not in layer.experts):
                 raise ArtifactError(f"manifest: policy of layer {p.index} names a precision the layer does not store")
-            if not 0 <= p.cache_share <= 1 or not 0 <= p.prefill_low_share <= 1 or p.prefetch_width < 0:
+            if not 0 <= p.cache_share <= 1 or not 0 <= p.prefill_low_share <= 1 or \
+                    not 0 <= p.prefetch_width <= layer.routing.num_experts:
                 raise ArtifactError(f"manifest: policy of layer {p.index} has out-of-range numbers")
             if p.predictor not in ("none", "cross_layer", "cross_layer_norm", "eap"):
                 raise ArtifactError(f"manifest: policy of layer {p.index} has unknown predictor {p.predictor!r}")

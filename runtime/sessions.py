@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 from fate.artifacts import ArtifactError
+from fate.artifacts.inputs import with_stderr_held
 
 
 def _import_onnxruntime_quietly():
     """onnxruntime (1.32's Linux wheels) starts its 1DS telemetry as it is imported: it keeps a device
     id under ~/.cache/Microsoft and, where it cannot (a service user without a writable HOME), warns on
     stderr. Fate's stderr holds Fate's own lines (--json readers parse stdout, services log stderr):
-    file descriptor 2 is pointed at /dev/null while the library loads, and its telemetry events are
-    turned off once it has."""
+    what the library writes while it loads is dropped, and its telemetry events are turned off."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        import onnxruntime
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+    onnxruntime = with_stderr_held(lambda: importlib.import_module("onnxruntime"), keep=False)
     onnxruntime.disable_telemetry_events()
     return onnxruntime
 

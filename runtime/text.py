@@ -7,6 +7,7 @@ import time
 
 from fate.artifacts import Artifact, ArtifactError, GenerationError
 from fate.artifacts import layout
+from fate.artifacts.inputs import with_stderr_held
 
 # A chat template is code from the artifact: it renders in Jinja's sandbox within these bounds.
 TEMPLATE_SECONDS = 2.0
@@ -82,7 +83,8 @@ class TextCodec:
             raise ArtifactError(f"{artifact.root} has no tokenizer.json")
         self.label = artifact.member(path).label
         data = artifact.read_bytes(path, verify=verify)
-        self.tokenizer = self._guarded("load", lambda: Tokenizer.from_str(data.decode("utf-8")))
+        self.tokenizer = self._guarded("load", lambda: Tokenizer.from_str(data.decode("utf-8")), held=True)
+        self._guarded("encode text", lambda: self.tokenizer.encode("Fate checks its tokenizer: 12 ü ∑ 🙂"), held=True)
         self.chat_template = spec.chat_template
         self.eos_ids = set(spec.eos_token_ids)
         self.bos_token = self._token(spec.bos_token_id)
@@ -97,17 +99,20 @@ class TextCodec:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._guarded("encode text",
-                             lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+                             lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids,
+                             held=True)
 
     def decode(self, ids: list[int]) -> str:
         return self._guarded("decode tokens", lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _guarded(self, what: str, call):
+    def _guarded(self, what: str, call, held: bool = False):
         """A tokenizer is data from the artifact that runs as code (regexes, normalizers): whatever
         the tokenizers library raises, including a Rust panic (pyo3's PanicException, a
-        BaseException), is one error naming the file."""
+        BaseException), is one error naming the file. `held`: the panic's own message and backtrace,
+        which Rust writes to stderr, are kept off it (loading and encoding; decoding, once per token,
+        is not held: its panics are one error too, after Rust's lines)."""
         try:
-            return call()
+            return with_stderr_held(call) if held else call()
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except BaseException as e:  # noqa: BLE001

@@ -106,3 +106,42 @@ def test_stderr_holds_only_fates_lines_without_a_writable_home(art, tmp_path):
     proc = run("fate-run", art, "-p", "hi", "-n", "2", "--greedy", "--json", env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     json.loads(proc.stdout)
+
+
+def test_a_sparse_archive_member_is_refused(art, tmp_path):
+    """A GNU sparse member (here one data region, so its bytes even lie in place) ran: archives are
+    read where their members lie, so any sparse member is refused."""
+    from fate.artifacts import pack_artifact
+    from test_hostile import members_of, write_tar
+
+    members = members_of(pack_artifact(art, tmp_path / "model.fate"))
+    info, data = members[1]
+    info.pax_headers = {"GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0", "GNU.sparse.numbytes": str(len(data)),
+                        "GNU.sparse.map": f"0,{len(data)}", "GNU.sparse.size": str(len(data)),
+                        "GNU.sparse.name": info.name}
+    bad = write_tar(tmp_path / "sparse.fate", members)
+    for command in (["fate-run", bad, "-p", "hi"], ["fate-verify", bad]):
+        assert "sparse" in one_line_error(*command)
+
+
+def test_manifests_with_repeated_keys_and_policies_out_of_range_are_refused(art):
+    manifest = (art / "manifest.json").read_text()
+    (art / "manifest.json").write_text(manifest.replace('"schema_version":', '"schema_version": "9.9", "schema_version":', 1))
+    assert "repeats the key 'schema_version'" in one_line_error("fate-run", art, "-p", "hi")
+    data = json.loads(manifest)
+    data["policy"]["budget"] = -0.5
+    (art / "manifest.json").write_text(json.dumps(data))
+    assert "policy.budget = -0.5 is out of range" in one_line_error("fate-run", art, "-p", "hi")
+
+
+def test_a_tokenizer_that_panics_is_one_line(art):
+    """A normalizer whose regex matches the empty string makes the tokenizers library panic on every
+    text: Rust printed its message and a backtrace of a hundred lines (with RUST_BACKTRACE set) before
+    Fate's one line. The panic's lines are held off stderr; Fate's line names the file."""
+    tokenizer = json.loads((art / "tokenizer" / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Replace", "pattern": {"Regex": "(?=)"}, "content": "x"}
+    replace_file(art, "tokenizer/tokenizer.json", json.dumps(tokenizer).encode())
+    env = {**os.environ, "RUST_BACKTRACE": "1"}
+    proc = run("fate-run", art, "-p", "hi", env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "tokenizer.json: the tokenizer cannot" in lines[0], proc.stderr

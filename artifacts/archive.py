@@ -48,6 +48,10 @@ def pack(artifact_dir: Path, manifest_bytes: bytes, files: list[str], out: Path)
                 with open(path, "rb") as f:
                     _add(tar, rel, f, path.stat().st_size)
         os.replace(tmp, out)
+    except OSError as e:
+        if e.filename:  # a file it could not read names itself
+            raise
+        raise ArtifactError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -108,6 +108,13 @@ def is_fate_archive(path: Path) -> bool:
     return first is not None and first.name == layout.MANIFEST and first.isreg()
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, then setting it back: done while one thread runs)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def partial_name(out: Path) -> str:
     """The prefix of a temporary sibling of `out` written by this process."""
     return f".{out.name}.partial-{os.getpid()}-"

@@ -21,7 +21,7 @@ from . import archive, layout
 from .archive import Member
 from .graph_check import check_graph
 from .inputs import load_json
-from .outputs import check_output, partial_name, reclaim_stale, trash_path
+from .outputs import check_output, current_umask, partial_name, reclaim_stale, trash_path
 from .errors import ArtifactError
 from .schema import FileEntry, Manifest, SCHEMA_VERSION, manifest_from_json, safe_relpath, to_json_dict
 
@@ -50,6 +50,7 @@ class ArtifactWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         reclaim_stale(self.out_dir)
         self.tmp = Path(tempfile.mkdtemp(prefix=partial_name(self.out_dir), dir=self.out_dir.parent))
+        os.chmod(self.tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the artifact from other users
         self.entries: dict[str, FileEntry] = {}
 
     def __enter__(self) -> "ArtifactWriter":
@@ -64,8 +65,11 @@ class ArtifactWriter:
         if relpath in self.entries:
             raise ArtifactError(f"artifact writer: {relpath} written twice")
         target = self.tmp / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        except OSError as e:  # a full disk says only "No space left on device": name what was being written
+            raise ArtifactError(f"cannot write {self.out_dir / relpath}: {e.strerror or e}") from None
         entry = FileEntry(relpath, len(data), hashlib.sha256(data).hexdigest())
         self.entries[relpath] = entry
         return entry
@@ -82,7 +86,10 @@ class ArtifactWriter:
 
     def publish(self, manifest_bytes: bytes) -> Path:
         """Write the manifest as given, last, and move the artifact into place."""
-        (self.tmp / layout.MANIFEST).write_bytes(manifest_bytes)
+        try:
+            (self.tmp / layout.MANIFEST).write_bytes(manifest_bytes)
+        except OSError as e:
+            raise ArtifactError(f"cannot write {self.out_dir / layout.MANIFEST}: {e.strerror or e}") from None
         if self.out_dir.exists():
             trash = trash_path(self.out_dir)
             os.rename(self.out_dir, trash)

@@ -6,11 +6,22 @@ load onnxruntime."""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from functools import partial
 
 
+def on_sigterm(command: str):
+    """SIGTERM (a service manager, `kill`, a CI timeout) unwinds like Ctrl-C does: what the command
+    was writing is removed by its own cleanup instead of being left beside the output; one line, 143."""
+    def terminated(signum, frame) -> None:
+        print(f"{command}: terminated", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    return terminated
+
+
 def run(command: str, target: str) -> None:
+    signal.signal(signal.SIGTERM, on_sigterm(command))
     module, _, name = target.partition(":")
     try:
         main = getattr(importlib.import_module(module), name)

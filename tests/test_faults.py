@@ -145,3 +145,56 @@ def test_a_tokenizer_that_panics_is_one_line(art):
     proc = run("fate-run", art, "-p", "hi", env=env)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "tokenizer.json: the tokenizer cannot" in lines[0], proc.stderr
+
+
+def compile_command(out: Path, *flags: str) -> list[str]:
+    return [str(BIN / "fate-compile"), str(EXAMPLE), "-o", str(out), "--bits", "4", *flags]
+
+
+def test_sigterm_during_a_compile_leaves_nothing_beside_the_output(tmp_path):
+    """SIGTERM left `.NAME.partial-*` beside the output; it now unwinds as Ctrl-C does. Sent once the
+    compile has begun writing (its partial folder exists: an event, not a sleep)."""
+    import signal
+
+    out = tmp_path / "art"
+    proc = subprocess.Popen(compile_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(60_000):  # at most 5 minutes, each turn a wait on the process itself
+        if any(p.name.startswith(".art.partial-") for p in tmp_path.iterdir()):
+            break
+        try:
+            proc.wait(timeout=0.005)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the signal came")
+    assert proc.returncode == 143 and "terminated" in proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_artifacts_are_published_with_the_users_umask_and_a_full_disk_names_the_file(tmp_path):
+    """Artifacts came out 0700 (mkdtemp's mode): other users and service accounts could not read
+    them. And a write that fails for space named no file: here a file-size limit makes the same
+    failed write (EFBIG instead of ENOSPC) without a full disk."""
+    import resource
+    import signal
+    import stat
+
+    out = tmp_path / "art"
+    proc = subprocess.run(compile_command(out, "-q"), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    proc = subprocess.run(compile_command(tmp_path / "small", "-q"), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert f"cannot write {tmp_path / 'small'}/" in lines[0] and "File too large" in lines[0]
+    assert list(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -39,7 +39,8 @@ class GraphIO:
             (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
             expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
             next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
-    combine (a MoE layer whose MoE output is normalized before the residual add, OLMo-2 style):
+    combine (a MoE layer whose MoE output is normalized before the residual add, OLMo-2 style; its
+            layer graph says so in its metadata, ROUTED_SUM_META):
             residual [1, S, H], routed [S, H] (the weighted sum of the routed experts, plus the layer
             graph's moe_partial [S, H] where it has one: its shared experts) -> hidden [1, S, H]
     expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
@@ -71,6 +72,10 @@ class GraphIO:
     LOGITS = "logits"
     ROUTED = "routed"
     MOE_PARTIAL = "moe_partial"  # a post-norm MoE layer's shared experts' output [S, H], added to `routed`
+    # A layer graph's metadata (ModelProto.metadata_props) under this key says how its routed sum joins
+    # the residual: "combine_graph" where it must go through the layer's combine graph (post-norm
+    # families); absent: a plain add. A manifest that drops such a layer's combine graph is refused.
+    ROUTED_SUM_META = "fate.routed_sum"
 
     @staticmethod
     def past(state: str) -> str:

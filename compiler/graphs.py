@@ -815,7 +815,10 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
-    return LayerGraphInfo(b.model(), next_layer is not None, position_kind,
+    model = b.model()
+    if layer in cfg.moe_layers and cfg.post_norms:  # the routed sum goes through the combine graph
+        onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
+    return LayerGraphInfo(model, next_layer is not None, position_kind,
                           decode_step(layer, cfg, w, next_layer, b.weights) if position_kind == "tables" else None)
 
 

@@ -51,6 +51,8 @@ def verify(artifact: Path, expect: str | None) -> None:
     except USER_ERRORS as e:
         exit_with("fate-verify", e)
     problems = art.verify()
+    if not problems:
+        problems = load_problems(art)
     if expect is not None and expect.lower().removeprefix("sha256:") != art.digest:
         problems.insert(0, f"{artifact}: identity sha256:{art.digest} is not the expected {expect} "
                            f"(a different or edited artifact)")
@@ -60,3 +62,25 @@ def verify(artifact: Path, expect: str | None) -> None:
         sys.exit(1)
     click.echo(f"{artifact}: ok ({len(art.manifest.files)} files, schema {art.manifest.schema_version}) "
                f"sha256:{art.digest}")
+
+
+def load_problems(art: Artifact) -> list[str]:
+    """What loading the artifact finds that its files' hashes cannot: graphs onnxruntime refuses or
+    whose inputs and outputs are not the manifest's, decode steps whose numbers disagree with their
+    graphs, combine graphs a layer needs and lacks, a tokenizer that cannot load or encode. Loaded as
+    a run at the smallest budget does (every graph, one token's experts), not with every expert."""
+    from fate.artifacts import FateError
+    from fate.artifacts.budget import Budget
+
+    from .model import FateModel
+    from .offload import OffloadOptions
+    from .text import TextCodec
+
+    share = max((layer.routing.top_k / layer.routing.num_experts for layer in art.manifest.moe_layers), default=1.0)
+    try:
+        FateModel.load(art.root, offload=OffloadOptions(budget=Budget(share=min(1.0, share)), prefetch="none")).close()
+        TextCodec(art)
+    except FateError as e:
+        return [str(e)]
+    return []
+

@@ -3,6 +3,7 @@ experts through an ExpertStore. Imports no torch and no transformers."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -59,11 +60,55 @@ class FateModel:
         self.layers = [load(layer.graph, layer_interface(self.manifest, layer), layer) for layer in self.manifest.layers]
         self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
                          for layer in self.manifest.layers if layer.combine_graph}
+        for layer, session in zip(self.manifest.layers, self.layers):
+            meta = session.session.get_modelmeta().custom_metadata_map
+            if meta.get(IO.ROUTED_SUM_META) == "combine_graph" and not layer.combine_graph:
+                raise ArtifactError(f"{artifact.member(layer.graph).label}: its routed experts join the residual "
+                                    f"through a combine graph, which the manifest does not list for layer {layer.index}")
         self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
         for names, layer, session in zip(self._outputs, self.manifest.layers, self.layers):
             if hands_on_partial(layer, session):
                 names.append(IO.MOE_PARTIAL)
         self.positions = PositionTables(self.spec)
+        self._check_native_steps()
+
+    def _check_native_steps(self, probe: int = 3, bound: float = 1e-3) -> None:
+        """A native step takes its numbers (scales, epsilons, clamps, routing constants) from the
+        manifest, and its graph holds the same numbers as the graph computes them: the two must not
+        disagree (prefill would run the graph's, decode the manifest's). Each step runs once at load
+        beside its graph on a probe (`probe` random states in a cache of its own, then one more), and
+        one that computes otherwise than its graph (beyond the int8 rounding both share, 1e-5 in
+        the tests) is refused; the head step likewise. Costs two graph runs and a step per layer."""
+        rng = np.random.default_rng(0)
+        h = self.spec.hidden_size
+        for index, step in self.steps.items():
+            spec = self.manifest.layers[index]
+            cache = self.new_cache()
+            before = rng.standard_normal((1, probe, h)).astype(np.float32)
+            self.run_layer(spec, before, cache, self.positions.step(0, probe).for_layer(spec), probe)
+            cache.length = probe
+            x = rng.standard_normal((1, 1, h)).astype(np.float32)
+            by_step = copy.deepcopy(cache)
+            want = self.run_layer(spec, x, cache, self.positions.step(probe, 1).for_layer(spec), 1)
+            routed, step.routed = step.routed, None  # the layer alone, not its experts
+            try:
+                got, _ = step.run(x, by_step, *self.positions.upto(probe + 1))
+            finally:
+                step.routed = routed
+            names = [IO.RESIDUAL, IO.ROUTER_INPUT, *(n for n in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
+                                                     if n in got)]
+            if np.array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS]):  # a near tie may pick otherwise
+                names.append(IO.EXPERT_WEIGHTS)
+            for name in names:
+                if relative_error(got[name], want[name]) > bound:
+                    raise ArtifactError(f"{self.artifact.member(spec.graph).label}: the manifest's decode step "
+                                        f"computes {name} otherwise than the graph (a number of its decode_step "
+                                        f"disagrees with the graph's)")
+        if self.native_head is not None:
+            x = rng.standard_normal((1, 1, h)).astype(np.float32)
+            if relative_error(self.native_head.run(x), self.head.run([IO.LOGITS], {IO.HIDDEN: x})[0][0]) > bound:
+                raise ArtifactError(f"{self.artifact.member(self.manifest.head_graph).label}: the manifest's head "
+                                    f"step computes otherwise than the graph (a number of its head_step disagrees)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -182,3 +227,10 @@ class FateModel:
 
     def close(self) -> None:
         self.experts.close()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want| (NaN anywhere: infinite)."""
+    scale = float(np.abs(want).max(initial=0.0))
+    err = float(np.abs(got - want).max(initial=0.0)) / max(scale, 1e-30)
+    return err if np.isfinite(err) else float("inf")

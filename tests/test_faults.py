@@ -198,3 +198,30 @@ def test_artifacts_are_published_with_the_users_umask_and_a_full_disk_names_the_
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert f"cannot write {tmp_path / 'small'}/" in lines[0] and "File too large" in lines[0]
     assert list(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_a_decode_step_whose_numbers_disagree_with_its_graph_is_refused(art):
+    """Prefill ran the graph's attention scale, decode the manifest's: different tokens, and
+    fate-verify passed. Each native step now runs once beside its graph at load."""
+    manifest = json.loads((art / "manifest.json").read_text())
+    layer = next(layer for layer in manifest["layers"] if layer.get("decode_step"))
+    layer["decode_step"]["attention_scale"] *= 0.8
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error("fate-run", art, "-p", "hi")
+    assert "decode step computes" in line and layer["graph"] in line
+    proc = run("fate-verify", art)
+    assert proc.returncode == 1 and "decode step computes" in proc.stdout
+
+
+def test_a_layer_cannot_lose_its_combine_graph(tmp_path):
+    """A FlexOlmo layer whose combine_graph the manifest dropped ran, adding its routed sum
+    unnormalized: different tokens. Its graph now says it needs one."""
+    from conftest import Built
+
+    built = Built(tmp_path / "flex", family="flex_olmo", seed=49)
+    art = built.artifact(32)
+    manifest = json.loads((art / "manifest.json").read_text())
+    layer = next(layer for layer in manifest["layers"] if layer.get("combine_graph"))
+    layer["combine_graph"] = None
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert "through a combine graph" in one_line_error("fate-run", art, "-p", "hi")

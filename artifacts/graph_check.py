@@ -149,3 +149,34 @@ def check_graph(data: bytes, label: str) -> None:
             raise WireError("it holds no graph")
     except WireError as e:
         raise ArtifactError(f"{label} is refused: {e}") from None
+
+
+def float_attributes(data: bytes, op_type: str, name: str) -> list[float]:
+    """The float attribute `name` of every node of `op_type` in the model's main graph (e.g. the
+    attention scale of GroupQueryAttention), read from the wire format: a number the manifest
+    repeats can be held to the graph's own."""
+    import struct
+
+    values = []
+    try:
+        for field, wire, value in _fields(memoryview(data)):
+            if field != 7 or wire != 2:
+                continue
+            for g_field, g_wire, node in _fields(value):
+                if g_field != 1 or g_wire != 2:
+                    continue
+                fields = list(_fields(node))
+                if not any(f == 4 and w == 2 and _text(v) == op_type for f, w, v in fields):
+                    continue
+                for f, w, attribute in fields:
+                    if f != 5 or w != 2:
+                        continue
+                    parts = list(field_spans(attribute, 0, len(attribute)))
+                    named = any(a == 1 and aw == 2 and _text(attribute[s:e]) == name for a, aw, s, e, _ in parts)
+                    for a, aw, s, e, _ in parts:
+                        if named and a == 2 and aw == 5:  # AttributeProto.f, a fixed32 float
+                            values.append(struct.unpack("<f", bytes(attribute[s:e]))[0])
+    except WireError:
+        return []
+    return values
+

@@ -19,11 +19,11 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1.5"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+SCHEMA_VERSION = "1.6"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
 # 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
-# runtime before it ignores it and runs the graph)
+# runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
@@ -190,6 +190,8 @@ class LayerSpec:
     positions: str = "per_token"
     # schema 1.5: the layer's decode step, for the native kernel (absent: the graph runs every step)
     decode_step: DecodeStep | None = None
+    # schema 1.6: why an attention MoE layer has no decode step (informational, for fate-inspect)
+    graph_only: str | None = None
 
 
 @dataclass(frozen=True)

@@ -415,7 +415,8 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     start = time.time()
     with ArtifactWriter(opts.out_dir, inputs=opts.inputs, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
-            f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts (top-{cfg.top_k}), "
+            f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts "
+            f"(top-{cfg.top_k if cfg.layer_top_k is None else '/'.join(map(str, sorted(set(cfg.layer_top_k))))}), "
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
@@ -495,6 +496,7 @@ class LayerExporter:
                          predicts_next=info.predicts_next,
                          sliding_window=cfg.layer_windows[layer] if cfg.layer_windows else None,
                          mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
+                         graph_only=info.graph_only if is_moe and cfg.mixer(layer) == "attention" else None,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()
@@ -519,7 +521,7 @@ class LayerExporter:
                 more, more_layouts = self._write_experts(layer, (8,), feed_profiler=False)
                 experts.update(more)
                 layouts.update(more_layouts)
-        routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k_at(layer),
                               normalize_top_k=cfg.normalize_top_k)
         return replace(spec, routing=routing, experts=experts, expert_layouts=layouts)
 

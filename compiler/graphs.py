@@ -703,6 +703,7 @@ class LayerGraphInfo:
     predicts_next: bool
     positions: str = "per_token"  # an attention layer's position inputs (PositionInputs.kind)
     decode_step: DecodeStep | None = None  # its tensors placed once the graph is serialized (decode_step_views)
+    graph_only: str | None = None  # why it has no decode step (step_refusal)
 
 
 @dataclass(frozen=True)
@@ -727,6 +728,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
       next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
     The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
+    cfg = cfg.at_layer(layer)
     position_kind = "per_token"
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     with b.tagged("attn_norm"):
@@ -818,8 +820,9 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     model = b.model()
     if layer in cfg.moe_layers and cfg.post_norms:  # the routed sum goes through the combine graph
         onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
+    refusal = step_refusal(layer, cfg, w, next_layer, b.weights, position_kind)
     return LayerGraphInfo(model, next_layer is not None, position_kind,
-                          decode_step(layer, cfg, w, next_layer, b.weights) if position_kind == "tables" else None)
+                          decode_step(layer, cfg, w, next_layer, b.weights) if refusal is None else None, refusal)
 
 
 def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0,
@@ -909,34 +912,58 @@ STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Rol
                         Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM, Role.ROUTER_SCORE_BIAS})
 
 
-def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
-                fmt: WeightFormat) -> DecodeStep | None:
-    """The numbers of a layer's native decode step (its tensors are placed after serialization:
-    decode_step_views), or None where the layer graph computes something the step does not."""
+def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None, fmt: WeightFormat,
+                 positions: str) -> str | None:
+    """Why a layer's graph runs every decode token instead of a native decode step (what its graph
+    computes that the step does not), or None where the step can compute it."""
     dense_roles = {role for role in w if not role.value.startswith("expert")}
-    plain = (cfg.mixer(layer) == "attention" and layer in cfg.moe_layers and layer not in cfg.nope_layers
-             and dense_roles <= STEP_ROLES and {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles
-             and cfg.norm == "rms" and cfg.scoring in ("softmax", "sigmoid")
-             and not cfg.rope_interleaved and not cfg.parallel_block
-             and not cfg.post_norms and cfg.pre_norms and fmt.bits in (2, 4, 8))
-    shared = Role.SHARED_GATE in w
-    if shared and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
-        plain = False
+    if cfg.mixer(layer) != "attention":
+        return f"a {cfg.mixer(layer)} layer"
+    if layer not in cfg.moe_layers:
+        return "a dense MLP layer"
+    if positions != "tables":
+        reason = fused_attention_refusal(cfg, w)
+        return f"attention the fused kernel cannot take ({reason})" if reason else \
+            "RoPE in sizes or an order the fused kernel cannot take"
+    if layer in cfg.nope_layers:
+        return "attention without positions"
+    if fmt.bits not in (2, 4, 8):
+        return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
+    for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
+                              cfg.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
+                              ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
+                              ("no pre-norms", not cfg.pre_norms)):
+        if unsupported:
+            return what
+    extra = sorted(role.value for role in dense_roles - STEP_ROLES)
+    if extra:
+        return f"weights the step does not compute ({', '.join(extra)})"
+    if not {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles:
+        return "a layer without its norms"
+    if Role.SHARED_GATE in w and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
+        return "a shared expert without its up and down projections"
     qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
     if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
-        plain = False  # RMSNorm over q and k before RoPE: each head (Qwen3) or the whole projection (OLMoE)
+        return "q/k norms the step does not compute (after RoPE, or on one of q and k)"
     if cfg.scoring == "softmax" and (cfg.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
-        plain = False  # softmax routing with groups or a correction bias: its graph
+        return "softmax routing with expert groups or a correction bias"
     if cfg.group_topk is not None:
         groups, kept = cfg.group_topk
         size = cfg.num_experts // groups if groups > 0 else 0
         if size < 2 or cfg.num_experts % groups or not 1 <= kept <= groups or kept * size < cfg.top_k:
-            plain = False
+            return "expert groups the step cannot pick from"
     if next_layer is not None and (next_layer.router_bias is not None or next_layer.norm_bias is not None
                                    or (next_layer.score_bias is not None and cfg.scoring != "sigmoid")):
-        plain = False
-    if not plain:
-        return None
+        return "a next-layer predictor with biases the step does not compute"
+    return None
+
+
+def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
+                fmt: WeightFormat) -> DecodeStep:
+    """The numbers of a layer's native decode step (its tensors are placed after serialization:
+    decode_step_views), for a layer step_refusal takes."""
+    shared = Role.SHARED_GATE in w
+    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
     return DecodeStep(
         bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
         attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,

@@ -113,6 +113,12 @@ def main(artifact: str, html_out: Path | None) -> None:
         steps = [layer.index for layer in m.layers if layer.decode_step is not None]
         click.echo(f"native decode steps: {len(steps)} of {m.model.num_layers} layers"
                    + (f" ({', '.join(map(str, steps))})" if 0 < len(steps) < m.model.num_layers else ""))
+        why: dict[str, list[int]] = {}
+        for layer in m.layers:
+            if layer.graph_only:
+                why.setdefault(layer.graph_only, []).append(layer.index)
+        for reason, layers in why.items():  # the MoE attention layers that run their graph every token
+            click.echo(f"  graph every token, layer{'s' if len(layers) > 1 else ''} {span_list(layers)}: {reason}")
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
             click.echo(f"mixers: {', '.join(f'{n} {name}' for name, n in sorted(mixers.items()))}; a sequence carries "
@@ -129,3 +135,14 @@ def main(artifact: str, html_out: Path | None) -> None:
             click.echo(f"report: {html_out}")
     except USER_ERRORS as e:
         exit_with("fate-inspect", e)
+
+
+def span_list(indices: list[int]) -> str:
+    """0, 1, 2, 5 -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

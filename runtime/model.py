@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
+from fate.artifacts.graph_check import float_attributes
 from fate.artifacts.layout import GraphIO as IO
 
 from .decode_step import NativeDecodeStep, NativeHead
@@ -72,43 +73,58 @@ class FateModel:
         self.positions = PositionTables(self.spec)
         self._check_native_steps()
 
-    def _check_native_steps(self, probe: int = 3, bound: float = 1e-3) -> None:
+    def _check_native_steps(self, probe: int = 4, tokens: int = 3, bound: float = 2e-2) -> None:
         """A native step takes its numbers (scales, epsilons, clamps, routing constants) from the
         manifest, and its graph holds the same numbers as the graph computes them: the two must not
-        disagree (prefill would run the graph's, decode the manifest's). Each step runs once at load
-        beside its graph on a probe (`probe` random states in a cache of its own, then one more), and
-        one that computes otherwise than its graph (beyond the int8 rounding both share, 1e-5 in
-        the tests) is refused; the head step likewise. Costs two graph runs and a step per layer."""
+        disagree (prefill would run the graph's, decode the manifest's). The attention scale, which
+        the graph keeps as an attribute, must be the graph's exactly; and each step runs beside its
+        graph at load on a probe (`probe` random states in a cache of its own, then `tokens` more),
+        refused where every token differs by more than `bound`. One token may differ by about 1e-3
+        where an int8 activation rounds the other way (their sums come in another order); a wrong
+        number moves them all. The head step likewise. Costs a few graph runs per layer."""
         rng = np.random.default_rng(0)
         h = self.spec.hidden_size
         for index, step in self.steps.items():
             spec = self.manifest.layers[index]
-            cache = self.new_cache()
-            before = rng.standard_normal((1, probe, h)).astype(np.float32)
-            self.run_layer(spec, before, cache, self.positions.step(0, probe).for_layer(spec), probe)
-            cache.length = probe
-            x = rng.standard_normal((1, 1, h)).astype(np.float32)
-            by_step = copy.deepcopy(cache)
-            want = self.run_layer(spec, x, cache, self.positions.step(probe, 1).for_layer(spec), 1)
+            label = self.artifact.member(spec.graph).label
+            scales = float_attributes(step.graph, "GroupQueryAttention", "scale")
+            if scales != [np.float32(spec.decode_step.attention_scale)]:
+                raise ArtifactError(f"{label}: the manifest's decode step has attention scale "
+                                    f"{spec.decode_step.attention_scale:g}, the graph {', '.join(map(str, scales)) or 'none'}")
+            by_graph = self.new_cache()
+            self.run_layer(spec, rng.standard_normal((1, probe, h)).astype(np.float32), by_graph,
+                           self.positions.step(0, probe).for_layer(spec), probe)
+            by_graph.length = probe
+            by_step = copy.deepcopy(by_graph)
+            errors: dict[str, float] = {}
             routed, step.routed = step.routed, None  # the layer alone, not its experts
             try:
-                got, _ = step.run(x, by_step, *self.positions.upto(probe + 1))
+                for _ in range(tokens):
+                    x = rng.standard_normal((1, 1, h)).astype(np.float32)
+                    position = by_graph.length
+                    want = self.run_layer(spec, x, by_graph, self.positions.step(position, 1).for_layer(spec), 1)
+                    got, _ = step.run(x, by_step, *self.positions.upto(position + 1))
+                    by_graph.length = by_step.length = position + 1
+                    names = [IO.RESIDUAL, IO.ROUTER_INPUT, *(n for n in (IO.NEXT_ROUTER_LOGITS,
+                                                                      IO.NEXT_ROUTER_LOGITS_NORM) if n in got)]
+                    if np.array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS]):  # a near tie may pick otherwise
+                        names.append(IO.EXPERT_WEIGHTS)
+                    for name in names:
+                        errors[name] = min(errors.get(name, np.inf), relative_error(got[name], want[name]))
             finally:
                 step.routed = routed
-            names = [IO.RESIDUAL, IO.ROUTER_INPUT, *(n for n in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
-                                                     if n in got)]
-            if np.array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS]):  # a near tie may pick otherwise
-                names.append(IO.EXPERT_WEIGHTS)
-            for name in names:
-                if relative_error(got[name], want[name]) > bound:
-                    raise ArtifactError(f"{self.artifact.member(spec.graph).label}: the manifest's decode step "
-                                        f"computes {name} otherwise than the graph (a number of its decode_step "
-                                        f"disagrees with the graph's)")
+            for name, error in errors.items():
+                if error > bound:
+                    raise ArtifactError(f"{label}: the manifest's decode step computes {name} otherwise than the "
+                                        f"graph (relative error {error:.2g}: a number of its decode_step disagrees "
+                                        f"with the graph's)")
         if self.native_head is not None:
             x = rng.standard_normal((1, 1, h)).astype(np.float32)
-            if relative_error(self.native_head.run(x), self.head.run([IO.LOGITS], {IO.HIDDEN: x})[0][0]) > bound:
+            error = relative_error(self.native_head.run(x), self.head.run([IO.LOGITS], {IO.HIDDEN: x})[0][0])
+            if error > bound:
                 raise ArtifactError(f"{self.artifact.member(self.manifest.head_graph).label}: the manifest's head "
-                                    f"step computes otherwise than the graph (a number of its head_step disagrees)")
+                                    f"step computes otherwise than the graph (relative error {error:.2g}: a number "
+                                    f"of its head_step disagrees)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,

@@ -62,7 +62,10 @@ KNOBS: dict[str, Knobs] = {
     "granitemoe": Knobs(head_dim=None),
     "granitemoeshared": Knobs(head_dim=None, extra=lambda r: {"shared_intermediate_size": r.choice([0, 20, 36])}),
     "granitemoe_swa": Knobs(head_dim=None, extra=lambda r: {"shared_intermediate_size": r.choice([0, 20, 36]),
-                                                           "sliding_window": r.choice([3, 6, 64])}),
+                                                           "sliding_window": r.choice([3, 6, 64])},
+                            # per-layer RoPE bases: 0 (NoPE) or one base, not always the global one
+                            layers=lambda r, n: {"layer_rope_theta": [r.choice([0.0, base]) for _ in range(n)]}
+                            if (base := r.choice([None, 10000.0, 5e5])) else {}),
     "gpt_oss": Knobs(extra=lambda r: {"sliding_window": r.choice([3, 6, 64]), "attention_bias": coin(r)},
                      layers=lambda r, n: {"layer_types": [r.choice(["sliding_attention", "full_attention"])
                                                           for _ in range(n)]}),
@@ -181,7 +184,8 @@ def head_shape(r: random.Random, knobs: Knobs) -> tuple[int, int, int]:
     heads = r.choice([1, 2, 3, 4, 5, 6])
     kv = heads if knobs.latent else r.choice([1, heads, *(d for d in range(1, heads + 1) if heads % d == 0)])
 
-    sizes = [4, 6, 10, 12, 14, 18, 20, 22, 24, 26] + ([] if knobs.rope else [5, 7, 9, 11, 13])
+    # off 8 (the fused attention's limit) and on 8 and 16 (the fused attention, its own RoPE, decode steps)
+    sizes = [4, 6, 10, 12, 14, 18, 20, 22, 26, 8, 16, 24, 32, 48] + ([] if knobs.rope else [5, 7, 9, 11, 13])
     return heads, kv, r.choice(sizes)
 
 
@@ -221,6 +225,8 @@ def random_overrides(family: str, seed: int) -> dict:
     if knobs.layers:
         out.update(knobs.layers(r, layers))
     out.update(knobs.extra(r))
+    if family == "hunyuan_v1_moe" and layers > 1 and coin(r):  # a top-k per layer
+        out["moe_topk"] = [r.randint(1, experts) for _ in range(layers)]
     if family == "minimax_m2":
         out["rotary_dim"] = r.choice([2, d // 2 * 2, max(2, d // 4 * 2)])
     if family == "granitemoehybrid":

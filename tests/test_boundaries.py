@@ -14,7 +14,9 @@ ALLOWED = {
     "runtime": {"numpy", "onnxruntime", "tokenizers", "click", "jinja2"},
     "runtime/server": {"starlette", "uvicorn"},  # the serve extra: fate-serve's web layer only
     "compiler": {"numpy", "onnx", "torch", "transformers", "safetensors", "tokenizers", "click"},
-    "entry": set(),  # the console scripts: standard library only, so a Ctrl-C at start-up is handled
+    # the console scripts: standard library only, so a Ctrl-C at start-up is handled; click only once the
+    # command's own module (which loads it) has been imported, to turn its usage errors into one line
+    "entry": {"click"},
 }
 STDLIB = set(sys.stdlib_module_names)
 

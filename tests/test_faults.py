@@ -203,14 +203,18 @@ def test_artifacts_are_published_with_the_users_umask_and_a_full_disk_names_the_
 def test_a_decode_step_whose_numbers_disagree_with_its_graph_is_refused(art):
     """Prefill ran the graph's attention scale, decode the manifest's: different tokens, and
     fate-verify passed. Each native step now runs once beside its graph at load."""
-    manifest = json.loads((art / "manifest.json").read_text())
-    layer = next(layer for layer in manifest["layers"] if layer.get("decode_step"))
-    layer["decode_step"]["attention_scale"] *= 0.8
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    line = one_line_error("fate-run", art, "-p", "hi")
-    assert "decode step computes" in line and layer["graph"] in line
-    proc = run("fate-verify", art)
-    assert proc.returncode == 1 and "decode step computes" in proc.stdout
+    original = (art / "manifest.json").read_text()
+    for field, factor, fragment in (("attention_scale", 0.8, "decode step has attention scale"),
+                                    ("norm_eps", 1e6, "decode step computes"),
+                                    ("routed_scaling", 3.0, "decode step computes expert_weights")):
+        manifest = json.loads(original)
+        layer = next(layer for layer in manifest["layers"] if layer.get("decode_step"))
+        layer["decode_step"][field] *= factor
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        line = one_line_error("fate-run", art, "-p", "hi")
+        assert fragment in line and layer["graph"] in line, (field, line)
+        proc = run("fate-verify", art)
+        assert proc.returncode == 1 and fragment in proc.stdout, (field, proc.stdout)
 
 
 def test_a_layer_cannot_lose_its_combine_graph(tmp_path):

@@ -12,7 +12,7 @@ import enum
 import math
 import re
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 from fate.artifacts import ModelError
@@ -255,6 +255,7 @@ class ArchConfig:
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
+    layer_top_k: tuple[int, ...] | None = None  # per-layer top-k (HunYuan's moe_topk list); top_k is their largest
     # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
     # no norm before the MLP, the router reads the attention's input norm
     parallel_block: bool = False
@@ -316,6 +317,11 @@ class ArchConfig:
                              f"{self.num_kv_heads} key/value heads")
         if self.top_k > self.num_experts:
             raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
+        if self.layer_top_k is not None and (len(self.layer_top_k) != self.num_layers or any(
+                isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts
+                for k in self.layer_top_k)):
+            raise ModelError(f"config.json: a per-layer top-k must give each of the {self.num_layers} layers a count "
+                             f"from 1 to {self.num_experts}, got {list(self.layer_top_k)}")
         if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.rope_inv_freq):
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
@@ -337,6 +343,13 @@ class ArchConfig:
         if self.latent_attention is None and 2 * len(self.rope_inv_freq) > self.head_dim:
             raise ModelError(f"config.json: RoPE rotates pairs of dims, {2 * len(self.rope_inv_freq)} of a head of "
                              f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
+
+    def top_k_at(self, layer: int) -> int:
+        return self.layer_top_k[layer] if self.layer_top_k is not None else self.top_k
+
+    def at_layer(self, layer: int) -> "ArchConfig":
+        """The config as one layer sees it: its own top-k where they differ by layer."""
+        return self if self.layer_top_k is None else replace(self, top_k=self.top_k_at(layer))
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

@@ -1,8 +1,9 @@
 """Granite-MoE with sliding windows (GraniteMoeSWAForCausalLM): granitemoeshared (Mixtral-like
 routing, the four multipliers, a fused shared expert) with experts fused under `experts.*`, an
 attention sink per head, and sliding-window layers from `layer_types` (by default every fourth
-layer full, the others sliding). Per-layer RoPE bases (`layer_rope_theta`, where 0 means no
-positions) are accepted only when they all equal the global base: the runtime feeds one RoPE table."""
+layer full, the others sliding). Per-layer RoPE bases (`layer_rope_theta`): 0 is a layer without
+positions (NoPE), and the other layers must share one base (it need not be the global rope_theta,
+which transformers then leaves unused): the runtime feeds every layer one set of RoPE tables."""
 
 from dataclasses import replace
 
@@ -17,13 +18,23 @@ from .granitemoeshared import read_config as read_granitemoeshared_config
 def read_config(cfg: dict):
     layers = require(cfg, "num_hidden_layers")
     types = cfg.get("layer_types") or ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(layers)]
-    rope = cfg.get("rope_parameters") or {}
-    base = rope.get("rope_theta", cfg.get("rope_theta"))
     thetas = cfg.get("layer_rope_theta")
-    if thetas is not None and (not isinstance(thetas, list) or any(t != base for t in thetas)):
-        raise ModelError("config.json: per-layer RoPE bases (layer_rope_theta other than the global rope_theta, "
-                         "or NoPE layers) are not supported yet")
-    return replace(read_granitemoeshared_config(cfg), layer_windows=layer_windows({**cfg, "layer_types": types}))
+    nope: frozenset[int] = frozenset()
+    if thetas is not None:
+        if not isinstance(thetas, list) or len(thetas) != layers or any(
+                isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0 for t in thetas):
+            raise ModelError(f"config.json: layer_rope_theta must give each of the {layers} layers a RoPE base "
+                             f"(0: no positions), got {thetas!r}")
+        bases = sorted({t for t in thetas if t})
+        if len(bases) > 1:
+            raise ModelError(f"config.json: layer_rope_theta uses {len(bases)} RoPE bases ({', '.join(map(str, bases))}); "
+                             f"Fate feeds every layer one set of RoPE tables, so one base (and 0 for NoPE layers)")
+        nope = frozenset(i for i, t in enumerate(thetas) if not t)
+        if bases:  # the one base the rotating layers use, whatever the global rope_theta says
+            cfg = {**cfg, "rope_parameters": {**(cfg.get("rope_parameters") or {}), "rope_theta": bases[0]},
+                   "rope_theta": bases[0]}
+    return replace(read_granitemoeshared_config(cfg), layer_windows=layer_windows({**cfg, "layer_types": types}),
+                   nope_layers=nope)
 
 
 FAMILY = Family(

@@ -36,6 +36,17 @@ def ntk_alpha(cfg: dict, head_dim: int) -> list[float] | None:
     return [float(v) for v in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))]
 
 
+def per_layer_top_k(cfg: dict) -> tuple[int, ...] | None:
+    """`moe_topk` given per layer with differing counts (transformers takes each layer's); None where
+    it is one number, or a list of one number."""
+    value = cfg.get("moe_topk")
+    if not isinstance(value, list) or len(set(map(repr, value))) <= 1:
+        return None
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in value):
+        raise ModelError(f"config.json: moe_topk must list an integer per layer, got {value!r}")
+    return tuple(value)
+
+
 def read_config(cfg: dict) -> ArchConfig:
     head_dim = optional(cfg, "head_dim", 0) or require(cfg, "hidden_size") // max(1, require(cfg, "num_attention_heads"))
     frequencies = ntk_alpha(cfg, head_dim)
@@ -44,17 +55,20 @@ def read_config(cfg: dict) -> ArchConfig:
     if frequencies:
         common.update(rope_inv_freq=frequencies, rope_attention_scaling=1.0)
     intermediate = require(cfg, "intermediate_size")
+    per_layer = per_layer_top_k(cfg)
     arch = ArchConfig(
         **common,
         sliding_window=None,
         num_experts=uniform(cfg, "num_experts"),
-        top_k=uniform(cfg, "moe_topk"),
+        top_k=max(per_layer) if per_layer else uniform(cfg, "moe_topk"),
         normalize_top_k=True,
         moe_intermediate_size=intermediate,
         dense_intermediate_size=0,
         shared_intermediate_size=intermediate,
         moe_layers=frozenset(range(common["num_layers"])),
     )
+    if per_layer:  # each layer its own top-k (checked against the layers and experts by ArchConfig)
+        arch = replace(arch, layer_top_k=per_layer)
     return replace(arch, qk_norm="head", qk_norm_after_rope=True)
 
 

@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from . import graphs
 from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
-from .families.base import EXPERT_ROLES, LAYER
+from .families.base import EXPERT_ROLES, LAYER, check_sizes
 from .policy import PlanTargets, plan_for_budget
 from .profile import BUILTIN, QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
@@ -402,6 +402,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     check_output(opts.out_dir, opts.inputs, opts.force, "artifact")  # before any work: fail in a moment
     ckpt = Checkpoint(opts.model_dir)
     family = family_for(ckpt.config)
+    check_sizes(ckpt.config)
     cfg = family.read_config(ckpt.config)
     cfg.check_rotary()
     tokenizer = read_tokenizer(opts.model_dir, cfg)

@@ -49,7 +49,8 @@ def engine_options(command):
                      help="Expert precision to run when several are stored (e.g. int4)."),
         click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Compute threads for dense graphs and the native expert kernel (0: all cores for work large enough to gain from them; graphs under 4 MB and small expert layers run on one)."),
-        click.option("--no-verify", is_flag=True, help="Skip SHA-256 checks of files as they load."),
+        click.option("--no-verify", is_flag=True, help="Trust the artifact as it is: skip SHA-256 checks of files as they load, and the probes that hold "
+                          "native decode steps to their graphs."),
         click.option("--verify-every-load", is_flag=True,
                      help="With a memory budget: check an expert's SHA-256 at every load, not only its first "
                        "(for files that may change while Fate runs)."),

@@ -70,3 +70,41 @@ def test_random_config_matches_transformers(fuzz_case, tmp_path):
                 quantized.close()
         assert np.isfinite(runs["native"]).all()
         assert rel_err(runs["native"], runs["session"]) < 2e-2, overrides
+
+
+CONFIG_VALUES = [0, -1, 1, 3, 7, 2**31, 2**63, 0.5, -0.0, float("nan"), float("inf"), True, None, "", "x", [], [1, 2],
+                 {"a": 1}]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "dbrx", "deepseek_v3", "qwen3_next", "granitemoehybrid", "gpt_oss"])
+def test_hostile_configs_compile_or_are_one_clear_error(family, tmp_path_factory, fuzz_examples):
+    """Any field of a checkpoint's config.json set to any JSON value (hostile, or a family's quirk
+    Fate does not express): the compile either succeeds or raises a FateError (one line naming the
+    problem), never a traceback from numpy, onnx, onnxruntime or torch."""
+    import json as jsonlib
+
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from fate.artifacts import FateError
+    from fate.compiler import CompileOptions, compile_checkpoint
+
+    from tiny_models import make_model
+
+    root = tmp_path_factory.mktemp("configs")
+    ckpt = root / "ckpt"
+    make_model(family, ckpt, seed=1)
+    base = jsonlib.loads((ckpt / "config.json").read_text())
+
+    @settings(max_examples=max(10, fuzz_examples // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(st.sampled_from(sorted(base)), st.sampled_from(CONFIG_VALUES)), min_size=1, max_size=3))
+    def check(edits):
+        config = dict(base)
+        for key, value in edits:
+            config[key] = value
+        (ckpt / "config.json").write_text(jsonlib.dumps(config))
+        try:
+            compile_checkpoint(CompileOptions(ckpt, root / "out", bits=(32,), force=True), log=lambda _m: None)
+        except FateError:
+            pass
+
+    check()

@@ -433,16 +433,59 @@ def optional(cfg: dict[str, Any], key: str, default: Any, kind: type | tuple = i
     return value
 
 
+def layer_set(cfg: dict[str, Any], key: str) -> set[int]:
+    """A config's list of layer indices (`mlp_only_layers`), checked: integers, or none."""
+    value = cfg.get(key) or []
+    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        raise ModelError(f"config.json: {key} must list layer indices, got {value!r}")
+    return set(value)
+
+
 def check_activation(cfg: dict[str, Any], key: str = "hidden_act") -> None:
     if cfg.get(key, "silu") != "silu":
         raise ModelError(f"config.json: {key} = {cfg[key]!r} is not supported (only 'silu')")
+
+
+# A config's sizes, by the ending of their key: a number past these is no real model's, and reading it
+# on (RoPE tables, weight shapes) would allocate without bound. Checked before a family reads anything.
+SIZE_KEYS = re.compile(r"(_size|_dim|_heads|_rank|^d_model|^n_heads|_experts|_k|topk|_top_k|_per_tok|_groups?)$")
+LAYER_KEYS = re.compile(r"(_layers|^n_layers)$")
+
+
+def check_sizes(cfg: Any, where: str = "config.json") -> None:
+    """Refuse (one line naming the key) an integer size beyond any real model's anywhere in the config
+    (nested objects too, such as DBRX's attn_config): hidden and head sizes, head, expert and top-k
+    counts at most MAX_DIM, layer counts at most MAX_LAYERS."""
+    from fate.artifacts.schema import MAX_DIM, MAX_LAYERS
+
+    if not isinstance(cfg, dict):
+        return
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            check_sizes(value, f"{where}: {key}")
+            continue
+        most = MAX_LAYERS if LAYER_KEYS.search(str(key)) else MAX_DIM if SIZE_KEYS.search(str(key)) else None
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if most is not None and isinstance(v, int) and not isinstance(v, bool) and v > most:
+                raise ModelError(f"{where}: {key} = {v} is beyond any model's (at most {most})")
+
+
+def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config's RoPE parameters: transformers 5's `rope_parameters`, else the older
+    `rope_scaling`, else none; anything but an object is one line."""
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise ModelError(f"config.json: {key} must be an object, got {params!r}")
+    return dict(params)
 
 
 def rope_from_config(cfg: dict[str, Any], head_dim: int) -> tuple[list[float], float]:
     """(inv_freq, attention_scaling) for the config's RoPE, computed once at compile time so the
     runtime needs no knowledge of RoPE variants. transformers 5 keeps the parameters in
     `rope_parameters`; older configs use `rope_theta` and `rope_scaling`."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params = rope_params(cfg)
     theta = optional(params, "rope_theta", optional(cfg, "rope_theta", 10000.0, (int, float)), (int, float))
     rope_type = params.get("rope_type", params.get("type", "default"))
     # transformers 5 writes partial_rotary_factor into rope_parameters; hub configs keep it at the top
@@ -518,7 +561,10 @@ def mixers_of_types(types: Any, mixer_of_type: dict[str, str], layers: int) -> t
 
 def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
     """Per-layer sliding windows from transformers' `layer_types` (None: full attention)."""
-    types = cfg.get("layer_types") or ["full_attention"] * (cfg.get("num_hidden_layers") or 0)
+    layers = require(cfg, "num_hidden_layers")
+    types = cfg.get("layer_types") or ["full_attention"] * layers
+    if not isinstance(types, list) or len(types) != layers or not all(isinstance(t, str) for t in types):
+        raise ModelError(f"config.json: layer_types must name a type for each of the {layers} layers, got {types!r}")
     window = cfg.get("sliding_window")
     return tuple(window if t == "sliding_attention" else None for t in types)
 

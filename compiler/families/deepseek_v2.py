@@ -18,7 +18,9 @@ from .base import (
     LatentAttention,
     Role,
     common_fields,
+    optional,
     require,
+    rope_params,
 )
 
 
@@ -30,11 +32,11 @@ def read_config(cfg: dict) -> ArchConfig:
                              qk_nope_head_dim=require(cfg, "qk_nope_head_dim"),
                              qk_rope_head_dim=require(cfg, "qk_rope_head_dim"), v_head_dim=require(cfg, "v_head_dim"))
     layers = require(cfg, "num_hidden_layers")
-    first_dense = cfg.get("first_k_dense_replace", 0) or 0
-    freq = cfg.get("moe_layer_freq", 1) or 1
+    first_dense = optional(cfg, "first_k_dense_replace", 0)
+    freq = optional(cfg, "moe_layer_freq", 1) or 1
     experts = cfg.get("n_routed_experts") or cfg.get("num_experts")
     scale = (latent.qk_nope_head_dim + latent.qk_rope_head_dim) ** -0.5
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = rope_params(cfg)
     if rope.get("rope_type", rope.get("type", "default")) != "default" and rope.get("mscale_all_dim"):
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_apply_mscale
 
@@ -49,12 +51,12 @@ def read_config(cfg: dict) -> ArchConfig:
         normalize_top_k=False,  # DeepSeek-V2's router scales but never renormalizes
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
-        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("n_shared_experts") or 0),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
         latent_attention=latent,
         rope_interleaved=True,
-        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
-        group_topk=(cfg["n_group"], cfg["topk_group"]) if method == "group_limited_greedy" else None,
+        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
+        group_topk=(require(cfg, "n_group"), require(cfg, "topk_group")) if method == "group_limited_greedy" else None,
         attention_scale=scale,
     )
 

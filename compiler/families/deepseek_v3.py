@@ -11,7 +11,8 @@ from .deepseek_v2 import read_config as read_v2_config
 
 
 def read_config(cfg: dict):
-    groups = (cfg["n_group"], cfg["topk_group"]) if cfg.get("n_group") and cfg.get("topk_group") else None
+    groups = (optional(cfg, "n_group", 0), optional(cfg, "topk_group", 0))
+    groups = groups if all(groups) else None
     arch = read_v2_config({**cfg, "topk_method": "greedy",
                            "n_routed_experts": cfg.get("n_routed_experts") or cfg.get("num_local_experts")})
     return replace(arch, scoring="sigmoid", group_topk=groups, normalize_top_k=bool(cfg.get("norm_topk_prob", True)),

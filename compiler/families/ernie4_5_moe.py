@@ -18,14 +18,15 @@ from .base import (
     Family,
     Role,
     common_fields,
+    optional,
     require,
 )
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
     """The rule of transformers' Ernie4_5_MoeDecoderLayer."""
-    start, interval = cfg.get("moe_layer_start_index", 1), cfg.get("moe_layer_interval", 1) or 1
-    end = cfg.get("moe_layer_end_index", -1)
+    start, interval = optional(cfg, "moe_layer_start_index", 1), optional(cfg, "moe_layer_interval", 1) or 1
+    end = optional(cfg, "moe_layer_end_index", -1)
     end = layers - 1 if end == -1 else end
     return frozenset(i for i in range(layers) if (i + 1) % interval == 0 and start <= i <= end)
 
@@ -42,7 +43,7 @@ def read_config(cfg: dict) -> ArchConfig:
         normalize_top_k=True,
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
-        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("moe_num_shared_experts") or 0),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "moe_num_shared_experts", 0),
         moe_layers=moe_layer_indices(cfg, common["num_layers"]),
         rope_interleaved=True,
     )

@@ -43,10 +43,10 @@ def read_config(cfg: dict) -> ArchConfig:
     layers = common["num_layers"]
     types = layer_types(cfg, layers)
     window = optional(cfg, "sliding_window", None)
-    mlp_types = cfg.get("mlp_layer_types") or ["dense" if i < (cfg.get("first_k_dense_replace", 1) or 0) else "sparse"
+    mlp_types = cfg.get("mlp_layer_types") or ["dense" if i < optional(cfg, "first_k_dense_replace", 1) else "sparse"
                                                for i in range(layers)]
     mlp_types = per_layer_types(mlp_types, "mlp_layer_types", ("dense", "sparse"), layers)
-    groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    groups, kept = optional(cfg, "n_group", 1) or 1, optional(cfg, "topk_group", 1) or 1
     return ArchConfig(
         **common,
         sliding_window=None,
@@ -58,11 +58,11 @@ def read_config(cfg: dict) -> ArchConfig:
         normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
-        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("num_shared_experts") or 0),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "num_shared_experts", 0),
         moe_layers=frozenset(i for i, t in enumerate(mlp_types) if t == "sparse"),
         qk_norm="head",
         scoring="sigmoid",
-        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
+        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
         group_topk=(groups, kept) if groups > 1 else None,
     )
 

@@ -24,8 +24,8 @@ from .base import (
 
 def read_config(cfg: dict) -> ArchConfig:
     layers = require(cfg, "num_hidden_layers")
-    first_dense = cfg.get("first_k_dense_replace", 1) or 0
-    groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    first_dense = optional(cfg, "first_k_dense_replace", 1)
+    groups, kept = optional(cfg, "n_group", 1) or 1, optional(cfg, "topk_group", 1) or 1
     return ArchConfig(
         **common_fields(cfg),
         sliding_window=None,
@@ -34,11 +34,11 @@ def read_config(cfg: dict) -> ArchConfig:
         normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
-        shared_intermediate_size=require(cfg, "moe_intermediate_size") * (cfg.get("n_shared_experts") or 0),
+        shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(range(first_dense, layers)),
         qk_norm="head" if cfg.get("use_qk_norm") else "none",
         scoring="sigmoid",
-        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0) or 1.0),
+        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
         group_topk=(groups, kept) if groups > 1 else None,
         unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0,
     )

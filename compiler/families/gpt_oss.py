@@ -7,15 +7,15 @@ time, one expert at a time."""
 
 from dataclasses import replace
 
-from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, layer_windows
+from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, layer_windows, optional
 from .base import LAYER as L
 from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
     arch = read_mixtral_config({**cfg, "sliding_window": None})
-    return replace(arch, fused_layout="interleaved", swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
-                   swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), layer_windows=layer_windows(cfg))
+    return replace(arch, fused_layout="interleaved", swiglu_limit=float(optional(cfg, "swiglu_limit", 7.0, (int, float))),
+                   swiglu_alpha=float(optional(cfg, "swiglu_alpha", 1.702, (int, float))), layer_windows=layer_windows(cfg))
 
 
 FAMILY = Family(

@@ -4,17 +4,17 @@ attention scores (replacing head_dim ** -0.5) and logits (divided by logits_scal
 
 from dataclasses import replace
 
-from .base import ATTENTION_BIASES, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, Family, Role
+from .base import ATTENTION_BIASES, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, optional
 from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
     return replace(
         read_mixtral_config(cfg),
-        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
-        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
-        attention_scale=cfg.get("attention_multiplier"),
-        logits_scaling=float(cfg.get("logits_scaling", 1.0)),
+        embedding_multiplier=float(optional(cfg, "embedding_multiplier", 1.0, (int, float))),
+        residual_multiplier=float(optional(cfg, "residual_multiplier", 1.0, (int, float))),
+        attention_scale=optional(cfg, "attention_multiplier", None, (int, float)),
+        logits_scaling=float(optional(cfg, "logits_scaling", 1.0, (int, float))),
         sliding_window=None,  # Granite's mask does not slide
     )
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, Role, layer_windows, require
+from .base import Family, Role, layer_windows, require, rope_params
 from .granitemoeshared import FAMILY as GRANITEMOESHARED
 from .granitemoeshared import read_config as read_granitemoeshared_config
 
@@ -27,11 +27,12 @@ def read_config(cfg: dict):
                              f"(0: no positions), got {thetas!r}")
         bases = sorted({t for t in thetas if t})
         if len(bases) > 1:
-            raise ModelError(f"config.json: layer_rope_theta uses {len(bases)} RoPE bases ({', '.join(map(str, bases))}); "
-                             f"Fate feeds every layer one set of RoPE tables, so one base (and 0 for NoPE layers)")
+            raise ModelError(f"config.json: layer_rope_theta uses {len(bases)} RoPE bases "
+                             f"({', '.join(map(str, bases))}); Fate feeds every layer one set of RoPE tables, so "
+                             f"one base (and 0 for NoPE layers)")
         nope = frozenset(i for i, t in enumerate(thetas) if not t)
         if bases:  # the one base the rotating layers use, whatever the global rope_theta says
-            cfg = {**cfg, "rope_parameters": {**(cfg.get("rope_parameters") or {}), "rope_theta": bases[0]},
+            cfg = {**cfg, "rope_parameters": {**rope_params(cfg), "rope_theta": bases[0]},
                    "rope_theta": bases[0]}
     return replace(read_granitemoeshared_config(cfg), layer_windows=layer_windows({**cfg, "layer_types": types}),
                    nope_layers=nope)

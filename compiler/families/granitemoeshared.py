@@ -5,13 +5,13 @@
 from dataclasses import replace
 
 from .base import LAYER as L
-from .base import Family, Role
+from .base import Family, Role, optional
 from .granitemoe import FAMILY as GRANITEMOE
 from .granitemoe import read_config as read_granitemoe_config
 
 
 def read_config(cfg: dict):
-    return replace(read_granitemoe_config(cfg), shared_intermediate_size=cfg.get("shared_intermediate_size") or 0,
+    return replace(read_granitemoe_config(cfg), shared_intermediate_size=optional(cfg, "shared_intermediate_size", 0),
                    shared_fused=True)
 
 

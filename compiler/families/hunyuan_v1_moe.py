@@ -8,7 +8,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import ATTENTION_BIASES, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
-from .base import common_fields, optional, require
+from .base import common_fields, optional, require, rope_params
 
 
 def uniform(cfg: dict, key: str) -> int:
@@ -23,7 +23,7 @@ def uniform(cfg: dict, key: str) -> int:
 
 def ntk_alpha(cfg: dict, head_dim: int) -> list[float] | None:
     """Static NTK-alpha frequencies when the config asks for them; None for any other RoPE."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    params = rope_params(cfg)
     alpha = params.get("alpha")
     if params.get("rope_type", params.get("type")) != "dynamic" or alpha is None:
         return None

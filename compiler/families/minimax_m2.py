@@ -6,14 +6,14 @@ over the top-k."""
 from dataclasses import replace
 
 from .base import LAYER as L
-from .base import Family, Role, optional
+from .base import Family, Role, optional, rope_params
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
     rotary_dim, head_dim = optional(cfg, "rotary_dim", None), optional(cfg, "head_dim", None)
-    params = dict(cfg.get("rope_parameters") or {})
+    params = rope_params(cfg)
     if rotary_dim is not None and head_dim and "partial_rotary_factor" not in params:
         cfg = {**cfg, "partial_rotary_factor": rotary_dim / head_dim}  # released checkpoints' legacy key
     return replace(read_mixtral_config(cfg), qk_norm="projection", scoring="sigmoid", normalize_top_k=True,

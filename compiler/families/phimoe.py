@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from fate.artifacts import ModelError
 
-from .base import ATTENTION_BIASES, LAYER as L, Family, Role, rope_from_transformers
+from .base import ATTENTION_BIASES, LAYER as L, Family, Role, rope_from_transformers, rope_params
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
 
@@ -17,7 +17,7 @@ def read_config(cfg: dict):
     if cfg.get("num_experts_per_tok") != 2:
         raise ModelError("config.json: sparsemixer routing is defined for top-2 only "
                          f"(num_experts_per_tok = {cfg.get('num_experts_per_tok')})")
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope = rope_params(cfg)
     longrope = rope.get("rope_type", rope.get("type")) == "longrope"
     arch = read_mixtral_config({**cfg, "rope_parameters": {"rope_type": "default",
                                                            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 1e4))}}

@@ -13,14 +13,16 @@ from .base import (
     Family,
     Role,
     common_fields,
+    layer_set,
+    optional,
     require,
 )
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
     """The rule of transformers' Qwen2MoeDecoderLayer."""
-    step = cfg.get("decoder_sparse_step", 1) or 1
-    dense = set(cfg.get("mlp_only_layers") or [])
+    step = optional(cfg, "decoder_sparse_step", 1) or 1
+    dense = layer_set(cfg, "mlp_only_layers")
     experts = require(cfg, "num_experts")
     return frozenset(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
 
@@ -37,7 +39,7 @@ def read_config(cfg: dict) -> ArchConfig:
         normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
-        shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+        shared_intermediate_size=optional(cfg, "shared_expert_intermediate_size", 0),
         moe_layers=moe_layer_indices(cfg, common["num_layers"]),
     )
 

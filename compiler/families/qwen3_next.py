@@ -11,7 +11,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, LinearAttention, Role, mixers_of_types, optional, require
+from .base import Family, LinearAttention, Role, mixers_of_types, optional, require, rope_params
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen2_moe import read_config as read_qwen2_moe_config
 
@@ -41,7 +41,7 @@ def read_config(cfg: dict):
     if cfg.get("hidden_act", "silu") != "silu":
         raise ModelError(f"config.json: hidden_act = {cfg['hidden_act']!r} is not supported (only 'silu')")
     # transformers defaults a quarter of each head rotated when the config does not say
-    params = dict(cfg.get("rope_parameters") or {})
+    params = rope_params(cfg)
     if "partial_rotary_factor" not in params and "partial_rotary_factor" not in cfg:
         cfg = {**cfg, "partial_rotary_factor": 0.25}
     arch = read_qwen2_moe_config({"head_dim": 256, "rms_norm_eps": 1e-6, **cfg})

@@ -84,6 +84,10 @@ CASES = {
     "jamba": dict(family="jamba", seed=34),
     # q/k norms after RoPE, NTK-alpha RoPE, q/k/v/o biases, a shared MLP beside the experts
     "hunyuan_v1_moe": dict(family="hunyuan_v1_moe", seed=35),
+    # a top-k per layer (moe_topk as a list), which transformers takes layer by layer
+    "hunyuan_v1_moe-layer-topk": dict(family="hunyuan_v1_moe", seed=37, moe_topk=[1, 3, 2]),
+    # per-layer RoPE bases: a NoPE layer (0) among layers of one base other than the global rope_theta
+    "granitemoe_swa-nope": dict(family="granitemoe_swa", seed=29, layer_rope_theta=[0.0, 50000.0, 50000.0]),
     # q/k norms over whole projections, rotary_dim, sigmoid routing with a correction bias
     "minimax_m2": dict(family="minimax_m2", seed=36),
     # q/k/v in one projection, clamped; LayerNorm without bias; experts stacked as [E * I, H] (2 of 6 seeds

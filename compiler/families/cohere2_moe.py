@@ -12,7 +12,7 @@ from .base import Family, Role, common_fields, optional, per_layer_types, requir
 
 
 def read_config(cfg: dict) -> ArchConfig:
-    rms = cfg.get("rms_norm_eps")
+    rms = optional(cfg, "rms_norm_eps", None, (int, float))
     common = common_fields({**cfg, "rms_norm_eps": float(rms if rms is not None else
                                                          optional(cfg, "layer_norm_eps", 1e-5, (int, float)))})
     layers = common["num_layers"]

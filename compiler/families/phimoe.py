@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from fate.artifacts import ModelError
 
-from .base import ATTENTION_BIASES, LAYER as L, Family, Role, rope_from_transformers, rope_params
+from .base import ATTENTION_BIASES, LAYER as L, Family, Role, optional, rope_from_transformers, rope_params
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
 
@@ -33,7 +33,7 @@ def read_config(cfg: dict):
         arch = replace(arch, rope_inv_freq=inv_freq, rope_attention_scaling=float(rope["short_mscale"]),
                        max_positions=min(arch.max_positions, int(original)))
     return replace(arch, norm="layer", scoring="sparsemixer", normalize_top_k=False,
-                   router_jitter_eps=float(cfg.get("router_jitter_noise", 0.01)))
+                   router_jitter_eps=float(optional(cfg, "router_jitter_noise", 0.01, (int, float))))
 
 
 FAMILY = Family(

@@ -81,7 +81,7 @@ class FateModel:
         graph at load on a probe (`probe` random states in a cache of its own, then `tokens` more),
         refused where every token differs by more than `bound`. One token may differ by about 1e-3
         where an int8 activation rounds the other way (their sums come in another order); a wrong
-        number moves them all. The head step likewise. The probes cost a few graph runs per layer (65 ms
+        number moves them all. The head step likewise. The probes cost a few graph runs per layer (25 ms
         at hidden 2048 on a 2-core machine); `probes` False (--no-verify: an artifact trusted as it is)
         keeps only the exact checks."""
         rng = np.random.default_rng(0)

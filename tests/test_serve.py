@@ -327,6 +327,11 @@ def test_the_queue_is_bounded_and_a_cancelled_waiter_frees_its_place():
     (["x" * 5], [], "xxxxx", False),
 ])
 def test_stop_strings_cut_at_the_first_match(pieces, stops, text, stopped):
+    assert matched(pieces, stops) == (text, stopped)
+
+
+def matched(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    """(the text a StopMatcher lets out of `pieces`, whether it met a stop), as the worker feeds it."""
     matcher, out, hit = StopMatcher(stops), "", False
     for piece in pieces:
         part, hit = matcher.feed(piece)
@@ -335,7 +340,7 @@ def test_stop_strings_cut_at_the_first_match(pieces, stops, text, stopped):
             break
     if not hit:
         out += matcher.flush()
-    assert (out, hit) == (text, stopped)
+    return out, hit
 
 
 def test_the_conversation_cache_returns_the_longest_shared_prefix_within_its_bound():
@@ -387,15 +392,7 @@ def test_stop_matcher_agrees_with_a_plain_search(fuzz_examples):
     @settings(max_examples=max(fuzz_examples, 300), deadline=None)
     @given(st.lists(text, max_size=6), st.lists(text, max_size=4))
     def check(pieces, stops):
-        matcher, out, hit = StopMatcher(stops), "", False
-        for piece in pieces:
-            part, hit = matcher.feed(piece)
-            out += part
-            if hit:
-                break
-        if not hit:
-            out += matcher.flush()
-        assert (out, hit) == first_stop_reference("".join(pieces), stops)
+        assert matched(pieces, stops) == first_stop_reference("".join(pieces), stops)
 
     check()
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 from .errors import FateError
 
 T = TypeVar("T")
-_STDERR = threading.Lock()
+_STDERR = threading.RLock()
 
 
 def with_stderr_held(call: Callable[[], T], keep: bool = True) -> T:
@@ -24,12 +24,20 @@ def with_stderr_held(call: Callable[[], T], keep: bool = True) -> T:
     print from native code (a Rust panic's message and backtrace, onnxruntime's warnings) cannot be
     reached otherwise. What they wrote goes on to stderr afterwards when the call returned and `keep`
     says so; when it raised, the caller reports the error in one line, and their lines are dropped.
-    Calls are serialized (file descriptor 2 is the process's); other threads' lines written meanwhile
-    are delayed, not lost, where `keep`."""
+    Calls are serialized (file descriptor 2 is the process's); what other threads write meanwhile
+    shares the fate of the call's own lines (delayed, or dropped)."""
     with _STDERR:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as held:
+        try:
+            sys.stderr.flush()
+            held = tempfile.TemporaryFile()
+        except (OSError, ValueError):  # no stderr to flush, or nowhere to hold it: run the call as it is
+            return call()
+        try:
+            saved = os.dup(2)
+        except OSError:  # stderr closed: nothing can reach it either
+            held.close()
+            return call()
+        with held:
             os.dup2(held.fileno(), 2)
             try:
                 result = call()

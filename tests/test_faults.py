@@ -198,6 +198,16 @@ def test_artifacts_are_published_with_the_users_umask_and_a_full_disk_names_the_
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert f"cannot write {tmp_path / 'small'}/" in lines[0] and "File too large" in lines[0]
     assert list(p.name for p in tmp_path.iterdir()) == ["art"]
+    # fate-unpack writes through the same writer: the same line, naming its output's file
+    from fate.artifacts import pack_artifact
+
+    archive = pack_artifact(out, tmp_path / "model.fate")
+    proc = subprocess.run([str(BIN / "fate-unpack"), str(archive), "-o", str(tmp_path / "unpacked")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert f"cannot write {tmp_path / 'unpacked'}/" in lines[0] and "File too large" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "model.fate"]
 
 
 def test_a_decode_step_whose_numbers_disagree_with_its_graph_is_refused(art):

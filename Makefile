@@ -38,11 +38,12 @@ perplexity: compile-example
 	$(BIN)/python examples/perplexity.py examples/tiny-moe $(ARTIFACT) out/tiny-moe-fp32
 
 # Longer fuzzing than make test does: the manifest and archive readers, and every family on
-# randomized configs against transformers (FUZZ_SEEDS per family; a failure names its seed).
+# randomized configs against transformers (FUZZ_SEEDS per family; a failure names its seed), and hostile
+# config.json values for every family (600 / 6 examples each).
 FUZZ_SEEDS ?= 25
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_hostile.py -k fuzz --fuzz-examples 5000
-	$(BIN)/python -m pytest -q tests/test_fuzz_parity.py --fuzz-seeds $(FUZZ_SEEDS)
+	$(BIN)/python -m pytest -q tests/test_fuzz_parity.py --fuzz-seeds $(FUZZ_SEEDS) --fuzz-examples 600
 
 # The expert kernel without Python: every kernel of this CPU against portable C, and the aarch64
 # build (NEON) under qemu-user when the cross tools are here (Debian: gcc-aarch64-linux-gnu qemu-user).

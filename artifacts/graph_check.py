@@ -10,6 +10,8 @@ TensorProto).
 
 from __future__ import annotations
 
+import struct
+
 from .errors import ArtifactError
 
 ALLOWED_OPS = {
@@ -155,8 +157,6 @@ def float_attributes(data: bytes, op_type: str, name: str) -> list[float]:
     """The float attribute `name` of every node of `op_type` in the model's main graph (e.g. the
     attention scale of GroupQueryAttention), read from the wire format: a number the manifest
     repeats can be held to the graph's own."""
-    import struct
-
     values = []
     try:
         for field, wire, value in _fields(memoryview(data)):

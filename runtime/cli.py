@@ -91,10 +91,10 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
     """An Engine as the engine_options flags say."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
-    if threads > usable_cores():
-        click.echo(f"fate: --threads {threads} is more than the {usable_cores()} cores this process may use; "
-                   f"using {usable_cores()}", err=True)
-        threads = usable_cores()
+    cores = usable_cores()
+    if threads > cores:  # the sessions and the kernel take at most these (sessions.graph_threads, ExpertRunner)
+        click.echo(f"fate: --threads {threads} is more than the {cores} cores this process may use; using {cores}",
+                   err=True)
     offload = None if memory_budget is None else OffloadOptions(
         budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
         low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -89,10 +90,13 @@ class TextCodec:
         self.eos_ids = set(spec.eos_token_ids)
         self.bos_token = self._token(spec.bos_token_id)
         self.eos_token = self._token(spec.eos_token_ids[0])
-        # the most characters one token stands for (a byte-level token's string has one per byte):
-        # a text of n characters is at least n / this many tokens, known before encoding it
-        self.max_token_chars = max(1, max(map(len, self._guarded("list its vocabulary",
-                                                                 self.tokenizer.get_vocab)), default=1))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a byte-level token's string has one per byte):
+        a text of n characters is at least n / this many tokens, known before encoding it. Listed
+        once, when first asked (fate-serve's first request), not at every start."""
+        return max(1, max(map(len, self._guarded("list its vocabulary", self.tokenizer.get_vocab)), default=1))
 
     def _token(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")

@@ -1,4 +1,4 @@
-"""Eviction policies over opaque keys (one instance per layer: one eviction group each).
+"""Eviction policies over opaque keys (one instance per eviction group: the global pool, or a layer).
 
 They know nothing of ONNX, tokens or bytes: the expert cache asks them which resident key to
 give up, and tells them about hits and insertions. The compiler's profiler replays calibration
@@ -8,13 +8,27 @@ ARC follows Megiddo & Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache
 T1 holds keys seen once recently, T2 keys seen at least twice; the ghost lists B1/B2 remember
 recent evictions from each, and a ghost hit moves the target size p of T1 towards the list that
 would have kept the key.
+
+LFRU is LRFU (Lee et al., "LRFU: A Spectrum of Policies that Subsumes the LRU and LFU Policies",
+IEEE Trans. Computers 2001): each key's combined recency and frequency is the sum over its uses of
+2^(-age/half_life), ages counted in accesses; the key with the least is evicted. Ordering between
+two keys does not change while neither is used, so a heap keyed by log2(score) + time/half_life
+finds the least without rescoring.
+
+S3-FIFO follows Yang et al., "FIFO queues are all you need for cache eviction" (SOSP 2023): a
+small FIFO (a tenth of the capacity) filters keys used once; keys used again there move to the main
+FIFO, which gives each key as many second chances as it was used (at most 3); a ghost FIFO of
+recent evictions from the small queue sends a returning key straight to the main one.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Hashable, Iterable
+from typing import Container, Hashable, Iterable
 
 Key = Hashable
 
@@ -34,7 +48,7 @@ class EvictionPolicy(ABC):
         prediction then displaces other predictions, not the experts that keep hitting."""
 
     @abstractmethod
-    def victim(self, incoming: Key | None, exclude: set[Key]) -> Key | None:
+    def victim(self, incoming: Key | None, exclude: Container[Key]) -> Key | None:
         """The resident key to evict to make room for `incoming`, never one in `exclude`
         (None if every resident key is excluded). The victim is removed from the policy."""
 
@@ -49,7 +63,7 @@ class EvictionPolicy(ABC):
     def __len__(self) -> int: ...
 
 
-def _pop_oldest(order: OrderedDict, exclude: set[Key]) -> Key | None:
+def _pop_oldest(order: OrderedDict, exclude: Container[Key]) -> Key | None:
     for key in order:
         if key not in exclude:
             del order[key]
@@ -138,7 +152,130 @@ class ARC(EvictionPolicy):
         return len(self.t1) + len(self.t2)
 
 
-POLICIES = {"arc": ARC, "lru": LRU}
+class LFRU(EvictionPolicy):
+    COLD = -30.0  # log2 of a prefetched key's score until it is used: below any key used once
+
+    def __init__(self, capacity: int, half_life: float | None = None):
+        super().__init__(capacity)
+        self.half_life = half_life or max(capacity, 1)
+        self.clock = 0
+        self.score: dict[Key, float] = {}  # key -> log2(score) + time / half_life (time-independent)
+        self.heap: list[tuple[float, int, Key]] = []
+        self.seq = itertools.count()
+
+    def _use(self, key: Key, log_score: float) -> None:
+        self.clock += 1
+        value = log_score + self.clock / self.half_life
+        self.score[key] = value
+        heapq.heappush(self.heap, (value, next(self.seq), key))
+
+    def hit(self, key: Key) -> None:
+        old = self.score.get(key)
+        now = (self.clock + 1) / self.half_life
+        # 1 + the old score decayed to now, in log2: log2(1 + 2^(old - now))
+        self._use(key, 0.0 if old is None else math.log2(1.0 + 2.0 ** min(old - now, 60.0)))
+
+    def insert(self, key: Key, cold: bool = False) -> None:
+        self._use(key, self.COLD if cold else 0.0)
+
+    def victim(self, incoming: Key | None, exclude: Container[Key]) -> Key | None:
+        passed, found = [], None
+        while self.heap:
+            entry = heapq.heappop(self.heap)
+            value, _, key = entry
+            if self.score.get(key) != value:
+                continue  # a stale entry: the key was used since, or is gone
+            if key in exclude:
+                passed.append(entry)
+                continue
+            del self.score[key]
+            found = key
+            break
+        for entry in passed:
+            heapq.heappush(self.heap, entry)
+        if len(self.heap) > 4 * len(self.score) + 64:  # drop stale entries now and then
+            self.heap = [(v, n, k) for v, n, k in self.heap if self.score.get(k) == v]
+            heapq.heapify(self.heap)
+        return found
+
+    def remove(self, key: Key) -> None:
+        self.score.pop(key, None)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.score
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+class S3FIFO(EvictionPolicy):
+    MAX_FREQ = 3
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.small: OrderedDict[Key, None] = OrderedDict()
+        self.main: OrderedDict[Key, None] = OrderedDict()
+        self.ghost: OrderedDict[Key, None] = OrderedDict()
+        self.freq: dict[Key, int] = {}
+        self.small_target = max(1, capacity // 10)
+
+    def hit(self, key: Key) -> None:
+        self.freq[key] = min(self.freq.get(key, 0) + 1, self.MAX_FREQ)
+
+    def insert(self, key: Key, cold: bool = False) -> None:
+        self.freq[key] = 0
+        if key in self.ghost and not cold:
+            del self.ghost[key]
+            self.main[key] = None
+        else:
+            self.small[key] = None
+
+    def victim(self, incoming: Key | None, exclude: Container[Key]) -> Key | None:
+        # each pass either evicts, moves a key from small to main (once per key) or takes one of a
+        # main key's second chances (at most MAX_FREQ): bounded
+        for _ in range((self.MAX_FREQ + 2) * (len(self.small) + len(self.main)) + 1):
+            from_small = bool(self.small) and (len(self.small) >= self.small_target or not self.main)
+            order = (self.small, self.main) if from_small else (self.main, self.small)
+            queue = key = None
+            for candidate in order:
+                key = next((k for k in candidate if k not in exclude), None)
+                if key is not None:
+                    queue = candidate
+                    break
+            if key is None:
+                return None
+            if self.freq[key] > 0:  # used since it came in: kept, in main
+                if queue is self.small:
+                    del self.small[key]
+                    self.freq[key] = 0
+                    self.main[key] = None
+                else:
+                    self.freq[key] -= 1
+                    self.main.move_to_end(key)
+                continue
+            del queue[key]
+            del self.freq[key]
+            if queue is self.small:
+                self.ghost[key] = None
+                while len(self.ghost) > max(self.capacity, 1):
+                    self.ghost.popitem(last=False)
+            return key
+        return None
+
+    def remove(self, key: Key) -> None:
+        self.small.pop(key, None)
+        self.main.pop(key, None)
+        self.freq.pop(key, None)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.freq
+
+    def __len__(self) -> int:
+        return len(self.freq)
+
+
+POLICIES = {"arc": ARC, "lru": LRU, "lfru": LFRU, "s3fifo": S3FIFO}
+DEFAULT_POLICY = "arc"
 
 
 def replay_miss_rate(policy: str, accesses: Iterable[Iterable[Key]], capacity: int) -> float:

@@ -13,12 +13,12 @@ from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .api import Engine
-from .cache import POLICIES
+from .cache import DEFAULT_POLICY, POLICIES
 from .generate import GenerationResult, SamplingConfig
 from .memory import peak_rss
 from .executors import EXECUTORS
 from .offload import OffloadOptions
-from .plan import LOW_BIT_PREFILL_MODES, PREFETCH_MODES
+from .plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
 from .sessions import usable_cores
 from .report import OffloadReport
 
@@ -67,8 +67,12 @@ def engine_options(command):
                      help="on: layers the compiler described run each decode token in one native call from their "
                        "graph's bytes (kept beside the graph's session: more memory, by the dense weights of "
                        "those layers); off: the graphs run every token."),
-        click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default="arc",
-                     show_default=True),
+        click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY,
+                     show_default=True, help="Which resident expert gives up its slot (fate-replay compares them "
+                                             "on a trace of your own runs)."),
+        click.option("--pool", type=click.Choice(POOLS), default="global", show_default=True,
+                     help="global: one pool of slots shared by every layer (a layer that needs more now takes "
+                          "slots from one that needs fewer); per-layer: each layer keeps the slots the plan gives it."),
         click.option("--allocation", type=click.Choice(["policy", "uniform"]), default="policy", show_default=True,
                      help="Slots per layer: policy allocates them at this budget from the profile's miss "
                           "curves and prediction recall (the compiled shares where there is no profile); "
@@ -87,7 +91,7 @@ def engine_options(command):
 
 def load_engine(artifact: str, precision: str | None, threads: int, no_verify: bool, verify_every_load: bool,
                 memory_budget: str | None, prefetch: str, executor: str, decode_steps: str, cache_policy: str,
-                allocation: str, int2_prefill: str, prefetch_threads: int) -> Engine:
+                pool: str, allocation: str, int2_prefill: str, prefetch_threads: int) -> Engine:
     """An Engine as the engine_options flags say."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
@@ -96,7 +100,7 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
         click.echo(f"fate: --threads {threads} is more than the {cores} cores this process may use; using {cores}",
                    err=True)
     offload = None if memory_budget is None else OffloadOptions(
-        budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, allocation=allocation,
+        budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, pool=pool, allocation=allocation,
         low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
         verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
     return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,

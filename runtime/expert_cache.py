@@ -1,9 +1,10 @@
-"""The expert cache: per layer a fixed number of slots, fed by background prefetch threads, with
-on-demand loading on a miss.
+"""The expert cache: slots fed by background prefetch threads, with on-demand loading on a miss.
 
-Keys are (layer, expert). Each layer is one eviction group of `slots` experts with its own
-eviction policy (ARC or LRU, from runtime.cache) built with that real capacity, the one the
-profiler replays. The cache knows nothing of ONNX or tokens: `load(layer, expert, slot)` fills a
+Keys are (layer, expert). Slots belong to eviction groups, each with its own eviction policy (from
+runtime.cache) built with the group's real capacity, the one the profiler replays. By default one
+group per slot size holds every layer of that size (one global pool: a layer whose experts are
+needed now takes slots from one whose experts are not); with `groups` mapping each layer to itself,
+each layer keeps its own quota (`--pool per-layer`). The cache knows nothing of ONNX or tokens: `load(layer, expert, slot)` fills a
 slot and returns whatever the executor needs, with the bytes it read.
 
 - `prefetch(layer, experts, step)`: queue loads in priority order for the prefetch threads; a newer
@@ -70,26 +71,32 @@ class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
                  policy: str = "arc", threads: int = 2, start: Callable | None = None,
                  start_background: Callable | None = None, located: dict[int, np.ndarray] | None = None,
-                 locate: Callable[[Key, object], int] | None = None):
+                 locate: Callable[[Key, object], int] | None = None, groups: dict[int, object] | None = None):
         """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
         start(layer, expert, slot) -> a load begun, with `done()`, `cancel()` (True when its read had
         not begun: it is given up) and `result()` (load's); for start_fetch, whose caller is stalled
         on it; start_background: the same, queued behind those (for start_prefetch); located: layer ->
         an array by expert id that the cache keeps equal to `locate(key, value)` of each resident
-        expert and -1 for the others (set when it becomes resident, -1 before its slot is reused)."""
+        expert and -1 for the others (set when it becomes resident, -1 before its slot is reused);
+        groups: layer -> its eviction group (default: its own), whose slots are the sum of its layers'
+        and are numbered within the group."""
         self.slots = dict(slots)
+        self.group_of = {layer: layer for layer in slots} if groups is None else {layer: groups[layer] for layer in slots}
+        self.group_slots: dict[object, int] = Counter()
+        for layer, n in slots.items():
+            self.group_slots[self.group_of[layer]] += n
         self.located = located or {}
         self._locate = locate
         self._load = load
         self._start = start
         self._start_background = start_background
-        self._policies: dict[int, EvictionPolicy] = {layer: POLICIES[policy](n) for layer, n in slots.items()}
+        self._policies: dict[object, EvictionPolicy] = {g: POLICIES[policy](n) for g, n in self.group_slots.items()}
         self._resident: dict[Key, tuple[object, int]] = {}  # key -> (value, slot)
-        self._free: dict[int, list[int]] = {layer: list(range(n - 1, -1, -1)) for layer, n in slots.items()}
+        self._free: dict[object, list[int]] = {g: list(range(n - 1, -1, -1)) for g, n in self.group_slots.items()}
         self._inflight: dict[Key, Future] = {}
         self._begun: dict[Key, _Loading] = {}  # start_prefetch's loads nobody has asked for yet
         self._wanted: Counter = Counter()  # in flight: how many callers wait for it (pinned on arrival)
-        self._pins: dict[int, Counter] = {layer: Counter() for layer in slots}
+        self._pins: Counter = Counter()  # (layer, expert) -> how many callers run it now
         self._protected: dict[int, set[int]] = {layer: set() for layer in slots}
         self._lock = threading.RLock()
         self._slot_freed = threading.Condition(self._lock)
@@ -127,7 +134,7 @@ class ExpertCache:
                 if (layer, expert) in self._resident:  # the eviction policy must never hold another key
                     counters.gets += 1
                     counters.hits += 1
-                    self._policies[layer].hit((layer, expert))
+                    self._policies[self.group_of[layer]].hit((layer, expert))
 
     def fetch(self, layer: int, expert: int) -> object:
         """The expert's value, pinned; loaded here on a miss unless it is in flight."""
@@ -221,7 +228,7 @@ class ExpertCache:
                 if loading.cancel():
                     del self._begun[key]
                     self._inflight.pop(key, None)
-                    self._free[layer].append(loading.slot)
+                    self._free[self.group_of[layer]].append(loading.slot)
                     self.counters.dropped_stale += 1
                     loading.future.cancel()  # unclaimed: nobody waits on it
                     self._slot_freed.notify_all()
@@ -238,11 +245,12 @@ class ExpertCache:
 
     def unpin(self, layer: int, experts) -> None:
         with self._lock:
-            pins = self._pins[layer]
+            pins = self._pins
             for expert in experts:
-                pins[expert] -= 1
-                if pins[expert] <= 0:
-                    del pins[expert]
+                key = (layer, expert)
+                pins[key] -= 1
+                if pins[key] <= 0:
+                    del pins[key]
             self._slot_freed.notify_all()
 
     def protect(self, layer: int, experts: set[int]) -> None:
@@ -299,18 +307,16 @@ class ExpertCache:
     def _take_slot(self, layer: int, demand: bool) -> int | None:
         """A free slot, or an evicted expert's (never a pinned one; for a prefetch, never a
         protected one either); None when neither can be had now. Under the lock."""
-        if self._free[layer]:
-            return self._free[layer].pop()
-        exclude = {(layer, e) for e in self._pins[layer]}
-        if not demand:
-            exclude |= {(layer, e) for e in self._protected[layer]}
-        victim = self._policies[layer].victim(None, exclude)
+        group = self.group_of[layer]
+        if self._free[group]:
+            return self._free[group].pop()
+        victim = self._policies[group].victim(None, _Kept(self._pins, None if demand else self._protected))
         if victim is None:
             return None
         _, slot = self._resident.pop(victim)
-        if layer in self.located:
-            self.located[layer][victim[1]] = -1
-        self.counters.layer(layer).evictions += 1
+        if victim[0] in self.located:
+            self.located[victim[0]][victim[1]] = -1
+        self.counters.layer(victim[0]).evictions += 1
         return slot
 
     def _complete(self, key: Key, future: Future, slot: int | None, prefetched: bool = False) -> None:
@@ -333,7 +339,7 @@ class ExpertCache:
                 self._inflight.pop(key, None)
                 self._wanted.pop(key, None)
                 if slot is not None:
-                    self._free[layer].append(slot)
+                    self._free[self.group_of[layer]].append(slot)
                 self._slot_freed.notify_all()
             future.set_exception(e)
             return
@@ -344,9 +350,9 @@ class ExpertCache:
             if where is not None:
                 self.located[layer][key[1]] = where
             waiting = self._wanted.pop(key, 0)
-            self._policies[layer].insert(key, cold=prefetched and not waiting)
+            self._policies[self.group_of[layer]].insert(key, cold=prefetched and not waiting)
             if waiting:
-                self._pins[layer][key[1]] += waiting
+                self._pins[key] += waiting
             self._inflight.pop(key, None)
             self._slot_freed.notify_all()
         future.set_result(value)
@@ -382,8 +388,8 @@ class ExpertCache:
         if entry is not None:
             counters.gets += 1
             counters.hits += 1
-            self._policies[key[0]].hit(key)
-            self._pins[key[0]][key[1]] += 1
+            self._policies[self.group_of[key[0]]].hit(key)
+            self._pins[key] += 1
         return entry
 
     def _begin(self, start: Callable, layer: int, expert: int, slot: int):
@@ -391,7 +397,7 @@ class ExpertCache:
         try:
             return start(layer, expert, slot)
         except BaseException:
-            self._free[layer].append(slot)
+            self._free[self.group_of[layer]].append(slot)
             raise
 
     def _claim_begun(self, key: Key, counters: LayerCounters) -> _Loading | None:
@@ -430,6 +436,19 @@ class ExpertCache:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class _Kept:
+    """The keys eviction must pass over: pinned ones (being run or filled), and for a prefetch the
+    protected ones (this step's predictions), answered per key without building a set."""
+
+    def __init__(self, pins: Counter, protected: dict[int, set[int]] | None):
+        self._pins, self._protected = pins, protected
+
+    def __contains__(self, key: Key) -> bool:
+        if self._pins.get(key, 0) > 0:
+            return True
+        return self._protected is not None and key[1] in self._protected.get(key[0], ())
 
 
 class _Ready:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fate.artifacts import Artifact
+from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import Profile, profile_from_bytes
 
@@ -29,7 +29,7 @@ from .expert_cache import CacheCounters, ExpertCache
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
 from .loader import ExpertLoader
-from .plan import LayerPlan, plan_run
+from .plan import POOLS, LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
 from .slots import SlotPool, native_reads, scratch_buffer
@@ -44,6 +44,9 @@ class OffloadOptions:
     budget: Budget
     prefetch: str = "policy"
     cache: str = "arc"
+    # "global": one pool of slots shared by every layer whose slots are the same size (the plan's
+    # per-layer slots summed); "per-layer": each layer keeps the quota the plan gives it
+    pool: str = "global"
     allocation: str = "policy"  # or "uniform"
     # INT2 prefill copies where the policy says: "auto" where they run from their bytes (native
     # executor: a load is a read, and an INT2 file is half an INT4 one); "on" wherever the policy
@@ -91,6 +94,8 @@ class OffloadedExperts(ExpertStore):
         if manifest.profile:
             self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify)).check(
                 manifest.experts_per_layer)
+        if options.pool not in POOLS:
+            raise ArtifactError(f"unknown pool {options.pool!r}; choose from {', '.join(POOLS)}")
         self.runner = ExpertRunner(artifact, options.executor, options.compute_threads)
         self.loader = ExpertLoader(artifact, self.runner, verify=options.verify,
                                    every_load=options.verify_every_load)
@@ -109,19 +114,23 @@ class OffloadedExperts(ExpertStore):
                 measured = self.profile.layer(plan.index)
                 self._eap.setdefault(measured.transitions_from, {})[plan.index] = (
                     np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity))
-        self.pool = SlotPool({p.index: p.slots for p in self.plans.values()},
-                             {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()})
         # layers whose loads the generation loop begins itself on native I/O threads (prefetches and
         # misses alike) and waits for without Python's lock (their experts run from the slot's bytes);
         # the others load in prefetch and helper threads. Only the loop's thread fills and evicts their
-        # slots, so their decode steps may run the resident experts the cache locates in them
+        # slots, so their decode steps may run the resident experts the cache locates in them (and
+        # they share slots only with each other)
         self._reads_itself = {p.index for p in self.plans.values()
                               if native_reads() and self.runner.native_for(p.index, p.precision)}
+        groups = None if options.pool == "per-layer" else {
+            p.index: (p.slot_bytes, p.index in self._reads_itself) for p in self.plans.values()}
+        slots = {p.index: p.slots for p in self.plans.values()}
+        self.pool = SlotPool(slots, {p.index: largest_file(artifact, p.index, p.precision) for p in self.plans.values()},
+                             groups=groups)
         located = {layer: np.full(manifest.layers[layer].routing.num_experts, -1, np.int64)
                    for layer in self._reads_itself}
-        self.cache = ExpertCache({p.index: p.slots for p in self.plans.values()}, self._load, policy=options.cache,
-                                 threads=options.threads, start=self._start_demand, start_background=self._start,
-                                 located=located, locate=self._locate)
+        self.cache = ExpertCache(slots, self._load, policy=options.cache, threads=options.threads,
+                                 start=self._start_demand, start_background=self._start, located=located,
+                                 locate=self._locate, groups=groups)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
@@ -367,7 +376,8 @@ class OffloadedExperts(ExpertStore):
         return OffloadReport(
             executor=self.runner.name(), budget_bytes=self.run_plan.budget_bytes,
             total_expert_bytes=self.total_expert_bytes, reads=self.pool.mode, resident_bytes=resident,
-            prefetch=self.options.prefetch, cache=self.options.cache, allocation=self.options.allocation,
+            prefetch=self.options.prefetch, cache=self.options.cache, pool=self.options.pool,
+            allocation=self.options.allocation,
             layers=layers, prefill=phase_report(self.phases["prefill"]), decode=phase_report(self.phases["decode"]),
             state_bytes=self.run_plan.state_bytes)
 

@@ -27,6 +27,7 @@ from .slots import slot_size
 PREFETCH_MODES = ("policy", "cross-layer", "eap", "none")
 LOW_BIT_PREFILL_MODES = ("auto", "on", "off")
 ALLOCATIONS = ("policy", "uniform")
+POOLS = ("global", "per-layer")
 
 
 @dataclass(frozen=True)

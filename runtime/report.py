@@ -66,6 +66,7 @@ class OffloadReport:
     resident_bytes: int
     prefetch: str
     cache: str
+    pool: str  # global (slots shared by the layers of one slot size) or per-layer
     allocation: str
     layers: dict[int, LayerReport]
     prefill: PhaseReport

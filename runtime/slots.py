@@ -1,7 +1,8 @@
 """The slot pool: the memory that resident experts live in, allocated once at start.
 
-Each MoE layer gets a fixed number of slots (the run plan's), each large enough for the layer's
-largest expert file, so the budget is exactly slots x slot size. A load is one positioned read of
+Each MoE layer is given a number of slots (the run plan's), each large enough for the layer's
+largest expert file, so the budget is exactly slots x slot size. Layers may share their slots in
+one group (the global pool: layers whose slots are the same size, see runtime.offload). A load is one positioned read of
 an expert's file into a free slot and nothing else: the native executor computes the expert from
 those bytes in place (fate.artifacts.slots says where its tensors lie).
 
@@ -35,15 +36,23 @@ def slot_size(file_bytes: int) -> int:
 
 
 class SlotPool:
-    def __init__(self, slots: dict[int, int], file_bytes: dict[int, int], reused: bool = True):
+    def __init__(self, slots: dict[int, int], file_bytes: dict[int, int], reused: bool = True,
+                 groups: dict[int, object] | None = None):
         """slots: layer -> number of slots; file_bytes: layer -> the largest expert file it holds;
         reused: slots are read into again and again (a budget), so huge pages pay for their cost at
-        start; a pool filled once (every expert resident) keeps ordinary pages."""
-        self.slots = dict(slots)
-        self.slot_bytes = {layer: slot_size(file_bytes[layer]) for layer in slots}
-        self._maps = {layer: private_memory(max(1, n) * self.slot_bytes[layer], huge=reused)
-                      for layer, n in slots.items()}
-        self._bases = {layer: address(area) for layer, area in self._maps.items()}
+        start; a pool filled once (every expert resident) keeps ordinary pages; groups: layer -> the
+        slot group it shares (default: its own), one area whose slots are the sum of its layers' and
+        are numbered within the group (the expert cache's eviction groups)."""
+        self.group_of = {layer: layer for layer in slots} if groups is None else {l: groups[l] for l in slots}
+        self.slots: dict[object, int] = {}  # group -> slots
+        self.slot_bytes: dict[object, int] = {}  # group -> bytes of one slot
+        for layer, n in slots.items():
+            group = self.group_of[layer]
+            self.slots[group] = self.slots.get(group, 0) + n
+            self.slot_bytes[group] = max(self.slot_bytes.get(group, 0), slot_size(file_bytes[layer]))
+        self._maps = {group: private_memory(max(1, n) * self.slot_bytes[group], huge=reused)
+                      for group, n in self.slots.items()}
+        self._bases = {group: address(area) for group, area in self._maps.items()}
         self._direct_ok = hasattr(os, "O_DIRECT")
 
     @property
@@ -57,26 +66,28 @@ class SlotPool:
 
     @property
     def total_bytes(self) -> int:
-        return sum(n * self.slot_bytes[layer] for layer, n in self.slots.items())
+        return sum(n * self.slot_bytes[group] for group, n in self.slots.items())
 
     def buffer(self, layer: int, slot: int) -> memoryview:
-        size = self.slot_bytes[layer]
-        return memoryview(self._maps[layer])[slot * size:(slot + 1) * size]
+        group = self.group_of[layer]
+        size = self.slot_bytes[group]
+        return memoryview(self._maps[group])[slot * size:(slot + 1) * size]
 
     def layer_buffer(self, layer: int) -> memoryview:
-        """Every slot of `layer`, one buffer: what a native decode step reads experts from."""
-        return memoryview(self._maps[layer])
+        """Every slot `layer` may use (its group's), one buffer: what a native decode step reads experts from."""
+        return memoryview(self._maps[self.group_of[layer]])
 
     def offset_of(self, layer: int, data: memoryview) -> int:
         """Where `data` (bytes read into a slot of `layer`: writable) begins in `layer_buffer(layer)`."""
-        at = address(data) - self._bases[layer]
-        if not 0 <= at <= len(self._maps[layer]) - len(data):
+        group = self.group_of[layer]
+        at = address(data) - self._bases[group]
+        if not 0 <= at <= len(self._maps[group]) - len(data):
             raise ValueError(f"these bytes are not in a slot of layer {layer}")
         return at
 
     def read_into(self, layer: int, slot: int, path: str | os.PathLike, offset: int, size: int) -> memoryview:
         """Read `size` bytes of `path` at `offset` into a slot; the view of exactly those bytes."""
-        if not 0 <= slot < self.slots[layer]:
+        if not 0 <= slot < self.slots[self.group_of[layer]]:
             raise IndexError(f"layer {layer} has no slot {slot}")
         buffer = self.buffer(layer, slot)
         return read_aligned(buffer, path, offset, size, self)
@@ -87,9 +98,10 @@ class SlotPool:
 
     def release(self, layer: int, slot: int) -> None:
         """Give a slot's pages back to the system (the session executor keeps its own copy)."""
-        size = self.slot_bytes[layer]
+        group = self.group_of[layer]
+        size = self.slot_bytes[group]
         if hasattr(mmap, "MADV_DONTNEED"):
-            self._maps[layer].madvise(mmap.MADV_DONTNEED, slot * size, size)
+            self._maps[group].madvise(mmap.MADV_DONTNEED, slot * size, size)
 
     def close(self) -> None:
         for m in self._maps.values():

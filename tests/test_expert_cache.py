@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fate.runtime.cache import ARC, LRU, replay_miss_rate
+from fate.runtime.cache import ARC, LFRU, LRU, POLICIES, S3FIFO, replay_miss_rate
 from fate.runtime.expert_cache import ExpertCache
 
 
@@ -39,7 +39,7 @@ def until(condition, timeout: float = 30.0) -> None:
         time.sleep(0.001)
 
 
-@pytest.mark.parametrize("policy", ["arc", "lru"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_slots_are_never_shared_or_exceeded(policy):
     cache = ExpertCache({0: 3, 1: 2}, FakeLoader(), policy=policy, threads=2)
     try:
@@ -393,3 +393,76 @@ def test_a_load_whose_bytes_cannot_be_located_fails_like_a_load_and_frees_its_sl
         assert cache.start_fetch(0, 1).result() == "blob-0-1@0" and located[0][1] == 0
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_global_pool_slots_are_shared_by_layers_and_never_exceeded(policy):
+    """Two layers of 2 slots each in one group: 4 slots either may fill, numbered within the group."""
+    cache = ExpertCache({0: 2, 1: 2}, FakeLoader(), policy=policy, threads=1, groups={0: "g", 1: "g"})
+    try:
+        for expert in range(4):  # layer 0 alone may take all four
+            cache.fetch(0, expert)
+            cache.unpin(0, [expert])
+        assert cache.resident(0) == {0, 1, 2, 3} and cache.resident(1) == set()
+        for step in range(60):
+            layer, expert = step % 2, (step * 7) % 5
+            cache.fetch(layer, expert)
+            cache.unpin(layer, [expert])
+            with cache._lock:
+                slots = [slot for _, slot in cache._resident.values()]
+            assert len(slots) == len(set(slots)) <= 4 and all(0 <= s < 4 for s in slots)
+    finally:
+        cache.close()
+
+
+def test_global_pool_never_evicts_a_pinned_expert_of_another_layer():
+    cache = ExpertCache({0: 1, 1: 1}, FakeLoader(), threads=1, groups={0: "g", 1: "g"})
+    try:
+        cache.fetch(0, 5)  # pinned: being run
+        cache.fetch(1, 1)
+        cache.unpin(1, [1])
+        cache.fetch(1, 2)  # must evict layer 1's expert 1, never layer 0's pinned 5
+        assert 5 in cache.resident(0) and cache.resident(1) == {2}
+        cache.unpin(0, [5])
+        cache.unpin(1, [2])
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_passes_over_excluded_keys_and_keeps_its_count(policy):
+    cache = POLICIES[policy](4)
+    for key in "abcd":
+        cache.insert(key)
+    cache.hit("a")
+    assert cache.victim(None, set("abcd")) is None and len(cache) == 4
+    gone = cache.victim(None, {"a", "b"})
+    assert gone in {"c", "d"} and gone not in cache and len(cache) == 3
+    cache.remove("a")
+    assert "a" not in cache and len(cache) == 2
+
+
+def test_lfru_keeps_a_frequent_key_through_a_scan_and_evicts_cold_prefetches_first():
+    cache = LFRU(3)
+    cache.insert("hot")
+    for _ in range(4):
+        cache.hit("hot")
+    for key in "xyzuvw":  # a scan of keys used once
+        if len(cache) >= 3:
+            assert cache.victim(key, set()) != "hot"
+        cache.insert(key)
+    assert "hot" in cache
+    cache.insert("guess", cold=True)
+    assert cache.victim(None, set()) == "guess"
+
+
+def test_s3fifo_filters_keys_used_once_and_sends_ghosts_to_main():
+    cache = S3FIFO(10)
+    cache.insert("kept")
+    cache.hit("kept")  # used again while in the small queue: moves to main when its turn comes
+    for key in "abc":
+        cache.insert(key)
+    assert cache.victim(None, set()) == "a"  # used once: evicted from the small queue, remembered
+    assert "kept" in cache and "kept" in cache.main
+    cache.insert("a")  # a ghost comes back: straight to main
+    assert "a" in cache.main

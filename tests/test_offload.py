@@ -52,10 +52,11 @@ def test_router_decides_same_tokens_whatever_budget_cache_or_prefetch(calibrated
     reference = tokens(calibrated, None)
     for budget in ("20%", "50%", "100%"):
         for prefetch in ("none", "eap", "cross-layer", "policy"):
-            for cache, allocation in (("arc", "policy"), ("lru", "uniform")):
-                options = OffloadOptions(parse_budget(budget), prefetch=prefetch, cache=cache,
+            for cache, allocation, pool in (("arc", "policy", "global"), ("lru", "uniform", "per-layer"),
+                                            ("lfru", "policy", "global"), ("s3fifo", "policy", "per-layer")):
+                options = OffloadOptions(parse_budget(budget), prefetch=prefetch, cache=cache, pool=pool,
                                          allocation=allocation, low_bit_prefill="off")
-                assert tokens(calibrated, options) == reference, (budget, prefetch, cache, allocation)
+                assert tokens(calibrated, options) == reference, (budget, prefetch, cache, allocation, pool)
 
 
 def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):

@@ -22,7 +22,7 @@ from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
-from fate.runtime.cache import replay_miss_rate
+from fate.runtime.replay import replay_miss_rate
 from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
 from fate.runtime.positions import PositionTables
 from fate.runtime.predictors import eap_scores, top_experts

@@ -28,7 +28,7 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Container, Hashable, Iterable
+from typing import Container, Hashable
 
 Key = Hashable
 
@@ -276,24 +276,3 @@ class S3FIFO(EvictionPolicy):
 
 POLICIES = {"arc": ARC, "lru": LRU, "lfru": LFRU, "s3fifo": S3FIFO}
 DEFAULT_POLICY = "arc"
-
-
-def replay_miss_rate(policy: str, accesses: Iterable[Iterable[Key]], capacity: int) -> float:
-    """Miss rate of demand-only caching (no prefetch) with `capacity` slots over a stream of
-    steps, each the set of keys one token needs at once (they cannot evict each other)."""
-    cache = POLICIES[policy](capacity)
-    hits = total = 0
-    for step in accesses:
-        needed = set(step)
-        for key in needed:
-            total += 1
-            if key in cache:
-                cache.hit(key)
-                hits += 1
-                continue
-            if capacity <= 0:
-                continue
-            if len(cache) >= capacity and cache.victim(key, needed) is None:
-                continue  # every slot holds a key this step needs: run it without caching
-            cache.insert(key)
-    return 1.0 - hits / total if total else 0.0

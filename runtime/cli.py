@@ -144,13 +144,17 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings, stats).")
 @engine_options
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
+@click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the routing of this run to FILE, one JSON line per (phase, token, layer), for fate-replay.")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
          top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool, ignore_eos: bool,
-         **engine_flags) -> None:
+         trace_path: str | None, **engine_flags) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
         engine = load_engine(artifact, **engine_flags)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
+        if trace_path is not None:
+            engine.model.start_trace(trace_path)
         result = GenerationResult([])
         pieces: list[str] = []
         if not (as_json or chat):

@@ -20,6 +20,7 @@ from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .loader import ExpertLoader
 from .report import OffloadReport, ResidentReport
 from .slots import SlotPool
+from .trace import LayerSlots, TraceHeader
 
 
 @dataclass
@@ -95,6 +96,15 @@ class ExpertStore(ABC):
     def ran_in_step(self, layer: int, expert_ids: np.ndarray) -> None:
         """`layer`'s decode step ran the experts it chose ([1, k]) itself (see native_layer)."""
         self.stats.count(layer, expert_ids.size)
+
+    def predicted(self, layer: int) -> set[int] | None:
+        """The experts of `layer` the store was asked to prefetch before its routing was known (for
+        traces), or None."""
+        return None
+
+    @abstractmethod
+    def trace_header(self) -> TraceHeader:
+        """The slots of each MoE layer as this store holds them (a trace's first line)."""
 
     @abstractmethod
     def report(self) -> ResidentReport | OffloadReport:
@@ -189,3 +199,8 @@ class ResidentExperts(ExpertStore):
 
     def report(self) -> ResidentReport:
         return ResidentReport(self.runner.name())
+
+    def trace_header(self) -> TraceHeader:
+        manifest = self.runner.artifact.manifest
+        return TraceHeader([LayerSlots(i, manifest.layers[i].routing.num_experts, manifest.layers[i].routing.top_k,
+                                       self.pool.slots[i], self.pool.slot_bytes[i]) for i in self.precisions])

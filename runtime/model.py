@@ -19,6 +19,7 @@ from .offload import OffloadedExperts, OffloadOptions
 from .positions import PositionTables
 from .sessions import graph_threads, make_session
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
+from .trace import TraceWriter
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # A long prompt runs this many tokens at a time: what a step holds besides the weights (the
@@ -72,6 +73,8 @@ class FateModel:
                 names.append(IO.MOE_PARTIAL)
         self.positions = PositionTables(self.spec)
         self._check_native_steps(probes=verify)
+        self.trace: TraceWriter | None = None  # start_trace
+        self._steps_run = 0
 
     def _check_native_steps(self, probes: bool = True, probe: int = 4, tokens: int = 3, bound: float = 2e-2) -> None:
         """A native step takes its numbers (scales, epsilons, clamps, routing constants) from the
@@ -155,6 +158,11 @@ class FateModel:
             names += list(PREDICTION_OUTPUTS)
         return names
 
+    def start_trace(self, path: str | os.PathLike) -> None:
+        """Write the routing of every forward pass from now on to `path` (runtime.trace), whole once
+        `close()` is called."""
+        self.trace = TraceWriter(path, self.experts.trace_header())
+
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.manifest)
 
@@ -186,16 +194,20 @@ class FateModel:
                 out, ran_experts = step.run(hidden, cache, cos, sin)
             else:
                 out, ran_experts = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size), False
-            if spec.predicts_next:
-                self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
             hidden = out[IO.RESIDUAL]
-            if spec.kind == "moe":
+            if spec.kind == "moe":  # its routing is known: its experts are kept from the next layer's prefetches
+                if self.trace is not None:
+                    self.trace.record("prefill" if prefill else "decode", self._steps_run, cache.length, spec.index,
+                                      out[IO.EXPERT_IDS], self.experts.predicted(spec.index))
+                self.experts.observe(spec.index, out[IO.EXPERT_IDS])
                 if ran_experts:
                     self.experts.ran_in_step(spec.index, out[IO.EXPERT_IDS])
-                self.experts.observe(spec.index, out[IO.EXPERT_IDS])
-                if not ran_experts:
-                    hidden = self._routed_experts(spec.index, out)
+            if spec.predicts_next:
+                self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
+            if spec.kind == "moe" and not ran_experts:
+                hidden = self._routed_experts(spec.index, out)
         cache.length += ids.size
+        self._steps_run += 1
         return hidden
 
     def run_layer(self, spec: LayerSpec, hidden: np.ndarray, cache: KVCache, positional: dict[str, np.ndarray],
@@ -246,6 +258,8 @@ class FateModel:
         return self.head_logits(self.forward(np.asarray(ids), self.new_cache()))
 
     def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
         self.experts.close()
 
 

@@ -33,6 +33,7 @@ from .plan import POOLS, LayerPlan, plan_run
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
 from .slots import SlotPool, native_reads, scratch_buffer
+from .trace import LayerSlots, TraceHeader
 
 GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
 
@@ -174,6 +175,15 @@ class OffloadedExperts(ExpertStore):
         self.cache.count_hits(layer, todo)
         self._routed(layer, set(todo))
 
+    def predicted(self, layer: int) -> set[int] | None:
+        return self._predicted.get(layer)
+
+    def trace_header(self) -> TraceHeader:
+        manifest = self.artifact.manifest
+        return TraceHeader([LayerSlots(p.index, manifest.layers[p.index].routing.num_experts,
+                                       manifest.layers[p.index].routing.top_k, p.slots, p.cost_bytes)
+                            for p in self.plans.values()], self.options.pool)
+
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         phase = "prefill" if prefill else "decode"
         if self._step == 0:  # time counts from the first step, not from start-up
@@ -212,8 +222,11 @@ class OffloadedExperts(ExpertStore):
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
         """Actual routing of `layer`: in prefill its least popular non-resident experts start
-        moving at INT2 now; EAP predicts the MoE layer whose transitions start here."""
+        moving at INT2 now; EAP predicts the MoE layer whose transitions start here. Until they
+        have run, its experts are protected from prefetches (for the next layers) as predictions are."""
         plan = self.plans.get(layer)
+        if plan is not None:
+            self.cache.protect(layer, set(expert_ids.reshape(-1).tolist()))
         if self._phase == "prefill" and plan is not None and plan.low_precision:
             needed = rank_by_popularity({int(e) for e in expert_ids.reshape(-1)},
                                         self.profile.layer(layer).popularity if self.profile else None)

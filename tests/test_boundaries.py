@@ -34,7 +34,7 @@ def imported_modules(path: Path) -> set[str]:
 # The compiler reuses the runtime's pure helpers (positions, sessions, cache policies, slot allocation,
 # predictors, memory, the layer-state contract) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
-SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.memory",
+SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.replay", "fate.runtime.memory",
                   "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state"}
 
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from fate.runtime.cache import ARC, LFRU, LRU, POLICIES, S3FIFO, replay_miss_rate
+from fate.runtime.cache import ARC, LFRU, LRU, POLICIES, S3FIFO
+from fate.runtime.replay import replay_miss_rate
 from fate.runtime.expert_cache import ExpertCache
 
 

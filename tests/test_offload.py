@@ -22,6 +22,8 @@ from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime import loader as loader_module
+from fate.runtime.cache import POLICIES
+from fate.runtime.trace import read_trace
 from fate.runtime.executors import assignments
 from fate.runtime.expert_cache import BudgetError
 from fate.runtime.sessions import SMALL_GRAPH_BYTES, graph_threads
@@ -523,3 +525,25 @@ def test_small_dense_graphs_run_on_one_thread_unless_told():
     assert graph_threads(0, 80_000) == 1 and graph_threads(0, SMALL_GRAPH_BYTES) == 0
     assert graph_threads(2, 80_000) == min(2, usable_cores()) and graph_threads(1, 50 << 20) == 1
     assert graph_threads(10_000, 80_000) == usable_cores()
+
+
+def test_fate_run_writes_a_trace_that_fate_replay_reads(calibrated, tmp_path):
+    trace = tmp_path / "run.jsonl"
+    run = subprocess.run([sys.executable, "-m", "fate.runtime.cli", str(calibrated), "--prompt", "Once upon a time",
+                          "-n", "6", "--greedy", "--ignore-eos", "--memory-budget", "30%", "--trace", str(trace)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    head, records = read_trace(trace)
+    decode = [r for r in records if r.phase == "decode"]
+    assert len({r.step for r in decode}) == 5 and {r.layer for r in decode} == {l.layer for l in head.layers}
+    assert any(r.predicted for r in decode)
+    out = subprocess.run([sys.executable, "-m", "fate.runtime.replay_cli", str(trace), "--json",
+                          "--capacity", "30%,60%"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert [r["capacity"] for r in results] == ["30%", "60%"]
+    for result in results:
+        rows = {row["name"]: row for row in result["rows"]}
+        assert rows["belady global"]["x_belady"] == 1.0
+        assert all(rows[f"{p} global"]["decode_mb_per_token"] >= rows["belady global"]["decode_mb_per_token"]
+                   for p in POLICIES)

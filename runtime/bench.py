@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
 from .memory import peak_rss
+from .plan import POOLS
 from .svg import svg_chart
 from .text import TextCodec
+from .trace import read_trace
 
 DEFAULT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people who "
@@ -50,11 +53,17 @@ class RunConfig:
     precision: str | None = None
     executor: str = "auto"
     decode_steps: bool = True
+    pool: str = "global"
+    memory_limit: str | None = None  # the whole process (budget is then unused)
 
     @property
     def label(self) -> str:
-        label = RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
+        if self.memory_limit is not None:
+            label = f"limit={self.memory_limit} {self.prefetch}"
+        else:
+            label = RESIDENT if self.budget == RESIDENT else f"{self.budget} {self.prefetch}"
         label = label if self.executor == "auto" else f"{label} [{self.executor}]"
+        label = label if self.pool == "global" or self.budget == RESIDENT else f"{label} [{self.pool}]"
         return label if self.decode_steps else f"{label} [graphs]"
 
 
@@ -66,17 +75,23 @@ def run_one(config: RunConfig) -> dict:
     from .report import OffloadReport
 
     start = time.perf_counter()
-    offload = None if config.budget == RESIDENT else OffloadOptions(
-        budget=parse_budget(config.budget), prefetch=config.prefetch, cache=config.cache, precision=config.precision,
-        executor=config.executor)
+    limit = None if config.memory_limit is None else parse_budget(config.memory_limit).bytes
+    offload = None if config.budget == RESIDENT and limit is None else OffloadOptions(
+        budget=parse_budget("0B" if limit is not None else config.budget), prefetch=config.prefetch,
+        cache=config.cache, pool=config.pool, precision=config.precision, executor=config.executor)
     model = FateModel.load(config.artifact, precision=config.precision, offload=offload, executor=config.executor,
-                           decode_steps=config.decode_steps)
+                           decode_steps=config.decode_steps, memory_limit=limit,
+                           context=len(config.prompt_ids) + config.gen_len)
     load_s = time.perf_counter() - start
-    try:
-        result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
-        report = model.experts.report()
-    finally:
-        model.close()
+    with tempfile.TemporaryDirectory(prefix="fate-bench-") as folder:
+        trace = Path(folder) / "trace.jsonl"
+        try:
+            model.start_trace(trace)
+            result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
+            report = model.experts.report()
+        finally:
+            model.close()
+        optimal = optimal_decode_bytes(trace)
     s = result.stats
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
            "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
@@ -85,8 +100,24 @@ def run_one(config: RunConfig) -> dict:
         d = report.decode
         row.update(stall_s=report.stall_s, hit_rate=d.hit_rate, recall=d.mean_recall(),
                    mb_read=report.bytes_read / 1e6, budget_mb=report.budget_bytes / 1e6,
-                   decode_mb_per_token=d.bytes_per_token / 1e6 if d.tokens else None)
+                   decode_mb_per_token=d.bytes_per_token / 1e6 if d.tokens else None,
+                   belady_mb_per_token=optimal / 1e6 if optimal is not None else None)
     return row
+
+
+def optimal_decode_bytes(trace: Path) -> float | None:
+    """Bytes per decode token Belady's optimal cache reads over a run's own routing, with the run's
+    slots in one pool (runtime.replay): the least any cache of that size could have read."""
+    from .replay import accesses_of, belady
+    from .replay_cli import Capacity
+
+    header, records = read_trace(trace)
+    tokens = len({r.step for r in records if r.phase == "decode"})
+    if not tokens:
+        return None
+    capacity = Capacity("run", {l.layer: l.slots for l in header.layers}, {l.layer: l.slot_bytes for l in header.layers})
+    groups, group_of = capacity.groups("global")
+    return belady(accesses_of(records), groups, group_of, capacity.cost).bytes_read["decode"] / tokens
 
 
 def storage_bandwidth(artifact: str, seconds: float = 2.0, threads: int = 4) -> tuple[float, float]:
@@ -172,6 +203,7 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
     budget, and the I/O bound min(all-resident tok/s, storage bandwidth / bytes read per decode token)."""
     lines = [f"{'config':28s} {'prefill tok/s':>14s} {'decode tok/s':>19s} {'x resident':>10s} {'x on-demand':>11s} "
              f"{'x I/O bound':>11s} {'TTFT s':>7s} {'stall s':>7s} {'hit':>6s} {'recall':>6s} {'MB/tok':>7s} "
+             f"{'x Belady':>8s} "
              f"{'MB read':>8s} {'peak RSS MB':>11s}"]
     for label, r in results.items():
         words = label.split(" ")
@@ -191,7 +223,9 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
             f"{ratio(on_demand) if words[1:2] != ['none'] and words[0] != RESIDENT else '-':>11s} "
             f"{ratio(bound):>11s} "
             f"{fmt(r.get('ttft_s'), '.3f'):>7s} {fmt(r.get('stall_s'), '.2f'):>7s} {fmt(r.get('hit_rate'), '.3f'):>6s} "
-            f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(per_token, '.2f'):>7s} {fmt(r.get('mb_read')):>8s} "
+            f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(per_token, '.2f'):>7s} "
+            f"{fmt(per_token / r['belady_mb_per_token'] if r.get('belady_mb_per_token') else None, '.2f'):>8s} "
+            f"{fmt(r.get('mb_read')):>8s} "
             f"{fmt(r.get('peak_rss_mb'), '.0f'):>11s}")
     return "\n".join(lines)
 
@@ -226,14 +260,17 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--memory-limits", default=None,
+              help="Comma-separated whole-process limits (1.2GB,900MB) to run each prefetch mode under, beside --budgets.")
+@click.option("--pools", default="global", show_default=True, help="Comma-separated: global, per-layer.")
 @click.option("--cache", default="arc", show_default=True)
 @click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)
-def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_len, gen_len, repeat, cache, precision,
-         json_out, plot, worker) -> None:
+def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_len, gen_len, repeat, memory_limits,
+         pools, cache, precision, json_out, plot, worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
         click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
@@ -252,10 +289,20 @@ def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_l
             raise FateError(f"--decode-steps takes on, off or both (on,off), got {decode_steps!r}")
         kinds = [(e.strip(), on) for e in executors.split(",") for on in steps]
         configs = [RunConfig(artifact, RESIDENT, "none", ids, gen_len, cache, precision, e, on) for e, on in kinds]
+        chosen_pools = [p.strip() for p in pools.split(",")]
+        if any(p not in POOLS for p in chosen_pools):
+            raise FateError(f"--pools takes {', '.join(POOLS)}, got {pools!r}")
         for b in budgets.split(","):
             parse_budget(b)  # fail before any run
-            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e, on)
-                        for e, on in kinds for p in prefetch.split(",")]
+            configs += [RunConfig(artifact, b.strip(), p.strip(), ids, gen_len, cache, precision, e, on, pool)
+                        for e, on in kinds for p in prefetch.split(",") for pool in chosen_pools]
+        for limit in (memory_limits or "").split(","):
+            if not limit.strip():
+                continue
+            if parse_budget(limit).bytes is None:
+                raise FateError(f"--memory-limits takes bytes (1.2GB), not a share: {limit!r}")
+            configs += [RunConfig(artifact, "0B", p.strip(), ids, gen_len, cache, precision, e, on, pool, limit.strip())
+                        for e, on in kinds for p in prefetch.split(",") for pool in chosen_pools]
         first_read, bandwidth = storage_bandwidth(artifact)
         rows: dict[str, list[dict]] = {c.label: [] for c in configs}
         total = len(configs) * (repeat + 1)

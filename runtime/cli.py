@@ -15,7 +15,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from .api import Engine
 from .cache import DEFAULT_POLICY, POLICIES
 from .generate import GenerationResult, SamplingConfig
-from .memory import peak_rss
+from .memory import current_rss, peak_rss
 from .executors import EXECUTORS
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
@@ -54,9 +54,16 @@ def engine_options(command):
         click.option("--verify-every-load", is_flag=True,
                      help="With a memory budget: check an expert's SHA-256 at every load, not only its first "
                        "(for files that may change while Fate runs)."),
+        click.option("--memory-limit", default=None,
+                     help="Memory for the whole process (8GB, 1.5GiB): what loading the model, its KV cache at "
+                          "--context tokens and a headroom leave holds experts (fate-run --json itemizes it). "
+                          "Default: no limit."),
         click.option("--memory-budget", default=None,
-                     help="Memory for routed experts: bytes (300MB, 2GiB) or a share of all experts (25%). "
+                     help="Memory for routed experts alone: bytes (300MB, 2GiB) or a share of all experts (25%). "
                        "Default: every expert resident."),
+        click.option("--context", default=None, type=click.IntRange(min=1),
+                     help="Tokens a sequence may hold, which --memory-limit plans the KV cache for (default: "
+                          "fate-run: the prompt and --max-new-tokens; fate-serve: the model's, at most 4096)."),
         click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="policy", show_default=True,
                      help="policy: the predictor the compiler measured best per layer; cross-layer: the next layer's "
                        "router on this layer's router input; eap: activation-path statistics; none: load on demand."),
@@ -90,21 +97,31 @@ def engine_options(command):
 
 
 def load_engine(artifact: str, precision: str | None, threads: int, no_verify: bool, verify_every_load: bool,
-                memory_budget: str | None, prefetch: str, executor: str, decode_steps: str, cache_policy: str,
-                pool: str, allocation: str, int2_prefill: str, prefetch_threads: int) -> Engine:
-    """An Engine as the engine_options flags say."""
+                memory_limit: str | None, memory_budget: str | None, context: int | None, prefetch: str,
+                executor: str, decode_steps: str, cache_policy: str, pool: str, allocation: str, int2_prefill: str,
+                prefetch_threads: int, default_context: int | None = None) -> Engine:
+    """An Engine as the engine_options flags say; `default_context`: the --context a command's own
+    work needs where none is given."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
+    limit = None
+    if memory_limit is not None:
+        if memory_budget is not None:
+            raise FateError("give --memory-limit (the whole process) or --memory-budget (the experts alone), not both")
+        limit = parse_budget(memory_limit).bytes
+        if limit is None:
+            raise FateError(f"--memory-limit takes bytes (8GB, 512MiB), not a share: {memory_limit!r}")
     cores = usable_cores()
     if threads > cores:  # the sessions and the kernel take at most these (sessions.graph_threads, ExpertRunner)
         click.echo(f"fate: --threads {threads} is more than the {cores} cores this process may use; using {cores}",
                    err=True)
-    offload = None if memory_budget is None else OffloadOptions(
-        budget=parse_budget(memory_budget), prefetch=prefetch, cache=cache_policy, pool=pool, allocation=allocation,
+    offload = None if memory_budget is None and limit is None else OffloadOptions(
+        budget=parse_budget(memory_budget or "0B"), prefetch=prefetch, cache=cache_policy, pool=pool, allocation=allocation,
         low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
         verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
     return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
-                       executor=executor, decode_steps=decode_steps == "on")
+                       executor=executor, decode_steps=decode_steps == "on", memory_limit=limit,
+                       context=context or default_context)
 
 
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:
@@ -116,7 +133,22 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
         "experts": asdict(engine.model.experts.stats),
         "offload": engine.model.experts.report().to_json(),
         "peak_rss_bytes": peak_rss(),
+        "memory": memory_report(engine, result),
     }
+
+
+def memory_report(engine: Engine, result: GenerationResult) -> dict:
+    """What the process holds: measured (resident now, at its peak, the expert pool, the KV cache)
+    and, under --memory-limit, the plan each was given."""
+    model = engine.model
+    pool = getattr(model.experts, "pool", None)
+    measured = {"rss_bytes": current_rss(), "peak_rss_bytes": peak_rss(),
+                "expert_pool_bytes": pool.total_bytes if pool is not None else 0,
+                "kv_cache_bytes": result.stats.cache_bytes, "dense_graph_file_bytes": model.dense_bytes,
+                "decode_step_bytes": model.step_bytes}
+    plan = model.memory_plan
+    return {"measured": measured, "plan": None if plan is None else {**asdict(plan), "floor": plan.floor,
+                                                                      "pool": plan.pool}}
 
 
 def summary(engine: Engine, result: GenerationResult) -> str:
@@ -128,6 +160,12 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         hit = "-" if offload.decode.hit_rate is None else f"{offload.decode.hit_rate:.1%}"
         line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
+    plan = engine.model.memory_plan
+    if plan is not None:
+        line += (f"; memory limit {plan.limit / 1e6:.0f} MB: {plan.floor / 1e6:.0f} MB for the process, "
+                 f"{plan.pool / 1e6:.0f} MB for experts")
+        if plan.steps:
+            line += f" (decode steps hold {plan.steps / 1e6:.0f} MB: --decode-steps off gives it to experts)"
     return line + f"; peak RSS {peak_rss() / 1e6:.0f} MB]"
 
 
@@ -151,7 +189,9 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
          trace_path: str | None, **engine_flags) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
-        engine = load_engine(artifact, **engine_flags)
+        # a prompt of N bytes is at most N tokens; 256 more for a chat template's own
+        engine = load_engine(artifact, **engine_flags,
+                             default_context=len(prompt.encode("utf-8")) + max_new_tokens + 256)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
         if trace_path is not None:
             engine.model.start_trace(trace_path)

@@ -42,7 +42,11 @@ Key = tuple[int, int]
 
 
 class BudgetError(FateError):
-    """The memory budget cannot hold what generation needs."""
+    """The memory budget cannot hold what generation needs; `needed`: the least budget that would."""
+
+    def __init__(self, message: str, needed: int | None = None):
+        super().__init__(message)
+        self.needed = needed
 
 
 @dataclass

@@ -101,7 +101,7 @@ def stream_tokens(model: FateModel, prompt_ids: list[int], max_new_tokens: int, 
     earlier turns): only the rest is prefilled, and the cache is extended in place."""
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
-    limit = model.spec.max_positions
+    limit = model.context
     if len(prompt_ids) > limit:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
     result = result or GenerationResult(list(prompt_ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 
 def _status_kib(field: str) -> int | None:
@@ -34,3 +35,59 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def current_rss() -> int:
+    """Resident memory of this program now, in bytes (0 where /proc does not say)."""
+    kib = _status_kib("VmRSS")
+    return (kib or 0) * 1024
+
+
+# What a whole-process memory limit plans for besides the expert slots (runtime.memory.plan_memory).
+# Each figure was measured at Qwen1.5-MoE-A2.7B shapes (hidden 2048, int8 dense graphs of 55 MB a
+# layer) on the bundled example too; fate-run --json reports the measured ones beside them.
+DENSE_HOLD = 1.15  # onnxruntime holds a graph's weights with its prepacked copies: measured 1.07x
+LOAD_TRANSIENT = 3  # while a graph loads: its bytes, onnxruntime's parse, prepacking (measured 2.7x)
+SCRATCH_ROWS = 72  # a prefill chunk's activations, in rows of hidden floats per token (measured 66)
+HEADROOM = 64 << 20  # the tokenizer, thread stacks, allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A whole-process memory limit split into what the process needs besides the expert slots
+    and what is left for them (the pool). Bytes."""
+
+    limit: int
+    baseline: int  # this process before loading: the interpreter and the libraries
+    dense: int  # the non-expert graphs as onnxruntime holds them
+    steps: int  # the native decode steps' copy of their graphs' bytes
+    kv_cache: int  # keys and values at `context` tokens (fixed-size layer state is the pool's: run plan)
+    context: int
+    transient: int  # the larger of a graph's load and a prefill chunk's scratch
+    headroom: int = HEADROOM
+
+    @property
+    def floor(self) -> int:
+        return self.baseline + self.dense + self.steps + self.kv_cache + self.transient + self.headroom
+
+    @property
+    def pool(self) -> int:
+        return self.limit - self.floor
+
+
+def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int, steps: bool,
+                baseline: int | None = None, prefill_chunk: int = 256) -> MemoryPlan:
+    """The plan for `limit` bytes: graph_bytes: each non-expert graph's file size; `steps`: whether
+    the layers with a native decode step keep their graph's bytes for it."""
+    spec = manifest.model
+    dense = int(sum(graph_bytes.values()) * DENSE_HOLD)
+    step_bytes = sum(graph_bytes[layer.graph] for layer in manifest.layers if layer.decode_step is not None) \
+        if steps else 0
+    if steps and manifest.head_step is not None:
+        step_bytes += graph_bytes[manifest.head_graph]
+    attention = sum(1 for layer in manifest.layers if layer.mixer == "attention")
+    kv = attention * context * 4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim)
+    scratch = min(prefill_chunk, context) * spec.hidden_size * 4 * SCRATCH_ROWS
+    transient = max(LOAD_TRANSIENT * max(graph_bytes.values(), default=0), scratch)
+    return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense, step_bytes, kv, context,
+                      transient)

@@ -4,20 +4,27 @@ experts through an ExpertStore. Imports no torch and no transformers."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
+from fate.artifacts.budget import Budget
 from fate.artifacts.graph_check import float_attributes
 from fate.artifacts.layout import GraphIO as IO
 
+from . import native
 from .decode_step import NativeDecodeStep, NativeHead
-from .experts import ExpertStore, ResidentExperts
+from .expert_cache import BudgetError
+from .experts import ExpertStore, ResidentExperts, largest_file, resident_precision
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
+from .memory import MemoryPlan, current_rss, plan_memory, release_freed_memory
 from .offload import OffloadedExperts, OffloadOptions
+from .plan import plan_run
 from .positions import PositionTables
 from .sessions import graph_threads, make_session
+from .slots import slot_size
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
 from .trace import TraceWriter
 
@@ -27,6 +34,8 @@ PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # the whole sequence for attention; at qwen shapes a 4,096-token prompt in one step peaked 2.9 GB
 # above the model
 PREFILL_CHUNK = 256
+# The context a memory limit plans its KV cache for unless told (the model's, where that is smaller)
+DEFAULT_CONTEXT = 4096
 
 
 class FateModel:
@@ -38,6 +47,7 @@ class FateModel:
         self.manifest = artifact.manifest
         self.spec = artifact.manifest.model
         self.experts = experts
+        self.dense_bytes = 0  # the non-expert graphs' files
         def load(path: str, interface: tuple[dict, dict], layer: LayerSpec | None = None, head: bool = False):
             data, label = artifact.read_graph(path, verify=verify), artifact.member(path).label
             try:
@@ -45,6 +55,7 @@ class FateModel:
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; the file is what is wrong
                 raise ArtifactError(f"{label}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
             check_interface(session, label, *interface)
+            self.dense_bytes += len(data)
             native_steps = decode_steps and experts.runner.native_steps()
             if native_steps and head and self.manifest.head_step is not None:
                 self.native_head = NativeHead(self.spec, self.manifest.head_step, data, experts.runner.threads, label)
@@ -73,7 +84,10 @@ class FateModel:
                 names.append(IO.MOE_PARTIAL)
         self.positions = PositionTables(self.spec)
         self._check_native_steps(probes=verify)
+        release_freed_memory()  # what loading read and let go (graph bytes, onnxruntime's transients)
         self.trace: TraceWriter | None = None  # start_trace
+        self.memory_plan: MemoryPlan | None = None  # load(memory_limit=...)
+        self.context = self.spec.max_positions  # tokens a sequence may hold
         self._steps_run = 0
 
     def _check_native_steps(self, probes: bool = True, probe: int = 4, tokens: int = 3, bound: float = 2e-2) -> None:
@@ -136,19 +150,37 @@ class FateModel:
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
              verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
-             decode_steps: bool = True) -> "FateModel":
+             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None) -> "FateModel":
         """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache.
+        `memory_limit` (bytes): the whole process, whose pool of experts is what the rest leaves
+        (plan_limit; `offload` then gives the other offloading options), planned for `context` tokens
+        (default: the model's context, at most DEFAULT_CONTEXT), which generation then stops at.
         `executor` (auto, native, session) computes the experts; with `offload` its own says.
         `decode_steps`: layers with a DecodeStep run decode tokens natively (runtime.decode_step) where
         the experts' executor is native; their graph bytes stay in memory beside the sessions."""
         artifact = Artifact.open(path)
+        plan = None
+        if memory_limit is not None:
+            offload = offload or OffloadOptions(Budget(bytes=0), precision=precision, executor=executor,
+                                                compute_threads=threads)
+            plan, offload = plan_limit(artifact, memory_limit, context, offload, decode_steps)
         store = ResidentExperts(artifact, precision, verify=verify, executor=executor, threads=threads) \
             if offload is None else OffloadedExperts(artifact, offload)
         try:
-            return cls(artifact, store, threads, verify, decode_steps)
+            model = cls(artifact, store, threads, verify, decode_steps)
         except BaseException:
             store.close()
             raise
+        model.memory_plan = plan
+        if plan is not None:
+            model.context = plan.context
+            held = current_rss()
+            if held + plan.kv_cache > plan.limit:
+                model.close()
+                raise BudgetError(f"after loading, this process holds {held / 1e6:.0f} MB, and the keys and values of "
+                                  f"{plan.context} tokens need {plan.kv_cache / 1e6:.0f} MB more: a memory limit of "
+                                  f"{plan.limit / 1e6:.0f} MB is too small (give more, or a smaller --context)")
+        return model
 
     def _output_names(self, layer: LayerSpec) -> list[str]:
         names = [IO.present(name) for name in state_names(layer)] + [IO.RESIDUAL]
@@ -157,6 +189,12 @@ class FateModel:
         if layer.predicts_next:
             names += list(PREDICTION_OUTPUTS)
         return names
+
+    @property
+    def step_bytes(self) -> int:
+        """The graph bytes the native steps keep beside onnxruntime's sessions."""
+        held = sum(len(step.graph) for step in self.steps.values())
+        return held + (len(self.native_head.graph) if self.native_head is not None else 0)
 
     def start_trace(self, path: str | os.PathLike) -> None:
         """Write the routing of every forward pass from now on to `path` (runtime.trace), whole once
@@ -174,13 +212,15 @@ class FateModel:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise GenerationError("no tokens to run")
-        if cache.length + ids.size > self.spec.max_positions:
-            raise GenerationError(f"{cache.length + ids.size} tokens exceed the model's context of "
-                                  f"{self.spec.max_positions}")
+        if cache.length + ids.size > self.context:
+            raise GenerationError(f"{cache.length + ids.size} tokens exceed the context of {self.context}"
+                                  f"{'' if self.context == self.spec.max_positions else ' this run planned its memory for'}")
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             raise GenerationError(f"token id out of range [0, {self.spec.vocab_size})")
         prefill = cache.length == 0 or ids.size > 1
         chunks = [self._step(ids[i:i + PREFILL_CHUNK], cache, prefill) for i in range(0, ids.size, PREFILL_CHUNK)]
+        if ids.size > 1:  # a prefill's scratch goes back to the system, not kept at its peak
+            release_freed_memory()
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
 
     def _step(self, ids: np.ndarray, cache: KVCache, prefill: bool) -> np.ndarray:
@@ -261,6 +301,39 @@ class FateModel:
         if self.trace is not None:
             self.trace.close()
         self.experts.close()
+
+
+def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,
+               decode_steps: bool) -> tuple[MemoryPlan, OffloadOptions | None]:
+    """What a whole-process memory limit leaves for the experts (runtime.memory.plan_memory), as the
+    offload options' budget; None (every expert resident) where all of them fit in it."""
+    manifest = artifact.manifest
+    context = min(context or DEFAULT_CONTEXT, manifest.model.max_positions)
+    graphs = [manifest.embed_graph, manifest.head_graph, *(l.graph for l in manifest.layers),
+              *(l.combine_graph for l in manifest.layers if l.combine_graph)]
+    steps = decode_steps and offload.executor != "session" and native.available()
+    plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps)
+    resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, offload.precision)))
+                   * l.routing.num_experts for l in manifest.moe_layers)
+    if plan.pool >= resident + manifest.state_bytes:
+        return plan, None
+    try:
+        plan_run(manifest, None, Budget(bytes=max(plan.pool, 0)), lambda l: resident_precision(artifact, l, offload.precision),
+                 lambda l, p: largest_file(artifact, l, p), lambda l, p: True, allocation="uniform")
+    except BudgetError as e:
+        least = plan.floor + (e.needed or 0)
+        raise BudgetError(f"a memory limit of {limit / 1e6:.0f} MB cannot hold this model: the process needs "
+                          f"{plan.floor / 1e6:.0f} MB besides the experts ({describe(plan)}) and one token's "
+                          f"experts in every layer {(e.needed or 0) / 1e6:.0f} MB; the least limit is "
+                          f"{least / 1e6:.0f} MB", needed=least) from None
+    return plan, dataclasses.replace(offload, budget=Budget(bytes=plan.pool))
+
+
+def describe(plan: MemoryPlan) -> str:
+    parts = [("libraries", plan.baseline), ("dense graphs", plan.dense), ("decode steps' copy", plan.steps),
+             (f"KV cache at {plan.context} tokens", plan.kv_cache), ("load and prefill scratch", plan.transient),
+             ("headroom", plan.headroom)]
+    return ", ".join(f"{name} {size / 1e6:.0f}" for name, size in parts if size)
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:

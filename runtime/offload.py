@@ -61,6 +61,14 @@ class OffloadOptions:
     compute_threads: int = 0  # native kernel threads (0: every core)
 
 
+# A layer prefetches in decode while the share of its recent predictions that the router then chose
+# (an exponential average, each token weighing PREFETCH_MEMORY) is at least PREFETCH_GATE: below it, a
+# wrong prefetch (bytes read, an expert evicted for it) costs more than a right one saves. Its
+# predictions are still scored while it does not prefetch, so it starts again when they pay.
+PREFETCH_GATE = 0.5
+PREFETCH_MEMORY = 0.2
+
+
 @dataclass
 class PredictionCounters:
     predicted: int = 0
@@ -76,6 +84,7 @@ class PhaseStats:
     low_bit_loads: int = 0
     low_bit_bytes: int = 0
     in_step: int = 0  # MoE layer-steps whose decode step ran the experts (all resident)
+    gated: int = 0  # decode predictions not prefetched: the layer's recent ones did not pay
     prediction: dict[int, PredictionCounters] = field(default_factory=dict)
 
 
@@ -137,6 +146,7 @@ class OffloadedExperts(ExpertStore):
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
         self._demand_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-demand")
         self._predicted: dict[int, set[int]] = {}
+        self._paying: dict[int, float] = {}  # layer -> recent share of its decode prefetches that were used
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -241,6 +251,9 @@ class OffloadedExperts(ExpertStore):
         top = top_experts(scores, plan.width)
         predicted = set(top.reshape(-1).tolist())
         self._predicted[plan.index] = predicted
+        if len(top) == 1 and self._paying.get(plan.index, 1.0) < PREFETCH_GATE:
+            self.phases[self._phase].gated += 1  # scored all the same (_routed): it starts again when it pays
+            return
         if len(top) == 1:  # decode: the predictor's own order
             ranked, low = top[0].tolist(), set()
         else:  # prefill: the union, most popular first
@@ -356,8 +369,12 @@ class OffloadedExperts(ExpertStore):
             self.cache.unpin(layer, experts)
 
     def _routed(self, layer: int, experts: set[int]) -> None:
-        """After `layer` ran: score its prediction, release its INT2 copies."""
+        """After `layer` ran: score its prediction (and, in decode, how well the layer's recent ones
+        paid), release its INT2 copies."""
         predicted = self._predicted.pop(layer, None)
+        if predicted is not None and self._phase == "decode":
+            used = len(predicted & experts) / len(predicted)
+            self._paying[layer] = (1 - PREFETCH_MEMORY) * self._paying.get(layer, 1.0) + PREFETCH_MEMORY * used
         if predicted is not None:
             counters = self.phases[self._phase].prediction.setdefault(layer, PredictionCounters())
             counters.predicted += len(predicted)
@@ -405,6 +422,7 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
         stall_s=c.stall_s, experts_loaded=c.loads + phase.low_bit_loads, bytes_read=c.bytes_read + phase.low_bit_bytes,
         int2_loads=phase.low_bit_loads, hit_rate=hits / gets if gets else None,
         covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits, layers_run_in_step=phase.in_step,
+        prefetches_gated=phase.gated,
         hit_rate_per_layer={i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},
         prefetch_recall_per_layer={i: p.correct / p.actual if p.actual else None
                                    for i, p in sorted(phase.prediction.items())},

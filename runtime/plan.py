@@ -83,7 +83,7 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
         beside = f" beside the layers' state of {state / 1e6:.1f} MB" if budget.bytes is not None and state else ""
         raise BudgetError(f"a budget of {budget.bytes_of(total) / 1e6:.1f} MB cannot hold one token's experts in "
                           f"every layer{beside}; the minimum is {minimum / 1e6:.1f} MB ({minimum / total:.1%} of "
-                          "the experts)")
+                          "the experts)", needed=minimum + (state if budget.bytes is not None else 0))
     predictors = {l.index: predictor_for(manifest, profile, l.index, decided[l.index], l.routing.top_k, prefetch)
                   for l in layers}
     if allocation == "policy" and profile is not None:

@@ -44,6 +44,7 @@ class PhaseReport:
     covered_rate: float | None  # resident, or already being loaded by the prefetcher (the paper's "hit")
     late_prefetches: int
     layers_run_in_step: int  # MoE layer-steps whose native decode step ran every chosen expert itself
+    prefetches_gated: int  # decode predictions not prefetched: their layer's recent ones did not pay
     hit_rate_per_layer: dict[int, float | None]
     prefetch_recall_per_layer: dict[int, float | None]
     prefetch_precision_per_layer: dict[int, float | None]

@@ -215,7 +215,7 @@ class Server:
     def _check_length(self, chars: int, field: str) -> None:
         """Refuse text that cannot fit the context before tokenizing it: no token covers more than
         the tokenizer's longest token, so `chars` characters are at least chars / that many tokens."""
-        context = self.engine.model.spec.max_positions
+        context = self.engine.model.context
         least = chars // self.engine.codec.max_token_chars
         if least >= context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the request's "
@@ -243,7 +243,7 @@ class Server:
         return self.engine.codec.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
 
     async def _respond(self, request: Request, body: dict, ids: list[int], chat: bool) -> Response:
-        context = self.engine.model.spec.max_positions
+        context = self.engine.model.context
         params = parse_params(body, len(ids), context, None if chat else 16)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -547,3 +547,70 @@ def test_fate_run_writes_a_trace_that_fate_replay_reads(calibrated, tmp_path):
         assert rows["belady global"]["x_belady"] == 1.0
         assert all(rows[f"{p} global"]["decode_mb_per_token"] >= rows["belady global"]["decode_mb_per_token"]
                    for p in POLICIES)
+
+
+def run_json(args: list[str], cgroup: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "fate.runtime.cli", *args, "--json"]
+    if cgroup is not None:  # the child joins the cgroup before it starts Python
+        command = ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", *command]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_memory_limit_plans_the_whole_process_and_keeps_the_tokens(calibrated):
+    args = [str(calibrated), "--prompt", "Once upon a time", "-n", "12", "--greedy", "--ignore-eos"]
+    resident = run_json(args)
+    roomy = run_json(args + ["--memory-limit", "4GB"])
+    plan = roomy["memory"]["plan"]
+    assert plan["pool"] == plan["limit"] - plan["floor"] and plan["floor"] > plan["baseline"] > 0
+    # a limit that leaves the experts about a third of what they need
+    experts = resident["memory"]["measured"]["expert_pool_bytes"]
+    limit = plan["floor"] + experts // 3
+    tight = run_json(args + ["--memory-limit", f"{limit}B"])
+    assert tight["token_ids"] == resident["token_ids"]
+    assert 0 < tight["offload"]["budget_bytes"] <= limit - tight["memory"]["plan"]["floor"] + 4096
+    assert tight["memory"]["measured"]["peak_rss_bytes"] <= limit
+
+
+def test_a_memory_limit_too_small_names_the_least_that_would_do(calibrated):
+    run = subprocess.run([str(BIN / "fate-run"), str(calibrated), "--prompt", "Hi", "--memory-limit", "20MB"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "the least limit is" in run.stderr and "Traceback" not in run.stderr
+    both = subprocess.run([str(BIN / "fate-run"), str(calibrated), "--prompt", "Hi", "--memory-limit", "2GB",
+                           "--memory-budget", "50%"], capture_output=True, text=True, timeout=300)
+    assert both.returncode != 0 and "not both" in both.stderr
+    share = subprocess.run([str(BIN / "fate-run"), str(calibrated), "--prompt", "Hi", "--memory-limit", "50%"],
+                           capture_output=True, text=True, timeout=300)
+    assert share.returncode != 0 and "not a share" in share.stderr
+
+
+def memory_cgroup(limit: int) -> Path | None:
+    """A cgroup v1 memory cgroup of `limit` bytes (page cache counted), where this process may make one."""
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
+        return None
+    group = root / f"fate-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        return None
+    return group
+
+
+def test_under_a_memory_cgroup_of_the_limit_the_run_completes_within_it(calibrated):
+    args = [str(calibrated), "--prompt", "Once upon a time", "-n", "12", "--greedy", "--ignore-eos"]
+    resident = run_json(args)
+    plan = run_json(args + ["--memory-limit", "4GB"])["memory"]["plan"]
+    limit = plan["floor"] + resident["memory"]["measured"]["expert_pool_bytes"] // 2
+    group = memory_cgroup(limit)
+    if group is None:
+        pytest.skip("no writable cgroup v1 memory controller here")
+    try:
+        capped = run_json(args + ["--memory-limit", f"{limit}B"], cgroup=group)
+        assert capped["token_ids"] == resident["token_ids"]
+        assert capped["memory"]["measured"]["peak_rss_bytes"] <= limit  # never OOM-killed (run_json), within it
+    finally:
+        group.rmdir()

@@ -208,7 +208,8 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
     for label, r in results.items():
         words = label.split(" ")
         executor = [w for w in words if w.startswith("[")]
-        resident = results.get(" ".join([RESIDENT, *executor]), {}).get("decode_tok_s")
+        pools = {f"[{p}]" for p in POOLS}
+        resident = results.get(" ".join([RESIDENT, *(w for w in executor if w not in pools)]), {}).get("decode_tok_s")
         on_demand = results.get(" ".join([words[0], "none", *executor]), {}).get("decode_tok_s")
         decode = r.get("decode_tok_s")
         per_token = r.get("decode_mb_per_token")

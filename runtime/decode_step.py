@@ -1,7 +1,10 @@
 """A layer's decode step in native code: one call per layer per token instead of an onnxruntime run
 of its graph (and, where every expert the router chose is resident in a slot, instead of a second call
 for the routed experts), computed from the bytes of that same graph file (the tensors the manifest's
-DecodeStep places in it). The graph stays the reference and runs every prefill; the step runs where
+DecodeStep places in it). The same step runs a prefill's tokens too (`prefill`: a tile of tokens per
+pass over the weights), so a layer with a step needs no onnxruntime session once it is loaded: its
+dense weights are held once, in the graph file's bytes. The graph stays the reference: it runs beside
+the step at load (FateModel._check_native_steps) and wherever there is no step. The step runs where
 the compiler wrote one, the native kernel is built and the experts are not held to the session
 executor. Numbers equal the graph's to float32 rounding (the same int8 activation math for the
 quantized products; sums in another order)."""
@@ -67,6 +70,23 @@ class NativeDecodeStep:
         self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling, step.clip_qkv or 0.0,
                         step.topk_norm_eps)
         self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
+
+    def prefill(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
+        """The layer's outputs for the tokens of hidden [1, S, H] after the cache's `length`, named and
+        shaped as its graph's; their keys and values written into the cache's buffers in place; cos, sin:
+        the position tables so far. The routed experts are the caller's to run."""
+        position, tokens, h = cache.length, hidden.shape[1], self.spec.hidden_size
+        state = cache.reserve(self.index, position + tokens, self.spec.max_positions)
+        out = {IO.RESIDUAL: np.empty((1, tokens, h), np.float32), IO.ROUTER_INPUT: np.empty((tokens, h), np.float32),
+               IO.EXPERT_IDS: np.empty((tokens, self.top_k), np.int64),
+               IO.EXPERT_WEIGHTS: np.empty((tokens, self.top_k), np.float32)}
+        predicted = [np.empty((tokens, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
+        out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
+        native.KERNEL.run_prefill(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
+                                  state["key"], state["value"], position, cos, sin, out[IO.RESIDUAL],
+                                  out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
+                                  *(predicted or (None, None)), self.threads)
+        return out
 
     def run(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray,
             sin: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:

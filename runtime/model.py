@@ -23,7 +23,7 @@ from .memory import MemoryPlan, current_rss, plan_memory, release_freed_memory
 from .offload import OffloadedExperts, OffloadOptions
 from .plan import plan_run
 from .positions import PositionTables
-from .sessions import graph_threads, make_session
+from .sessions import NamedSession, graph_threads, make_session
 from .slots import slot_size
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
 from .trace import TraceWriter
@@ -68,84 +68,101 @@ class FateModel:
 
         self.steps: dict[int, NativeDecodeStep] = {}
         self.native_head: NativeHead | None = None
+        self.positions = PositionTables(self.spec)
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
         self.head = load(self.manifest.head_graph, head_interface(self.manifest), head=True)
-        self.layers = [load(layer.graph, layer_interface(self.manifest, layer), layer) for layer in self.manifest.layers]
+        if self.native_head is not None:  # the head step computes every row from now on: its weights held once
+            self._check_head_step(probes=verify)
+            self.head = None
         self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
                          for layer in self.manifest.layers if layer.combine_graph}
-        for layer, session in zip(self.manifest.layers, self.layers):
+        self.layers: list[NamedSession | None] = []
+        self._outputs: list[list[str]] = []
+        for layer in self.manifest.layers:  # one at a time: a layer with a step lets its session go at once
+            session = load(layer.graph, layer_interface(self.manifest, layer), layer)
             meta = session.session.get_modelmeta().custom_metadata_map
             if meta.get(IO.ROUTED_SUM_META) == "combine_graph" and not layer.combine_graph:
                 raise ArtifactError(f"{artifact.member(layer.graph).label}: its routed experts join the residual "
                                     f"through a combine graph, which the manifest does not list for layer {layer.index}")
-        self._outputs = [self._output_names(layer) for layer in self.manifest.layers]
-        for names, layer, session in zip(self._outputs, self.manifest.layers, self.layers):
+            names = self._output_names(layer)
             if hands_on_partial(layer, session):
                 names.append(IO.MOE_PARTIAL)
-        self.positions = PositionTables(self.spec)
-        self._check_native_steps(probes=verify)
+            self.layers.append(session)
+            self._outputs.append(names)
+            if layer.index in self.steps:  # the step runs every token of the layer: its weights held once
+                self._check_step(layer.index, probes=verify)
+                self.layers[-1] = None
         release_freed_memory()  # what loading read and let go (graph bytes, onnxruntime's transients)
         self.trace: TraceWriter | None = None  # start_trace
         self.memory_plan: MemoryPlan | None = None  # load(memory_limit=...)
         self.context = self.spec.max_positions  # tokens a sequence may hold
         self._steps_run = 0
 
-    def _check_native_steps(self, probes: bool = True, probe: int = 4, tokens: int = 3, bound: float = 2e-2) -> None:
+    def _check_step(self, index: int, probes: bool = True, probe: int = 4, tokens: int = 3,
+                    bound: float = 2e-2) -> None:
         """A native step takes its numbers (scales, epsilons, clamps, routing constants) from the
         manifest, and its graph holds the same numbers as the graph computes them: the two must not
-        disagree (prefill would run the graph's, decode the manifest's). The attention scale, which
-        the graph keeps as an attribute, must be the graph's exactly; and each step runs beside its
-        graph at load on a probe (`probe` random states in a cache of its own, then `tokens` more),
-        refused where every token differs by more than `bound`. One token may differ by about 1e-3
-        where an int8 activation rounds the other way (their sums come in another order); a wrong
-        number moves them all. The head step likewise. The probes cost a few graph runs per layer (25 ms
-        at hidden 2048 on a 2-core machine); `probes` False (--no-verify: an artifact trusted as it is)
-        keeps only the exact checks."""
-        rng = np.random.default_rng(0)
+        disagree (the step runs the layer from now on). Each step runs beside its graph at load on a
+        probe (`probe` random states, first through the graph then through the step's prefill, in
+        caches of their own; then `tokens` more, one at a time), refused where every token differs by
+        more than `bound`. One token may differ by about 1e-3 where an int8 activation rounds the other
+        way (their sums come in another order); a wrong number moves them all. The probes cost a few graph
+        runs per layer (25 ms at hidden 2048 on a 2-core machine); `probes` False (--no-verify: an artifact
+        trusted as it is) skips them (the attention scale is held to the graph's exactly in any case)."""
+        rng = np.random.default_rng(index)
         h = self.spec.hidden_size
-        for index, step in self.steps.items():
-            spec = self.manifest.layers[index]
-            label = self.artifact.member(spec.graph).label
-            scales = float_attributes(step.graph, "GroupQueryAttention", "scale")
-            if scales != [np.float32(spec.decode_step.attention_scale)]:
-                raise ArtifactError(f"{label}: the manifest's decode step has attention scale "
-                                    f"{spec.decode_step.attention_scale:g}, the graph {', '.join(map(str, scales)) or 'none'}")
-            if not probes:
-                continue
-            by_graph = self.new_cache()
-            self.run_layer(spec, rng.standard_normal((1, probe, h)).astype(np.float32), by_graph,
-                           self.positions.step(0, probe).for_layer(spec), probe)
-            by_graph.length = probe
-            by_step = copy.deepcopy(by_graph)
-            errors: dict[str, float] = {}
-            routed, step.routed = step.routed, None  # the layer alone, not its experts
-            try:
-                for _ in range(tokens):
-                    x = rng.standard_normal((1, 1, h)).astype(np.float32)
-                    position = by_graph.length
-                    want = self.run_layer(spec, x, by_graph, self.positions.step(position, 1).for_layer(spec), 1)
-                    got, _ = step.run(x, by_step, *self.positions.upto(position + 1))
-                    by_graph.length = by_step.length = position + 1
-                    names = [IO.RESIDUAL, IO.ROUTER_INPUT, *(n for n in (IO.NEXT_ROUTER_LOGITS,
-                                                                      IO.NEXT_ROUTER_LOGITS_NORM) if n in got)]
-                    if np.array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS]):  # a near tie may pick otherwise
-                        names.append(IO.EXPERT_WEIGHTS)
-                    for name in names:
-                        errors[name] = min(errors.get(name, np.inf), relative_error(got[name], want[name]))
-            finally:
-                step.routed = routed
-            for name, error in errors.items():
-                if error > bound:
-                    raise ArtifactError(f"{label}: the manifest's decode step computes {name} otherwise than the "
-                                        f"graph (relative error {error:.2g}: a number of its decode_step disagrees "
-                                        f"with the graph's)")
-        if self.native_head is not None and probes:
-            x = rng.standard_normal((1, 1, h)).astype(np.float32)
-            error = relative_error(self.native_head.run(x), self.head.run([IO.LOGITS], {IO.HIDDEN: x})[0][0])
+        step, spec = self.steps[index], self.manifest.layers[index]
+        label = self.artifact.member(spec.graph).label
+        scales = float_attributes(step.graph, "GroupQueryAttention", "scale")
+        if scales != [np.float32(spec.decode_step.attention_scale)]:
+            raise ArtifactError(f"{label}: the manifest's decode step has attention scale "
+                                f"{spec.decode_step.attention_scale:g}, the graph {', '.join(map(str, scales)) or 'none'}")
+        if not probes:
+            return
+        x = rng.standard_normal((1, probe, h)).astype(np.float32)
+        by_graph, by_step = self.new_cache(), self.new_cache()
+        want = self.run_layer(spec, x, by_graph, self.positions.step(0, probe).for_layer(spec), probe)
+        got = step.prefill(x, by_step, *self.positions.upto(probe))
+        by_graph.length = by_step.length = probe
+        errors: dict[str, float] = {}
+        self._compare(got, want, errors)
+        routed, step.routed = step.routed, None  # the layer alone, not its experts
+        try:
+            for _ in range(tokens):
+                x = rng.standard_normal((1, 1, h)).astype(np.float32)
+                position = by_graph.length
+                want = self.run_layer(spec, x, by_graph, self.positions.step(position, 1).for_layer(spec), 1)
+                got, _ = step.run(x, by_step, *self.positions.upto(position + 1))
+                by_graph.length = by_step.length = position + 1
+                self._compare(got, want, errors)
+        finally:
+            step.routed = routed
+        for name, error in errors.items():
             if error > bound:
-                raise ArtifactError(f"{self.artifact.member(self.manifest.head_graph).label}: the manifest's head "
-                                    f"step computes otherwise than the graph (relative error {error:.2g}: a number "
-                                    f"of its head_step disagrees)")
+                raise ArtifactError(f"{label}: the manifest's decode step computes {name} otherwise than the "
+                                    f"graph (relative error {error:.2g}: a number of its decode_step disagrees "
+                                    f"with the graph's)")
+
+    @staticmethod
+    def _compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray], errors: dict[str, float]) -> None:
+        """The least relative error so far of each output the step and the graph both give (the weights
+        only where both chose the same experts: a near tie may pick otherwise)."""
+        names = [IO.RESIDUAL, IO.ROUTER_INPUT, *(n for n in PREDICTION_OUTPUTS if n in got)]
+        if np.array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS]):
+            names.append(IO.EXPERT_WEIGHTS)
+        for name in names:
+            errors[name] = min(errors.get(name, np.inf), relative_error(got[name], want[name]))
+
+    def _check_head_step(self, probes: bool = True, bound: float = 2e-2) -> None:
+        """The head step beside the head graph on a probe, as _check_step holds a layer's."""
+        if not probes:
+            return
+        x = np.random.default_rng(0).standard_normal((1, 1, self.spec.hidden_size)).astype(np.float32)
+        error = relative_error(self.native_head.run(x), self.head.run([IO.LOGITS], {IO.HIDDEN: x})[0][0])
+        if error > bound:
+            raise ArtifactError(f"{self.artifact.member(self.manifest.head_graph).label}: the manifest's head "
+                                f"step computes otherwise than the graph (relative error {error:.2g}: a number "
+                                f"of its head_step disagrees)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
@@ -227,11 +244,13 @@ class FateModel:
         positions = self.positions.step(cache.length, ids.size)
         self.experts.begin_step(ids.size, prefill=prefill)
         hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
-        cos, sin = self.positions.upto(cache.length + ids.size) if ids.size == 1 and self.steps else (None, None)
+        cos, sin = self.positions.upto(cache.length + ids.size) if self.steps else (None, None)
         for spec in self.manifest.layers:
-            step = self.steps.get(spec.index) if ids.size == 1 else None
-            if step is not None:
+            step = self.steps.get(spec.index)
+            if step is not None and ids.size == 1:
                 out, ran_experts = step.run(hidden, cache, cos, sin)
+            elif step is not None:
+                out, ran_experts = step.prefill(hidden, cache, cos, sin), False
             else:
                 out, ran_experts = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size), False
             hidden = out[IO.RESIDUAL]
@@ -254,7 +273,7 @@ class FateModel:
                   new_tokens: int) -> dict[str, np.ndarray]:
         """One layer graph on `new_tokens` hidden states after the cache's `length`: its outputs by
         name, the layer's state in `cache` replaced (or, kept in place, written into)."""
-        session, names = self.layers[spec.index], self._outputs[spec.index]
+        session, names = self.layers[spec.index] or self.graph_session(spec.graph), self._outputs[spec.index]
         if cache.runs_in_place(spec.index):
             state = cache.reserve(spec.index, cache.length + new_tokens, self.spec.max_positions)
             shared = {IO.present(name): IO.past(name) for name in state}
@@ -281,11 +300,17 @@ class FateModel:
             return combine.run([IO.HIDDEN], {IO.RESIDUAL: hidden, IO.ROUTED: total})[0]
         return total.reshape(hidden.shape)
 
+    def graph_session(self, path: str) -> NamedSession:
+        """A new onnxruntime session of one of the artifact's graphs: the reference a native step is held
+        to (the load-time probes, tests). The model keeps none for the layers and head its steps run."""
+        data = self.artifact.read_graph(path, verify=False)
+        return make_session(data, graph_threads(0, len(data)), label=self.artifact.member(path).label)
+
     def head_logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [S, V] for hidden states [1, S, H]; never NaN or infinite: whatever made them so (a
         damaged weight in a graph or an expert, a manifest number) is refused, not sampled from."""
-        if hidden.shape[1] == 1 and self.native_head is not None:
-            logits = self.native_head.run(hidden)
+        if self.native_head is not None:
+            logits = np.concatenate([self.native_head.run(hidden[:, t:t + 1]) for t in range(hidden.shape[1])])
         else:
             logits = self.head.run([IO.LOGITS], {IO.HIDDEN: hidden})[0][0]
         if not np.isfinite(logits).all():

@@ -239,6 +239,74 @@ done:;
     return result;
 }
 
+static const char prefill_doc[] =
+    "run_prefill(step, floats, graph, x, key, value, pos0, cos, sin, residual, router_input, ids, weights,\n"
+    "            next_logits, next_logits_norm, threads)\n"
+    "The decode step over T consecutive tokens at positions pos0.. (kernel.h: fate_run_prefill): x, residual,\n"
+    "router_input float32 [T, H]; ids int64 and weights float32 [T, top_k]; next_logits(_norm) float32 [T, E']\n"
+    "or None; cos, sin: the position tables [>= pos0 + T, rotary half]. Every size checked first.";
+
+static PyObject *run_prefill(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
+        *w_obj, *next_obj, *next_norm_obj;
+    double eps, scale, shared_scale, routed_scaling, clip, topk_eps;
+    long long pos0;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOi", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
+                          &clip, &topk_eps, &graph_obj, &x_obj, &key_obj, &value_obj, &pos0, &cos_obj, &sin_obj,
+                          &res_obj, &ri_obj, &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads))
+        return NULL;
+    Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
+              wv = {0}, nv = {0}, nnv = {0};
+    PyObject *result = NULL;
+    fate_step s;
+    if (get_buffer(step_obj, &sv, 0, "step") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
+        get_buffer(key_obj, &kv, 1, "key") || get_buffer(value_obj, &vv, 1, "value") ||
+        get_buffer(cos_obj, &cv, 0, "cos") || get_buffer(sin_obj, &snv, 0, "sin") ||
+        get_buffer(res_obj, &rv, 1, "residual") || get_buffer(ri_obj, &riv, 1, "router_input") ||
+        get_buffer(ids_obj, &iv, 1, "ids") || get_buffer(w_obj, &wv, 1, "weights") ||
+        (next_obj != Py_None && get_buffer(next_obj, &nv, 1, "next_logits")) ||
+        (next_norm_obj != Py_None && get_buffer(next_norm_obj, &nnv, 1, "next_logits_norm")))
+        goto done;
+    if (sv.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); goto done; }
+    memcpy(s.v, sv.buf, sizeof s.v);
+    s.eps = (float)eps; s.scale = (float)scale; s.shared_scale = (float)shared_scale;
+    s.routed_scaling = (float)routed_scaling; s.clip = (float)clip; s.topk_eps = (float)topk_eps;
+    int64_t need = fate_step_bytes(&s);
+    if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); goto done; }
+    if (gv.len < need) {
+        PyErr_Format(PyExc_ValueError, "graph buffer has %zd bytes; its step needs %lld", gv.len, (long long)need);
+        goto done;
+    }
+    const int64_t *v = s.v;
+    int64_t h = v[S_HIDDEN], per_position = v[S_KV_HEADS] * v[S_HEAD_DIM] * 4, k = v[S_TOP_K];
+    int64_t tokens = xv.len / (h * 4), next = v[S_NEXT_EXPERTS], half = v[S_ROT_HALF];
+    if (tokens <= 0 || xv.len != tokens * h * 4 || rv.len != xv.len || riv.len != xv.len || iv.len != tokens * k * 8 ||
+        wv.len != tokens * k * 4 || kv.len != vv.len || kv.len % per_position || cv.len != snv.len ||
+        (nv.obj && nv.len != tokens * next * 4) || (nnv.obj && nnv.len != tokens * next * 4) ||
+        ((nv.obj || nnv.obj) && next == 0)) {
+        PyErr_SetString(PyExc_ValueError, "run_prefill: an array has the wrong size");
+        goto done;
+    }
+    int64_t capacity = kv.len / per_position;
+    if (pos0 < 0 || pos0 + tokens > capacity || (half > 0 && cv.len < (pos0 + tokens) * half * 4)) {
+        PyErr_SetString(PyExc_IndexError, "run_prefill: the positions are outside the caches or the tables");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fate_run_prefill(&s, gv.buf, xv.buf, tokens, kv.buf, vv.buf, capacity, pos0, cv.buf, snv.buf, rv.buf, riv.buf,
+                          iv.buf, wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, threads);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) { PyErr_NoMemory(); goto done; }
+    result = Py_NewRef(Py_None);
+done:;
+    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv};
+    release(NULL, 0, NULL, NULL, views, sizeof views / sizeof *views);
+    return result;
+}
+
 static const char head_doc[] =
     "run_head(head, floats, graph, x, logits, threads)\n"
     "The LM head's decode step from the bytes of the head graph (kernel.h: fate_run_head). head: int64\n"
@@ -403,6 +471,7 @@ static PyTypeObject ReadType = {
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"run_step", run_step, METH_VARARGS, step_doc},
+    {"run_prefill", run_prefill, METH_VARARGS, prefill_doc},
     {"run_head", run_head, METH_VARARGS, head_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},
     {"set_kernel", set_kernel, METH_O, "Use kernel 'best' or one of kernels() (tests compare them)."},

@@ -1231,6 +1231,174 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     return rc;
 }
 
+/* ------------------------------------------------------------------ prefill: the step over many tokens */
+
+typedef struct {
+    proj_t proj;
+    math_t math;
+    const int8_t *aq;
+    const float *as;
+    const int32_t *asum;
+    const float *x;
+    float *y;
+    int m_count;
+    int64_t rows_per_task;
+} tile_t;
+
+static void tile_task(void *ctx, int64_t t) {
+    tile_t *tt = ctx;
+    int64_t first = t * tt->rows_per_task, end = first + tt->rows_per_task;
+    if (end > tt->proj.n) end = tt->proj.n;
+    project_rows(&tt->proj, &tt->math, tt->aq, tt->as, tt->asum, tt->x, tt->y, tt->proj.n, tt->m_count, first, end);
+}
+
+/* y [m, n] = x [m, k] @ W^T for m <= TILE tokens in one pass over the weights; each row quantized as
+ * the step quantizes its one (the same int8 activations per token), rows shared among the threads */
+static void tile_project(const proj_t *p, const math_t *math, const float *x, int m_count, int8_t *aq, float *as,
+                         int32_t *asum, float *y, int threads) {
+    if (math->int8)
+        for (int m = 0; m < m_count; m++)
+            quantize_row(x + m * p->k, p->k, math->bs, math->bits, aq + m * p->blocks * math->bs, as + m * p->blocks,
+                         asum + m * p->blocks);
+    tile_t tt = {*p, *math, aq, as, asum, x, y, m_count, 0};
+    int64_t worth = p->n * p->blocks * p->block_bytes / BYTES_PER_THREAD - 1;
+    int helpers = threads > 1 ? threads - 1 : 0;
+    if (worth < helpers) helpers = worth > 0 ? (int)worth : 0;
+    int64_t split = (int64_t)(helpers + 1) * STEP_TASKS_PER_THREAD;
+    tt.rows_per_task = ((p->n + split - 1) / split + 3) / 4 * 4;
+    run_all(tile_task, &tt, (p->n + tt.rows_per_task - 1) / tt.rows_per_task, helpers);
+}
+
+int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, int64_t tokens, float *key, float *value,
+                     int64_t capacity, int64_t pos0, const float *cos, const float *sin, float *residual,
+                     float *router_input, int64_t *ids, float *weights, float *next_logits, float *next_logits_norm,
+                     int threads) {
+    const int64_t *v = s->v, *o = v + S_OFFSETS;
+    int64_t h = v[S_HIDDEN], heads = v[S_HEADS], kv = v[S_KV_HEADS], d = v[S_HEAD_DIM], half = v[S_ROT_HALF];
+    int64_t inter = v[S_SHARED_INTER], experts = v[S_EXPERTS], bs = v[S_BLOCK], top_k = v[S_TOP_K];
+    int64_t next = v[S_NEXT_EXPERTS], qkv_n = (heads + 2 * kv) * d, positions = pos0 + tokens;
+    int64_t inputs = heads * d > h ? heads * d : h;
+    inputs = inter > inputs ? inter : inputs;
+    int64_t blocks = (inputs + bs - 1) / bs, wide = qkv_n > 2 * inter ? qkv_n : 2 * inter;
+    /* per tile: normed, projection out, context, attention out, hidden, shared activation; then one token's
+     * probabilities, logits, renormed input and attention scores; then the int8 activations */
+    size_t floats = (size_t)TILE * (size_t)(h + wide + heads * d + 3 * h + inter + blocks) +
+                    (size_t)(3 * experts + h + heads * positions);
+    size_t bytes = 4 * floats + 4 * (size_t)TILE * (size_t)blocks + (size_t)TILE * (size_t)(blocks * bs) + 64;
+    uint8_t *scratch = malloc(bytes);
+    if (!scratch) return -1;
+    float *normed = (float *)scratch, *y = normed + TILE * h, *context = y + TILE * wide;
+    float *attn = context + TILE * heads * d, *hidden = attn + TILE * h, *act = hidden + TILE * h;
+    float *as = act + TILE * inter, *probs = as + TILE * blocks, *logits = probs + experts;
+    float *renormed = logits + 2 * experts, *scores = renormed + h;
+    int32_t *asum = (int32_t *)(scores + heads * positions);
+    int8_t *aq = (int8_t *)(asum + TILE * blocks);
+    math_t math = {(int)v[S_BITS], bs, (int)v[S_INT8]};
+    int sigmoid_routing = v[S_SCORING] == 1;
+    const uint8_t *next_bias = o[T_NEXT_SCORE_BIAS] != -1 ? base + o[T_NEXT_SCORE_BIAS] : NULL;
+    proj_t qkv = step_projection(s, base, T_QKV_W, qkv_n, h), out = step_projection(s, base, T_O_W, h, heads * d);
+    proj_t gate_up, down;
+    if (inter > 0) {
+        gate_up = step_projection(s, base, T_GU_W, 2 * inter, h);
+        down = step_projection(s, base, T_DOWN_W, h, inter);
+    }
+    step_t st;
+    memset(&st, 0, sizeof st);
+    pthread_mutex_lock(&call_lock);
+    for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
+        int m_count = tokens - t0 < TILE ? (int)(tokens - t0) : TILE;
+        const float *xs = x + t0 * h;
+        for (int m = 0; m < m_count; m++) rms_norm(xs + m * h, base + o[T_ATTN_NORM], h, s->eps, normed + m * h);
+        tile_project(&qkv, &math, normed, m_count, aq, as, asum, y, threads);
+        for (int m = 0; m < m_count; m++) { /* as the step does each token: bias, norms, clamp, rotation, caches */
+            int64_t pos = pos0 + t0 + m;
+            float *row = y + m * qkv_n, *q = row, *k = row + heads * d, *val = k + kv * d;
+            if (o[T_QKV_B] != -1)
+                for (int64_t i = 0; i < qkv_n; i++) row[i] += load_f32(base + o[T_QKV_B], i);
+            if (v[S_QK_NORM] == 2) {
+                rms_norm(q, base + o[T_Q_NORM], heads * d, s->eps, q);
+                rms_norm(k, base + o[T_K_NORM], kv * d, s->eps, k);
+            }
+            if (s->clip > 0.0f)
+                for (int64_t i = 0; i < qkv_n; i++) row[i] = row[i] < -s->clip ? -s->clip : (row[i] > s->clip ? s->clip : row[i]);
+            if (v[S_QK_NORM] == 1) {
+                for (int64_t i = 0; i < heads; i++) rms_norm(q + i * d, base + o[T_Q_NORM], d, s->eps, q + i * d);
+                for (int64_t g = 0; g < kv; g++) rms_norm(k + g * d, base + o[T_K_NORM], d, s->eps, k + g * d);
+            }
+            for (int64_t i = 0; i < heads; i++) rotate(q + i * d, cos + pos * half, sin + pos * half, half);
+            for (int64_t g = 0; g < kv; g++) {
+                rotate(k + g * d, cos + pos * half, sin + pos * half, half);
+                memcpy(key + (g * capacity + pos) * d, k + g * d, (size_t)d * sizeof(float));
+                memcpy(value + (g * capacity + pos) * d, val + g * d, (size_t)d * sizeof(float));
+            }
+        }
+        for (int m = 0; m < m_count; m++) { /* each token sees the cache up to itself (and its window) */
+            int64_t pos = pos0 + t0 + m;
+            int64_t first = v[S_WINDOW] > 0 && pos + 1 > v[S_WINDOW] ? pos + 1 - v[S_WINDOW] : 0;
+            st.q = y + m * qkv_n; st.context = context + m * heads * d; st.key = key; st.value = value;
+            st.capacity = capacity; st.first = first; st.last = pos; st.head_dim = d; st.group = heads / kv;
+            st.scale = s->scale; st.scores = scores;
+            int64_t worth = 2 * kv * (pos - first + 1) * d * 4 / BYTES_PER_THREAD - 1;
+            int helpers = threads > 1 ? threads - 1 : 0;
+            run_all(head_task, &st, heads, worth < helpers ? (worth > 0 ? (int)worth : 0) : helpers);
+        }
+        tile_project(&out, &math, context, m_count, aq, as, asum, attn, threads);
+        for (int m = 0; m < m_count; m++) {
+            float *a = attn + m * h, *hd = hidden + m * h, *ri = router_input + (t0 + m) * h;
+            if (o[T_O_B] != -1)
+                for (int64_t i = 0; i < h; i++) a[i] += load_f32(base + o[T_O_B], i);
+            for (int64_t i = 0; i < h; i++) hd[i] = xs[m * h + i] + a[i];
+            rms_norm(hd, base + o[T_MLP_NORM], h, s->eps, ri);
+            matvec(ri, base + o[T_ROUTER], h, experts, logits);
+            int64_t *row_ids = ids + (t0 + m) * top_k;
+            float *row_weights = weights + (t0 + m) * top_k;
+            if (sigmoid_routing)
+                route_sigmoid(logits, o[T_SCORE_BIAS] != -1 ? base + o[T_SCORE_BIAS] : NULL, experts, v[S_GROUPS],
+                              v[S_KEPT], top_k, (int)v[S_NORMALIZE], s->topk_eps, s->routed_scaling, probs,
+                              logits + experts, row_ids, row_weights);
+            else
+                route_top_k(logits, experts, top_k, (int)v[S_NORMALIZE], s->routed_scaling, probs, row_ids, row_weights);
+            if (o[T_NEXT_ROUTER] != -1) {
+                if (next_logits) {
+                    float *nl = next_logits + (t0 + m) * next;
+                    matvec(ri, base + o[T_NEXT_ROUTER], h, next, nl);
+                    choice_scores(nl, next, sigmoid_routing, next_bias);
+                }
+                if (next_logits_norm) {
+                    float *nl = next_logits_norm + (t0 + m) * next;
+                    if (o[T_NEXT_NORM] != -1) rms_norm(hd, base + o[T_NEXT_NORM], h, s->eps, renormed);
+                    else memcpy(renormed, hd, (size_t)h * sizeof(float));
+                    matvec(renormed, base + o[T_NEXT_ROUTER], h, next, nl);
+                    choice_scores(nl, next, sigmoid_routing, next_bias);
+                }
+            }
+        }
+        if (inter > 0) {
+            tile_project(&gate_up, &math, router_input + t0 * h, m_count, aq, as, asum, y, threads);
+            for (int m = 0; m < m_count; m++)
+                for (int64_t i = 0; i < inter; i++) {
+                    float g = y[m * 2 * inter + i], u = y[m * 2 * inter + inter + i];
+                    act[m * inter + i] = g * sigmoid(g) * u;
+                }
+            tile_project(&down, &math, act, m_count, aq, as, asum, attn, threads);
+            for (int m = 0; m < m_count; m++) {
+                float gate = s->shared_scale;
+                if (o[T_SHARED_GATE] != -1) {
+                    float logit;
+                    matvec(router_input + (t0 + m) * h, base + o[T_SHARED_GATE], h, 1, &logit);
+                    gate = sigmoid(logit) * s->shared_scale;
+                }
+                for (int64_t i = 0; i < h; i++) residual[(t0 + m) * h + i] = hidden[m * h + i] + attn[m * h + i] * gate;
+            }
+        } else {
+            memcpy(residual + t0 * h, hidden, (size_t)m_count * (size_t)h * sizeof(float));
+        }
+    }
+    pthread_mutex_unlock(&call_lock);
+    free(scratch);
+    return 0;
+}
+
 int64_t fate_head_bytes(const int64_t *v) {
     int64_t h = v[H_HIDDEN], n = v[H_VOCAB], bits = v[H_BITS], bs = v[H_BLOCK];
     if (h <= 0 || h > (1 << 20) || n <= 0 || n > (1 << 24) || (v[H_INT8] != 0 && v[H_INT8] != 1)) return -1;

@@ -80,6 +80,16 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
                   const uint8_t *const *experts, int threads);
 
+/* The step over `tokens` consecutive tokens at positions pos0.. (a prefill): x, residual and router_input
+ * [tokens, hidden], ids and weights [tokens, top_k], next_logits(_norm) [tokens, next experts] or NULL; cos
+ * and sin the position tables [>= pos0 + tokens, rotary half]. The same numbers the step computes for each
+ * token alone (the same int8 activations per token), its projections a tile of tokens per pass over the
+ * weights. Routed experts are the caller's. Returns 0, or -1 when memory ran out. */
+int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, int64_t tokens, float *key, float *value,
+                     int64_t capacity, int64_t pos0, const float *cos, const float *sin, float *residual,
+                     float *router_input, int64_t *ids, float *weights, float *next_logits, float *next_logits_norm,
+                     int threads);
+
 /* The LM head's decode step: logits = RMSNorm(x) @ lm_head^T (+ bias) / scaling, from the bytes of the
  * head graph. Head vector (int64), as fate.runtime.decode_step builds it from a validated HeadStep: */
 enum { H_HIDDEN, H_VOCAB, H_BITS, H_BLOCK, H_INT8, H_NORM, H_QWEIGHT, H_SCALES, H_ZEROS, H_BIAS, H_SIZE };

@@ -42,3 +42,26 @@ def assert_steps_match_graphs(model, prompt: int = 11, bound: float = 1e-5) -> N
             assert rel_err(added, by_graph.layers[index][name]) < bound, (index, name)
         if with_experts is not None:
             np.testing.assert_array_equal(with_experts[IO.RESIDUAL], model._routed_experts(index, got))
+    assert_prefill_matches_graphs(model, cache, bound=bound)
+
+
+def assert_prefill_matches_graphs(model, cache, tokens: int = 19, bound: float = 1e-5) -> None:
+    """Every layer with a step, on `tokens` new hidden states after `cache` (more than two of the kernel's
+    tiles, and past a sliding window where the fixtures have one): the step's prefill gives the graph's
+    outputs within `bound`, the same experts, and the same keys and values."""
+    hidden = np.random.default_rng(1).standard_normal((1, tokens, model.spec.hidden_size)).astype(np.float32)
+    tables = model.positions.upto(cache.length + tokens)
+    for index, step in model.steps.items():
+        spec = model.manifest.layers[index]
+        by_graph, by_step = copy.deepcopy(cache), copy.deepcopy(cache)
+        want = model.run_layer(spec, hidden, by_graph, model.positions.step(cache.length, tokens).for_layer(spec),
+                               tokens)
+        got = step.prefill(hidden, by_step, *tables)
+        assert set(got) == {name for name in want if not name.startswith("present")}
+        np.testing.assert_array_equal(got[IO.EXPERT_IDS], want[IO.EXPERT_IDS])
+        for name in got:
+            assert got[name].shape == want[name].shape, (index, name)
+            assert rel_err(got[name], want[name]) < bound, (index, name)
+        for name in ("key", "value"):
+            added = by_step.layers[index][name][:, :, :cache.length + tokens]
+            assert rel_err(added, by_graph.layers[index][name]) < bound, (index, name)

@@ -164,8 +164,6 @@ def summary(engine: Engine, result: GenerationResult) -> str:
     if plan is not None:
         line += (f"; memory limit {plan.limit / 1e6:.0f} MB: {plan.floor / 1e6:.0f} MB for the process, "
                  f"{plan.pool / 1e6:.0f} MB for experts")
-        if plan.steps:
-            line += f" (decode steps hold {plan.steps / 1e6:.0f} MB: --decode-steps off gives it to experts)"
     return line + f"; peak RSS {peak_rss() / 1e6:.0f} MB]"
 
 

@@ -110,6 +110,9 @@ class ExpertStore(ABC):
     def report(self) -> ResidentReport | OffloadReport:
         """Statistics of the run so far, for --json and the summary line."""
 
+    def ready(self) -> None:
+        """The model is loaded: take the memory the store holds its experts in (runtime.slots.SlotPool.populate)."""
+
     def close(self) -> None:
         """Stop background work, release memory."""
 

@@ -43,12 +43,13 @@ def current_rss() -> int:
     return (kib or 0) * 1024
 
 
-# What a whole-process memory limit plans for besides the expert slots (runtime.memory.plan_memory).
-# Each figure was measured at Qwen1.5-MoE-A2.7B shapes (hidden 2048, int8 dense graphs of 55 MB a
-# layer) on the bundled example too; fate-run --json reports the measured ones beside them.
+# What a whole-process memory limit plans for besides the expert slots (plan_memory). Each figure was
+# measured at Qwen1.5-MoE-A2.7B shapes (hidden 2048, int8 dense graphs of 55 MB a layer) and on the
+# bundled example; fate-run --json reports the measured ones beside the plan.
 DENSE_HOLD = 1.15  # onnxruntime holds a graph's weights with its prepacked copies: measured 1.07x
-LOAD_TRANSIENT = 3  # while a graph loads: its bytes, onnxruntime's parse, prepacking (measured 2.7x)
-SCRATCH_ROWS = 72  # a prefill chunk's activations, in rows of hidden floats per token (measured 66)
+LOAD_TRANSIENT = 3  # while a graph loads: its bytes, onnxruntime's parse, prepacking (measured 2.5-2.8x)
+SCRATCH_ROWS = 72  # a prefill chunk's activations through graphs, in hidden-size rows per token (measured 46-66)
+STEP_SCRATCH_ROWS = 20  # the same where every attention layer runs native steps (tiles; measured 12-15)
 HEADROOM = 64 << 20  # the tokenizer, thread stacks, allocator slack
 
 
@@ -59,16 +60,23 @@ class MemoryPlan:
 
     limit: int
     baseline: int  # this process before loading: the interpreter and the libraries
-    dense: int  # the non-expert graphs as onnxruntime holds them
-    steps: int  # the native decode steps' copy of their graphs' bytes
+    dense: int  # the non-expert graphs onnxruntime runs, as it holds them
+    steps: int  # the graphs the native steps run instead (held once, their file's bytes)
     kv_cache: int  # keys and values at `context` tokens (fixed-size layer state is the pool's: run plan)
     context: int
-    transient: int  # the larger of a graph's load and a prefill chunk's scratch
+    scratch: int  # a prefill chunk's activations
+    load_transient: int  # a graph's load (before the pool takes its memory: SlotPool.populate)
     headroom: int = HEADROOM
 
     @property
     def floor(self) -> int:
-        return self.baseline + self.dense + self.steps + self.kv_cache + self.transient + self.headroom
+        """What the process holds while generating, besides the pool."""
+        return self.baseline + self.dense + self.steps + self.kv_cache + self.scratch + self.headroom
+
+    @property
+    def loading(self) -> int:
+        """What the process holds at most while loading (the pool not yet touched)."""
+        return self.baseline + self.dense + self.steps + self.load_transient + self.headroom
 
     @property
     def pool(self) -> int:
@@ -78,16 +86,16 @@ class MemoryPlan:
 def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int, steps: bool,
                 baseline: int | None = None, prefill_chunk: int = 256) -> MemoryPlan:
     """The plan for `limit` bytes: graph_bytes: each non-expert graph's file size; `steps`: whether
-    the layers with a native decode step keep their graph's bytes for it."""
+    the layers (and head) with a native step run it (their graphs then held once, by the step)."""
     spec = manifest.model
-    dense = int(sum(graph_bytes.values()) * DENSE_HOLD)
-    step_bytes = sum(graph_bytes[layer.graph] for layer in manifest.layers if layer.decode_step is not None) \
-        if steps else 0
+    stepped = {layer.graph for layer in manifest.layers if layer.decode_step is not None} if steps else set()
     if steps and manifest.head_step is not None:
-        step_bytes += graph_bytes[manifest.head_graph]
-    attention = sum(1 for layer in manifest.layers if layer.mixer == "attention")
-    kv = attention * context * 4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim)
-    scratch = min(prefill_chunk, context) * spec.hidden_size * 4 * SCRATCH_ROWS
-    transient = max(LOAD_TRANSIENT * max(graph_bytes.values(), default=0), scratch)
-    return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense, step_bytes, kv, context,
-                      transient)
+        stepped.add(manifest.head_graph)
+    dense = int(sum(size for graph, size in graph_bytes.items() if graph not in stepped) * DENSE_HOLD)
+    attention = [layer for layer in manifest.layers if layer.mixer == "attention"]
+    kv = len(attention) * context * 4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim)
+    rows = STEP_SCRATCH_ROWS if all(layer.graph in stepped for layer in attention) else SCRATCH_ROWS
+    scratch = min(prefill_chunk, context) * spec.hidden_size * 4 * rows
+    return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense,
+                      sum(graph_bytes[g] for g in stepped), kv, context, scratch,
+                      LOAD_TRANSIENT * max(graph_bytes.values(), default=0))

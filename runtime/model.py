@@ -91,7 +91,8 @@ class FateModel:
             self._outputs.append(names)
             if layer.index in self.steps:  # the step runs every token of the layer: its weights held once
                 self._check_step(layer.index, probes=verify)
-                self.layers[-1] = None
+                self.layers[-1] = session = None
+                release_freed_memory()  # the session's memory, before the next layer's is made
         release_freed_memory()  # what loading read and let go (graph bytes, onnxruntime's transients)
         self.trace: TraceWriter | None = None  # start_trace
         self.memory_plan: MemoryPlan | None = None  # load(memory_limit=...)
@@ -185,6 +186,7 @@ class FateModel:
             if offload is None else OffloadedExperts(artifact, offload)
         try:
             model = cls(artifact, store, threads, verify, decode_steps)
+            store.ready()  # the pool's memory, once the dense graphs' load has let its transient go
         except BaseException:
             store.close()
             raise
@@ -340,23 +342,26 @@ def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: Off
     plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps)
     resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, offload.precision)))
                    * l.routing.num_experts for l in manifest.moe_layers)
+    try:  # the least the experts need: one token's in every layer (and the layers' state)
+        plan_run(manifest, None, Budget(bytes=0), lambda l: resident_precision(artifact, l, offload.precision),
+                 lambda l, p: largest_file(artifact, l, p), lambda l, p: True, allocation="uniform")
+        fewest = 0
+    except BudgetError as e:
+        fewest = e.needed or 0
+    least = max(plan.floor + fewest, plan.loading)
+    if limit < least:
+        raise BudgetError(f"a memory limit of {limit / 1e6:.0f} MB cannot hold this model: the process needs "
+                          f"{plan.floor / 1e6:.0f} MB besides the experts ({describe(plan)}), one token's experts "
+                          f"in every layer {fewest / 1e6:.0f} MB, and loading peaks at {plan.loading / 1e6:.0f} MB; "
+                          f"the least limit is {least / 1e6:.0f} MB", needed=least)
     if plan.pool >= resident + manifest.state_bytes:
         return plan, None
-    try:
-        plan_run(manifest, None, Budget(bytes=max(plan.pool, 0)), lambda l: resident_precision(artifact, l, offload.precision),
-                 lambda l, p: largest_file(artifact, l, p), lambda l, p: True, allocation="uniform")
-    except BudgetError as e:
-        least = plan.floor + (e.needed or 0)
-        raise BudgetError(f"a memory limit of {limit / 1e6:.0f} MB cannot hold this model: the process needs "
-                          f"{plan.floor / 1e6:.0f} MB besides the experts ({describe(plan)}) and one token's "
-                          f"experts in every layer {(e.needed or 0) / 1e6:.0f} MB; the least limit is "
-                          f"{least / 1e6:.0f} MB", needed=least) from None
     return plan, dataclasses.replace(offload, budget=Budget(bytes=plan.pool))
 
 
 def describe(plan: MemoryPlan) -> str:
-    parts = [("libraries", plan.baseline), ("dense graphs", plan.dense), ("decode steps' copy", plan.steps),
-             (f"KV cache at {plan.context} tokens", plan.kv_cache), ("load and prefill scratch", plan.transient),
+    parts = [("libraries", plan.baseline), ("dense graphs", plan.dense), ("native steps' graphs", plan.steps),
+             (f"KV cache at {plan.context} tokens", plan.kv_cache), ("prefill scratch", plan.scratch),
              ("headroom", plan.headroom)]
     return ", ".join(f"{name} {size / 1e6:.0f}" for name, size in parts if size)
 

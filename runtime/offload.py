@@ -185,6 +185,9 @@ class OffloadedExperts(ExpertStore):
         self.cache.count_hits(layer, todo)
         self._routed(layer, set(todo))
 
+    def ready(self) -> None:
+        self.pool.populate()
+
     def predicted(self, layer: int) -> set[int] | None:
         return self._predicted.get(layer)
 

@@ -50,10 +50,19 @@ class SlotPool:
             group = self.group_of[layer]
             self.slots[group] = self.slots.get(group, 0) + n
             self.slot_bytes[group] = max(self.slot_bytes.get(group, 0), slot_size(file_bytes[layer]))
-        self._maps = {group: private_memory(max(1, n) * self.slot_bytes[group], huge=reused)
+        self._maps = {group: private_memory(max(1, n) * self.slot_bytes[group], huge=reused, touch=False)
                       for group, n in self.slots.items()}
+        self._huge = reused
         self._bases = {group: address(area) for group, area in self._maps.items()}
         self._direct_ok = hasattr(os, "O_DIRECT")
+
+    def populate(self) -> None:
+        """Touch every page now (huge pages cost at their first touch: once, here, not in the middle of
+        a prefill). Until then the slots cost address space, not memory: the model loads its dense
+        graphs first, so that their load's transient never stacks on the pool."""
+        if self._huge:
+            for area in self._maps.values():
+                touch_pages(area)
 
     @property
     def direct(self) -> bool:
@@ -116,7 +125,7 @@ def address(buffer) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-def private_memory(size: int, huge: bool = True) -> mmap.mmap:
+def private_memory(size: int, huge: bool = True, touch: bool = True) -> mmap.mmap:
     """Anonymous private memory; with `huge`, in transparent huge pages where the system gives them
     on request, every page touched now. An O_DIRECT read into huge pages goes to the device as
     fewer, larger requests: 9 MB expert files read at 1.4-2.2 GB/s into them against 0.8-1.0 GB/s
@@ -131,8 +140,13 @@ def private_memory(size: int, huge: bool = True) -> mmap.mmap:
             area.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # not offered here: ordinary pages
             pass
-        np.frombuffer(area, np.uint8)[::PAGE] = 0
+        if touch:
+            touch_pages(area)
     return area
+
+
+def touch_pages(area: mmap.mmap) -> None:
+    np.frombuffer(area, np.uint8)[::PAGE] = 0
 
 
 def scratch_buffer(file_bytes: int) -> memoryview:

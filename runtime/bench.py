@@ -26,8 +26,12 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
+from .bench_peers import LlamaCpp, disk_read_bytes
+from .cgroup import MemoryCgroup, Readahead, drop_caches
+from .cgroup import readahead_kb as current_readahead
 from .memory import peak_rss
 from .plan import POOLS
+from .sessions import usable_cores
 from .svg import svg_chart
 from .text import TextCodec
 from .trace import read_trace
@@ -164,13 +168,46 @@ def storage_bandwidth(artifact: str, seconds: float = 2.0, threads: int = 4) -> 
         pool.close()
 
 
-def run_in_subprocess(config: RunConfig) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fate.runtime.bench", "--worker", json.dumps(asdict(config))],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+def run_in_subprocess(config: RunConfig, cap: bool = False) -> dict:
+    """One run in a process of its own; with `cap` and a memory limit, inside a memory cgroup of the
+    limit, the page cache dropped first (the disk's reads counted)."""
+    command = [sys.executable, "-m", "fate.runtime.bench", "--worker", json.dumps(asdict(config))]
+    if not (cap and config.memory_limit):
+        proc = subprocess.run(command, capture_output=True, text=True)
+        code, out, err, extra = proc.returncode, proc.stdout, proc.stderr, {}
+    else:
+        with MemoryCgroup(parse_budget(config.memory_limit).bytes) as group:
+            drop_caches()
+            before = disk_read_bytes(config.artifact)
+            run = group.run(command)
+            read = disk_read_bytes(config.artifact) - before if before is not None else None
+        code, out, err = run.returncode, run.stdout, run.stderr
+        if run.oom_killed:
+            raise FateError(f"run {config.label} was OOM-killed under its memory limit")
+        extra = {"cgroup_peak_mb": run.peak_bytes / 1e6 if run.peak_bytes else None,
+                 "disk_mb_per_token": read / config.gen_len / 1e6 if read is not None else None}
+    if code != 0:
+        lines = err.strip().splitlines() or ["(no output)"]
         raise FateError(f"run {config.label} failed: {lines[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), **extra}
+
+
+def peer_table(results: dict[str, dict], limits: list[str]) -> str:
+    """Each limit: Fate's prefetch modes and llama.cpp, decode and prefill tok/s, the disk's MB per
+    generated token, the cgroup's peak; Fate / llama.cpp in decode."""
+    lines = [f"{'limit':>8s} {'engine':30s} {'decode tok/s':>19s} {'prefill tok/s':>14s} {'x llama.cpp':>11s} "
+             f"{'disk MB/tok':>11s} {'peak MB':>8s}"]
+    for limit in limits:
+        peer = results.get(f"llama.cpp limit={limit}", {})
+        rows = [(label.split(" ", 1)[1], r) for label, r in results.items() if label.startswith(f"limit={limit} ")]
+        for name, r in rows + ([("llama.cpp (mmap, --no-repack)", peer)] if peer else []):
+            decode = r.get("decode_tok_s")
+            spread = f"{fmt(decode)} ({fmt(r.get('decode_tok_s_min'))}-{fmt(r.get('decode_tok_s_max'))})"
+            ratio = fmt(decode / peer["decode_tok_s"] if decode and peer.get("decode_tok_s") and r is not peer
+                        else None, ".2f")
+            lines.append(f"{limit:>8s} {name:30s} {spread:>19s} {fmt(r.get('prefill_tok_s')):>14s} {ratio:>11s} "
+                         f"{fmt(r.get('disk_mb_per_token')):>11s} {fmt(r.get('cgroup_peak_mb') or r.get('peak_mb'), '.0f'):>8s}")
+    return "\n".join(lines)
 
 
 def prompt_ids(artifact: str, prompt_len: int, prompts: Path | None) -> list[int]:
@@ -263,6 +300,16 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--memory-limits", default=None,
               help="Comma-separated whole-process limits (1.2GB,900MB) to run each prefetch mode under, beside --budgets.")
+@click.option("--cap/--no-cap", default=True, show_default=True,
+              help="Run each --memory-limits configuration inside a memory cgroup of that size (page cache counted; "
+                   "needs root), the page cache dropped first.")
+@click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+              help="Also run llama.cpp (memory-mapped, --no-repack) under each --memory-limits cap, same prompt and tokens.")
+@click.option("--gguf", default=None, help="The GGUF file llama.cpp runs (--peer).")
+@click.option("--llama-bin", default=None, help="The folder holding llama.cpp's llama-completion (--peer).")
+@click.option("--readahead-kb", type=click.IntRange(min=0), default=None,
+              help="Set the disk's readahead for the runs (laptops: 128) and restore it after; every capped "
+                   "table states the setting.")
 @click.option("--pools", default="global", show_default=True, help="Comma-separated: global, per-layer.")
 @click.option("--cache", default="arc", show_default=True)
 @click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
@@ -271,7 +318,7 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
               help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)
 def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_len, gen_len, repeat, memory_limits,
-         pools, cache, precision, json_out, plot, worker) -> None:
+         cap, peer, gguf, llama_bin, readahead_kb, pools, cache, precision, json_out, plot, worker) -> None:
     """Measure a Fate ARTIFACT at several budgets and prefetch modes, side by side."""
     if worker is not None:  # one run, in its own process
         click.echo(json.dumps(run_one(RunConfig(**json.loads(worker)))))
@@ -304,25 +351,48 @@ def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_l
                 raise FateError(f"--memory-limits takes bytes (1.2GB), not a share: {limit!r}")
             configs += [RunConfig(artifact, "0B", p.strip(), ids, gen_len, cache, precision, e, on, pool, limit.strip())
                         for e, on in kinds for p in prefetch.split(",") for pool in chosen_pools]
+        limits = [l.strip() for l in (memory_limits or "").split(",") if l.strip()]
+        if peer and not (gguf and limits):
+            raise FateError("--peer llama.cpp needs --gguf FILE and --memory-limits to run it under")
+        llama = LlamaCpp.find(llama_bin, gguf, usable_cores()) if peer else None
+        text = TextCodec(Artifact.open(artifact)).decode(ids)
+        if cap and limits:  # refused before any run where this process cannot make a cgroup
+            MemoryCgroup(parse_budget(limits[0]).bytes).close()
         first_read, bandwidth = storage_bandwidth(artifact)
-        rows: dict[str, list[dict]] = {c.label: [] for c in configs}
-        total = len(configs) * (repeat + 1)
+        jobs = [(c.label, lambda c=c: run_in_subprocess(c, cap)) for c in configs]
+        for limit in limits if llama else []:
+            def peer_run(limit=limit):
+                with MemoryCgroup(parse_budget(limit).bytes) as group:
+                    drop_caches()
+                    row = llama.run(text, gen_len, group)
+                if "failed" in row:
+                    raise FateError(f"llama.cpp under {limit} failed: {row['failed']}")
+                return row
+            jobs.append((f"llama.cpp limit={limit}", peer_run))
+        rows: dict[str, list[dict]] = {label: [] for label, _ in jobs}
+        total = len(jobs) * (repeat + 1)
         done = 0
-        for round_ in range(repeat + 1):  # round 0 warms up and is not counted
-            # Alternate the order: a run right after the all-resident one starts with the page cache and
-            # free memory it left (measured: the same plan ran 14% slower in that position).
-            for config in (configs if round_ % 2 else configs[::-1]):
-                done += 1
-                click.echo(f"\r[{done}/{total}] {'warm-up' if round_ == 0 else f'repeat {round_}'}: "
-                           f"{config.label:28s}", nl=False, err=True)
-                row = run_in_subprocess(config)
-                if round_:
-                    rows[config.label].append(row)
+        with Readahead(artifact, readahead_kb):
+            setting = current_readahead(artifact)
+            for round_ in range(repeat + 1):  # round 0 warms up and is not counted
+                # Alternate the order: a run right after the all-resident one starts with the page cache and
+                # free memory it left (measured: the same plan ran 14% slower in that position).
+                for label, job in (jobs if round_ % 2 else jobs[::-1]):
+                    done += 1
+                    click.echo(f"\r[{done}/{total}] {'warm-up' if round_ == 0 else f'repeat {round_}'}: "
+                               f"{label:28s}", nl=False, err=True)
+                    row = job()
+                    if round_:
+                        rows[label].append(row)
         click.echo("", err=True)
         results = {label: summarize(r) for label, r in rows.items()}
         click.echo(f"storage: {bandwidth / 1e9:.2f} GB/s re-reading expert files as the runtime does (4 threads, "
                    f"page cache bypassed; first reads {first_read / 1e9:.2f} GB/s), measured before the runs")
-        click.echo(table(results, bandwidth))
+        click.echo(table({k: v for k, v in results.items() if not k.startswith("llama.cpp")}, bandwidth))
+        if limits:
+            capped = "inside memory cgroups of each limit, page cache dropped before each run" if cap else "uncapped"
+            click.echo(f"\nunder --memory-limits ({capped}; the disk reads ahead {setting} KB per fault):")
+            click.echo(peer_table(results, limits))
         if plot is not None:
             write_report(plot, plot_svg(results, budgets.split(","), prefetch.split(",")), inputs=[Path(artifact)])
         if json_out:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
@@ -83,3 +85,39 @@ def test_eval_text_too_short_is_an_error(mixtral, tmp_path):
     proc = subprocess.run([str(BIN / "fate-eval"), str(mixtral.artifact(4)), "--text", str(text)],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "too short" in proc.stderr and "Traceback" not in proc.stderr
+
+
+FAKE_LLAMA = """#!/bin/sh
+# stands in for llama-completion: says what it was asked, and prints llama.cpp's timing lines
+echo "args: $*" >&2
+echo "llama_perf_context_print: prompt eval time =     200.00 ms /    50 tokens (    4.00 ms per token,   250.00 tokens per second)" >&2
+echo "llama_perf_context_print:        eval time =    1000.00 ms /    20 runs   (   50.00 ms per token,    20.00 tokens per second)" >&2
+"""
+
+
+def test_the_llama_cpp_peer_runs_memory_mapped_and_reads_its_own_timings(tmp_path, monkeypatch):
+    from fate.artifacts import FateError
+    from fate.runtime.bench_peers import LlamaCpp
+
+    binary = tmp_path / "llama-completion"
+    binary.write_text(FAKE_LLAMA)
+    binary.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    peer = LlamaCpp.find(str(tmp_path), str(gguf), 2)
+    command = peer.command("Once upon a time", 21)
+    assert "--no-repack" in command and "--no-mmap" not in command and command[command.index("-n") + 1] == "21"
+    row = peer.run("Once upon a time", 21, None)
+    assert row["prefill_tok_s"] == 250.0 and row["decode_tok_s"] == 20.0
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(FateError, match="llama-completion"):
+        LlamaCpp.find(str(tmp_path / "nowhere"), str(gguf), 2)
+    binary.write_text("#!/bin/sh\necho 'no timings here' >&2\n")
+    with pytest.raises(FateError, match="no timings"):
+        peer.run("Once", 4, None)
+
+
+def test_bench_peer_needs_a_gguf_and_limits(mixtral):
+    proc = subprocess.run([str(BIN / "fate-bench"), str(mixtral.artifact(4)), "--peer", "llama.cpp"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "--gguf" in proc.stderr and "Traceback" not in proc.stderr

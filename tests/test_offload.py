@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts import Artifact, ArtifactError, FateError
 from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime import loader as loader_module
 from fate.runtime.cache import POLICIES
+from fate.runtime.cgroup import MemoryCgroup
 from fate.runtime.trace import read_trace
 from fate.runtime.executors import assignments
 from fate.runtime.expert_cache import BudgetError
@@ -549,11 +550,9 @@ def test_fate_run_writes_a_trace_that_fate_replay_reads(calibrated, tmp_path):
                    for p in POLICIES)
 
 
-def run_json(args: list[str], cgroup: Path | None = None) -> dict:
-    command = [sys.executable, "-m", "fate.runtime.cli", *args, "--json"]
-    if cgroup is not None:  # the child joins the cgroup before it starts Python
-        command = ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", *command]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+def run_json(args: list[str]) -> dict:
+    run = subprocess.run([sys.executable, "-m", "fate.runtime.cli", *args, "--json"], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -586,31 +585,18 @@ def test_a_memory_limit_too_small_names_the_least_that_would_do(calibrated):
     assert share.returncode != 0 and "not a share" in share.stderr
 
 
-def memory_cgroup(limit: int) -> Path | None:
-    """A cgroup v1 memory cgroup of `limit` bytes (page cache counted), where this process may make one."""
-    root = Path("/sys/fs/cgroup/memory")
-    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
-        return None
-    group = root / f"fate-test-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError:
-        return None
-    return group
-
-
 def test_under_a_memory_cgroup_of_the_limit_the_run_completes_within_it(calibrated):
     args = [str(calibrated), "--prompt", "Once upon a time", "-n", "12", "--greedy", "--ignore-eos"]
     resident = run_json(args)
     plan = run_json(args + ["--memory-limit", "4GB"])["memory"]["plan"]
     limit = plan["floor"] + resident["memory"]["measured"]["expert_pool_bytes"] // 2
-    group = memory_cgroup(limit)
-    if group is None:
-        pytest.skip("no writable cgroup v1 memory controller here")
     try:
-        capped = run_json(args + ["--memory-limit", f"{limit}B"], cgroup=group)
-        assert capped["token_ids"] == resident["token_ids"]
-        assert capped["memory"]["measured"]["peak_rss_bytes"] <= limit  # never OOM-killed (run_json), within it
-    finally:
-        group.rmdir()
+        group = MemoryCgroup(limit, name="fate-test")
+    except FateError as e:
+        pytest.skip(str(e))
+    with group:
+        run = group.run([sys.executable, "-m", "fate.runtime.cli", *args, "--memory-limit", f"{limit}B", "--json"])
+    assert run.returncode == 0 and not run.oom_killed, run.stderr
+    capped = json.loads(run.stdout)
+    assert capped["token_ids"] == resident["token_ids"]
+    assert capped["memory"]["measured"]["peak_rss_bytes"] <= limit and run.peak_bytes <= limit

@@ -49,7 +49,7 @@ class LlamaCpp:
 
         before = disk_read_bytes(self.gguf)
         if group is None:
-            proc = subprocess.run(self.command(prompt, tokens), capture_output=True, text=True)
+            proc = subprocess.run(self.command(prompt, tokens), capture_output=True, text=True, errors="replace")
             code, err, peak, oom = proc.returncode, proc.stderr, None, False
         else:
             run = group.run(self.command(prompt, tokens))

@@ -85,7 +85,7 @@ class MemoryCgroup:
         """`command` started inside the cgroup (it joins before it execs), to its end."""
         self._reset_peak()
         joined = f"echo $$ > {shlex.quote(str(self.path / 'cgroup.procs'))} && exec " + shlex.join(command)
-        proc = subprocess.run(["sh", "-c", joined], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(["sh", "-c", joined], capture_output=True, text=True, errors="replace", timeout=timeout)
         return CappedRun(proc.returncode, proc.stdout, proc.stderr, self._peak(), self._oom_killed())
 
     def _reset_peak(self) -> None:

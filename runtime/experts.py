@@ -67,11 +67,37 @@ def slot_offset(pool: SlotPool, loaded: LoadedExpert, precision: str) -> int:
     return pool.offset_of(loaded.layer, loaded.data)
 
 
+@dataclass(frozen=True)
+class LayerOutputs:
+    """What the forward pass hands the expert store after a layer's dense part (its graph or its native
+    step): the routing of an MoE layer, and the next layer's predicted router scores."""
+
+    router_input: np.ndarray | None = None  # [S, H]; None: not an MoE layer
+    ids: np.ndarray | None = None  # [S, k], the router's choice in its order
+    next_scores: dict[str, np.ndarray] = field(default_factory=dict)  # by graph output name, [S, E']
+    experts_ran: bool = False  # the native step ran every chosen expert itself
+
+
 class ExpertStore(ABC):
     runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
 
     def __init__(self) -> None:
         self.stats = ExpertStats()
+
+    def after_layer(self, layer: int, out: LayerOutputs) -> np.ndarray | None:
+        """The one hand-off per layer, in the order the store relies on: the layer's routing observed
+        (its experts kept from prefetches until they have run), the next layer's prefetch requested,
+        then the routed experts computed: y [S * k, H] (see compute), or None where there are none to
+        compute (not an MoE layer, or the step ran them)."""
+        if out.ids is not None:
+            self.observe(layer, out.ids)
+            if out.experts_ran:
+                self.ran_in_step(layer, out.ids)
+        if out.next_scores:
+            self.hint(layer + 1, out.next_scores)
+        if out.ids is None or out.experts_ran:
+            return None
+        return self.compute(layer, np.ascontiguousarray(out.router_input, dtype=np.float32), out.ids)
 
     @abstractmethod
     def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from fate.artifacts.layout import GraphIO as IO
 from . import native
 from .decode_step import NativeDecodeStep, NativeHead
 from .expert_cache import BudgetError
-from .experts import ExpertStore, ResidentExperts, largest_file, resident_precision
+from .experts import ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .memory import MemoryPlan, current_rss, plan_memory, release_freed_memory
 from .offload import OffloadedExperts, OffloadOptions
@@ -255,18 +255,15 @@ class FateModel:
                 out, ran_experts = step.prefill(hidden, cache, cos, sin), False
             else:
                 out, ran_experts = self.run_layer(spec, hidden, cache, positions.for_layer(spec), ids.size), False
-            hidden = out[IO.RESIDUAL]
-            if spec.kind == "moe":  # its routing is known: its experts are kept from the next layer's prefetches
-                if self.trace is not None:
-                    self.trace.record("prefill" if prefill else "decode", self._steps_run, cache.length, spec.index,
-                                      out[IO.EXPERT_IDS], self.experts.predicted(spec.index))
-                self.experts.observe(spec.index, out[IO.EXPERT_IDS])
-                if ran_experts:
-                    self.experts.ran_in_step(spec.index, out[IO.EXPERT_IDS])
-            if spec.predicts_next:
-                self.experts.hint(spec.index + 1, {name: out[name] for name in PREDICTION_OUTPUTS})
-            if spec.kind == "moe" and not ran_experts:
-                hidden = self._routed_experts(spec.index, out)
+            hidden, moe = out[IO.RESIDUAL], spec.kind == "moe"
+            if moe and self.trace is not None:
+                self.trace.record("prefill" if prefill else "decode", self._steps_run, cache.length, spec.index,
+                                  out[IO.EXPERT_IDS], self.experts.predicted(spec.index))
+            routed = self.experts.after_layer(spec.index, LayerOutputs(
+                out[IO.ROUTER_INPUT] if moe else None, out[IO.EXPERT_IDS] if moe else None,
+                {name: out[name] for name in PREDICTION_OUTPUTS} if spec.predicts_next else {}, ran_experts))
+            if routed is not None:
+                hidden = self.combine(spec.index, out, routed)
         cache.length += ids.size
         self._steps_run += 1
         return hidden
@@ -285,14 +282,15 @@ class FateModel:
         cache.layers[spec.index] = {name: out[IO.present(name)] for name in state}
         return out
 
-    def _routed_experts(self, layer: int, out: dict[str, np.ndarray]) -> np.ndarray:
-        """residual + sum over each token's top-k experts of weight * expert(router_input), summed in
-        the router's order whatever order the experts ran in (tokens never depend on residency)."""
-        x, ids, weights = out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS]
-        hidden = out[IO.RESIDUAL]
-        y = self.experts.compute(layer, np.ascontiguousarray(x, dtype=np.float32), ids).reshape(*ids.shape, -1)
+    def combine(self, layer: int, out: dict[str, np.ndarray], routed: np.ndarray) -> np.ndarray:
+        """The layer's output: residual + sum over each token's top-k experts of weight x expert(router
+        input) (routed: those expert outputs, ExpertStore.compute's), summed in the router's order whatever
+        order the experts ran in (tokens never depend on residency)."""
+        ids, weights, hidden = out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS], out[IO.RESIDUAL]
+        shape = out[IO.ROUTER_INPUT].shape
+        y = routed.reshape(*ids.shape, -1)
         combine = self.combines.get(layer)
-        total = np.zeros(x.shape, np.float32) if combine is not None else hidden.reshape(x.shape).copy()
+        total = np.zeros(shape, np.float32) if combine is not None else hidden.reshape(shape).copy()
         y *= weights[:, :, None]
         for j in range(ids.shape[1]):
             total += y[:, j]

@@ -75,7 +75,8 @@ class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
                  policy: str = "arc", threads: int = 2, start: Callable | None = None,
                  start_background: Callable | None = None, located: dict[int, np.ndarray] | None = None,
-                 locate: Callable[[Key, object], int] | None = None, groups: dict[int, object] | None = None):
+                 locate: Callable[[Key, object], int] | None = None, groups: dict[int, object] | None = None,
+                 floors: dict[int, int] | None = None):
         """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
         start(layer, expert, slot) -> a load begun, with `done()`, `cancel()` (True when its read had
         not begun: it is given up) and `result()` (load's); for start_fetch, whose caller is stalled
@@ -83,7 +84,8 @@ class ExpertCache:
         an array by expert id that the cache keeps equal to `locate(key, value)` of each resident
         expert and -1 for the others (set when it becomes resident, -1 before its slot is reused);
         groups: layer -> its eviction group (default: its own), whose slots are the sum of its layers'
-        and are numbered within the group."""
+        and are numbered within the group; floors: layer -> how many of its experts other layers' loads
+        never evict (in a shared group: a layer whose misses nothing prefetches keeps its share)."""
         self.slots = dict(slots)
         self.group_of = {layer: layer for layer in slots} if groups is None else {layer: groups[layer] for layer in slots}
         self.group_slots: dict[object, int] = Counter()
@@ -101,6 +103,8 @@ class ExpertCache:
         self._begun: dict[Key, _Loading] = {}  # start_prefetch's loads nobody has asked for yet
         self._wanted: Counter = Counter()  # in flight: how many callers wait for it (pinned on arrival)
         self._pins: Counter = Counter()  # (layer, expert) -> how many callers run it now
+        self.floors = floors or {}
+        self._held: Counter = Counter()  # layer -> experts resident
         self._protected: dict[int, set[int]] = {layer: set() for layer in slots}
         self._lock = threading.RLock()
         self._slot_freed = threading.Condition(self._lock)
@@ -309,15 +313,21 @@ class ExpertCache:
                 self._slot_freed.wait()
 
     def _take_slot(self, layer: int, demand: bool) -> int | None:
-        """A free slot, or an evicted expert's (never a pinned one; for a prefetch, never a
-        protected one either); None when neither can be had now. Under the lock."""
+        """A free slot, or an evicted expert's: never a pinned one, nor a protected one (a running
+        layer's experts, a prediction for the next layers: in one pool, a layer's misses would otherwise
+        evict the prefetches just begun for the next); a demand load that finds every unpinned expert
+        protected takes a protected one rather than wait. None when nothing can be had now. Under the lock."""
         group = self.group_of[layer]
         if self._free[group]:
             return self._free[group].pop()
-        victim = self._policies[group].victim(None, _Kept(self._pins, None if demand else self._protected))
+        policy = self._policies[group]
+        victim = policy.victim(None, _Kept(self._pins, self._protected, self.floors, self._held, layer))
+        if victim is None and demand:
+            victim = policy.victim(None, _Kept(self._pins, None))
         if victim is None:
             return None
         _, slot = self._resident.pop(victim)
+        self._held[victim[0]] -= 1
         if victim[0] in self.located:
             self.located[victim[0]][victim[1]] = -1
         self.counters.layer(victim[0]).evictions += 1
@@ -351,6 +361,7 @@ class ExpertCache:
             self.counters.loads += 1
             self.counters.bytes_read += read
             self._resident[key] = (value, slot)
+            self._held[layer] += 1
             if where is not None:
                 self.located[layer][key[1]] = where
             waiting = self._wanted.pop(key, 0)
@@ -443,16 +454,25 @@ class ExpertCache:
 
 
 class _Kept:
-    """The keys eviction must pass over: pinned ones (being run or filled), and for a prefetch the
-    protected ones (this step's predictions), answered per key without building a set."""
+    """The keys eviction must pass over, answered per key without building a set: pinned ones (being
+    run or filled); protected ones (a running layer's experts, predictions); and, in a shared pool, those
+    of a layer other than `asker` that holds no more than its floor, and the asker's own while it holds
+    fewer than its floor (it grows to its floor by taking from the others)."""
 
-    def __init__(self, pins: Counter, protected: dict[int, set[int]] | None):
-        self._pins, self._protected = pins, protected
+    def __init__(self, pins: Counter, protected: dict[int, set[int]] | None, floors: dict[int, int] | None = None,
+                 held: Counter | None = None, asker: int | None = None):
+        self._pins, self._protected, self._floors, self._held, self._asker = pins, protected, floors, held, asker
 
     def __contains__(self, key: Key) -> bool:
         if self._pins.get(key, 0) > 0:
             return True
-        return self._protected is not None and key[1] in self._protected.get(key[0], ())
+        if self._protected is not None and key[1] in self._protected.get(key[0], ()):
+            return True
+        if not self._floors:
+            return False
+        if key[0] == self._asker:  # a layer under its floor takes from the others, not from itself
+            return self._held[key[0]] < self._floors.get(key[0], 0)
+        return self._held[key[0]] <= self._floors.get(key[0], 0)
 
 
 class _Ready:

@@ -138,9 +138,13 @@ class OffloadedExperts(ExpertStore):
                              groups=groups)
         located = {layer: np.full(manifest.layers[layer].routing.num_experts, -1, np.int64)
                    for layer in self._reads_itself}
+        # in one pool, a layer whose misses nothing prefetches keeps the slots the plan gave it: its every
+        # miss stalls the loop, where another layer's is read ahead of need
+        predicted = any(p.width > 0 for p in self.plans.values())
+        floors = {p.index: p.slots for p in self.plans.values() if p.width <= 0} if groups and predicted else None
         self.cache = ExpertCache(slots, self._load, policy=options.cache, threads=options.threads,
                                  start=self._start_demand, start_background=self._start, located=located,
-                                 locate=self._locate, groups=groups)
+                                 locate=self._locate, groups=groups, floors=floors)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others

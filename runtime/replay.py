@@ -5,9 +5,10 @@ draws its miss curves with `replay_miss_rate` here, so profile, runtime and `fat
 
 An access is one layer of one forward step: the union of the experts its tokens chose (they are
 needed at once and cannot evict each other), and what was predicted for it before. The simulation
-follows the runtime's order: the prediction for a layer is prefetched while the layer before it
-runs (never evicting what that layer or the prediction needs), then the layer's experts are taken,
-loading the missing ones. A prefetch is assumed to arrive in time; its bytes count.
+follows the runtime's order: once a layer's routing is known, the next layer's prediction is
+prefetched (never evicting what this layer or the prediction needs), then this layer's missing
+experts are loaded (evicting neither, unless nothing else is left: then a prediction). A prefetch is
+assumed to arrive in time; its bytes count.
 """
 
 from __future__ import annotations
@@ -75,28 +76,31 @@ def simulate(accesses: Iterable[Access], policy: str, capacity: Mapping[Hashable
     cost: layer -> bytes one of its experts reads. `prefetch`: load each access's prediction first."""
     caches = {g: POLICIES[policy](n) for g, n in capacity.items()}
     result = ReplayResult(name or policy)
-    previous: set[Key] = set()
+    accesses = list(accesses)
 
-    def make_room(group, kept: set[Key]) -> bool:
+    def room(group, kept: set[Key], demand: bool) -> bool:
         cache = caches[group]
         if capacity[group] <= 0:
             return False
-        return len(cache) < capacity[group] or cache.victim(None, _Protected(kept)) is not None
+        if len(cache) < capacity[group] or cache.victim(None, _Protected(kept)) is not None:
+            return True
+        return demand and cache.victim(None, _Protected(kept & demand)) is not None
 
-    for access in accesses:
-        group = group_of[access.layer]
-        cache = caches[group]
+    for i, access in enumerate(accesses):
         needed = {(access.layer, e) for e in access.needed}
-        if prefetch and access.predicted:
-            guessed = {(access.layer, e) for e in access.predicted}
-            for key in [(access.layer, e) for e in access.predicted]:
-                if key in cache:
+        following = accesses[i + 1] if i + 1 < len(accesses) else None
+        guessed = {(following.layer, e) for e in following.predicted} if prefetch and following else set()
+        if guessed:  # the next layer's prediction, begun once this layer's routing is known
+            group = group_of[following.layer]
+            for key in [(following.layer, e) for e in following.predicted]:
+                if key in caches[group]:
                     continue
-                if not make_room(group, previous | guessed):
-                    break  # every slot holds what the running layer or the prediction needs
-                cache.insert(key, cold=True)
+                if not room(group, needed | guessed, False):
+                    break  # every slot holds what this layer or the prediction needs
+                caches[group].insert(key, cold=True)
                 result.prefetched += 1
-                result.bytes_read[access.phase] += cost[access.layer]
+                result.bytes_read[following.phase] += cost[following.layer]
+        cache = caches[group_of[access.layer]]
         for key in sorted(needed):
             if key in cache:
                 cache.hit(key)
@@ -104,10 +108,9 @@ def simulate(accesses: Iterable[Access], policy: str, capacity: Mapping[Hashable
                 continue
             result.misses += 1
             result.bytes_read[access.phase] += cost[access.layer]
-            if make_room(group, needed):
+            if room(group_of[access.layer], needed | guessed, needed):
                 cache.insert(key)
             # else: every slot holds a key this access needs: run it without keeping it
-        previous = needed
     return result
 
 

@@ -467,3 +467,26 @@ def test_s3fifo_filters_keys_used_once_and_sends_ghosts_to_main():
     assert "kept" in cache and "kept" in cache.main
     cache.insert("a")  # a ghost comes back: straight to main
     assert "a" in cache.main
+
+
+def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():
+    cache = ExpertCache({0: 2, 1: 2}, FakeLoader(), policy="lru", threads=1, groups={0: "g", 1: "g"},
+                        floors={0: 2})
+    try:
+        def use(layer, expert):
+            cache.fetch(layer, expert)
+            cache.unpin(layer, [expert])
+
+        for expert in range(4):  # layer 1 fills the whole pool first
+            use(1, expert)
+        assert cache.resident(1) == {0, 1, 2, 3}
+        use(0, 10)
+        use(0, 11)  # under its floor, layer 0 takes from layer 1 (its own 10 is the oldest, yet kept)
+        assert cache.resident(0) == {10, 11} and len(cache.resident(1)) == 2
+        for expert in range(4, 12):  # layer 1's loads never take layer 0 below its floor
+            use(1, expert)
+            assert cache.resident(0) == {10, 11}
+        use(0, 12)  # at its floor, layer 0 evicts its own oldest
+        assert cache.resident(0) == {11, 12}
+    finally:
+        cache.close()

@@ -22,6 +22,7 @@ from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
+from fate.runtime.cache import DEFAULT_POLICY
 from fate.runtime.replay import replay_miss_rate
 from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
 from fate.runtime.positions import PositionTables
@@ -227,7 +228,7 @@ class Profiler:
             predictors=self._predictors(out, actual, top_k),
             popularity=(m["counts"] / m["counts"].sum()).tolist(),
             miss_curve_slots=(slots := slot_grid(num_experts, top_k)),
-            miss_curve=[replay_miss_rate("arc", out[IO.EXPERT_IDS].tolist(), c) for c in slots],
+            miss_curve=[replay_miss_rate(DEFAULT_POLICY, out[IO.EXPERT_IDS].tolist(), c) for c in slots],
             quant_error={p: rel_error(m["quant"][p], routed) for p in QUANT_BITS},
             low_bit_shares=list(LOW_BIT_SHARES),
             # the error INT2 adds on top of INT4, relative to the exact routed output

@@ -27,6 +27,7 @@ from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
 from .bench_peers import LlamaCpp, disk_read_bytes
+from .cache import DEFAULT_POLICY, POLICIES
 from .cgroup import MemoryCgroup, Readahead, drop_caches
 from .cgroup import readahead_kb as current_readahead
 from .memory import peak_rss
@@ -53,7 +54,7 @@ class RunConfig:
     prefetch: str
     prompt_ids: list[int]
     gen_len: int
-    cache: str = "arc"
+    cache: str = DEFAULT_POLICY
     precision: str | None = None
     executor: str = "auto"
     decode_steps: bool = True
@@ -311,7 +312,8 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
               help="Set the disk's readahead for the runs (laptops: 128) and restore it after; every capped "
                    "table states the setting.")
 @click.option("--pools", default="global", show_default=True, help="Comma-separated: global, per-layer.")
-@click.option("--cache", default="arc", show_default=True)
+@click.option("--cache", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY, show_default=True,
+              help="The eviction policy of every offloaded run.")
 @click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", type=click.Path(path_type=Path), default=None,

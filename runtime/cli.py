@@ -71,9 +71,9 @@ def engine_options(command):
                      help="native: the C kernel computes experts from the bytes in their slots; session: an "
                        "onnxruntime session per expert (the reference); auto: native where it is built."),
         click.option("--decode-steps", type=click.Choice(["on", "off"]), default="on", show_default=True,
-                     help="on: layers the compiler described run each decode token in one native call from their "
-                       "graph's bytes (kept beside the graph's session: more memory, by the dense weights of "
-                       "those layers); off: the graphs run every token."),
+                     help="on: layers the compiler described run every token in native code from their graph's "
+                          "bytes (decode one call per token, prefill eight tokens per pass; their weights held once, "
+                          "no onnxruntime session kept); off: the graphs run every token."),
         click.option("--cache", "cache_policy", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY,
                      show_default=True, help="Which resident expert gives up its slot (fate-replay compares them "
                                              "on a trace of your own runs)."),

@@ -36,7 +36,7 @@ import numpy as np
 
 from fate.artifacts import FateError
 
-from .cache import POLICIES, EvictionPolicy
+from .cache import DEFAULT_POLICY, POLICIES, EvictionPolicy
 
 Key = tuple[int, int]
 
@@ -73,7 +73,7 @@ class CacheCounters:
 
 class ExpertCache:
     def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
-                 policy: str = "arc", threads: int = 2, start: Callable | None = None,
+                 policy: str = DEFAULT_POLICY, threads: int = 2, start: Callable | None = None,
                  start_background: Callable | None = None, located: dict[int, np.ndarray] | None = None,
                  locate: Callable[[Key, object], int] | None = None, groups: dict[int, object] | None = None,
                  floors: dict[int, int] | None = None):

@@ -14,6 +14,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
+from .memory import plan_memory
 from .svg import svg_chart
 
 def skew(popularity: list[float]) -> float:
@@ -65,11 +66,11 @@ def table(data: list[dict[str, str]]) -> str:
 
 def layer_charts(p: LayerProfile) -> str:
     recall = {name: list(zip(c.widths, c.decode)) for name, c in p.predictors.items()}
-    miss = {"arc": list(zip(p.miss_curve_slots, p.miss_curve))}
+    miss = {"demand misses": list(zip(p.miss_curve_slots, p.miss_curve))}
     pop = sorted(p.popularity, reverse=True)
     popularity = {"popularity": list(enumerate(pop))}
     return (svg_chart(f"layer {p.index}: decode recall vs width", recall, x_label="experts") +
-            svg_chart(f"layer {p.index}: ARC miss rate vs slots", miss, x_label="slots") +
+            svg_chart(f"layer {p.index}: miss rate vs slots (calibration replayed)", miss, x_label="slots") +
             svg_chart(f"layer {p.index}: expert popularity (sorted)", popularity, y_max=max(pop) or 1, bars=True))
 
 
@@ -119,6 +120,7 @@ def main(artifact: str, html_out: Path | None) -> None:
                 why.setdefault(layer.graph_only, []).append(layer.index)
         for reason, layers in why.items():  # the MoE attention layers that run their graph every token
             click.echo(f"  graph every token, layer{'s' if len(layers) > 1 else ''} {span_list(layers)}: {reason}")
+        click.echo(memory_line(art))
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
             click.echo(f"mixers: {', '.join(f'{n} {name}' for name, n in sorted(mixers.items()))}; a sequence carries "
@@ -135,6 +137,19 @@ def main(artifact: str, html_out: Path | None) -> None:
             click.echo(f"report: {html_out}")
     except USER_ERRORS as e:
         exit_with("fate-inspect", e)
+
+
+def memory_line(art: Artifact) -> str:
+    """What a run holds besides its experts, as --memory-limit plans it (runtime.memory.plan_memory), and
+    the experts' bytes per precision."""
+    m = art.manifest
+    graphs = [m.embed_graph, m.head_graph, *(l.graph for l in m.layers), *(l.combine_graph for l in m.layers
+                                                                            if l.combine_graph)]
+    plan = plan_memory(m, {g: art.member(g).size for g in graphs}, 0, 1, steps=True, baseline=0)
+    experts = {p: sum(art.entry(path).size for l in m.moe_layers for path in l.experts.get(p, [])) for p in m.precisions}
+    return (f"memory: non-expert graphs held {(plan.dense + plan.steps) / 1e6:.1f} MB ({plan.steps / 1e6:.1f} MB of them "
+            f"run by native steps, held once), KV cache {plan.kv_cache / 1e3:.1f} KB per token, prefill scratch "
+            f"{plan.scratch * 256 / 1e6:.1f} MB; experts {', '.join(f'{p} {b / 1e6:.1f} MB' for p, b in experts.items())}")
 
 
 def span_list(indices: list[int]) -> str:

@@ -25,6 +25,7 @@ from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import Profile, profile_from_bytes
 
+from .cache import DEFAULT_POLICY
 from .expert_cache import CacheCounters, ExpertCache
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
@@ -44,7 +45,7 @@ class OffloadOptions:
 
     budget: Budget
     prefetch: str = "policy"
-    cache: str = "arc"
+    cache: str = DEFAULT_POLICY
     # "global": one pool of slots shared by every layer whose slots are the same size (the plan's
     # per-layer slots summed); "per-layer": each layer keeps the quota the plan gives it
     pool: str = "global"

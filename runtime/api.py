@@ -36,14 +36,15 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
              verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
-             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None) -> "Engine":
+             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None,
+             reserved: int = 0) -> "Engine":
         """All experts resident, or with `offload` (a memory budget, prefetch mode, cache policy)
         only a budget of them, the rest loaded ahead of need. `executor`: native, session or auto;
         `decode_steps`: native decode steps where the artifact has them; `memory_limit` (bytes): the
-        whole process, planned for `context` tokens (FateModel.load)."""
+        whole process, planned for `context` tokens beside `reserved` bytes of the caller's (FateModel.load)."""
         model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload,
                                executor=executor, decode_steps=decode_steps, memory_limit=memory_limit,
-                               context=context)
+                               context=context, reserved=reserved)
         return cls(model, TextCodec(model.artifact, verify=verify))
 
     def encode(self, text: str) -> list[int]:

@@ -99,9 +99,10 @@ def engine_options(command):
 def load_engine(artifact: str, precision: str | None, threads: int, no_verify: bool, verify_every_load: bool,
                 memory_limit: str | None, memory_budget: str | None, context: int | None, prefetch: str,
                 executor: str, decode_steps: str, cache_policy: str, pool: str, allocation: str, int2_prefill: str,
-                prefetch_threads: int, default_context: int | None = None) -> Engine:
+                prefetch_threads: int, default_context: int | None = None, reserved: int = 0) -> Engine:
     """An Engine as the engine_options flags say; `default_context`: the --context a command's own
-    work needs where none is given."""
+    work needs where none is given; `reserved`: what the command holds beside the model, within
+    --memory-limit."""
     if no_verify and verify_every_load:
         raise FateError("--no-verify and --verify-every-load contradict each other")
     limit = None
@@ -121,7 +122,7 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
         verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
     return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
                        executor=executor, decode_steps=decode_steps == "on", memory_limit=limit,
-                       context=context or default_context)
+                       context=context or default_context, reserved=reserved)
 
 
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:

@@ -67,11 +67,12 @@ class MemoryPlan:
     scratch: int  # a prefill chunk's activations
     load_transient: int  # a graph's load (before the pool takes its memory: SlotPool.populate)
     headroom: int = HEADROOM
+    reserved: int = 0  # what the command holds beside the model (fate-serve's conversation cache)
 
     @property
     def floor(self) -> int:
         """What the process holds while generating, besides the pool."""
-        return self.baseline + self.dense + self.steps + self.kv_cache + self.scratch + self.headroom
+        return self.baseline + self.dense + self.steps + self.kv_cache + self.scratch + self.headroom + self.reserved
 
     @property
     def loading(self) -> int:
@@ -84,9 +85,10 @@ class MemoryPlan:
 
 
 def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int, steps: bool,
-                baseline: int | None = None, prefill_chunk: int = 256) -> MemoryPlan:
+                baseline: int | None = None, prefill_chunk: int = 256, reserved: int = 0) -> MemoryPlan:
     """The plan for `limit` bytes: graph_bytes: each non-expert graph's file size; `steps`: whether
-    the layers (and head) with a native step run it (their graphs then held once, by the step)."""
+    the layers (and head) with a native step run it (their graphs then held once, by the step);
+    `reserved`: what the command holds beside the model."""
     spec = manifest.model
     stepped = {layer.graph for layer in manifest.layers if layer.decode_step is not None} if steps else set()
     if steps and manifest.head_step is not None:
@@ -98,4 +100,4 @@ def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int,
     scratch = min(prefill_chunk, context) * spec.hidden_size * 4 * rows
     return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense,
                       sum(graph_bytes[g] for g in stepped), kv, context, scratch,
-                      LOAD_TRANSIENT * max(graph_bytes.values(), default=0))
+                      LOAD_TRANSIENT * max(graph_bytes.values(), default=0), reserved=reserved)

@@ -168,11 +168,13 @@ class FateModel:
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
              verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
-             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None) -> "FateModel":
+             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None,
+             reserved: int = 0) -> "FateModel":
         """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache.
         `memory_limit` (bytes): the whole process, whose pool of experts is what the rest leaves
         (plan_limit; `offload` then gives the other offloading options), planned for `context` tokens
-        (default: the model's context, at most DEFAULT_CONTEXT), which generation then stops at.
+        (default: the model's context, at most DEFAULT_CONTEXT), which generation then stops at, beside
+        `reserved` bytes the caller holds itself (fate-serve's conversation cache).
         `executor` (auto, native, session) computes the experts; with `offload` its own says.
         `decode_steps`: layers with a DecodeStep run decode tokens natively (runtime.decode_step) where
         the experts' executor is native; their graph bytes stay in memory beside the sessions."""
@@ -181,7 +183,7 @@ class FateModel:
         if memory_limit is not None:
             offload = offload or OffloadOptions(Budget(bytes=0), precision=precision, executor=executor,
                                                 compute_threads=threads)
-            plan, offload = plan_limit(artifact, memory_limit, context, offload, decode_steps)
+            plan, offload = plan_limit(artifact, memory_limit, context, offload, decode_steps, reserved)
         store = ResidentExperts(artifact, precision, verify=verify, executor=executor, threads=threads) \
             if offload is None else OffloadedExperts(artifact, offload)
         try:
@@ -329,7 +331,7 @@ class FateModel:
 
 
 def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,
-               decode_steps: bool) -> tuple[MemoryPlan, OffloadOptions | None]:
+               decode_steps: bool, reserved: int = 0) -> tuple[MemoryPlan, OffloadOptions | None]:
     """What a whole-process memory limit leaves for the experts (runtime.memory.plan_memory), as the
     offload options' budget; None (every expert resident) where all of them fit in it."""
     manifest = artifact.manifest
@@ -337,7 +339,8 @@ def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: Off
     graphs = [manifest.embed_graph, manifest.head_graph, *(l.graph for l in manifest.layers),
               *(l.combine_graph for l in manifest.layers if l.combine_graph)]
     steps = decode_steps and offload.executor != "session" and native.available()
-    plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps)
+    plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps,
+                       reserved=reserved)
     resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, offload.precision)))
                    * l.routing.num_experts for l in manifest.moe_layers)
     try:  # the least the experts need: one token's in every layer (and the layers' state)
@@ -360,7 +363,7 @@ def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: Off
 def describe(plan: MemoryPlan) -> str:
     parts = [("libraries", plan.baseline), ("dense graphs", plan.dense), ("native steps' graphs", plan.steps),
              (f"KV cache at {plan.context} tokens", plan.kv_cache), ("prefill scratch", plan.scratch),
-             ("headroom", plan.headroom)]
+             ("headroom", plan.headroom), ("conversation cache", plan.reserved)]
     return ", ".join(f"{name} {size / 1e6:.0f}" for name, size in parts if size)
 
 

@@ -27,7 +27,7 @@ from .cli import engine_options, load_engine
               help="Seconds a request may take, waiting included.")
 @click.option("--conversation-cache", default="256MB", show_default=True,
               help="Memory for the keys and values of recent sequences, so a follow-up chat turn prefills only "
-                   "its new tokens (beside the expert budget); 0 turns it off.")
+                   "its new tokens (beside the expert budget; within --memory-limit); 0 turns it off.")
 @click.option("--max-request-size", default="8MB", show_default=True,
               help="The largest request body taken; a larger one is answered 413 before it is read.")
 @engine_options
@@ -49,7 +49,7 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
         if not body_bytes:
             raise FateError("--max-request-size takes bytes (8MB, 64KiB)")
         listener = socket.create_server((host, port))
-        engine = load_engine(artifact, **engine_flags)
+        engine = load_engine(artifact, **engine_flags, reserved=cache_bytes)
         name = model_name or engine.model.artifact.root.name.removesuffix(".fate")
         server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes, body_bytes))
     except USER_ERRORS as e:

@@ -600,3 +600,20 @@ def test_under_a_memory_cgroup_of_the_limit_the_run_completes_within_it(calibrat
     capped = json.loads(run.stdout)
     assert capped["token_ids"] == resident["token_ids"]
     assert capped["memory"]["measured"]["peak_rss_bytes"] <= limit and run.peak_bytes <= limit
+
+
+def test_the_memory_plan_counts_each_graph_once_and_what_the_command_reserves(calibrated):
+    from fate.runtime.memory import DENSE_HOLD, plan_memory
+
+    m = Artifact.open(calibrated).manifest
+    graphs = {g: 1000 for g in [m.embed_graph, m.head_graph, *(l.graph for l in m.layers)]}
+    stepped = {l.graph for l in m.layers if l.decode_step is not None} | ({m.head_graph} if m.head_step else set())
+    assert stepped
+    with_steps = plan_memory(m, graphs, 10**9, 100, steps=True, baseline=0)
+    graphs_only = plan_memory(m, graphs, 10**9, 100, steps=False, baseline=0, reserved=5000)
+    assert with_steps.steps == 1000 * len(stepped)
+    assert with_steps.dense == int(1000 * (len(graphs) - len(stepped)) * DENSE_HOLD)
+    assert graphs_only.steps == 0 and graphs_only.dense == int(1000 * len(graphs) * DENSE_HOLD)
+    assert graphs_only.floor - graphs_only.reserved == graphs_only.floor - 5000
+    assert with_steps.pool == 10**9 - with_steps.floor and with_steps.kv_cache == 2 * plan_memory(
+        m, graphs, 10**9, 50, steps=True, baseline=0).kv_cache

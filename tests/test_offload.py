@@ -614,6 +614,6 @@ def test_the_memory_plan_counts_each_graph_once_and_what_the_command_reserves(ca
     assert with_steps.steps == 1000 * len(stepped)
     assert with_steps.dense == int(1000 * (len(graphs) - len(stepped)) * DENSE_HOLD)
     assert graphs_only.steps == 0 and graphs_only.dense == int(1000 * len(graphs) * DENSE_HOLD)
-    assert graphs_only.floor - graphs_only.reserved == graphs_only.floor - 5000
+    assert graphs_only.floor - plan_memory(m, graphs, 10**9, 100, steps=False, baseline=0).floor == 5000
     assert with_steps.pool == 10**9 - with_steps.floor and with_steps.kv_cache == 2 * plan_memory(
         m, graphs, 10**9, 50, steps=True, baseline=0).kv_cache

@@ -11,7 +11,7 @@ from .errors import ArtifactError
 from .inputs import load_json
 from .schema import from_json_dict, parse_version, to_json_dict
 
-PROFILE_VERSION = "1.0"
+PROFILE_VERSION = "1.1"  # 1.1: optimal_miss_curve
 
 # Predictors of a layer's experts, measured side by side:
 #   cross_layer       the next layer's router applied to this layer's router input (the paper's)
@@ -51,12 +51,14 @@ class LayerProfile:
     predictors: dict[str, RecallCurve]
     popularity: list[float]  # share of this layer's token-expert assignments per expert
     miss_curve_slots: list[int]
-    miss_curve: list[float]  # demand-only ARC miss rate at each slot count, decode order
+    miss_curve: list[float]  # demand-only miss rate of the runtime's default eviction policy at each slot count
     quant_error: dict[str, float]  # relative error of the routed-experts output per precision
     low_bit_shares: list[float]  # share of assignments (least popular experts first) moved at INT2
     low_bit_error: list[float]  # error that share at INT2 adds to the all-INT4 routed output (relative)
     transitions_from: int | None  # the previous MoE layer, for EAP
     transitions: list[list[int]]  # counts [expert there][expert here] over all calibration tokens
+    # Belady's MIN at the same slot counts: the least any cache of that size misses (absent before 1.1)
+    optimal_miss_curve: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class Profile:
             if len(layer.miss_curve) != len(layer.miss_curve_slots):
                 raise ArtifactError(f"{where}: the miss curve's lists differ in length")
             check_curve(f"{where}: the miss curve", layer.miss_curve_slots, layer.miss_curve, n)
+            if layer.optimal_miss_curve is not None:
+                if len(layer.optimal_miss_curve) != len(layer.miss_curve_slots):
+                    raise ArtifactError(f"{where}: the optimal miss curve's lists differ in length")
+                check_curve(f"{where}: the optimal miss curve", layer.miss_curve_slots, layer.optimal_miss_curve, n)
             for name, curve in layer.predictors.items():
                 if not (len(curve.widths) == len(curve.decode) == len(curve.prefill) == len(curve.prefill_fetch)):
                     raise ArtifactError(f"{where}: predictor {name}'s recall lists differ in length")

@@ -23,7 +23,7 @@ from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import DEFAULT_POLICY
-from fate.runtime.replay import replay_miss_rate
+from fate.runtime.replay import optimal_miss_rate, replay_miss_rate
 from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
 from fate.runtime.positions import PositionTables
 from fate.runtime.predictors import eap_scores, top_experts
@@ -229,6 +229,7 @@ class Profiler:
             popularity=(m["counts"] / m["counts"].sum()).tolist(),
             miss_curve_slots=(slots := slot_grid(num_experts, top_k)),
             miss_curve=[replay_miss_rate(DEFAULT_POLICY, out[IO.EXPERT_IDS].tolist(), c) for c in slots],
+            optimal_miss_curve=[optimal_miss_rate(out[IO.EXPERT_IDS].tolist(), c) for c in slots],
             quant_error={p: rel_error(m["quant"][p], routed) for p in QUANT_BITS},
             low_bit_shares=list(LOW_BIT_SHARES),
             # the error INT2 adds on top of INT4, relative to the exact routed output

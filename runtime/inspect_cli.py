@@ -67,6 +67,8 @@ def table(data: list[dict[str, str]]) -> str:
 def layer_charts(p: LayerProfile) -> str:
     recall = {name: list(zip(c.widths, c.decode)) for name, c in p.predictors.items()}
     miss = {"demand misses": list(zip(p.miss_curve_slots, p.miss_curve))}
+    if p.optimal_miss_curve is not None:
+        miss["optimal (Belady)"] = list(zip(p.miss_curve_slots, p.optimal_miss_curve))
     pop = sorted(p.popularity, reverse=True)
     popularity = {"popularity": list(enumerate(pop))}
     return (svg_chart(f"layer {p.index}: decode recall vs width", recall, x_label="experts") +

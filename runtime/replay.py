@@ -172,6 +172,13 @@ def belady(accesses: list[Access], capacity: Mapping[Hashable, int], group_of: M
     return result
 
 
+def optimal_miss_rate(steps: Iterable[Iterable[int]], capacity: int) -> float:
+    """Belady's miss rate over one layer's steps (as replay_miss_rate): what no policy goes below."""
+    result = belady([Access("decode", 0, frozenset(step)) for step in steps], {0: capacity}, {0: 0}, {0: 1})
+    total = result.hits + result.misses
+    return result.misses / total if total else 0.0
+
+
 def replay_miss_rate(policy: str, steps: Iterable[Iterable[int]], capacity: int) -> float:
     """Miss rate of demand-only caching with `capacity` slots over one layer's steps (each the
     experts one token, or one step's tokens, need at once): the profiler's miss curves."""

@@ -281,3 +281,15 @@ def test_budget_parsing():
     for bad in ("lots", "150%", "-1MB"):
         with pytest.raises(FateError):
             parse_budget(bad)
+
+
+def test_the_profile_stores_the_optimal_miss_curve_under_the_policys(calibrated):
+    from fate.artifacts import Artifact
+    from fate.artifacts.profile import profile_from_bytes
+
+    art = Artifact.open(calibrated)
+    profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
+    for layer in profile.layers:
+        assert layer.optimal_miss_curve is not None and len(layer.optimal_miss_curve) == len(layer.miss_curve)
+        assert all(best <= policy + 1e-12 for best, policy in zip(layer.optimal_miss_curve, layer.miss_curve))
+        assert layer.optimal_miss_curve[-1] <= layer.optimal_miss_curve[0]

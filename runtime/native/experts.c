@@ -139,6 +139,41 @@ done:;
     return result;
 }
 
+/* The arrays and numbers run_step and run_prefill share, taken from their arguments and checked
+ * against the step (its vector, its numbers, the graph buffer holding every tensor it reads). */
+typedef struct {
+    Py_buffer step, graph, x, key, value, cos, sin, residual, router_input, ids, weights, next, next_norm;
+    fate_step s;
+} step_call;
+
+static int take_step_call(PyObject *const objs[13], const double floats[6], step_call *c) {
+    static const char *const names[13] = {"step", "graph", "x", "key", "value", "cos", "sin", "residual",
+                                          "router_input", "ids", "weights", "next_logits", "next_logits_norm"};
+    static const int writable[13] = {0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1};
+    Py_buffer *views[13] = {&c->step, &c->graph, &c->x, &c->key, &c->value, &c->cos, &c->sin, &c->residual,
+                            &c->router_input, &c->ids, &c->weights, &c->next, &c->next_norm};
+    for (int i = 0; i < 13; i++)
+        if (!(i >= 11 && objs[i] == Py_None) && get_buffer(objs[i], views[i], writable[i], names[i])) return -1;
+    if (c->step.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); return -1; }
+    memcpy(c->s.v, c->step.buf, sizeof c->s.v);
+    c->s.eps = (float)floats[0]; c->s.scale = (float)floats[1]; c->s.shared_scale = (float)floats[2];
+    c->s.routed_scaling = (float)floats[3]; c->s.clip = (float)floats[4]; c->s.topk_eps = (float)floats[5];
+    int64_t need = fate_step_bytes(&c->s);
+    if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); return -1; }
+    if (c->graph.len < need) {
+        PyErr_Format(PyExc_ValueError, "graph buffer has %zd bytes; its step needs %lld", c->graph.len,
+                     (long long)need);
+        return -1;
+    }
+    return 0;
+}
+
+static void release_step_call(step_call *c) {
+    Py_buffer *views[] = {&c->step, &c->graph, &c->x, &c->key, &c->value, &c->cos, &c->sin, &c->residual,
+                          &c->router_input, &c->ids, &c->weights, &c->next, &c->next_norm};
+    release(NULL, 0, NULL, NULL, views, sizeof views / sizeof *views);
+}
+
 static const char step_doc[] =
     "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
     "         next_logits, next_logits_norm, threads, routed)\n"
@@ -153,54 +188,34 @@ static const char step_doc[] =
 
 static PyObject *run_step(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
-        *w_obj, *next_obj, *next_norm_obj, *routed_obj;
-    double eps, scale, shared_scale, routed_scaling, clip, topk_eps;
+    PyObject *o[13], *routed_obj;
+    double f[6];
     long long pos;
     int threads;
-    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOiO", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
-                          &clip, &topk_eps,
-                          &graph_obj, &x_obj, &key_obj, &value_obj, &pos, &cos_obj, &sin_obj, &res_obj, &ri_obj,
-                          &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads, &routed_obj))
+    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOiO", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &o[1],
+                          &o[2], &o[3], &o[4], &pos, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12],
+                          &threads, &routed_obj))
         return NULL;
-    Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
-              wv = {0}, nv = {0}, nnv = {0}, lv = {0}, pv = {0}, ov = {0};
+    step_call c;
+    memset(&c, 0, sizeof c);
+    Py_buffer lv = {0}, pv = {0}, ov = {0};
     PyObject *result = NULL, *layout_obj = NULL, *pool_obj = NULL, *where_obj = NULL;
     const uint8_t **bases = NULL;
     fate_layout routed;
     double limit = 0.0, alpha = 0.0;
-    fate_step s;
-    if (get_buffer(step_obj, &sv, 0, "step") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
-        get_buffer(key_obj, &kv, 1, "key") || get_buffer(value_obj, &vv, 1, "value") ||
-        get_buffer(cos_obj, &cv, 0, "cos") || get_buffer(sin_obj, &snv, 0, "sin") ||
-        get_buffer(res_obj, &rv, 1, "residual") || get_buffer(ri_obj, &riv, 1, "router_input") ||
-        get_buffer(ids_obj, &iv, 1, "ids") || get_buffer(w_obj, &wv, 1, "weights") ||
-        (next_obj != Py_None && get_buffer(next_obj, &nv, 1, "next_logits")) ||
-        (next_norm_obj != Py_None && get_buffer(next_norm_obj, &nnv, 1, "next_logits_norm")))
-        goto done;
-    if (sv.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); goto done; }
-    memcpy(s.v, sv.buf, sizeof s.v);
-    s.eps = (float)eps; s.scale = (float)scale; s.shared_scale = (float)shared_scale;
-    s.routed_scaling = (float)routed_scaling;
-    s.clip = (float)clip;
-    s.topk_eps = (float)topk_eps;
-    int64_t need = fate_step_bytes(&s);
-    if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); goto done; }
-    if (gv.len < need) {
-        PyErr_Format(PyExc_ValueError, "graph buffer has %zd bytes; its step needs %lld", gv.len, (long long)need);
-        goto done;
-    }
-    const int64_t *v = s.v;
+    if (take_step_call(o, f, &c)) goto done;
+    const int64_t *v = c.s.v;
     int64_t h = v[S_HIDDEN], per_position = v[S_KV_HEADS] * v[S_HEAD_DIM] * 4;
-    if (xv.len != h * 4 || rv.len != h * 4 || riv.len != h * 4 || iv.len != v[S_TOP_K] * 8 ||
-        wv.len != v[S_TOP_K] * 4 || cv.len < v[S_ROT_HALF] * 4 || snv.len < v[S_ROT_HALF] * 4 ||
-        kv.len != vv.len || kv.len % per_position ||
-        (nv.obj && nv.len != v[S_NEXT_EXPERTS] * 4) || (nnv.obj && nnv.len != v[S_NEXT_EXPERTS] * 4) ||
-        ((nv.obj || nnv.obj) && v[S_NEXT_EXPERTS] == 0)) {
+    if (c.x.len != h * 4 || c.residual.len != h * 4 || c.router_input.len != h * 4 || c.ids.len != v[S_TOP_K] * 8 ||
+        c.weights.len != v[S_TOP_K] * 4 || c.cos.len < v[S_ROT_HALF] * 4 || c.sin.len < v[S_ROT_HALF] * 4 ||
+        c.key.len != c.value.len || c.key.len % per_position ||
+        (c.next.obj && c.next.len != v[S_NEXT_EXPERTS] * 4) ||
+        (c.next_norm.obj && c.next_norm.len != v[S_NEXT_EXPERTS] * 4) ||
+        ((c.next.obj || c.next_norm.obj) && v[S_NEXT_EXPERTS] == 0)) {
         PyErr_SetString(PyExc_ValueError, "run_step: an array has the wrong size");
         goto done;
     }
-    int64_t capacity = kv.len / per_position;
+    int64_t capacity = c.key.len / per_position;
     if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
     if (routed_obj != Py_None) { /* the layer's experts: where each one's bytes lie in one pool, if there */
         if (!PyArg_ParseTuple(routed_obj, "OddOO", &layout_obj, &limit, &alpha, &pool_obj, &where_obj) ||
@@ -227,15 +242,16 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fate_run_step(&s, gv.buf, xv.buf, kv.buf, vv.buf, capacity, pos, cv.buf, snv.buf, rv.buf, riv.buf, iv.buf,
-                       wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, bases ? &routed : NULL, bases,
-                       threads);
+    rc = fate_run_step(&c.s, c.graph.buf, c.x.buf, c.key.buf, c.value.buf, capacity, pos, c.cos.buf, c.sin.buf,
+                       c.residual.buf, c.router_input.buf, c.ids.buf, c.weights.buf, c.next.obj ? c.next.buf : NULL,
+                       c.next_norm.obj ? c.next_norm.buf : NULL, bases ? &routed : NULL, bases, threads);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_NoMemory(); goto done; }
     result = PyBool_FromLong(bases != NULL && rc == 0);
 done:;
-    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv, &lv, &pv, &ov};
+    Py_buffer *views[] = {&lv, &pv, &ov};
     release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
+    release_step_call(&c);
     return result;
 }
 
@@ -248,62 +264,43 @@ static const char prefill_doc[] =
 
 static PyObject *run_prefill(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *step_obj, *graph_obj, *x_obj, *key_obj, *value_obj, *cos_obj, *sin_obj, *res_obj, *ri_obj, *ids_obj,
-        *w_obj, *next_obj, *next_norm_obj;
-    double eps, scale, shared_scale, routed_scaling, clip, topk_eps;
+    PyObject *o[13];
+    double f[6];
     long long pos0;
     int threads;
-    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOi", &step_obj, &eps, &scale, &shared_scale, &routed_scaling,
-                          &clip, &topk_eps, &graph_obj, &x_obj, &key_obj, &value_obj, &pos0, &cos_obj, &sin_obj,
-                          &res_obj, &ri_obj, &ids_obj, &w_obj, &next_obj, &next_norm_obj, &threads))
+    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOi", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &o[1],
+                          &o[2], &o[3], &o[4], &pos0, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12],
+                          &threads))
         return NULL;
-    Py_buffer sv = {0}, gv = {0}, xv = {0}, kv = {0}, vv = {0}, cv = {0}, snv = {0}, rv = {0}, riv = {0}, iv = {0},
-              wv = {0}, nv = {0}, nnv = {0};
+    step_call c;
+    memset(&c, 0, sizeof c);
     PyObject *result = NULL;
-    fate_step s;
-    if (get_buffer(step_obj, &sv, 0, "step") || get_buffer(graph_obj, &gv, 0, "graph") || get_buffer(x_obj, &xv, 0, "x") ||
-        get_buffer(key_obj, &kv, 1, "key") || get_buffer(value_obj, &vv, 1, "value") ||
-        get_buffer(cos_obj, &cv, 0, "cos") || get_buffer(sin_obj, &snv, 0, "sin") ||
-        get_buffer(res_obj, &rv, 1, "residual") || get_buffer(ri_obj, &riv, 1, "router_input") ||
-        get_buffer(ids_obj, &iv, 1, "ids") || get_buffer(w_obj, &wv, 1, "weights") ||
-        (next_obj != Py_None && get_buffer(next_obj, &nv, 1, "next_logits")) ||
-        (next_norm_obj != Py_None && get_buffer(next_norm_obj, &nnv, 1, "next_logits_norm")))
-        goto done;
-    if (sv.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); goto done; }
-    memcpy(s.v, sv.buf, sizeof s.v);
-    s.eps = (float)eps; s.scale = (float)scale; s.shared_scale = (float)shared_scale;
-    s.routed_scaling = (float)routed_scaling; s.clip = (float)clip; s.topk_eps = (float)topk_eps;
-    int64_t need = fate_step_bytes(&s);
-    if (need < 0) { PyErr_SetString(PyExc_ValueError, "step: unsupported numbers or a bad offset"); goto done; }
-    if (gv.len < need) {
-        PyErr_Format(PyExc_ValueError, "graph buffer has %zd bytes; its step needs %lld", gv.len, (long long)need);
-        goto done;
-    }
-    const int64_t *v = s.v;
+    if (take_step_call(o, f, &c)) goto done;
+    const int64_t *v = c.s.v;
     int64_t h = v[S_HIDDEN], per_position = v[S_KV_HEADS] * v[S_HEAD_DIM] * 4, k = v[S_TOP_K];
-    int64_t tokens = xv.len / (h * 4), next = v[S_NEXT_EXPERTS], half = v[S_ROT_HALF];
-    if (tokens <= 0 || xv.len != tokens * h * 4 || rv.len != xv.len || riv.len != xv.len || iv.len != tokens * k * 8 ||
-        wv.len != tokens * k * 4 || kv.len != vv.len || kv.len % per_position || cv.len != snv.len ||
-        (nv.obj && nv.len != tokens * next * 4) || (nnv.obj && nnv.len != tokens * next * 4) ||
-        ((nv.obj || nnv.obj) && next == 0)) {
+    int64_t tokens = c.x.len / (h * 4), next = v[S_NEXT_EXPERTS], half = v[S_ROT_HALF];
+    if (tokens <= 0 || c.x.len != tokens * h * 4 || c.residual.len != c.x.len || c.router_input.len != c.x.len ||
+        c.ids.len != tokens * k * 8 || c.weights.len != tokens * k * 4 || c.key.len != c.value.len ||
+        c.key.len % per_position || c.cos.len != c.sin.len || (c.next.obj && c.next.len != tokens * next * 4) ||
+        (c.next_norm.obj && c.next_norm.len != tokens * next * 4) || ((c.next.obj || c.next_norm.obj) && next == 0)) {
         PyErr_SetString(PyExc_ValueError, "run_prefill: an array has the wrong size");
         goto done;
     }
-    int64_t capacity = kv.len / per_position;
-    if (pos0 < 0 || pos0 + tokens > capacity || (half > 0 && cv.len < (pos0 + tokens) * half * 4)) {
+    int64_t capacity = c.key.len / per_position;
+    if (pos0 < 0 || pos0 + tokens > capacity || (half > 0 && c.cos.len < (pos0 + tokens) * half * 4)) {
         PyErr_SetString(PyExc_IndexError, "run_prefill: the positions are outside the caches or the tables");
         goto done;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fate_run_prefill(&s, gv.buf, xv.buf, tokens, kv.buf, vv.buf, capacity, pos0, cv.buf, snv.buf, rv.buf, riv.buf,
-                          iv.buf, wv.buf, nv.obj ? nv.buf : NULL, nnv.obj ? nnv.buf : NULL, threads);
+    rc = fate_run_prefill(&c.s, c.graph.buf, c.x.buf, tokens, c.key.buf, c.value.buf, capacity, pos0, c.cos.buf,
+                          c.sin.buf, c.residual.buf, c.router_input.buf, c.ids.buf, c.weights.buf,
+                          c.next.obj ? c.next.buf : NULL, c.next_norm.obj ? c.next_norm.buf : NULL, threads);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_NoMemory(); goto done; }
     result = Py_NewRef(Py_None);
-done:;
-    Py_buffer *views[] = {&sv, &gv, &xv, &kv, &vv, &cv, &snv, &rv, &riv, &iv, &wv, &nv, &nnv};
-    release(NULL, 0, NULL, NULL, views, sizeof views / sizeof *views);
+done:
+    release_step_call(&c);
     return result;
 }
 

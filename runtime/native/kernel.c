@@ -906,6 +906,7 @@ typedef struct {
     const int32_t *asum;
     const float *x;
     float *y;
+    int m_count; /* tokens a projection computes at once (1 in decode, up to TILE in prefill) */
     int64_t rows_per_task;
     /* attention */
     const float *q;
@@ -924,10 +925,11 @@ static void rows_task(void *ctx, int64_t t) {
     step_t *st = ctx;
     int64_t first = t * st->rows_per_task, end = first + st->rows_per_task;
     if (end > st->proj.n) end = st->proj.n;
-    project_rows(&st->proj, &st->math, st->aq, st->as, st->asum, st->x, st->y, st->proj.n, 1, first, end);
+    project_rows(&st->proj, &st->math, st->aq, st->as, st->asum, st->x, st->y, st->proj.n, st->m_count, first, end);
 }
 
-/* y = x @ W^T for one token, rows shared among the caller and up to threads - 1 pool threads */
+/* y [m_count, n] = x @ W^T for st->m_count tokens in one pass over the weights, rows shared among the
+ * caller and up to threads - 1 pool threads */
 static void step_project(step_t *st, const proj_t *p, const int8_t *aq, const float *as, const int32_t *asum,
                          const float *x, float *y, int threads) {
     st->proj = *p;
@@ -1143,6 +1145,7 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     st.math.bits = (int)v[S_BITS];
     st.math.bs = bs;
     st.math.int8 = (int)v[S_INT8];
+    st.m_count = 1;
     pthread_mutex_lock(&call_lock);
 
     /* attention: q|k|v of the normed token */
@@ -1233,40 +1236,16 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
 
 /* ------------------------------------------------------------------ prefill: the step over many tokens */
 
-typedef struct {
-    proj_t proj;
-    math_t math;
-    const int8_t *aq;
-    const float *as;
-    const int32_t *asum;
-    const float *x;
-    float *y;
-    int m_count;
-    int64_t rows_per_task;
-} tile_t;
-
-static void tile_task(void *ctx, int64_t t) {
-    tile_t *tt = ctx;
-    int64_t first = t * tt->rows_per_task, end = first + tt->rows_per_task;
-    if (end > tt->proj.n) end = tt->proj.n;
-    project_rows(&tt->proj, &tt->math, tt->aq, tt->as, tt->asum, tt->x, tt->y, tt->proj.n, tt->m_count, first, end);
-}
-
 /* y [m, n] = x [m, k] @ W^T for m <= TILE tokens in one pass over the weights; each row quantized as
- * the step quantizes its one (the same int8 activations per token), rows shared among the threads */
-static void tile_project(const proj_t *p, const math_t *math, const float *x, int m_count, int8_t *aq, float *as,
+ * the step quantizes its one (the same int8 activations per token) */
+static void tile_project(step_t *st, const proj_t *p, const float *x, int m_count, int8_t *aq, float *as,
                          int32_t *asum, float *y, int threads) {
-    if (math->int8)
+    if (st->math.int8)
         for (int m = 0; m < m_count; m++)
-            quantize_row(x + m * p->k, p->k, math->bs, math->bits, aq + m * p->blocks * math->bs, as + m * p->blocks,
-                         asum + m * p->blocks);
-    tile_t tt = {*p, *math, aq, as, asum, x, y, m_count, 0};
-    int64_t worth = p->n * p->blocks * p->block_bytes / BYTES_PER_THREAD - 1;
-    int helpers = threads > 1 ? threads - 1 : 0;
-    if (worth < helpers) helpers = worth > 0 ? (int)worth : 0;
-    int64_t split = (int64_t)(helpers + 1) * STEP_TASKS_PER_THREAD;
-    tt.rows_per_task = ((p->n + split - 1) / split + 3) / 4 * 4;
-    run_all(tile_task, &tt, (p->n + tt.rows_per_task - 1) / tt.rows_per_task, helpers);
+            quantize_row(x + m * p->k, p->k, st->math.bs, st->math.bits, aq + m * p->blocks * st->math.bs,
+                         as + m * p->blocks, asum + m * p->blocks);
+    st->m_count = m_count;
+    step_project(st, p, aq, as, asum, x, y, threads);
 }
 
 int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, int64_t tokens, float *key, float *value,
@@ -1293,7 +1272,6 @@ int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, in
     float *renormed = logits + 2 * experts, *scores = renormed + h;
     int32_t *asum = (int32_t *)(scores + heads * positions);
     int8_t *aq = (int8_t *)(asum + TILE * blocks);
-    math_t math = {(int)v[S_BITS], bs, (int)v[S_INT8]};
     int sigmoid_routing = v[S_SCORING] == 1;
     const uint8_t *next_bias = o[T_NEXT_SCORE_BIAS] != -1 ? base + o[T_NEXT_SCORE_BIAS] : NULL;
     proj_t qkv = step_projection(s, base, T_QKV_W, qkv_n, h), out = step_projection(s, base, T_O_W, h, heads * d);
@@ -1304,12 +1282,13 @@ int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, in
     }
     step_t st;
     memset(&st, 0, sizeof st);
+    st.math = (math_t){(int)v[S_BITS], bs, (int)v[S_INT8]};
     pthread_mutex_lock(&call_lock);
     for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
         int m_count = tokens - t0 < TILE ? (int)(tokens - t0) : TILE;
         const float *xs = x + t0 * h;
         for (int m = 0; m < m_count; m++) rms_norm(xs + m * h, base + o[T_ATTN_NORM], h, s->eps, normed + m * h);
-        tile_project(&qkv, &math, normed, m_count, aq, as, asum, y, threads);
+        tile_project(&st, &qkv, normed, m_count, aq, as, asum, y, threads);
         for (int m = 0; m < m_count; m++) { /* as the step does each token: bias, norms, clamp, rotation, caches */
             int64_t pos = pos0 + t0 + m;
             float *row = y + m * qkv_n, *q = row, *k = row + heads * d, *val = k + kv * d;
@@ -1342,7 +1321,7 @@ int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, in
             int helpers = threads > 1 ? threads - 1 : 0;
             run_all(head_task, &st, heads, worth < helpers ? (worth > 0 ? (int)worth : 0) : helpers);
         }
-        tile_project(&out, &math, context, m_count, aq, as, asum, attn, threads);
+        tile_project(&st, &out, context, m_count, aq, as, asum, attn, threads);
         for (int m = 0; m < m_count; m++) {
             float *a = attn + m * h, *hd = hidden + m * h, *ri = router_input + (t0 + m) * h;
             if (o[T_O_B] != -1)
@@ -1374,13 +1353,13 @@ int fate_run_prefill(const fate_step *s, const uint8_t *base, const float *x, in
             }
         }
         if (inter > 0) {
-            tile_project(&gate_up, &math, router_input + t0 * h, m_count, aq, as, asum, y, threads);
+            tile_project(&st, &gate_up, router_input + t0 * h, m_count, aq, as, asum, y, threads);
             for (int m = 0; m < m_count; m++)
                 for (int64_t i = 0; i < inter; i++) {
                     float g = y[m * 2 * inter + i], u = y[m * 2 * inter + inter + i];
                     act[m * inter + i] = g * sigmoid(g) * u;
                 }
-            tile_project(&down, &math, act, m_count, aq, as, asum, attn, threads);
+            tile_project(&st, &down, act, m_count, aq, as, asum, attn, threads);
             for (int m = 0; m < m_count; m++) {
                 float gate = s->shared_scale;
                 if (o[T_SHARED_GATE] != -1) {
@@ -1426,6 +1405,7 @@ int fate_run_head(const int64_t *v, float eps, float scaling, const uint8_t *bas
     st.math.bits = (int)bits;
     st.math.bs = bs;
     st.math.int8 = (int)v[H_INT8];
+    st.m_count = 1;
     proj_t p;
     p.n = n;
     p.k = h;

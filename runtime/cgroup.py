@@ -36,25 +36,21 @@ class MemoryCgroup:
 
     @staticmethod
     def _make(name: str) -> tuple[Path, int]:
+        """A new cgroup under the first hierarchy that has a memory controller this process may use."""
+        v2_controllers = V2 / "cgroup.subtree_control"
+        hierarchies = [(V1, 1, (V1 / "cgroup.procs").exists()),
+                       (V2, 2, v2_controllers.exists() and "memory" in v2_controllers.read_text().split())]
         reasons = []
-        if (V1 / "cgroup.procs").exists():
+        for root, version, mounted in hierarchies:
+            if not mounted:
+                continue
             try:
-                path = V1 / name
-                path.mkdir()
-                return path, 1
+                (root / name).mkdir()
+                return root / name, version
             except OSError as e:
-                reasons.append(f"cgroup v1 {V1}: {e.strerror}")
-        controllers = V2 / "cgroup.subtree_control"
-        if controllers.exists() and "memory" in controllers.read_text().split():
-            try:
-                path = V2 / name
-                path.mkdir()
-                return path, 2
-            except OSError as e:
-                reasons.append(f"cgroup v2 {V2}: {e.strerror}")
-        elif not reasons:
-            reasons.append("no memory cgroup controller is mounted where this process may use it")
-        raise FateError(f"cannot cap memory: {'; '.join(reasons) or 'no cgroup'} (run as root, or give no limits)")
+                reasons.append(f"cgroup v{version} {root}: {e.strerror}")
+        reason = "; ".join(reasons) or "no memory cgroup controller is mounted where this process may use it"
+        raise FateError(f"cannot cap memory: {reason} (run as root, or give no limits)")
 
     def __enter__(self) -> "MemoryCgroup":
         try:

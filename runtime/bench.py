@@ -13,7 +13,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from .plan import POOLS
 from .sessions import usable_cores
 from .svg import svg_chart
 from .text import TextCodec
-from .trace import read_trace
+from .trace import TraceHeader, TraceRecord
 
 DEFAULT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people who "
@@ -88,15 +87,14 @@ def run_one(config: RunConfig) -> dict:
                            decode_steps=config.decode_steps, memory_limit=limit,
                            context=len(config.prompt_ids) + config.gen_len)
     load_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="fate-bench-") as folder:
-        trace = Path(folder) / "trace.jsonl"
-        try:
-            model.start_trace(trace)
-            result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
-            report = model.experts.report()
-        finally:
-            model.close()
-        optimal = optimal_decode_bytes(trace)
+    try:
+        if offload is not None:
+            model.start_trace()  # in memory: Belady's bytes at this run's capacity, below
+        result = generate(model, config.prompt_ids, config.gen_len, SamplingConfig(), eos_ids=set())
+        report = model.experts.report()
+    finally:
+        model.close()
+    optimal = optimal_decode_bytes(model.trace.header, model.trace.records) if model.trace is not None else None
     s = result.stats
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
            "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
@@ -110,13 +108,12 @@ def run_one(config: RunConfig) -> dict:
     return row
 
 
-def optimal_decode_bytes(trace: Path) -> float | None:
+def optimal_decode_bytes(header: TraceHeader, records: list[TraceRecord]) -> float | None:
     """Bytes per decode token Belady's optimal cache reads over a run's own routing, with the run's
     slots in one pool (runtime.replay): the least any cache of that size could have read."""
     from .replay import accesses_of, belady
     from .replay_cli import Capacity
 
-    header, records = read_trace(trace)
     tokens = len({r.step for r in records if r.phase == "decode"})
     if not tokens:
         return None

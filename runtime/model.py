@@ -26,7 +26,7 @@ from .positions import PositionTables
 from .sessions import NamedSession, graph_threads, make_session
 from .slots import slot_size
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
-from .trace import TraceWriter
+from .trace import TraceRecorder
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # A long prompt runs this many tokens at a time: what a step holds besides the weights (the
@@ -94,7 +94,8 @@ class FateModel:
                 self.layers[-1] = session = None
                 release_freed_memory()  # the session's memory, before the next layer's is made
         release_freed_memory()  # what loading read and let go (graph bytes, onnxruntime's transients)
-        self.trace: TraceWriter | None = None  # start_trace
+        self.trace: TraceRecorder | None = None  # start_trace
+        self._trace_path: str | os.PathLike | None = None
         self.memory_plan: MemoryPlan | None = None  # load(memory_limit=...)
         self.context = self.spec.max_positions  # tokens a sequence may hold
         self._steps_run = 0
@@ -217,10 +218,10 @@ class FateModel:
         held = sum(len(step.graph) for step in self.steps.values())
         return held + (len(self.native_head.graph) if self.native_head is not None else 0)
 
-    def start_trace(self, path: str | os.PathLike) -> None:
-        """Write the routing of every forward pass from now on to `path` (runtime.trace), whole once
-        `close()` is called."""
-        self.trace = TraceWriter(path, self.experts.trace_header())
+    def start_trace(self, path: str | os.PathLike | None = None) -> None:
+        """Record the routing of every forward pass from now on (runtime.trace): in `trace.records`, and
+        with `path`, written there when `close()` is called."""
+        self.trace, self._trace_path = TraceRecorder(self.experts.trace_header()), path
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.manifest)
@@ -325,9 +326,12 @@ class FateModel:
         return self.head_logits(self.forward(np.asarray(ids), self.new_cache()))
 
     def close(self) -> None:
-        if self.trace is not None:
-            self.trace.close()
-        self.experts.close()
+        try:
+            if self.trace is not None and self._trace_path is not None:
+                self.trace.save(self._trace_path)
+                self._trace_path = None
+        finally:
+            self.experts.close()
 
 
 def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,

@@ -57,33 +57,42 @@ class TraceRecord:
     predicted: tuple[int, ...] | None = None
 
 
-class TraceWriter:
-    """Writes a trace as the run goes, to FILE.part, renamed to FILE when closed: a trace that is
-    there is whole."""
+class TraceRecorder:
+    """The routing of a run as it goes, kept in memory (one append per layer on the decode path, nothing
+    serialized there); `records` for a replay in the same process, `save(path)` for fate-replay."""
 
-    def __init__(self, path: str | os.PathLike, header: TraceHeader):
-        self.path = Path(path)
-        self._part = self.path.with_name(self.path.name + ".part")
-        try:
-            self._file = open(self._part, "w", encoding="utf-8")
-        except OSError as e:
-            raise FateError(f"cannot write the trace {self.path}: {e.strerror}") from None
-        self._line({"trace": TRACE_VERSION, "pool": header.pool, "layers": [asdict(l) for l in header.layers]})
-
-    def _line(self, value: dict) -> None:
-        self._file.write(json.dumps(value, separators=(",", ":")) + "\n")
+    def __init__(self, header: TraceHeader):
+        self.header = header
+        self._rows: list[tuple] = []
 
     def record(self, phase: str, step: int, first_token: int, layer: int, ids, predicted) -> None:
-        """One line per token of ids [tokens, k] (the router's choice, in its order)."""
-        guess = None if predicted is None else sorted(int(e) for e in predicted)
-        for t, row in enumerate(ids.tolist()):
-            self._line({"phase": phase, "step": step, "token": first_token + t, "layer": layer, "experts": row,
-                        "predicted": guess})
+        """ids [tokens, k]: the router's choice, in its order; predicted: the experts asked for before."""
+        self._rows.append((phase, step, first_token, layer, ids.copy(), predicted))
 
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-            os.replace(self._part, self.path)
+    @property
+    def records(self) -> list[TraceRecord]:
+        """One record per (phase, token, layer)."""
+        out = []
+        for phase, step, first_token, layer, ids, predicted in self._rows:
+            guess = None if predicted is None else tuple(sorted(int(e) for e in predicted))
+            out += [TraceRecord(phase, step, first_token + t, layer, tuple(row), guess)
+                    for t, row in enumerate(ids.tolist())]
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Written to FILE.part, renamed to FILE once whole: a trace that is there is whole."""
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        lines = [{"trace": TRACE_VERSION, "pool": self.header.pool, "layers": [asdict(l) for l in self.header.layers]}]
+        lines += [{"phase": r.phase, "step": r.step, "token": r.token, "layer": r.layer, "experts": list(r.experts),
+                   "predicted": None if r.predicted is None else list(r.predicted)} for r in self.records]
+        try:
+            with open(part, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+            os.replace(part, path)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise FateError(f"cannot write the trace {path}: {e.strerror}") from None
 
 
 def read_trace(path: str | os.PathLike) -> tuple[TraceHeader, list[TraceRecord]]:

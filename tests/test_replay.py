@@ -10,7 +10,7 @@ import pytest
 from fate.artifacts import FateError
 from fate.runtime.cache import POLICIES
 from fate.runtime.replay import Access, accesses_of, belady, replay_miss_rate, simulate
-from fate.runtime.trace import LayerSlots, TraceHeader, TraceRecord, TraceWriter, read_trace
+from fate.runtime.trace import LayerSlots, TraceHeader, TraceRecord, TraceRecorder, read_trace
 
 
 def synthetic(seed: int, layers: int = 4, experts: int = 12, top_k: int = 2, tokens: int = 120) -> list[Access]:
@@ -83,3 +83,50 @@ def test_a_miss_never_evicts_the_next_layers_prefetch_while_anything_else_can_go
                 Access("decode", 1, frozenset({5}), (5,))]
     result = simulate(accesses, "lru", {"g": 2}, {0: "g", 1: "g"}, {0: 1, 1: 1}, prefetch=True)
     assert (result.hits, result.misses, result.prefetched) == (1, 2, 1)
+
+
+def header() -> TraceHeader:
+    return TraceHeader([LayerSlots(0, 8, 2, 3, 4096), LayerSlots(2, 8, 2, 3, 4096)], "global")
+
+
+def test_a_trace_reads_back_as_written(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "t.jsonl"
+    recorder = TraceRecorder(header())
+    recorder.record("prefill", 0, 0, 0, np.array([[1, 2], [3, 4]]), None)
+    ids = np.array([[5, 0]])
+    recorder.record("decode", 1, 2, 2, ids, {5, 7})
+    ids[0, 0] = 6  # the recorder keeps what the router chose, not the caller's buffer
+    expected = [TraceRecord("prefill", 0, 0, 0, (1, 2)), TraceRecord("prefill", 0, 1, 0, (3, 4)),
+                TraceRecord("decode", 1, 2, 2, (5, 0), (5, 7))]
+    assert recorder.records == expected
+    assert not path.exists()  # nothing written until saved
+    recorder.save(path)
+    assert not path.with_name(path.name + ".part").exists()  # written beside, renamed when whole
+    read, records = read_trace(path)
+    assert read == header() and records == expected
+    joined = accesses_of(records)
+    assert [a.needed for a in joined] == [frozenset({1, 2, 3, 4}), frozenset({5, 0})]
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"phase": "decode", "step": 1, "token": 0, "layer": 9, "experts": [1]}', "layer 9"),
+    ('{"phase": "decode", "step": 1, "token": 0, "layer": 0, "experts": [8]}', "expert id"),
+    ('{"phase": "later", "step": 1, "token": 0, "layer": 0, "experts": [1]}', "phase"),
+    ('{"phase": "decode", "step": -1, "token": 0, "layer": 0, "experts": [1]}', "step"),
+    ('not json', "line 2"),
+])
+def test_a_damaged_trace_is_one_error_naming_the_line(tmp_path, line, says):
+    path = tmp_path / "t.jsonl"
+    TraceRecorder(header()).save(path)
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(FateError, match=says):
+        read_trace(path)
+
+
+def test_a_trace_that_cannot_be_written_is_one_error_and_leaves_nothing(tmp_path):
+    target = tmp_path / "missing" / "t.jsonl"
+    with pytest.raises(FateError, match="cannot write the trace"):
+        TraceRecorder(header()).save(target)
+    assert not target.parent.exists()

@@ -14,7 +14,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
-from .memory import plan_memory
+from .memory import PREFILL_CHUNK, plan_memory
 from .svg import svg_chart
 
 def skew(popularity: list[float]) -> float:
@@ -147,11 +147,11 @@ def memory_line(art: Artifact) -> str:
     m = art.manifest
     graphs = [m.embed_graph, m.head_graph, *(l.graph for l in m.layers), *(l.combine_graph for l in m.layers
                                                                             if l.combine_graph)]
-    plan = plan_memory(m, {g: art.member(g).size for g in graphs}, 0, 1, steps=True, baseline=0)
+    plan = plan_memory(m, {g: art.member(g).size for g in graphs}, 0, PREFILL_CHUNK, steps=True, baseline=0)
     experts = {p: sum(art.entry(path).size for l in m.moe_layers for path in l.experts.get(p, [])) for p in m.precisions}
     return (f"memory: non-expert graphs held {(plan.dense + plan.steps) / 1e6:.1f} MB ({plan.steps / 1e6:.1f} MB of them "
-            f"run by native steps, held once), KV cache {plan.kv_cache / 1e3:.1f} KB per token, prefill scratch "
-            f"{plan.scratch * 256 / 1e6:.1f} MB; experts {', '.join(f'{p} {b / 1e6:.1f} MB' for p, b in experts.items())}")
+            f"run by native steps, held once), KV cache {plan.kv_cache / PREFILL_CHUNK / 1e3:.1f} KB per token, "
+            f"prefill scratch {plan.scratch / 1e6:.1f} MB; experts {', '.join(f'{p} {b / 1e6:.1f} MB' for p, b in experts.items())}")
 
 
 def span_list(indices: list[int]) -> str:

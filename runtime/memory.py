@@ -51,6 +51,10 @@ LOAD_TRANSIENT = 3  # while a graph loads: its bytes, onnxruntime's parse, prepa
 SCRATCH_ROWS = 72  # a prefill chunk's activations through graphs, in hidden-size rows per token (measured 46-66)
 STEP_SCRATCH_ROWS = 20  # the same where every attention layer runs native steps (tiles; measured 12-15)
 HEADROOM = 64 << 20  # the tokenizer, thread stacks, allocator slack
+# A long prompt runs this many tokens at a time (runtime.model): what a step holds besides the weights (the
+# attention's mask and scores, each token's routed experts' outputs) grows with its tokens, and with the
+# whole sequence for attention; at qwen shapes a 4,096-token prompt in one step peaked 2.9 GB above the model
+PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class MemoryPlan:
 
 
 def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int, steps: bool,
-                baseline: int | None = None, prefill_chunk: int = 256, reserved: int = 0) -> MemoryPlan:
+                baseline: int | None = None, reserved: int = 0) -> MemoryPlan:
     """The plan for `limit` bytes: graph_bytes: each non-expert graph's file size; `steps`: whether
     the layers (and head) with a native step run it (their graphs then held once, by the step);
     `reserved`: what the command holds beside the model."""
@@ -97,7 +101,7 @@ def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int,
     attention = [layer for layer in manifest.layers if layer.mixer == "attention"]
     kv = len(attention) * context * 4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim)
     rows = STEP_SCRATCH_ROWS if all(layer.graph in stepped for layer in attention) else SCRATCH_ROWS
-    scratch = min(prefill_chunk, context) * spec.hidden_size * 4 * rows
+    scratch = min(PREFILL_CHUNK, context) * spec.hidden_size * 4 * rows
     return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense,
                       sum(graph_bytes[g] for g in stepped), kv, context, scratch,
                       LOAD_TRANSIENT * max(graph_bytes.values(), default=0), reserved=reserved)

@@ -19,7 +19,7 @@ from .decode_step import NativeDecodeStep, NativeHead
 from .expert_cache import BudgetError
 from .experts import ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
-from .memory import MemoryPlan, current_rss, plan_memory, release_freed_memory
+from .memory import PREFILL_CHUNK, MemoryPlan, current_rss, plan_memory, release_freed_memory
 from .offload import OffloadedExperts, OffloadOptions
 from .plan import plan_run
 from .positions import PositionTables
@@ -29,11 +29,6 @@ from .state import KVCache, hands_on_partial, layer_feeds, state_names
 from .trace import TraceRecorder
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
-# A long prompt runs this many tokens at a time: what a step holds besides the weights (the
-# attention's mask and scores, each token's routed experts' outputs) grows with its tokens, and with
-# the whole sequence for attention; at qwen shapes a 4,096-token prompt in one step peaked 2.9 GB
-# above the model
-PREFILL_CHUNK = 256
 # The context a memory limit plans its KV cache for unless told (the model's, where that is smaller)
 DEFAULT_CONTEXT = 4096
 

@@ -14,7 +14,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .api import Engine
 from .cache import DEFAULT_POLICY, POLICIES
-from .generate import GenerationResult, SamplingConfig
+from .generate import GenerationResult, SamplingConfig, penalty_problem
 from .memory import current_rss, peak_rss
 from .executors import EXECUTORS
 from .offload import OffloadOptions
@@ -26,18 +26,25 @@ MAX_PREFETCH_THREADS = 64
 
 
 def sampling_from_flags(engine: Engine, greedy: bool, temperature: float | None, top_p: float | None,
-                        top_k: int | None, seed: int | None) -> SamplingConfig:
-    """--greedy wins; any sampling flag means sampling; otherwise the model's generation defaults."""
+                        top_k: int | None, seed: int | None, min_p: float | None = None,
+                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                        repetition_penalty: float = 1.0) -> SamplingConfig:
+    """--greedy wins; any sampling flag means sampling; otherwise the model's generation defaults.
+    The penalties apply to greedy decoding too."""
     defaults = engine.model.manifest.generation
-    asked_to_sample = any(v is not None for v in (temperature, top_p, top_k))
+    asked_to_sample = any(v is not None for v in (temperature, top_p, top_k, min_p))
     if greedy and asked_to_sample:
-        raise FateError("--greedy cannot be combined with --temperature, --top-p or --top-k")
+        raise FateError("--greedy cannot be combined with --temperature, --top-p, --top-k or --min-p")
+    problem = penalty_problem(min_p or 0.0, presence_penalty, frequency_penalty, repetition_penalty, sep="-")
+    if problem:
+        raise FateError(f"--{problem}")
     return SamplingConfig(
         greedy=greedy or not (asked_to_sample or defaults.do_sample),
         temperature=temperature if temperature is not None else defaults.temperature,
         top_p=top_p if top_p is not None else defaults.top_p,
         top_k=top_k if top_k is not None else defaults.top_k,
-        seed=seed,
+        seed=seed, min_p=min_p or 0.0, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
     )
 
 
@@ -177,21 +184,35 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--top-p", type=float, default=None)
 @click.option("--top-k", type=int, default=None)
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--min-p", type=float, default=None, help="Drop tokens less likely than this share of the likeliest one.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted from every token already generated (-2 to 2, as OpenAI's).")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted per time a token was generated (-2 to 2, as OpenAI's).")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="Divides the scores of tokens in the prompt or output (transformers'; 1 is none).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@click.option("--chat-template", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A Jinja chat template to use in place of the artifact's (implies --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, timings, stats).")
 @engine_options
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 @click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
               help="Write the routing of this run to FILE, one JSON line per (phase, token, layer), for fate-replay.")
 def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
-         top_p: float | None, top_k: int | None, seed: int | None, chat: bool, as_json: bool, ignore_eos: bool,
-         trace_path: str | None, **engine_flags) -> None:
+         top_p: float | None, top_k: int | None, seed: int | None, min_p: float | None, presence_penalty: float,
+         frequency_penalty: float, repetition_penalty: float, chat: bool, chat_template: str | None,
+         as_json: bool, ignore_eos: bool, trace_path: str | None, **engine_flags) -> None:
     """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
     try:
         # a prompt of N bytes is at most N tokens; 256 more for a chat template's own
         engine = load_engine(artifact, **engine_flags,
                              default_context=len(prompt.encode("utf-8")) + max_new_tokens + 256)
-        sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed)
+        sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed, min_p, presence_penalty,
+                                       frequency_penalty, repetition_penalty)
+        if chat_template is not None:
+            engine.codec.use_template(chat_template)
+            chat = True
         if trace_path is not None:
             engine.model.start_trace(trace_path)
         result = GenerationResult([])

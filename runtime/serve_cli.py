@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 
@@ -30,10 +31,21 @@ from .cli import engine_options, load_engine
                    "its new tokens (beside the expert budget; within --memory-limit); 0 turns it off.")
 @click.option("--max-request-size", default="8MB", show_default=True,
               help="The largest request body taken; a larger one is answered 413 before it is read.")
+@click.option("--strict-model-name", is_flag=True,
+              help="Answer 404 to a request naming another model (by default one model is served whatever it names).")
+@click.option("--api-key", default=None, envvar="FATE_API_KEY", show_envvar=True,
+              help="A key every /v1 and /metrics request must send (Authorization: Bearer KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A browser origin allowed to call the API (http://localhost:3000, or * for any); repeatable. "
+                   "Off unless given.")
+@click.option("--chat-template", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A Jinja chat template to use in place of the artifact's.")
 @engine_options
 def main(artifact: str, host: str, port: int, model_name: str | None, max_queue: int, request_timeout: float,
-         conversation_cache: str, max_request_size: str, **engine_flags) -> None:
-    """Serve a Fate ARTIFACT with OpenAI's HTTP API (completions, chat completions, streaming)."""
+         conversation_cache: str, max_request_size: str, strict_model_name: bool, api_key: str | None,
+         cors_origins: tuple[str, ...], chat_template: str | None, **engine_flags) -> None:
+    """Serve a Fate ARTIFACT with OpenAI's HTTP API (completions, chat completions with tools and
+    structured output, streaming) and a chat page at /."""
     try:
         try:
             import uvicorn
@@ -48,10 +60,15 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
         body_bytes = parse_budget(max_request_size).bytes
         if not body_bytes:
             raise FateError("--max-request-size takes bytes (8MB, 64KiB)")
+        if api_key is not None and not api_key.strip():
+            raise FateError("--api-key is empty")
         listener = socket.create_server((host, port))
         engine = load_engine(artifact, **engine_flags, reserved=cache_bytes)
+        if chat_template is not None:
+            engine.codec.use_template(chat_template)
         name = model_name or engine.model.artifact.root.name.removesuffix(".fate")
-        server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes, body_bytes))
+        server = Server(engine, ServeConfig(name, max_queue, request_timeout, cache_bytes, body_bytes,
+                                            strict_model_name, api_key, cors_origins))
     except USER_ERRORS as e:
         exit_with("fate-serve", e)
     except KeyboardInterrupt:
@@ -59,6 +76,9 @@ def main(artifact: str, host: str, port: int, model_name: str | None, max_queue:
         sys.exit(130)
     configure_logging()
     bound_host, bound_port = listener.getsockname()[:2]
+    if api_key is None and not ipaddress.ip_address(bound_host).is_loopback:
+        print(f"fate-serve: warning: listening on {bound_host}, beyond this machine, with no --api-key: anyone "
+              "who can reach it may use it", file=sys.stderr, flush=True)
     print(f"fate-serve: {name} on http://{bound_host}:{bound_port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=5)
     try:

@@ -1,5 +1,6 @@
 """fate-serve's web layer: OpenAI's HTTP API (models, completions, chat completions, streamed as
-server-sent events), /health and /metrics, over runtime.serving's one-engine scheduler.
+server-sent events), /health, /metrics and the chat page at /, over runtime.serving's one-engine
+scheduler; request and answer bodies are runtime.openai_api's.
 
 Starlette (the ASGI toolkit FastAPI is built on, small and well kept) with uvicorn: the `serve`
 extra. Nothing here runs a model; a request becomes a Job, and the Job's events become JSON or SSE.
@@ -8,30 +9,36 @@ extra. Nothing here runs a model; a request becomes a Job, and the Job's events 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fate.artifacts import FateError
 
 from .api import Engine
 from .conversations import ConversationCache
-from .generate import SamplingConfig
+from .grammar import GrammarConstraint, Vocabulary
+from .openai_api import (ApiError, ChatShape, Logprobs, Params, TextShape, Tools, chat_messages, chat_tools,
+                         check_fields, parse_params, response_grammar)
 from .serving import EngineRunner, Job, Metrics, Outcome, QueueFull, Scheduler
+from .tools import ToolFormat
 
 log = logging.getLogger("fate.serve")
-MAX_STOPS = 4  # as OpenAI
-# A stop string longer than any a client needs costs every token of its request (the matcher is linear
-# in it): bounded, as is the body of a request (ServeConfig.max_body_bytes).
-MAX_STOP_CHARS = 4096
+PAGE = Path(__file__).with_name("static") / "chat.html"
 
 
 @dataclass(frozen=True)
@@ -43,89 +50,9 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     conversation_bytes: int = 256 << 20
     max_body_bytes: int = 8 << 20  # a larger body is a 413 before it is read in full
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-@dataclass(frozen=True)
-class Params:
-    """One request's generation settings, checked."""
-
-    max_tokens: int
-    sampling: SamplingConfig
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    ignore_eos: bool
-
-
-def _number(body: dict, name: str, kind, default, low=None, high=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ApiError(400, f"'{name}' must be {'a number' if kind is float else 'an integer'}", name)
-    if kind is float and value != value:
-        raise ApiError(400, f"'{name}' must be a number", name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if low is not None and high is not None else \
-            f"at least {low}" if low is not None else f"at most {high}"
-        raise ApiError(400, f"'{name}' must be {bounds}", name)
-    return kind(value)
-
-
-def parse_params(body: dict, prompt_tokens: int, context: int, default_max: int | None) -> Params:
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "only n=1 is supported: one engine generates one sequence at a time", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    room = context - prompt_tokens
-    asked = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number({name: asked}, name, int, default_max if default_max is not None else room, 1, None)
-    if prompt_tokens >= context or (asked is not None and prompt_tokens + max_tokens > context):
-        raise ApiError(400, f"This model's maximum context length is {context} tokens; the request has "
-                            f"{prompt_tokens} in the prompt and asks for {max_tokens} more", "messages")
-    max_tokens = min(max_tokens, room)
-    temperature = _number(body, "temperature", float, 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", float, 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        raise ApiError(400, "'top_p' must be greater than 0", "top_p")
-    top_k = _number(body, "top_k", int, 0, 0, None)
-    seed = _number(body, "seed", int, None, 0, 2**64 - 1)
-    stops = body.get("stop")
-    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise ApiError(400, f"a stop string may hold at most {MAX_STOP_CHARS} characters", "stop")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    try:
-        sampling = SamplingConfig(greedy=temperature == 0.0, temperature=temperature or 1.0, top_k=top_k,
-                                  top_p=top_p, seed=seed)
-    except FateError as e:
-        raise ApiError(400, str(e)) from None
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
-    return Params(max_tokens, sampling, stops, stream, bool(options.get("include_usage", True)), ignore_eos)
-
-
-def usage(outcome: Outcome) -> dict:
-    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+    strict_model_name: bool = False  # a request naming another model is a 404 (else it is served, and logged)
+    api_key: str | None = None  # a bearer key every /v1 and /metrics request must carry
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
 
 
 class Server:
@@ -136,31 +63,62 @@ class Server:
         self.scheduler = Scheduler(EngineRunner(engine, self.conversations, self.metrics), config.max_queue,
                                    self.metrics, log_request)
         self.created = int(time.time())
-        self.app = Starlette(routes=[
+        self.names_seen: set[str] = set()
+        self._vocabulary: Vocabulary | None = None
+        self._vocabulary_lock = threading.Lock()
+        routes = [
+            Route("/", self.page, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
-        ])
+        ]
+        middleware = []
+        if config.cors_origins:  # outside the key check: a browser's preflight carries no key
+            middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                                         allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                         max_age=600))
+        if config.api_key:
+            middleware.append(Middleware(KeyCheck, key=config.api_key))
+        self.app = Starlette(routes=routes, middleware=middleware,
+                             exception_handlers={HTTPException: _http_error})
 
     def close(self) -> None:
         self.scheduler.close()
 
     # ------------------------------------------------------------------ endpoints
 
+    def _model_entry(self) -> dict:
+        model = self.engine.model
+        experts = sorted(set(getattr(model.experts, "precisions", {}).values()))
+        return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "fate",
+                "context_length": model.context,
+                "quantization": f"experts {'/'.join(experts) or '-'}, dense {model.manifest.model.dense_precision}",
+                "size_bytes": _artifact_bytes(model.artifact.root)}
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "fate"}]})
+        return JSONResponse({"object": "list", "data": [self._model_entry()]})
+
+    async def model(self, request: Request) -> Response:
+        wanted = request.path_params["model_id"]
+        if wanted != self.config.model_name and self.config.strict_model_name:
+            return _error(ApiError(404, f"The model '{wanted}' does not exist; this server has "
+                                        f"'{self.config.model_name}'", "model", "not_found_error"))
+        return JSONResponse({**self._model_entry(), "id": wanted})
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.config.model_name})
 
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, self._prompt_ids, chat=False)
+        return await self._serve(request, "text")
 
     async def chat(self, request: Request) -> Response:
-        return await self._serve(request, self._chat_ids, chat=True)
+        return await self._serve(request, "chat")
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self._metrics_text(), media_type="text/plain; version=0.0.4")
@@ -183,31 +141,37 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _body(self, request: Request) -> dict:
+    async def _body(self, request: Request, endpoint: str) -> dict:
         try:
             body = json.loads(await self._read(request))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        check_fields(body, endpoint)
         model = body.get("model")
         if model is not None and model != self.config.model_name:
-            raise ApiError(404, f"The model '{model}' does not exist; this server has '{self.config.model_name}'",
-                           "model", "not_found_error")
+            if self.config.strict_model_name or not isinstance(model, str):
+                raise ApiError(404, f"The model '{model}' does not exist; this server has "
+                                    f"'{self.config.model_name}'", "model", "not_found_error")
+            if model not in self.names_seen and len(self.names_seen) < 64:
+                self.names_seen.add(model)
+                log.info("- a request names model %r: one model is served, %r (--strict-model-name refuses others)",
+                         model, self.config.model_name)
         return body
 
-    async def _serve(self, request: Request, ids_of, chat: bool) -> Response:
+    async def _serve(self, request: Request, endpoint: str) -> Response:
         try:
-            body = await self._body(request)
-            try:  # templates and tokenizers take time on long texts: not on the event loop
-                ids = await run_in_threadpool(ids_of, body)
-            except FateError as e:  # a chat template that runs away, a tokenizer that fails
+            body = await self._body(request, endpoint)
+            try:  # templates, tokenizers and grammars take time on long inputs: not on the event loop
+                work = await run_in_threadpool(self._prepare, body, endpoint)
+            except FateError as e:  # a chat template that runs away, a tokenizer that fails, a bad schema
                 raise ApiError(400, str(e)) from None
-            return await self._respond(request, body, ids, chat)
+            return await self._respond(request, work)
         except ApiError as e:
             self.metrics.failed(e.status)
             log.info("- %d %s", e.status, e.message)
-            return e.response()
+            return _error(e)
         except ClientDisconnect:  # it left before its request was whole: nobody to answer
             log.info("- a client left before its request was read")
             return Response(status_code=499)
@@ -221,45 +185,66 @@ class Server:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the request's "
                                 f"{chars} characters are at least {least} tokens", field)
 
-    def _prompt_ids(self, body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-        self._check_length(len(prompt), "prompt")
-        return self.engine.codec.encode(prompt)
+    def _prepare(self, body: dict, endpoint: str) -> "Work":
+        """The request as the engine takes it: token ids, settings, and a grammar's constraint."""
+        codec, tools, echo = self.engine.codec, Tools(), ""
+        if endpoint == "chat":
+            messages = chat_messages(body)
+            if not codec.chat_template:
+                raise ApiError(400, "this model has no chat template: use /v1/completions, or start fate-serve "
+                                    "with --chat-template FILE", "messages")
+            tools = chat_tools(body, codec.chat_template)
+            self._check_length(sum(len(m["content"] or "") for m in messages) + len(json.dumps(tools.listed or [])),
+                               "messages")
+            ids = codec.chat_ids(messages, tools.listed)
+            grammar = response_grammar(body)
+            if grammar is not None and tools.grammar is not None:
+                raise ApiError(400, "'response_format' and a forced 'tool_choice' cannot both shape one answer",
+                               "response_format")
+            grammar = tools.grammar or grammar
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+            self._check_length(len(prompt), "prompt")
+            ids, grammar = codec.encode(prompt), None
+            echo = prompt
+        params = parse_params(body, len(ids), self.engine.model.context, self.engine.model.spec.vocab_size, endpoint)
+        constraint = self.vocabulary().matcher(grammar) if grammar is not None else None
+        special = tools.fmt is not None and codec.tokenizer.token_to_id(tools.fmt.start) is not None
+        return Work(endpoint, ids, params, constraint, tools.fmt, echo if params.echo else "", special)
 
-    def _chat_ids(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} with string content",
-                           "messages")
-        if not self.engine.codec.chat_template:
-            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
-        self._check_length(sum(len(m["content"]) for m in messages), "messages")
-        return self.engine.codec.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
+    def vocabulary(self) -> Vocabulary:
+        """llguidance's view of the tokenizer, built at the first request with a grammar."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.engine.codec, self.engine.model.spec.vocab_size)
+            return self._vocabulary
 
-    async def _respond(self, request: Request, body: dict, ids: list[int], chat: bool) -> Response:
-        context = self.engine.model.context
-        params = parse_params(body, len(ids), context, None if chat else 16)
+    async def _respond(self, request: Request, work: "Work") -> Response:
+        params = work.params
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, params.max_tokens, params.sampling, params.stops,
+        job = Job(work.ids, params.max_tokens, params.sampling, params.stops,
                   time.monotonic() + self.config.request_timeout_s,
-                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event), params.ignore_eos)
+                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event), params.ignore_eos,
+                  constraint=work.constraint, logprobs=params.logprobs,
+                  prompt_logprobs=bool(work.echo) and params.logprobs is not None, special=work.special)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", kind="rate_limit_error",
                            headers={"Retry-After": "1"}) from None
-        shape = ChatShape(job.id, self.config.model_name) if chat else TextShape(job.id, self.config.model_name)
+        scores = Logprobs(self.engine.codec.token_bytes, work.endpoint == "chat") if params.logprobs is not None \
+            else None
+        shape = ChatShape(job.id, self.config.model_name, scores, work.tools) if work.endpoint == "chat" else \
+            TextShape(job.id, self.config.model_name, scores)
         if params.stream:
-            return StreamingResponse(self._sse(job, events, shape, params), media_type="text/event-stream",
+            return StreamingResponse(self._sse(job, events, shape, work), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, job, events, shape)
+        return await self._whole(request, job, events, shape, work)
 
     async def _events(self, job: Job, events: asyncio.Queue):
         """The job's events until it ends; a deadline passed while waiting cancels it."""
@@ -271,16 +256,20 @@ class Server:
                 yield ("error", 504, "the request timed out")
                 return
             yield event
-            if event[0] != "text":
+            if event[0] in ("done", "error"):
                 return
 
-    async def _whole(self, request: Request, job: Job, events: asyncio.Queue, shape) -> Response:
+    async def _whole(self, request: Request, job: Job, events: asyncio.Queue, shape, work: "Work") -> Response:
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            pieces = []
+            pieces = [work.echo] if work.echo and not job.prompt_logprobs else []  # else it comes with its scores
             async for event in _until(self._events(job, events), gone):
-                if event[0] == "text":
+                if event[0] == "prompt":
+                    pieces.append(work.echo)
+                    shape.prompt(work.echo, event[1])
+                elif event[0] == "text":
                     pieces.append(event[1])
+                    shape.chunks(event[1], event[2])
                 elif event[0] == "error":
                     raise ApiError(event[1], event[2], kind="server_error" if event[1] >= 500 else
                                    "invalid_request_error")
@@ -294,11 +283,18 @@ class Server:
             gone.cancel()
             self.scheduler.cancel(job)
 
-    async def _sse(self, job: Job, events: asyncio.Queue, shape, params: Params):
+    async def _sse(self, job: Job, events: asyncio.Queue, shape, work: "Work"):
         try:
+            if work.echo and not job.prompt_logprobs:
+                for chunk in shape.prompt(work.echo, None):
+                    yield _data(chunk)
             async for event in self._events(job, events):
-                if event[0] == "text":
-                    yield _data(shape.chunk(event[1]))
+                if event[0] == "prompt":
+                    for chunk in shape.prompt(work.echo, event[1]):
+                        yield _data(chunk)
+                elif event[0] == "text":
+                    for chunk in shape.chunks(event[1], event[2]):
+                        yield _data(chunk)
                 elif event[0] == "error":
                     yield _data({"error": {"message": event[2], "type": "server_error", "param": None,
                                            "code": event[1]}})
@@ -306,7 +302,8 @@ class Server:
                     message = f"the request timed out after {self.config.request_timeout_s:g} s"
                     yield _data({"error": {"message": message, "type": "timeout_error", "param": None, "code": 504}})
                 elif event[1] is not None:
-                    yield _data(shape.last(event[1], params.include_usage))
+                    for chunk in shape.last(event[1], work.params.include_usage):
+                        yield _data(chunk)
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects: the generation stops at its next token
             self.scheduler.cancel(job)
@@ -347,6 +344,56 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Work:
+    """A checked request, ready for the engine."""
+
+    endpoint: str  # chat or text
+    ids: list[int]
+    params: Params
+    constraint: GrammarConstraint | None
+    tools: ToolFormat | None  # the format calls are read back in; None: no tools
+    echo: str  # completions' echo: the prompt, given back first
+    special: bool
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, a method a route does not take) in OpenAI's shape."""
+    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return _error(ApiError(exc.status_code, what.get(exc.status_code, str(exc.detail)),
+                           kind="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+                           headers=getattr(exc, "headers", None)))
+
+
+class KeyCheck:
+    """--api-key: /v1 and /metrics need `Authorization: Bearer KEY` (compared in constant time);
+    the chat page and /health do not."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and \
+                (scope["path"].startswith("/v1") or scope["path"] == "/metrics"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.key):
+                log.info("- 401 a request without the API key")
+                response = _error(ApiError(401, "a valid API key is needed: Authorization: Bearer KEY",
+                                           kind="invalid_request_error", code="invalid_api_key",
+                                           headers={"WWW-Authenticate": "Bearer"}))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _artifact_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -371,59 +418,6 @@ async def _until(events, gone: asyncio.Future):
             yield step.result()
         except StopAsyncIteration:
             return
-
-
-class TextShape:
-    """/v1/completions bodies."""
-
-    def __init__(self, job_id: str, model: str):
-        self.id, self.model, self.created = f"cmpl-{job_id}", model, int(time.time())
-
-    def _base(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, text: str, outcome: Outcome) -> dict:
-        return {**self._base("text_completion"), "usage": usage(outcome), "choices": [
-            {"index": 0, "text": text, "finish_reason": finish(outcome), "logprobs": None}]}
-
-    def chunk(self, text: str) -> dict:
-        return {**self._base("text_completion"), "choices": [
-            {"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
-
-    def last(self, outcome: Outcome, with_usage: bool) -> dict:
-        body = {**self._base("text_completion"), "choices": [
-            {"index": 0, "text": "", "finish_reason": finish(outcome), "logprobs": None}]}
-        return {**body, "usage": usage(outcome)} if with_usage else body
-
-
-class ChatShape(TextShape):
-    """/v1/chat/completions bodies."""
-
-    def __init__(self, job_id: str, model: str):
-        super().__init__(job_id, model)
-        self.id = f"chatcmpl-{job_id}"
-        self.first = True
-
-    def whole(self, text: str, outcome: Outcome) -> dict:
-        return {**self._base("chat.completion"), "usage": usage(outcome), "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(outcome),
-             "logprobs": None}]}
-
-    def chunk(self, text: str) -> dict:
-        delta = {"role": "assistant", "content": text} if self.first else {"content": text}
-        self.first = False
-        return {**self._base("chat.completion.chunk"), "choices": [
-            {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]}
-
-    def last(self, outcome: Outcome, with_usage: bool) -> dict:
-        body = {**self._base("chat.completion.chunk"), "choices": [
-            {"index": 0, "delta": {}, "finish_reason": finish(outcome), "logprobs": None}]}
-        return {**body, "usage": usage(outcome)} if with_usage else body
-
-
-def finish(outcome: Outcome) -> str:
-    """OpenAI's finish reasons (a timed-out request is an error, never a finish)."""
-    return "stop" if outcome.finish_reason == "stop" else "length"
 
 
 def log_request(job: Job, status: int, how: Outcome | str) -> None:

@@ -4,8 +4,9 @@ cache, and the numbers /metrics shows. No HTTP here (runtime/server.py is the we
 of it is tested without a socket.
 
 A Job is one request. The worker thread takes jobs in order and reports what happens through
-`job.emit(event)`: ("text", piece) as text is ready, then exactly one of ("done", Outcome) or
-("error", status, message).
+`job.emit(event)`: ("prompt", logprobs) first where the prompt's log-probabilities were asked for,
+("text", piece, logprobs) as text is ready (the log-probabilities of the tokens that made it, where
+asked for), then exactly one of ("done", Outcome) or ("error", status, message).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fate.artifacts import FateError
 
 from .api import Engine
 from .conversations import ConversationCache
-from .generate import GenerationResult, SamplingConfig, stream_tokens
+from .generate import Constraint, GenerationResult, SamplingConfig, TokenLogprob, stream_tokens
 from .report import OffloadReport
 from .text import StreamDecoder
 
@@ -39,6 +40,10 @@ class Job:
     deadline: float  # time.monotonic() after which the job stops
     emit: Callable[[tuple], None]
     ignore_eos: bool = False  # generate all max_tokens (an extension, as vLLM's, for measurements)
+    constraint: Constraint | None = None  # a grammar the output follows (runtime.grammar)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+    prompt_logprobs: bool = False  # the prompt's too (completions' echo): its whole prompt is run
+    special: bool = False  # special tokens written out in the text (a tool-call marker that is one)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -52,6 +57,8 @@ class Outcome:
     time_to_first_token_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    bytes_read: int = 0  # expert bytes this request read from disk
+    hit_rate: float | None = None  # the decode expert hit rate since the server started
 
 
 class StopMatcher:
@@ -150,18 +157,30 @@ class EngineRunner:
 
     def __call__(self, job: Job) -> Outcome:
         model, codec = self.engine.model, self.engine.codec
-        cache = self.conversations.take(job.prompt_ids) or model.new_cache()
+        cache = (None if job.prompt_logprobs else self.conversations.take(job.prompt_ids)) or model.new_cache()
         result = GenerationResult(list(job.prompt_ids))
-        decoder, stops = StreamDecoder(codec), StopMatcher(job.stops)
-        finish, hit = "length", False
+        decoder, stops = StreamDecoder(codec, job.special), StopMatcher(job.stops)
+        finish, hit, scored = "length", False, 0
         eos = set() if job.ignore_eos else codec.eos_ids
-        for token in stream_tokens(model, job.prompt_ids, job.max_tokens, job.sampling, eos, result, cache):
+        read_before = _bytes_read(model)
+
+        def emit(text: str) -> None:  # the text, with the log-probabilities of the tokens not yet given out
+            nonlocal scored
+            if text or (job.logprobs is not None and scored < len(result.logprobs)):
+                job.emit(("text", text, result.logprobs[scored:]))
+                scored = len(result.logprobs)
+
+        tokens = stream_tokens(model, job.prompt_ids, job.max_tokens, job.sampling, eos, result, cache,
+                               constraint=job.constraint, logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
+        for token in tokens:
+            if job.prompt_logprobs and len(result.token_ids) == 1:
+                job.emit(("prompt", result.prompt_logprobs))
             if token in eos:
                 finish = "stop"
                 break
             text, hit = stops.feed(decoder.push(token))
             if text:
-                job.emit(("text", text))
+                emit(text)
             if hit:
                 finish = "stop"
                 break
@@ -174,15 +193,22 @@ class EngineRunner:
         if not hit:  # what the decoder and the stop matcher still hold is final now
             text, hit = stops.feed(decoder.flush())
             text += "" if hit else stops.flush()
-            finish = "stop" if hit else finish
-            if text:
-                job.emit(("text", text))
+            finish = "stop" if hit or result.stats.stop_reason == "grammar" else finish
+            emit(text)
         self.conversations.put(job.prompt_ids + result.token_ids, cache)
         s = result.stats
+        report = model.experts.report()
+        hit_rate = report.decode.hit_rate if isinstance(report, OffloadReport) else None
         outcome = Outcome(finish, len(job.prompt_ids), len(result.token_ids), s.reused_tokens,
-                          s.time_to_first_token_s, s.prefill_tokens_per_s, s.decode_tokens_per_s)
-        self.metrics.finished(outcome, model.experts.report())
+                          s.time_to_first_token_s, s.prefill_tokens_per_s, s.decode_tokens_per_s,
+                          _bytes_read(model) - read_before, hit_rate)
+        self.metrics.finished(outcome, report)
         return outcome
+
+
+def _bytes_read(model) -> int:
+    report = model.experts.report()
+    return report.bytes_read if isinstance(report, OffloadReport) else 0
 
 
 class Scheduler:

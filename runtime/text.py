@@ -106,8 +106,25 @@ class TextCodec:
                              lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids,
                              held=True)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._guarded("decode tokens", lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """Text of `ids`; `special`: special tokens written out (a tool-call marker that is one)."""
+        return self._guarded("decode tokens", lambda: self.tokenizer.decode(ids, skip_special_tokens=not special))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may be part of a character, which
+        decode() would show as U+FFFD): what OpenAI's logprobs give as `bytes`."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return self.decode([token_id], special=True).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        import json
+
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        return decoder.get("type") == "ByteLevel" or any(
+            d.get("type") == "ByteLevel" for d in decoder.get("decoders", []) if isinstance(d, dict))
 
     def _guarded(self, what: str, call, held: bool = False):
         """A tokenizer is data from the artifact that runs as code (regexes, normalizers): whatever
@@ -129,14 +146,48 @@ class TextCodec:
             [{"role": "user", "content": user_message}]
         return self.chat_ids(messages)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the model's chat template applied to a conversation ({role, content} each),
-        ending where the assistant's reply begins."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the model's chat template applied to a conversation ({role, content} each,
+        and what else a message carries: tool_calls, tool_call_id), ending where the assistant's
+        reply begins; `tools` as Hugging Face templates take them."""
         if not self.chat_template:
-            raise GenerationError("this model has no chat template; run without --chat")
+            raise GenerationError("this model has no chat template; run without --chat, or give one with --chat-template")
         text = render_template(self.chat_template, messages=messages, add_generation_prompt=True,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
+                               bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
         return self.encode(text, add_special_tokens=False)
+
+    def use_template(self, path: str) -> None:
+        """--chat-template FILE: a Jinja chat template in place of the artifact's, checked on one turn now."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = f.read(TEMPLATE_MAX_CHARS + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f"--chat-template {path}: cannot read it ({getattr(e, 'strerror', None) or e})") \
+                from None
+        if not template.strip() or len(template) > TEMPLATE_MAX_CHARS:
+            raise GenerationError(f"--chat-template {path}: empty, or over {TEMPLATE_MAX_CHARS} characters")
+        previous, self.chat_template = self.chat_template, template
+        try:
+            self.chat_ids([{"role": "user", "content": "Hello"}])
+        except GenerationError as e:
+            self.chat_template = previous
+            raise GenerationError(f"--chat-template {path}: {e}") from None
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what ByteLevel pre-tokenizers write each byte as), inverted."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _bytes_to_unicode()
 
 
 class StreamDecoder:
@@ -155,8 +206,9 @@ class StreamDecoder:
     MAX_HELD = 4
     CONTEXT = 8
 
-    def __init__(self, codec: TextCodec):
+    def __init__(self, codec: TextCodec, special: bool = False):
         self.codec = codec
+        self.special = special  # special tokens written out (TextCodec.decode)
         self.ids: list[int] = []
         self.start = 0  # the window: ids[start:]
         self.emitted = 0  # characters of the window's text already given out
@@ -164,7 +216,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.codec.decode(self.ids[self.start:])
+        text = self.codec.decode(self.ids[self.start:], self.special)
         if text.endswith("\ufffd") and self.held < self.MAX_HELD:
             self.held += 1
             text = text.rstrip("\ufffd")  # what is before the incomplete character is final
@@ -173,11 +225,11 @@ class StreamDecoder:
         piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
         if self.held == 0 and self.emitted == len(text) and len(self.ids) - self.start > 2 * self.CONTEXT:
             self.start = len(self.ids) - self.CONTEXT
-            self.emitted = len(self.codec.decode(self.ids[self.start:]))
+            self.emitted = len(self.codec.decode(self.ids[self.start:], self.special))
         return piece
 
     def flush(self) -> str:
         """What is still held back when generation ends (an incomplete character stays U+FFFD)."""
-        text = self.codec.decode(self.ids[self.start:])
+        text = self.codec.decode(self.ids[self.start:], self.special)
         piece, self.emitted = text[self.emitted:], len(text)
         return piece

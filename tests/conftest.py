@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_model  # noqa: E402
 
+EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
+
 
 class Built:
     """A tiny checkpoint, its transformers model, and artifacts compiled from it on demand."""
@@ -156,3 +158,13 @@ def built(request, tmp_path_factory) -> Built:
 @pytest.fixture(scope="session")
 def mixtral(tmp_path_factory) -> Built:
     return Built(tmp_path_factory.mktemp("mixtral-shared"), family="mixtral", chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory) -> Path:
+    """The bundled example model (examples/tiny-moe, with its chat template), compiled at INT4."""
+    from fate.compiler import CompileOptions, compile_checkpoint
+
+    out = tmp_path_factory.mktemp("example") / "tiny-moe"
+    compile_checkpoint(CompileOptions(EXAMPLE_MODEL, out, bits=(4,)), log=lambda _m: None)
+    return out

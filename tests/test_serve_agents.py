@@ -374,3 +374,30 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser(example):
     finally:
         page.quit()
         served.close()
+
+
+# ---------------------------------------------------------------------- the README
+
+def test_the_readme_server_examples_run_as_written(example, capsys):
+    """Every command and program in the README's serving section, on the bundled model, with only the
+    port changed (the server takes a free one)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serving: OpenAI's HTTP API", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")[1::2]
+    shell = next(b for b in blocks if "fate-serve out/tiny-moe" in b)
+    programs = [b.removeprefix("python\n") for b in blocks if b.startswith("python\n")]
+    start = next(line for line in shell.splitlines() if line.startswith("fate-serve "))
+    flags = start.split("#")[0].split()[2:]
+    served = Served(example, *flags)
+    try:
+        for line in (line for line in shell.splitlines() if line.startswith("curl ")):
+            run = subprocess.run(line.replace("http://127.0.0.1:8080", served.root), shell=True, capture_output=True,
+                                 text=True, timeout=300)
+            assert run.returncode == 0 and '"error"' not in run.stdout and run.stdout, (line, run.stdout, run.stderr)
+        assert programs
+        for program in programs:
+            exec(compile(program.replace("http://127.0.0.1:8080", served.root), "README.md", "exec"), {})
+        printed = capsys.readouterr().out
+        assert "get_weather {" in printed and "'age':" in printed, printed
+    finally:
+        served.close()

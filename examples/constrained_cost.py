@@ -8,6 +8,9 @@
 2. The mask's cost against the vocabulary's size: byte-level BPE tokenizers trained here (on the Python
    sources of this environment: nothing is downloaded) to each --vocab size, the matcher driven through
    the schema by random logits (no model of that vocabulary is at hand), as many tokens as step 1.
+   Also what a request's new schema costs before its first token, and, where outlines-core is installed
+   (`pip install outlines-core`, not a Fate dependency), what its per-schema index costs on the same
+   tokenizer.
 """
 
 from __future__ import annotations
@@ -103,8 +106,13 @@ def on_vocabulary(size: int, tokens: int) -> dict:
         eos_ids = {0}
 
     Codec.tokenizer = tokenizer
+    start = time.perf_counter()
     vocabulary = Vocabulary(Codec(), vocab)
+    view_s = time.perf_counter() - start
+    start = time.perf_counter()
     grammar = json_grammar(PERSON)
+    vocabulary.matcher(grammar).allowed()
+    first_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     seconds = steps = 0
     for _ in range(8):
@@ -117,7 +125,25 @@ def on_vocabulary(size: int, tokens: int) -> dict:
             if timed.finished:
                 break
         seconds, steps = seconds + timed.seconds, steps + timed.steps
-    return {"vocab": vocab, "grammar_ms_per_token": 1e3 * seconds / steps, "steps": steps}
+    return {"vocab": vocab, "grammar_ms_per_token": 1e3 * seconds / steps, "steps": steps,
+            "tokenizer_view_s": view_s, "schema_to_first_mask_s": first_s, "outlines_index_s": outlines(tokenizer)}
+
+
+def outlines(tokenizer) -> float | None:
+    """outlines-core's index for the same schema and tokenizer, in seconds (None: not installed)."""
+    try:
+        import outlines_core
+    except ImportError:
+        return None
+    tokens: dict[str, list[int]] = {}
+    for text, i in tokenizer.get_vocab().items():
+        if i != 0:
+            tokens.setdefault(text, []).append(i)
+    vocabulary = outlines_core.Vocabulary(0, tokens)
+    start = time.perf_counter()
+    outlines_core.Index(outlines_core.json_schema.build_regex_from_schema(
+        json.dumps({**PERSON, "additionalProperties": False})), vocabulary)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -135,8 +161,10 @@ def main() -> None:
     for size in (int(v) for v in args.vocab.split(",") if v):
         row = on_vocabulary(size, args.tokens)
         print(json.dumps(row))
+        rival = f", outlines-core's index {row['outlines_index_s']:.3f} s" if row["outlines_index_s"] else ""
         print(f"trained BPE, vocab {row['vocab']}: grammar {row['grammar_ms_per_token']:.3f} ms/token "
-              f"({row['steps']} steps)", file=sys.stderr)
+              f"({row['steps']} steps); tokenizer view {row['tokenizer_view_s']:.3f} s, a schema to its first "
+              f"mask {1e3 * row['schema_to_first_mask_s']:.1f} ms{rival}", file=sys.stderr)
 
 
 if __name__ == "__main__":

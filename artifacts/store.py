@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from . import archive, layout
+from . import archive, hints, layout
 from .archive import Member
 from .graph_check import check_graph
 from .inputs import load_json
@@ -117,6 +117,9 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Artifact":
+        hint = hints.for_artifact(str(path))
+        if hint:
+            raise ArtifactError(hint)
         root = Path(path)
         if root.is_file():
             return cls._open_archive(root)

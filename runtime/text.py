@@ -208,7 +208,7 @@ class StreamDecoder:
 
     def __init__(self, codec: TextCodec, special: bool = False):
         self.codec = codec
-        self.special = special  # special tokens written out (TextCodec.decode)
+        self._decode = (lambda ids: codec.decode(ids, special=True)) if special else codec.decode
         self.ids: list[int] = []
         self.start = 0  # the window: ids[start:]
         self.emitted = 0  # characters of the window's text already given out
@@ -216,7 +216,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.codec.decode(self.ids[self.start:], self.special)
+        text = self._decode(self.ids[self.start:])
         if text.endswith("\ufffd") and self.held < self.MAX_HELD:
             self.held += 1
             text = text.rstrip("\ufffd")  # what is before the incomplete character is final
@@ -225,11 +225,11 @@ class StreamDecoder:
         piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
         if self.held == 0 and self.emitted == len(text) and len(self.ids) - self.start > 2 * self.CONTEXT:
             self.start = len(self.ids) - self.CONTEXT
-            self.emitted = len(self.codec.decode(self.ids[self.start:], self.special))
+            self.emitted = len(self._decode(self.ids[self.start:]))
         return piece
 
     def flush(self) -> str:
         """What is still held back when generation ends (an incomplete character stays U+FFFD)."""
-        text = self.codec.decode(self.ids[self.start:], self.special)
+        text = self._decode(self.ids[self.start:])
         piece, self.emitted = text[self.emitted:], len(text)
         return piece

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "artifacts": {"numpy"},
     "runtime": {"numpy", "onnxruntime", "tokenizers", "click", "jinja2"},
-    "runtime/server": {"starlette", "uvicorn"},  # the serve extra: fate-serve's web layer only
+    # the serve extra: fate-serve's web layer, and constrained decoding (imported only when a grammar is asked for)
+    "runtime/server": {"starlette", "uvicorn", "llguidance"},
     "compiler": {"numpy", "onnx", "torch", "transformers", "safetensors", "tokenizers", "click"},
     # the console scripts: standard library only, so a Ctrl-C at start-up is handled; click only once the
     # command's own module (which loads it) has been imported, to turn its usage errors into one line
@@ -38,7 +39,7 @@ SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runti
                   "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state"}
 
 
-SERVE_MODULES = {"server.py", "serve_cli.py"}
+SERVE_MODULES = {"server.py", "serve_cli.py", "grammar.py"}
 
 
 def test_each_part_imports_only_what_it_may():

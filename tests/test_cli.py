@@ -169,3 +169,20 @@ def test_incomplete_or_invalid_artifact_is_refused(mixtral, tmp_path, damage):
         data["model"]["num_heads"] = "four"
         (art / "manifest.json").write_text(json.dumps(data))
     assert_one_line_error(run("fate-run", art, "-p", "hello", check=False))
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--presence-penalty", "5"], "--presence-penalty"),
+    (["--min-p", "1.5"], "--min-p"),
+    (["--greedy", "--min-p", "0.1"], "--min-p"),
+])
+def test_penalty_flags_are_checked(mixtral, flags, fragment):
+    assert_one_line_error(run("fate-run", mixtral.artifact(4), "-p", "hello", *flags, check=False), fragment)
+
+
+def test_a_repetition_penalty_changes_greedy_output(mixtral):
+    def text(*flags):
+        return json.loads(run("fate-run", mixtral.artifact(4), "-p", "hello hello hello", "-n", "16", "--greedy",
+                              "--ignore-eos", "--json", *flags).stdout)["token_ids"]
+    assert text() != text("--repetition-penalty", "3", "--frequency-penalty", "2")

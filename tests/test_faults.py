@@ -65,7 +65,7 @@ def test_thread_counts_are_bounded(art):
 
 
 def test_a_budget_of_hundreds_of_digits_is_one_line(art):
-    assert "more bytes than any machine has" in one_line_error("fate-run", art, "-p", "hi", "--memory-budget", "9" * 400)
+    assert "more bytes than any machine has" in one_line_error("fate-run", art, "-p", "hi", "--memory-budget", "9" * 400 + "GB")
 
 
 @pytest.mark.parametrize("damage, fragment", [

@@ -177,8 +177,12 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact")
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("-p", "--prompt", default=None, help="Prompt text; - reads it from standard input. Without a prompt: "
+                                                  "a chat in the terminal.")
+@click.option("--prompt-file", default=None, type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="Read the prompt from FILE (UTF-8).")
+@click.option("-n", "--max-new-tokens", default=None, type=click.IntRange(min=0),
+              help="Tokens to generate at most  [default: 64; 512 per reply in a chat]")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token.")
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-p", type=float, default=None)
@@ -199,15 +203,22 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Generate all --max-new-tokens (for measurements).")
 @click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
               help="Write the routing of this run to FILE, one JSON line per (phase, token, layer), for fate-replay.")
-def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
-         top_p: float | None, top_k: int | None, seed: int | None, min_p: float | None, presence_penalty: float,
-         frequency_penalty: float, repetition_penalty: float, chat: bool, chat_template: str | None,
-         as_json: bool, ignore_eos: bool, trace_path: str | None, **engine_flags) -> None:
-    """Generate text from a Fate ARTIFACT directory, streaming tokens as they come."""
+def main(artifact: str, prompt: str | None, prompt_file: str | None, max_new_tokens: int | None, greedy: bool,
+         temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, min_p: float | None,
+         presence_penalty: float, frequency_penalty: float, repetition_penalty: float, chat: bool,
+         chat_template: str | None, as_json: bool, ignore_eos: bool, trace_path: str | None, **engine_flags) -> None:
+    """Generate text from a Fate ARTIFACT, streaming tokens as they come; with no prompt, chat with it
+    in the terminal."""
     try:
+        prompt = read_prompt(prompt, prompt_file)
+        interactive = prompt is None
+        if interactive and as_json:
+            raise FateError("--json needs a prompt (--prompt, --prompt-file or --prompt -)")
+        if max_new_tokens is None:
+            max_new_tokens = CHAT_REPLY_TOKENS if interactive else 64
         # a prompt of N bytes is at most N tokens; 256 more for a chat template's own
-        engine = load_engine(artifact, **engine_flags,
-                             default_context=len(prompt.encode("utf-8")) + max_new_tokens + 256)
+        engine = load_engine(artifact, **engine_flags, default_context=None if interactive else
+                             len(prompt.encode("utf-8")) + max_new_tokens + 256)
         sampling = sampling_from_flags(engine, greedy, temperature, top_p, top_k, seed, min_p, presence_penalty,
                                        frequency_penalty, repetition_penalty)
         if chat_template is not None:
@@ -215,13 +226,19 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
             chat = True
         if trace_path is not None:
             engine.model.start_trace(trace_path)
+        if ignore_eos:
+            engine.codec.eos_ids = set()
+        if interactive:
+            from .chat import run_chat
+
+            run_chat(engine, sampling, max_new_tokens, summary, engine.model.artifact.root.name)
+            engine.close()
+            return
         result = GenerationResult([])
         pieces: list[str] = []
         if not (as_json or chat):
             click.echo(prompt, nl=False)
         try:
-            if ignore_eos:
-                engine.codec.eos_ids = set()
             for piece in engine.stream(prompt, max_new_tokens, sampling, chat=chat, result=result):
                 pieces.append(piece)
                 if not as_json:
@@ -242,6 +259,32 @@ def main(artifact: str, prompt: str, max_new_tokens: int, greedy: bool, temperat
     except KeyboardInterrupt:
         click.echo("fate-run: interrupted", err=True)
         sys.exit(130)
+
+
+CHAT_REPLY_TOKENS = 512
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
+    """The prompt from --prompt, --prompt - (standard input) or --prompt-file; None for a chat."""
+    if prompt is not None and prompt_file is not None:
+        raise FateError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FateError(f"--prompt-file {prompt_file}: cannot read it as UTF-8 text "
+                            f"({getattr(e, 'strerror', None) or e})") from None
+    elif prompt == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise FateError(f"standard input is not UTF-8 text (byte {e.start})") from None
+    else:
+        return prompt
+    if not text.strip():
+        raise FateError(f"the prompt from {prompt_file or 'standard input'} is empty")
+    return text
 
 
 if __name__ == "__main__":

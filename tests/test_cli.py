@@ -186,3 +186,76 @@ def test_a_repetition_penalty_changes_greedy_output(mixtral):
         return json.loads(run("fate-run", mixtral.artifact(4), "-p", "hello hello hello", "-n", "16", "--greedy",
                               "--ignore-eos", "--json", *flags).stdout)["token_ids"]
     assert text() != text("--repetition-penalty", "3", "--frequency-penalty", "2")
+
+
+def test_prompts_from_standard_input_and_a_file(mixtral, tmp_path):
+    def ids(*args, stdin=None):
+        proc = subprocess.run([str(BIN / "fate-run"), str(mixtral.artifact(4)), "-n", "4", "--greedy", "--json", *args],
+                              input=stdin, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["prompt_ids"]
+    (tmp_path / "prompt.txt").write_text("Hello there\n", encoding="utf-8")
+    assert ids("-p", "-", stdin="Hello there\n") == ids("--prompt-file", tmp_path / "prompt.txt") == \
+        ids("-p", "Hello there\n")
+    assert_one_line_error(subprocess.run([str(BIN / "fate-run"), str(mixtral.artifact(4)), "-p", "-"], input="  \n",
+                                         capture_output=True, text=True, timeout=300), "empty")
+    assert_one_line_error(run("fate-run", mixtral.artifact(4), "--json", check=False), "--json needs a prompt")
+
+
+def test_the_terminal_chat_on_a_pseudo_terminal(example):
+    """fate-run with no prompt, as a person types: a turn, /reset, another turn, Ctrl-D."""
+    import os
+    import pty
+    import select
+
+    main, side = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "fate-run"), str(example), "-n", "12", "--greedy"], stdin=side, stdout=side,
+                            stderr=side, close_fds=True)
+    os.close(side)
+    seen = ""
+
+    def until(text: str, count: int = 1) -> str:
+        nonlocal seen
+        while seen.count(text) < count:
+            ready, _, _ = select.select([main], [], [], 300)
+            assert ready, f"no {text!r} in: {seen}"
+            seen += os.read(main, 4096).decode("utf-8", errors="replace")
+        return seen
+
+    try:
+        until("> ")
+        assert "a chat (the model's template)" in seen and "/reset" in seen
+        os.write(main, b"Tell me a story\n")
+        until("tok/s")
+        until("> ", 2)
+        os.write(main, b"/reset\n")
+        until("forgotten")
+        os.write(main, b"And another\n")
+        until("tok/s", 2)
+        until("> ", 4)
+        os.write(main, b"\x04")
+        assert proc.wait(timeout=120) == 0, seen
+        assert "Traceback" not in seen
+    finally:
+        proc.kill()
+        os.close(main)
+
+
+def test_the_chat_keeps_history_and_reuses_its_cache(example):
+    from fate.runtime import Engine
+    from fate.runtime.chat import Chat
+    from fate.runtime.generate import SamplingConfig
+
+    engine = Engine.load(example)
+    chat = Chat(engine, SamplingConfig(), 6)
+    first = chat.reply("Hello", lambda piece: None)
+    second = chat.reply("And then?", lambda piece: None)
+    assert len(chat.history) == 4 and second.stats.reused_tokens >= first.stats.prompt_tokens
+    chat.reset()
+    assert chat.history == [] and chat.reply("Hello", lambda piece: None).token_ids == first.token_ids
+    engine.codec.chat_template = None  # a model without a template: each line a prompt of its own
+    loop = Chat(engine, SamplingConfig(), 6)
+    assert loop.prompt_ids("Once upon a time") == engine.encode("Once upon a time")
+    loop.reply("Once upon a time", lambda piece: None)
+    assert loop.history == []
+    engine.close()

@@ -71,6 +71,8 @@ runtime-check: compile-example
 		--executor session
 	! $(RUNTIME_VENV)/bin/python -c "import torch" 2>/dev/null
 	! $(RUNTIME_VENV)/bin/python -c "import transformers" 2>/dev/null
+	! $(RUNTIME_VENV)/bin/fate-compile examples/tiny-moe -o out/never 2> out/compile-hint.txt
+	grep -q "pip install 'fate\[compile\]'" out/compile-hint.txt && test "$$(wc -l < out/compile-hint.txt)" -eq 1
 	@echo "runtime-only environment: $$(du -sm $(RUNTIME_VENV) | cut -f1) MB; with the compiler (torch): $$(du -sm $(VENV) | cut -f1) MB"
 
 clean:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fate.artifacts import ModelError
+from fate.artifacts import ModelError, hints
 from fate.artifacts.inputs import load_json
 from fate.artifacts.store import read_range
 
@@ -104,6 +104,9 @@ def is_count(value) -> bool:
 class Checkpoint:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
+        hint = hints.for_checkpoint(str(model_dir))
+        if hint:
+            raise ModelError(hint)
         if not self.dir.is_dir():
             raise ModelError(f"{self.dir} is not a directory")
         self.config = read_json(self.dir / "config.json", "a checkpoint directory needs config.json")

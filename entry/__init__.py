@@ -20,6 +20,12 @@ def on_sigterm(command: str):
     return terminated
 
 
+# The extra a command's own imports come from (pyproject.toml's optional-dependencies).
+EXTRAS = {"fate-compile": "compile", "fate-serve": "serve"}
+TORCH_FIRST = " (torch's CPU build first, so pip does not pull a CUDA one: pip install torch==2.13.0 " \
+              "--index-url https://download.pytorch.org/whl/cpu)"
+
+
 def run(command: str, target: str) -> None:
     signal.signal(signal.SIGTERM, on_sigterm(command))
     module, _, name = target.partition(":")
@@ -28,6 +34,14 @@ def run(command: str, target: str) -> None:
     except KeyboardInterrupt:
         print(f"{command}: interrupted while starting", file=sys.stderr, flush=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # a runtime-only install running the compiler, say: name the extra
+        if e.name is None or e.name.split(".")[0] == "fate":
+            raise
+        extra = EXTRAS.get(command)
+        how = f"pip install 'fate[{extra}]'" + (TORCH_FIRST if extra == "compile" else "") if extra else \
+            "reinstall Fate"
+        print(f"{command}: error: {e.name} is not installed; {how}", file=sys.stderr, flush=True)
+        sys.exit(1)
     import click
 
     try:

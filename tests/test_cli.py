@@ -259,3 +259,40 @@ def test_the_chat_keeps_history_and_reuses_its_cache(example):
     loop.reply("Once upon a time", lambda piece: None)
     assert loop.history == []
     engine.close()
+
+
+def test_what_users_already_have_gets_a_hint(mixtral, tmp_path):
+    gguf = tmp_path / "model-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    for cmd in ("fate-run", "fate-compile"):
+        args = ["-p", "hi"] if cmd == "fate-run" else ["-o", tmp_path / "out"]
+        assert_one_line_error(run(cmd, gguf, *args, check=False), "GGUF file", "fate-compile")
+        assert_one_line_error(run(cmd, "Qwen/Qwen3-30B-A3B", *args, check=False),
+                              "huggingface-cli download Qwen/Qwen3-30B-A3B --local-dir Qwen3-30B-A3B")
+    assert_one_line_error(run("fate-run", mixtral.ckpt, "-p", "hi", check=False),
+                          "Hugging Face checkpoint", f"fate-compile {mixtral.ckpt} -o")
+    assert_one_line_error(run("fate-compile", mixtral.artifact(4), "-o", tmp_path / "out", check=False),
+                          "already a Fate artifact")
+    dense = tmp_path / "dense"
+    shutil.copytree(mixtral.ckpt, dense)
+    config = json.loads((dense / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    (dense / "config.json").write_text(json.dumps({**config, "model_type": "llama",
+                                                   "architectures": ["LlamaForCausalLM"]}))
+    assert_one_line_error(run("fate-compile", dense, "-o", tmp_path / "out", check=False), "dense model",
+                          "Mixture-of-Experts")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("budget, fragment", [("10", "10GB (bytes) or 10%"), ("12 parsecs", "with a unit")])
+def test_budgets_need_units(mixtral, budget, fragment):
+    assert_one_line_error(run("fate-run", mixtral.artifact(4), "-p", "hi", "--memory-budget", budget, check=False),
+                          fragment)
+
+
+def test_budgets_as_people_write_them():
+    from fate.artifacts.budget import parse_budget
+
+    assert parse_budget("10G").bytes == 10 * 2**30 and parse_budget("512M").bytes == 512 * 2**20
+    assert parse_budget("1.5GiB").bytes == int(1.5 * 2**30) and parse_budget("8GB").bytes == 8 * 10**9
+    assert parse_budget("25%").share == 0.25

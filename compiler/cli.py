@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from fate.runtime.clihelp import command
 
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
@@ -17,7 +18,16 @@ from .policy import PlanTargets, replan
 from .profile import BUILTIN, CalibrationOptions
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-compile", sections=(
+    ("Output", ["out_dir", "force", "quiet"]),
+    ("Precision", ["bits", "dense_bits", "block_size", "accuracy_level", "max_quant_error", "max_low_bit_error"]),
+    ("Calibration and policy", ["calib", "calib_tokens", "budget", "target_recall", "policy_only"]),
+), examples=(
+    ("huggingface-cli download Qwen/Qwen3-30B-A3B --local-dir Qwen3-30B-A3B && "
+     "fate-compile Qwen3-30B-A3B -o qwen3-30b.fate", "a checkpoint from the hub, compiled at INT4"),
+    ("fate-compile examples/tiny-moe -o out/tiny-moe --bits 8", "the bundled example, experts at INT8"),
+    ("fate-compile --policy-only qwen3-30b.fate --budget 25%", "re-plan for another budget from the saved profile"),
+))
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), help="Artifact directory to create.")
 @click.option("--bits", "bits", multiple=True, type=click.Choice(["32", "16", "8", "4", "2"]), default=("4",),
@@ -36,7 +46,8 @@ from .profile import BUILTIN, CalibrationOptions
               help="Quantized experts compute with int8 activations (4, about 3x faster) or in float32 (0).")
 @click.option("--calib", default=BUILTIN, show_default=True,
               help="Calibration text: 'builtin' (shipped with Fate), a text file, or 'none' (no profile/policy).")
-@click.option("--calib-tokens", default=4096, show_default=True, type=click.IntRange(min=64))
+@click.option("--calib-tokens", default=4096, show_default=True, type=click.IntRange(min=64),
+              help="Tokens of calibration text run through the model to measure routing and errors.")
 @click.option("--budget", default="50%", show_default=True,
               help="Device budget the policy is planned for: a share of all experts (25%) or bytes (300MB).")
 @click.option("--target-recall", default=0.97, show_default=True, type=click.FloatRange(0, 1),

@@ -10,10 +10,11 @@ import click
 from fate.artifacts import Artifact, pack_artifact, unpack_artifact
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
-HELP = {"help_option_names": ["-h", "--help"]}
+from .clihelp import command
 
 
-@click.command(context_settings=HELP)
+
+@command("fate-pack", examples=(("fate-pack out/tiny-moe -o tiny-moe.fate", "one file to publish, manifest first"),))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Archive to write (model.fate).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is a Fate archive.")
@@ -26,7 +27,7 @@ def pack(artifact: Path, out: Path, force: bool) -> None:
         exit_with("fate-pack", e)
 
 
-@click.command(context_settings=HELP)
+@command("fate-unpack", examples=(("fate-unpack tiny-moe.fate -o tiny-moe", "back to a folder"),))
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to create.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an artifact Fate wrote.")
@@ -38,7 +39,7 @@ def unpack(archive: Path, out: Path, force: bool) -> None:
         exit_with("fate-unpack", e)
 
 
-@click.command(context_settings=HELP)
+@command("fate-verify", examples=(("fate-verify tiny-moe.fate --expect sha256:DIGEST", "every file, against the publisher's digest"),))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--expect", default=None, metavar="DIGEST",
               help="The artifact's identity as its publisher gave it (sha256:..., printed by fate-pack, "

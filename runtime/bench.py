@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+from .clihelp import command
 
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
@@ -284,7 +285,18 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
     return svg_chart("decode tokens/s vs budget", series, y_max=top * 1.1, x_label="% of experts")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-bench", sections=(
+    ("What to compare", ["budgets", "memory_limits", "prefetch", "pools", "cache", "executors", "decode_steps",
+                         "precision"]),
+    ("Workload", ["prompts", "prompt_len", "gen_len", "repeat"]),
+    ("Against llama.cpp, under a memory cgroup", ["cap", "peer", "gguf", "llama_bin", "readahead_kb"]),
+    ("Output", ["json_out", "plot"]),
+), examples=(
+    ("fate-bench model.fate --budgets 25%,50% --prefetch none,policy --plot bench.svg",
+     "prefetch modes at two budgets, with a chart"),
+    ("fate-bench model.fate --memory-limits 1.2GB,900MB --peer llama.cpp --gguf model.gguf",
+     "under memory cgroups, beside llama.cpp"),
+))
 @click.argument("artifact", required=False)
 @click.option("--budgets", default="25%,50%", show_default=True, help="Comma-separated budgets.")
 @click.option("--prefetch", default="none,eap,cross-layer,policy", show_default=True, help="Comma-separated modes.")
@@ -293,9 +305,10 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--decode-steps", "decode_steps", default="on", show_default=True,
               help="Comma-separated: on (native decode steps where the artifact has them), off (graphs every token).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Text to take the prompt from.")
-@click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2))
-@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1), help="Prompt tokens per run.")
+@click.option("--gen-len", default=32, show_default=True, type=click.IntRange(min=2), help="Tokens generated per run.")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Rounds; each configuration runs once per round, in alternating order.")
 @click.option("--memory-limits", default=None,
               help="Comma-separated whole-process limits (1.2GB,900MB) to run each prefetch mode under, beside --budgets.")
 @click.option("--cap/--no-cap", default=True, show_default=True,
@@ -312,7 +325,7 @@ def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> 
 @click.option("--cache", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY, show_default=True,
               help="The eviction policy of every offloaded run.")
 @click.option("--precision", default=None, help="Expert precision to run (default: the policy's).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every run's numbers to this file.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write decode tokens/s against budget, one line per prefetch mode (.svg).")
 @click.option("--worker", default=None, hidden=True)

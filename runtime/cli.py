@@ -14,6 +14,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .api import Engine
 from .cache import DEFAULT_POLICY, POLICIES
+from .clihelp import command
 from .generate import GenerationResult, SamplingConfig, penalty_problem
 from .memory import current_rss, peak_rss
 from .executors import EXECUTORS
@@ -91,9 +92,9 @@ def engine_options(command):
                      help="Slots per layer: policy allocates them at this budget from the profile's miss "
                           "curves and prediction recall (the compiled shares where there is no profile); "
                           "uniform: equal."),
-        click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True,
-                     help="Move the least popular experts at INT2 during prefill where the policy says so (changes "
-                       "prefill numbers by design); auto: where they run natively, their load being a read."),
+        click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="off", show_default=True,
+                     help="Lossy, off unless asked: move the least popular experts at INT2 during prefill where the "
+                          "compiler stored INT2 copies (changes the output); auto: where they run natively."),
         click.option("--prefetch-threads", default=2, show_default=True, type=click.IntRange(1, MAX_PREFETCH_THREADS),
                      help=f"Threads that read experts from disk (at most {MAX_PREFETCH_THREADS}: more than a "
                           "disk's queue gains nothing)."),
@@ -142,7 +143,18 @@ def report(engine: Engine, result: GenerationResult, text: str) -> dict:
         "offload": engine.model.experts.report().to_json(),
         "peak_rss_bytes": peak_rss(),
         "memory": memory_report(engine, result),
+        "lossy": lossy_modes(engine),
     }
+
+
+def lossy_modes(engine: Engine) -> list[dict]:
+    """The lossy modes this run had on and how much of it they touched (none by default)."""
+    options = getattr(engine.model.experts, "options", None)
+    if options is None or options.low_bit_prefill == "off":
+        return []
+    prefill = engine.model.experts.report().prefill
+    return [{"mode": "int2-prefill", "setting": options.low_bit_prefill, "int2_loads": prefill.int2_loads,
+             "prefill_loads": prefill.experts_loaded}]
 
 
 def memory_report(engine: Engine, result: GenerationResult) -> dict:
@@ -168,6 +180,9 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         hit = "-" if offload.decode.hit_rate is None else f"{offload.decode.hit_rate:.1%}"
         line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
+    for mode in lossy_modes(engine):
+        line += (f"; LOSSY {mode['mode']} {mode['setting']}: {mode['int2_loads']} of {mode['prefill_loads']} prefill "
+                 "expert loads at INT2")
     plan = engine.model.memory_plan
     if plan is not None:
         line += (f"; memory limit {plan.limit / 1e6:.0f} MB: {plan.floor / 1e6:.0f} MB for the process, "
@@ -175,7 +190,26 @@ def summary(engine: Engine, result: GenerationResult) -> str:
     return line + f"; peak RSS {peak_rss() / 1e6:.0f} MB]"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# The engine_options flags in two groups, for every command that takes them.
+MEMORY_FLAGS = ["memory_limit", "memory_budget", "context", "prefetch", "cache_policy", "pool"]
+ADVANCED_FLAGS = ["precision", "threads", "executor", "decode_steps", "allocation", "int2_prefill", "prefetch_threads",
+                  "no_verify", "verify_every_load"]
+
+
+@command("fate-run", sections=(
+    ("Prompt and output", ["prompt", "prompt_file", "max_new_tokens", "chat", "chat_template", "as_json"]),
+    ("Sampling (default: the model's generation settings)",
+     ["greedy", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+      "repetition_penalty"]),
+    ("Memory", MEMORY_FLAGS),
+    ("Advanced", ADVANCED_FLAGS + ["ignore_eos", "trace_path"]),
+), examples=(
+    ("fate-run qwen3-30b.fate --memory-limit 8GB", "chat in the terminal within 8 GB for the whole process"),
+    ('fate-run qwen3-30b.fate -p "Once upon a time" -n 200 --memory-budget 25%',
+     "continue a prompt, a quarter of the experts in memory"),
+    ('cat question.txt | fate-run qwen3-30b.fate -p - --chat --greedy --json', "one chat turn from standard input, "
+                                                                                "as JSON"),
+))
 @click.argument("artifact")
 @click.option("-p", "--prompt", default=None, help="Prompt text; - reads it from standard input. Without a prompt: "
                                                   "a chat in the terminal.")
@@ -184,9 +218,9 @@ def summary(engine: Engine, result: GenerationResult) -> str:
 @click.option("-n", "--max-new-tokens", default=None, type=click.IntRange(min=0),
               help="Tokens to generate at most  [default: 64; 512 per reply in a chat]")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token.")
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
+@click.option("--temperature", type=float, default=None, help="Divides the scores before sampling (higher: more varied).")
+@click.option("--top-p", type=float, default=None, help="Sample from the likeliest tokens whose probabilities sum to this.")
+@click.option("--top-k", type=int, default=None, help="Sample from this many likeliest tokens (0: all).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--min-p", type=float, default=None, help="Drop tokens less likely than this share of the likeliest one.")
 @click.option("--presence-penalty", type=float, default=0.0, show_default=True,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import click
+from .clihelp import command
 
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
@@ -31,15 +32,21 @@ def agreement(model_logits, reference_logits, ids: list[int], window: int) -> fl
     return same / total if total else float("nan")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-eval", examples=(
+    ("fate-eval qwen3-30b.fate --text heldout.txt", "perplexity on a text"),
+    ("fate-eval q4.fate --text heldout.txt --reference fp32.fate --memory-budget 25%",
+     "against another artifact, offloaded"),
+))
 @click.argument("artifact")
-@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="UTF-8 text to measure perplexity on.")
 @click.option("--reference", default=None, help="A reference artifact of the same model (e.g. compiled with --bits 32).")
-@click.option("--window", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--window", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per scored window.")
 @click.option("--max-tokens", default=0, show_default=True, type=click.IntRange(min=0), help="0: the whole text.")
 @click.option("--memory-budget", default=None, help="Evaluate through the offloading runtime at this budget.")
-@click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--int2-prefill", type=click.Choice(LOW_BIT_PREFILL_MODES), default="off", show_default=True,
+              help="Lossy: prefill with the INT2 copies the compiler stored where it measured them worth it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(artifact, text_file, reference, window, max_tokens, memory_budget, int2_prefill, as_json) -> None:
     """Quality of a Fate ARTIFACT on a text: perplexity, and agreement with a reference."""
     try:

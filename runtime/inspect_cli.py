@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
+from .clihelp import command
 
 from fate.artifacts import Artifact, FateError, Manifest
 from fate.artifacts.errors import USER_ERRORS, exit_with
@@ -98,7 +99,10 @@ padding:2px 6px;text-align:right;font-size:12px}} .layer{{display:flex;gap:8px;m
 <table><tr>{head}</tr>{body}</table>{reasons}<h2>Per layer</h2>{charts}</body></html>"""
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-inspect", examples=(
+    ("fate-inspect qwen3-30b.fate", "sizes, memory, and each layer's measured precision and prefetch"),
+    ("fate-inspect qwen3-30b.fate --html report.html", "the same with charts, as a page"),
+))
 @click.argument("artifact")
 @click.option("--html", "html_out", type=click.Path(path_type=Path), default=None,
               help="Write a self-contained HTML report here.")

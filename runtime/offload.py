@@ -53,7 +53,7 @@ class OffloadOptions:
     # INT2 prefill copies where the policy says: "auto" where they run from their bytes (native
     # executor: a load is a read, and an INT2 file is half an INT4 one); "on" wherever the policy
     # says; "off" never. They change prefill numbers by design.
-    low_bit_prefill: str = "auto"
+    low_bit_prefill: str = "off"  # lossy: INT2 copies in prefill only when asked
     threads: int = 2  # prefetch and miss-loading threads
     verify: bool = True
     verify_every_load: bool = False  # hash every read, not only a file's first (files that may change)

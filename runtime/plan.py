@@ -57,7 +57,7 @@ class RunPlan:
 
 def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precision: Callable[[int], str],
              file_bytes: Callable[[int, str], int], runs_native: Callable[[int, str], bool],
-             prefetch: str = "policy", allocation: str = "policy", low_bit_prefill: str = "auto") -> RunPlan:
+             prefetch: str = "policy", allocation: str = "policy", low_bit_prefill: str = "off") -> RunPlan:
     """precision(layer): its resident precision; file_bytes(layer, precision): its largest expert
     file; runs_native(layer, precision): whether the native executor computes it from its slot."""
     if prefetch not in PREFETCH_MODES:

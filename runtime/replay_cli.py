@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 import click
+from .clihelp import command
 
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
@@ -78,7 +79,10 @@ def replay_all(accesses: list[Access], capacity: Capacity, policies: list[str]) 
     return rows
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-replay", examples=(
+    ("fate-run model.fate -p \"...\" --memory-budget 25% --trace run.trace && fate-replay run.trace",
+     "record a run's routing, then compare cache policies and Belady's optimum on it"),
+))
 @click.argument("trace")
 @click.option("--capacity", default=None,
               help="Comma-separated budgets as shares of all experts (25%) or bytes (300MB); default: the traced "

@@ -12,10 +12,20 @@ from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
-from .cli import engine_options, load_engine
+from .cli import ADVANCED_FLAGS, MEMORY_FLAGS, engine_options, load_engine
+from .clihelp import command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("fate-serve", sections=(
+    ("Server", ["host", "port", "model_name", "api_key", "cors_origins", "strict_model_name", "chat_template"]),
+    ("Requests", ["max_queue", "request_timeout", "max_request_size", "conversation_cache"]),
+    ("Memory", MEMORY_FLAGS),
+    ("Advanced", ADVANCED_FLAGS),
+), examples=(
+    ("fate-serve qwen3-30b.fate --memory-limit 8GB", "OpenAI's API and a chat page on http://127.0.0.1:8080"),
+    ("fate-serve qwen3-30b.fate --host 0.0.0.0 --api-key $KEY --cors-origin https://my.app",
+     "for other machines and a web app: a key, and one allowed origin"),
+))
 @click.argument("artifact")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback unless you say otherwise).")

@@ -36,7 +36,7 @@ def imported_modules(path: Path) -> set[str]:
 # predictors, memory, the layer-state contract) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
 SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.replay", "fate.runtime.memory",
-                  "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state"}
+                  "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state", "fate.runtime.clihelp"}
 
 
 SERVE_MODULES = {"server.py", "serve_cli.py", "grammar.py"}

@@ -86,3 +86,20 @@ class GraphIO:
     def present(state: str) -> str:
         """The output carrying it out, for the next step."""
         return f"present_{state}"
+
+
+def size_text(sizes: dict[str, int]) -> str:
+    """An artifact's size on disk, the experts per precision apart from the rest."""
+    experts: dict[str, int] = {}
+    for path, size in sizes.items():
+        parts = path.split("/")
+        if parts[0] == "experts" and len(parts) > 2:
+            experts[parts[1]] = experts.get(parts[1], 0) + size
+    rest = sum(sizes.values()) - sum(experts.values())
+    each = ", ".join(f"{p} {megabytes(b)}" for p, b in sorted(experts.items()))
+    return (f"{megabytes(sum(sizes.values()))} on disk (experts: {each or 'none'}; graphs, tokenizer and profile "
+            f"{megabytes(rest)})")
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import click
-from fate.runtime.clihelp import command
 
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
+from fate.runtime.clihelp import command
 
 from .export import CompileOptions, compile_checkpoint
 from .policy import PlanTargets, replan
@@ -20,7 +20,8 @@ from .profile import BUILTIN, CalibrationOptions
 
 @command("fate-compile", sections=(
     ("Output", ["out_dir", "force", "quiet"]),
-    ("Precision", ["bits", "dense_bits", "block_size", "accuracy_level", "max_quant_error", "max_low_bit_error"]),
+    ("Precision", ["bits", "dense_bits", "block_size", "accuracy_level", "max_quant_error", "int2_copies",
+                   "max_low_bit_error"]),
     ("Calibration and policy", ["calib", "calib_tokens", "budget", "target_recall", "policy_only"]),
 ), examples=(
     ("huggingface-cli download Qwen/Qwen3-30B-A3B --local-dir Qwen3-30B-A3B && "
@@ -33,8 +34,8 @@ from .profile import BUILTIN, CalibrationOptions
 @click.option("--bits", "bits", multiple=True, type=click.Choice(["32", "16", "8", "4", "2"]), default=("4",),
               show_default=True,
               help="Expert precision; repeat to store several (e.g. --bits 4 --bits 8). 32 is unquantized "
-                   "float32, 16 float16 weights, 8/4/2 block-wise MatMulNBits. Calibrated compiles also "
-                   "store INT2 copies (for prefill) and INT8 for layers whose INT4 error is too high.")
+                   "float32, 16 float16 weights, 8/4/2 block-wise MatMulNBits. Only what is asked for is stored; "
+                   "a layer whose INT4 error passes --max-quant-error is named, with the flag that would help.")
 @click.option("--block-size", type=int, default=None,
               help="Quantization group size along K, a power of two >= 16. Default: 128 for 8 and 4 bits "
                    "(faster to load and run), 32 for 2 bits.")
@@ -56,6 +57,9 @@ from .profile import BUILTIN, CalibrationOptions
               help="Largest relative error of a layer's experts output at its resident precision.")
 @click.option("--max-low-bit-error", default=0.05, show_default=True, type=click.FloatRange(0),
               help="Largest error INT2 prefill transfers may add to a layer's experts output.")
+@click.option("--int2-copies", is_flag=True,
+              help="Lossy speed mode: also store INT2 copies of the experts, which fate-run --int2-prefill may "
+                   "move during prefill where calibration measured their error within --max-low-bit-error.")
 @click.option("--policy-only", is_flag=True,
               help="MODEL_DIR is an existing artifact: re-plan its policy from its profile for --budget.")
 @click.option("--force", is_flag=True,
@@ -64,8 +68,8 @@ from .profile import BUILTIN, CalibrationOptions
 def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_size: int, dense_bits: str,
          accuracy_level: int,
          calib: str, calib_tokens: int,
-         budget: str, target_recall: float, max_quant_error: float, max_low_bit_error: float, policy_only: bool,
-         force: bool, quiet: bool) -> None:
+         budget: str, target_recall: float, max_quant_error: float, max_low_bit_error: float, int2_copies: bool,
+         policy_only: bool, force: bool, quiet: bool) -> None:
     """Compile the Hugging Face MoE checkpoint in MODEL_DIR into a Fate artifact."""
     log = (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     try:
@@ -83,7 +87,7 @@ def main(model_dir: Path, out_dir: Path | None, bits: tuple[str, ...], block_siz
                                  block_size=block_size, accuracy_level=accuracy_level, force=force,
                                  dense_bits=None if dense_bits == "auto" else int(dense_bits),
                                  calibration=calibration,
-                                 budget=parse_budget(budget), targets=targets)
+                                 budget=parse_budget(budget), targets=targets, int2_copies=int2_copies)
         compile_checkpoint(options, log=log)
     except USER_ERRORS as e:
         exit_with("fate-compile", e)

@@ -79,6 +79,9 @@ class CompileOptions:
     calibration: CalibrationOptions | None = None  # None: no profile, no policy
     budget: Budget = Budget(share=0.5)  # the device budget the policy is planned for
     targets: PlanTargets = PlanTargets()
+    # a lossy speed mode, stored only when asked: INT2 copies of the experts that the policy may move
+    # during prefill where it measured their error within targets.max_low_bit_error (fate-run --int2-prefill)
+    int2_copies: bool = False
 
     @property
     def inputs(self) -> list[Path]:
@@ -457,9 +460,18 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
             profile=None if profiler is None else layout.PROFILE, policy=policy, head_step=head_step,
         )
+        sizes = {path: entry.size for path, entry in writer.entries.items()}
         out = writer.commit(manifest)
-    log(f"wrote {out} in {time.time() - start:.1f} s")
+    if exporter.sensitive:
+        worst = max(exporter.sensitive.values())
+        many = len(exporter.sensitive) > 1
+        log(f"note: layer{'s' if many else ''} {', '.join(map(str, sorted(exporter.sensitive)))} lose{'' if many else 's'} "
+            f"more than --max-quant-error "
+            f"{opts.targets.max_quant_error:g} at INT4 (up to {worst:.3f}); --bits 4 --bits 8 would also store INT8 "
+            "copies, which the policy runs where the budget allows")
+    log(f"wrote {out} in {time.time() - start:.1f} s: {layout.size_text(sizes)}")
     return out
+
 
 
 class LayerExporter:
@@ -468,9 +480,9 @@ class LayerExporter:
     def __init__(self, writer: ArtifactWriter, reader: WeightReader, cfg: ArchConfig, opts: CompileOptions,
                  profiler: Profiler | None):
         self.writer, self.reader, self.cfg, self.opts, self.profiler = writer, reader, cfg, opts, profiler
-        # Calibrated artifacts also carry INT2 copies: the policy may move rarely used experts
-        # at INT2 during prefill.
-        self.bits = tuple(sorted(set(opts.bits) | ({2} if profiler else set()), reverse=True))
+        # INT2 copies for prefill (lossy) only when asked, and only where calibration can plan them
+        self.bits = tuple(sorted(set(opts.bits) | ({2} if profiler and opts.int2_copies else set()), reverse=True))
+        self.sensitive: dict[int, float] = {}  # layer -> INT4 error, where it passes targets.max_quant_error
 
     def export(self, layer: int) -> LayerSpec:
         cfg, reader = self.cfg, self.reader
@@ -516,12 +528,10 @@ class LayerExporter:
         experts, layouts = self._write_experts(layer, self.bits, feed_profiler=True)
         if self.profiler:
             measured = self.profiler.finish_layer()
-            sensitive = measured.quant_error["int4"] > self.opts.targets.max_quant_error
-            # the policy will want such a layer at INT8 (asked-for float experts need no fallback)
-            if sensitive and 8 not in self.bits and min(self.opts.bits) < 8:
-                more, more_layouts = self._write_experts(layer, (8,), feed_profiler=False)
-                experts.update(more)
-                layouts.update(more_layouts)
+            # such a layer is stored as asked, and said: --bits 8 as well would let the policy run it at INT8
+            if measured.quant_error["int4"] > self.opts.targets.max_quant_error and 4 in self.bits \
+                    and 8 not in self.bits:
+                self.sensitive[layer] = measured.quant_error["int4"]
         routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k_at(layer),
                               normalize_top_k=cfg.normalize_top_k)
         return replace(spec, routing=routing, experts=experts, expert_layouts=layouts)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
-from .clihelp import command
 
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
@@ -26,6 +25,7 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
+from .clihelp import command
 from .bench_peers import LlamaCpp, disk_read_bytes
 from .cache import DEFAULT_POLICY, POLICIES
 from .cgroup import MemoryCgroup, Readahead, drop_caches

@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import click
-from .clihelp import command
 
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 
+from .clihelp import command
 from .api import Engine
 from .evaluate import perplexity, windows
 from .offload import OffloadOptions

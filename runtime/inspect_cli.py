@@ -8,15 +8,21 @@ from collections import Counter
 from pathlib import Path
 
 import click
-from .clihelp import command
 
 from fate.artifacts import Artifact, FateError, Manifest
+from fate.artifacts import layout
+from fate.artifacts.budget import Budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
+from .clihelp import command
 from .memory import PREFILL_CHUNK, plan_memory
+from .model import DEFAULT_CONTEXT, memory_needs
+from .offload import OffloadOptions
 from .svg import svg_chart
+from .tools import tool_format
+
 
 def skew(popularity: list[float]) -> float:
     """Share of assignments that go to the most popular quarter of the experts."""
@@ -126,6 +132,8 @@ def main(artifact: str, html_out: Path | None) -> None:
                 why.setdefault(layer.graph_only, []).append(layer.index)
         for reason, layers in why.items():  # the MoE attention layers that run their graph every token
             click.echo(f"  graph every token, layer{'s' if len(layers) > 1 else ''} {span_list(layers)}: {reason}")
+        click.echo(size_line(art))
+        click.echo(needs_line(art))
         click.echo(memory_line(art))
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
@@ -143,6 +151,25 @@ def main(artifact: str, html_out: Path | None) -> None:
             click.echo(f"report: {html_out}")
     except USER_ERRORS as e:
         exit_with("fate-inspect", e)
+
+
+def size_line(art: Artifact) -> str:
+    """The artifact on disk, its context and whether it chats."""
+    m = art.manifest
+    template = m.tokenizer.chat_template
+    chat = "none (fate-run and fate-serve take --chat-template FILE)" if not template else \
+        "yes, with tools" if tool_format(template) else "yes"
+    return (f"size: {layout.size_text({e.path: e.size for e in m.files})}; context {m.model.max_positions} tokens; "
+            f"chat template: {chat}")
+
+
+def needs_line(art: Artifact) -> str:
+    """What a run needs, as --memory-limit plans it (runtime.model.memory_needs)."""
+    context = min(DEFAULT_CONTEXT, art.manifest.model.max_positions)
+    needs = memory_needs(art, 0, context, OffloadOptions(Budget(bytes=0)), decode_steps=True)
+    return (f"to run ({context}-token context): every expert resident about {needs.all_resident / 1e6:.0f} MB for the "
+            f"process; the least --memory-limit {needs.least_limit / 1e6:.0f} MB; the least --memory-budget "
+            f"{needs.fewest / 1e6:.1f} MB (one token's experts in every layer)")
 
 
 def memory_line(art: Artifact) -> str:

@@ -329,10 +329,27 @@ class FateModel:
             self.experts.close()
 
 
-def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,
-               decode_steps: bool, reserved: int = 0) -> tuple[MemoryPlan, OffloadOptions | None]:
-    """What a whole-process memory limit leaves for the experts (runtime.memory.plan_memory), as the
-    offload options' budget; None (every expert resident) where all of them fit in it."""
+@dataclasses.dataclass(frozen=True)
+class MemoryNeeds:
+    """What a run of an artifact needs: `plan` (runtime.memory.plan_memory at `limit`), the experts'
+    least (one token's in every layer: the least --memory-budget) and all of them resident."""
+
+    plan: MemoryPlan
+    fewest: int
+    resident: int
+
+    @property
+    def least_limit(self) -> int:
+        return max(self.plan.floor + self.fewest, self.plan.loading)
+
+    @property
+    def all_resident(self) -> int:
+        """The whole process with every expert in memory."""
+        return max(self.plan.floor + self.resident, self.plan.loading)
+
+
+def memory_needs(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions, decode_steps: bool,
+                 reserved: int = 0) -> MemoryNeeds:
     manifest = artifact.manifest
     context = min(context or DEFAULT_CONTEXT, manifest.model.max_positions)
     graphs = [manifest.embed_graph, manifest.head_graph, *(l.graph for l in manifest.layers),
@@ -341,20 +358,28 @@ def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: Off
     plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps,
                        reserved=reserved)
     resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, offload.precision)))
-                   * l.routing.num_experts for l in manifest.moe_layers)
+                   * l.routing.num_experts for l in manifest.moe_layers) + manifest.state_bytes
     try:  # the least the experts need: one token's in every layer (and the layers' state)
         plan_run(manifest, None, Budget(bytes=0), lambda l: resident_precision(artifact, l, offload.precision),
                  lambda l, p: largest_file(artifact, l, p), lambda l, p: True, allocation="uniform")
         fewest = 0
     except BudgetError as e:
         fewest = e.needed or 0
-    least = max(plan.floor + fewest, plan.loading)
+    return MemoryNeeds(plan, fewest, resident)
+
+
+def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,
+               decode_steps: bool, reserved: int = 0) -> tuple[MemoryPlan, OffloadOptions | None]:
+    """What a whole-process memory limit leaves for the experts (runtime.memory.plan_memory), as the
+    offload options' budget; None (every expert resident) where all of them fit in it."""
+    needs = memory_needs(artifact, limit, context, offload, decode_steps, reserved)
+    plan, least = needs.plan, needs.least_limit
     if limit < least:
         raise BudgetError(f"a memory limit of {limit / 1e6:.0f} MB cannot hold this model: the process needs "
                           f"{plan.floor / 1e6:.0f} MB besides the experts ({describe(plan)}), one token's experts "
-                          f"in every layer {fewest / 1e6:.0f} MB, and loading peaks at {plan.loading / 1e6:.0f} MB; "
-                          f"the least limit is {least / 1e6:.0f} MB", needed=least)
-    if plan.pool >= resident + manifest.state_bytes:
+                          f"in every layer {needs.fewest / 1e6:.0f} MB, and loading peaks at "
+                          f"{plan.loading / 1e6:.0f} MB; the least limit is {least / 1e6:.0f} MB", needed=least)
+    if plan.pool >= needs.resident:
         return plan, None
     return plan, dataclasses.replace(offload, budget=Budget(bytes=plan.pool))
 

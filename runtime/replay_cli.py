@@ -12,12 +12,12 @@ import json
 from dataclasses import dataclass
 
 import click
-from .clihelp import command
 
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
+from .clihelp import command
 from .cache import POLICIES
 from .replay import Access, ReplayResult, accesses_of, belady, simulate
 from .trace import TraceHeader, read_trace

@@ -40,9 +40,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
-    """The example model compiled as a user does: calibrated, so with a profile and INT2 copies."""
+    """The example model compiled calibrated, so with a profile, and with INT2 copies (asked for)."""
     out = tmp_path_factory.mktemp("faults") / "tiny-moe"
-    proc = run("fate-compile", EXAMPLE, "-o", out, "--bits", "4", "-q")
+    proc = run("fate-compile", EXAMPLE, "-o", out, "--bits", "4", "--int2-copies", "-q")
     assert proc.returncode == 0, proc.stderr
     return out
 

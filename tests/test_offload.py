@@ -38,8 +38,8 @@ PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 1000, 4, 9]
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("offload") / "art"
-    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,), calibration=CalibrationOptions(tokens=1024)),
-                       log=lambda _m: None)
+    compile_checkpoint(CompileOptions(EXAMPLE, out, bits=(4,), calibration=CalibrationOptions(tokens=1024),
+                                      int2_copies=True), log=lambda _m: None)
     return out
 
 

@@ -10,6 +10,7 @@ all measured in this one invocation.
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,15 +26,15 @@ from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
-from .clihelp import command
 from .bench_peers import LlamaCpp, disk_read_bytes
 from .cache import DEFAULT_POLICY, POLICIES
+from .clihelp import command
 from .cgroup import MemoryCgroup, Readahead, drop_caches
 from .cgroup import readahead_kb as current_readahead
 from .memory import peak_rss
 from .plan import POOLS
 from .sessions import usable_cores
-from .svg import svg_chart
+from .svg import Chart, Series
 from .text import TextCodec
 from .trace import TraceHeader, TraceRecord
 
@@ -104,6 +105,7 @@ def run_one(config: RunConfig) -> dict:
         d = report.decode
         row.update(stall_s=report.stall_s, hit_rate=d.hit_rate, recall=d.mean_recall(),
                    mb_read=report.bytes_read / 1e6, budget_mb=report.budget_bytes / 1e6,
+                   total_expert_mb=report.total_expert_bytes / 1e6,
                    decode_mb_per_token=d.bytes_per_token / 1e6 if d.tokens else None,
                    belady_mb_per_token=optimal / 1e6 if optimal is not None else None)
     return row
@@ -267,22 +269,84 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_svg(results: dict[str, dict], budgets: list[str], modes: list[str]) -> str:
-    """Decode tokens/s against the budget (as a share of the experts), one line per mode, and the
-    all-resident speed as a flat line."""
-    shares = {b.strip(): parse_budget(b).share for b in budgets}
-    series = {}
-    for mode in modes:
-        points = [(100 * shares[b], results[f"{b} {mode.strip()}"]["decode_tok_s"]) for b in shares
-                  if shares[b] is not None and f"{b} {mode.strip()}" in results]
-        if points:
-            series[mode.strip()] = sorted(points)
+COLUMNS = ("x resident: decode speed against all experts resident; x on-demand: against --prefetch none at the "
+           "same budget; x I/O bound: against min(all-resident, storage bandwidth / MB read per token); hit: decode "
+           "expert hit rate; recall: the prefetch's; MB/tok: expert bytes read per decode token; x Belady: those "
+           "against the fewest any cache could read at this capacity")
+
+
+def flags_of(label: str) -> str:
+    """A table row's label as the fate-run flags that give it."""
+    words = label.split(" ")
+    where = f"--memory-limit {words[0][6:]}" if words[0].startswith("limit=") else f"--memory-budget {words[0]}"
+    out = [where, f"--prefetch {words[1]}"] if len(words) > 1 else [where]
+    for word in words[2:]:
+        value = word.strip("[]")
+        out.append("--decode-steps off" if value == "graphs" else f"--pool {value}" if value in POOLS
+                   else f"--executor {value}")
+    return " ".join(out)
+
+
+def recommendations(results: dict[str, dict]) -> list[str]:
+    """The fastest configuration at each budget and limit, as the flags to run it with."""
+    groups: dict[str, list[tuple[float, str]]] = {}
+    for label, r in results.items():
+        if label == RESIDENT or label.startswith((RESIDENT + " ", "llama.cpp")) or r.get("decode_tok_s") is None:
+            continue
+        groups.setdefault(label.split(" ")[0], []).append((r["decode_tok_s"], label))
+    out = []
+    for where, runs in groups.items():
+        runs.sort(reverse=True)
+        best, label = runs[0]
+        second = f"; next {flags_of(runs[1][1]).split(' ', 2)[-1]} at {runs[1][0] / best:.2f}x" if len(runs) > 1 else ""
+        out.append(f"fastest here at {where.replace('limit=', 'a limit of ')}: {flags_of(label)} "
+                   f"({best:.1f} tok/s{second})")
+    return out
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.machine()}, {usable_cores()} cores"
+
+
+def plot_svg(results: dict[str, dict], model: str, bandwidth: float | None) -> str:
+    """Decode tokens/s against the memory the experts had (GB; their share along the top), one series
+    per configuration with its min-max range, all-resident and the I/O bound as reference lines."""
+    series: dict[str, Series] = {}
+    total_mb = next((r["total_expert_mb"] for r in results.values() if r.get("total_expert_mb")), None)
+    for label, r in results.items():
+        if r.get("budget_mb") is None or r.get("decode_tok_s") is None:
+            continue
+        words = label.split(" ")
+        name = " ".join(words[1:]) + (", --memory-limit" if words[0].startswith("limit=") else "")
+        s = series.setdefault(name, Series(name, [], []))
+        s.points.append((r["budget_mb"] / 1e3, r["decode_tok_s"]))
+        s.spread.append((r.get("decode_tok_s_min", r["decode_tok_s"]), r.get("decode_tok_s_max", r["decode_tok_s"])))
+    chart = Chart(f"{model}: decode speed against expert memory ({machine()})", "memory for the experts (GB)",
+                  "decode tokens/s", list(series.values()))
+    xs = sorted({x for s in chart.series for x, _ in s.points})
     resident = results.get(RESIDENT, {}).get("decode_tok_s")
-    xs = [x for pts in series.values() for x, _ in pts]
     if resident and xs:
-        series["all-resident"] = [(min(xs), resident), (max(xs), resident)]
-    top = max([y for pts in series.values() for _, y in pts] or [1.0])
-    return svg_chart("decode tokens/s vs budget", series, y_max=top * 1.1, x_label="% of experts")
+        chart.series.append(Series("all experts resident", [(xs[0], resident), (xs[-1], resident)], reference=True,
+                                   color="#333333"))
+    if bandwidth and xs:
+        bound = []
+        for x in xs:
+            per_token = [r["decode_mb_per_token"] for r in results.values() if r.get("budget_mb") is not None
+                         and abs(r["budget_mb"] / 1e3 - x) < 1e-9 and r.get("decode_mb_per_token")]
+            if per_token:
+                speed = bandwidth / 1e6 / min(per_token)
+                bound.append((x, min(speed, resident) if resident else speed))
+        if bound:
+            chart.series.append(Series("I/O bound (disk / MB per token)", bound, reference=True,
+                                       color="#999999"))
+    if total_mb:
+        chart.top_axis = ("share of all experts", lambda x: f"{1e3 * x / total_mb:.0%}")
+    return chart.svg()
 
 
 @command("fate-bench", sections=(
@@ -401,12 +465,15 @@ def main(artifact, budgets, prefetch, executors, decode_steps, prompts, prompt_l
         click.echo(f"storage: {bandwidth / 1e9:.2f} GB/s re-reading expert files as the runtime does (4 threads, "
                    f"page cache bypassed; first reads {first_read / 1e9:.2f} GB/s), measured before the runs")
         click.echo(table({k: v for k, v in results.items() if not k.startswith("llama.cpp")}, bandwidth))
+        click.echo(f"columns: {COLUMNS}")
         if limits:
             capped = "inside memory cgroups of each limit, page cache dropped before each run" if cap else "uncapped"
             click.echo(f"\nunder --memory-limits ({capped}; the disk reads ahead {setting} KB per fault):")
             click.echo(peer_table(results, limits))
+        for line in recommendations(results):
+            click.echo(line)
         if plot is not None:
-            write_report(plot, plot_svg(results, budgets.split(","), prefetch.split(",")), inputs=[Path(artifact)])
+            write_report(plot, plot_svg(results, Path(artifact).name, bandwidth), inputs=[Path(artifact)])
         if json_out:
             write_report(json_out, json.dumps({"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
                                                "storage_bytes_per_s": bandwidth,

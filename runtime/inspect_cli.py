@@ -20,7 +20,7 @@ from .clihelp import command
 from .memory import PREFILL_CHUNK, plan_memory
 from .model import DEFAULT_CONTEXT, memory_needs
 from .offload import OffloadOptions
-from .svg import svg_chart
+from .svg import Chart, Series
 from .tools import tool_format
 
 
@@ -71,23 +71,46 @@ def table(data: list[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------- HTML
 
 
+# What each column of the table means, shown under it in the HTML report.
+GLOSSARY = {
+    "layer": "the layer's index (MoE layers only)",
+    "mixer": "what mixes tokens in it: attention, or a recurrent or convolution state",
+    "similarity": "mean cosine similarity between this layer's router input and the previous layer's",
+    "cross@k": "decode recall of the cross-layer predictor at width top-k: the share of this layer's experts the "
+               "previous layer's router input, run through this layer's router, named",
+    "eap@k": "the same for the activation-path (EAP) predictor, fitted on calibration",
+    "prev@k": "the same for 'the previous token's experts again'",
+    "predictor": "the predictor the policy chose for prefetching into this layer (none: load on demand)",
+    "width": "how many experts it prefetches per token",
+    "recall@width": "its measured decode recall at that width",
+    "top25% share": "the share of routing that goes to the most popular quarter of the experts",
+    "int4 err": "relative error of this layer's experts output at INT4, on calibration tokens",
+    "bits": "the precision the policy runs the layer at",
+    "cache share": "the share of the expert budget the per-layer pool gives this layer",
+    "int2 prefill": "the share of prefill transfers moved at INT2 (a lossy, opt-in mode)",
+}
+
+
 def layer_charts(p: LayerProfile) -> str:
-    recall = {name: list(zip(c.widths, c.decode)) for name, c in p.predictors.items()}
-    miss = {"demand misses": list(zip(p.miss_curve_slots, p.miss_curve))}
+    recall = [Series(name, list(zip(c.widths, c.decode))) for name, c in p.predictors.items()]
+    miss = [Series("misses (calibration replayed)", list(zip(p.miss_curve_slots, p.miss_curve)))]
     if p.optimal_miss_curve is not None:
-        miss["optimal (Belady)"] = list(zip(p.miss_curve_slots, p.optimal_miss_curve))
+        miss.append(Series("optimal (Belady)", list(zip(p.miss_curve_slots, p.optimal_miss_curve)), reference=True))
     pop = sorted(p.popularity, reverse=True)
-    popularity = {"popularity": list(enumerate(pop))}
-    return (svg_chart(f"layer {p.index}: decode recall vs width", recall, x_label="experts") +
-            svg_chart(f"layer {p.index}: miss rate vs slots (calibration replayed)", miss, x_label="slots") +
-            svg_chart(f"layer {p.index}: expert popularity (sorted)", popularity, y_max=max(pop) or 1, bars=True))
+    size = {"width": 460, "height": 280}
+    return (Chart(f"layer {p.index}: decode recall", "prefetch width (experts)", "recall", recall, y_max=1.0,
+                  **size).svg() +
+            Chart(f"layer {p.index}: miss rate", "slots", "miss rate", miss, y_max=1.0, **size).svg() +
+            Chart(f"layer {p.index}: expert popularity", "expert (by rank)", "share of routing",
+                  [Series("popularity", list(enumerate(pop)))], bars=True, **size).svg())
 
 
 def report_html(artifact: Artifact, profile: Profile) -> str:
     m = artifact.manifest
     data = rows(m, profile)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in data[0])
+    head = "".join(f"<th title='{html.escape(GLOSSARY.get(h, ''))}'>{html.escape(h)}</th>" for h in data[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in data)
+    glossary = "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(GLOSSARY[h])}</dd>" for h in data[0] if h in GLOSSARY)
     reasons = ""
     if m.policy:
         items = "".join(f"<li>layer {lp.index}: " + "; ".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}"
@@ -95,14 +118,19 @@ def report_html(artifact: Artifact, profile: Profile) -> str:
                         for lp in m.policy.layers)
         reasons = f"<h2>Why (policy planned for {m.policy.budget:.0%} of experts)</h2><ul>{items}</ul>"
     charts = "".join(f"<div class='layer'>{layer_charts(p)}</div>" for p in profile.layers)
+    facts = "".join(f"<li>{html.escape(line)}</li>" for line in (
+        f"identity: sha256:{artifact.digest}", size_line(artifact), needs_line(artifact)))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Fate report: {html.escape(m.model.architecture)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
-padding:2px 6px;text-align:right;font-size:12px}} .layer{{display:flex;gap:8px;margin:6px 0}} li{{font-size:12px}}</style>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1500px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:12px}} .layer{{display:flex;gap:8px;margin:6px 0}}
+li,dd,dt{{font-size:13px}} dt{{font-weight:bold;float:left;clear:left;width:9em}} dd{{margin-left:10em}}</style>
 </head><body><h1>{html.escape(m.model.architecture)} ({html.escape(m.model.family)})</h1>
-<p>{m.model.num_layers} layers, {len(m.moe_layers)} MoE layers. Calibration: {html.escape(profile.calibration)},
+<ul>{facts}</ul>
+<p>{m.model.num_layers} layers, {len(m.moe_layers)} MoE layers, experts stored as {html.escape(', '.join(m.precisions))},
+dense weights {html.escape(m.model.dense_precision)}. Calibration: {html.escape(profile.calibration)},
 {profile.calibration_tokens} tokens; recall measured on {profile.eval_tokens} held-out tokens
 (EAP fitted on the rest); prefill windows of {profile.prefill_window} tokens.</p>
-<table><tr>{head}</tr>{body}</table>{reasons}<h2>Per layer</h2>{charts}</body></html>"""
+<table><tr>{head}</tr>{body}</table><h2>Columns</h2><dl>{glossary}</dl>{reasons}<h2>Per layer</h2>{charts}</body></html>"""
 
 
 @command("fate-inspect", examples=(

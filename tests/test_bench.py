@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from browser import colours, picture
+
 BIN = Path(sys.executable).parent
 
 
@@ -28,7 +30,28 @@ def test_bench_runs_every_configuration(mixtral, tmp_path):
     for label in results:
         assert label in proc.stdout
     svg = (tmp_path / "plot.svg").read_text()
-    assert svg.startswith("<svg") and "cross-layer" in svg and "all-resident" in svg
+    assert svg.startswith("<svg") and "cross-layer" in svg and "all experts resident" in svg and "GB" in svg
+    assert "fastest here at 50%: --memory-budget 50% --prefetch" in proc.stdout and "columns: x resident" in proc.stdout
+
+
+def test_the_bench_plot_is_a_picture_worth_looking_at(tmp_path):
+    """Rendered by a browser: wide enough, every configuration its own colour."""
+    from fate.runtime.bench import plot_svg
+
+    results = {"all-resident": {"decode_tok_s": 100.0}}
+    for i, mode in enumerate(["none", "eap", "cross-layer", "policy"]):
+        for mb in (200, 400, 800):
+            speed = 20 + 10 * i + mb / 20
+            results[f"{mb}MB {mode}"] = {"decode_tok_s": speed, "decode_tok_s_min": speed - 3, "budget_mb": mb,
+                                         "decode_tok_s_max": speed + 2, "decode_mb_per_token": 40 - mb / 40,
+                                         "total_expert_mb": 1600}
+    svg = tmp_path / "plot.svg"
+    svg.write_text(plot_svg(results, "qwen3-30b", 2e9))
+    image = picture(svg, tmp_path / "plot.png")
+    assert image.width >= 800 and image.height >= 400
+    assert len(colours(image)) >= 4, colours(image)  # the four modes (references are grey)
+    text = svg.read_text()
+    assert "share of all experts" in text and "50%" in text and "I/O bound" in text and "qwen3-30b" in text
 
 
 def test_bench_table_ratios_are_within_one_executor():

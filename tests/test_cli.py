@@ -14,6 +14,7 @@ from fate.artifacts import Artifact
 from fate.compiler.families import supported
 
 BIN = Path(sys.executable).parent
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
 
 
 def run(cmd: str, *args, check: bool = True) -> subprocess.CompletedProcess:
@@ -296,3 +297,23 @@ def test_budgets_as_people_write_them():
     assert parse_budget("10G").bytes == 10 * 2**30 and parse_budget("512M").bytes == 512 * 2**20
     assert parse_budget("1.5GiB").bytes == int(1.5 * 2**30) and parse_budget("8GB").bytes == 8 * 10**9
     assert parse_budget("25%").share == 0.25
+
+
+def test_compile_and_inspect_show_sizes_and_needs_and_the_report_is_a_picture(tmp_path):
+    from browser import colours, picture
+
+    example = tmp_path / "tiny-moe"
+    compiled = run("fate-compile", EXAMPLE, "-o", example, "--bits", "4").stderr
+    assert "MB on disk (experts: int4" in compiled.splitlines()[-1]
+    out = run("fate-inspect", example, "--html", tmp_path / "report.html").stdout
+    size = next(line for line in out.splitlines() if line.startswith("size: "))
+    total = sum(p.stat().st_size for p in example.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert f"{total / 1e6:.1f} MB on disk" in compiled
+    assert f"{total / 1e6:.1f} MB on disk" in size and "experts: int4" in size and "context 1024 tokens" in size
+    assert "chat template: yes, with tools" in size
+    needs = next(line for line in out.splitlines() if line.startswith("to run"))
+    assert "every expert resident about" in needs and "the least --memory-limit" in needs
+    page = (tmp_path / "report.html").read_text()
+    assert "identity: sha256:" in page and "<h2>Columns</h2>" in page and "recall@width" in page
+    image = picture(tmp_path / "report.html", tmp_path / "report.png")
+    assert image.width >= 800 and len(colours(image)) >= 3

@@ -20,6 +20,7 @@ from fate.runtime.generate import SamplingConfig, Sampler, log_softmax
 from fate.runtime.openai_api import ApiError, chat_tools
 from fate.runtime.tools import FORMATS, ToolStream, split_calls
 
+from browser import browser
 from test_serve import BIN, PROMPT, Served, openai
 from tiny_models import CHAT_TEMPLATE
 
@@ -337,27 +338,11 @@ def test_a_public_address_without_a_key_is_warned_about(example):
 
 # ---------------------------------------------------------------------- the chat page
 
-def browser():
-    """Debian's chromium and its driver, headless; None where they are not installed."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (chromium and driver):
-        return None
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-
-
 def test_the_chat_page_streams_a_reply_in_a_real_browser(example):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = browser()
-    if page is None:
-        pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
     served = Served(example, "--memory-budget", "50%")  # offloaded: the page shows the experts' line
     try:
         page.get(served.root + "/")

@@ -317,3 +317,35 @@ def test_compile_and_inspect_show_sizes_and_needs_and_the_report_is_a_picture(tm
     assert "identity: sha256:" in page and "<h2>Columns</h2>" in page and "recall@width" in page
     image = picture(tmp_path / "report.html", tmp_path / "report.png")
     assert image.width >= 800 and len(colours(image)) >= 3
+
+
+def readme_commands() -> list[str]:
+    """Every command line in the README's shell blocks (the serving section's are run by test_serve_agents)."""
+    readme = (EXAMPLE.parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = readme.split("## Serving: OpenAI's HTTP API")[0] + readme.split("## Python API")[1]
+    blocks = [b for b in readme.split("```")[1::2] if not b.startswith("python")]
+    return [line.split("  #")[0].strip() for b in blocks for line in b.splitlines() if line.strip()]
+
+
+def test_the_readme_commands_run_on_the_bundled_model(tmp_path):
+    """Those on the bundled model run as written (out/ moved into a scratch folder); those on a model
+    that is not here are checked flag by flag against their command's --help."""
+    ran = checked = 0
+    for line in readme_commands():
+        if line.startswith(("pip ", "huggingface-cli ", "make ")):
+            continue
+        pipeline = line.split(" | ")
+        command = pipeline[-1].split()
+        assert command[0].startswith("fate-"), line
+        if "tiny-moe" in line:
+            line = line.replace("out/", f"{tmp_path}/out/").replace("examples/", f"{EXAMPLE.parent}/")
+            proc = subprocess.run(line.replace("fate-", f"{BIN}/fate-"), shell=True, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, (line, proc.stderr)
+            ran += 1
+        else:
+            usage = run(command[0], "--help").stdout
+            for flag in (w.split("=")[0] for w in command if w.startswith("-")):
+                assert flag in usage, (line, flag)
+            checked += 1
+    assert ran >= 5 and checked >= 3 and (tmp_path / "out" / "bench.svg").exists()

@@ -349,3 +349,25 @@ def test_the_readme_commands_run_on_the_bundled_model(tmp_path):
                 assert flag in usage, (line, flag)
             checked += 1
     assert ran >= 5 and checked >= 3 and (tmp_path / "out" / "bench.svg").exists()
+
+
+COMMANDS = {"fate-compile": "fate.compiler.cli:main", "fate-run": "fate.runtime.cli:main",
+            "fate-inspect": "fate.runtime.inspect_cli:main", "fate-bench": "fate.runtime.bench:main",
+            "fate-pack": "fate.runtime.artifact_cli:pack", "fate-unpack": "fate.runtime.artifact_cli:unpack",
+            "fate-verify": "fate.runtime.artifact_cli:verify", "fate-eval": "fate.runtime.eval_cli:main",
+            "fate-serve": "fate.runtime.serve_cli:main", "fate-replay": "fate.runtime.replay_cli:main"}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help_that_teaches_and_a_version(name):
+    import importlib
+
+    import click
+
+    module, function = COMMANDS[name].split(":")
+    command = getattr(importlib.import_module(module), function)
+    undocumented = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert not undocumented, f"{name}: {undocumented} have no help"
+    usage = run(name, "--help").stdout
+    assert "Examples:" in usage and "--version" in usage
+    assert run(name, "--version").stdout.strip().startswith(f"{name} ")

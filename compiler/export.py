@@ -132,7 +132,8 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         **mamba_shapes(c),
         **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate and not c.attention_gate_separate
            else {Role.Q_GATE: (q, h)}),
-        **({Role.Q: (q + 2 * kv, h), Role.K: (q + 2 * kv, h), Role.V: (q + 2 * kv, h)} if c.qkv_fused else {}),
+        **({Role.Q: (q + 2 * kv, h), Role.K: (q + 2 * kv, h), Role.V: (q + 2 * kv, h), Role.Q_BIAS: (q + 2 * kv,),
+            Role.K_BIAS: (q + 2 * kv,), Role.V_BIAS: (q + 2 * kv,)} if c.qkv_fused else {}),
         **({Role.EXPERTS_GATE_UP: (c.num_experts * i_moe, h), Role.EXPERTS_UP: (c.num_experts * i_moe, h),
             Role.EXPERTS_DOWN: (c.num_experts * i_moe, h)} if c.fused_layout == "stacked" else {}),
     }[role]
@@ -225,9 +226,9 @@ class WeightReader:
             # [heads, 2 D, H]: each head's query rows, then its gate rows
             both = self.ckpt.get(self.check(role, layer)).reshape(self.cfg.num_heads, 2, self.cfg.head_dim, -1)
             tensor = both[:, 0 if role == Role.Q else 1].reshape(self.cfg.num_heads * self.cfg.head_dim, -1)
-        elif role in (Role.Q, Role.K, Role.V) and self.cfg.qkv_fused:
+        elif role in QKV_ROWS and self.cfg.qkv_fused:
             q, kv = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
-            start, size = {Role.Q: (0, q), Role.K: (q, kv), Role.V: (q + kv, kv)}[role]
+            start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[QKV_ROWS[role]]
             tensor = self.ckpt.get(self.check(role, layer))[start:start + size]
         elif role in FUSED_LINEAR and self.cfg.linear_attention and self.cfg.linear_attention.fused:
             tensor = self._fused_linear(role, layer)
@@ -378,6 +379,10 @@ class WeightReader:
 
 def dense_format(opts: CompileOptions) -> WeightFormat:
     return WeightFormat(bits=opts.resolved_dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+
+
+# q, k and v (weights and biases) in one tensor, rows [q | k | v] (DBRX's Wqkv, Sarvam's query_key_value)
+QKV_ROWS = {Role.Q: "q", Role.K: "k", Role.V: "v", Role.Q_BIAS: "q", Role.K_BIAS: "k", Role.V_BIAS: "v"}
 
 
 def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:

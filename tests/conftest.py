@@ -56,6 +56,10 @@ CASES = {
     # attention sinks, alternating sliding windows, biased interleaved experts, clamped SwiGLU
     "gpt_oss": dict(family="gpt_oss", seed=14),
     "glm4_moe": dict(family="glm4_moe", seed=18),
+    # model types transformers loads with another family's classes
+    "param2moe": dict(family="param2moe", seed=60),
+    "sarvam_moe": dict(family="sarvam_moe", seed=61),
+    "sarvam_mla": dict(family="sarvam_mla", seed=62),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

@@ -172,6 +172,8 @@ KNOBS: dict[str, Knobs] = {
                                         "expert_layer_period": 2 if n > 1 else 1,
                                         "expert_layer_offset": r.choice([0, 1]) if n > 1 else 0}),
 }
+# Model types that load as another family: that family's knobs
+KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"])
 # Families left out of the sweep, with why (tested by their fixed cases in conftest.CASES):
 # - qwen3_5_moe is qwen3_5_moe_text's language model inside the multimodal checkpoint: the same graphs.
 # - dbrx keeps its sizes in nested attn_config / ffn_config: see dbrx_overrides.

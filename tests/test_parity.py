@@ -70,7 +70,9 @@ def test_one_token_prompt(built):
 # - Qwen3.5: the same 1% noise on every expert's output moves transformers' own logits by 1.3-4% on
 #   these random models against 0.1-0.7% for mixtral, qwen2_moe and lfm2_moe (and flipped one run in
 #   five); at INT4, 11 seeds of 11 gave errors of 0.44-1.0.
-ROUTING_FLIPS_AT_INT4 = {"gpt_oss", "qwen3_5_moe_text", "qwen3_5_moe"}
+# - Sarvam-MLA (DeepSeek-V3's classes, without a low-rank q, 16 experts in 4 groups): six seeds gave
+#   0.20-0.38 (float32 parity exact; INT8 within 0.05), against 0.12-0.26 for the deepseek_v3 case.
+ROUTING_FLIPS_AT_INT4 = {"gpt_oss", "qwen3_5_moe_text", "qwen3_5_moe", "sarvam_mla"}
 
 
 @pytest.mark.parametrize("bits,bound", [(16, 5e-3), (8, 0.05), (4, 0.3)])
@@ -193,7 +195,7 @@ def test_multi_token_prediction_layers_are_skipped_as_transformers_does(family, 
 # step does not do (sinks, latent attention, sparsemixer, norms after RoPE, post-norms, RoPE on
 # adjacent pairs, rotary sizes the fused attention refuses, ...)
 DECODE_STEP_FAMILIES = {"dots1", "granitemoe", "granitemoeshared", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
-                        "solar_open"}
+                        "solar_open", "param2moe", "sarvam_moe"}
 SOME_DECODE_STEPS = {"granitemoehybrid", "lfm2_moe", "exaone_moe"}  # attention layers with RoPE, MoE ones
 
 
@@ -217,3 +219,27 @@ def test_decode_steps_follow_the_layer_graphs(built):
     continuation = [7, 99, 3, 12, 40]
     assert rel_err(incremental_logits(with_steps, PROMPT, continuation),
                    incremental_logits(graphs, PROMPT, continuation)) < 2e-2
+
+
+def test_a_config_in_its_original_names_reads_as_transformers_reads_it(tmp_path):
+    """Param2's own config keys (num_experts, num_shared_experts, use_qkv_bias) and its class defaults
+    (q/k norms on, the whole head rotated) where the config is silent: the same model either way."""
+    import json
+    import shutil
+
+    from conftest import Built
+
+    built = Built(tmp_path / "saved", family="param2moe", seed=63)
+    original = tmp_path / "original"
+    shutil.copytree(built.ckpt, original)
+    config = json.loads((original / "config.json").read_text())
+    for ours, theirs in (("n_routed_experts", "num_experts"), ("n_shared_experts", "num_shared_experts"),
+                         ("attention_bias", "use_qkv_bias")):
+        config[theirs] = config.pop(ours)
+    config.pop("use_qk_norm")
+    config["rope_parameters"].pop("partial_rotary_factor")
+    (original / "config.json").write_text(json.dumps(config))
+    from fate.compiler import CompileOptions, compile_checkpoint
+
+    compile_checkpoint(CompileOptions(original, tmp_path / "art", bits=(32,), dense_bits=32), log=lambda _m: None)
+    assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(built.hf, PROMPT)) < 1e-4

@@ -159,7 +159,8 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "granitemoeshared", "ernie4_5_moe", "glm4_moe_lite", "solar_open",
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
                                     "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
-                                    "exaone_moe", "cohere2_moe", "flex_olmo", "afmoe"])
+                                    "exaone_moe", "cohere2_moe", "flex_olmo", "afmoe", "param2moe",
+                                    "sarvam_moe", "sarvam_mla"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

@@ -141,6 +141,36 @@ def glm4_moe_config(**overrides):
                             "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0, **overrides})
 
 
+def param2moe_config(**overrides):
+    from transformers import Param2MoeConfig
+
+    # GLM-4.5's block as Param2 ships it: rotary over the whole head, q/k norms, two shared experts
+    return Param2MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                              "head_dim": 16, "n_routed_experts": 12, "num_experts_per_tok": 3, "n_shared_experts": 2,
+                              "first_k_dense_replace": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                              "tie_word_embeddings": False, **overrides})
+
+
+def sarvam_moe_config(**overrides):
+    from transformers import SarvamMoEConfig
+
+    return SarvamMoEConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                              "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1,
+                              "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "attention_bias": True,
+                              "tie_word_embeddings": False, **overrides})
+
+
+def sarvam_mla_config(**overrides):
+    from transformers import SarvamMLAConfig
+
+    return SarvamMLAConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                              "num_key_value_heads": 4, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                              "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
+                              "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                              "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                              **overrides})
+
+
 def dots1_config(**overrides):
     from transformers import Dots1Config
 
@@ -335,7 +365,8 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "jamba": jamba_config, "hunyuan_v1_moe": hunyuan_v1_moe_config,
            "minimax_m2": minimax_m2_config, "dbrx": dbrx_config,
            "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config,
-           "flex_olmo": flex_olmo_config, "afmoe": afmoe_config}
+           "flex_olmo": flex_olmo_config, "afmoe": afmoe_config, "param2moe": param2moe_config,
+           "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

@@ -410,6 +410,19 @@ class Family:
     def skipped(self, name: str) -> bool:
         return any(re.fullmatch(pattern, name) for pattern in self.skip)
 
+    def loaded_as(self, config_names: dict[str, str], defaults: dict[str, Any] | None = None,
+                  tensors: dict[Role, str] | None = None, **layout: Any) -> "Family":
+        """This family for a model type that transformers loads with this family's classes, whose
+        original configs name some keys otherwise (`config_names`: their name -> this family's), whose
+        config class defaults some keys otherwise (`defaults`, used where a config is silent), and whose
+        checkpoints keep their original tensor names (`tensors`, over this family's) and layout
+        (`layout`: ArchConfig fields such as qkv_fused, as transformers' weight conversion undoes)."""
+        def read(cfg: dict[str, Any]) -> ArchConfig:
+            renamed = {config_names.get(k, k): v for k, v in cfg.items() if config_names.get(k, k) not in cfg
+                       or k not in config_names}
+            return dataclasses.replace(self.read_config({**(defaults or {}), **renamed}), **layout)
+        return dataclasses.replace(self, read_config=read, tensors={**self.tensors, **(tensors or {})})
+
 
 # ------------------------------------------------------------------ config helpers for families
 

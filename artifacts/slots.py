@@ -18,12 +18,11 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
+from .native_contract import ACTIVATIONS, PROJECTIONS, QK_NORMS, STEP
 from .schema import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, TensorView
 
-PROJECTIONS = ("gate", "up", "down")
 QUANT_PARTS = ("qweight", "scales", "zero_points")
 DTYPE_SIZES = {"uint8": 1, "float32": 4}
-ACTIVATIONS = ("swiglu", "swiglu_clamped")
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
 
@@ -82,18 +81,12 @@ STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm
                      "final_norm": "final_norm.norm_weight", "score_bias": "routing.score_bias",
                      "next_score_bias": "next_scores.score_bias"}
 
-# What a decode step normalizes q and k with before RoPE (DecodeStep.qk_norm), in kernel.h's order
-QK_NORMS = ("none", "head", "projection")
 
 # (hidden size, query heads, key/value heads, head dim): the attention sizes a decode step's tensors follow
 Heads = tuple[int, int, int, int]
 
-# A decode step's tensors, in the order the native step reads their offsets (runtime/native/kernel.h).
-STEP_TENSORS = ("attn_norm", "qkv.qweight", "qkv.scales", "qkv.zero_points", "qkv.bias", "o.qweight", "o.scales",
-                "o.zero_points", "mlp_norm", "router", "shared_gate_up.qweight", "shared_gate_up.scales",
-                "shared_gate_up.zero_points", "shared_down.qweight", "shared_down.scales", "shared_down.zero_points",
-                "shared_expert_gate", "next_router", "next_norm", "q_norm", "k_norm", "score_bias", "next_score_bias",
-                "o.bias")
+# A decode step's tensors, in the order the native step reads their offsets (native_contract.STEP).
+STEP_TENSORS = STEP.tensor_names
 
 
 def expected_step_tensors(step: DecodeStep, heads: Heads, experts: int,

@@ -15,7 +15,8 @@ import onnx
 
 from fate.artifacts import DecodeStep, HeadStep, ModelError
 from fate.artifacts.layout import GraphIO as IO
-from fate.artifacts.slots import QK_NORMS, STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
+from fate.artifacts.native_contract import QK_NORMS
+from fate.artifacts.slots import STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
 
 from .families.base import ArchConfig, Role
 from .onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightFormat

@@ -15,7 +15,8 @@ import numpy as np
 
 from fate.artifacts import HeadStep, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
-from fate.artifacts.slots import QK_NORMS, STEP_TENSORS, check_step_in_graph
+from fate.artifacts.native_contract import HEAD, QK_NORMS, STEP, STEP_SCORINGS
+from fate.artifacts.slots import check_step_in_graph
 
 from . import native
 from .experts import RoutedExperts
@@ -28,10 +29,9 @@ class NativeHead:
     def __init__(self, spec: ModelSpec, step: HeadStep, data: bytes, threads: int, label: str):
         check_step_in_graph(step, data, f"{label}: head step")
         offsets = {view.name: view.offset for view in step.tensors}
-        self.vector = np.asarray([spec.hidden_size, spec.vocab_size, step.bits, step.block_size,
-                                  int(step.accuracy_level == 4)] +
-                                 [offsets.get(name, -1) for name in ("final_norm", "lm_head.qweight", "lm_head.scales",
-                                                                     "lm_head.zero_points", "lm_head.bias")], np.int64)
+        self.vector = np.asarray(HEAD.vector(dict(hidden=spec.hidden_size, vocab=spec.vocab_size, bits=step.bits,
+                                                  block=step.block_size, int8=step.accuracy_level == 4), offsets),
+                                 np.int64)
         self.numbers = (step.norm_eps, step.logits_scaling)
         self.graph, self.threads, self.vocab = data, threads, spec.vocab_size
 
@@ -44,16 +44,17 @@ class NativeHead:
 
 
 def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndarray:
-    """The int64 vector the native step reads (runtime/native/kernel.h, S_*): sizes, routing, the
-    layer's window, and the offset of every tensor in STEP_TENSORS order (-1 where absent)."""
+    """The int64 vector the native step reads (native_contract.STEP, kernel.h's S_ and T_): sizes, routing,
+    the layer's window, and the offset of every tensor (-1 where absent)."""
     step, routing = layer.decode_step, layer.routing
-    offsets = {view.name: view.offset for view in step.tensors}
-    head = [spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, len(spec.rope_inv_freq),
-            routing.num_experts, routing.top_k, next_experts, step.shared_intermediate_size, step.bits,
-            step.block_size, int(step.accuracy_level == 4), int(routing.normalize_top_k),
-            layer.sliding_window or spec.sliding_window or 0, QK_NORMS.index(step.qk_norm),
-            int(routing.scoring == "sigmoid"), *(step.group_topk or (0, 0))]
-    return np.asarray(head + [offsets.get(name, -1) for name in STEP_TENSORS], dtype=np.int64)
+    groups, kept = step.group_topk or (0, 0)
+    values = dict(hidden=spec.hidden_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                  rot_half=len(spec.rope_inv_freq), experts=routing.num_experts, top_k=routing.top_k,
+                  next_experts=next_experts, shared_inter=step.shared_intermediate_size, bits=step.bits,
+                  block=step.block_size, int8=step.accuracy_level == 4, normalize=routing.normalize_top_k,
+                  window=layer.sliding_window or spec.sliding_window or 0, qk_norm=QK_NORMS.index(step.qk_norm),
+                  scoring=STEP_SCORINGS.index(routing.scoring), groups=groups, kept=kept)
+    return np.asarray(STEP.vector(values, {view.name: view.offset for view in step.tensors}), dtype=np.int64)
 
 
 class NativeDecodeStep:

@@ -9,15 +9,13 @@ import sys
 import numpy as np
 
 from fate.artifacts import ExpertLayout
-from fate.artifacts.slots import PROJECTIONS
+from fate.artifacts.native_contract import ACTIVATIONS, LAYOUT
 
 try:
     from . import _experts as KERNEL  # type: ignore[attr-defined]
 except ImportError:  # not built: no compiler, or an unusual platform
     KERNEL = None
 
-ACTIVATION_CODES = {"swiglu": 0, "swiglu_clamped": 1}
-TENSOR_PARTS = ("qweight", "scales", "zero_points", "bias")
 _warned = False
 
 
@@ -40,11 +38,10 @@ def warn_unavailable() -> None:
 def layout_vector(layout: ExpertLayout) -> np.ndarray:
     """The int64[19] the kernel reads: sizes, bits, block, accuracy, activation, bias, and the
     offset of every tensor (-1 where a projection has no bias)."""
-    views = {v.name: v.offset for v in layout.tensors}
-    offsets = [views.get(f"{proj}.{part}", -1) for proj in PROJECTIONS for part in TENSOR_PARTS]
-    head = [layout.hidden_size, layout.intermediate_size, layout.bits, layout.block_size, layout.accuracy_level,
-            ACTIVATION_CODES[layout.activation], int(layout.has_bias)]
-    return np.asarray(head + offsets, dtype=np.int64)
+    values = dict(hidden=layout.hidden_size, inter=layout.intermediate_size, bits=layout.bits,
+                  block=layout.block_size, accuracy=layout.accuracy_level,
+                  activation=ACTIVATIONS.index(layout.activation), has_bias=layout.has_bias)
+    return np.asarray(LAYOUT.vector(values, {v.name: v.offset for v in layout.tensors}), dtype=np.int64)
 
 
 def run_experts(layout: ExpertLayout, vector: np.ndarray, buffers: list, x: np.ndarray, starts: np.ndarray,

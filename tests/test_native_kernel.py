@@ -292,3 +292,31 @@ def test_the_neon_kernel_agrees_with_portable_c_under_qemu(tmp_path):
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
     report = build_and_run(compiler, [qemu], tmp_path, "-static")
     assert report.startswith("kernels: neon portable;") and " 0 disagree" in report, report
+
+
+def c_enums(header: str) -> list[list[str]]:
+    """Every `enum { ... }` of a C header, as its member names in order (values and comments left out)."""
+    import re
+
+    text = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    return [[m.split("=")[0].strip() for m in body.split(",") if m.strip()]
+            for body in re.findall(r"enum\s*\{(.*?)\}", text, flags=re.S)]
+
+
+def test_the_native_contract_is_kernel_h_s_order():
+    """artifacts/native_contract.py declares each vector once; kernel.h's enums must list the same
+    fields and tensors in the same order (a field added on one side only fails here)."""
+    from fate.artifacts.native_contract import ACTIVATIONS, HEAD, LAYOUT, STEP, TENSOR_PARTS
+
+    header = (Path(native.__file__).parent / "native" / "kernel.h").read_text()
+    enums = {tuple(e)[0]: e for e in c_enums(header)}
+    step = enums["S_HIDDEN"]
+    assert step[:step.index("S_OFFSETS")] == ["S_" + c for _, c in STEP.fields]
+    assert enums["T_ATTN_NORM"] == ["T_" + c for _, c in STEP.tensors] + ["STEP_TENSORS"]
+    assert enums["H_HIDDEN"] == ["H_" + c for _, c in HEAD.fields + HEAD.tensors] + ["H_SIZE"]
+    layout = enums["L_HIDDEN"]
+    assert layout[:layout.index("L_TENSORS")] == ["L_" + c for _, c in LAYOUT.fields]
+    assert enums["T_QWEIGHT"] == ["T_" + c for _, c in TENSOR_PARTS]
+    assert enums["ACT_SWIGLU"] == ["ACT_" + a.upper() for a in ACTIVATIONS]
+    with pytest.raises(ValueError, match="missing or unknown"):
+        STEP.vector({"hidden": 1}, {})

@@ -9,18 +9,10 @@ from typing import Any
 
 from .errors import ArtifactError
 from .inputs import load_json
+from .predictors import GRAPH_PREDICTORS, PREDICTORS, RUNTIME_PREDICTORS, Predictor  # noqa: F401 - re-exported
 from .schema import from_json_dict, parse_version, to_json_dict
 
 PROFILE_VERSION = "1.1"  # 1.1: optimal_miss_curve
-
-# Predictors of a layer's experts, measured side by side:
-#   cross_layer       the next layer's router applied to this layer's router input (the paper's)
-#   cross_layer_norm  the same after the next layer's own norm weights
-#   eap               expert-activation-path: transition counts from the previous MoE layer's experts
-#   previous_token    the experts this layer's router ranked highest for the previous token
-PREDICTORS = ("cross_layer", "cross_layer_norm", "eap", "previous_token")
-GRAPH_PREDICTORS = ("cross_layer", "cross_layer_norm")  # computed inside the layer graphs
-RUNTIME_PREDICTORS = (*GRAPH_PREDICTORS, "eap")  # what a layer's policy may name (or "none")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from . import precisions
+from .predictors import RUNTIME_PREDICTORS, Predictor
 from .errors import ArtifactError
 
 SCHEMA_VERSION = "1.6"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
@@ -25,8 +27,8 @@ SCHEMA_VERSION = "1.6"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
 # runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only)
 
-# Expert precisions an artifact may store, with the bits the compiler quantized them to.
-PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+# Expert precisions an artifact may store, with the bits the compiler quantized them to (precisions.py).
+PRECISION_BITS = precisions.PRECISION_BITS
 DENSE_PRECISIONS = ("fp32", "int8", "int4")
 
 LAYER_KINDS = ("moe", "dense")
@@ -390,11 +392,11 @@ class Manifest:
             if not 0 <= p.cache_share <= 1 or not 0 <= p.prefill_low_share <= 1 or \
                     not 0 <= p.prefetch_width <= layer.routing.num_experts:
                 raise ArtifactError(f"manifest: policy of layer {p.index} has out-of-range numbers")
-            if p.predictor not in ("none", "cross_layer", "cross_layer_norm", "eap"):
+            if p.predictor not in (*RUNTIME_PREDICTORS, "none"):
                 raise ArtifactError(f"manifest: policy of layer {p.index} has unknown predictor {p.predictor!r}")
-            if p.predictor.startswith("cross") and not (p.index > 0 and self.layers[p.index - 1].predicts_next):
+            if p.predictor in (Predictor.CROSS_LAYER, Predictor.CROSS_LAYER_NORM) and not (p.index > 0 and self.layers[p.index - 1].predicts_next):
                 raise ArtifactError(f"manifest: layer {p.index} has no cross-layer prediction to use")
-            if p.predictor == "eap" and not self.profile:
+            if p.predictor == Predictor.EAP and not self.profile:
                 raise ArtifactError(f"manifest: layer {p.index} uses EAP but the artifact has no profile")
 
     def _validate_layer(self, i: int, layer: LayerSpec) -> None:

@@ -18,6 +18,7 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
+from .precisions import QUANTIZED_BITS
 from .native_contract import ACTIVATIONS, PROJECTIONS, QK_NORMS, STEP
 from .schema import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, TensorView
 
@@ -142,7 +143,7 @@ def check_head_step(step: HeadStep, hidden: int, vocab: int, file_size: int, whe
 
 
 def check_quantized_numbers(step: DecodeStep | HeadStep, where: str) -> None:
-    if step.bits not in (2, 4, 8) or step.block_size < 16 or step.block_size & (step.block_size - 1) \
+    if step.bits not in QUANTIZED_BITS or step.block_size < 16 or step.block_size & (step.block_size - 1) \
             or step.block_size > MAX_BLOCK_SIZE or step.accuracy_level not in (0, 1, 2, 3, 4):
         raise ArtifactError(f"{where}: unsupported bits {step.bits}, block size {step.block_size} or accuracy level")
 
@@ -183,7 +184,7 @@ def nbytes(view: TensorView) -> int:
 def check_layout(layout: ExpertLayout, file_size: int, where: str) -> None:
     """Refuse a layout whose tensors are not exactly the expected ones, or do not lie inside a
     file of `file_size` bytes without overlapping."""
-    if layout.bits not in (2, 4, 8) or layout.block_size < 16 or layout.block_size & (layout.block_size - 1) \
+    if layout.bits not in QUANTIZED_BITS or layout.block_size < 16 or layout.block_size & (layout.block_size - 1) \
             or layout.block_size > MAX_BLOCK_SIZE:
         raise ArtifactError(f"{where}: unsupported bits {layout.bits} or block size {layout.block_size}")
     if layout.activation not in ACTIVATIONS or layout.accuracy_level not in (0, 1, 2, 3, 4):

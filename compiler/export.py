@@ -28,7 +28,7 @@ from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.outputs import check_output
 from fate.artifacts.profile import profile_to_bytes
-from fate.artifacts.schema import PRECISION_BITS
+from fate.artifacts.precisions import PRECISIONS
 from fate.artifacts.slots import MAX_BLOCK_SIZE, layout_of
 from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
@@ -43,7 +43,7 @@ from .onnx_builder import WeightFormat
 from .quantize import DEFAULT_BLOCK_SIZE, quantize
 from .tokenizer import read_tokenizer
 
-PRECISION_OF_BITS = {bits: name for name, bits in PRECISION_BITS.items()}
+PRECISION_OF_BITS = {p.bits: p.name for p in PRECISIONS}
 DENSE_BITS = (32, 8, 4)
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)

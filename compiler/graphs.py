@@ -16,6 +16,7 @@ import onnx
 from fate.artifacts import DecodeStep, HeadStep, ModelError
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.native_contract import QK_NORMS
+from fate.artifacts.precisions import QUANTIZED_BITS
 from fate.artifacts.slots import STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
 
 from .families.base import ArchConfig, Role
@@ -928,7 +929,7 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
             "RoPE in sizes or an order the fused kernel cannot take"
     if layer in cfg.nope_layers:
         return "attention without positions"
-    if fmt.bits not in (2, 4, 8):
+    if fmt.bits not in QUANTIZED_BITS:
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
     for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
                               cfg.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
@@ -981,7 +982,7 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
 def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,
               fmt: WeightFormat) -> HeadStep | None:
     """The numbers of the head's native decode step (RMSNorm and a quantized LM head), or None."""
-    if cfg.norm != "rms" or final_norm_bias is not None or fmt.bits not in (2, 4, 8) \
+    if cfg.norm != "rms" or final_norm_bias is not None or fmt.bits not in QUANTIZED_BITS \
             or lm_head_rows != cfg.vocab_size:
         return None
     return HeadStep(bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits],

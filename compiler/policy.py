@@ -22,6 +22,7 @@ import numpy as np
 
 from fate.artifacts import Artifact, ArtifactError, LayerSpec
 from fate.artifacts.budget import Budget
+from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import RUNTIME_PREDICTORS, LayerProfile, Profile, profile_from_bytes
 from fate.artifacts.schema import PRECISION_BITS, LayerPolicy, Policy
 from fate.runtime.allocation import SlotDemand, allocate_slots, miss_at
@@ -57,7 +58,7 @@ def choose_predictor(p: LayerProfile, targets: PlanTargets) -> tuple[str, int, f
     demand for 2% more hits)."""
     candidates = [(name, p.predictors[name]) for name in RUNTIME_PREDICTORS if name in p.predictors]
     if not candidates:
-        return "none", 0, 0.0, "no previous layer to predict from"
+        return Predictor.NONE, 0, 0.0, "no previous layer to predict from"
     reaching = [(curve.widths[i], -curve.decode[i], name, i)
                 for name, curve in candidates
                 for i in range(len(curve.widths)) if curve.decode[i] >= targets.target_recall]
@@ -69,7 +70,7 @@ def choose_predictor(p: LayerProfile, targets: PlanTargets) -> tuple[str, int, f
         target_width, target_index = None, len(curve.widths) - 1
     k = curve.widths[0]
     if curve.decode[0] < targets.min_prefetch_precision:
-        return "none", 0, 0.0, (f"no predictor reaches {targets.target_recall}; the best, {name}, is right for "
+        return Predictor.NONE, 0, 0.0, (f"no predictor reaches {targets.target_recall}; the best, {name}, is right for "
                                 f"{curve.decode[0]:.3f} of its top-{k} (< {targets.min_prefetch_precision}): load on demand")
     i = 0
     while i < target_index and (curve.decode[i + 1] - curve.decode[i]) * k >= targets.min_prefetch_precision:

@@ -21,6 +21,8 @@ import numpy as np
 from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.precisions import QUANTIZED
+from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
 from fate.runtime.cache import DEFAULT_POLICY
 from fate.runtime.replay import optimal_miss_rate, replay_miss_rate
@@ -34,7 +36,7 @@ from .quantize import dequantize
 BUILTIN = "builtin"
 BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 LOW_BIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+QUANT_BITS = {p.name: p.bits for p in QUANTIZED}  # what calibration measures each expert at
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class Profiler:
             self.hidden = residual.reshape(self.hidden.shape)
             self._moe = None
         self._carry = (out[IO.ROUTER_INPUT], {
-            "cross_layer": out[IO.NEXT_ROUTER_LOGITS], "cross_layer_norm": out[IO.NEXT_ROUTER_LOGITS_NORM],
+            Predictor.CROSS_LAYER: out[IO.NEXT_ROUTER_LOGITS], Predictor.CROSS_LAYER_NORM: out[IO.NEXT_ROUTER_LOGITS_NORM],
         } if predicts_next else None)
         if not is_moe:
             self._advance()
@@ -290,12 +292,12 @@ class Profiler:
         if self.previous.moe_ids is not None:
             fit = slice(0, self.eval_from)
             counts = self._transitions(out[IO.EXPERT_IDS], num_experts, fit).astype(np.float64)
-            scores["eap"] = eap_scores(counts, actual[fit].mean(0), self.previous.moe_ids)
+            scores[Predictor.EAP] = eap_scores(counts, actual[fit].mean(0), self.previous.moe_ids)
         # previous token within the same sequence: shift router logits by one position (the
         # first token of each sequence has no previous one and counts against this predictor)
         logits = out[IO.ROUTER_LOGITS].reshape(self.n_seq, self.seq_len, -1)
         shifted = np.concatenate([np.zeros_like(logits[:, :1]), logits[:, :-1]], axis=1)
-        scores["previous_token"] = shifted.reshape(-1, num_experts)
+        scores[Predictor.PREVIOUS_TOKEN] = shifted.reshape(-1, num_experts)
         return {name: recall_curve(s[ev], actual[ev], widths, window) for name, s in scores.items()}
 
     def result(self) -> Profile:

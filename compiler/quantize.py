@@ -13,16 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fate.artifacts import precisions
+from fate.artifacts.precisions import QUANTIZED_BITS
+
 from .onnx_builder import MS_DOMAIN, GraphBuilder
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = QUANTIZED_BITS
 
 # Group size along K when the user names none. 128 (GPTQ's and AWQ's usual group, and onnxruntime's
 # quantizer default) for 8 and 4 bits: measured here on a 2048x1408 INT4 expert, block 128 against 32
 # halves session creation (7.6 -> 3.7 ms, the cost of every cache miss), runs 25% faster and stores
 # 16% fewer bytes, for 1.3x the output error on random weights and perplexity x1.0075 instead of
 # x1.0048 on the trained example. INT2 keeps 32: at 128 its error reaches the size of the output.
-DEFAULT_BLOCK_SIZE = {8: 128, 4: 128, 2: 32}
+DEFAULT_BLOCK_SIZE = precisions.DEFAULT_BLOCK_SIZE
 
 
 @dataclass(frozen=True)

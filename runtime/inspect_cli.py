@@ -14,6 +14,7 @@ from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
+from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
 from .clihelp import command
@@ -38,10 +39,10 @@ def rows(manifest: Manifest, profile: Profile) -> list[dict[str, str]]:
     out = []
     for p in profile.layers:
         decided = manifest.policy.layer(p.index) if manifest.policy else None
-        cross = p.predictors.get("cross_layer")
+        cross = p.predictors.get(Predictor.CROSS_LAYER)
         chosen = p.predictors.get(decided.predictor) if decided and decided.predictor != "none" else None
-        eap = p.predictors.get("eap")
-        prev = p.predictors.get("previous_token")
+        eap = p.predictors.get(Predictor.EAP)
+        prev = p.predictors.get(Predictor.PREVIOUS_TOKEN)
         out.append({
             "layer": str(p.index),
             "mixer": manifest.layers[p.index].mixer,

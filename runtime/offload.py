@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fate.artifacts.predictors import Predictor
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import Profile, profile_from_bytes
@@ -36,7 +37,7 @@ from .report import LayerReport, OffloadReport, PhaseReport
 from .slots import SlotPool, native_reads, scratch_buffer
 from .trace import LayerSlots, TraceHeader
 
-GRAPH_OUTPUT_OF = {"cross_layer": "next_router_logits", "cross_layer_norm": "next_router_logits_norm"}
+GRAPH_OUTPUT_OF = {Predictor.CROSS_LAYER: "next_router_logits", Predictor.CROSS_LAYER_NORM: "next_router_logits_norm"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class OffloadedExperts(ExpertStore):
         # EAP tables, once: source layer -> {target layer: (transition counts, popularity)}
         self._eap: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         for plan in self.plans.values():
-            if plan.predictor == "eap":
+            if plan.predictor == Predictor.EAP:
                 measured = self.profile.layer(plan.index)
                 self._eap.setdefault(measured.transitions_from, {})[plan.index] = (
                     np.asarray(measured.transitions, np.float64), np.asarray(measured.popularity))

@@ -17,6 +17,7 @@ import numpy as np
 
 from fate.artifacts import ArtifactError, LayerPolicy, Manifest
 from fate.artifacts.budget import Budget
+from fate.artifacts.predictors import GRAPH_PREDICTORS, Predictor
 from fate.artifacts.profile import Profile
 
 from .allocation import SlotDemand, allocate_slots
@@ -149,17 +150,17 @@ def predictor_for(manifest: Manifest, profile: Profile | None, index: int, decid
     none); `cross-layer`: the cross-layer predictor wherever the previous layer computes it (the
     policy's normalized variant where it chose that one); `eap`: transition counts; `none`."""
     if mode == "none":
-        return "none", 0
+        return Predictor.NONE, 0
     width = decided.prefetch_width if decided and decided.prefetch_width else top_k
     has_graph = index > 0 and manifest.layers[index - 1].predicts_next
     if mode == "eap":
         has_eap = profile is not None and profile.layer(index).transitions_from is not None
-        return ("eap", width) if has_eap else ("none", 0)
+        return (Predictor.EAP, width) if has_eap else (Predictor.NONE, 0)
     if mode == "cross-layer":
         if not has_graph:
-            return "none", 0
-        variant = decided.predictor if decided and decided.predictor.startswith("cross") else "cross_layer"
-        return variant, width
+            return Predictor.NONE, 0
+        variant = decided.predictor if decided and decided.predictor in GRAPH_PREDICTORS else Predictor.CROSS_LAYER
+        return Predictor(variant), width
     if decided is not None:
-        return (decided.predictor, width) if decided.predictor != "none" else ("none", 0)
-    return ("cross_layer", width) if has_graph else ("none", 0)
+        return (Predictor(decided.predictor), width) if decided.predictor != Predictor.NONE else (Predictor.NONE, 0)
+    return (Predictor.CROSS_LAYER, width) if has_graph else (Predictor.NONE, 0)

@@ -74,7 +74,7 @@ def quantized_tensors(name: str, n: int, k: int, bits: int, bs: int) -> dict[str
 
 
 # The ONNX initializer each decode-step tensor is, where the names differ (a writer MUST use these names;
-# the compiler's layer graphs name them by role: compiler/graphs.py layer_graph)
+# the compiler's layer graphs name them by role: compiler/graphs/layer.py layer_graph)
 STEP_INITIALIZERS = {"attn_norm": "attn_norm.norm_weight", "mlp_norm": "mlp_norm.norm_weight",
                      "router": "router.weight", "shared_expert_gate": "shared_expert_gate.weight",
                      "next_router": "next_router.weight", "next_norm": "next_norm.norm_weight",

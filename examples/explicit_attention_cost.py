@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import make_model  # noqa: E402
 
 import fate.compiler.graphs as graphs  # noqa: E402
+import fate.compiler.graphs.attention  # noqa: E402,F401 - patched below
+import fate.compiler.graphs.steps  # noqa: E402,F401
 from fate.compiler import CompileOptions, compile_checkpoint  # noqa: E402
 
 
@@ -32,7 +34,8 @@ def main() -> None:
                intermediate_size=5632, num_experts=8, num_experts_per_tok=4, num_hidden_layers=args.layers,
                num_attention_heads=16, num_key_value_heads=16)
     compile_checkpoint(CompileOptions(ckpt, args.out / "fused", bits=(4,), force=True), log=print)
-    graphs.fused_attention_refusal = lambda cfg, w: "forced for a measurement"  # every layer takes the explicit form
+    forced = lambda cfg, w: "forced for a measurement"  # noqa: E731 - every layer takes the explicit form
+    graphs.attention.fused_attention_refusal = graphs.steps.fused_attention_refusal = forced
     compile_checkpoint(CompileOptions(ckpt, args.out / "explicit", bits=(4,), force=True), log=print)
 
 

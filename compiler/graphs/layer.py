@@ -1,0 +1,166 @@
+"""One decoder layer's graph (its mixer, router, shared expert or dense MLP and the next layer's prediction),
+the state shapes it carries, and the combine graph of post-norm layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from fate.artifacts import DecodeStep
+from fate.artifacts.layout import GraphIO as IO
+
+from ..families.base import ArchConfig, Role
+from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
+from .attention import attention, latent_attention, position_inputs, takes_position_tables
+from .blocks import W, linear, norm, swiglu
+from .mixers import gated_deltanet, mamba1, mamba2, short_conv
+from .routing import NextRouter, choice_scores, route, route_sigmoid, route_sparsemixer
+from .steps import decode_step, step_refusal
+
+
+def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
+    """The fixed-size state a layer's mixer carries between steps (none for attention, whose keys
+    and values the model's numbers size)."""
+    if cfg.mixer(layer) == "short_conv":
+        return {"conv": [1, cfg.conv_kernel - 1, cfg.hidden_size]}
+    if cfg.mixer(layer) == "gated_deltanet":
+        m = cfg.linear_attention
+        return {"conv": [1, m.conv_kernel - 1, m.conv_dim],
+                "recurrent": [1, m.num_value_heads, m.key_head_dim, m.value_head_dim]}
+    if cfg.mixer(layer) == "mamba2":
+        m = cfg.mamba
+        return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
+    if cfg.mixer(layer) == "mamba":
+        m = cfg.mamba1
+        return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
+    return {}
+
+
+@dataclass(frozen=True)
+class LayerGraphInfo:
+    model: onnx.ModelProto
+    predicts_next: bool
+    positions: str = "per_token"  # an attention layer's position inputs (PositionInputs.kind)
+    decode_step: DecodeStep | None = None  # its tensors placed once the graph is serialized (decode_step_views)
+    graph_only: str | None = None  # why it has no decode step (step_refusal)
+
+
+def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
+                weights: WeightFormat = WeightFormat()) -> LayerGraphInfo:
+    """One decoder layer: its token mixer (attention, or a short convolution with its state), then
+    either the dense MLP or the MoE front half (router, top-k, shared expert) with the routed
+    experts left to the runtime.
+
+    With `next_layer`, two cross-layer predictions of layer l+1's router logits:
+      next_router_logits      = router_{l+1}(router input of l)           (the paper's predictor)
+      next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
+    The profile measures both; the policy picks one per layer."""
+    b = GraphBuilder(f"layer_{layer}", weights)
+    cfg = cfg.at_layer(layer)
+    position_kind = "per_token"
+    hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
+    with b.tagged("attn_norm"):
+        x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
+            if Role.ATTN_NORM in w else hidden
+    if cfg.mixer(layer) != "attention":
+        shapes = state_shapes(cfg, layer)
+        past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
+        mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba": mamba1,
+                 "mamba2": mamba2}[cfg.mixer(layer)]
+        mixed, *present = mixer(b, x, w, cfg, *past)
+        for value, (name, shape) in zip(present, shapes.items()):
+            b.output(value, IO.present(name), FLOAT, shape)
+    else:
+        positions = position_inputs(b, cfg, takes_position_tables(cfg, w))
+        position_kind = positions.kind
+        m = cfg.latent_attention
+        key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
+        past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
+        past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
+        attend = latent_attention if cfg.latent_attention else attention
+        # a layer without positions still takes them (every attention layer is fed alike)
+        rotated = replace(cfg, rope_inv_freq=[]) if layer in cfg.nope_layers else cfg
+        mixed, present_k, present_v = attend(b, x, w, rotated, positions, past_k, past_v)
+        b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
+        b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
+    if Role.POST_ATTN_NORM in w:
+        mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.rms_norm_eps, cfg.norm)
+    h = h_attn = b.op("Add", hidden, mixed)
+
+    if cfg.parallel_block:
+        normed = x
+    elif Role.MLP_NORM in w:
+        with b.tagged("mlp_norm"):
+            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+    else:  # post-norm families: the MLP reads the residual stream itself
+        normed = h
+    router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+    b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+    if layer not in cfg.moe_layers:
+        mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
+        if Role.POST_MLP_NORM in w:
+            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.rms_norm_eps, cfg.norm)
+        out = b.op("Add", h, mlp)
+        b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    else:
+        with b.tagged("router"):
+            logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
+        b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
+                 ["S", cfg.num_experts])
+        if cfg.scoring == "sigmoid":
+            with b.tagged("routing"):
+                ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        elif cfg.scoring == "sparsemixer":
+            ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
+        else:
+            ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
+        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
+        if Role.SHARED_GATE in w:
+            shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN], tag="shared")
+            if Role.SHARED_EXPERT_GATE in w:
+                with b.tagged("shared_expert_gate"):
+                    gate = linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)
+                shared = b.op("Mul", shared, b.op("Sigmoid", gate))
+            if cfg.shared_scale != 1.0:
+                shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
+            if Role.POST_MLP_NORM in w:  # normalized with the routed experts, by the combine graph
+                b.output(b.op("Reshape", shared, b.ints([-1, cfg.hidden_size])), IO.MOE_PARTIAL, FLOAT,
+                         ["S", cfg.hidden_size])
+            else:
+                h = b.op("Add", h, shared)
+        b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    if next_layer is not None:
+        experts = next_layer.router.shape[0]
+        with b.tagged("next_router"):
+            next_logits = linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True)
+        with b.tagged("next_scores"):
+            predicted = choice_scores(b, next_logits, cfg, next_layer.score_bias)
+        b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
+        # the next router's input norm applied to this layer's stream (none in post-norm families)
+        with b.tagged("next_norm"):
+            renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
+                                                                    cfg.rms_norm_eps, cfg.norm)
+        renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
+        b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
+                               next_layer.score_bias),
+                 IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
+    model = b.model()
+    if layer in cfg.moe_layers and cfg.post_norms:  # the routed sum goes through the combine graph
+        onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
+    refusal = step_refusal(layer, cfg, w, next_layer, b.weights, position_kind)
+    return LayerGraphInfo(model, next_layer is not None, position_kind,
+                          decode_step(layer, cfg, w, next_layer, b.weights) if refusal is None else None, refusal)
+
+
+def combine_graph(cfg: ArchConfig, post_norm: np.ndarray) -> onnx.ModelProto:
+    """hidden = residual + norm(routed): a post-norm MoE layer's output, once the runtime has summed
+    its routed experts (residual [1, S, H], routed [S, H])."""
+    b = GraphBuilder("combine")
+    residual = b.input(IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    routed = b.input(IO.ROUTED, FLOAT, ["S", cfg.hidden_size])
+    normed = norm(b, b.op("Unsqueeze", routed, b.ints([0])), post_norm, None, cfg.rms_norm_eps, cfg.norm)
+    b.output(b.op("Add", residual, normed), IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
+    return b.model()

@@ -1,0 +1,116 @@
+"""The native decode step and head step: which layers the C step can compute (and why not, where not), and
+where each tensor it reads lies in the graph file."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fate.artifacts import DecodeStep, HeadStep
+from fate.artifacts.native_contract import QK_NORMS
+from fate.artifacts.precisions import QUANTIZED_BITS
+from fate.artifacts.slots import STEP_INITIALIZERS, expected_head_tensors, expected_step_tensors, views_of
+
+from ..families.base import ArchConfig, Role
+from ..onnx_builder import WeightFormat
+from ..quantize import DEFAULT_BLOCK_SIZE
+from .attention import fused_attention_refusal
+from .blocks import W
+from .routing import NextRouter
+
+
+# What a layer graph may hold for the native decode step to compute it (DecodeStep); any other role
+# (q/k norms, sinks, output gates, post-norms, router biases, ...) leaves the layer to its graph.
+STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS, Role.O, Role.O_BIAS,
+                        Role.MLP_NORM, Role.ROUTER, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
+                        Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM, Role.ROUTER_SCORE_BIAS})
+
+
+def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None, fmt: WeightFormat,
+                 positions: str) -> str | None:
+    """Why a layer's graph runs every decode token instead of a native decode step (what its graph
+    computes that the step does not), or None where the step can compute it."""
+    dense_roles = {role for role in w if not role.value.startswith("expert")}
+    if cfg.mixer(layer) != "attention":
+        return f"a {cfg.mixer(layer)} layer"
+    if layer not in cfg.moe_layers:
+        return "a dense MLP layer"
+    if positions != "tables":
+        reason = fused_attention_refusal(cfg, w)
+        return f"attention the fused kernel cannot take ({reason})" if reason else \
+            "RoPE in sizes or an order the fused kernel cannot take"
+    if layer in cfg.nope_layers:
+        return "attention without positions"
+    if fmt.bits not in QUANTIZED_BITS:
+        return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
+    for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
+                              cfg.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
+                              ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
+                              ("no pre-norms", not cfg.pre_norms)):
+        if unsupported:
+            return what
+    extra = sorted(role.value for role in dense_roles - STEP_ROLES)
+    if extra:
+        return f"weights the step does not compute ({', '.join(extra)})"
+    if not {Role.ATTN_NORM, Role.MLP_NORM} <= dense_roles:
+        return "a layer without its norms"
+    if Role.SHARED_GATE in w and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
+        return "a shared expert without its up and down projections"
+    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
+    if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
+        return "q/k norms the step does not compute (after RoPE, or on one of q and k)"
+    if cfg.scoring == "softmax" and (cfg.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
+        return "softmax routing with expert groups or a correction bias"
+    if cfg.group_topk is not None:
+        groups, kept = cfg.group_topk
+        size = cfg.num_experts // groups if groups > 0 else 0
+        if size < 2 or cfg.num_experts % groups or not 1 <= kept <= groups or kept * size < cfg.top_k:
+            return "expert groups the step cannot pick from"
+    if next_layer is not None and (next_layer.router_bias is not None or next_layer.norm_bias is not None
+                                   or (next_layer.score_bias is not None and cfg.scoring != "sigmoid")):
+        return "a next-layer predictor with biases the step does not compute"
+    return None
+
+
+def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
+                fmt: WeightFormat) -> DecodeStep:
+    """The numbers of a layer's native decode step (its tensors are placed after serialization:
+    decode_step_views), for a layer step_refusal takes."""
+    shared = Role.SHARED_GATE in w
+    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
+    return DecodeStep(
+        bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
+        attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
+        norm_eps=cfg.rms_norm_eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
+        shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
+        qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)), o_bias=Role.O_BIAS in w,
+        shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
+        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
+        score_bias=Role.ROUTER_SCORE_BIAS in w,
+        next_score_bias=next_layer is not None and next_layer.score_bias is not None,
+        group_topk=list(cfg.group_topk) if cfg.group_topk else None, topk_norm_eps=cfg.topk_norm_eps, tensors=[])
+
+
+def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,
+              fmt: WeightFormat) -> HeadStep | None:
+    """The numbers of the head's native decode step (RMSNorm and a quantized LM head), or None."""
+    if cfg.norm != "rms" or final_norm_bias is not None or fmt.bits not in QUANTIZED_BITS \
+            or lm_head_rows != cfg.vocab_size:
+        return None
+    return HeadStep(bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits],
+                    accuracy_level=fmt.accuracy_level, norm_eps=cfg.rms_norm_eps, logits_scaling=cfg.logits_scaling,
+                    has_bias=lm_head_bias is not None, tensors=[])
+
+
+def head_step_views(step: HeadStep, data: bytes, cfg: ArchConfig) -> HeadStep:
+    """`step` with its tensors placed in the serialized head graph `data`."""
+    return replace(step, tensors=views_of(data, expected_head_tensors(step, cfg.hidden_size, cfg.vocab_size),
+                                          STEP_INITIALIZERS))
+
+
+def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:
+    """`step` with its tensors placed in the serialized layer graph `data`."""
+    heads = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    want = expected_step_tensors(step, heads, cfg.num_experts, next_experts)
+    return replace(step, tensors=views_of(data, want, STEP_INITIALIZERS))

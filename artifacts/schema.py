@@ -18,8 +18,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from . import precisions
-from .predictors import RUNTIME_PREDICTORS, Predictor
 from .errors import ArtifactError
+from .native_contract import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, TensorView  # noqa: F401 - manifest records
+from .predictors import RUNTIME_PREDICTORS, Predictor
+from .slots import check_decode_step, check_head_step, check_layout
 
 SCHEMA_VERSION = "1.6"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
@@ -61,93 +63,6 @@ class FileEntry:
     path: str
     size: int
     sha256: str
-
-
-@dataclass(frozen=True)
-class RoutingSpec:
-    """How a layer's router turns logits into (expert ids, weights); the layer graph computes it."""
-
-    scoring: str
-    num_experts: int
-    top_k: int
-    normalize_top_k: bool
-
-
-@dataclass(frozen=True)
-class TensorView:
-    """Where one weight tensor's raw bytes lie inside an expert file (little-endian, C order)."""
-
-    name: str  # "{gate|up|down}.{qweight|scales|zero_points|bias}"
-    offset: int
-    dtype: str  # uint8 or float32
-    shape: list[int]
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """The slot image of a layer's experts at one quantized precision: what an expert computes
-    and where its tensors lie in its file, so that the file read whole is the expert, viewed in
-    place (see slots.py). y = down(act(gate(x), up(x))), each projection MatMulNBits-quantized."""
-
-    hidden_size: int
-    intermediate_size: int
-    bits: int
-    block_size: int
-    accuracy_level: int  # 4: activations quantized to int8 per block; 0: float32
-    activation: str  # swiglu: silu(g) * u; swiglu_clamped: GPT-OSS's form with limit and alpha
-    has_bias: bool
-    tensors: list[TensorView]
-    swiglu_limit: float | None = None
-    swiglu_alpha: float | None = None
-
-
-@dataclass(frozen=True)
-class DecodeStep:
-    """A layer the native step computes for one token straight from the bytes of its graph file: RMSNorm,
-    q|k|v (+ bias, + a norm per head of q and k), RoPE in two halves from the position tables, grouped-query attention over the keys
-    and values (within the layer's window), o, the residual; RMSNorm, a float32 softmax router and its
-    top-k; the shared expert (SwiGLU, optional sigmoid gate); the next layer's router (cross-layer
-    prediction). The same numbers as the graph to float32 rounding (the graph is the reference, and
-    what prefill runs). `tensors` place slots.STEP_TENSORS in the graph file; the compiler writes a
-    step only where the graph computes exactly this."""
-
-    bits: int
-    block_size: int
-    accuracy_level: int  # 4: activations quantized to int8 per block, as MatMulNBits does
-    attention_scale: float
-    norm_eps: float
-    shared_intermediate_size: int  # 0: no shared expert
-    shared_scale: float
-    routed_scaling: float
-    qkv_bias: bool
-    shared_expert_gate: bool
-    next_norm: bool  # the next router reads this layer's stream through the next layer's own norm
-    tensors: list[TensorView]
-    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: over each "head" (Qwen3-MoE), or the whole "projection"
-    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the projection norms (OLMoE)
-    # sigmoid routing (RoutingSpec.scoring): experts chosen by score + correction bias (`score_bias`) within
-    # the best groups [groups, kept] (a group's score: the sum of its two best), weighted by the plain
-    # score, renormalized with `topk_norm_eps`; the next layer's prediction is its sigmoid score + its bias
-    score_bias: bool = False
-    next_score_bias: bool = False
-    o_bias: bool = False  # the output projection's bias
-    group_topk: list[int] | None = None
-    topk_norm_eps: float = 0.0
-
-
-@dataclass(frozen=True)
-class HeadStep:
-    """The LM head the native step computes for one token from the bytes of the head graph: logits =
-    RMSNorm(hidden) @ lm_head^T (+ bias) / logits_scaling. `tensors` place `final_norm`, `lm_head.*`
-    (MatMulNBits' layout) and `lm_head.bias` in the head graph file."""
-
-    bits: int
-    block_size: int
-    accuracy_level: int
-    norm_eps: float
-    logits_scaling: float
-    has_bias: bool
-    tensors: list[TensorView]
 
 
 @dataclass(frozen=True)
@@ -358,8 +273,7 @@ class Manifest:
         for layer in self.layers:  # after every layer's own checks: a step reads the next layer's routing
             self._validate_decode_step(layer, sizes)
         if self.head_step is not None:
-            from .slots import check_head_step
-
+    
             check_head_step(self.head_step, m.hidden_size, m.vocab_size, sizes.get(self.head_graph, 0),
                             "manifest: head step")
         if not self.tokenizer.eos_token_ids:
@@ -444,7 +358,6 @@ class Manifest:
                                 f"this runtime knows {', '.join(POSITION_INPUTS)} (tables for attention only)")
 
     def _validate_layouts(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
-        from .slots import check_layout
 
         for precision, layout in layer.expert_layouts.items():
             where = f"manifest: layer {layer.index} {precision} slot layout"
@@ -457,7 +370,6 @@ class Manifest:
                     check_layout(layout, sizes[path], f"{where} ({path})")
 
     def _validate_decode_step(self, layer: LayerSpec, sizes: dict[str, int]) -> None:
-        from .slots import check_decode_step
 
         step = layer.decode_step
         if step is None:

@@ -18,9 +18,9 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
+from .native_contract import (ACTIVATIONS, PROJECTIONS, QK_NORMS, STEP, DecodeStep, ExpertLayout, HeadStep, RoutingSpec,
+                              TensorView)
 from .precisions import QUANTIZED_BITS
-from .native_contract import ACTIVATIONS, PROJECTIONS, QK_NORMS, STEP
-from .schema import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, TensorView
 
 QUANT_PARTS = ("qweight", "scales", "zero_points")
 DTYPE_SIZES = {"uint8": 1, "float32": 4}

@@ -69,3 +69,26 @@ sys.exit(1 if bad else 0)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_format_package_has_no_import_circle():
+    """artifacts/: every import between its modules, at the top or inside a function, goes one way."""
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "artifacts").glob("*.py"):
+        edges = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                edges.update([node.module] if node.module else [a.name for a in node.names])
+    seen, done = set(), set()
+
+    def visit(module: str, trail: list[str]) -> None:
+        assert module not in seen or module in done, f"import circle: {' -> '.join(trail + [module])}"
+        if module in done:
+            return
+        seen.add(module)
+        for other in sorted(graph.get(module, ())):
+            visit(other, trail + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

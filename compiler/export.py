@@ -37,6 +37,7 @@ from . import graphs
 from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES, LAYER, check_sizes
+from .families.layouts import FusedExperts
 from .policy import PlanTargets, plan_for_budget
 from .profile import BUILTIN, QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
 from .onnx_builder import WeightFormat
@@ -98,8 +99,13 @@ class CompileOptions:
         return 8 if min(self.bits, default=4) <= 4 else 32
 
 
-def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
-    """The shape config.json implies for a role's tensor ([out, in] for projections)."""
+def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int, ...]:
+    """The shape config.json implies for a role's tensor ([out, in] for projections), as the family's
+    `layouts` store it where one does."""
+    for layout in layouts:
+        stored = layout.shapes(c)
+        if role in stored:
+            return stored[role]
     h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     i_moe, i_dense, i_shared = c.moe_intermediate_size, c.dense_intermediate_size, c.shared_intermediate_size
     return {
@@ -112,13 +118,9 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.num_experts,),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
-        # one tensor for the shared expert's gate and up, gate rows first (Granite), or one each
-        Role.SHARED_GATE: (2 * i_shared if c.shared_fused else i_shared, h),
-        Role.SHARED_UP: (2 * i_shared if c.shared_fused else i_shared, h), Role.SHARED_DOWN: (h, i_shared),
+        Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
-        Role.EXPERTS_GATE_UP: (c.num_experts, 2 * i_moe, h) if c.fused_layout == "rows" else (c.num_experts, h, 2 * i_moe),
-        Role.EXPERTS_DOWN: (c.num_experts, h, i_moe) if c.fused_layout == "rows" else (c.num_experts, i_moe, h),
         Role.EXPERTS_GATE_UP_BIAS: (c.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.num_experts, h),
         Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.num_experts,),
         Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.conv_kernel), Role.CONV_BIAS: (h,),
@@ -130,12 +132,7 @@ def expected_shape(role: Role, c: ArchConfig) -> tuple[int, ...]:
         **latent_shapes(c),
         **linear_shapes(c),
         **mamba_shapes(c),
-        **({Role.Q: (2 * q, h), Role.Q_GATE: (2 * q, h)} if c.attention_output_gate and not c.attention_gate_separate
-           else {Role.Q_GATE: (q, h)}),
-        **({Role.Q: (q + 2 * kv, h), Role.K: (q + 2 * kv, h), Role.V: (q + 2 * kv, h), Role.Q_BIAS: (q + 2 * kv,),
-            Role.K_BIAS: (q + 2 * kv,), Role.V_BIAS: (q + 2 * kv,)} if c.qkv_fused else {}),
-        **({Role.EXPERTS_GATE_UP: (c.num_experts * i_moe, h), Role.EXPERTS_UP: (c.num_experts * i_moe, h),
-            Role.EXPERTS_DOWN: (c.num_experts * i_moe, h)} if c.fused_layout == "stacked" else {}),
+        Role.Q_GATE: (q, h),
     }[role]
 
 
@@ -158,15 +155,12 @@ def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
 
 
 def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    """A gated DeltaNet's tensors as stored: separate, or q|k|v|z and b|a fused by key head."""
+    """A gated DeltaNet's tensors, one each (layouts.FusedLinearAttention: fused by key head)."""
     m = c.linear_attention
     if m is None:
         return {}
     h = c.hidden_size
     qkv, z, b = (m.conv_dim, h), (m.value_dim, h), (m.num_value_heads, h)
-    if m.fused:
-        qkv = z = (m.conv_dim + m.value_dim, h)
-        b = (2 * m.num_value_heads, h)
     return {Role.LINEAR_QKV: qkv, Role.LINEAR_Z: z, Role.LINEAR_B: b, Role.LINEAR_A: b,
             Role.LINEAR_CONV: (m.conv_dim, 1, m.conv_kernel), Role.LINEAR_DT_BIAS: (m.num_value_heads,),
             Role.LINEAR_A_LOG: (m.num_value_heads,), Role.LINEAR_NORM: (m.value_head_dim,),
@@ -187,7 +181,6 @@ def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
     return shapes
 
 
-FUSED_LINEAR = (Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A)
 # Outputs of the residual branches: scaled by the residual multiplier where a family has one.
 RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN, Role.CONV_OUT,
                            Role.CONV_OUT_BIAS, Role.LINEAR_OUT, Role.MAMBA_OUT, Role.MAMBA_OUT_BIAS)
@@ -208,7 +201,7 @@ class WeightReader:
             where = "" if layer is None else f" of layer {layer}" + ("" if expert is None else f", expert {expert}")
             raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} (the {role.value}{where})")
         shape = self.ckpt.shape(name)
-        want = expected_shape(role, self.cfg)
+        want = expected_shape(role, self.cfg, self.family.layouts)
         if role == Role.ROUTER_SCORE_BIAS and shape == (1, *want):  # ERNIE-4.5 stores one row per expert group
             shape = want
         if shape != want:
@@ -216,22 +209,9 @@ class WeightReader:
         return name
 
     def get(self, role: Role, layer: int | None = None, expert: int | None = None) -> np.ndarray:
-        if role in EXPERT_ROLES and self.fused:
-            tensor = self._fused_expert(role, layer, expert)
-        elif role in (Role.SHARED_GATE, Role.SHARED_UP) and self.cfg.shared_fused:
-            gate_up = self.ckpt.get(self.check(role, layer))
-            half = gate_up.shape[0] // 2
-            tensor = gate_up[:half] if role == Role.SHARED_GATE else gate_up[half:]
-        elif role in (Role.Q, Role.Q_GATE) and self.cfg.attention_output_gate and not self.cfg.attention_gate_separate:
-            # [heads, 2 D, H]: each head's query rows, then its gate rows
-            both = self.ckpt.get(self.check(role, layer)).reshape(self.cfg.num_heads, 2, self.cfg.head_dim, -1)
-            tensor = both[:, 0 if role == Role.Q else 1].reshape(self.cfg.num_heads * self.cfg.head_dim, -1)
-        elif role in QKV_ROWS and self.cfg.qkv_fused:
-            q, kv = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
-            start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[QKV_ROWS[role]]
-            tensor = self.ckpt.get(self.check(role, layer))[start:start + size]
-        elif role in FUSED_LINEAR and self.cfg.linear_attention and self.cfg.linear_attention.fused:
-            tensor = self._fused_linear(role, layer)
+        layout = self.family.layout_of(role)
+        if layout is not None:  # stored with other roles' (families/layouts.py)
+            tensor = layout.read(self, role, layer, expert)
         else:
             tensor = self.ckpt.get(self.check(role, layer, expert))
             if role == Role.ROUTER_SCORE_BIAS:
@@ -242,31 +222,16 @@ class WeightReader:
             tensor = tensor.astype(np.float32) + np.float32(self.cfg.norm_weight_offset)
         return tensor
 
-    def _fused_linear(self, role: Role, layer: int) -> np.ndarray:
-        """Qwen3-Next's in_proj_qkvz ([key heads, q | k | v | z of the group, H]) and in_proj_ba
-        ([key heads, b | a of the group, H]) reordered into whole q|k|v, z, b and a rows; value
-        heads keep their order (group-major, as transformers reshapes them)."""
-        m = self.cfg.linear_attention
-        group = m.num_value_heads // m.num_key_heads
-        if role in (Role.LINEAR_B, Role.LINEAR_A):
-            ba = self.ckpt.get(self.check(role, layer)).reshape(m.num_key_heads, 2 * group, -1)
-            return np.ascontiguousarray(ba[:, :group] if role == Role.LINEAR_B else ba[:, group:]).reshape(
-                m.num_value_heads, -1)
-        qkvz = self.ckpt.get(self.check(role, layer)).reshape(m.num_key_heads, -1, self.cfg.hidden_size)
-        dk, v = m.key_head_dim, group * m.value_head_dim
-        if role == Role.LINEAR_Z:
-            return np.ascontiguousarray(qkvz[:, 2 * dk + v:]).reshape(m.value_dim, -1)
-        parts = (qkvz[:, :dk], qkvz[:, dk:2 * dk], qkvz[:, 2 * dk:2 * dk + v])
-        return np.concatenate([p.reshape(-1, self.cfg.hidden_size) for p in parts])
-
     @property
-    def fused(self) -> bool:
-        return Role.EXPERTS_GATE_UP in self.family.tensors
+    def fused_experts(self) -> FusedExperts | None:
+        """The layout of a family whose experts are stored a layer's worth per tensor, or None."""
+        layout = self.family.layout_of(Role.EXPERT_GATE)
+        return layout if isinstance(layout, FusedExperts) else None
 
     def mxfp4(self, layer: int) -> bool:
         return self.present(Role.EXPERTS_GATE_UP_BLOCKS, layer)
 
-    def _mxfp4_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
+    def mxfp4_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
         """Decoded [out, in]: the codes are stored output-major, gate and up alternating by row."""
         blocks, scales = ((Role.EXPERTS_DOWN_BLOCKS, Role.EXPERTS_DOWN_SCALES) if role == Role.EXPERT_DOWN
                           else (Role.EXPERTS_GATE_UP_BLOCKS, Role.EXPERTS_GATE_UP_SCALES))
@@ -276,35 +241,13 @@ class WeightReader:
             return weight
         return np.ascontiguousarray(weight[0::2] if role == Role.EXPERT_GATE else weight[1::2])
 
-    def _fused_expert(self, role: Role, layer: int, expert: int) -> np.ndarray:
-        """One expert's projection ([out, in]) out of the layer's fused tensors (one positioned read each)."""
-        if self.mxfp4(layer):
-            return self._mxfp4_expert(role, layer, expert)
-        if self.cfg.fused_layout == "stacked":  # [E * I, H] each; down stored transposed
-            source = {Role.EXPERT_GATE: Role.EXPERTS_GATE_UP, Role.EXPERT_UP: Role.EXPERTS_UP,
-                      Role.EXPERT_DOWN: Role.EXPERTS_DOWN}[role]
-            block = self.ckpt.get(self.check(source, layer), index=expert, parts=self.cfg.num_experts)
-            return np.ascontiguousarray(block.T) if role == Role.EXPERT_DOWN else block
-        interleaved = self.cfg.fused_layout == "interleaved"
-        if role == Role.EXPERT_DOWN:
-            down = self.ckpt.get(self.check(Role.EXPERTS_DOWN, layer), index=expert)
-            return np.ascontiguousarray(down.T) if interleaved else down
-        gate_up = self.ckpt.get(self.check(Role.EXPERTS_GATE_UP, layer), index=expert)
-        if interleaved:  # [H, 2I], gate and up alternating by column
-            return np.ascontiguousarray((gate_up[:, 0::2] if role == Role.EXPERT_GATE else gate_up[:, 1::2]).T)
-        half = gate_up.shape[0] // 2
-        return gate_up[:half] if role == Role.EXPERT_GATE else gate_up[half:]
-
     def expert_biases(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(gate, up, down) biases of one expert, for families whose experts have them."""
         if not self.present(Role.EXPERTS_GATE_UP_BIAS, layer):
             return None
         gate_up = self.ckpt.get(self.check(Role.EXPERTS_GATE_UP_BIAS, layer), index=expert)
         down = self.ckpt.get(self.check(Role.EXPERTS_DOWN_BIAS, layer), index=expert)
-        if self.cfg.fused_layout == "interleaved":
-            return gate_up[0::2], gate_up[1::2], down
-        half = gate_up.shape[0] // 2
-        return gate_up[:half], gate_up[half:], down
+        return (*(self.fused_experts or FusedExperts()).split_bias(gate_up), down)
 
     def check_all(self) -> None:
         """Every tensor the export will read, checked from metadata alone before any work; and
@@ -315,11 +258,8 @@ class WeightReader:
             names.add(self.check(Role.LM_HEAD))
         for layer in range(self.cfg.num_layers):
             names.update(self.check(role, layer) for role in self.layer_roles(layer))
-            if layer in self.cfg.moe_layers and self.fused:
-                packed = (Role.EXPERTS_GATE_UP_BLOCKS, Role.EXPERTS_GATE_UP_SCALES, Role.EXPERTS_DOWN_BLOCKS,
-                          Role.EXPERTS_DOWN_SCALES) if self.mxfp4(layer) else (Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN)
-                packed += (Role.EXPERTS_UP,) if self.cfg.fused_layout == "stacked" else ()
-                names.update(self.check(role, layer) for role in packed)
+            if layer in self.cfg.moe_layers and self.fused_experts:
+                names.update(self.check(role, layer) for role in self.fused_experts.stored(self, layer))
                 names.update(self.check(role, layer) for role in (Role.EXPERTS_GATE_UP_BIAS, Role.EXPERTS_DOWN_BIAS)
                              if self.present(role, layer))
             elif layer in self.cfg.moe_layers:
@@ -379,10 +319,6 @@ class WeightReader:
 
 def dense_format(opts: CompileOptions) -> WeightFormat:
     return WeightFormat(bits=opts.resolved_dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
-
-
-# q, k and v (weights and biases) in one tensor, rows [q | k | v] (DBRX's Wqkv, Sarvam's query_key_value)
-QKV_ROWS = {Role.Q: "q", Role.K: "k", Role.V: "v", Role.Q_BIAS: "q", Role.K_BIAS: "k", Role.V_BIAS: "v"}
 
 
 def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:

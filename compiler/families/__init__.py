@@ -12,7 +12,7 @@ from .base import ArchConfig, Family, Role
 # One module per Hugging Face `model_type`, named as it: the registry is the package's files. A module
 # whose checkpoints transformers loads as another family's classes holds that family's FAMILY with what
 # differs (its config's own names), and nothing else.
-_NOT_FAMILIES = {"base"}
+_NOT_FAMILIES = {"base", "layouts"}
 
 
 def _model_types() -> list[str]:

@@ -41,8 +41,7 @@ def read_config(cfg: dict) -> ArchConfig:
         qk_norm="head",
         scoring="sigmoid",
         routed_scaling=float(optional(cfg, "route_scale", 1.0, (int, float))),
-        attention_output_gate=True,
-        attention_gate_separate=True,
+        attention_output_gate=True,  # its own gate_proj: no layout (qwen3_next's q_proj holds both)
         post_norms=True,
         embedding_multiplier=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,
     )

@@ -155,15 +155,13 @@ class MixerSizes:
 @dataclass(frozen=True)
 class LinearAttention(MixerSizes):
     """A gated DeltaNet's sizes: key heads (shared by groups of value heads), their head sizes,
-    the short convolution's width; `fused`: q, k, v, z (and b, a) stored in one tensor grouped by
-    key head (Qwen3-Next's in_proj_qkvz and in_proj_ba)."""
+    the short convolution's width (how a checkpoint stores the projections: layouts.py)."""
 
     num_key_heads: int
     num_value_heads: int
     key_head_dim: int
     value_head_dim: int
     conv_kernel: int
-    fused: bool = False
     WHOLE: ClassVar = ("num_value_heads", "num_key_heads", "the value heads a multiple of the key heads")
 
     @property
@@ -244,12 +242,6 @@ class ArchConfig:
     rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
     group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
-    # fused expert tensors: "rows" [E, 2I, H] gate rows then up rows (Granite); "interleaved" [E, H, 2I]
-    # with gate and up alternating by column, down [E, I, H], plus biases (GPT-OSS); "stacked": gate,
-    # up and down-transposed each [E * I, H] (DBRX's w1, v1, w2)
-    fused_layout: str = "rows"
-    qkv_fused: bool = False  # q, k and v rows in one tensor (DBRX's Wqkv)
-    shared_fused: bool = False  # the shared expert's gate and up in one tensor, gate rows first (Granite)
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
@@ -282,7 +274,6 @@ class ArchConfig:
     mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
     mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
-    attention_gate_separate: bool = False  # ... or the gate has its own projection (AFMoE's gate_proj)
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
     norm_weight_offset: float = 0.0
@@ -402,6 +393,11 @@ class Family:
     tensors: dict[Role, str]  # name templates with {layer} and {expert}
     read_config: Callable[[dict[str, Any]], ArchConfig]
     skip: tuple[str, ...] = ()  # regexes of checkpoint tensors that carry nothing we need
+    layouts: tuple = ()  # layouts.Layout: roles stored otherwise than one tensor each
+
+    def layout_of(self, role: Role):
+        """The layout that stores `role`, or None where the role is its own tensor."""
+        return next((layout for layout in self.layouts if role in layout.roles), None)
 
     def name(self, role: Role, layer: int | None = None, expert: int | None = None) -> str | None:
         template = self.tensors.get(role)
@@ -411,17 +407,18 @@ class Family:
         return any(re.fullmatch(pattern, name) for pattern in self.skip)
 
     def loaded_as(self, config_names: dict[str, str], defaults: dict[str, Any] | None = None,
-                  tensors: dict[Role, str] | None = None, **layout: Any) -> "Family":
+                  tensors: dict[Role, str] | None = None, layouts: tuple = ()) -> "Family":
         """This family for a model type that transformers loads with this family's classes, whose
         original configs name some keys otherwise (`config_names`: their name -> this family's), whose
         config class defaults some keys otherwise (`defaults`, used where a config is silent), and whose
-        checkpoints keep their original tensor names (`tensors`, over this family's) and layout
-        (`layout`: ArchConfig fields such as qkv_fused, as transformers' weight conversion undoes)."""
+        checkpoints keep their original tensor names (`tensors`, over this family's) and layouts
+        (`layouts`, before this family's: what transformers' weight conversion undoes on load)."""
         def read(cfg: dict[str, Any]) -> ArchConfig:
             renamed = {config_names.get(k, k): v for k, v in cfg.items() if config_names.get(k, k) not in cfg
                        or k not in config_names}
-            return dataclasses.replace(self.read_config({**(defaults or {}), **renamed}), **layout)
-        return dataclasses.replace(self, read_config=read, tensors={**self.tensors, **(tensors or {})})
+            return self.read_config({**(defaults or {}), **renamed})
+        return dataclasses.replace(self, read_config=read, tensors={**self.tensors, **(tensors or {})},
+                                   layouts=(*layouts, *self.layouts))
 
 
 # ------------------------------------------------------------------ config helpers for families

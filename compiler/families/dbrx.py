@@ -7,6 +7,7 @@ from typing import Any
 from fate.artifacts import ModelError
 
 from .base import ArchConfig, Family, Role, common_fields, optional, require
+from .layouts import FusedExperts, QKVRows
 
 L = "transformer.blocks.{layer}"
 
@@ -47,8 +48,6 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_layers=frozenset(range(common["num_layers"])),
         norm="layer",
         clip_qkv=float(clip) if clip is not None else None,
-        fused_layout="stacked",
-        qkv_fused=True,
     )
 
 
@@ -71,4 +70,5 @@ FAMILY = Family(
         Role.EXPERTS_UP: L + ".ffn.experts.mlp.v1",
         Role.EXPERTS_DOWN: L + ".ffn.experts.mlp.w2",
     },
+    layouts=(QKVRows(), FusedExperts("stacked")),
 )

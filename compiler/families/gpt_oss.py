@@ -9,12 +9,13 @@ from dataclasses import replace
 
 from .base import ATTENTION_BIASES, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, layer_windows, optional
 from .base import LAYER as L
+from .layouts import FusedExperts
 from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
     arch = read_mixtral_config({**cfg, "sliding_window": None})
-    return replace(arch, fused_layout="interleaved", swiglu_limit=float(optional(cfg, "swiglu_limit", 7.0, (int, float))),
+    return replace(arch, swiglu_limit=float(optional(cfg, "swiglu_limit", 7.0, (int, float))),
                    swiglu_alpha=float(optional(cfg, "swiglu_alpha", 1.702, (int, float))), layer_windows=layer_windows(cfg))
 
 
@@ -38,4 +39,5 @@ FAMILY = Family(
         Role.EXPERTS_DOWN_SCALES: L + ".mlp.experts.down_proj_scales",
     },
     skip=STANDARD_SKIP,
+    layouts=(FusedExperts("interleaved"),),
 )

@@ -5,6 +5,7 @@ attention scores (replacing head_dim ** -0.5) and logits (divided by logits_scal
 from dataclasses import replace
 
 from .base import ATTENTION_BIASES, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, Family, Role, optional
+from .layouts import FusedExperts
 from .mixtral import read_config as read_mixtral_config
 
 
@@ -31,4 +32,5 @@ FAMILY = Family(
         Role.EXPERTS_DOWN: L + ".block_sparse_moe.output_linear.weight",
     },
     skip=STANDARD_SKIP,
+    layouts=(FusedExperts("rows"),),
 )

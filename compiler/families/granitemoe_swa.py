@@ -50,4 +50,5 @@ FAMILY = Family(
         Role.SINKS: L + ".self_attn.sinks",
     },
     skip=GRANITEMOESHARED.skip,
+    layouts=GRANITEMOESHARED.layouts,
 )

@@ -76,4 +76,5 @@ FAMILY = Family(
         Role.MAMBA_OUT_BIAS: MAMBA + ".out_proj.bias",
     },
     skip=GRANITEMOESHARED.skip,
+    layouts=GRANITEMOESHARED.layouts,
 )

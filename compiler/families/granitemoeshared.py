@@ -8,11 +8,11 @@ from .base import LAYER as L
 from .base import Family, Role, optional
 from .granitemoe import FAMILY as GRANITEMOE
 from .granitemoe import read_config as read_granitemoe_config
+from .layouts import SharedGateUpRows
 
 
 def read_config(cfg: dict):
-    return replace(read_granitemoe_config(cfg), shared_intermediate_size=optional(cfg, "shared_intermediate_size", 0),
-                   shared_fused=True)
+    return replace(read_granitemoe_config(cfg), shared_intermediate_size=optional(cfg, "shared_intermediate_size", 0))
 
 
 FAMILY = Family(
@@ -26,4 +26,5 @@ FAMILY = Family(
         Role.SHARED_DOWN: L + ".shared_mlp.output_linear.weight",
     },
     skip=GRANITEMOE.skip,
+    layouts=(*GRANITEMOE.layouts, SharedGateUpRows()),
 )

@@ -27,4 +27,5 @@ FAMILY = Family(
     read_config=read_config,
     tensors=tensors("model.language_model."),
     skip=TEXT.skip + (r"model\.visual\..*",),
+    layouts=TEXT.layouts,
 )

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from .base import LAYER as L
 from .base import Family, Role
+from .layouts import QueryWithGate
 from .qwen3_next import FAMILY as QWEN3_NEXT
 from .qwen3_next import LINEAR, linear_attention
 from .qwen3_next import read_config as read_qwen3_next_config
@@ -16,7 +17,7 @@ from .qwen3_next import read_config as read_qwen3_next_config
 def read_config(cfg: dict):
     arch = read_qwen3_next_config({**cfg, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
                                    "intermediate_size": 0})
-    return replace(arch, linear_attention=linear_attention(cfg, fused=False))
+    return replace(arch, linear_attention=linear_attention(cfg))
 
 
 def tensors(prefix: str = "model.") -> dict[Role, str]:
@@ -37,4 +38,5 @@ FAMILY = Family(
     read_config=read_config,
     tensors=tensors(),
     skip=QWEN3_NEXT.skip + (r"mtp\..*",),
+    layouts=(QueryWithGate(),),  # the DeltaNet's projections stored apart
 )

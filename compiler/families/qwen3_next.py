@@ -12,6 +12,7 @@ from fate.artifacts import ModelError
 
 from .base import LAYER as L
 from .base import Family, LinearAttention, Role, mixers_of_types, optional, require, rope_params
+from .layouts import FusedLinearAttention, QueryWithGate
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen2_moe import read_config as read_qwen2_moe_config
 
@@ -29,12 +30,12 @@ def layer_mixers(cfg: dict) -> tuple[str, ...]:
     return mixers_of_types(types, MIXER_OF_TYPE, layers)
 
 
-def linear_attention(cfg: dict, fused: bool) -> LinearAttention:
+def linear_attention(cfg: dict) -> LinearAttention:
     return LinearAttention(num_key_heads=optional(cfg, "linear_num_key_heads", 16),
                            num_value_heads=optional(cfg, "linear_num_value_heads", 32),
                            key_head_dim=optional(cfg, "linear_key_head_dim", 128),
                            value_head_dim=optional(cfg, "linear_value_head_dim", 128),
-                           conv_kernel=optional(cfg, "linear_conv_kernel_dim", 4), fused=fused)
+                           conv_kernel=optional(cfg, "linear_conv_kernel_dim", 4))
 
 
 def read_config(cfg: dict):
@@ -47,7 +48,7 @@ def read_config(cfg: dict):
     arch = read_qwen2_moe_config({"head_dim": 256, "rms_norm_eps": 1e-6, **cfg})
     return replace(arch, sliding_window=None, qk_norm="head", attention_output_gate=True, norm_weight_offset=1.0,
                    normalize_top_k=bool(cfg.get("norm_topk_prob", True)), layer_mixers=layer_mixers(cfg),
-                   linear_attention=linear_attention(cfg, fused=True))
+                   linear_attention=linear_attention(cfg))
 
 
 LINEAR = L + ".linear_attn"
@@ -73,4 +74,5 @@ FAMILY = Family(
         Role.LINEAR_OUT: LINEAR + ".out_proj.weight",
     },
     skip=QWEN2_MOE.skip,
+    layouts=(QueryWithGate(), FusedLinearAttention()),
 )

@@ -7,6 +7,7 @@ names read as GLM's."""
 
 from .base import LAYER as L, Role
 from .glm4_moe import FAMILY as GLM
+from .layouts import QKVRows
 
 QKV = L + ".attention.query_key_value"
 
@@ -20,4 +21,4 @@ FAMILY = GLM.loaded_as(
              Role.O: L + ".attention.dense.weight",
              Role.Q_NORM: L + ".attention.query_layernorm.weight", Role.K_NORM: L + ".attention.key_layernorm.weight",
              Role.ROUTER_SCORE_BIAS: L + ".mlp.gate.expert_bias"},
-    qkv_fused=True)
+    layouts=(QKVRows(),))

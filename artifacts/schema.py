@@ -23,11 +23,12 @@ from .native_contract import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, Te
 from .predictors import RUNTIME_PREDICTORS, Predictor
 from .slots import check_decode_step, check_head_step, check_layout
 
-SCHEMA_VERSION = "1.6"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+SCHEMA_VERSION = "1.7"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
 # 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
-# runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only)
+# runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only);
+# 1.7: what the lossy INT2 prefill costs, measured (Policy.int2_prefill_perplexity_ratio)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to (precisions.py).
 PRECISION_BITS = precisions.PRECISION_BITS
@@ -207,6 +208,9 @@ class Policy:
     max_quant_error: float
     max_low_bit_error: float
     layers: list[LayerPolicy]
+    # the lossy INT2 prefill's end-to-end cost: perplexity on calibration text with it on, divided by
+    # with it off, at `budget` (None: no INT2 copies stored, or the policy moves none)
+    int2_prefill_perplexity_ratio: float | None = None
 
     def layer(self, index: int) -> LayerPolicy | None:
         return next((p for p in self.layers if p.index == index), None)

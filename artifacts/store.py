@@ -84,6 +84,15 @@ class ArtifactWriter:
         manifest.validate()
         return self.publish(manifest_json(manifest))
 
+    def draft(self, manifest: Manifest) -> Path:
+        """The artifact as commit would publish it, complete but still in its temporary folder (for the
+        compiler to run it before it commits): the folder's path."""
+        files = [self.entries[p] for p in sorted(self.entries)]
+        manifest = dataclasses.replace(manifest, files=files, schema_version=SCHEMA_VERSION, fate_version=fate_version())
+        manifest.validate()
+        (self.tmp / layout.MANIFEST).write_bytes(manifest_json(manifest))
+        return self.tmp
+
     def publish(self, manifest_bytes: bytes) -> Path:
         """Write the manifest as given, last, and move the artifact into place."""
         try:

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from fate.artifacts import (
+    Artifact,
     ArtifactWriter,
     ExpertLayout,
     GenerationDefaults,
@@ -321,6 +322,32 @@ def dense_format(opts: CompileOptions) -> WeightFormat:
     return WeightFormat(bits=opts.resolved_dense_bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
 
 
+LOSSY_EVAL_TOKENS = 1024  # of the calibration text, in windows of LOSSY_EVAL_WINDOW
+LOSSY_EVAL_WINDOW = 128
+
+
+def int2_prefill_cost(draft: Path, calib_ids: np.ndarray, log: Callable[[str], None]) -> float:
+    """Perplexity with the lossy INT2 prefill on, divided by with it off, on the start of the calibration
+    text, the finished artifact run by the runtime at the policy's budget (what `fate-run --int2-prefill
+    on` costs, end to end)."""
+    from fate.runtime.evaluate import perplexity
+    from fate.runtime.model import FateModel
+    from fate.runtime.offload import OffloadOptions
+
+    ids = [int(t) for t in np.asarray(calib_ids).reshape(-1)[:LOSSY_EVAL_TOKENS]]
+    budget = Budget(share=Artifact.open(draft).manifest.policy.budget)
+    result = {}
+    for mode in ("off", "on"):
+        model = FateModel.load(draft, offload=OffloadOptions(budget, low_bit_prefill=mode), verify=False)
+        try:
+            result[mode] = perplexity(model.logits, ids, LOSSY_EVAL_WINDOW)
+        finally:
+            model.close()
+    ratio = result["on"].value / result["off"].value
+    log(f"INT2 prefill (lossy, opt-in): perplexity x{ratio:.4f} on {result['on'].tokens} calibration tokens")
+    return ratio
+
+
 def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:
     return ModelSpec(
         family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
@@ -401,6 +428,9 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
             profile=None if profiler is None else layout.PROFILE, policy=policy, head_step=head_step,
         )
+        if policy is not None and any(lp.prefill_precision for lp in policy.layers):
+            ratio = int2_prefill_cost(writer.draft(manifest), calib_ids, log)
+            manifest = replace(manifest, policy=replace(policy, int2_prefill_perplexity_ratio=ratio))
         sizes = {path: entry.size for path, entry in writer.entries.items()}
         out = writer.commit(manifest)
     if exporter.sensitive:

@@ -153,8 +153,10 @@ def lossy_modes(engine: Engine) -> list[dict]:
     if options is None or options.low_bit_prefill == "off":
         return []
     prefill = engine.model.experts.report().prefill
+    policy = engine.model.manifest.policy
     return [{"mode": "int2-prefill", "setting": options.low_bit_prefill, "int2_loads": prefill.int2_loads,
-             "prefill_loads": prefill.experts_loaded}]
+             "prefill_loads": prefill.experts_loaded,
+             "measured_perplexity_ratio": policy.int2_prefill_perplexity_ratio if policy else None}]
 
 
 def memory_report(engine: Engine, result: GenerationResult) -> dict:
@@ -181,8 +183,9 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
     for mode in lossy_modes(engine):
+        cost = mode["measured_perplexity_ratio"]
         line += (f"; LOSSY {mode['mode']} {mode['setting']}: {mode['int2_loads']} of {mode['prefill_loads']} prefill "
-                 "expert loads at INT2")
+                 "expert loads at INT2" + (f" (perplexity x{cost:.4f} measured at compile)" if cost else ""))
     plan = engine.model.memory_plan
     if plan is not None:
         line += (f"; memory limit {plan.limit / 1e6:.0f} MB: {plan.floor / 1e6:.0f} MB for the process, "

@@ -163,6 +163,10 @@ def main(artifact: str, html_out: Path | None) -> None:
             click.echo(f"  graph every token, layer{'s' if len(layers) > 1 else ''} {span_list(layers)}: {reason}")
         click.echo(size_line(art))
         click.echo(needs_line(art))
+        if m.policy is not None and m.policy.int2_prefill_perplexity_ratio is not None:
+            click.echo(f"lossy mode stored: INT2 prefill (fate-run --int2-prefill on), perplexity "
+                       f"x{m.policy.int2_prefill_perplexity_ratio:.4f} on calibration text at "
+                       f"{m.policy.budget:.0%} of the experts")
         click.echo(memory_line(art))
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values

@@ -35,7 +35,10 @@ def imported_modules(path: Path) -> set[str]:
 # The compiler reuses the runtime's pure helpers (positions, sessions, cache policies, slot allocation,
 # predictors, memory, the layer-state contract) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
-SHARED_RUNTIME = {"fate.runtime.positions", "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.replay", "fate.runtime.memory",
+# And the runtime itself where the compiler measures what a lossy mode it stored costs, end to end
+# (export.int2_prefill_cost runs the finished artifact): model, offload, evaluate.
+SHARED_RUNTIME = {"fate.runtime.model", "fate.runtime.offload", "fate.runtime.evaluate", "fate.runtime.positions",
+                  "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.replay", "fate.runtime.memory",
                   "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state", "fate.runtime.clihelp"}
 
 

@@ -617,3 +617,30 @@ def test_the_memory_plan_counts_each_graph_once_and_what_the_command_reserves(ca
     assert graphs_only.floor - plan_memory(m, graphs, 10**9, 100, steps=False, baseline=0).floor == 5000
     assert with_steps.pool == 10**9 - with_steps.floor and with_steps.kv_cache == 2 * plan_memory(
         m, graphs, 10**9, 50, steps=True, baseline=0).kv_cache
+
+
+def test_the_lossy_int2_prefill_says_what_it_costs(calibrated, tmp_path):
+    """Stored only when asked (--int2-copies), measured end to end at compile time where the policy moves
+    any prefill at INT2, shown by fate-inspect, and named by a run that turns it on."""
+    import json
+    import subprocess
+    import sys
+
+    from fate.artifacts import Artifact
+
+    bin_dir = Path(sys.executable).parent
+    policy = Artifact.open(calibrated).manifest.policy
+    if not any(lp.prefill_precision for lp in policy.layers):
+        assert policy.int2_prefill_perplexity_ratio is None
+        pytest.skip("the policy moves no prefill at INT2 on this model")
+    assert 0.5 < policy.int2_prefill_perplexity_ratio < 2.0
+    inspect = subprocess.run([str(bin_dir / "fate-inspect"), str(calibrated)], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"x{policy.int2_prefill_perplexity_ratio:.4f}" in inspect
+    run = subprocess.run([str(bin_dir / "fate-run"), str(calibrated), "-p", "Once upon a time", "-n", "4", "--json",
+                          "--memory-budget", "30%", "--int2-prefill", "on"], capture_output=True, text=True, check=True)
+    lossy = json.loads(run.stdout)["lossy"]
+    assert lossy and lossy[0]["measured_perplexity_ratio"] == pytest.approx(policy.int2_prefill_perplexity_ratio)
+    plain = subprocess.run([str(bin_dir / "fate-run"), str(calibrated), "-p", "Once upon a time", "-n", "4", "--json",
+                            "--memory-budget", "30%"], capture_output=True, text=True, check=True)
+    assert json.loads(plain.stdout)["lossy"] == []

@@ -60,6 +60,8 @@ CASES = {
     "param2moe": dict(family="param2moe", seed=60),
     "sarvam_moe": dict(family="sarvam_moe", seed=61),
     "sarvam_mla": dict(family="sarvam_mla", seed=62),
+    # q_proj holding the query and an output gate per head, over GLM's sigmoid grouped routing
+    "minicpm5_moe": dict(family="minicpm5_moe", seed=64),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

@@ -172,6 +172,11 @@ KNOBS: dict[str, Knobs] = {
                                         "expert_layer_period": 2 if n > 1 else 1,
                                         "expert_layer_offset": r.choice([0, 1]) if n > 1 else 0}),
 }
+KNOBS["minicpm5_moe"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermediate_size",
+                              dense_inter="intermediate_size", groups=True,
+                              extra=lambda r: {"n_shared_experts": r.choice([0, 1]), "norm_topk_prob": coin(r)},
+                              layers=lambda r, n: {"mlp_layer_types": (["dense"] if n > 1 and coin(r) else ["sparse"])
+                                                   + ["sparse"] * (n - 1)})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"])
 # Families left out of the sweep, with why (tested by their fixed cases in conftest.CASES):

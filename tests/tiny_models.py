@@ -160,6 +160,17 @@ def sarvam_moe_config(**overrides):
                               "tie_word_embeddings": False, **overrides})
 
 
+def minicpm5_moe_config(**overrides):
+    from transformers import MiniCPM5MoeConfig
+
+    # q_proj yields each head's query and output gate; sigmoid routing over groups; a dense first layer
+    return MiniCPM5MoeConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                                "head_dim": 16, "n_routed_experts": 12, "num_experts_per_tok": 3,
+                                "n_shared_experts": 1, "n_group": 3, "topk_group": 2, "norm_topk_prob": True,
+                                "routed_scaling_factor": 2.5, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                "tie_word_embeddings": False, **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -366,7 +377,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "minimax_m2": minimax_m2_config, "dbrx": dbrx_config,
            "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config,
            "flex_olmo": flex_olmo_config, "afmoe": afmoe_config, "param2moe": param2moe_config,
-           "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config}
+           "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config}
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,

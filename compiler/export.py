@@ -383,7 +383,9 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     calib_ids = None
     if opts.calibration is not None:
         encode = Tokenizer.from_str(tokenizer.files["tokenizer.json"].decode("utf-8")).encode
-        calib_ids = calibration_ids(opts.calibration, lambda text: encode(text).ids)
+        # sequences no longer than the model's context (Mistral-4's is capped where its query scaling begins)
+        within = replace(opts.calibration, sequence_length=min(opts.calibration.sequence_length, cfg.max_positions))
+        calib_ids = calibration_ids(within, lambda text: encode(text).ids)
     start = time.time()
     with ArtifactWriter(opts.out_dir, inputs=opts.inputs, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "

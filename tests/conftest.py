@@ -62,6 +62,8 @@ CASES = {
     "sarvam_mla": dict(family="sarvam_mla", seed=62),
     # q_proj holding the query and an output gate per head, over GLM's sigmoid grouped routing
     "minicpm5_moe": dict(family="minicpm5_moe", seed=64),
+    # DeepSeek-V3's latent attention with softmax routing over groups ranked by their two best, YaRN
+    "mistral4": dict(family="mistral4", seed=65),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

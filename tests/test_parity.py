@@ -243,3 +243,13 @@ def test_a_config_in_its_original_names_reads_as_transformers_reads_it(tmp_path)
 
     compile_checkpoint(CompileOptions(original, tmp_path / "art", bits=(32,), dense_bits=32), log=lambda _m: None)
     assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(built.hf, PROMPT)) < 1e-4
+
+
+def test_mistral4s_context_stops_where_its_query_scaling_would_begin(tmp_path):
+    """Llama-4's query scale is 1 + beta * log(1 + floor(pos / original)): exactly 1 below `original`,
+    so Fate caps the context there (the tiny case's 512) instead of computing something else beyond."""
+    from conftest import Built
+
+    built = Built(tmp_path, family="mistral4", seed=65)
+    model = FateModel.load(built.artifact(32))
+    assert model.manifest.model.max_positions == 512 and model.context == 512

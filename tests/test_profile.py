@@ -160,7 +160,7 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
                                     "granitemoe_swa", "lfm2_moe", "qwen3_next", "qwen3_5_moe",
                                     "granitemoehybrid", "jamba", "hunyuan_v1_moe", "minimax_m2", "dbrx",
                                     "exaone_moe", "cohere2_moe", "flex_olmo", "afmoe", "param2moe",
-                                    "sarvam_moe", "sarvam_mla", "minicpm5_moe"])
+                                    "sarvam_moe", "sarvam_mla", "minicpm5_moe", "mistral4"])
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
     from tokenizers import Tokenizer

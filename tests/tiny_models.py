@@ -171,6 +171,22 @@ def minicpm5_moe_config(**overrides):
                                 "tie_word_embeddings": False, **overrides})
 
 
+def mistral4_config(**overrides):
+    from transformers import Mistral4Config
+
+    # latent attention under YaRN with Llama-4's query scaling (1 within the original context), softmax routing
+    # over groups ranked by their two best, a dense first layer
+    rope = {"type": "yarn", "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 512, "max_position_embeddings": 2048, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    return Mistral4Config(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                             "num_key_value_heads": 4, "n_routed_experts": 12, "num_experts_per_tok": 3,
+                             "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32, "q_lora_rank": 24,
+                             "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 4,
+                             "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 1.5,
+                             "max_position_embeddings": 2048, "rope_parameters": rope, **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -377,7 +393,17 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "minimax_m2": minimax_m2_config, "dbrx": dbrx_config,
            "exaone_moe": exaone_moe_config, "cohere2_moe": cohere2_moe_config,
            "flex_olmo": flex_olmo_config, "afmoe": afmoe_config, "param2moe": param2moe_config,
-           "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config}
+           "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config,
+           "mistral4": mistral4_config}
+
+
+def model_class(family: str):
+    """transformers' auto class for causal LMs, or a family's own class where the auto class does not list
+    it (Mistral-4 in transformers 5.25)."""
+    import transformers
+
+    own = {"mistral4": "Mistral4ForCausalLM"}.get(family)
+    return getattr(transformers, own) if own else transformers.AutoModelForCausalLM
 
 
 def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_template: bool = False,
@@ -391,7 +417,9 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
 
     torch.manual_seed(seed)
     extra = {"experts_implementation": "eager"} if eager_experts else {}
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](**overrides), **extra).eval()
+    cls = model_class(family)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # an auto class, or a model's
+    model = build(CONFIGS[family](**overrides), **extra).eval()
     with torch.no_grad():  # transformers initializes norms to 1 and biases to 0: make them matter
         for param in model.parameters():
             if param.ndim == 1:
@@ -404,6 +432,6 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="100KB" if shard else "5GB")
     if bf16:  # the float32 reference as a user would load it (buffers such as RoPE's recomputed)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        model = model_class(family).from_pretrained(out, dtype=torch.float32).eval()
     save_tokenizer(out, chat_template)
     return model

@@ -242,6 +242,9 @@ class ArchConfig:
     rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
     group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
+    # what ranks the groups under softmax: "max", each group's best score (DeepSeek-V2); "top2", the sum of
+    # its two best (Mistral-4; sigmoid routing always ranks by the top two)
+    group_score: str = "max"
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
@@ -522,8 +525,12 @@ def rope_from_transformers(cfg: dict[str, Any], rope_type: str) -> tuple[list[fl
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ModelError(f"config.json: unknown rope type {rope_type!r}")
-    config = AutoConfig.for_model(**cfg)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    try:  # transformers checks every field of the config as it builds it: a bad one is its message, in one line
+        config = AutoConfig.for_model(**cfg)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's validation errors derive from Exception alone
+        detail = " ".join(str(e).split())[:300]
+        raise ModelError(f"config.json: transformers cannot read it for its {rope_type} RoPE: {detail}") from None
     return [float(v) for v in inv_freq.tolist()], float(scaling)
 
 

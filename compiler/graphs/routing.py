@@ -83,8 +83,8 @@ def route_sigmoid(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.
 def route(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray | None = None) -> tuple[str, str]:
     """Softmax over experts, (group-limited) top-k, optional renormalization, routed scaling.
 
-    group-limited (DeepSeek-V2): each group's best score ranks the groups; experts outside the
-    best `kept` groups are zeroed before the top-k. With a correction bias (ERNIE-4.5) the experts
+    group-limited: each group's best score (DeepSeek-V2) or the sum of its two best (Mistral-4) ranks
+    the groups; experts outside the best `kept` groups are zeroed before the top-k. With a correction bias (ERNIE-4.5) the experts
     are chosen by probability + bias and weighed by the probability alone."""
     probs = b.op("Softmax", logits, axis=-1)
     if score_bias is not None:
@@ -100,7 +100,9 @@ def route(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray 
         return ids, weights
     if cfg.group_topk is not None:
         groups, kept = cfg.group_topk
-        per_group = b.op("ReduceMax", b.op("Reshape", probs, b.ints([0, groups, -1])), axes=[-1], keepdims=0)
+        grouped = b.op("Reshape", probs, b.ints([0, groups, -1]))
+        per_group = b.op("ReduceMax", grouped, axes=[-1], keepdims=0) if cfg.group_score == "max" else \
+            b.op("ReduceSum", b.op("TopK", grouped, b.ints([2]), outputs=2, axis=-1)[0], b.ints([-1]), keepdims=0)
         threshold = b.op("ReduceMin", b.op("TopK", per_group, b.ints([kept]), outputs=2, axis=-1)[0],
                          axes=[-1], keepdims=1)
         keep_group = b.op("Unsqueeze", b.op("GreaterOrEqual", per_group, threshold), b.ints([-1]))

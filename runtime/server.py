@@ -92,7 +92,9 @@ class Server:
 
     def _model_entry(self) -> dict:
         model = self.engine.model
-        experts = sorted(set(getattr(model.experts, "precisions", {}).values()))
+        store = model.experts  # the precisions it runs: all resident, or the run plan's per layer
+        running = getattr(store, "precisions", None) or {i: p.precision for i, p in getattr(store, "plans", {}).items()}
+        experts = sorted(set(running.values())) or list(model.manifest.precisions)
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "fate",
                 "context_length": model.context,
                 "quantization": f"experts {'/'.join(experts) or '-'}, dense {model.manifest.model.dense_precision}",

@@ -348,6 +348,7 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser(example):
         page.get(served.root + "/")
         wait = WebDriverWait(page, 120)
         wait.until(lambda p: served.model in p.find_element(By.ID, "model").text)
+        assert "experts int4" in page.find_element(By.ID, "model").text  # what an offloaded run runs
         page.find_element(By.ID, "input").send_keys("Tell me a story")
         page.find_element(By.ID, "send").click()
         stats = wait.until(lambda p: p.find_elements(By.CSS_SELECTOR, ".assistant .stats"))

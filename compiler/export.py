@@ -117,19 +117,19 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
         Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
         Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
-        Role.ROUTER: (c.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.num_experts,),
+        Role.ROUTER: (c.routing.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.routing.num_experts,),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
-        Role.EXPERTS_GATE_UP_BIAS: (c.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.num_experts, h),
-        Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.num_experts,),
+        Role.EXPERTS_GATE_UP_BIAS: (c.routing.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.routing.num_experts, h),
+        Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.routing.num_experts,),
         Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.conv_kernel), Role.CONV_BIAS: (h,),
         Role.CONV_OUT: (h, h), Role.CONV_OUT_BIAS: (h,),
-        Role.EXPERTS_GATE_UP_BLOCKS: (c.num_experts, 2 * i_moe, h // 32, 16),
-        Role.EXPERTS_GATE_UP_SCALES: (c.num_experts, 2 * i_moe, h // 32),
-        Role.EXPERTS_DOWN_BLOCKS: (c.num_experts, h, i_moe // 32, 16),
-        Role.EXPERTS_DOWN_SCALES: (c.num_experts, h, i_moe // 32),
+        Role.EXPERTS_GATE_UP_BLOCKS: (c.routing.num_experts, 2 * i_moe, h // 32, 16),
+        Role.EXPERTS_GATE_UP_SCALES: (c.routing.num_experts, 2 * i_moe, h // 32),
+        Role.EXPERTS_DOWN_BLOCKS: (c.routing.num_experts, h, i_moe // 32, 16),
+        Role.EXPERTS_DOWN_SCALES: (c.routing.num_experts, h, i_moe // 32),
         **latent_shapes(c),
         **linear_shapes(c),
         **mamba_shapes(c),
@@ -265,7 +265,7 @@ class WeightReader:
                              if self.present(role, layer))
             elif layer in self.cfg.moe_layers:
                 names.update(self.check(role, layer, expert)
-                             for expert in range(self.cfg.num_experts) for role in EXPERT_ROLES)
+                             for expert in range(self.cfg.routing.num_experts) for role in EXPERT_ROLES)
         unused = tuple(LAYER.format(layer=i) + "." for i in range(
             self.cfg.num_layers, self.cfg.num_layers + self.cfg.unused_trailing_layers))
         leftovers = sorted(n for n in self.ckpt.names() - names
@@ -389,8 +389,8 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     start = time.time()
     with ArtifactWriter(opts.out_dir, inputs=opts.inputs, force=opts.force) as writer:
         log(f"compiling {family.architecture} from {opts.model_dir}: {cfg.num_layers} layers, "
-            f"{len(cfg.moe_layers)} MoE layers x {cfg.num_experts} experts "
-            f"(top-{cfg.top_k if cfg.layer_top_k is None else '/'.join(map(str, sorted(set(cfg.layer_top_k))))}), "
+            f"{len(cfg.moe_layers)} MoE layers x {cfg.routing.num_experts} experts "
+            f"(top-{cfg.routing.top_k if cfg.routing.layer_top_k is None else '/'.join(map(str, sorted(set(cfg.routing.layer_top_k))))}), "
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
@@ -488,7 +488,7 @@ class LayerExporter:
         data = info.model.SerializeToString()
         if info.decode_step is not None:
             spec = replace(spec, decode_step=graphs.decode_step_views(info.decode_step, data, cfg,
-                                                                      cfg.num_experts if next_layer else 0))
+                                                                      cfg.routing.num_experts if next_layer else 0))
         del info
         self.writer.write_bytes(graph_path, data)
         del data
@@ -505,8 +505,8 @@ class LayerExporter:
             if measured.quant_error["int4"] > self.opts.targets.max_quant_error and 4 in self.bits \
                     and 8 not in self.bits:
                 self.sensitive[layer] = measured.quant_error["int4"]
-        routing = RoutingSpec(scoring=cfg.scoring, num_experts=cfg.num_experts, top_k=cfg.top_k_at(layer),
-                              normalize_top_k=cfg.normalize_top_k)
+        routing = RoutingSpec(scoring=cfg.routing.scoring, num_experts=cfg.routing.num_experts, top_k=cfg.top_k_at(layer),
+                              normalize_top_k=cfg.routing.normalize_top_k)
         return replace(spec, routing=routing, experts=experts, expert_layouts=layouts)
 
     def _slot_layout(self, bits: int, biases) -> ExpertLayout:
@@ -525,7 +525,7 @@ class LayerExporter:
         layouts: dict[str, ExpertLayout] = {}
         profiling = feed_profiler and self.profiler is not None
         wanted = set(bits_list) | (set(QUANT_BITS.values()) if profiling else set())
-        for expert in range(self.cfg.num_experts):
+        for expert in range(self.cfg.routing.num_experts):
             weights = tuple(self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
             biases = self.reader.expert_biases(layer, expert)
             # each precision quantized once, for its file and for the profiler's error figures

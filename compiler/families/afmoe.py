@@ -11,6 +11,7 @@ from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
 from .base import common_fields, optional, per_layer_types, require
+from .base import Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -31,16 +32,14 @@ def read_config(cfg: dict) -> ArchConfig:
         sliding_window=None,
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         nope_layers=frozenset(i for i, t in enumerate(types) if t != "sliding_attention"),
-        num_experts=require(cfg, "num_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=True,
+        routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=True, scoring="sigmoid",
+                        routed_scaling=float(optional(cfg, "route_scale", 1.0, (int, float)))),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * shared,
         moe_layers=frozenset(range(min(dense, layers), layers)),
         qk_norm="head",
-        scoring="sigmoid",
-        routed_scaling=float(optional(cfg, "route_scale", 1.0, (int, float))),
         attention_output_gate=True,  # its own gate_proj: no layout (qwen3_next's q_proj holds both)
         post_norms=True,
         embedding_multiplier=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,

@@ -210,6 +210,36 @@ class Mamba1(MixerSizes):
 
 
 @dataclass(frozen=True)
+class Routing:
+    """How a MoE layer's router picks its experts and weighs them."""
+
+    num_experts: int
+    top_k: int
+    normalize_top_k: bool  # the top-k weights divided by their sum
+    scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
+    routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
+    group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
+    # what ranks the groups under softmax: "max", each group's best score (DeepSeek-V2); "top2", the sum of
+    # its two best (Mistral-4; sigmoid routing always ranks by the top two)
+    group_score: str = "max"
+    router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
+    layer_top_k: tuple[int, ...] | None = None  # per-layer top-k (HunYuan's moe_topk list); top_k is their largest
+    topk_norm_eps: float = 1e-20  # added to the sum of the top-k sigmoid weights before dividing (LFM2: 1e-6)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"config.json: {name} must be an integer >= 1, got {value!r}")
+        for name in ("routed_scaling", "router_jitter_eps", "topk_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
+
+
+@dataclass(frozen=True)
 class ArchConfig:
     """config.json, read into the numbers the exporter needs (names differ across families)."""
 
@@ -224,9 +254,7 @@ class ArchConfig:
     rope_inv_freq: list[float]
     rope_attention_scaling: float
     sliding_window: int | None
-    num_experts: int
-    top_k: int
-    normalize_top_k: bool
+    routing: Routing
     moe_intermediate_size: int
     dense_intermediate_size: int
     shared_intermediate_size: int
@@ -240,17 +268,11 @@ class ArchConfig:
     # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
     latent_attention: LatentAttention | None = None
     rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
-    routed_scaling: float = 1.0  # top-k weights multiplied by this (DeepSeek)
-    group_topk: tuple[int, int] | None = None  # (groups, groups kept) before top-k (DeepSeek)
-    # what ranks the groups under softmax: "max", each group's best score (DeepSeek-V2); "top2", the sum of
-    # its two best (Mistral-4; sigmoid routing always ranks by the top two)
-    group_score: str = "max"
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
-    layer_top_k: tuple[int, ...] | None = None  # per-layer top-k (HunYuan's moe_topk list); top_k is their largest
     # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
     # no norm before the MLP, the router reads the attention's input norm
     parallel_block: bool = False
@@ -260,8 +282,6 @@ class ArchConfig:
     pre_norms: bool = True
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
-    scoring: str = "softmax"  # or "sparsemixer" (Phi-3.5-MoE, top-2) or "sigmoid" (DeepSeek-V3)
-    router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
@@ -280,17 +300,15 @@ class ArchConfig:
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
     norm_weight_offset: float = 0.0
-    topk_norm_eps: float = 1e-20  # added to the sum of the top-k sigmoid weights before dividing (LFM2: 1e-6)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
     # name instead of compiling into an artifact the runtime cannot run.
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
-                "num_experts", "top_k", "moe_intermediate_size")
+                "moe_intermediate_size")
     NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "conv_kernel")
-    FINITE = ("rms_norm_eps", "rope_attention_scaling", "routed_scaling", "swiglu_alpha", "router_jitter_eps",
-              "embedding_multiplier", "residual_multiplier", "logits_scaling", "topk_norm_eps",
-              "norm_weight_offset", "shared_scale")
+    FINITE = ("rms_norm_eps", "rope_attention_scaling", "swiglu_alpha", "embedding_multiplier", "residual_multiplier",
+              "logits_scaling", "norm_weight_offset", "shared_scale")
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:
@@ -309,13 +327,12 @@ class ArchConfig:
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
                              f"{self.num_kv_heads} key/value heads")
-        if self.top_k > self.num_experts:
-            raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
-        if self.layer_top_k is not None and (len(self.layer_top_k) != self.num_layers or any(
-                isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts
-                for k in self.layer_top_k)):
+        r = self.routing
+        if r.layer_top_k is not None and (len(r.layer_top_k) != self.num_layers or any(
+                isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r.num_experts
+                for k in r.layer_top_k)):
             raise ModelError(f"config.json: a per-layer top-k must give each of the {self.num_layers} layers a count "
-                             f"from 1 to {self.num_experts}, got {list(self.layer_top_k)}")
+                             f"from 1 to {r.num_experts}, got {list(r.layer_top_k)}")
         if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.rope_inv_freq):
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
@@ -339,11 +356,13 @@ class ArchConfig:
                              f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
 
     def top_k_at(self, layer: int) -> int:
-        return self.layer_top_k[layer] if self.layer_top_k is not None else self.top_k
+        r = self.routing
+        return r.layer_top_k[layer] if r.layer_top_k is not None else r.top_k
 
     def at_layer(self, layer: int) -> "ArchConfig":
         """The config as one layer sees it: its own top-k where they differ by layer."""
-        return self if self.layer_top_k is None else replace(self, top_k=self.top_k_at(layer))
+        r = self.routing
+        return self if r.layer_top_k is None else replace(self, routing=replace(r, top_k=self.top_k_at(layer)))
 
     def mixer(self, layer: int) -> str:
         return self.layer_mixers[layer] if self.layer_mixers else "attention"

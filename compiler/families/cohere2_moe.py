@@ -9,6 +9,7 @@ from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, SHARED_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig
 from .base import Family, Role, common_fields, optional, per_layer_types, require
+from .base import Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -39,13 +40,10 @@ def read_config(cfg: dict) -> ArchConfig:
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         nope_layers=frozenset(set(range(layers)) - rotated),
         rope_interleaved=True,
-        num_experts=require(cfg, "num_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
+        routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=selection == "softmax" or bool(cfg.get("norm_topk_prob", True)),
+                        scoring=selection, topk_norm_eps=0.0, routed_scaling=0.5 if halve else 1.0),
         # softmax over the k best logits is Fate's softmax top-k renormalized
-        normalize_top_k=selection == "softmax" or bool(cfg.get("norm_topk_prob", True)),
-        scoring=selection,
-        topk_norm_eps=0.0,
-        routed_scaling=0.5 if halve else 1.0,
         shared_scale=0.5 if halve else 1.0,
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=optional(cfg, "prefix_dense_intermediate_size", None) or require(cfg, "intermediate_size"),

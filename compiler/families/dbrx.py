@@ -7,6 +7,7 @@ from typing import Any
 from fate.artifacts import ModelError
 
 from .base import ArchConfig, Family, Role, common_fields, optional, require
+from .base import Routing
 from .layouts import FusedExperts, QKVRows
 
 L = "transformer.blocks.{layer}"
@@ -39,9 +40,8 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common,
         sliding_window=None,
-        num_experts=require(ffn, "moe_num_experts"),
-        top_k=require(ffn, "moe_top_k"),
-        normalize_top_k=p is not None,
+        routing=Routing(num_experts=require(ffn, "moe_num_experts"), top_k=require(ffn, "moe_top_k"),
+                        normalize_top_k=p is not None),
         moe_intermediate_size=require(ffn, "ffn_hidden_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,

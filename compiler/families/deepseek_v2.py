@@ -22,6 +22,7 @@ from .base import (
     require,
     rope_params,
 )
+from .base import Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -46,17 +47,16 @@ def read_config(cfg: dict) -> ArchConfig:
            "num_kv_heads": 1,  # one latent and one rotary key per token, shared by all heads
            "head_dim": latent.qk_nope_head_dim + latent.qk_rope_head_dim},
         sliding_window=None,
-        num_experts=experts if isinstance(experts, int) else require(cfg, "n_routed_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=False,  # DeepSeek-V2's router scales but never renormalizes
+        routing=Routing(num_experts=experts if isinstance(experts, int) else require(cfg, "n_routed_experts"),
+                        top_k=require(cfg, "num_experts_per_tok"), normalize_top_k=False,
+                        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
+                        group_topk=(require(cfg, "n_group"), require(cfg, "topk_group")) if method == "group_limited_greedy" else None),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
         latent_attention=latent,
         rope_interleaved=True,
-        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
-        group_topk=(require(cfg, "n_group"), require(cfg, "topk_group")) if method == "group_limited_greedy" else None,
         attention_scale=scale,
     )
 

@@ -21,6 +21,7 @@ from .base import (
     optional,
     require,
 )
+from .base import Routing
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
@@ -38,9 +39,8 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common,
         sliding_window=None,
-        num_experts=require(cfg, "moe_num_experts"),
-        top_k=require(cfg, "moe_k"),
-        normalize_top_k=True,
+        routing=Routing(num_experts=require(cfg, "moe_num_experts"), top_k=require(cfg, "moe_k"),
+                        normalize_top_k=True),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "moe_num_shared_experts", 0),

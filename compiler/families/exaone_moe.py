@@ -21,6 +21,7 @@ from .base import (
     per_layer_types,
     require,
 )
+from .base import Routing
 
 
 def layer_types(cfg: dict, layers: int) -> list[str]:
@@ -53,18 +54,15 @@ def read_config(cfg: dict) -> ArchConfig:
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         # with a window, only the sliding layers rotate (transformers' Exaone4Attention)
         nope_layers=frozenset(i for i, t in enumerate(types) if t == "full_attention") if window else frozenset(),
-        num_experts=require(cfg, "num_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+        routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
+                        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
+                        group_topk=(groups, kept) if groups > 1 else None),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "num_shared_experts", 0),
         moe_layers=frozenset(i for i, t in enumerate(mlp_types) if t == "sparse"),
-        qk_norm="head",
-        scoring="sigmoid",
-        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
-        group_topk=(groups, kept) if groups > 1 else None,
-    )
+        qk_norm="head")
 
 
 FAMILY = Family(

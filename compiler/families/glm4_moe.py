@@ -20,6 +20,7 @@ from .base import (
     optional,
     require,
 )
+from .base import Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -29,17 +30,15 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common_fields(cfg),
         sliding_window=None,
-        num_experts=require(cfg, "n_routed_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+        routing=Routing(num_experts=require(cfg, "n_routed_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
+                        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
+                        group_topk=(groups, kept) if groups > 1 else None),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(range(first_dense, layers)),
         qk_norm="head" if cfg.get("use_qk_norm") else "none",
-        scoring="sigmoid",
-        routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
-        group_topk=(groups, kept) if groups > 1 else None,
         unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0,
     )
 

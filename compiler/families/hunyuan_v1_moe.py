@@ -9,6 +9,7 @@ from fate.artifacts import ModelError
 
 from .base import ATTENTION_BIASES, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
 from .base import common_fields, optional, require, rope_params
+from .base import Routing
 
 
 def uniform(cfg: dict, key: str) -> int:
@@ -59,16 +60,15 @@ def read_config(cfg: dict) -> ArchConfig:
     arch = ArchConfig(
         **common,
         sliding_window=None,
-        num_experts=uniform(cfg, "num_experts"),
-        top_k=max(per_layer) if per_layer else uniform(cfg, "moe_topk"),
-        normalize_top_k=True,
+        routing=Routing(num_experts=uniform(cfg, "num_experts"),
+                        top_k=max(per_layer) if per_layer else uniform(cfg, "moe_topk"), normalize_top_k=True),
         moe_intermediate_size=intermediate,
         dense_intermediate_size=0,
         shared_intermediate_size=intermediate,
         moe_layers=frozenset(range(common["num_layers"])),
     )
     if per_layer:  # each layer its own top-k (checked against the layers and experts by ArchConfig)
-        arch = replace(arch, layer_top_k=per_layer)
+        arch = replace(arch, routing=replace(arch.routing, layer_top_k=per_layer), )
     return replace(arch, qk_norm="head", qk_norm_after_rope=True)
 
 

@@ -11,6 +11,7 @@ from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Mamba1, Role
 from .base import common_fields, optional, require
+from .base import Routing
 
 
 def every(cfg: dict, period_key: str, offset_key: str, period: int, offset: int, layers: int) -> set[int]:
@@ -37,9 +38,7 @@ def read_config(cfg: dict) -> ArchConfig:
     arch = ArchConfig(
         **common,
         sliding_window=None,
-        num_experts=experts,
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=False,
+        routing=Routing(num_experts=experts, top_k=require(cfg, "num_experts_per_tok"), normalize_top_k=False),
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=0,

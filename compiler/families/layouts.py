@@ -118,7 +118,7 @@ class FusedExperts(Layout):
     roles = frozenset(EXPERT_ROLES)
 
     def shapes(self, c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-        e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        e, h, i = c.routing.num_experts, c.hidden_size, c.moe_intermediate_size
         if self.kind == "stacked":
             return {Role.EXPERTS_GATE_UP: (e * i, h), Role.EXPERTS_UP: (e * i, h), Role.EXPERTS_DOWN: (e * i, h)}
         rows = self.kind == "rows"
@@ -138,7 +138,7 @@ class FusedExperts(Layout):
         if self.kind == "stacked":  # [E * I, H] each; down stored transposed
             source = {Role.EXPERT_GATE: Role.EXPERTS_GATE_UP, Role.EXPERT_UP: Role.EXPERTS_UP,
                       Role.EXPERT_DOWN: Role.EXPERTS_DOWN}[role]
-            block = r.ckpt.get(r.check(source, layer), index=expert, parts=r.cfg.num_experts)
+            block = r.ckpt.get(r.check(source, layer), index=expert, parts=r.cfg.routing.num_experts)
             return np.ascontiguousarray(block.T) if role == Role.EXPERT_DOWN else block
         interleaved = self.kind == "interleaved"
         if role == Role.EXPERT_DOWN:

@@ -9,6 +9,7 @@ from fate.artifacts import ModelError
 
 from .base import LAYER as L
 from .base import ArchConfig, Family, Role, common_fields, mixers_of_types, optional, require
+from .base import Routing
 
 MIXER_OF_TYPE = {"full_attention": "attention", "conv": "short_conv"}
 
@@ -34,17 +35,15 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common,
         sliding_window=None,
-        num_experts=require(cfg, "num_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+        routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
+                        routed_scaling=optional(cfg, "routed_scaling_factor", 1.0, (int, float)),
+                        topk_norm_eps=1e-6),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size") if dense > 0 else 0,
         shared_intermediate_size=0,
         moe_layers=frozenset(range(min(dense, layers), layers)),
         qk_norm="head",
-        scoring="sigmoid",
-        routed_scaling=optional(cfg, "routed_scaling_factor", 1.0, (int, float)),
-        topk_norm_eps=1e-6,
         layer_mixers=layer_mixers(cfg),
         conv_kernel=optional(cfg, "conv_L_cache", 3),
     )

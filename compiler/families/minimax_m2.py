@@ -16,8 +16,9 @@ def read_config(cfg: dict):
     params = rope_params(cfg)
     if rotary_dim is not None and head_dim and "partial_rotary_factor" not in params:
         cfg = {**cfg, "partial_rotary_factor": rotary_dim / head_dim}  # released checkpoints' legacy key
-    return replace(read_mixtral_config(cfg), qk_norm="projection", scoring="sigmoid", normalize_top_k=True,
-                   topk_norm_eps=0.0)
+    arch = read_mixtral_config(cfg)
+    return replace(arch, qk_norm="projection", routing=replace(arch.routing, scoring="sigmoid",
+                                                               normalize_top_k=True, topk_norm_eps=0.0))
 
 
 FAMILY = Family(

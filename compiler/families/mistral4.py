@@ -17,14 +17,14 @@ from .layouts import FusedExperts
 
 def read_config(cfg: dict):
     arch = read_v3_config(cfg)
-    groups = arch.group_topk if arch.group_topk and arch.group_topk[0] > 1 else None
+    groups = arch.routing.group_topk if arch.routing.group_topk and arch.routing.group_topk[0] > 1 else None
     rope = rope_params(cfg)
     original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
     capped = arch.max_positions
     if rope.get("llama_4_scaling_beta") and isinstance(original, int) and not isinstance(original, bool) and original > 0:
         capped = min(capped, original)
-    return replace(arch, scoring="softmax", group_topk=groups, group_score="top2", max_positions=capped,
-                   normalize_top_k=bool(cfg.get("norm_topk_prob", True)),
+    return replace(arch, routing=replace(arch.routing, scoring="softmax", group_topk=groups, group_score="top2",
+                                         normalize_top_k=bool(cfg.get("norm_topk_prob", True))),    max_positions=capped,
                    unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0)
 
 

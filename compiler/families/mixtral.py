@@ -10,6 +10,7 @@ from .base import (
     common_fields,
     require,
 )
+from .base import Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -17,9 +18,8 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common,
         sliding_window=cfg.get("sliding_window"),
-        num_experts=require(cfg, "num_local_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=True,
+        routing=Routing(num_experts=require(cfg, "num_local_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=True),
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,

@@ -10,7 +10,8 @@ from .mixtral import read_config as read_mixtral_config
 def read_config(cfg: dict):
     # Mixtral's reading with OLMoE's key names for the experts and top-k normalization.
     renamed = {**cfg, "num_local_experts": cfg.get("num_experts")}
-    return replace(read_mixtral_config(renamed), normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+    arch = read_mixtral_config(renamed)
+    return replace(arch, routing=replace(arch.routing, normalize_top_k=bool(cfg.get("norm_topk_prob", False))),
                    qk_norm="projection", clip_qkv=cfg.get("clip_qkv"))
 
 

@@ -32,8 +32,9 @@ def read_config(cfg: dict):
         inv_freq, _ = rope_from_transformers(cfg, "longrope")
         arch = replace(arch, rope_inv_freq=inv_freq, rope_attention_scaling=float(rope["short_mscale"]),
                        max_positions=min(arch.max_positions, int(original)))
-    return replace(arch, norm="layer", scoring="sparsemixer", normalize_top_k=False,
-                   router_jitter_eps=float(optional(cfg, "router_jitter_noise", 0.01, (int, float))))
+    jitter = float(optional(cfg, "router_jitter_noise", 0.01, (int, float)))
+    return replace(arch, norm="layer", routing=replace(arch.routing, scoring="sparsemixer", normalize_top_k=False,
+                                                       router_jitter_eps=jitter))
 
 
 FAMILY = Family(

@@ -17,6 +17,7 @@ from .base import (
     optional,
     require,
 )
+from .base import Routing
 
 
 def moe_layer_indices(cfg: dict, layers: int) -> frozenset[int]:
@@ -34,9 +35,8 @@ def read_config(cfg: dict) -> ArchConfig:
     return ArchConfig(
         **common,
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
-        num_experts=require(cfg, "num_experts"),
-        top_k=require(cfg, "num_experts_per_tok"),
-        normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+        routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
+                        normalize_top_k=bool(cfg.get("norm_topk_prob", False))),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=optional(cfg, "shared_expert_intermediate_size", 0),

@@ -47,7 +47,8 @@ def read_config(cfg: dict):
         cfg = {**cfg, "partial_rotary_factor": 0.25}
     arch = read_qwen2_moe_config({"head_dim": 256, "rms_norm_eps": 1e-6, **cfg})
     return replace(arch, sliding_window=None, qk_norm="head", attention_output_gate=True, norm_weight_offset=1.0,
-                   normalize_top_k=bool(cfg.get("norm_topk_prob", True)), layer_mixers=layer_mixers(cfg),
+                   routing=replace(arch.routing, normalize_top_k=bool(cfg.get("norm_topk_prob", True))),
+                    layer_mixers=layer_mixers(cfg),
                    linear_attention=linear_attention(cfg))
 
 

@@ -108,16 +108,16 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         with b.tagged("router"):
             logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
         b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
-                 ["S", cfg.num_experts])
-        if cfg.scoring == "sigmoid":
+                 ["S", cfg.routing.num_experts])
+        if cfg.routing.scoring == "sigmoid":
             with b.tagged("routing"):
                 ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
-        elif cfg.scoring == "sparsemixer":
-            ids, weights = route_sparsemixer(b, logits, cfg.num_experts, cfg.router_jitter_eps)
+        elif cfg.routing.scoring == "sparsemixer":
+            ids, weights = route_sparsemixer(b, logits, cfg.routing.num_experts, cfg.routing.router_jitter_eps)
         else:
             ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
-        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.top_k])
-        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.top_k])
+        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.routing.top_k])
+        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.routing.top_k])
         if Role.SHARED_GATE in w:
             shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN], tag="shared")
             if Role.SHARED_EXPERT_GATE in w:

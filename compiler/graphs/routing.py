@@ -44,9 +44,9 @@ def choice_scores(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.
     """The scores a router ranks experts by: its logits (softmax keeps their order), or with a
     correction bias the probabilities (sigmoid, or softmax: ERNIE-4.5) plus the bias. Predictions
     are ranked the same way."""
-    if cfg.scoring == "sigmoid":
+    if cfg.routing.scoring == "sigmoid":
         scores = b.op("Sigmoid", logits)
-    elif score_bias is not None and cfg.scoring == "softmax":
+    elif score_bias is not None and cfg.routing.scoring == "softmax":
         scores = b.op("Softmax", logits, axis=-1)
     else:
         return logits
@@ -59,24 +59,24 @@ def route_sigmoid(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.
     renormalized, times the routed scaling factor."""
     scores = b.op("Sigmoid", logits)
     choice = choice_scores(b, logits, cfg, score_bias)
-    if cfg.group_topk is not None:
-        groups, kept = cfg.group_topk
+    if cfg.routing.group_topk is not None:
+        groups, kept = cfg.routing.group_topk
         grouped = b.op("Reshape", choice, b.ints([0, groups, -1]))
         per_group = b.op("ReduceSum", b.op("TopK", grouped, b.ints([2]), outputs=2, axis=-1)[0], b.ints([-1]),
                          keepdims=0)
         threshold = b.op("ReduceMin", b.op("TopK", per_group, b.ints([kept]), outputs=2, axis=-1)[0],
                          axes=[-1], keepdims=1)
         keep_group = b.op("Unsqueeze", b.op("GreaterOrEqual", per_group, threshold), b.ints([-1]))
-        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.num_experts // groups])),
-                    b.ints([0, cfg.num_experts]))
+        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.routing.num_experts // groups])),
+                    b.ints([0, cfg.routing.num_experts]))
         choice = b.op("Where", keep, choice, b.scalar(-np.inf, "neg_inf"))
-    ids = b.op("TopK", choice, b.ints([cfg.top_k]), outputs=2, axis=-1, largest=1, sorted=1)[1]
+    ids = b.op("TopK", choice, b.ints([cfg.routing.top_k]), outputs=2, axis=-1, largest=1, sorted=1)[1]
     weights = b.op("GatherElements", scores, ids, axis=-1)
-    if cfg.normalize_top_k:
-        total = b.op("Add", b.op("ReduceSum", weights, b.ints([-1]), keepdims=1), b.scalar(cfg.topk_norm_eps, "tiny"))
+    if cfg.routing.normalize_top_k:
+        total = b.op("Add", b.op("ReduceSum", weights, b.ints([-1]), keepdims=1), b.scalar(cfg.routing.topk_norm_eps, "tiny"))
         weights = b.op("Div", weights, total)
-    if cfg.routed_scaling != 1.0:
-        weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
+    if cfg.routing.routed_scaling != 1.0:
+        weights = b.op("Mul", weights, b.scalar(cfg.routing.routed_scaling, "routed_scaling"))
     return ids, weights
 
 
@@ -88,32 +88,32 @@ def route(b: GraphBuilder, logits: str, cfg: ArchConfig, score_bias: np.ndarray 
     are chosen by probability + bias and weighed by the probability alone."""
     probs = b.op("Softmax", logits, axis=-1)
     if score_bias is not None:
-        if cfg.group_topk is not None:
+        if cfg.routing.group_topk is not None:
             raise ModelError("a router with a score correction bias and expert groups under softmax is not supported")
-        ids = b.op("TopK", choice_scores(b, logits, cfg, score_bias), b.ints([cfg.top_k]), outputs=2, axis=-1,
+        ids = b.op("TopK", choice_scores(b, logits, cfg, score_bias), b.ints([cfg.routing.top_k]), outputs=2, axis=-1,
                    largest=1, sorted=1)[1]
         weights = b.op("GatherElements", probs, ids, axis=-1)
-        if cfg.normalize_top_k:
+        if cfg.routing.normalize_top_k:
             weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
-        if cfg.routed_scaling != 1.0:
-            weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
+        if cfg.routing.routed_scaling != 1.0:
+            weights = b.op("Mul", weights, b.scalar(cfg.routing.routed_scaling, "routed_scaling"))
         return ids, weights
-    if cfg.group_topk is not None:
-        groups, kept = cfg.group_topk
+    if cfg.routing.group_topk is not None:
+        groups, kept = cfg.routing.group_topk
         grouped = b.op("Reshape", probs, b.ints([0, groups, -1]))
-        per_group = b.op("ReduceMax", grouped, axes=[-1], keepdims=0) if cfg.group_score == "max" else \
+        per_group = b.op("ReduceMax", grouped, axes=[-1], keepdims=0) if cfg.routing.group_score == "max" else \
             b.op("ReduceSum", b.op("TopK", grouped, b.ints([2]), outputs=2, axis=-1)[0], b.ints([-1]), keepdims=0)
         threshold = b.op("ReduceMin", b.op("TopK", per_group, b.ints([kept]), outputs=2, axis=-1)[0],
                          axes=[-1], keepdims=1)
         keep_group = b.op("Unsqueeze", b.op("GreaterOrEqual", per_group, threshold), b.ints([-1]))
-        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.num_experts // groups])),
-                    b.ints([0, cfg.num_experts]))
+        keep = b.op("Reshape", b.op("Expand", keep_group, b.ints([1, groups, cfg.routing.num_experts // groups])),
+                    b.ints([0, cfg.routing.num_experts]))
         probs = b.op("Where", keep, probs, b.scalar(0.0, "zero"))
-    weights, ids = b.op("TopK", probs, b.ints([cfg.top_k]), outputs=2, axis=-1, largest=1, sorted=1)
-    if cfg.normalize_top_k:
+    weights, ids = b.op("TopK", probs, b.ints([cfg.routing.top_k]), outputs=2, axis=-1, largest=1, sorted=1)
+    if cfg.routing.normalize_top_k:
         weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints([-1]), keepdims=1))
-    if cfg.routed_scaling != 1.0:
-        weights = b.op("Mul", weights, b.scalar(cfg.routed_scaling, "routed_scaling"))
+    if cfg.routing.routed_scaling != 1.0:
+        weights = b.op("Mul", weights, b.scalar(cfg.routing.routed_scaling, "routed_scaling"))
     return ids, weights
 
 

@@ -45,7 +45,7 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
     if fmt.bits not in QUANTIZED_BITS:
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
     for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
-                              cfg.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
+                              cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
                               ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
                               ("no pre-norms", not cfg.pre_norms)):
         if unsupported:
@@ -60,15 +60,15 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
     qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
     if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
         return "q/k norms the step does not compute (after RoPE, or on one of q and k)"
-    if cfg.scoring == "softmax" and (cfg.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
+    if cfg.routing.scoring == "softmax" and (cfg.routing.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
         return "softmax routing with expert groups or a correction bias"
-    if cfg.group_topk is not None:
-        groups, kept = cfg.group_topk
-        size = cfg.num_experts // groups if groups > 0 else 0
-        if size < 2 or cfg.num_experts % groups or not 1 <= kept <= groups or kept * size < cfg.top_k:
+    if cfg.routing.group_topk is not None:
+        groups, kept = cfg.routing.group_topk
+        size = cfg.routing.num_experts // groups if groups > 0 else 0
+        if size < 2 or cfg.routing.num_experts % groups or not 1 <= kept <= groups or kept * size < cfg.routing.top_k:
             return "expert groups the step cannot pick from"
     if next_layer is not None and (next_layer.router_bias is not None or next_layer.norm_bias is not None
-                                   or (next_layer.score_bias is not None and cfg.scoring != "sigmoid")):
+                                   or (next_layer.score_bias is not None and cfg.routing.scoring != "sigmoid")):
         return "a next-layer predictor with biases the step does not compute"
     return None
 
@@ -83,13 +83,13 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
         attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
         norm_eps=cfg.rms_norm_eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
-        shared_scale=cfg.shared_scale, routed_scaling=cfg.routed_scaling,
+        shared_scale=cfg.shared_scale, routed_scaling=cfg.routing.routed_scaling,
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)), o_bias=Role.O_BIAS in w,
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
         next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
         score_bias=Role.ROUTER_SCORE_BIAS in w,
         next_score_bias=next_layer is not None and next_layer.score_bias is not None,
-        group_topk=list(cfg.group_topk) if cfg.group_topk else None, topk_norm_eps=cfg.topk_norm_eps, tensors=[])
+        group_topk=list(cfg.routing.group_topk) if cfg.routing.group_topk else None, topk_norm_eps=cfg.routing.topk_norm_eps, tensors=[])
 
 
 def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,
@@ -112,5 +112,5 @@ def head_step_views(step: HeadStep, data: bytes, cfg: ArchConfig) -> HeadStep:
 def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:
     """`step` with its tensors placed in the serialized layer graph `data`."""
     heads = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-    want = expected_step_tensors(step, heads, cfg.num_experts, next_experts)
+    want = expected_step_tensors(step, heads, cfg.routing.num_experts, next_experts)
     return replace(step, tensors=views_of(data, want, STEP_INITIALIZERS))

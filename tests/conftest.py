@@ -64,6 +64,9 @@ CASES = {
     "minicpm5_moe": dict(family="minicpm5_moe", seed=64),
     # DeepSeek-V3's latent attention with softmax routing over groups ranked by their two best, YaRN
     "mistral4": dict(family="mistral4", seed=65),
+    # latent attention with the sparse-attention indexer, dense while the indexer keeps every key
+    "deepseek_v32": dict(family="deepseek_v32", seed=66),
+    "glm_moe_dsa": dict(family="glm_moe_dsa", seed=67),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

@@ -185,6 +185,17 @@ KNOBS["mistral4"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermed
                                            "norm_topk_prob": coin(r), "rope_interleave": coin(r),
                                            "routed_scaling_factor": r.choice([1.0, 1.5])},
                           layers=first_dense("first_k_dense_replace"))
+KNOBS["deepseek_v32"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermediate_size", head_dim=None,
+                              dense_inter="intermediate_size", rope=False, latent=True, groups=True,
+                              extra=lambda r: {"n_shared_experts": r.choice([0, 1]), "q_lora_rank": r.choice([12, 20]),
+                                               "kv_lora_rank": r.choice([12, 20]),
+                                               "qk_nope_head_dim": r.choice([6, 9, 12]),
+                                               "qk_rope_head_dim": r.choice([4, 6]), "v_head_dim": r.choice([5, 8, 12]),
+                                               "index_topk": r.choice([32, 48]), "index_n_heads": r.choice([1, 2]),
+                                               "index_head_dim": r.choice([8, 12])},
+                              layers=lambda r, n: {"mlp_layer_types": (["dense"] if n > 1 and coin(r) else ["sparse"])
+                                                   + ["sparse"] * (n - 1)})
+KNOBS["glm_moe_dsa"] = KNOBS["deepseek_v32"]
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"])
 # Families left out of the sweep, with why (tested by their fixed cases in conftest.CASES):

@@ -245,11 +245,13 @@ def test_a_config_in_its_original_names_reads_as_transformers_reads_it(tmp_path)
     assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(built.hf, PROMPT)) < 1e-4
 
 
-def test_mistral4s_context_stops_where_its_query_scaling_would_begin(tmp_path):
-    """Llama-4's query scale is 1 + beta * log(1 + floor(pos / original)): exactly 1 below `original`,
-    so Fate caps the context there (the tiny case's 512) instead of computing something else beyond."""
+@pytest.mark.parametrize("family, seed, cap", [("mistral4", 65, 512), ("deepseek_v32", 66, 64), ("glm_moe_dsa", 67, 64)])
+def test_a_context_stops_where_the_model_would_compute_otherwise(family, seed, cap, tmp_path):
+    """Mistral-4: Llama-4's query scale 1 + beta * log(1 + floor(pos / original)) is exactly 1 below
+    `original`; DeepSeek-V3.2: the indexer keeps every key while a sequence holds at most `index_topk`.
+    Fate caps the context there (the tiny cases' 512 and 64) instead of computing something else beyond."""
     from conftest import Built
 
-    built = Built(tmp_path, family="mistral4", seed=65)
+    built = Built(tmp_path, family=family, seed=seed)
     model = FateModel.load(built.artifact(32))
-    assert model.manifest.model.max_positions == 512 and model.context == 512
+    assert model.manifest.model.max_positions == cap and model.context == cap

@@ -109,7 +109,8 @@ def transformers_routing(hf, ids: np.ndarray, top_k: int):
 def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     art = Artifact.open(artifact)
     profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
-    ids = calibration_ids(CALIB, encode)
+    # the sequences the profiler ran (no longer than the model's context)
+    ids = calibration_ids(dataclasses.replace(CALIB, sequence_length=profile.sequence_length), encode)
     xs, hs, chosen = transformers_routing(hf, ids, profile.layers[0].top_k)
     eval_from = profile.calibration_tokens - profile.eval_tokens
     for layer in [p.index for p in profile.layers if p.index > 0]:

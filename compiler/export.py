@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 
 from fate.artifacts import (
-    Artifact,
     ArtifactWriter,
     ExpertLayout,
     GenerationDefaults,
@@ -326,7 +325,7 @@ LOSSY_EVAL_TOKENS = 1024  # of the calibration text, in windows of LOSSY_EVAL_WI
 LOSSY_EVAL_WINDOW = 128
 
 
-def int2_prefill_cost(draft: Path, calib_ids: np.ndarray, log: Callable[[str], None]) -> float:
+def int2_prefill_cost(draft: Path, budget: Budget, calib_ids: np.ndarray, log: Callable[[str], None]) -> float:
     """Perplexity with the lossy INT2 prefill on, divided by with it off, on the start of the calibration
     text, the finished artifact run by the runtime at the policy's budget (what `fate-run --int2-prefill
     on` costs, end to end)."""
@@ -335,7 +334,6 @@ def int2_prefill_cost(draft: Path, calib_ids: np.ndarray, log: Callable[[str], N
     from fate.runtime.offload import OffloadOptions
 
     ids = [int(t) for t in np.asarray(calib_ids).reshape(-1)[:LOSSY_EVAL_TOKENS]]
-    budget = Budget(share=Artifact.open(draft).manifest.policy.budget)
     result = {}
     for mode in ("off", "on"):
         model = FateModel.load(draft, offload=OffloadOptions(budget, low_bit_prefill=mode), verify=False)
@@ -431,7 +429,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             profile=None if profiler is None else layout.PROFILE, policy=policy, head_step=head_step,
         )
         if policy is not None and any(lp.prefill_precision for lp in policy.layers):
-            ratio = int2_prefill_cost(writer.draft(manifest), calib_ids, log)
+            ratio = int2_prefill_cost(writer.draft(manifest), Budget(share=policy.budget), calib_ids, log)
             manifest = replace(manifest, policy=replace(policy, int2_prefill_perplexity_ratio=ratio))
         sizes = {path: entry.size for path, entry in writer.entries.items()}
         out = writer.commit(manifest)

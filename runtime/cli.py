@@ -21,7 +21,7 @@ from .executors import EXECUTORS
 from .offload import OffloadOptions
 from .plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
 from .sessions import usable_cores
-from .report import OffloadReport
+from .report import OffloadReport, ResidentReport
 
 MAX_PREFETCH_THREADS = 64
 
@@ -134,25 +134,27 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
 
 
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:
+    offload = engine.model.experts.report()
     return {
         "prompt_ids": result.prompt_ids,
         "token_ids": result.token_ids,
         "text": text,
         "stats": result.stats.to_dict(),
         "experts": asdict(engine.model.experts.stats),
-        "offload": engine.model.experts.report().to_json(),
+        "offload": offload.to_json(),
         "peak_rss_bytes": peak_rss(),
         "memory": memory_report(engine, result),
-        "lossy": lossy_modes(engine),
+        "lossy": lossy_modes(engine, offload),
     }
 
 
-def lossy_modes(engine: Engine) -> list[dict]:
-    """The lossy modes this run had on and how much of it they touched (none by default)."""
+def lossy_modes(engine: Engine, offload: ResidentReport | OffloadReport) -> list[dict]:
+    """The lossy modes this run had on and how much of it they touched (none by default); `offload`: the
+    store's report."""
     options = getattr(engine.model.experts, "options", None)
-    if options is None or options.low_bit_prefill == "off":
+    if options is None or options.low_bit_prefill == "off" or not isinstance(offload, OffloadReport):
         return []
-    prefill = engine.model.experts.report().prefill
+    prefill = offload.prefill
     policy = engine.model.manifest.policy
     return [{"mode": "int2-prefill", "setting": options.low_bit_prefill, "int2_loads": prefill.int2_loads,
              "prefill_loads": prefill.experts_loaded,
@@ -182,7 +184,7 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         hit = "-" if offload.decode.hit_rate is None else f"{offload.decode.hit_rate:.1%}"
         line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
-    for mode in lossy_modes(engine):
+    for mode in lossy_modes(engine, offload):
         cost = mode["measured_perplexity_ratio"]
         line += (f"; LOSSY {mode['mode']} {mode['setting']}: {mode['int2_loads']} of {mode['prefill_loads']} prefill "
                  "expert loads at INT2" + (f" (perplexity x{cost:.4f} measured at compile)" if cost else ""))

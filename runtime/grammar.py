@@ -103,12 +103,10 @@ class GrammarConstraint:
 
     def __init__(self, vocabulary: Vocabulary, grammar: Grammar):
         ll = _llguidance()
-        problem = ll.LLMatcher.validate_grammar(grammar.text, vocabulary.tokenizer)
-        if problem and not problem.startswith("WARNING"):
-            raise GrammarError(f"{grammar.label} cannot be used: {problem.splitlines()[0]}")
-        self.matcher = ll.LLMatcher(vocabulary.tokenizer, grammar.text, log_level=0)
-        if self.matcher.is_error():
-            raise GrammarError(f"{grammar.label} cannot be used: {self.matcher.get_error()}")
+        self.matcher = ll.LLMatcher(vocabulary.tokenizer, grammar.text, log_level=0)  # compiles it, once
+        if self.matcher.is_error():  # an invalid grammar or schema: the matcher says why, it never raises
+            problem = (self.matcher.get_error().splitlines() or ["invalid"])[0]
+            raise GrammarError(f"{grammar.label} cannot be used: {problem}")
         self.size = vocabulary.size
         self.words = np.empty((vocabulary.size + 31) // 32, dtype=np.int32)
         self.label = grammar.label

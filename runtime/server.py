@@ -63,6 +63,7 @@ class Server:
         self.scheduler = Scheduler(EngineRunner(engine, self.conversations, self.metrics), config.max_queue,
                                    self.metrics, log_request)
         self.created = int(time.time())
+        self.size_bytes = _artifact_bytes(engine.model.artifact.root)  # once: /v1/models answers from it
         self.names_seen: set[str] = set()
         self._vocabulary: Vocabulary | None = None
         self._vocabulary_lock = threading.Lock()
@@ -98,7 +99,7 @@ class Server:
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "fate",
                 "context_length": model.context,
                 "quantization": f"experts {'/'.join(experts) or '-'}, dense {model.manifest.model.dense_precision}",
-                "size_bytes": _artifact_bytes(model.artifact.root)}
+                "size_bytes": self.size_bytes}
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_entry()]})
@@ -393,7 +394,9 @@ class KeyCheck:
 
 
 def _artifact_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    """An artifact's size on disk: its folder's files, or its .fate archive."""
+    root = Path(root)
+    return root.stat().st_size if root.is_file() else sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def _data(obj: dict) -> str:

@@ -198,10 +198,11 @@ class EngineRunner:
         self.conversations.put(job.prompt_ids + result.token_ids, cache)
         s = result.stats
         report = model.experts.report()
-        hit_rate = report.decode.hit_rate if isinstance(report, OffloadReport) else None
+        offloaded = isinstance(report, OffloadReport)
         outcome = Outcome(finish, len(job.prompt_ids), len(result.token_ids), s.reused_tokens,
                           s.time_to_first_token_s, s.prefill_tokens_per_s, s.decode_tokens_per_s,
-                          _bytes_read(model) - read_before, hit_rate)
+                          (report.bytes_read if offloaded else 0) - read_before,
+                          report.decode.hit_rate if offloaded else None)
         self.metrics.finished(outcome, report)
         return outcome
 

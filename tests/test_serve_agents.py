@@ -387,3 +387,13 @@ def test_the_readme_server_examples_run_as_written(example, capsys):
         assert "get_weather {" in printed and "'age':" in printed, printed
     finally:
         served.close()
+
+
+def test_a_served_archive_reports_its_own_size(example, tmp_path):
+    """/v1/models' size_bytes for a .fate archive is the archive's, as for a folder it is its files'."""
+    from fate.artifacts import pack_artifact
+    from fate.runtime.server import _artifact_bytes
+
+    archive = tmp_path / "tiny-moe.fate"
+    pack_artifact(example, archive)
+    assert _artifact_bytes(archive) == archive.stat().st_size > 0

@@ -187,30 +187,26 @@ def mistral4_config(**overrides):
                              "max_position_embeddings": 2048, "rope_parameters": rope, **overrides})
 
 
+# DeepSeek-V3.2's latent attention and indexer in miniature; the indexer keeps 64 keys, within which the
+# attention is dense (Fate's context is capped there)
+DSA = {**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_key_value_heads": 4,
+       "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1, "kv_lora_rank": 32, "q_lora_rank": 24,
+       "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 4, "topk_group": 2,
+       "norm_topk_prob": True, "routed_scaling_factor": 2.5, "index_topk": 64, "index_n_heads": 2, "index_head_dim": 16}
+
+
 def deepseek_v32_config(**overrides):
     from transformers import DeepseekV32Config
 
-    # the indexer keeps 64 keys: within them the attention is dense (Fate's context is capped there)
-    return DeepseekV32Config(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
-                                "num_key_value_heads": 4, "n_routed_experts": 16, "num_experts_per_tok": 4,
-                                "n_shared_experts": 1, "kv_lora_rank": 32, "q_lora_rank": 24, "qk_nope_head_dim": 16,
-                                "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 4, "topk_group": 2,
-                                "norm_topk_prob": True, "routed_scaling_factor": 2.5, "index_topk": 64,
-                                "index_n_heads": 2, "index_head_dim": 16,
-                                "mlp_layer_types": ["dense", "sparse", "sparse"], **overrides})
+    return DeepseekV32Config(**{**DSA, "mlp_layer_types": ["dense", "sparse", "sparse"], **overrides})
 
 
 def glm_moe_dsa_config(**overrides):
     from transformers import GlmMoeDsaConfig
 
-    # DeepSeek-V3.2's attention in GLM's layout; the second indexer layer reuses the first's choice
-    return GlmMoeDsaConfig(**{**COMMON, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
-                              "num_key_value_heads": 4, "n_routed_experts": 16, "num_experts_per_tok": 4,
-                              "n_shared_experts": 1, "kv_lora_rank": 32, "q_lora_rank": 24, "qk_nope_head_dim": 16,
-                              "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 4, "topk_group": 2,
-                              "norm_topk_prob": True, "routed_scaling_factor": 2.5, "index_topk": 64,
-                              "index_n_heads": 2, "index_head_dim": 16, "first_k_dense_replace": 1,
-                              "indexer_types": ["full", "shared", "full"], **overrides})
+    # the same in GLM's layout; the second indexer layer reuses the first's choice
+    return GlmMoeDsaConfig(**{**DSA, "first_k_dense_replace": 1, "indexer_types": ["full", "shared", "full"],
+                              **overrides})
 
 
 def sarvam_mla_config(**overrides):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 from fate.artifacts import (
     ArtifactWriter,
     ExpertLayout,
@@ -23,12 +22,12 @@ from fate.artifacts import (
     ModelSpec,
     RoutingSpec,
     StateSpec,
+    layout,
 )
-from fate.artifacts import layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.outputs import check_output
-from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.precisions import PRECISIONS
+from fate.artifacts.profile import profile_to_bytes
 from fate.artifacts.slots import MAX_BLOCK_SIZE, layout_of
 from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
@@ -38,9 +37,9 @@ from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES, LAYER, check_sizes
 from .families.layouts import FusedExperts
+from .onnx_builder import WeightFormat
 from .policy import PlanTargets, plan_for_budget
 from .profile import BUILTIN, QUANT_BITS, CalibrationOptions, Profiler, calibration_ids
-from .onnx_builder import WeightFormat
 from .quantize import DEFAULT_BLOCK_SIZE, quantize
 from .tokenizer import read_tokenizer
 
@@ -330,8 +329,8 @@ def int2_prefill_cost(draft: Path, budget: Budget, calib_ids: np.ndarray, log: C
     text, the finished artifact run by the runtime at the policy's budget (what `fate-run --int2-prefill
     on` costs, end to end)."""
     from fate.runtime.evaluate import perplexity
+    from fate.runtime.experts.offload import OffloadOptions
     from fate.runtime.model import FateModel
-    from fate.runtime.offload import OffloadOptions
 
     ids = [int(t) for t in np.asarray(calib_ids).reshape(-1)[:LOSSY_EVAL_TOKENS]]
     result = {}

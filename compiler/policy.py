@@ -7,7 +7,7 @@ measurements, so it can be re-run for another budget without calibrating again.
   norm, or EAP) that reaches `target_recall` with the fewest experts (if none does, the best at
   top-k), widened only while one more prefetched expert is used at least
   `min_prefetch_precision` of the time, or no prefetch if its top-k is mostly wrong.
-- cache shares: runtime.allocation's greedy marginal gain over the miss curves, after each
+- cache shares: runtime.experts.allocation's greedy marginal gain over the miss curves, after each
   layer's top-k and prefetch room (the run plan re-runs it at the run's own budget).
 - prefill INT2 share: the largest measured share of token-expert assignments (least popular
   experts first) whose error stays within `max_low_bit_error`.
@@ -19,13 +19,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-
 from fate.artifacts import Artifact, ArtifactError, LayerSpec
 from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import RUNTIME_PREDICTORS, LayerProfile, Profile, profile_from_bytes
 from fate.artifacts.schema import PRECISION_BITS, LayerPolicy, Policy
-from fate.runtime.allocation import SlotDemand, allocate_slots, miss_at
+from fate.runtime.experts.allocation import SlotDemand, allocate_slots, miss_at
 
 
 @dataclass(frozen=True)

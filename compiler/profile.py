@@ -17,19 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.precisions import QUANTIZED
 from fate.artifacts.predictors import Predictor
-from fate.artifacts.profile import LayerProfile, Profile, PROFILE_VERSION, RecallCurve
-from fate.runtime.cache import DEFAULT_POLICY
-from fate.runtime.replay import optimal_miss_rate, replay_miss_rate
-from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
+from fate.artifacts.profile import PROFILE_VERSION, LayerProfile, Profile, RecallCurve
+from fate.runtime.experts.eviction import DEFAULT_POLICY
+from fate.runtime.experts.predictors import eap_scores, top_experts
+from fate.runtime.experts.replay import optimal_miss_rate, replay_miss_rate
 from fate.runtime.positions import PositionTables
-from fate.runtime.predictors import eap_scores, top_experts
 from fate.runtime.sessions import make_session
+from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
 
 from .quantize import dequantize
 

@@ -15,15 +15,14 @@ import tempfile
 import time
 
 import numpy as np
-
 from fate.artifacts import ExpertLayout
 from fate.artifacts.layout import GraphIO
 from fate.artifacts.slots import layout_of
 from fate.compiler import graphs
 from fate.compiler.quantize import quantize
 from fate.runtime import native
+from fate.runtime.experts.pool import SlotPool
 from fate.runtime.sessions import make_expert_session
-from fate.runtime.slots import SlotPool
 
 
 def timed(fn, repeat: int) -> float:

@@ -14,10 +14,9 @@ import statistics
 import time
 
 import numpy as np
-
 from fate.artifacts.budget import parse_budget
+from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
-from fate.runtime.offload import OffloadOptions
 
 
 def decode_rate(model: FateModel, prompt: np.ndarray, tokens: int) -> float:

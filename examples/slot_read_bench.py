@@ -19,9 +19,8 @@ import random
 import time
 
 import numpy as np
-
 from fate.artifacts import Artifact
-from fate.runtime.slots import PAGE, aligned_span, private_memory, slot_size
+from fate.runtime.experts.pool import PAGE, aligned_span, private_memory, slot_size
 
 
 def shared(size: int) -> mmap.mmap:

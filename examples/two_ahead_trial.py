@@ -18,12 +18,11 @@ import argparse
 import statistics
 
 import numpy as np
-from offloaded_steps_bench import alternate  # examples/, beside this file
-
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.layout import GraphIO as IO
+from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
-from fate.runtime.offload import OffloadOptions
+from offloaded_steps_bench import alternate  # examples/, beside this file
 
 
 def routers(model: FateModel) -> dict[int, np.ndarray]:

@@ -1,12 +1,12 @@
 """fate-run: generation from a Fate artifact with onnxruntime and numpy (no torch)."""
 
-from .sessions import ort  # noqa: F401 - first: onnxruntime loaded before anything else imports it, quietly
 from .api import Completion, Engine
-from .experts import ExpertStore, ResidentExperts
+from .experts.offload import OffloadedExperts, OffloadOptions
+from .experts.store import ExpertStore, ResidentExperts
 from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens
 from .model import FateModel
+from .sessions import ort  # noqa: F401 - first: onnxruntime loaded before anything else imports it, quietly
 from .state import KVCache
-from .offload import OffloadedExperts, OffloadOptions
 
 __all__ = ["Completion", "Engine", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",
            "KVCache", "OffloadOptions", "OffloadedExperts", "ResidentExperts", "SamplingConfig", "generate", "stream_tokens"]

@@ -16,9 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .experts.offload import OffloadOptions
 from .generate import GenerationResult, SamplingConfig, generate, stream_tokens
 from .model import FateModel
-from .offload import OffloadOptions
 from .text import StreamDecoder, TextCodec
 
 

@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import click
-
 from fate.artifacts import Artifact, pack_artifact, unpack_artifact
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .clihelp import command
-
 
 
 @command("fate-pack", examples=(("fate-pack out/tiny-moe -o tiny-moe.fate", "one file to publish, manifest first"),))
@@ -73,8 +71,8 @@ def load_problems(art: Artifact) -> list[str]:
     from fate.artifacts import FateError
     from fate.artifacts.budget import Budget
 
+    from .experts.offload import OffloadOptions
     from .model import FateModel
-    from .offload import OffloadOptions
     from .text import TextCodec
 
     share = max((layer.routing.top_k / layer.routing.num_experts for layer in art.manifest.moe_layers), default=1.0)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
-
 from fate.artifacts import Artifact, FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
@@ -27,16 +26,16 @@ from fate.artifacts.inputs import read_text_file
 from fate.artifacts.outputs import check_output, write_report
 
 from .bench_peers import LlamaCpp, disk_read_bytes
-from .cache import DEFAULT_POLICY, POLICIES
-from .clihelp import command
 from .cgroup import MemoryCgroup, Readahead, drop_caches
 from .cgroup import readahead_kb as current_readahead
+from .clihelp import command
+from .experts.eviction import DEFAULT_POLICY, POLICIES
+from .experts.plan import POOLS
+from .experts.trace import TraceHeader, TraceRecord
 from .memory import peak_rss
-from .plan import POOLS
 from .sessions import usable_cores
 from .svg import Chart, Series
 from .text import TextCodec
-from .trace import TraceHeader, TraceRecord
 
 DEFAULT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people who "
@@ -75,10 +74,10 @@ class RunConfig:
 
 def run_one(config: RunConfig) -> dict:
     """One generation in this process; the numbers of one table cell."""
+    from .experts.offload import OffloadOptions
+    from .experts.report import OffloadReport
     from .generate import SamplingConfig, generate
     from .model import FateModel
-    from .offload import OffloadOptions
-    from .report import OffloadReport
 
     start = time.perf_counter()
     limit = None if config.memory_limit is None else parse_budget(config.memory_limit).bytes
@@ -113,8 +112,8 @@ def run_one(config: RunConfig) -> dict:
 
 def optimal_decode_bytes(header: TraceHeader, records: list[TraceRecord]) -> float | None:
     """Bytes per decode token Belady's optimal cache reads over a run's own routing, with the run's
-    slots in one pool (runtime.replay): the least any cache of that size could have read."""
-    from .replay import accesses_of, belady
+    slots in one pool (runtime.experts.replay): the least any cache of that size could have read."""
+    from .experts.replay import accesses_of, belady
     from .replay_cli import Capacity
 
     tokens = len({r.step for r in records if r.phase == "decode"})
@@ -134,7 +133,7 @@ def storage_bandwidth(artifact: str, seconds: float = 2.0, threads: int = 4) -> 
     first read: (first pass, repeat pass); the I/O bound uses the repeat pass."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .slots import SlotPool, read_aligned
+    from .experts.pool import SlotPool, read_aligned
 
     art = Artifact.open(artifact)
     paths = [p for layer in art.manifest.moe_layers for files in layer.experts.values() for p in files]

@@ -7,21 +7,20 @@ import sys
 from dataclasses import asdict
 
 import click
-
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .api import Engine
-from .cache import DEFAULT_POLICY, POLICIES
 from .clihelp import command
+from .experts.eviction import DEFAULT_POLICY, POLICIES
+from .experts.executors import EXECUTORS
+from .experts.offload import OffloadOptions
+from .experts.plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
+from .experts.report import OffloadReport, ResidentReport
 from .generate import GenerationResult, SamplingConfig, penalty_problem
 from .memory import current_rss, peak_rss
-from .executors import EXECUTORS
-from .offload import OffloadOptions
-from .plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
 from .sessions import usable_cores
-from .report import OffloadReport, ResidentReport
 
 MAX_PREFETCH_THREADS = 64
 

@@ -12,14 +12,13 @@ quantized products; sums in another order)."""
 from __future__ import annotations
 
 import numpy as np
-
 from fate.artifacts import HeadStep, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.native_contract import HEAD, QK_NORMS, STEP, STEP_SCORINGS
 from fate.artifacts.slots import check_step_in_graph
 
 from . import native
-from .experts import RoutedExperts
+from .experts.store import RoutedExperts
 from .state import KVCache
 
 

@@ -11,16 +11,15 @@ import json
 from pathlib import Path
 
 import click
-
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.inputs import read_text_file
 
-from .clihelp import command
 from .api import Engine
+from .clihelp import command
 from .evaluate import perplexity, windows
-from .offload import OffloadOptions
-from .plan import LOW_BIT_PREFILL_MODES
+from .experts.offload import OffloadOptions
+from .experts.plan import LOW_BIT_PREFILL_MODES
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:

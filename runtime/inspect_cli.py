@@ -8,9 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
-
-from fate.artifacts import Artifact, FateError, Manifest
-from fate.artifacts import layout
+from fate.artifacts import Artifact, FateError, Manifest, layout
 from fate.artifacts.budget import Budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
@@ -18,9 +16,9 @@ from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
 from .clihelp import command
+from .experts.offload import OffloadOptions
 from .memory import PREFILL_CHUNK, plan_memory
 from .model import DEFAULT_CONTEXT, memory_needs
-from .offload import OffloadOptions
 from .svg import Chart, Series
 from .tools import tool_format
 

@@ -8,7 +8,6 @@ import dataclasses
 import os
 
 import numpy as np
-
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.budget import Budget
 from fate.artifacts.graph_check import float_attributes
@@ -16,17 +15,17 @@ from fate.artifacts.layout import GraphIO as IO
 
 from . import native
 from .decode_step import NativeDecodeStep, NativeHead
-from .expert_cache import BudgetError
-from .experts import ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
+from .experts.offload import OffloadedExperts, OffloadOptions
+from .experts.plan import plan_run
+from .experts.pool import slot_size
+from .experts.residency import BudgetError
+from .experts.store import ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
+from .experts.trace import TraceRecorder
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .memory import PREFILL_CHUNK, MemoryPlan, current_rss, plan_memory, release_freed_memory
-from .offload import OffloadedExperts, OffloadOptions
-from .plan import plan_run
 from .positions import PositionTables
 from .sessions import NamedSession, graph_threads, make_session
-from .slots import slot_size
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
-from .trace import TraceRecorder
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # The context a memory limit plans its KV cache for unless told (the model's, where that is smaller)
@@ -214,7 +213,7 @@ class FateModel:
         return held + (len(self.native_head.graph) if self.native_head is not None else 0)
 
     def start_trace(self, path: str | os.PathLike | None = None) -> None:
-        """Record the routing of every forward pass from now on (runtime.trace): in `trace.records`, and
+        """Record the routing of every forward pass from now on (runtime.experts.trace): in `trace.records`, and
         with `path`, written there when `close()` is called."""
         self.trace, self._trace_path = TraceRecorder(self.experts.trace_header()), path
 

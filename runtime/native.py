@@ -1,13 +1,12 @@
 """The native expert kernel (runtime/native/experts.c), seen from Python: availability, and the
 layout vector it takes. Where the extension was not built, `KERNEL` is None and the runtime runs
-experts as onnxruntime sessions (runtime.executors), saying so once."""
+experts as onnxruntime sessions (runtime.experts.executors), saying so once."""
 
 from __future__ import annotations
 
 import sys
 
 import numpy as np
-
 from fate.artifacts import ExpertLayout
 from fate.artifacts.native_contract import ACTIVATIONS, LAYOUT
 

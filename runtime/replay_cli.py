@@ -12,15 +12,14 @@ import json
 from dataclasses import dataclass
 
 import click
-
 from fate.artifacts import FateError
 from fate.artifacts.budget import parse_budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 
 from .clihelp import command
-from .cache import POLICIES
-from .replay import Access, ReplayResult, accesses_of, belady, simulate
-from .trace import TraceHeader, read_trace
+from .experts.eviction import POLICIES
+from .experts.replay import Access, ReplayResult, accesses_of, belady, simulate
+from .experts.trace import TraceHeader, read_trace
 
 
 @dataclass(frozen=True)

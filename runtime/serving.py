@@ -22,8 +22,8 @@ from fate.artifacts import FateError
 
 from .api import Engine
 from .conversations import ConversationCache
+from .experts.report import OffloadReport
 from .generate import Constraint, GenerationResult, SamplingConfig, TokenLogprob, stream_tokens
-from .report import OffloadReport
 from .text import StreamDecoder
 
 

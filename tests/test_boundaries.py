@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ALLOWED = {
@@ -37,9 +39,9 @@ def imported_modules(path: Path) -> set[str]:
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
 # And the runtime itself where the compiler measures what a lossy mode it stored costs, end to end
 # (export.int2_prefill_cost runs the finished artifact): model, offload, evaluate.
-SHARED_RUNTIME = {"fate.runtime.model", "fate.runtime.offload", "fate.runtime.evaluate", "fate.runtime.positions",
-                  "fate.runtime.sessions", "fate.runtime.cache", "fate.runtime.replay", "fate.runtime.memory",
-                  "fate.runtime.allocation", "fate.runtime.predictors", "fate.runtime.state", "fate.runtime.clihelp"}
+SHARED_RUNTIME = {"fate.runtime.model", "fate.runtime.experts.offload", "fate.runtime.evaluate", "fate.runtime.positions",
+                  "fate.runtime.sessions", "fate.runtime.experts.eviction", "fate.runtime.experts.replay", "fate.runtime.memory",
+                  "fate.runtime.experts.allocation", "fate.runtime.experts.predictors", "fate.runtime.state", "fate.runtime.clihelp"}
 
 
 SERVE_MODULES = {"server.py", "serve_cli.py", "grammar.py"}
@@ -74,14 +76,21 @@ sys.exit(1 if bad else 0)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_format_package_has_no_import_circle():
-    """artifacts/: every import between its modules, at the top or inside a function, goes one way."""
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    """The folder's modules and the modules of the same folder each imports, at the top or inside a function."""
     graph: dict[str, set[str]] = {}
-    for path in (ROOT / "artifacts").glob("*.py"):
+    for path in folder.glob("*.py"):
         edges = graph.setdefault(path.stem, set())
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 edges.update([node.module] if node.module else [a.name for a in node.names])
+    return graph
+
+
+@pytest.mark.parametrize("folder", ["artifacts", "runtime/experts"])
+def test_a_package_has_no_import_circle(folder):
+    """artifacts/ and the expert room: every import between a package's modules goes one way."""
+    graph = import_graph(ROOT / folder)
     seen, done = set(), set()
 
     def visit(module: str, trail: list[str]) -> None:
@@ -95,3 +104,15 @@ def test_the_format_package_has_no_import_circle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_the_expert_room_knows_nothing_of_graphs_or_tokens():
+    """runtime/experts/ takes from the rest of the runtime only onnxruntime sessions and the native kernel."""
+    may = {"sessions", "native"}
+    for path in (ROOT / "runtime" / "experts").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                taken = [node.module] if node.module else [a.name for a in node.names]
+                assert set(taken) <= may, f"runtime/experts/{path.name} imports ..{taken}"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("fate.runtime"):
+                assert node.module.startswith("fate.runtime.experts"), f"runtime/experts/{path.name} imports {node.module}"

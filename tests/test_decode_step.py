@@ -9,15 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
-
+from conftest import Built
 from fate.artifacts import Artifact, ArtifactError
+from fate.artifacts.budget import parse_budget
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime import native
-from fate.artifacts.budget import parse_budget
+from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
-from fate.runtime.offload import OffloadOptions
-
-from conftest import Built
 from step_checks import assert_steps_match_graphs, rel_err
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")

@@ -6,10 +6,9 @@ import threading
 import time
 
 import pytest
-
-from fate.runtime.cache import ARC, LFRU, LRU, POLICIES, S3FIFO
-from fate.runtime.replay import replay_miss_rate
-from fate.runtime.expert_cache import ExpertCache
+from fate.runtime.experts.eviction import ARC, LFRU, LRU, POLICIES, S3FIFO
+from fate.runtime.experts.replay import replay_miss_rate
+from fate.runtime.experts.residency import ExpertCache
 
 
 class FakeLoader:

@@ -15,20 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fate.artifacts import Artifact, ArtifactError, FateError
 from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
-from fate.runtime import loader as loader_module
-from fate.runtime.cache import POLICIES
+from fate.runtime.experts import loads as loader_module
 from fate.runtime.cgroup import MemoryCgroup
-from fate.runtime.trace import read_trace
-from fate.runtime.executors import assignments
-from fate.runtime.expert_cache import BudgetError
+from fate.runtime.experts.eviction import POLICIES
+from fate.runtime.experts.executors import assignments
+from fate.runtime.experts.pool import SlotPool, SlotRead, native_reads
+from fate.runtime.experts.residency import BudgetError
+from fate.runtime.experts.trace import read_trace
 from fate.runtime.sessions import SMALL_GRAPH_BYTES, graph_threads
-from fate.runtime.slots import SlotPool, SlotRead, native_reads
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
 BIN = Path(sys.executable).parent
@@ -410,7 +409,7 @@ def test_tokens_identical_in_20_runs_at_a_tight_budget(calibrated, executor):
 
 def test_slot_budget_is_exact(calibrated):
     """The budget is slots x slot size: every slot holds the layer's largest file in whole pages."""
-    from fate.runtime.slots import PAGE
+    from fate.runtime.experts.pool import PAGE
 
     model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("40%")))
     try:

@@ -1,4 +1,4 @@
-"""The run plan (runtime.plan) on synthetic numbers: slots at the run's own budget from the
+"""The run plan (runtime.experts.plan) on synthetic numbers: slots at the run's own budget from the
 profile's miss curves, as the compiler's policy allocates them, with no artifact."""
 
 from __future__ import annotations
@@ -7,11 +7,9 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-
 from fate.artifacts.budget import Budget
 from fate.compiler.policy import PlanTargets, plan
-from fate.runtime.plan import plan_run
-
+from fate.runtime.experts.plan import plan_run
 from test_profile import synthetic
 
 SLOT = 4096  # every expert file one page: slot counts and bytes agree
@@ -83,7 +81,7 @@ def test_the_plan_is_a_function_of_its_inputs():
 def test_a_budget_in_bytes_holds_the_layers_state_beside_the_slots():
     """A hybrid model's fixed-size state is memory the run holds whatever the experts do: a budget
     in bytes covers it, a share of the experts does not (it is a share of the experts)."""
-    from fate.runtime.expert_cache import BudgetError
+    from fate.runtime.experts.residency import BudgetError
 
     profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
     policy = plan(profile, layers, PlanTargets(budget=0.5))

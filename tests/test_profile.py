@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fate.artifacts import Artifact
 from fate.artifacts.budget import Budget
 from fate.artifacts.profile import LayerProfile, Profile, RecallCurve, profile_from_bytes
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.policy import PlanTargets, plan, slot_demand
-from fate.runtime.allocation import allocate_slots
 from fate.compiler.profile import CalibrationOptions, calibration_ids, recall_curve
-
+from fate.runtime.experts.allocation import allocate_slots
 from tiny_models import CONFIGS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -161,8 +159,8 @@ def test_profiler_recall_matches_transformers_router_outputs(calibrated):
 @pytest.mark.parametrize("family", sorted(set(CONFIGS) - {"mixtral"}))
 def test_profiler_recall_per_family(family, tmp_path):
     """The same independent check on every other family's routing semantics (random weights)."""
-    from tokenizers import Tokenizer
     from tiny_models import make_model
+    from tokenizers import Tokenizer
 
     hf = make_model(family, tmp_path / "ckpt", seed=7)
     out = tmp_path / "art"

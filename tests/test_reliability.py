@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fate.artifacts import Artifact, ArtifactError, FateError
 from fate.artifacts.outputs import check_output, reclaim_stale, write_report
 from fate.runtime import text
@@ -190,9 +189,9 @@ def test_sampling_flags_that_are_not_numbers_are_refused(workspace, flags, fragm
 @pytest.mark.parametrize("every_load", [False, True])
 def test_an_expert_changed_after_its_first_load(mixtral, tmp_path, every_load):
     """Hashes are checked once per process unless --verify-every-load: the README says which."""
-    from fate.runtime.executors import ExpertRunner
-    from fate.runtime.loader import ExpertLoader
-    from fate.runtime.slots import scratch_buffer
+    from fate.runtime.experts.executors import ExpertRunner
+    from fate.runtime.experts.loads import ExpertLoader
+    from fate.runtime.experts.pool import scratch_buffer
 
     art = tmp_path / "art"
     shutil.copytree(mixtral.artifact(4), art)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from fate.artifacts import FateError
-from fate.runtime.cache import POLICIES
-from fate.runtime.replay import Access, accesses_of, belady, replay_miss_rate, simulate
-from fate.runtime.trace import LayerSlots, TraceHeader, TraceRecord, TraceRecorder, read_trace
+from fate.runtime.experts.eviction import POLICIES
+from fate.runtime.experts.replay import Access, accesses_of, belady, replay_miss_rate, simulate
+from fate.runtime.experts.trace import LayerSlots, TraceHeader, TraceRecord, TraceRecorder, read_trace
 
 
 def synthetic(seed: int, layers: int = 4, experts: int = 12, top_k: int = 2, tokens: int = 120) -> list[Access]:

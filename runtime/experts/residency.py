@@ -1,7 +1,7 @@
 """The expert cache: slots fed by background prefetch threads, with on-demand loading on a miss.
 
 Keys are (layer, expert). Slots belong to eviction groups, each with its own eviction policy (from
-runtime.cache) built with the group's real capacity, the one the profiler replays. By default one
+runtime.experts.eviction) built with the group's real capacity, the one the profiler replays. By default one
 group per slot size holds every layer of that size (one global pool: a layer whose experts are
 needed now takes slots from one whose experts are not); with `groups` mapping each layer to itself,
 each layer keeps its own quota (`--pool per-layer`). The cache knows nothing of ONNX or tokens: `load(layer, expert, slot)` fills a
@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-
 from fate.artifacts import FateError
 
-from .cache import DEFAULT_POLICY, POLICIES, EvictionPolicy
+from .eviction import DEFAULT_POLICY, POLICIES, EvictionPolicy
 
 Key = tuple[int, int]
 

@@ -20,21 +20,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from fate.artifacts.predictors import Predictor
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.budget import Budget
+from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import Profile, profile_from_bytes
 
-from .cache import DEFAULT_POLICY
-from .expert_cache import CacheCounters, ExpertCache
+from .eviction import DEFAULT_POLICY
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .experts import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
-from .loader import ExpertLoader
+from .loads import ExpertLoader
 from .plan import POOLS, LayerPlan, plan_run
+from .pool import SlotPool, native_reads, scratch_buffer
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
-from .slots import SlotPool, native_reads, scratch_buffer
+from .residency import CacheCounters, ExpertCache
+from .store import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
 from .trace import LayerSlots, TraceHeader
 
 GRAPH_OUTPUT_OF = {Predictor.CROSS_LAYER: "next_router_logits", Predictor.CROSS_LAYER_NORM: "next_router_logits_norm"}

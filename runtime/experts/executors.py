@@ -16,13 +16,12 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fate.artifacts import Artifact, ArtifactError, ExpertLayout
 from fate.artifacts.graph_check import check_graph
 from fate.artifacts.layout import GraphIO
 
-from . import native
-from .sessions import make_expert_session, usable_cores
+from .. import native
+from ..sessions import make_expert_session, usable_cores
 
 EXECUTORS = ("auto", "native", "session")
 # Resident memory of an expert's session per byte of its file (onnxruntime keeps the initializers

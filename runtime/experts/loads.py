@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from fate.artifacts import Artifact, ArtifactError
 
 from .executors import ExpertRunner, LoadedExpert
-from .slots import SlotRead
+from .pool import SlotRead
 
 # Files at least this large are hashed ahead, on a hashing thread (hashlib releases Python's lock):
 # a 9 MB expert takes about 5 ms to hash, which the loop would otherwise spend before running it

@@ -1,7 +1,7 @@
 """Where routed experts live while generating. The generation loop sees only `ExpertStore`:
 `run(layer, expert, x)` computes one expert (loading it first if the store must), and
 `hint(layer, scores)` tells the store which experts the cross-layer predictor expects next.
-The budgeted cache with prefetching (runtime.offload) is another implementation of the same
+The budgeted cache with prefetching (runtime.experts.offload) is another implementation of the same
 interface; the generation loop does not change."""
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.schema import PRECISION_BITS
 
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .loader import ExpertLoader
+from .loads import ExpertLoader
+from .pool import SlotPool
 from .report import OffloadReport, ResidentReport
-from .slots import SlotPool
 from .trace import LayerSlots, TraceHeader
 
 
@@ -137,7 +136,7 @@ class ExpertStore(ABC):
         """Statistics of the run so far, for --json and the summary line."""
 
     def ready(self) -> None:
-        """The model is loaded: take the memory the store holds its experts in (runtime.slots.SlotPool.populate)."""
+        """The model is loaded: take the memory the store holds its experts in (runtime.experts.pool.SlotPool.populate)."""
 
     def close(self) -> None:
         """Stop background work, release memory."""

@@ -2,7 +2,7 @@
 
 Each MoE layer is given a number of slots (the run plan's), each large enough for the layer's
 largest expert file, so the budget is exactly slots x slot size. Layers may share their slots in
-one group (the global pool: layers whose slots are the same size, see runtime.offload). A load is one positioned read of
+one group (the global pool: layers whose slots are the same size, see runtime.experts.offload). A load is one positioned read of
 an expert's file into a free slot and nothing else: the native executor computes the expert from
 those bytes in place (fate.artifacts.slots says where its tensors lie).
 
@@ -21,10 +21,9 @@ import mmap
 import os
 
 import numpy as np
-
 from fate.artifacts import ArtifactError
 
-from .native import KERNEL
+from ..native import KERNEL
 
 PAGE = 4096
 

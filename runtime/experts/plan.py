@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-
 from fate.artifacts import ArtifactError, LayerPolicy, Manifest
 from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import GRAPH_PREDICTORS, Predictor
@@ -22,8 +21,8 @@ from fate.artifacts.profile import Profile
 
 from .allocation import SlotDemand, allocate_slots
 from .executors import SESSION_RESIDENT_FACTOR
-from .expert_cache import BudgetError
-from .slots import slot_size
+from .pool import slot_size
+from .residency import BudgetError
 
 PREFETCH_MODES = ("policy", "cross-layer", "eap", "none")
 LOW_BIT_PREFILL_MODES = ("auto", "on", "off")
@@ -114,7 +113,7 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
 def measured_slots(layers, profile: Profile, predictors: dict[int, tuple[str, int]], cost: dict[int, int],
                    budget: int) -> dict[int, int]:
     """Slots at this run's budget from the profile's miss curves and each predictor's recall at
-    its width (runtime.allocation, as the compiler plans)."""
+    its width (runtime.experts.allocation, as the compiler plans)."""
     demands = []
     for l in layers:
         measured = profile.layer(l.index)

@@ -1,6 +1,6 @@
 """Routing traces: what a run's routers chose, one JSON line per (phase, token, layer), after one
 header line that says what the run's slots were. `fate-run --trace FILE` writes one; `fate-replay`
-(runtime.replay) simulates every eviction policy and Belady's optimal cache over it.
+(runtime.experts.replay) simulates every eviction policy and Belady's optimal cache over it.
 
     {"trace": 1, "pool": "global", "layers": [{"layer": 0, "experts": 60, "top_k": 4, "slots": 30, "slot_bytes": 4624384}, ...]}
     {"phase": "prefill", "step": 0, "token": 0, "layer": 0, "experts": [5, 12, 40, 41], "predicted": null}

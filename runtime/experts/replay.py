@@ -1,6 +1,6 @@
 """Replaying routing: how many bytes each way of caching experts reads over the same routing, and
 how many the optimal cache (Belady's MIN) reads. Pure Python over keys (layer, expert); the
-eviction policies are runtime.cache's, the ones the runtime evicts with, and the compiler's profiler
+eviction policies are runtime.experts.eviction's, the ones the runtime evicts with, and the compiler's profiler
 draws its miss curves with `replay_miss_rate` here, so profile, runtime and `fate-replay` agree.
 
 An access is one layer of one forward step: the union of the experts its tokens chose (they are
@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Mapping
 
-from .cache import POLICIES
+from .eviction import POLICIES
 
 Key = tuple[int, int]
 
@@ -48,7 +48,7 @@ class ReplayResult:
 
 
 def accesses_of(records) -> list[Access]:
-    """TraceRecords (runtime.trace) -> accesses: consecutive records of one step and layer joined."""
+    """TraceRecords (runtime.experts.trace) -> accesses: consecutive records of one step and layer joined."""
     out: list[Access] = []
     last = None
     for r in records:

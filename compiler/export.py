@@ -331,11 +331,12 @@ def int2_prefill_cost(draft: Path, budget: Budget, calib_ids: np.ndarray, log: C
     from fate.runtime.evaluate import perplexity
     from fate.runtime.experts.offload import OffloadOptions
     from fate.runtime.model import FateModel
+    from fate.runtime.options import EngineOptions
 
     ids = [int(t) for t in np.asarray(calib_ids).reshape(-1)[:LOSSY_EVAL_TOKENS]]
     result = {}
     for mode in ("off", "on"):
-        model = FateModel.load(draft, offload=OffloadOptions(budget, low_bit_prefill=mode), verify=False)
+        model = FateModel.load(draft, EngineOptions(offload=OffloadOptions(budget, low_bit_prefill=mode), verify=False))
         try:
             result[mode] = perplexity(model.logits, ids, LOSSY_EVAL_WINDOW)
         finally:

@@ -16,9 +16,9 @@ import statistics
 import time
 
 import numpy as np
-
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime.model import FateModel
+from fate.runtime.options import EngineOptions
 
 
 def process_cpu() -> float:
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     work = {}
     for path in args.artifacts:
-        model = FateModel.load(path, threads=args.threads)
+        model = FateModel.load(path, EngineOptions(threads=args.threads))
         work[path] = layer_step(model, args.past, args.prefill_tokens)
     wall = {path: [] for path in work}
     cpu = {path: [] for path in work}

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from fate.artifacts.budget import parse_budget
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
 from fate.runtime.memory import current_rss, peak_rss
+from fate.runtime.options import EngineOptions
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", choices=("on", "off"), default="on")
     args = ap.parse_args()
     start = current_rss()
-    model = FateModel.load(args.artifact, offload=OffloadOptions(parse_budget(args.budget), low_bit_prefill="off"),
-                           decode_steps=args.decode_steps == "on")
+    model = FateModel.load(args.artifact, EngineOptions(offload=OffloadOptions(parse_budget(args.budget), low_bit_prefill="off"),
+                           decode_steps=args.decode_steps == "on"))
     loaded, load_peak = current_rss(), peak_rss()
     pool = model.experts.pool.total_bytes
     ids = np.random.default_rng(1).integers(0, model.spec.vocab_size, args.prompt_len).tolist()

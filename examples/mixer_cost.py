@@ -11,8 +11,8 @@ import collections
 import time
 
 import numpy as np
-
 from fate.runtime.model import FateModel
+from fate.runtime.options import EngineOptions
 
 
 class Timed:
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    model = FateModel.load(args.artifact, threads=args.threads)
+    model = FateModel.load(args.artifact, EngineOptions(threads=args.threads))
     totals: dict[str, float] = collections.defaultdict(float)
     layers = model.manifest.layers
     model.layers = [Timed(session, layer.mixer, totals) for session, layer in zip(model.layers, layers)]

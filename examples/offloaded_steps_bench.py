@@ -17,6 +17,7 @@ import numpy as np
 from fate.artifacts.budget import parse_budget
 from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
+from fate.runtime.options import EngineOptions
 
 
 def decode_rate(model: FateModel, prompt: np.ndarray, tokens: int) -> float:
@@ -50,9 +51,9 @@ def main() -> None:
     models = {"all-resident": FateModel.load(args.artifact)}
     for budget in args.budgets.split(","):
         models[f"{budget} experts in the step"] = FateModel.load(
-            args.artifact, offload=OffloadOptions(parse_budget(budget)))
+            args.artifact, EngineOptions(offload=OffloadOptions(parse_budget(budget))))
         handing = models[f"{budget} experts handed to the cache"] = FateModel.load(
-            args.artifact, offload=OffloadOptions(parse_budget(budget)))
+            args.artifact, EngineOptions(offload=OffloadOptions(parse_budget(budget))))
         for step in handing.steps.values():
             step.routed = None
     rates = alternate(models, args.rounds, args.tokens)

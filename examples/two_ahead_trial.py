@@ -22,6 +22,7 @@ from fate.artifacts.budget import parse_budget
 from fate.artifacts.layout import GraphIO as IO
 from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
+from fate.runtime.options import EngineOptions
 from offloaded_steps_bench import alternate  # examples/, beside this file
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=24)
     args = parser.parse_args()
-    models = {name: FateModel.load(args.artifact, offload=OffloadOptions(parse_budget(args.budget)))
+    models = {name: FateModel.load(args.artifact, EngineOptions(offload=OffloadOptions(parse_budget(args.budget))))
               for name in ("policy", f"policy + two ahead (width {args.width})")}
     prefetch_two_ahead(models[f"policy + two ahead (width {args.width})"], args.width)
     rates = alternate(models, args.rounds, args.tokens)

@@ -5,8 +5,9 @@ from .experts.offload import OffloadedExperts, OffloadOptions
 from .experts.store import ExpertStore, ResidentExperts
 from .generate import GenerationResult, GenerationStats, SamplingConfig, generate, stream_tokens
 from .model import FateModel
+from .options import EngineOptions
 from .sessions import ort  # noqa: F401 - first: onnxruntime loaded before anything else imports it, quietly
 from .state import KVCache
 
-__all__ = ["Completion", "Engine", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",
+__all__ = ["Completion", "Engine", "EngineOptions", "ExpertStore", "FateModel", "GenerationResult", "GenerationStats",
            "KVCache", "OffloadOptions", "OffloadedExperts", "ResidentExperts", "SamplingConfig", "generate", "stream_tokens"]

@@ -1,7 +1,8 @@
 """The Python API: an artifact plus its tokenizer, with text in and text out.
 
     from fate.runtime import Engine
-    engine = Engine.load("artifact_dir")       # or offload=OffloadOptions(parse_budget("25%"))
+    engine = Engine.load("artifact_dir")       # or EngineOptions(memory_limit=8 * 2**30), or
+                                               # EngineOptions(offload=OffloadOptions(parse_budget("25%")))
     print(engine.generate("Once upon a time", max_new_tokens=32).text)
     for piece in engine.stream("Once upon a time"):
         print(piece, end="", flush=True)
@@ -16,9 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .experts.offload import OffloadOptions
 from .generate import GenerationResult, SamplingConfig, generate, stream_tokens
 from .model import FateModel
+from .options import EngineOptions
 from .text import StreamDecoder, TextCodec
 
 
@@ -34,17 +35,11 @@ class Engine:
         self.codec = codec
 
     @classmethod
-    def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
-             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None,
-             reserved: int = 0) -> "Engine":
-        """All experts resident, or with `offload` (a memory budget, prefetch mode, cache policy)
-        only a budget of them, the rest loaded ahead of need. `executor`: native, session or auto;
-        `decode_steps`: native decode steps where the artifact has them; `memory_limit` (bytes): the
-        whole process, planned for `context` tokens beside `reserved` bytes of the caller's (FateModel.load)."""
-        model = FateModel.load(path, precision=precision, threads=threads, verify=verify, offload=offload,
-                               executor=executor, decode_steps=decode_steps, memory_limit=memory_limit,
-                               context=context, reserved=reserved)
+    def load(cls, path: str | os.PathLike, options: EngineOptions | None = None) -> "Engine":
+        """All experts resident, or as `options` say (runtime.options.EngineOptions: a budget of
+        experts resident and the rest read ahead of need, a memory limit for the whole process, ...)."""
+        model = FateModel.load(path, options)
+        verify = options.verify if options is not None else True
         return cls(model, TextCodec(model.artifact, verify=verify))
 
     def encode(self, text: str) -> list[int]:

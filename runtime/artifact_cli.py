@@ -73,11 +73,12 @@ def load_problems(art: Artifact) -> list[str]:
 
     from .experts.offload import OffloadOptions
     from .model import FateModel
+    from .options import EngineOptions
     from .text import TextCodec
 
     share = max((layer.routing.top_k / layer.routing.num_experts for layer in art.manifest.moe_layers), default=1.0)
     try:
-        FateModel.load(art.root, offload=OffloadOptions(budget=Budget(share=min(1.0, share)), prefetch="none")).close()
+        FateModel.load(art.root, EngineOptions(offload=OffloadOptions(budget=Budget(share=min(1.0, share)), prefetch="none"))).close()
         TextCodec(art)
     except FateError as e:
         return [str(e)]

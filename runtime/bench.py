@@ -78,15 +78,16 @@ def run_one(config: RunConfig) -> dict:
     from .experts.report import OffloadReport
     from .generate import SamplingConfig, generate
     from .model import FateModel
+    from .options import EngineOptions
 
     start = time.perf_counter()
     limit = None if config.memory_limit is None else parse_budget(config.memory_limit).bytes
     offload = None if config.budget == RESIDENT and limit is None else OffloadOptions(
         budget=parse_budget("0B" if limit is not None else config.budget), prefetch=config.prefetch,
-        cache=config.cache, pool=config.pool, precision=config.precision, executor=config.executor)
-    model = FateModel.load(config.artifact, precision=config.precision, offload=offload, executor=config.executor,
+        cache=config.cache, pool=config.pool)
+    model = FateModel.load(config.artifact, EngineOptions(precision=config.precision, offload=offload, executor=config.executor,
                            decode_steps=config.decode_steps, memory_limit=limit,
-                           context=len(config.prompt_ids) + config.gen_len)
+                           context=len(config.prompt_ids) + config.gen_len))
     load_s = time.perf_counter() - start
     try:
         if offload is not None:

@@ -20,6 +20,7 @@ from .experts.plan import LOW_BIT_PREFILL_MODES, POOLS, PREFETCH_MODES
 from .experts.report import OffloadReport, ResidentReport
 from .generate import GenerationResult, SamplingConfig, penalty_problem
 from .memory import current_rss, peak_rss
+from .options import EngineOptions
 from .sessions import usable_cores
 
 MAX_PREFETCH_THREADS = 64
@@ -125,11 +126,11 @@ def load_engine(artifact: str, precision: str | None, threads: int, no_verify: b
                    err=True)
     offload = None if memory_budget is None and limit is None else OffloadOptions(
         budget=parse_budget(memory_budget or "0B"), prefetch=prefetch, cache=cache_policy, pool=pool, allocation=allocation,
-        low_bit_prefill=int2_prefill, threads=prefetch_threads, verify=not no_verify,
-        verify_every_load=verify_every_load, precision=precision, executor=executor, compute_threads=threads)
-    return Engine.load(artifact, precision=precision, threads=threads, verify=not no_verify, offload=offload,
-                       executor=executor, decode_steps=decode_steps == "on", memory_limit=limit,
-                       context=context or default_context, reserved=reserved)
+        low_bit_prefill=int2_prefill, threads=prefetch_threads)
+    return Engine.load(artifact, EngineOptions(
+        precision=precision, threads=threads, verify=not no_verify, verify_every_load=verify_every_load,
+        executor=executor, decode_steps=decode_steps == "on", memory_limit=limit, context=context or default_context,
+        reserved=reserved, offload=offload))
 
 
 def report(engine: Engine, result: GenerationResult, text: str) -> dict:

@@ -20,6 +20,7 @@ from .clihelp import command
 from .evaluate import perplexity, windows
 from .experts.offload import OffloadOptions
 from .experts.plan import LOW_BIT_PREFILL_MODES
+from .options import EngineOptions
 
 
 def agreement(model_logits, reference_logits, ids: list[int], window: int) -> float:
@@ -51,7 +52,7 @@ def main(artifact, text_file, reference, window, max_tokens, memory_budget, int2
     try:
         offload = None if memory_budget is None else OffloadOptions(parse_budget(memory_budget),
                                                                     low_bit_prefill=int2_prefill)
-        engine = Engine.load(artifact, offload=offload)
+        engine = Engine.load(artifact, EngineOptions(offload=offload))
         ids = engine.encode(read_text_file(text_file, "evaluation text"))
         if max_tokens:
             ids = ids[:max_tokens]

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import click
 from fate.artifacts import Artifact, FateError, Manifest, layout
-from fate.artifacts.budget import Budget
 from fate.artifacts.errors import USER_ERRORS, exit_with
 from fate.artifacts.outputs import check_output, write_report
 from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import LayerProfile, Profile, profile_from_bytes
 
 from .clihelp import command
-from .experts.offload import OffloadOptions
 from .memory import PREFILL_CHUNK, plan_memory
 from .model import DEFAULT_CONTEXT, memory_needs
+from .options import EngineOptions
 from .svg import Chart, Series
 from .tools import tool_format
 
@@ -197,7 +196,7 @@ def size_line(art: Artifact) -> str:
 def needs_line(art: Artifact) -> str:
     """What a run needs, as --memory-limit plans it (runtime.model.memory_needs)."""
     context = min(DEFAULT_CONTEXT, art.manifest.model.max_positions)
-    needs = memory_needs(art, 0, context, OffloadOptions(Budget(bytes=0)), decode_steps=True)
+    needs = memory_needs(art, 0, EngineOptions(context=context))
     return (f"to run ({context}-token context): every expert resident about {needs.all_resident / 1e6:.0f} MB for the "
             f"process; the least --memory-limit {needs.least_limit / 1e6:.0f} MB; the least --memory-budget "
             f"{needs.fewest / 1e6:.1f} MB (one token's experts in every layer)")

@@ -3,7 +3,6 @@ experts through an ExpertStore. Imports no torch and no transformers."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 
@@ -23,6 +22,7 @@ from .experts.store import ExpertStore, LayerOutputs, ResidentExperts, largest_f
 from .experts.trace import TraceRecorder
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .memory import PREFILL_CHUNK, MemoryPlan, current_rss, plan_memory, release_freed_memory
+from .options import EngineOptions
 from .positions import PositionTables
 from .sessions import NamedSession, graph_threads, make_session
 from .state import KVCache, hands_on_partial, layer_feeds, state_names
@@ -161,28 +161,19 @@ class FateModel:
                                 f"of its head_step disagrees)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, precision: str | None = None, threads: int = 0,
-             verify: bool = True, offload: OffloadOptions | None = None, executor: str = "auto",
-             decode_steps: bool = True, memory_limit: int | None = None, context: int | None = None,
-             reserved: int = 0) -> "FateModel":
-        """Open an artifact: every expert resident, or, with `offload`, a budgeted expert cache.
-        `memory_limit` (bytes): the whole process, whose pool of experts is what the rest leaves
-        (plan_limit; `offload` then gives the other offloading options), planned for `context` tokens
-        (default: the model's context, at most DEFAULT_CONTEXT), which generation then stops at, beside
-        `reserved` bytes the caller holds itself (fate-serve's conversation cache).
-        `executor` (auto, native, session) computes the experts; with `offload` its own says.
-        `decode_steps`: layers with a DecodeStep run decode tokens natively (runtime.decode_step) where
-        the experts' executor is native; their graph bytes stay in memory beside the sessions."""
+    def load(cls, path: str | os.PathLike, options: EngineOptions | None = None) -> "FateModel":
+        """Open an artifact as `options` say (runtime.options): every expert resident, or, with
+        `options.offload`, a budgeted expert cache; with `options.memory_limit`, the whole process
+        planned within it (plan_limit), for `options.context` tokens, which generation then stops at."""
+        options = options or EngineOptions()
         artifact = Artifact.open(path)
-        plan = None
-        if memory_limit is not None:
-            offload = offload or OffloadOptions(Budget(bytes=0), precision=precision, executor=executor,
-                                                compute_threads=threads)
-            plan, offload = plan_limit(artifact, memory_limit, context, offload, decode_steps, reserved)
-        store = ResidentExperts(artifact, precision, verify=verify, executor=executor, threads=threads) \
-            if offload is None else OffloadedExperts(artifact, offload)
+        plan, offload = None, options.offload
+        if options.memory_limit is not None:
+            plan, offload = plan_limit(artifact, options)
+        store = ResidentExperts(artifact, options.experts) if offload is None \
+            else OffloadedExperts(artifact, offload, options.experts)
         try:
-            model = cls(artifact, store, threads, verify, decode_steps)
+            model = cls(artifact, store, options.threads, options.verify, options.decode_steps)
             store.ready()  # the pool's memory, once the dense graphs' load has let its transient go
         except BaseException:
             store.close()
@@ -347,19 +338,18 @@ class MemoryNeeds:
         return max(self.plan.floor + self.resident, self.plan.loading)
 
 
-def memory_needs(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions, decode_steps: bool,
-                 reserved: int = 0) -> MemoryNeeds:
+def memory_needs(artifact: Artifact, limit: int, options: EngineOptions) -> MemoryNeeds:
     manifest = artifact.manifest
-    context = min(context or DEFAULT_CONTEXT, manifest.model.max_positions)
+    context = min(options.context or DEFAULT_CONTEXT, manifest.model.max_positions)
     graphs = [manifest.embed_graph, manifest.head_graph, *(l.graph for l in manifest.layers),
               *(l.combine_graph for l in manifest.layers if l.combine_graph)]
-    steps = decode_steps and offload.executor != "session" and native.available()
+    steps = options.decode_steps and options.executor != "session" and native.available()
     plan = plan_memory(manifest, {g: artifact.member(g).size for g in graphs}, limit, context, steps,
-                       reserved=reserved)
-    resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, offload.precision)))
+                       reserved=options.reserved)
+    resident = sum(slot_size(largest_file(artifact, l.index, resident_precision(artifact, l.index, options.precision)))
                    * l.routing.num_experts for l in manifest.moe_layers) + manifest.state_bytes
     try:  # the least the experts need: one token's in every layer (and the layers' state)
-        plan_run(manifest, None, Budget(bytes=0), lambda l: resident_precision(artifact, l, offload.precision),
+        plan_run(manifest, None, Budget(bytes=0), lambda l: resident_precision(artifact, l, options.precision),
                  lambda l, p: largest_file(artifact, l, p), lambda l, p: True, allocation="uniform")
         fewest = 0
     except BudgetError as e:
@@ -367,11 +357,12 @@ def memory_needs(artifact: Artifact, limit: int, context: int | None, offload: O
     return MemoryNeeds(plan, fewest, resident)
 
 
-def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: OffloadOptions,
-               decode_steps: bool, reserved: int = 0) -> tuple[MemoryPlan, OffloadOptions | None]:
-    """What a whole-process memory limit leaves for the experts (runtime.memory.plan_memory), as the
-    offload options' budget; None (every expert resident) where all of them fit in it."""
-    needs = memory_needs(artifact, limit, context, offload, decode_steps, reserved)
+def plan_limit(artifact: Artifact, options: EngineOptions) -> tuple[MemoryPlan, OffloadOptions | None]:
+    """What the whole-process `options.memory_limit` leaves for the experts (runtime.memory.plan_memory),
+    as the offload options' budget (the rest of them `options.offload`'s, or the defaults); None
+    (every expert resident) where all of them fit in it."""
+    limit = options.memory_limit
+    needs = memory_needs(artifact, limit, options)
     plan, least = needs.plan, needs.least_limit
     if limit < least:
         raise BudgetError(f"a memory limit of {limit / 1e6:.0f} MB cannot hold this model: the process needs "
@@ -380,7 +371,7 @@ def plan_limit(artifact: Artifact, limit: int, context: int | None, offload: Off
                           f"{plan.loading / 1e6:.0f} MB; the least limit is {least / 1e6:.0f} MB", needed=least)
     if plan.pool >= needs.resident:
         return plan, None
-    return plan, dataclasses.replace(offload, budget=Budget(bytes=plan.pool))
+    return plan, dataclasses.replace(options.offload or OffloadOptions(Budget(bytes=0)), budget=Budget(bytes=plan.pool))
 
 
 def describe(plan: MemoryPlan) -> str:

@@ -38,10 +38,11 @@ def imported_modules(path: Path) -> set[str]:
 # predictors, memory, the layer-state contract) so that
 # calibration sees exactly what the runtime computes; nothing else of the runtime.
 # And the runtime itself where the compiler measures what a lossy mode it stored costs, end to end
-# (export.int2_prefill_cost runs the finished artifact): model, offload, evaluate.
+# (export.int2_prefill_cost runs the finished artifact): model, options, offload, evaluate.
 SHARED_RUNTIME = {"fate.runtime.model", "fate.runtime.experts.offload", "fate.runtime.evaluate", "fate.runtime.positions",
                   "fate.runtime.sessions", "fate.runtime.experts.eviction", "fate.runtime.experts.replay", "fate.runtime.memory",
-                  "fate.runtime.experts.allocation", "fate.runtime.experts.predictors", "fate.runtime.state", "fate.runtime.clihelp"}
+                  "fate.runtime.experts.allocation", "fate.runtime.experts.predictors", "fate.runtime.state", "fate.runtime.clihelp",
+                  "fate.runtime.options"}
 
 
 SERVE_MODULES = {"server.py", "serve_cli.py", "grammar.py"}

@@ -16,6 +16,7 @@ from fate.artifacts.layout import GraphIO as IO
 from fate.runtime import native
 from fate.runtime.experts.offload import OffloadOptions
 from fate.runtime.model import FateModel
+from fate.runtime.options import EngineOptions
 from step_checks import assert_steps_match_graphs, rel_err
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
@@ -86,17 +87,17 @@ def test_generation_with_steps_follows_the_graphs(case):
         return np.concatenate(rows)
 
     with_steps = FateModel.load(path)
-    graphs = FateModel.load(path, decode_steps=False)
+    graphs = FateModel.load(path, EngineOptions(decode_steps=False))
     assert with_steps.steps and with_steps.native_head and not graphs.steps and graphs.native_head is None
     assert rel_err(run(with_steps), run(graphs)) < 2e-2
 
 
 def test_steps_off_the_session_executor_and_a_missing_kernel_run_the_graphs(case, monkeypatch):
     _, path = case
-    assert FateModel.load(path, executor="session").steps == {}
-    off = FateModel.load(path, decode_steps=False)  # --decode-steps off
+    assert FateModel.load(path, EngineOptions(executor="session")).steps == {}
+    off = FateModel.load(path, EngineOptions(decode_steps=False))  # --decode-steps off
     assert off.steps == {} and off.native_head is None
-    offloaded = FateModel.load(path, offload=OffloadOptions(parse_budget("50%"), executor="session"))
+    offloaded = FateModel.load(path, EngineOptions(executor="session", offload=OffloadOptions(parse_budget("50%"))))
     assert offloaded.steps == {}
     offloaded.close()
     monkeypatch.setattr(native, "KERNEL", None)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_hostile import one_line_error
 
 BIN = Path(sys.executable).parent
@@ -85,11 +84,12 @@ def test_expert_files_removed_mid_run_fall_back_to_their_other_copy(art):
     file: the stored copy at another precision is used, with a warning, as the README says."""
     from fate.artifacts.budget import parse_budget
     from fate.runtime import Engine, OffloadOptions, SamplingConfig
+    from fate.runtime.options import EngineOptions
 
     manifest = json.loads((art / "manifest.json").read_text())
     precisions = list(manifest["layers"][0]["experts"])
     assert len(precisions) > 1, precisions  # the calibrated artifact keeps INT2 copies
-    engine = Engine.load(art, offload=OffloadOptions(budget=parse_budget("25%")))
+    engine = Engine.load(art, EngineOptions(offload=OffloadOptions(budget=parse_budget("25%"))))
     try:
         engine.generate("The quick brown fox", 4, SamplingConfig())
         shutil.rmtree(art / "experts" / precisions[0])

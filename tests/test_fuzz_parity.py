@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import Built
-from step_checks import assert_steps_match_graphs
-from fuzz_configs import SWEPT, head_20, random_overrides
-from test_parity import PROMPT, dequantized_dense_copy, hf_greedy, hf_logits, incremental_logits, rel_err
-
 from fate.runtime import FateModel, SamplingConfig, generate, native
+from fate.runtime.options import EngineOptions
+from fuzz_configs import SWEPT, head_20, random_overrides
+from step_checks import assert_steps_match_graphs
+from test_parity import PROMPT, dequantized_dense_copy, hf_greedy, hf_logits, incremental_logits, rel_err
 
 DECODE = 6
 
@@ -63,7 +62,7 @@ def test_random_config_matches_transformers(fuzz_case, tmp_path):
             with_steps.close()
         runs = {}
         for executor in ("native", "session"):
-            quantized = FateModel.load(built.artifact(4), executor=executor)
+            quantized = FateModel.load(built.artifact(4), EngineOptions(executor=executor))
             try:
                 runs[executor] = incremental_logits(quantized, prompt, want[:3])
             finally:
@@ -83,11 +82,10 @@ def test_hostile_configs_compile_or_are_one_clear_error(family, tmp_path_factory
     problem), never a traceback from numpy, onnx, onnxruntime or torch."""
     import json as jsonlib
 
-    from hypothesis import HealthCheck, given, settings, strategies as st
-
     from fate.artifacts import FateError
     from fate.compiler import CompileOptions, compile_checkpoint
-
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
     from tiny_models import make_model
 
     root = tmp_path_factory.mktemp("configs")

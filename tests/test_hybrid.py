@@ -11,13 +11,13 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import CASES, Built
 from fate.artifacts import ArtifactError
 from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate, stream_tokens
+from fate.runtime.options import EngineOptions
 
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 128]
 GREEDY = SamplingConfig()
@@ -76,7 +76,7 @@ def test_prefill_in_pieces_equals_prefill_at_once(hybrid):
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_offloaded_runs_give_the_all_resident_tokens(calibrated, budget):
     resident = generate(FateModel.load(calibrated), PROMPT, max_new_tokens=12, sampling=GREEDY, eos_ids=set())
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget(budget), low_bit_prefill="off"))
+    model = FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget(budget), low_bit_prefill="off")))
     try:
         tokens = generate(model, PROMPT, max_new_tokens=12, sampling=GREEDY, eos_ids=set()).token_ids
         assert tokens == resident.token_ids
@@ -143,7 +143,6 @@ def test_an_artifact_written_before_layer_state_still_runs(tmp_path):
 ])
 def test_hybrid_configs_that_cannot_be_run_are_one_line(tmp_path, family, edit, fragment):
     from fate.artifacts import ModelError
-
     from tiny_models import make_model
 
     ckpt = tmp_path / "ckpt"

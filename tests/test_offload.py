@@ -20,13 +20,14 @@ from fate.artifacts.budget import parse_budget
 from fate.compiler import CompileOptions, compile_checkpoint
 from fate.compiler.profile import CalibrationOptions
 from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate
-from fate.runtime.experts import loads as loader_module
 from fate.runtime.cgroup import MemoryCgroup
+from fate.runtime.experts import loads as loader_module
 from fate.runtime.experts.eviction import POLICIES
 from fate.runtime.experts.executors import assignments
 from fate.runtime.experts.pool import SlotPool, SlotRead, native_reads
 from fate.runtime.experts.residency import BudgetError
 from fate.runtime.experts.trace import read_trace
+from fate.runtime.options import EngineOptions
 from fate.runtime.sessions import SMALL_GRAPH_BYTES, graph_threads
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-moe"
@@ -43,7 +44,7 @@ def calibrated(tmp_path_factory) -> Path:
 
 
 def tokens(path: Path, offload: OffloadOptions | None, n: int = 24) -> list[int]:
-    model = FateModel.load(path, offload=offload)
+    model = FateModel.load(path, EngineOptions(offload=offload))
     try:
         return generate(model, PROMPT, n, SamplingConfig(), eos_ids=set()).token_ids
     finally:
@@ -71,7 +72,7 @@ def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
     forced = dataclasses.replace(policy, layers=[dataclasses.replace(lp, prefill_precision="int2", prefill_low_share=0.5)
                                                  for lp in policy.layers])
     a.replace_manifest(dataclasses.replace(a.manifest, policy=forced))
-    model = FateModel.load(art, offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="on"))
+    model = FateModel.load(art, EngineOptions(offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="on")))
     try:
         generate(model, PROMPT * 3, 6, SamplingConfig(), eos_ids=set())
         report = model.experts.report()
@@ -84,7 +85,7 @@ def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
 
 def test_too_small_budget_is_refused_with_the_minimum(calibrated):
     with pytest.raises(BudgetError, match="the minimum is"):
-        FateModel.load(calibrated, offload=OffloadOptions(parse_budget("1%")))
+        FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget("1%"))))
     proc = subprocess.run([str(BIN / "fate-run"), str(calibrated), "-p", "hi", "--memory-budget", "10KB"],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "minimum is" in proc.stderr and "Traceback" not in proc.stderr
@@ -109,7 +110,7 @@ def test_stats_report_per_phase_and_layer(calibrated):
 def test_prefetch_width_leaves_room_for_the_experts_in_use(calibrated):
     """A prediction wider than the free slots evicts the experts the layer is running with: at
     most slots - top_k experts are prefetched, and layers with room still prefetch."""
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("50%")))
+    model = FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget("50%"))))
     try:
         plans = model.experts.plans
         top_k = {spec.index: spec.routing.top_k for spec in Artifact.open(calibrated).manifest.moe_layers}
@@ -123,8 +124,8 @@ def test_misses_load_in_parallel_within_a_window(calibrated):
     """Session experts: the misses of a layer load in helper threads while the loop runs its
     resident experts, at most --prefetch-threads at a time (what is held beyond the cache stays a
     few experts)."""
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
-                                                              low_bit_prefill="off", executor="session"))
+    model = FateModel.load(calibrated, EngineOptions(executor="session", offload=OffloadOptions(
+        parse_budget("20%"), prefetch="none", threads=2, low_bit_prefill="off")))
     store = model.experts
     changed = threading.Condition()
     active, peak, waited = [0], [0], [False]
@@ -158,8 +159,8 @@ def test_misses_load_in_parallel_within_a_window(calibrated):
 def test_native_misses_are_read_together_and_waited_for_in_the_loop(calibrated):
     """Native experts: the loop begins up to --prefetch-threads reads of a layer's misses on the
     native I/O threads before it waits for the first, and waits itself (no helper thread loads)."""
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("20%"), prefetch="none", threads=2,
-                                                              low_bit_prefill="off", executor="native"))
+    model = FateModel.load(calibrated, EngineOptions(executor="native", offload=OffloadOptions(
+        parse_budget("20%"), prefetch="none", threads=2, low_bit_prefill="off")))
     store = model.experts
     outstanding, peak, threads = [0], [0], set()
     start = store.loader.start
@@ -225,10 +226,10 @@ def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how, m
     budget = OffloadOptions(parse_budget("100%"), low_bit_prefill="off")
     if how != "corrupt":  # missing and truncated files are caught when the artifact is opened
         with pytest.raises(ArtifactError, match=Path(path).name):
-            FateModel.load(art, offload=budget)
+            FateModel.load(art, EngineOptions(offload=budget))
         return
     with pytest.raises(ArtifactError, match=Path(path).name):  # at load (the cost probe) or when needed
-        model = FateModel.load(art, offload=budget)
+        model = FateModel.load(art, EngineOptions(offload=budget))
         try:
             for start in range(0, 2000, 40):  # until expert 0 of layer 0 is needed
                 model.logits(list(range(start, start + 40)))
@@ -296,7 +297,7 @@ def test_offloaded_decode_steps_run_the_resident_experts_with_all_resident_bits(
         reference = decode_logits(model, PROMPT, 40)
     finally:
         model.close()
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("25%"), low_bit_prefill="off"))
+    model = FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget("25%"), low_bit_prefill="off")))
     ran = {"step": 0, "compute": 0}
     for name, how in (("ran_in_step", "step"), ("compute", "compute")):
         original = getattr(model.experts, name)
@@ -390,16 +391,16 @@ def test_tokens_identical_in_20_runs_at_a_tight_budget(calibrated, executor):
 
     if executor == "native" and not native.available():
         pytest.skip("native kernel not built")
-    model = FateModel.load(calibrated, executor=executor)
+    model = FateModel.load(calibrated, EngineOptions(executor=executor))
     try:
         reference = generate(model, PROMPT * 2, 32, SamplingConfig(), eos_ids=set()).token_ids
     finally:
         model.close()
     for run in range(20):
-        options = OffloadOptions(parse_budget(("20%", "30%")[run % 2]), prefetch=("policy", "none", "eap")[run % 3],
-                                 cache=("arc", "lru")[run % 2], low_bit_prefill="off", threads=1 + run % 3,
-                                 executor=executor, compute_threads=1 + run % 2)
-        model = FateModel.load(calibrated, offload=options)
+        options = EngineOptions(executor=executor, threads=1 + run % 2, offload=OffloadOptions(
+            parse_budget(("20%", "30%")[run % 2]), prefetch=("policy", "none", "eap")[run % 3],
+            cache=("arc", "lru")[run % 2], low_bit_prefill="off", threads=1 + run % 3))
+        model = FateModel.load(calibrated, options)
         try:
             got = generate(model, PROMPT * 2, 32, SamplingConfig(), eos_ids=set()).token_ids
         finally:
@@ -411,7 +412,7 @@ def test_slot_budget_is_exact(calibrated):
     """The budget is slots x slot size: every slot holds the layer's largest file in whole pages."""
     from fate.runtime.experts.pool import PAGE
 
-    model = FateModel.load(calibrated, offload=OffloadOptions(parse_budget("40%")))
+    model = FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget("40%"))))
     try:
         store = model.experts
         plans = store.plans.values()
@@ -434,7 +435,7 @@ def test_a_post_norm_moe_layer_offloaded_gives_the_resident_tokens(tmp_path, cas
                        log=lambda _m: None)
     prompt = [5, 17, 99, 3, 250, 41, 7, 64, 128]
     resident = generate(FateModel.load(art), prompt, max_new_tokens=10, sampling=SamplingConfig(), eos_ids=set())
-    model = FateModel.load(art, offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="off"))
+    model = FateModel.load(art, EngineOptions(offload=OffloadOptions(parse_budget("30%"), low_bit_prefill="off")))
     try:
         assert generate(model, prompt, max_new_tokens=10, sampling=SamplingConfig(),
                         eos_ids=set()).token_ids == resident.token_ids

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from fate.artifacts import Artifact
 from fate.runtime import FateModel, SamplingConfig, generate
+from fate.runtime.options import EngineOptions
 from step_checks import assert_steps_match_graphs
 
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 128]
@@ -149,7 +149,7 @@ def test_native_executor_matches_the_session_executor(built, bits):
     continuation = [7, 99, 3]
     logits = {}
     for executor in ("native", "session"):
-        model = FateModel.load(path, executor=executor)
+        model = FateModel.load(path, EngineOptions(executor=executor))
         try:
             logits[executor] = incremental_logits(model, PROMPT, continuation)
         finally:

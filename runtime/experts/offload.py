@@ -33,7 +33,7 @@ from .pool import SlotPool, native_reads, scratch_buffer
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
 from .residency import CacheCounters, ExpertCache
-from .store import ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
+from .store import ExpertOptions, ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
 from .trace import LayerSlots, TraceHeader
 
 GRAPH_OUTPUT_OF = {Predictor.CROSS_LAYER: "next_router_logits", Predictor.CROSS_LAYER_NORM: "next_router_logits_norm"}
@@ -55,11 +55,6 @@ class OffloadOptions:
     # says; "off" never. They change prefill numbers by design.
     low_bit_prefill: str = "off"  # lossy: INT2 copies in prefill only when asked
     threads: int = 2  # prefetch and miss-loading threads
-    verify: bool = True
-    verify_every_load: bool = False  # hash every read, not only a file's first (files that may change)
-    precision: str | None = None
-    executor: str = "auto"
-    compute_threads: int = 0  # native kernel threads (0: every core)
 
 
 # A layer prefetches in decode while the share of its recent predictions that the router then chose
@@ -96,23 +91,22 @@ def rank_by_popularity(experts: set[int], popularity: list[float] | None) -> lis
 
 
 class OffloadedExperts(ExpertStore):
-    def __init__(self, artifact: Artifact, options: OffloadOptions):
+    def __init__(self, artifact: Artifact, options: OffloadOptions, experts: ExpertOptions = ExpertOptions()):
         super().__init__()
         self.artifact = artifact
         self.options = options
         manifest = artifact.manifest
         self.profile: Profile | None = None
         if manifest.profile:
-            self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=options.verify)).check(
+            self.profile = profile_from_bytes(artifact.read_bytes(manifest.profile, verify=experts.verify)).check(
                 manifest.experts_per_layer)
         if options.pool not in POOLS:
             raise ArtifactError(f"unknown pool {options.pool!r}; choose from {', '.join(POOLS)}")
-        self.runner = ExpertRunner(artifact, options.executor, options.compute_threads)
-        self.loader = ExpertLoader(artifact, self.runner, verify=options.verify,
-                                   every_load=options.verify_every_load)
+        self.runner = ExpertRunner(artifact, experts.executor, experts.threads)
+        self.loader = ExpertLoader(artifact, self.runner, verify=experts.verify, every_load=experts.verify_every_load)
         self.run_plan = plan_run(
             manifest, self.profile, options.budget,
-            precision=lambda layer: resident_precision(artifact, layer, options.precision),
+            precision=lambda layer: resident_precision(artifact, layer, experts.precision),
             file_bytes=lambda layer, precision: largest_file(artifact, layer, precision),
             runs_native=self.runner.native_for, prefetch=options.prefetch, allocation=options.allocation,
             low_bit_prefill=options.low_bit_prefill)

@@ -167,16 +167,27 @@ def largest_file(artifact: Artifact, layer: int, precision: str) -> int:
 LOADS_AHEAD = 4
 
 
+@dataclass(frozen=True)
+class ExpertOptions:
+    """How experts are read and run, whether all resident or offloaded (the engine's options give
+    them: EngineOptions.experts)."""
+
+    precision: str | None = None  # the stored precision to keep resident (None: the policy's per layer)
+    executor: str = "auto"  # native, session or auto
+    threads: int = 0  # the native kernel's threads (0: every core)
+    verify: bool = True  # each file's SHA-256 checked on its first read
+    verify_every_load: bool = False  # and on every read (files that may change under the run)
+
+
 class ResidentExperts(ExpertStore):
     """Every expert read into a slot at start and kept: the all-resident reference."""
 
-    def __init__(self, artifact: Artifact, precision: str | None = None, verify: bool = True,
-                 executor: str = "auto", threads: int = 0):
+    def __init__(self, artifact: Artifact, options: ExpertOptions = ExpertOptions()):
         super().__init__()
-        self.runner = ExpertRunner(artifact, executor, threads)
-        self.loader = ExpertLoader(artifact, self.runner, verify)
+        self.runner = ExpertRunner(artifact, options.executor, options.threads)
+        self.loader = ExpertLoader(artifact, self.runner, options.verify, every_load=options.verify_every_load)
         layers = artifact.manifest.moe_layers
-        self.precisions = {spec.index: resident_precision(artifact, spec.index, precision) for spec in layers}
+        self.precisions = {spec.index: resident_precision(artifact, spec.index, options.precision) for spec in layers}
         self.pool = SlotPool({spec.index: spec.routing.num_experts for spec in layers},
                              {spec.index: largest_file(artifact, spec.index, self.precisions[spec.index])
                               for spec in layers}, reused=False)

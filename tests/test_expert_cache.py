@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 from fate.runtime.experts.eviction import ARC, LFRU, LRU, POLICIES, S3FIFO
@@ -467,6 +468,26 @@ def test_s3fifo_filters_keys_used_once_and_sends_ghosts_to_main():
     assert "kept" in cache and "kept" in cache.main
     cache.insert("a")  # a ghost comes back: straight to main
     assert "a" in cache.main
+
+
+def test_s3fifo_asks_about_an_excluded_key_once_a_call_and_keeps_its_place():
+    """Keys held from eviction at a queue's head are asked about once per victim call, not once per
+    pass (the calls it took were the loop's largest cost on small experts), and stay where they were."""
+    cache = S3FIFO(8)
+    for key in "abcdefgh":
+        cache.insert(key)
+    for key in "defgh":
+        cache.hit(key)  # second chances: each pass that gives one starts again from the head
+    asked = Counter()
+
+    class Held:
+        def __contains__(self, key):
+            asked[key] += 1
+            return key in "abc"
+
+    assert cache.victim(None, Held()) not in set("abc")
+    assert [asked[key] for key in "abc"] == [1, 1, 1]
+    assert list(cache.small)[:3] == ["a", "b", "c"]
 
 
 def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():

@@ -232,35 +232,56 @@ class S3FIFO(EvictionPolicy):
 
     def victim(self, incoming: Key | None, exclude: Container[Key]) -> Key | None:
         # each pass either evicts, moves a key from small to main (once per key) or takes one of a
-        # main key's second chances (at most MAX_FREQ): bounded
-        for _ in range((self.MAX_FREQ + 2) * (len(self.small) + len(self.main)) + 1):
-            from_small = bool(self.small) and (len(self.small) >= self.small_target or not self.main)
-            order = (self.small, self.main) if from_small else (self.main, self.small)
-            queue = key = None
-            for candidate in order:
-                key = next((k for k in candidate if k not in exclude), None)
-                if key is not None:
-                    queue = candidate
-                    break
-            if key is None:
-                return None
-            if self.freq[key] > 0:  # used since it came in: kept, in main
+        # main key's second chances (at most MAX_FREQ): bounded. A key `exclude` holds is set aside
+        # where a pass meets it at a queue's head (it stays held for the whole call), so no pass asks
+        # about it again, and goes back to the head in its order at the end: the same victim as
+        # scanning each queue from its head on every pass, without the passes' repeated questions.
+        aside: dict[int, list[Key]] = {id(self.small): [], id(self.main): []}
+
+        def first_allowed(queue: OrderedDict) -> Key | None:
+            while queue:
+                key = next(iter(queue))
+                if key not in exclude:
+                    return key
+                del queue[key]
+                aside[id(queue)].append(key)
+            return None
+
+        try:
+            for _ in range((self.MAX_FREQ + 2) * (len(self.small) + len(self.main)) + 1):
+                small = len(self.small) + len(aside[id(self.small)])
+                from_small = small > 0 and (small >= self.small_target
+                                            or not (self.main or aside[id(self.main)]))
+                queue = key = None
+                for candidate in ((self.small, self.main) if from_small else (self.main, self.small)):
+                    key = first_allowed(candidate)
+                    if key is not None:
+                        queue = candidate
+                        break
+                if key is None:
+                    return None
+                if self.freq[key] > 0:  # used since it came in: kept, in main
+                    if queue is self.small:
+                        del self.small[key]
+                        self.freq[key] = 0
+                        self.main[key] = None
+                    else:
+                        self.freq[key] -= 1
+                        self.main.move_to_end(key)
+                    continue
+                del queue[key]
+                del self.freq[key]
                 if queue is self.small:
-                    del self.small[key]
-                    self.freq[key] = 0
-                    self.main[key] = None
-                else:
-                    self.freq[key] -= 1
-                    self.main.move_to_end(key)
-                continue
-            del queue[key]
-            del self.freq[key]
-            if queue is self.small:
-                self.ghost[key] = None
-                while len(self.ghost) > max(self.capacity, 1):
-                    self.ghost.popitem(last=False)
-            return key
-        return None
+                    self.ghost[key] = None
+                    while len(self.ghost) > max(self.capacity, 1):
+                        self.ghost.popitem(last=False)
+                return key
+            return None
+        finally:
+            for queue in (self.small, self.main):
+                for key in reversed(aside[id(queue)]):
+                    queue[key] = None
+                    queue.move_to_end(key, last=False)
 
     def remove(self, key: Key) -> None:
         self.small.pop(key, None)

@@ -57,10 +57,13 @@ class OffloadOptions:
     threads: int = 2  # prefetch and miss-loading threads
 
 
-# A layer prefetches in decode while the share of its recent predictions that the router then chose
-# (an exponential average, each token weighing PREFETCH_MEMORY) is at least PREFETCH_GATE: below it, a
-# wrong prefetch (bytes read, an expert evicted for it) costs more than a right one saves. Its
-# predictions are still scored while it does not prefetch, so it starts again when they pay.
+# A layer prefetches in decode while its prefetch reads pay: of the predicted experts that were not
+# resident when predicted (the ones a prefetch reads), the share the router then chose, an exponential
+# average over the tokens that had any (each weighing PREFETCH_MEMORY), is at least PREFETCH_GATE.
+# Below it, a wrong read (its bytes, its loop work, an expert evicted for it) costs more than a right
+# one saves (one read's wait). A prediction the cache already holds costs nothing and proves nothing:
+# at a large budget most right predictions are resident and the reads are mostly the wrong ones.
+# Predictions are still scored while a layer does not prefetch, so it starts again when they pay.
 PREFETCH_GATE = 0.5
 PREFETCH_MEMORY = 0.2
 
@@ -145,7 +148,8 @@ class OffloadedExperts(ExpertStore):
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
         self._demand_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-demand")
         self._predicted: dict[int, set[int]] = {}
-        self._paying: dict[int, float] = {}  # layer -> recent share of its decode prefetches that were used
+        self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
+        self._paying: dict[int, float] = {}  # layer -> recent share of those the router chose (PREFETCH_GATE)
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -253,6 +257,8 @@ class OffloadedExperts(ExpertStore):
         top = top_experts(scores, plan.width)
         predicted = set(top.reshape(-1).tolist())
         self._predicted[plan.index] = predicted
+        if len(top) == 1:
+            self._to_read[plan.index] = self.cache.absent(plan.index, predicted)
         if len(top) == 1 and self._paying.get(plan.index, 1.0) < PREFETCH_GATE:
             self.phases[self._phase].gated += 1  # scored all the same (_routed): it starts again when it pays
             return
@@ -374,8 +380,9 @@ class OffloadedExperts(ExpertStore):
         """After `layer` ran: score its prediction (and, in decode, how well the layer's recent ones
         paid), release its INT2 copies."""
         predicted = self._predicted.pop(layer, None)
-        if predicted is not None and self._phase == "decode":
-            used = len(predicted & experts) / len(predicted)
+        to_read = self._to_read.pop(layer, None)
+        if to_read and self._phase == "decode":
+            used = len(to_read & experts) / len(to_read)
             self._paying[layer] = (1 - PREFETCH_MEMORY) * self._paying.get(layer, 1.0) + PREFETCH_MEMORY * used
         if predicted is not None:
             counters = self.phases[self._phase].prediction.setdefault(layer, PredictionCounters())

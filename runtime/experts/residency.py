@@ -281,6 +281,11 @@ class ExpertCache:
         with self._lock:
             return {e for (l, e) in self._resident if l == layer}
 
+    def absent(self, layer: int, experts: set[int]) -> set[int]:
+        """Those of `experts` that are not resident (loading counts as not)."""
+        with self._lock:
+            return {e for e in experts if (layer, e) not in self._resident}
+
     def resident_count(self) -> int:
         with self._lock:
             return len(self._resident)

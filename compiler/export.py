@@ -297,7 +297,7 @@ class WeightReader:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]
         else:
-            roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm != "none" else [])
+            roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm not in ("none", "unit") else [])
             roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
         if self.cfg.parallel_block or not self.cfg.pre_norms:

@@ -67,6 +67,9 @@ CASES = {
     # latent attention with the sparse-attention indexer, dense while the indexer keeps every key
     "deepseek_v32": dict(family="deepseek_v32", seed=66),
     "glm_moe_dsa": dict(family="glm_moe_dsa", seed=67),
+    # one expert a token on its router-scaled input, weightless q/k norms after adjacent-pair RoPE, a NoPE layer
+    "llama4_text": dict(family="llama4_text", seed=68),
+    "llama4": dict(family="llama4", seed=69),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

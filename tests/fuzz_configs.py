@@ -196,8 +196,17 @@ KNOBS["deepseek_v32"] = Knobs(experts="n_routed_experts", expert_inter="moe_inte
                               layers=lambda r, n: {"mlp_layer_types": (["dense"] if n > 1 and coin(r) else ["sparse"])
                                                    + ["sparse"] * (n - 1)})
 KNOBS["glm_moe_dsa"] = KNOBS["deepseek_v32"]
+KNOBS["llama4_text"] = Knobs(dense_inter="intermediate_size_mlp", max_layers=4,
+                             # one expert a token: the only count Llama-4's scaled-input experts come in
+                             extra=lambda r: {"num_experts_per_tok": 1, "use_qk_norm": coin(r),
+                                              "attention_bias": coin(r), "attn_temperature_tuning": coin(r),
+                                              "attention_chunk_size": r.choice([None, 24, 64]),
+                                              "floor_scale": r.choice([16, 8192])},
+                             layers=lambda r, n: {"interleave_moe_layer_step": r.choice([1, 2]) if n > 1 else 1,
+                                                  "no_rope_layers": [r.choice([0, 1, 1]) for _ in range(n)]})
 # Model types that load as another family: that family's knobs
-KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"])
+KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
+             llama4=KNOBS["llama4_text"])
 # Families left out of the sweep, with why (tested by their fixed cases in conftest.CASES):
 # - qwen3_5_moe is qwen3_5_moe_text's language model inside the multimodal checkpoint: the same graphs.
 # - dbrx keeps its sizes in nested attn_config / ffn_config: see dbrx_overrides.

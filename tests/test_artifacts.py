@@ -49,7 +49,7 @@ def test_roundtrip_and_file_list(mixtral):
     (lambda m: m["files"][0].update(path="../../etc/passwd"), "outside the artifact"),
     (lambda m: m["files"][0].update(path="/etc/passwd"), "outside the artifact"),
     (lambda m: m.update(layers=[]), "layers"),
-    (lambda m: m["model"].update(family="llama4"), "unknown model family"),
+    (lambda m: m["model"].update(family="llama5"), "unknown model family"),
     (lambda m: m["model"].update(head_dim=10**9), "out of range"),
     (lambda m: m["layers"][0]["routing"].update(top_k=-3), "routing"),
     # the layer-state contract (schema 1.2): shapes the runtime would allocate, names it would feed

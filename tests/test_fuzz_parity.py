@@ -36,7 +36,7 @@ def test_random_config_matches_transformers(fuzz_case, tmp_path):
     family, seed = fuzz_case
     overrides = head_20(family) if seed == "head20" else random_overrides(family, seed)
     built = Built(tmp_path, family=family, seed=seed if isinstance(seed, int) else 0, eager_experts=True, **overrides)
-    prompt = [t % built.hf.config.vocab_size for t in PROMPT]
+    prompt = [t % built.hf.config.get_text_config().vocab_size for t in PROMPT]
     want = hf_greedy(built.hf, prompt, DECODE)
     model = FateModel.load(built.artifact(32))
     got = generate(model, prompt, max_new_tokens=DECODE, sampling=SamplingConfig(), eos_ids=set())

@@ -101,9 +101,9 @@ def dequantized_dense_copy(hf, bits: int):
 
     model = copy.deepcopy(hf)
     for name, module in model.named_modules():
-        # routers stay float32 in Fate: HunYuan's, DBRX's and AFMoE's are Linears, the others parameters
+        # routers stay float32 in Fate: HunYuan's, DBRX's, AFMoE's and Llama-4's are Linears, the others parameters
         if isinstance(module, torch.nn.Linear) and not name.endswith(("shared_expert_gate", "gate.wg", "router.layer",
-                                                                       "router.gate")) \
+                                                                       "router.gate", "feed_forward.router")) \
                 and module.weight.numel():  # a shared expert of size 0 (Fate leaves it out: it adds 0)
             w = module.weight.detach().float().numpy()
             stored = dequantize(quantize(w, bits))  # the default block size, as the compiler uses

@@ -34,7 +34,9 @@ def calibrated(tmp_path_factory) -> Path:
 
 
 def decoder_layers(hf):
-    return hf.transformer.blocks if hasattr(hf, "transformer") else hf.model.layers
+    if hasattr(hf, "transformer"):
+        return hf.transformer.blocks  # DBRX
+    return hf.language_model.model.layers if hasattr(hf, "language_model") else hf.model.layers  # Llama-4
 
 
 def moe_block(layer):
@@ -75,9 +77,13 @@ def router_weight(router):
 
 
 def chosen_experts(out, top_k: int) -> np.ndarray:
-    """What a router module chose: the indices it returns, or (DBRX's router returns only logits)
-    the top-k of its logits, which softmax keeps in order."""
-    indices = out[2] if isinstance(out, tuple) else out.topk(top_k, dim=-1).indices
+    """What a router module chose: the indices it returns, or the top-k of its logits, which softmax
+    keeps in order (DBRX's router returns only logits), or of its scores (Llama-4's returns scores, 0
+    for the experts it did not choose, and logits)."""
+    if isinstance(out, tuple) and len(out) == 3:
+        indices = out[2]
+    else:
+        indices = (out[0] if isinstance(out, tuple) else out).topk(top_k, dim=-1).indices
     return indices.reshape(-1, indices.shape[-1]).numpy()
 
 

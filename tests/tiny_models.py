@@ -209,6 +209,27 @@ def glm_moe_dsa_config(**overrides):
                               **overrides})
 
 
+def llama4_text_config(**overrides):
+    from transformers import Llama4TextConfig
+
+    # one expert a token on its router-scaled input beside a shared expert, a dense layer between MoE ones,
+    # adjacent-pair RoPE with weightless q/k norms, a layer without positions (the fourth); chunks and the
+    # NoPE query scale of 32 and 48 positions, within which both are identities (Fate caps the context)
+    return Llama4TextConfig(**{**COMMON, "intermediate_size": 32, "intermediate_size_mlp": 96, "num_hidden_layers": 4,
+                               "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 1,
+                               "interleave_moe_layer_step": 2, "attention_chunk_size": 32, "floor_scale": 48,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, **overrides})
+
+
+def llama4_config(**overrides):
+    """The multimodal checkpoint as released: the language model beside a small vision tower."""
+    from transformers import Llama4Config
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    return Llama4Config(text_config=llama4_text_config(**overrides).to_dict(), vision_config=vision)
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -417,15 +438,16 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "flex_olmo": flex_olmo_config, "afmoe": afmoe_config, "param2moe": param2moe_config,
            "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config,
            "mistral4": mistral4_config, "deepseek_v32": deepseek_v32_config,
-           "glm_moe_dsa": glm_moe_dsa_config}
+           "glm_moe_dsa": glm_moe_dsa_config, "llama4_text": llama4_text_config,
+           "llama4": llama4_config}
 
 
 def model_class(family: str):
     """transformers' auto class for causal LMs, or a family's own class where the auto class does not list
-    it (Mistral-4 in transformers 5.25)."""
+    it (Mistral-4 in transformers 5.25) or names the text model alone (Llama-4)."""
     import transformers
 
-    own = {"mistral4": "Mistral4ForCausalLM"}.get(family)
+    own = {"mistral4": "Mistral4ForCausalLM", "llama4": "Llama4ForConditionalGeneration"}.get(family)
     return getattr(transformers, own) if own else transformers.AutoModelForCausalLM
 
 

@@ -225,6 +225,9 @@ class Routing:
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold
     layer_top_k: tuple[int, ...] | None = None  # per-layer top-k (HunYuan's moe_topk list); top_k is their largest
     topk_norm_eps: float = 1e-20  # added to the sum of the top-k sigmoid weights before dividing (LFM2: 1e-6)
+    # the experts run on their input times the router's weight and their output is not weighed again
+    # (Llama-4); with one expert a token the layer graph hands the runtime that product as the input
+    scaled_input: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k"):
@@ -237,6 +240,10 @@ class Routing:
                 raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
         if self.top_k > self.num_experts:
             raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
+        if self.scaled_input and (self.top_k != 1 or self.layer_top_k is not None):
+            # each chosen expert would take its own scaled copy of the input: Fate hands one input a token
+            raise ModelError(f"config.json: num_experts_per_tok = {self.top_k} with experts on the router-scaled "
+                             f"input is not supported (only 1, as Llama-4 ships)")
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,9 @@ class ArchConfig:
     moe_layers: frozenset[int]
     tie_word_embeddings: bool
     eos_token_ids: list[int] = field(default_factory=list)
-    qk_norm: str = "none"  # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE)
+    # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE); "unit": over each
+    # head without a weight, after RoPE, on the layers that rotate (Llama-4)
+    qk_norm: str = "none"
     qk_norm_after_rope: bool = False  # the per-head norm applied to the rotated q and k (HunYuan)
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual

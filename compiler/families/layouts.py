@@ -110,9 +110,10 @@ class FusedLinearAttention(Layout):
 @dataclass(frozen=True)
 class FusedExperts(Layout):
     """A layer's routed experts in a few tensors, one expert's block read at a time: "rows", gate_up
-    [E, 2I, H] gate rows then up rows and down [E, H, I] (Granite); "interleaved", gate_up [E, H, 2I] with
-    gate and up alternating by column and down [E, I, H], with biases, or as MXFP4 blocks and scales
-    (GPT-OSS); "stacked", gate, up and down transposed each [E * I, H] (DBRX's w1, v1, w2)."""
+    [E, 2I, H] gate rows then up rows and down [E, H, I] (Granite); "columns", gate_up [E, H, 2I] gate
+    columns then up columns and down [E, I, H] (Llama-4); "interleaved", gate_up [E, H, 2I] with gate and
+    up alternating by column and down [E, I, H], with biases, or as MXFP4 blocks and scales (GPT-OSS);
+    "stacked", gate, up and down transposed each [E * I, H] (DBRX's w1, v1, w2)."""
 
     kind: str = "rows"
     roles = frozenset(EXPERT_ROLES)
@@ -140,13 +141,16 @@ class FusedExperts(Layout):
                       Role.EXPERT_DOWN: Role.EXPERTS_DOWN}[role]
             block = r.ckpt.get(r.check(source, layer), index=expert, parts=r.cfg.routing.num_experts)
             return np.ascontiguousarray(block.T) if role == Role.EXPERT_DOWN else block
-        interleaved = self.kind == "interleaved"
+        by_column = self.kind in ("interleaved", "columns")
         if role == Role.EXPERT_DOWN:
             down = r.ckpt.get(r.check(Role.EXPERTS_DOWN, layer), index=expert)
-            return np.ascontiguousarray(down.T) if interleaved else down
+            return np.ascontiguousarray(down.T) if by_column else down
         gate_up = r.ckpt.get(r.check(Role.EXPERTS_GATE_UP, layer), index=expert)
-        if interleaved:  # [H, 2I], gate and up alternating by column
+        if self.kind == "interleaved":  # [H, 2I], gate and up alternating by column
             return np.ascontiguousarray((gate_up[:, 0::2] if role == Role.EXPERT_GATE else gate_up[:, 1::2]).T)
+        if self.kind == "columns":  # [H, 2I], the gate's columns then the up's
+            half = gate_up.shape[1] // 2
+            return np.ascontiguousarray((gate_up[:, :half] if role == Role.EXPERT_GATE else gate_up[:, half:]).T)
         half = gate_up.shape[0] // 2
         return gate_up[:half] if role == Role.EXPERT_GATE else gate_up[half:]
 

@@ -125,8 +125,9 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
             rotate = lambda t: t  # noqa: E731
         q = rotate(project(projected[0], heads, Role.Q_NORM))
         k = rotate(project(projected[1], kv, Role.K_NORM))
-        if cfg.qk_norm_after_rope:  # HunYuan normalizes each head of the rotated q and k
-            q, k = (rms_norm(b, t, w[role], cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
+        if cfg.qk_norm_after_rope and (cfg.qk_norm != "unit" or rot):  # each head of the rotated q and k
+            # (HunYuan, with weights; Llama-4 without, and only where the layer rotates)
+            q, k = (rms_norm(b, t, w.get(role), cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
     scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     core = attention_fused if fused_attention_refusal(cfg, w) is None else attention_explicit

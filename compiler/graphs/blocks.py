@@ -15,13 +15,13 @@ W = dict[Role, np.ndarray]
 Weight = np.ndarray | QuantizedWeight
 
 
-def rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
-    """x / sqrt(mean(x^2) + eps) * weight, over the last axis. Written as Pow, ReduceMean, Add,
-    Sqrt, Div, Mul: the pattern onnxruntime fuses into one SimplifiedLayerNormalization kernel
-    (seven ops per norm per step otherwise)."""
+def rms_norm(b: GraphBuilder, x: str, weight: np.ndarray | None, eps: float) -> str:
+    """x / sqrt(mean(x^2) + eps) * weight (none: a norm without a weight), over the last axis. Written
+    as Pow, ReduceMean, Add, Sqrt, Div, Mul: the pattern onnxruntime fuses into one
+    SimplifiedLayerNormalization kernel (seven ops per norm per step otherwise)."""
     mean_sq = b.op("ReduceMean", b.op("Pow", x, b.scalar(2.0, "two")), axes=[-1], keepdims=1)
     normed = b.op("Div", x, b.op("Sqrt", b.op("Add", mean_sq, b.scalar(eps, "eps"))))
-    return b.op("Mul", normed, b.const(weight.astype(np.float32), "norm_weight"))
+    return normed if weight is None else b.op("Mul", normed, b.const(weight.astype(np.float32), "norm_weight"))
 
 
 def norm(b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, eps: float, kind: str) -> str:

@@ -97,7 +97,9 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     else:  # post-norm families: the MLP reads the residual stream itself
         normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
-    b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+    scaled_input = layer in cfg.moe_layers and cfg.routing.scaled_input
+    if not scaled_input:
+        b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
     if layer not in cfg.moe_layers:
         mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
         if Role.POST_MLP_NORM in w:
@@ -116,6 +118,9 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
             ids, weights = route_sparsemixer(b, logits, cfg.routing.num_experts, cfg.routing.router_jitter_eps)
         else:
             ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        if scaled_input:  # Llama-4, one expert a token: it runs on the input times its weight, unweighed after
+            b.output(b.op("Mul", router_input, weights), IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+            weights = b.op("Expand", b.scalar(1.0, "one"), b.op("Shape", weights))
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.routing.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.routing.top_k])
         if Role.SHARED_GATE in w:

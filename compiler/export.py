@@ -55,6 +55,8 @@ MAMBA1_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_X, Ro
                 Role.MAMBA_A_LOG, Role.MAMBA_D, Role.MAMBA_OUT, Role.MLP_NORM)
 DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
                   Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
+LIGHTNING_ROLES = (Role.ATTN_NORM, Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_NORM, Role.LIGHTNING_OUT,
+                   Role.LIGHTNING_SLOPE, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS,
@@ -122,7 +124,7 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
         Role.EXPERTS_GATE_UP_BIAS: (c.routing.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.routing.num_experts, h),
         Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.routing.num_experts,),
-        Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.conv_kernel), Role.CONV_BIAS: (h,),
+        Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.mixers.conv_kernel), Role.CONV_BIAS: (h,),
         Role.CONV_OUT: (h, h), Role.CONV_OUT_BIAS: (h,),
         Role.EXPERTS_GATE_UP_BLOCKS: (c.routing.num_experts, 2 * i_moe, h // 32, 16),
         Role.EXPERTS_GATE_UP_SCALES: (c.routing.num_experts, 2 * i_moe, h // 32),
@@ -131,19 +133,20 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         **latent_shapes(c),
         **linear_shapes(c),
         **mamba_shapes(c),
+        **lightning_shapes(c),
         Role.Q_GATE: (q, h),
     }[role]
 
 
 def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    if c.mamba1 is not None:
-        m, h = c.mamba1, c.hidden_size
+    if c.mixers.mamba1 is not None:
+        m, h = c.mixers.mamba1, c.hidden_size
         i, n, r = m.intermediate, m.state_size, m.dt_rank
         return {Role.MAMBA_IN: (2 * i, h), Role.MAMBA_IN_BIAS: (2 * i,), Role.MAMBA_CONV: (i, 1, m.conv_kernel),
                 Role.MAMBA_CONV_BIAS: (i,), Role.MAMBA_X: (r + 2 * n, i), Role.MAMBA_DT: (i, r),
                 Role.MAMBA_DT_BIAS: (i,), Role.MAMBA_A_LOG: (i, n), Role.MAMBA_D: (i,), Role.MAMBA_DT_NORM: (r,),
                 Role.MAMBA_B_NORM: (n,), Role.MAMBA_C_NORM: (n,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
-    m = c.mamba
+    m = c.mixers.mamba
     if m is None:
         return {}
     h, i, n = c.hidden_size, m.intermediate, m.num_heads
@@ -153,9 +156,19 @@ def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
             Role.MAMBA_NORM: (i,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
 
 
+def lightning_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mixers.lightning
+    if m is None:
+        return {}
+    inner = m.num_heads * m.head_dim
+    return {Role.LIGHTNING_QKV: (3 * inner, c.hidden_size), Role.LIGHTNING_GATE: (inner, c.hidden_size),
+            Role.LIGHTNING_NORM: (inner,), Role.LIGHTNING_OUT: (c.hidden_size, inner),
+            Role.LIGHTNING_SLOPE: (m.num_heads, 1, 1)}
+
+
 def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
     """A gated DeltaNet's tensors, one each (layouts.FusedLinearAttention: fused by key head)."""
-    m = c.linear_attention
+    m = c.mixers.linear_attention
     if m is None:
         return {}
     h = c.hidden_size
@@ -293,6 +306,8 @@ class WeightReader:
             roles = list(MAMBA_ROLES)
         elif self.cfg.mixer(layer) == "mamba":
             roles = list(MAMBA1_ROLES)
+        elif self.cfg.mixer(layer) == "lightning":
+            roles = list(LIGHTNING_ROLES)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]

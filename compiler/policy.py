@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 from fate.artifacts import Artifact, ArtifactError, LayerSpec
 from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import Predictor

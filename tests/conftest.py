@@ -70,6 +70,8 @@ CASES = {
     # one expert a token on its router-scaled input, weightless q/k norms after adjacent-pair RoPE, a NoPE layer
     "llama4_text": dict(family="llama4_text", seed=68),
     "llama4": dict(family="llama4", seed=69),
+    # a hybrid of lightning attention (a decaying linear state) and softmax attention, blocks added to their normed input
+    "minimax": dict(family="minimax", seed=70),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

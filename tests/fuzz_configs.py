@@ -204,6 +204,13 @@ KNOBS["llama4_text"] = Knobs(dense_inter="intermediate_size_mlp", max_layers=4,
                                               "floor_scale": r.choice([16, 8192])},
                              layers=lambda r, n: {"interleave_moe_layer_step": r.choice([1, 2]) if n > 1 else 1,
                                                   "no_rope_layers": [r.choice([0, 1, 1]) for _ in range(n)]})
+KNOBS["minimax"] = Knobs(max_layers=4,
+                         extra=lambda r: {"block_size": r.choice([2, 3, 256]),
+                                          **{key: r.choice([1.0, 0.5, 1.75]) for key in (
+                                              "full_attn_alpha_factor", "full_attn_beta_factor",
+                                              "linear_attn_alpha_factor", "linear_attn_beta_factor",
+                                              "mlp_alpha_factor", "mlp_beta_factor")}},
+                         layers=lambda r, n: {"layer_types": hybrid_types(r, n, "full_attention", "linear_attention")})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
              llama4=KNOBS["llama4_text"])

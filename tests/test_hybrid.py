@@ -1,7 +1,8 @@
 """Hybrid models: layers whose mixer carries a fixed-size state beside the attention layers' keys
 and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE (short convolutions) and a
 tiny Qwen3-Next (gated DeltaNet: a convolution window and a recurrent state), a tiny Granite-4.0-H
-(Mamba2: a convolution window and an SSM state) and a tiny Jamba (Mamba per channel). Parity with
+(Mamba2: a convolution window and an SSM state), a tiny Jamba (Mamba per channel) and a tiny MiniMax
+(lightning attention: a decaying linear state per head). Parity with
 transformers is in test_parity.py; these check what the runtime does with the state."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ GREEDY = SamplingConfig()
 MIXERS = {"lfm2_moe": ["short_conv", "attention", "short_conv", "short_conv"],
           "qwen3_next": ["gated_deltanet", "gated_deltanet", "attention", "gated_deltanet"],
           "granitemoehybrid": ["mamba2", "attention", "mamba2", "mamba2"],
-          "jamba": ["mamba", "attention", "mamba", "mamba"]}
+          "jamba": ["mamba", "attention", "mamba", "mamba"],
+          "minimax": ["lightning", "attention", "lightning", "lightning"]}
 
 
 @pytest.fixture(scope="module", params=sorted(MIXERS))
@@ -111,9 +113,10 @@ def test_a_state_shape_that_contradicts_the_graph_is_one_line(hybrid, tmp_path):
     shutil.copytree(hybrid.artifact(4), target)
     path = target / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["layers"][0]["state"][0]["shape"] = [1, 5, 64]
+    state = manifest["layers"][0]["state"][0]
+    state["shape"] = [1, 5, 64]
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="past_conv is declared"):
+    with pytest.raises(ArtifactError, match=f"past_{state['name']} is declared"):
         FateModel.load(target)
 
 

@@ -230,6 +230,20 @@ def llama4_config(**overrides):
     return Llama4Config(text_config=llama4_text_config(**overrides).to_dict(), vision_config=vision)
 
 
+def minimax_config(**overrides):
+    from transformers import MiniMaxConfig
+
+    # lightning attention layers around a softmax one, blocks of 4 tokens in the lightning layers' prefill
+    # (Fate runs their recurrence), each block added to its normed input with factors of its kind
+    return MiniMaxConfig(**{**COMMON, "intermediate_size": 32, "num_hidden_layers": 4, "head_dim": 16,
+                            "num_local_experts": 8, "num_experts_per_tok": 2, "block_size": 4,
+                            "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                            "linear_attention"],
+                            "full_attn_alpha_factor": 1.5, "full_attn_beta_factor": 0.75,
+                            "linear_attn_alpha_factor": 0.5, "linear_attn_beta_factor": 1.25,
+                            "mlp_alpha_factor": 1.25, "mlp_beta_factor": 0.8, **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -439,7 +453,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config,
            "mistral4": mistral4_config, "deepseek_v32": deepseek_v32_config,
            "glm_moe_dsa": glm_moe_dsa_config, "llama4_text": llama4_text_config,
-           "llama4": llama4_config}
+           "llama4": llama4_config, "minimax": minimax_config}
 
 
 def model_class(family: str):

@@ -43,7 +43,8 @@ def family_for(config: dict) -> Family:
         if is_dense(config):
             raise ModelError(f"this is a dense model ({model_type!r}, {archs}): Fate is for Mixture-of-Experts models, "
                              "whose experts it keeps on disk; a dense model runs as it is in llama.cpp or transformers")
-        raise ModelError(f"unsupported model type {model_type!r} ({archs}); supported: {', '.join(supported())}")
+        raise ModelError(f"unsupported model type {model_type!r} ({archs}); supported: {', '.join(supported())} "
+                         f"(docs/models.md: what the MoE types not yet supported would take)")
     return importlib.import_module(f"{__name__}.{model_type}").FAMILY
 
 

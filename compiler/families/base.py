@@ -102,6 +102,13 @@ class Role(enum.Enum):
     MAMBA_DT_NORM = "mamba_dt_norm"
     MAMBA_B_NORM = "mamba_b_norm"
     MAMBA_C_NORM = "mamba_c_norm"
+    # a lightning attention mixer (MiniMax): q|k|v per head [H * 3D, H], silu'd; each head's state decays
+    # by exp(-slope) a token; an RMSNorm over all heads [H * D]; an output gate [H * D, H]; out_proj [H, H * D]
+    LIGHTNING_QKV = "lightning_qkv"
+    LIGHTNING_GATE = "lightning_gate"
+    LIGHTNING_NORM = "lightning_norm"
+    LIGHTNING_OUT = "lightning_out"
+    LIGHTNING_SLOPE = "lightning_slope"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -150,6 +157,15 @@ class MixerSizes:
             raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must be integers > 0")
         if self.WHOLE and sizes[self.WHOLE[0]] % sizes[self.WHOLE[1]]:
             raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must have {self.WHOLE[2]}")
+
+
+@dataclass(frozen=True)
+class Lightning(MixerSizes):
+    """A lightning attention's sizes: heads of one size for q, k and v, and its norm's epsilon."""
+
+    num_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -207,6 +223,22 @@ class Mamba1(MixerSizes):
     state_size: int
     dt_rank: int
     conv_kernel: int
+
+
+@dataclass(frozen=True)
+class Mixers:
+    """What mixes tokens in each layer besides attention, and the sizes of those mixers."""
+
+    kinds: tuple[str, ...] | None = None  # each layer's token mixer (fate.artifacts.schema.MIXERS); None: attention
+    conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
+    linear_attention: LinearAttention | None = None  # the gated DeltaNet layers' sizes
+    mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
+    mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
+    lightning: Lightning | None = None  # the lightning attention layers' sizes
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
+            raise ModelError(f"config.json: conv_kernel must be an integer >= 0, got {self.conv_kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -299,23 +331,24 @@ class ArchConfig:
     # decoder layers stored after the last one that generation does not run: multi-token-prediction
     # modules (GLM-4.5's and DeepSeek-V3's `num_nextn_predict_layers`); their tensors are skipped
     unused_trailing_layers: int = 0
-    # each layer's token mixer (fate.artifacts.schema.MIXERS); None: attention everywhere
-    layer_mixers: tuple[str, ...] | None = None
-    conv_kernel: int = 0  # a short convolution's width L (its state is the last L - 1 inputs)
-    linear_attention: LinearAttention | None = None  # the gated DeltaNet layers' sizes
-    mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
-    mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
+    mixers: "Mixers" = field(default_factory=lambda: Mixers())  # what mixes tokens besides attention
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
     norm_weight_offset: float = 0.0
+    # each block adds its output to its own normed input, not to the stream before the norm (MiniMax):
+    # h = alpha * norm(x) + beta * block(norm(x)), (alpha, beta) per layer for the mixer (`mixer_factors`)
+    # and for the MLP (`mlp_factors`; the routed experts' beta is their routed scaling)
+    residual_from_norm: bool = False
+    mixer_factors: tuple[tuple[float, float], ...] | None = None
+    mlp_factors: tuple[float, float] = (1.0, 1.0)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
     # name instead of compiling into an artifact the runtime cannot run.
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "moe_intermediate_size")
-    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "conv_kernel")
+    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
     FINITE = ("rms_norm_eps", "rope_attention_scaling", "swiglu_alpha", "embedding_multiplier", "residual_multiplier",
               "logits_scaling", "norm_weight_offset", "shared_scale")
 
@@ -346,15 +379,16 @@ class ArchConfig:
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
-        if self.layer_mixers is not None:
-            if len(self.layer_mixers) != self.num_layers or not set(self.layer_mixers) <= set(MIXERS):
+        m = self.mixers
+        if m.kinds is not None:
+            if len(m.kinds) != self.num_layers or not set(m.kinds) <= set(MIXERS):
                 raise ModelError(f"config.json: layer types must name one of {', '.join(MIXERS)} per layer "
                                  f"({self.num_layers})")
-            if "short_conv" in self.layer_mixers and self.conv_kernel < 1:
-                raise ModelError(f"config.json: a short convolution of width {self.conv_kernel}")
-            for mixer, sizes in (("gated_deltanet", self.linear_attention), ("mamba", self.mamba1),
-                                 ("mamba2", self.mamba)):
-                if mixer in self.layer_mixers and sizes is None:  # each is checked when read (MixerSizes)
+            if "short_conv" in m.kinds and m.conv_kernel < 1:
+                raise ModelError(f"config.json: a short convolution of width {m.conv_kernel}")
+            for mixer, sizes in (("gated_deltanet", m.linear_attention), ("mamba", m.mamba1),
+                                 ("mamba2", m.mamba), ("lightning", m.lightning)):
+                if mixer in m.kinds and sizes is None:  # each is checked when read (MixerSizes)
                     raise ModelError(f"config.json: {mixer} layers without their sizes")
 
     def check_rotary(self) -> None:
@@ -374,7 +408,7 @@ class ArchConfig:
         return self if r.layer_top_k is None else replace(self, routing=replace(r, top_k=self.top_k_at(layer)))
 
     def mixer(self, layer: int) -> str:
-        return self.layer_mixers[layer] if self.layer_mixers else "attention"
+        return self.mixers.kinds[layer] if self.mixers.kinds else "attention"
 
 
 # Names most families share (Llama-style layout), to start a family's table from.

@@ -10,7 +10,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, Mamba2, Role, mixers_of_types, optional, require
+from .base import Family, Mamba2, Mixers, Role, mixers_of_types, optional, require
 from .granitemoeshared import FAMILY as GRANITEMOESHARED
 from .granitemoeshared import read_config as read_granitemoeshared_config
 
@@ -54,7 +54,7 @@ def read_config(cfg: dict):
     arch = read_granitemoeshared_config(cfg)
     if cfg.get("position_embedding_type") != "rope":
         arch = replace(arch, rope_inv_freq=[], rope_attention_scaling=1.0)
-    return replace(arch, layer_mixers=layer_mixers(cfg), mamba=mamba(cfg))
+    return replace(arch, mixers=Mixers(kinds=layer_mixers(cfg), mamba=mamba(cfg)))
 
 
 MAMBA = L + ".mamba"

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from fate.artifacts import ModelError
 
-from .base import DENSE_MLP, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Mamba1, Role
+from .base import DENSE_MLP, LAYER as L, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Mamba1, Mixers, Role
 from .base import common_fields, optional, require
 from .base import Routing
 
@@ -43,8 +43,7 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=0,
         moe_layers=frozenset(moe),
-        layer_mixers=tuple("attention" if i in attention else "mamba" for i in range(layers)),
-        mamba1=mamba,
+        mixers=Mixers(kinds=tuple("attention" if i in attention else "mamba" for i in range(layers)), mamba1=mamba),
     )
     return replace(arch, rope_inv_freq=[], rope_attention_scaling=1.0)  # Jamba's attention has no positions
 

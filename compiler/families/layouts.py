@@ -87,13 +87,13 @@ class FusedLinearAttention(Layout):
     roles = frozenset({Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A})
 
     def shapes(self, c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-        m, h = c.linear_attention, c.hidden_size
+        m, h = c.mixers.linear_attention, c.hidden_size
         both = (m.conv_dim + m.value_dim, h)
         return {Role.LINEAR_QKV: both, Role.LINEAR_Z: both, Role.LINEAR_B: (2 * m.num_value_heads, h),
                 Role.LINEAR_A: (2 * m.num_value_heads, h)}
 
     def read(self, r, role, layer, expert):
-        m = r.cfg.linear_attention
+        m = r.cfg.mixers.linear_attention
         group = m.num_value_heads // m.num_key_heads
         if role in (Role.LINEAR_B, Role.LINEAR_A):
             ba = r.ckpt.get(r.check(role, layer)).reshape(m.num_key_heads, 2 * group, -1)

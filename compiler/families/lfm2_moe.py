@@ -8,7 +8,7 @@ chosen by score + `expert_bias`, top-k weights renormalized with a 1e-6 guard an
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import ArchConfig, Family, Role, common_fields, mixers_of_types, optional, require
+from .base import ArchConfig, Family, Mixers, Role, common_fields, mixers_of_types, optional, require
 from .base import Routing
 
 MIXER_OF_TYPE = {"full_attention": "attention", "conv": "short_conv"}
@@ -44,8 +44,7 @@ def read_config(cfg: dict) -> ArchConfig:
         shared_intermediate_size=0,
         moe_layers=frozenset(range(min(dense, layers), layers)),
         qk_norm="head",
-        layer_mixers=layer_mixers(cfg),
-        conv_kernel=optional(cfg, "conv_L_cache", 3),
+        mixers=Mixers(kinds=layer_mixers(cfg), conv_kernel=optional(cfg, "conv_L_cache", 3)),
     )
 
 

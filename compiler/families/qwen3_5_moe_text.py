@@ -17,7 +17,7 @@ from .qwen3_next import read_config as read_qwen3_next_config
 def read_config(cfg: dict):
     arch = read_qwen3_next_config({**cfg, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
                                    "intermediate_size": 0})
-    return replace(arch, linear_attention=linear_attention(cfg))
+    return replace(arch, mixers=replace(arch.mixers, linear_attention=linear_attention(cfg)))
 
 
 def tensors(prefix: str = "model.") -> dict[Role, str]:

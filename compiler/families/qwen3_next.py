@@ -11,7 +11,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import LAYER as L
-from .base import Family, LinearAttention, Role, mixers_of_types, optional, require, rope_params
+from .base import Family, LinearAttention, Mixers, Role, mixers_of_types, optional, require, rope_params
 from .layouts import FusedLinearAttention, QueryWithGate
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen2_moe import read_config as read_qwen2_moe_config
@@ -48,8 +48,7 @@ def read_config(cfg: dict):
     arch = read_qwen2_moe_config({"head_dim": 256, "rms_norm_eps": 1e-6, **cfg})
     return replace(arch, sliding_window=None, qk_norm="head", attention_output_gate=True, norm_weight_offset=1.0,
                    routing=replace(arch.routing, normalize_top_k=bool(cfg.get("norm_topk_prob", True))),
-                    layer_mixers=layer_mixers(cfg),
-                   linear_attention=linear_attention(cfg))
+                   mixers=Mixers(kinds=layer_mixers(cfg), linear_attention=linear_attention(cfg)))
 
 
 LINEAR = L + ".linear_attn"

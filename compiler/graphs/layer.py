@@ -15,7 +15,7 @@ from ..families.base import ArchConfig, Role
 from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
 from .attention import attention, latent_attention, position_inputs, takes_position_tables
 from .blocks import W, linear, norm, swiglu
-from .mixers import gated_deltanet, mamba1, mamba2, short_conv
+from .mixers import gated_deltanet, lightning, mamba1, mamba2, short_conv
 from .routing import NextRouter, choice_scores, route, route_sigmoid, route_sparsemixer
 from .steps import decode_step, step_refusal
 
@@ -24,17 +24,20 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
     """The fixed-size state a layer's mixer carries between steps (none for attention, whose keys
     and values the model's numbers size)."""
     if cfg.mixer(layer) == "short_conv":
-        return {"conv": [1, cfg.conv_kernel - 1, cfg.hidden_size]}
+        return {"conv": [1, cfg.mixers.conv_kernel - 1, cfg.hidden_size]}
     if cfg.mixer(layer) == "gated_deltanet":
-        m = cfg.linear_attention
+        m = cfg.mixers.linear_attention
         return {"conv": [1, m.conv_kernel - 1, m.conv_dim],
                 "recurrent": [1, m.num_value_heads, m.key_head_dim, m.value_head_dim]}
     if cfg.mixer(layer) == "mamba2":
-        m = cfg.mamba
+        m = cfg.mixers.mamba
         return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
     if cfg.mixer(layer) == "mamba":
-        m = cfg.mamba1
+        m = cfg.mixers.mamba1
         return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
+    if cfg.mixer(layer) == "lightning":
+        m = cfg.mixers.lightning
+        return {"state": [1, m.num_heads, m.head_dim, m.head_dim]}
     return {}
 
 
@@ -45,6 +48,10 @@ class LayerGraphInfo:
     positions: str = "per_token"  # an attention layer's position inputs (PositionInputs.kind)
     decode_step: DecodeStep | None = None  # its tensors placed once the graph is serialized (decode_step_views)
     graph_only: str | None = None  # why it has no decode step (step_refusal)
+
+
+def scaled(b: GraphBuilder, x: str, factor: float) -> str:
+    return x if factor == 1.0 else b.op("Mul", x, b.scalar(factor, "factor"))
 
 
 def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None,
@@ -68,7 +75,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
         mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba": mamba1,
-                 "mamba2": mamba2}[cfg.mixer(layer)]
+                 "mamba2": mamba2, "lightning": lightning}[cfg.mixer(layer)]
         mixed, *present = mixer(b, x, w, cfg, *past)
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)
@@ -87,7 +94,11 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     if Role.POST_ATTN_NORM in w:
         mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.rms_norm_eps, cfg.norm)
-    h = h_attn = b.op("Add", hidden, mixed)
+    if cfg.residual_from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
+        alpha, beta = cfg.mixer_factors[layer] if cfg.mixer_factors else (1.0, 1.0)
+        h = h_attn = b.op("Add", scaled(b, x, alpha), scaled(b, mixed, beta))
+    else:
+        h = h_attn = b.op("Add", hidden, mixed)
 
     if cfg.parallel_block:
         normed = x
@@ -97,6 +108,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     else:  # post-norm families: the MLP reads the residual stream itself
         normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+    if cfg.residual_from_norm:  # the MLP's output (routed experts: their routed scaling) joins the normed input
+        h = scaled(b, normed, cfg.mlp_factors[0])
     scaled_input = layer in cfg.moe_layers and cfg.routing.scaled_input
     if not scaled_input:
         b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
@@ -104,6 +117,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
         if Role.POST_MLP_NORM in w:
             mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.rms_norm_eps, cfg.norm)
+        if cfg.residual_from_norm:
+            mlp = scaled(b, mlp, cfg.mlp_factors[1])
         out = b.op("Add", h, mlp)
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:

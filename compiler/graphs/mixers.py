@@ -39,7 +39,7 @@ def short_conv(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past: str) -> tup
     h = cfg.hidden_size
     gate_b, gate_c, u = b.op("Split", linear(b, x, w[Role.CONV_IN], w.get(Role.CONV_IN_BIAS)),
                              b.ints([h, h, h]), outputs=3, axis=-1)
-    conv, present = causal_conv(b, past, b.op("Mul", gate_b, u), w[Role.CONV].reshape(h, cfg.conv_kernel),
+    conv, present = causal_conv(b, past, b.op("Mul", gate_b, u), w[Role.CONV].reshape(h, cfg.mixers.conv_kernel),
                                 w.get(Role.CONV_BIAS))
     return linear(b, b.op("Mul", gate_c, conv), w[Role.CONV_OUT], w.get(Role.CONV_OUT_BIAS)), present
 
@@ -75,7 +75,7 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
     repeated for its group of value heads;  beta = sigmoid(x Wb);  g = -exp(A_log) softplus(x Wa + dt_bias)
     o = the delta rule over the sequence from the past state (a Scan: one step per token)
     out = out_proj(rmsnorm(o) * w * silu(x Wz)) per value head"""
-    m = cfg.linear_attention
+    m = cfg.mixers.linear_attention
     hk, hv, dk, dv = m.num_key_heads, m.num_value_heads, m.key_head_dim, m.value_head_dim
     mixed, present_conv = causal_conv(b, past_conv, linear(b, x, w[Role.LINEAR_QKV]),
                                       w[Role.LINEAR_CONV].reshape(m.conv_dim, m.conv_kernel), None)
@@ -135,7 +135,7 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     dt = softplus(dt + dt_bias);  decay = exp(dt * -exp(A_log))
     y  = the selective scan from the past state (a Scan: one step per token) + D x
     out = out_proj(group_rmsnorm(y * silu(z)) * w)"""
-    m = cfg.mamba
+    m = cfg.mixers.mamba
     n, hd, ds, g, inner = m.num_heads, m.head_dim, m.state_size, m.groups, m.intermediate
     proj = linear(b, x, w[Role.MAMBA_IN], w.get(Role.MAMBA_IN_BIAS))
     gate, xbc, dt = b.op("Split", proj, b.ints([inner, m.conv_dim, n]), outputs=3, axis=-1)
@@ -191,7 +191,7 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     u | z = in_proj(x);  u = silu(causal_conv(u));  dt_low | B | C = x_proj(u) (each RMS-normalized in Jamba)
     dt = softplus(dt_proj(dt_low) + bias);  y = the selective scan from the past state + D u
     out = out_proj(y * silu(z))"""
-    m = cfg.mamba1
+    m = cfg.mixers.mamba1
     i, n, r = m.intermediate, m.state_size, m.dt_rank
     u, gate = b.op("Split", linear(b, x, w[Role.MAMBA_IN], w.get(Role.MAMBA_IN_BIAS)), b.ints([i, i]), outputs=2,
                    axis=-1)
@@ -214,3 +214,40 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     z = b.op("Reshape", gate, b.ints([-1, i]))
     y = b.op("Reshape", b.op("Mul", y, silu(b, z)), b.ints([1, -1, i]))
     return linear(b, y, w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS)), present_conv, present_state
+
+
+def lightning_step(heads: int, dim: int, decay: np.ndarray) -> onnx.GraphProto:
+    """One token of lightning attention, the body of a Scan over the sequence (transformers' decode
+    form; its block form in prefill computes the same sums):
+
+        S = S * decay + v k^T      S [heads, D_v, D_k], decay = exp(-slope) [heads], k, v [heads, D]
+        o = S q                    q [heads, D] -> o [heads, D]"""
+    b = GraphBuilder("lightning_step", prefix="step_")
+    state = b.input("step_state", FLOAT, [heads, dim, dim])
+    q, k, v = (b.input(f"step_{name}", FLOAT, [heads, dim]) for name in "qkv")
+    state = b.op("Add", b.op("Mul", state, b.const(decay.reshape(heads, 1, 1), "decay")),
+                 b.op("MatMul", b.op("Unsqueeze", v, b.ints([2])), b.op("Unsqueeze", k, b.ints([1]))))
+    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", q, b.ints([2]))), b.ints([heads, dim]))
+    b.output(state, "step_state_out", FLOAT, [heads, dim, dim])
+    b.output(out, "step_out", FLOAT, [heads, dim])
+    return b.graph()
+
+
+def lightning(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_state: str) -> tuple[str, str]:
+    """MiniMax's lightning attention; returns (output [1,S,H], present state).
+
+    q|k|v = silu(x Wqkv), q, k and v of each head side by side;  each head's state decays by
+    exp(-slope) a token and adds v k^T;  o = S q over the sequence from the past state (a Scan);
+    out = out_proj(rmsnorm(o over all heads) * sigmoid(x Wgate))"""
+    m = cfg.mixers.lightning
+    heads, d = m.num_heads, m.head_dim
+    rows = b.op("Reshape", x, b.ints([-1, cfg.hidden_size]))
+    qkv = b.op("Reshape", silu(b, linear(b, rows, w[Role.LIGHTNING_QKV])), b.ints([-1, heads, 3 * d]))
+    q, k, v = b.op("Split", qkv, b.ints([d, d, d]), outputs=3, axis=-1)
+    decay = np.exp(-w[Role.LIGHTNING_SLOPE].reshape(heads).astype(np.float32))
+    state = b.op("Reshape", past_state, b.ints([heads, d, d]))
+    final, out = b.op("Scan", state, q, k, v, outputs=2, body=lightning_step(heads, d, decay), num_scan_inputs=3)
+    present_state = b.op("Reshape", final, b.ints([1, heads, d, d]))
+    normed = rms_norm(b, b.op("Reshape", out, b.ints([1, -1, heads * d])), w[Role.LIGHTNING_NORM], m.norm_eps)
+    gated = b.op("Mul", normed, b.op("Sigmoid", linear(b, x, w[Role.LIGHTNING_GATE])))
+    return linear(b, gated, w[Role.LIGHTNING_OUT]), present_state

@@ -11,7 +11,6 @@ from fate.artifacts import ModelError
 
 from ..families.base import ArchConfig
 from ..onnx_builder import GraphBuilder
-from .blocks import norm
 
 
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:

@@ -48,7 +48,8 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
                               cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
                               ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
                               ("no pre-norms", not cfg.pre_norms),
-                              ("experts on the router-scaled input", cfg.routing.scaled_input)):
+                              ("experts on the router-scaled input", cfg.routing.scaled_input),
+                              ("blocks added to their normed input", cfg.residual_from_norm)):
         if unsupported:
             return what
     extra = sorted(role.value for role in dense_roles - STEP_ROLES)

@@ -213,7 +213,7 @@ KNOBS["minimax"] = Knobs(max_layers=4,
                          layers=lambda r, n: {"layer_types": hybrid_types(r, n, "full_attention", "linear_attention")})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
-             llama4=KNOBS["llama4_text"])
+             llama4=KNOBS["llama4_text"], qwen3_5_moe=KNOBS["qwen3_5_moe_text"])
 # Families left out of the sweep, with why (tested by their fixed cases in conftest.CASES):
 # - qwen3_5_moe is qwen3_5_moe_text's language model inside the multimodal checkpoint: the same graphs.
 # - dbrx keeps its sizes in nested attn_config / ffn_config: see dbrx_overrides.

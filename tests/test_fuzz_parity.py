@@ -20,6 +20,13 @@ from test_parity import PROMPT, dequantized_dense_copy, hf_greedy, hf_logits, in
 DECODE = 6
 
 
+def test_every_supported_family_is_swept():
+    """A family added to the compiler is in the sweep (its knobs in tests/fuzz_configs.py) from its first day."""
+    from fate.compiler.families import supported
+
+    assert sorted(supported()) == SWEPT
+
+
 def cases(seeds: int) -> list:
     out = [pytest.param(family, "head20", id=f"{family}-head20") for family in SWEPT]
     out += [pytest.param(family, seed, id=f"{family}-seed{seed}") for family in SWEPT for seed in range(seeds)]

@@ -366,7 +366,7 @@ def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSp
         family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
-        rope_inv_freq=cfg.rope_inv_freq, rope_attention_scaling=cfg.rope_attention_scaling,
+        rope_inv_freq=cfg.positions.inv_freq, rope_attention_scaling=cfg.positions.attention_scaling,
         sliding_window=cfg.sliding_window,
         cache_key_dim=cfg.latent_attention.kv_lora_rank if cfg.latent_attention else None,
         cache_value_dim=cfg.latent_attention.qk_rope_head_dim if cfg.latent_attention else None,

@@ -31,7 +31,6 @@ def read_config(cfg: dict) -> ArchConfig:
         **common,
         sliding_window=None,
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
-        nope_layers=frozenset(i for i, t in enumerate(types) if t != "sliding_attention"),
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=True, scoring="sigmoid",
                         routed_scaling=float(optional(cfg, "route_scale", 1.0, (int, float)))),
@@ -43,7 +42,7 @@ def read_config(cfg: dict) -> ArchConfig:
         attention_output_gate=True,  # its own gate_proj: no layout (qwen3_next's q_proj holds both)
         post_norms=True,
         embedding_multiplier=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,
-    )
+    ).with_positions(nope_layers=frozenset(i for i, t in enumerate(types) if t != "sliding_attention"))
 
 
 FAMILY = Family(

@@ -226,6 +226,30 @@ class Mamba1(MixerSizes):
 
 
 @dataclass(frozen=True)
+class Positions:
+    """How the attention layers rotate q and k: RoPE's frequencies (computed at compile time, so the runtime
+    needs no knowledge of RoPE variants; empty: no positions), transformers' scaling of cos and sin, which
+    dims pair up, and the attention layers that do not rotate at all."""
+
+    inv_freq: list[float]
+    attention_scaling: float = 1.0
+    interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
+    nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.inv_freq):
+            raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
+        if isinstance(self.attention_scaling, bool) or not isinstance(self.attention_scaling, (int, float)) \
+                or not math.isfinite(self.attention_scaling):
+            raise ModelError(f"config.json: the RoPE attention scaling must be a finite number, "
+                             f"got {self.attention_scaling!r}")
+
+    @property
+    def rotary_dims(self) -> int:
+        return 2 * len(self.inv_freq)
+
+
+@dataclass(frozen=True)
 class Mixers:
     """What mixes tokens in each layer besides attention, and the sizes of those mixers."""
 
@@ -290,8 +314,7 @@ class ArchConfig:
     vocab_size: int
     rms_norm_eps: float
     max_positions: int
-    rope_inv_freq: list[float]
-    rope_attention_scaling: float
+    positions: Positions
     sliding_window: int | None
     routing: Routing
     moe_intermediate_size: int
@@ -308,12 +331,10 @@ class ArchConfig:
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
     # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
     latent_attention: LatentAttention | None = None
-    rope_interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
-    nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
     # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
     # no norm before the MLP, the router reads the attention's input norm
     parallel_block: bool = False
@@ -349,7 +370,7 @@ class ArchConfig:
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "moe_intermediate_size")
     NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
-    FINITE = ("rms_norm_eps", "rope_attention_scaling", "swiglu_alpha", "embedding_multiplier", "residual_multiplier",
+    FINITE = ("rms_norm_eps", "swiglu_alpha", "embedding_multiplier", "residual_multiplier",
               "logits_scaling", "norm_weight_offset", "shared_scale")
 
     def __post_init__(self) -> None:
@@ -375,8 +396,6 @@ class ArchConfig:
                 for k in r.layer_top_k)):
             raise ModelError(f"config.json: a per-layer top-k must give each of the {self.num_layers} layers a count "
                              f"from 1 to {r.num_experts}, got {list(r.layer_top_k)}")
-        if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.rope_inv_freq):
-            raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
         m = self.mixers
@@ -394,9 +413,12 @@ class ArchConfig:
     def check_rotary(self) -> None:
         """RoPE rotates pairs of dims: refuse more of them than a head holds (checked once the family
         has set its positions, which families without any clear)."""
-        if self.latent_attention is None and 2 * len(self.rope_inv_freq) > self.head_dim:
-            raise ModelError(f"config.json: RoPE rotates pairs of dims, {2 * len(self.rope_inv_freq)} of a head of "
+        if self.latent_attention is None and self.positions.rotary_dims > self.head_dim:
+            raise ModelError(f"config.json: RoPE rotates pairs of dims, {self.positions.rotary_dims} of a head of "
                              f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
+
+    def with_positions(self, **changes) -> "ArchConfig":
+        return replace(self, positions=replace(self.positions, **changes))
 
     def top_k_at(self, layer: int) -> int:
         r = self.routing
@@ -615,8 +637,7 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
         vocab_size=require(cfg, "vocab_size"),
         rms_norm_eps=require(cfg, "rms_norm_eps", float),
         max_positions=require(cfg, "max_position_embeddings"),
-        rope_inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
+        positions=Positions(inv_freq, scaling),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(cfg.get("eos_token_id")),
         bos_token_id=optional(cfg, "bos_token_id", None),

@@ -38,8 +38,6 @@ def read_config(cfg: dict) -> ArchConfig:
         **common,
         sliding_window=None,
         layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
-        nope_layers=frozenset(set(range(layers)) - rotated),
-        rope_interleaved=True,
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=selection == "softmax" or bool(cfg.get("norm_topk_prob", True)),
                         scoring=selection, topk_norm_eps=0.0, routed_scaling=0.5 if halve else 1.0),
@@ -52,7 +50,7 @@ def read_config(cfg: dict) -> ArchConfig:
         norm="rms" if rms is not None else "layer",
         logits_scaling=1.0 / scale,
         parallel_block=True,
-    )
+    ).with_positions(interleaved=True, nope_layers=frozenset(set(range(layers)) - rotated))
 
 
 FAMILY = Family(

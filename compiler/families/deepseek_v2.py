@@ -56,9 +56,8 @@ def read_config(cfg: dict) -> ArchConfig:
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
         latent_attention=latent,
-        rope_interleaved=True,
         attention_scale=scale,
-    )
+    ).with_positions(interleaved=True)
 
 
 FAMILY = Family(

@@ -17,9 +17,9 @@ def read_config(cfg: dict):
                            "n_routed_experts": cfg.get("n_routed_experts") or cfg.get("num_local_experts")})
     return replace(arch, routing=replace(arch.routing, scoring="sigmoid", group_topk=groups,
                                          normalize_top_k=bool(cfg.get("norm_topk_prob", True))),
-                   rope_interleaved=bool(cfg.get("rope_interleave", True)),
                    # the multi-token-prediction layer stored after the last decoder layer: not run
-                   unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0)
+                   unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0,
+                   ).with_positions(interleaved=bool(cfg.get("rope_interleave", True)))
 
 
 FAMILY = Family(

@@ -15,7 +15,7 @@ from .glm4_moe_lite import read_config as read_lite_config
 def read_config(cfg: dict):
     arch = read_lite_config(cfg)
     keep = optional(cfg, "index_topk", 2048)
-    return replace(arch, max_positions=min(arch.max_positions, keep), rope_interleaved=True)
+    return replace(arch, max_positions=min(arch.max_positions, keep)).with_positions(interleaved=True)
 
 
 FAMILY = Family(

@@ -45,8 +45,7 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "moe_num_shared_experts", 0),
         moe_layers=moe_layer_indices(cfg, common["num_layers"]),
-        rope_interleaved=True,
-    )
+    ).with_positions(interleaved=True)
 
 
 FAMILY = Family(

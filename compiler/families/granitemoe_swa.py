@@ -35,7 +35,7 @@ def read_config(cfg: dict):
             cfg = {**cfg, "rope_parameters": {**rope_params(cfg), "rope_theta": bases[0]},
                    "rope_theta": bases[0]}
     return replace(read_granitemoeshared_config(cfg), layer_windows=layer_windows({**cfg, "layer_types": types}),
-                   nope_layers=nope)
+                   ).with_positions(nope_layers=nope)
 
 
 FAMILY = Family(

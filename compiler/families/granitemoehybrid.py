@@ -53,7 +53,7 @@ def read_config(cfg: dict):
         raise ModelError("config.json: num_local_experts is 0: a dense model, which Fate does not compile")
     arch = read_granitemoeshared_config(cfg)
     if cfg.get("position_embedding_type") != "rope":
-        arch = replace(arch, rope_inv_freq=[], rope_attention_scaling=1.0)
+        arch = arch.with_positions(inv_freq=[], attention_scaling=1.0)
     return replace(arch, mixers=Mixers(kinds=layer_mixers(cfg), mamba=mamba(cfg)))
 
 

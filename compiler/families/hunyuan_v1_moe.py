@@ -9,7 +9,7 @@ from fate.artifacts import ModelError
 
 from .base import ATTENTION_BIASES, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
 from .base import common_fields, optional, require, rope_params
-from .base import Routing
+from .base import Positions, Routing
 
 
 def uniform(cfg: dict, key: str) -> int:
@@ -54,7 +54,7 @@ def read_config(cfg: dict) -> ArchConfig:
     # common_fields reads any other RoPE; the NTK-alpha one is computed here
     common = common_fields({**cfg, "rope_parameters": None, "rope_scaling": None} if frequencies else cfg)
     if frequencies:
-        common.update(rope_inv_freq=frequencies, rope_attention_scaling=1.0)
+        common.update(positions=Positions(frequencies, 1.0))
     intermediate = require(cfg, "intermediate_size")
     per_layer = per_layer_top_k(cfg)
     arch = ArchConfig(

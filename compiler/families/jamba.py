@@ -5,7 +5,6 @@ channel, its dt, B and C RMS-normalized, after a short causal convolution) excep
 others a dense SwiGLU MLP."""
 
 import math
-from dataclasses import replace
 
 from fate.artifacts import ModelError
 
@@ -45,7 +44,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_layers=frozenset(moe),
         mixers=Mixers(kinds=tuple("attention" if i in attention else "mamba" for i in range(layers)), mamba1=mamba),
     )
-    return replace(arch, rope_inv_freq=[], rope_attention_scaling=1.0)  # Jamba's attention has no positions
+    return arch.with_positions(inv_freq=[], attention_scaling=1.0)  # Jamba's attention has no positions
 
 
 MAMBA = L + ".mamba"

@@ -57,11 +57,9 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=optional(cfg, "intermediate_size_mlp", 0) if len(moe) < layers else 0,
         shared_intermediate_size=require(cfg, "intermediate_size"),
         moe_layers=frozenset(moe),
-        rope_interleaved=True,
-        nope_layers=frozenset(i for i, r in enumerate(rotates) if not r),
         qk_norm="unit" if cfg.get("use_qk_norm", True) else "none",
         qk_norm_after_rope=bool(cfg.get("use_qk_norm", True)),
-    )
+    ).with_positions(interleaved=True, nope_layers=frozenset(i for i, r in enumerate(rotates) if not r))
 
 
 FF = L + ".feed_forward"

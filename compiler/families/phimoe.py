@@ -30,8 +30,8 @@ def read_config(cfg: dict):
         if not original or rope.get("short_mscale") is None:
             raise ModelError("config.json: longrope without original_max_position_embeddings or short_mscale")
         inv_freq, _ = rope_from_transformers(cfg, "longrope")
-        arch = replace(arch, rope_inv_freq=inv_freq, rope_attention_scaling=float(rope["short_mscale"]),
-                       max_positions=min(arch.max_positions, int(original)))
+        arch = replace(arch, max_positions=min(arch.max_positions, int(original))).with_positions(
+            inv_freq=inv_freq, attention_scaling=float(rope["short_mscale"]))
     jitter = float(optional(cfg, "router_jitter_noise", 0.01, (int, float)))
     return replace(arch, norm="layer", routing=replace(arch.routing, scoring="sparsemixer", normalize_top_k=False,
                                                        router_jitter_eps=jitter))

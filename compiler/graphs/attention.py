@@ -32,7 +32,7 @@ class PositionInputs:
 
 
 def position_inputs(b: GraphBuilder, cfg: ArchConfig, tables: bool) -> PositionInputs:
-    rot = 2 * len(cfg.rope_inv_freq)
+    rot = cfg.positions.rotary_dims
     bias = b.input(IO.ATTN_BIAS, FLOAT, ["S", "T"])
     if not tables:
         return PositionInputs("per_token", b.input(IO.COS, FLOAT, ["S", rot]), b.input(IO.SIN, FLOAT, ["S", rot]), bias)
@@ -60,12 +60,12 @@ def takes_position_tables(cfg: ArchConfig, w: W) -> bool:
     the fused kernel (not after a q/k norm, no sinks, no latent attention), in sizes the kernel takes
     (onnxruntime: rotary dims a multiple of 16 within a head that is a multiple of 16). Fewer nodes:
     tiny-moe's layer attention 24-29 -> 15-18 us a decode step, qwen shapes 127-146 -> 76-90 us."""
-    rot, d = 2 * len(cfg.rope_inv_freq), cfg.head_dim
+    rot, d = cfg.positions.rotary_dims, cfg.head_dim
     if cfg.latent_attention or cfg.qk_norm_after_rope or fused_attention_refusal(cfg, w) is not None:
         return False
     if rot == 0 or rot % 16 or d % 16 or rot > d:
         return False
-    return not cfg.rope_interleaved or rot == d
+    return not cfg.positions.interleaved or rot == d
 
 
 def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: PositionInputs,
@@ -81,7 +81,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
     [1,KV,T,D] layout); what it cannot compute (fused_attention_refusal) takes the explicit form.
     """
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rot = 2 * len(cfg.rope_inv_freq)
+    rot = cfg.positions.rotary_dims
 
     gated = Role.Q_GATE in w
     roles = [Role.Q, Role.K, Role.V] + ([Role.Q_GATE] if gated else [])
@@ -109,7 +109,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
                 y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
         return b.op("Reshape", y, b.ints([1, -1, n_heads * d])) if tables else y
 
-    if cfg.rope_interleaved and rot not in (0, d):
+    if cfg.positions.interleaved and rot not in (0, d):
         raise ModelError("RoPE on adjacent pairs over part of each head is not supported")
     if tables:  # GroupQueryAttention rotates q and k itself
         q, k = project(projected[0], heads, Role.Q_NORM), project(projected[1], kv, Role.K_NORM)
@@ -119,7 +119,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
             else (positions.cos, positions.sin)
         # adjacent pairs (ERNIE-4.5) leave q and k in another order than the two halves; both get the
         # same one, so their dot products (and the cached keys, used only in them) are unchanged
-        rotate = (lambda t: rotary_interleaved(b, t, cos_s, sin_s, rot)) if cfg.rope_interleaved \
+        rotate = (lambda t: rotary_interleaved(b, t, cos_s, sin_s, rot)) if cfg.positions.interleaved \
             else (lambda t: rotary(b, t, cos_s, sin_s, d, rot))
         if rot == 0:  # no positions in the attention at all (Granite-4.0-H): order comes from the other layers
             rotate = lambda t: t  # noqa: E731
@@ -147,7 +147,7 @@ def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v
     heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     mask = b.op("Unsqueeze", positions.bias, b.ints([0, 1]))  # [1, 1, S, T]
     if positions.kind == "tables":
-        rotary = {"do_rotary": 1, "rotary_interleaved": int(cfg.rope_interleaved)} if cfg.rope_inv_freq else {}
+        rotary = {"do_rotary": 1, "rotary_interleaved": int(cfg.positions.interleaved)} if cfg.positions.inv_freq else {}
         tables = (positions.cos, positions.sin) if rotary else ("", "")
         context, present_k, present_v = b.op(
             "GroupQueryAttention", q, k, v, past_k, past_v, positions.seqlens, positions.total, *tables, "", mask,
@@ -220,7 +220,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     q = b.op("Transpose", b.op("Reshape", q, b.ints([1, -1, heads, nope + rope])), perm=[0, 2, 1, 3])
     q_nope, q_pe = b.op("Split", q, b.ints([nope, rope]), outputs=2, axis=-1)
     cos, sin, bias = positions.cos, positions.sin, positions.bias
-    rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rope)) if cfg.rope_interleaved \
+    rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rope)) if cfg.positions.interleaved \
         else (lambda t: rotary(b, t, cos, sin, rope, rope))
     q = b.op("Concat", q_nope, rotate(q_pe), axis=-1)
 

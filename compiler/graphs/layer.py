@@ -3,7 +3,7 @@ the state shapes it carries, and the combine graph of post-norm layers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -88,7 +88,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
         attend = latent_attention if cfg.latent_attention else attention
         # a layer without positions still takes them (every attention layer is fed alike)
-        rotated = replace(cfg, rope_inv_freq=[]) if layer in cfg.nope_layers else cfg
+        rotated = cfg.with_positions(inv_freq=[]) if layer in cfg.positions.nope_layers else cfg
         mixed, present_k, present_v = attend(b, x, w, rotated, positions, past_k, past_v)
         b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])

@@ -40,12 +40,12 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
         reason = fused_attention_refusal(cfg, w)
         return f"attention the fused kernel cannot take ({reason})" if reason else \
             "RoPE in sizes or an order the fused kernel cannot take"
-    if layer in cfg.nope_layers:
+    if layer in cfg.positions.nope_layers:
         return "attention without positions"
     if fmt.bits not in QUANTIZED_BITS:
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
     for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
-                              cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.rope_interleaved),
+                              cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.positions.interleaved),
                               ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
                               ("no pre-norms", not cfg.pre_norms),
                               ("experts on the router-scaled input", cfg.routing.scaled_input),

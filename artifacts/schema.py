@@ -41,12 +41,12 @@ LAYER_KINDS = ("moe", "dense")
 POSITION_INPUTS = ("per_token", "tables")
 # What mixes tokens in a layer: attention caches keys and values that grow with the sequence; the
 # others carry a fixed-size state from token to token, listed in LayerSpec.state.
-MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2", "lightning")
+MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2", "lightning", "kda")
 MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, below a hostile allocation
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("afmoe", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss",
-                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "llama4", "llama4_text", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "kimi_linear", "llama4", "llama4_text", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
                   "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 

@@ -57,6 +57,9 @@ DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B,
                   Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
 LIGHTNING_ROLES = (Role.ATTN_NORM, Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_NORM, Role.LIGHTNING_OUT,
                    Role.LIGHTNING_SLOPE, Role.MLP_NORM)
+KDA_ROLES = (Role.ATTN_NORM, Role.KDA_Q, Role.KDA_K, Role.KDA_V, Role.KDA_Q_CONV, Role.KDA_K_CONV, Role.KDA_V_CONV,
+             Role.KDA_F_A, Role.KDA_F_B, Role.KDA_DT_BIAS, Role.KDA_A_LOG, Role.KDA_B, Role.KDA_G_A, Role.KDA_G_B,
+             Role.KDA_NORM, Role.KDA_OUT, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS,
@@ -134,6 +137,7 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         **linear_shapes(c),
         **mamba_shapes(c),
         **lightning_shapes(c),
+        **kda_shapes(c),
         Role.Q_GATE: (q, h),
     }[role]
 
@@ -164,6 +168,18 @@ def lightning_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
     return {Role.LIGHTNING_QKV: (3 * inner, c.hidden_size), Role.LIGHTNING_GATE: (inner, c.hidden_size),
             Role.LIGHTNING_NORM: (inner,), Role.LIGHTNING_OUT: (c.hidden_size, inner),
             Role.LIGHTNING_SLOPE: (m.num_heads, 1, 1)}
+
+
+def kda_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mixers.kda
+    if m is None:
+        return {}
+    h, d, inner = c.hidden_size, m.head_dim, m.inner
+    conv = (inner, 1, m.conv_kernel)
+    return {Role.KDA_Q: (inner, h), Role.KDA_K: (inner, h), Role.KDA_V: (inner, h), Role.KDA_Q_CONV: conv,
+            Role.KDA_K_CONV: conv, Role.KDA_V_CONV: conv, Role.KDA_F_A: (d, h), Role.KDA_F_B: (inner, d),
+            Role.KDA_DT_BIAS: (inner,), Role.KDA_A_LOG: (1, 1, m.num_heads, 1), Role.KDA_B: (m.num_heads, h),
+            Role.KDA_G_A: (d, h), Role.KDA_G_B: (inner, d), Role.KDA_NORM: (d,), Role.KDA_OUT: (h, inner)}
 
 
 def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
@@ -308,6 +324,8 @@ class WeightReader:
             roles = list(MAMBA1_ROLES)
         elif self.cfg.mixer(layer) == "lightning":
             roles = list(LIGHTNING_ROLES)
+        elif self.cfg.mixer(layer) == "kda":
+            roles = list(KDA_ROLES)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]

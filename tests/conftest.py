@@ -72,6 +72,8 @@ CASES = {
     "llama4": dict(family="llama4", seed=69),
     # a hybrid of lightning attention (a decaying linear state) and softmax attention, blocks added to their normed input
     "minimax": dict(family="minimax", seed=70),
+    # Kimi Delta Attention (a delta rule decaying per key channel) around latent attention without positions
+    "kimi_linear": dict(family="kimi_linear", seed=71),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

@@ -211,6 +211,18 @@ KNOBS["minimax"] = Knobs(max_layers=4,
                                               "linear_attn_alpha_factor", "linear_attn_beta_factor",
                                               "mlp_alpha_factor", "mlp_beta_factor")}},
                          layers=lambda r, n: {"layer_types": hybrid_types(r, n, "full_attention", "linear_attention")})
+KNOBS["kimi_linear"] = Knobs(expert_inter="moe_intermediate_size", head_dim=None, dense_inter="intermediate_size",
+                             rope=False, latent=True, groups=True, max_layers=4,
+                             extra=lambda r: {"pad_token_id": None, "n_shared_experts": r.choice([0, 1]),
+                                              "norm_topk_prob": coin(r), "q_lora_rank": r.choice([None, 20]),
+                                              "kv_lora_rank": r.choice([12, 20]), "qk_nope_head_dim": r.choice([6, 9]),
+                                              "qk_rope_head_dim": r.choice([4, 6]), "v_head_dim": r.choice([5, 8]),
+                                              "linear_head_dim": r.choice([6, 9, 16]),
+                                              "linear_num_heads": r.choice([1, 2, 3]),
+                                              "linear_conv_kernel_dim": r.choice([2, 4])},
+                             layers=lambda r, n: {"layer_types": hybrid_types(r, n, "full_attention", "linear_attention"),
+                                                  "mlp_layer_types": (["dense"] if n > 1 and coin(r) else ["sparse"])
+                                                  + ["sparse"] * (n - 1)})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
              llama4=KNOBS["llama4_text"], qwen3_5_moe=KNOBS["qwen3_5_moe_text"])

@@ -244,6 +244,21 @@ def minimax_config(**overrides):
                             "mlp_alpha_factor": 1.25, "mlp_beta_factor": 0.8, **overrides})
 
 
+def kimi_linear_config(**overrides):
+    from transformers import KimiLinearConfig
+
+    # Kimi Delta Attention around a latent attention layer without positions, sigmoid routing over groups
+    # with a shared expert, a dense first layer
+    return KimiLinearConfig(**{**COMMON, "pad_token_id": None, "num_key_value_heads": 4, "intermediate_size": 96,
+                               "moe_intermediate_size": 32,
+                               "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2,
+                               "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.0,
+                               "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                               "v_head_dim": 16, "linear_head_dim": 16, "linear_num_heads": 4,
+                               "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                               "mlp_layer_types": ["dense", "sparse", "sparse"], **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -453,7 +468,8 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "sarvam_moe": sarvam_moe_config, "sarvam_mla": sarvam_mla_config, "minicpm5_moe": minicpm5_moe_config,
            "mistral4": mistral4_config, "deepseek_v32": deepseek_v32_config,
            "glm_moe_dsa": glm_moe_dsa_config, "llama4_text": llama4_text_config,
-           "llama4": llama4_config, "minimax": minimax_config}
+           "llama4": llama4_config, "minimax": minimax_config,
+           "kimi_linear": kimi_linear_config}
 
 
 def model_class(family: str):

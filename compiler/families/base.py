@@ -109,6 +109,25 @@ class Role(enum.Enum):
     LIGHTNING_NORM = "lightning_norm"
     LIGHTNING_OUT = "lightning_out"
     LIGHTNING_SLOPE = "lightning_slope"
+    # Kimi Delta Attention (Kimi-Linear): q, k, v [H * D, H] each with its depthwise causal conv [H * D, 1, L];
+    # the forget gate's low-rank f_a [D, H], f_b [H * D, D], dt_bias [H * D], A_log [1, 1, heads, 1]; the
+    # write strength b [heads, H]; the output gate's low-rank g_a [D, H], g_b [H * D, D]; a gated RMSNorm
+    # over each head [D]; out_proj [H, H * D]
+    KDA_Q = "kda_q"
+    KDA_K = "kda_k"
+    KDA_V = "kda_v"
+    KDA_Q_CONV = "kda_q_conv"
+    KDA_K_CONV = "kda_k_conv"
+    KDA_V_CONV = "kda_v_conv"
+    KDA_F_A = "kda_f_a"
+    KDA_F_B = "kda_f_b"
+    KDA_DT_BIAS = "kda_dt_bias"
+    KDA_A_LOG = "kda_a_log"
+    KDA_B = "kda_b"
+    KDA_G_A = "kda_g_a"
+    KDA_G_B = "kda_g_b"
+    KDA_NORM = "kda_norm"
+    KDA_OUT = "kda_out"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
@@ -157,6 +176,19 @@ class MixerSizes:
             raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must be integers > 0")
         if self.WHOLE and sizes[self.WHOLE[0]] % sizes[self.WHOLE[1]]:
             raise ModelError(f"config.json: {type(self).__name__} sizes {sizes} must have {self.WHOLE[2]}")
+
+
+@dataclass(frozen=True)
+class KimiDelta(MixerSizes):
+    """Kimi Delta Attention's sizes: heads of one size for q, k and v, and the short convolution's width."""
+
+    num_heads: int
+    head_dim: int
+    conv_kernel: int
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -259,6 +291,7 @@ class Mixers:
     mamba: Mamba2 | None = None  # the Mamba2 layers' sizes
     mamba1: Mamba1 | None = None  # the Mamba (1) layers' sizes
     lightning: Lightning | None = None  # the lightning attention layers' sizes
+    kda: KimiDelta | None = None  # the Kimi Delta Attention layers' sizes
 
     def __post_init__(self) -> None:
         if isinstance(self.conv_kernel, bool) or not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
@@ -406,7 +439,7 @@ class ArchConfig:
             if "short_conv" in m.kinds and m.conv_kernel < 1:
                 raise ModelError(f"config.json: a short convolution of width {m.conv_kernel}")
             for mixer, sizes in (("gated_deltanet", m.linear_attention), ("mamba", m.mamba1),
-                                 ("mamba2", m.mamba), ("lightning", m.lightning)):
+                                 ("mamba2", m.mamba), ("lightning", m.lightning), ("kda", m.kda)):
                 if mixer in m.kinds and sizes is None:  # each is checked when read (MixerSizes)
                     raise ModelError(f"config.json: {mixer} layers without their sizes")
 

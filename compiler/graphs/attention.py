@@ -222,6 +222,8 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     cos, sin, bias = positions.cos, positions.sin, positions.bias
     rotate = (lambda t: rotary_interleaved(b, t, cos, sin, rope)) if cfg.positions.interleaved \
         else (lambda t: rotary(b, t, cos, sin, rope, rope))
+    if not cfg.positions.inv_freq:  # the "rope" part unrotated (Kimi-Linear's latent attention has no positions)
+        rotate = lambda t: t  # noqa: E731
     q = b.op("Concat", q_nope, rotate(q_pe), axis=-1)
 
     latent, k_pe = b.op("Split", linear(b, x, w[Role.KV_A]), b.ints([m.kv_lora_rank, rope]), outputs=2, axis=-1)

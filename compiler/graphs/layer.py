@@ -15,7 +15,7 @@ from ..families.base import ArchConfig, Role
 from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
 from .attention import attention, latent_attention, position_inputs, takes_position_tables
 from .blocks import W, linear, norm, swiglu
-from .mixers import gated_deltanet, lightning, mamba1, mamba2, short_conv
+from .mixers import gated_deltanet, kimi_delta, lightning, mamba1, mamba2, short_conv
 from .routing import NextRouter, choice_scores, route, route_sigmoid, route_sparsemixer
 from .steps import decode_step, step_refusal
 
@@ -35,6 +35,9 @@ def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
     if cfg.mixer(layer) == "mamba":
         m = cfg.mixers.mamba1
         return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
+    if cfg.mixer(layer) == "kda":
+        m = cfg.mixers.kda
+        return {"conv": [1, m.conv_kernel - 1, 3 * m.inner], "recurrent": [1, m.num_heads, m.head_dim, m.head_dim]}
     if cfg.mixer(layer) == "lightning":
         m = cfg.mixers.lightning
         return {"state": [1, m.num_heads, m.head_dim, m.head_dim]}
@@ -75,7 +78,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
         mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba": mamba1,
-                 "mamba2": mamba2, "lightning": lightning}[cfg.mixer(layer)]
+                 "mamba2": mamba2, "lightning": lightning, "kda": kimi_delta}[cfg.mixer(layer)]
         mixed, *present = mixer(b, x, w, cfg, *past)
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)

@@ -44,10 +44,10 @@ def short_conv(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past: str) -> tup
     return linear(b, b.op("Mul", gate_c, conv), w[Role.CONV_OUT], w.get(Role.CONV_OUT_BIAS)), present
 
 
-def delta_rule_step(hv: int, dk: int, dv: int) -> onnx.GraphProto:
+def delta_rule_step(hv: int, dk: int, dv: int, per_key: bool = False) -> onnx.GraphProto:
     """One token of the gated delta rule, the body of a Scan over the sequence:
 
-        S     = S * decay                         S [Hv, Dk, Dv], decay = exp(g) [Hv]
+        S     = S * decay                         S [Hv, Dk, Dv], decay = exp(g) [Hv] (per_key: [Hv, Dk], KDA)
         S     = S + k (beta (v - k^T S))^T        k [Hv, Dk], v [Hv, Dv], beta [Hv]
         o     = q^T S                             q [Hv, Dk] -> o [Hv, Dv]
     (transformers' torch_recurrent_gated_delta_rule, one step)."""
@@ -55,8 +55,9 @@ def delta_rule_step(hv: int, dk: int, dv: int) -> onnx.GraphProto:
     state = b.input("step_state", FLOAT, [hv, dk, dv])
     q, k = b.input("step_q", FLOAT, [hv, dk]), b.input("step_k", FLOAT, [hv, dk])
     v = b.input("step_v", FLOAT, [hv, dv])
-    decay, beta = b.input("step_decay", FLOAT, [hv]), b.input("step_beta", FLOAT, [hv])
-    state = b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([1, 2])))
+    decay = b.input("step_decay", FLOAT, [hv, dk] if per_key else [hv])
+    beta = b.input("step_beta", FLOAT, [hv])
+    state = b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([2] if per_key else [1, 2])))
     row_k = b.op("Unsqueeze", k, b.ints([1]))  # [Hv, 1, Dk]
     remembered = b.op("MatMul", row_k, state)  # [Hv, 1, Dv]
     delta = b.op("Mul", b.op("Sub", b.op("Unsqueeze", v, b.ints([1])), remembered), b.op("Unsqueeze", beta, b.ints([1, 2])))
@@ -251,3 +252,40 @@ def lightning(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_state: str) -
     normed = rms_norm(b, b.op("Reshape", out, b.ints([1, -1, heads * d])), w[Role.LIGHTNING_NORM], m.norm_eps)
     gated = b.op("Mul", normed, b.op("Sigmoid", linear(b, x, w[Role.LIGHTNING_GATE])))
     return linear(b, gated, w[Role.LIGHTNING_OUT]), present_state
+
+
+def kimi_delta(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str,
+               past_state: str) -> tuple[str, str, str]:
+    """Kimi Delta Attention; returns (output [1,S,H], present conv window, present state).
+
+    q|k|v = silu(causal_conv(x Wq | x Wk | x Wv));  q, k = l2norm per head (q also / sqrt(D));
+    beta = sigmoid(x Wb);  g = -exp(A_log) softplus(f_b(f_a(x)) + dt_bias), one decay per key channel
+    o = the delta rule over the sequence from the past state, each key row of the state decaying by its own
+    exp(g) (a Scan: one step per token)
+    out = out_proj(rmsnorm(o) * w * sigmoid(g_b(g_a(x)))) per head"""
+    m = cfg.mixers.kda
+    heads, d, inner = m.num_heads, m.head_dim, m.inner
+    rows = b.op("Reshape", x, b.ints([-1, cfg.hidden_size]))
+    projected = linear(b, x, np.concatenate([w[Role.KDA_Q], w[Role.KDA_K], w[Role.KDA_V]]))
+    kernel = np.concatenate([w[r].reshape(inner, m.conv_kernel) for r in (Role.KDA_Q_CONV, Role.KDA_K_CONV,
+                                                                           Role.KDA_V_CONV)])
+    mixed, present_conv = causal_conv(b, past_conv, projected, kernel, None)
+    q, k, v = b.op("Split", b.op("Reshape", silu(b, mixed), b.ints([-1, 3 * inner])), b.ints([inner] * 3),
+                   outputs=3, axis=-1)
+    q = b.op("Mul", l2_normalize(b, b.op("Reshape", q, b.ints([-1, heads, d]))), b.scalar(d ** -0.5, "query_scale"))
+    k = l2_normalize(b, b.op("Reshape", k, b.ints([-1, heads, d])))
+    v = b.op("Reshape", v, b.ints([-1, heads, d]))
+    beta = b.op("Sigmoid", linear(b, rows, w[Role.KDA_B]))
+    gate = b.op("Add", linear(b, linear(b, rows, w[Role.KDA_F_A]), w[Role.KDA_F_B]),
+                b.const(w[Role.KDA_DT_BIAS].astype(np.float32), "dt_bias"))
+    rates = negative_rates(w[Role.KDA_A_LOG].reshape(heads, 1))  # [heads, 1]: each head's rate on its channels
+    decay = b.op("Exp", b.op("Mul", b.op("Softplus", b.op("Reshape", gate, b.ints([-1, heads, d]))),
+                             b.const(rates, "a")))
+    state = b.op("Reshape", past_state, b.ints([heads, d, d]))
+    final, out = b.op("Scan", state, q, k, v, decay, beta, outputs=2, body=delta_rule_step(heads, d, d, per_key=True),
+                      num_scan_inputs=5)
+    present_state = b.op("Reshape", final, b.ints([1, heads, d, d]))
+    normed = rms_norm(b, out, w[Role.KDA_NORM], cfg.rms_norm_eps)  # [S, heads, D]
+    gate_out = b.op("Reshape", linear(b, linear(b, rows, w[Role.KDA_G_A]), w[Role.KDA_G_B]), b.ints([-1, heads, d]))
+    gated = b.op("Reshape", b.op("Mul", normed, b.op("Sigmoid", gate_out)), b.ints([1, -1, inner]))
+    return linear(b, gated, w[Role.KDA_OUT]), present_conv, present_state

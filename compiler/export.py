@@ -333,11 +333,11 @@ class WeightReader:
             roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm not in ("none", "unit") else [])
             roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
-        if self.cfg.parallel_block or not self.cfg.pre_norms:
+        if self.cfg.block.parallel or not self.cfg.block.pre_norms:
             roles.remove(Role.MLP_NORM)
-        if not self.cfg.pre_norms:
+        if not self.cfg.block.pre_norms:
             roles.remove(Role.ATTN_NORM)
-        if self.cfg.post_norms:
+        if self.cfg.block.post_norms:
             roles += [Role.POST_ATTN_NORM, Role.POST_MLP_NORM]
         return roles + [r for r in OPTIONAL_LAYER_ROLES if self.present(r, layer)]
 
@@ -494,10 +494,10 @@ class LayerExporter:
         next_layer = None
         if layer + 1 in cfg.moe_layers:
             # the norm the next layer's router reads through: before its MLP, or (parallel blocks) its input norm
-            norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.parallel_block else (Role.MLP_NORM,
+            norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.block.parallel else (Role.MLP_NORM,
                                                                                                 Role.MLP_NORM_BIAS)
             next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1),
-                                           reader.get(norm, layer + 1) if cfg.pre_norms else None,
+                                           reader.get(norm, layer + 1) if cfg.block.pre_norms else None,
                                            reader.optional(norm_bias, layer + 1),
                                            reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
                                            reader.optional(Role.ROUTER_BIAS, layer + 1))
@@ -505,7 +505,7 @@ class LayerExporter:
         info = graphs.layer_graph(layer, cfg, weights, next_layer, dense_format(self.opts))
         graph_path = layout.layer_graph(layer)
         combine_path = None
-        if is_moe and cfg.post_norms:
+        if is_moe and cfg.block.post_norms:
             combine_path = layout.combine_graph(layer)
             self.writer.write_bytes(combine_path, graphs.combine_graph(cfg, weights[Role.POST_MLP_NORM]).SerializeToString())
         del weights

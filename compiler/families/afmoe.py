@@ -11,7 +11,7 @@ from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
 from .base import common_fields, optional, per_layer_types, require
-from .base import Routing
+from .base import Block, Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -40,7 +40,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_layers=frozenset(range(min(dense, layers), layers)),
         qk_norm="head",
         attention_output_gate=True,  # its own gate_proj: no layout (qwen3_next's q_proj holds both)
-        post_norms=True,
+        block=Block(post_norms=True),
         embedding_multiplier=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,
     ).with_positions(nope_layers=frozenset(i for i, t in enumerate(types) if t != "sliding_attention"))
 

@@ -282,6 +282,26 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class Block:
+    """How a decoder layer's mixer and MLP join the residual stream (the usual: x + mixer(norm(x)), then
+    the same for the MLP)."""
+
+    # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
+    # no norm before the MLP, the router reads the attention's input norm
+    parallel: bool = False
+    # the attention's and the MLP's outputs normalized before their residual adds (FlexOlmo); with
+    # pre_norms False their inputs are not normalized at all
+    post_norms: bool = False
+    pre_norms: bool = True
+    # each adds its output to its own normed input, not to the stream before the norm (MiniMax):
+    # h = alpha * norm(x) + beta * f(norm(x)), (alpha, beta) per layer for the mixer (`mixer_factors`)
+    # and for the MLP (`mlp_factors`; the routed experts' beta is their routed scaling)
+    from_norm: bool = False
+    mixer_factors: tuple[tuple[float, float], ...] | None = None
+    mlp_factors: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
 class Mixers:
     """What mixes tokens in each layer besides attention, and the sizes of those mixers."""
 
@@ -368,13 +388,7 @@ class ArchConfig:
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
-    # attention and MLP side by side on the same normed input, both added to the residual (Cohere):
-    # no norm before the MLP, the router reads the attention's input norm
-    parallel_block: bool = False
-    # the attention's and the MLP's outputs normalized before their residual adds (FlexOlmo); with
-    # pre_norms False their inputs are not normalized at all
-    post_norms: bool = False
-    pre_norms: bool = True
+    block: "Block" = field(default_factory=lambda: Block())  # how the mixer and the MLP join the residual stream
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     embedding_multiplier: float = 1.0
@@ -390,12 +404,6 @@ class ArchConfig:
     # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
     # DeltaNet excepted
     norm_weight_offset: float = 0.0
-    # each block adds its output to its own normed input, not to the stream before the norm (MiniMax):
-    # h = alpha * norm(x) + beta * block(norm(x)), (alpha, beta) per layer for the mixer (`mixer_factors`)
-    # and for the MLP (`mlp_factors`; the routed experts' beta is their routed scaling)
-    residual_from_norm: bool = False
-    mixer_factors: tuple[tuple[float, float], ...] | None = None
-    mlp_factors: tuple[float, float] = (1.0, 1.0)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by

@@ -9,7 +9,7 @@ from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, SHARED_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig
 from .base import Family, Role, common_fields, optional, per_layer_types, require
-from .base import Routing
+from .base import Block, Routing
 
 
 def read_config(cfg: dict) -> ArchConfig:
@@ -49,7 +49,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_layers=frozenset(i for i, t in enumerate(mlp) if t == "sparse"),
         norm="rms" if rms is not None else "layer",
         logits_scaling=1.0 / scale,
-        parallel_block=True,
+        block=Block(parallel=True),
     ).with_positions(interleaved=True, nope_layers=frozenset(set(range(layers)) - rotated))
 
 

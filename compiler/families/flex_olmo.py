@@ -6,13 +6,13 @@ whole query and key projections; softmax top-k, renormalized when `norm_topk_pro
 from dataclasses import replace
 
 from .base import LAYER as L
-from .base import Family, Role
+from .base import Block, Family, Role
 from .olmoe import FAMILY as OLMOE
 from .olmoe import read_config as read_olmoe_config
 
 
 def read_config(cfg: dict):
-    return replace(read_olmoe_config(cfg), pre_norms=False, post_norms=True)
+    return replace(read_olmoe_config(cfg), block=Block(pre_norms=False, post_norms=True))
 
 
 FAMILY = Family(

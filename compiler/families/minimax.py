@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from fate.artifacts import ModelError
 
-from .base import LAYER as L, Family, Lightning, Mixers, Role, mixers_of_types, optional
+from .base import LAYER as L, Block, Family, Lightning, Mixers, Role, mixers_of_types, optional
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
 
@@ -35,7 +35,7 @@ def read_config(cfg: dict):
              "lightning": (factor(cfg, "linear_attn_alpha_factor"), factor(cfg, "linear_attn_beta_factor"))}
     alpha, beta = factor(cfg, "mlp_alpha_factor"), factor(cfg, "mlp_beta_factor")
     return replace(arch, mixers=Mixers(kinds=mixers, lightning=Lightning(arch.num_heads, arch.head_dim)),
-                   residual_from_norm=True, mixer_factors=tuple(kinds[m] for m in mixers), mlp_factors=(alpha, beta),
+                   block=Block(from_norm=True, mixer_factors=tuple(kinds[m] for m in mixers), mlp_factors=(alpha, beta)),
                    routing=replace(arch.routing, routed_scaling=arch.routing.routed_scaling * beta))
 
 

@@ -97,13 +97,13 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     if Role.POST_ATTN_NORM in w:
         mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.rms_norm_eps, cfg.norm)
-    if cfg.residual_from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
-        alpha, beta = cfg.mixer_factors[layer] if cfg.mixer_factors else (1.0, 1.0)
+    if cfg.block.from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
+        alpha, beta = cfg.block.mixer_factors[layer] if cfg.block.mixer_factors else (1.0, 1.0)
         h = h_attn = b.op("Add", scaled(b, x, alpha), scaled(b, mixed, beta))
     else:
         h = h_attn = b.op("Add", hidden, mixed)
 
-    if cfg.parallel_block:
+    if cfg.block.parallel:
         normed = x
     elif Role.MLP_NORM in w:
         with b.tagged("mlp_norm"):
@@ -111,8 +111,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     else:  # post-norm families: the MLP reads the residual stream itself
         normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
-    if cfg.residual_from_norm:  # the MLP's output (routed experts: their routed scaling) joins the normed input
-        h = scaled(b, normed, cfg.mlp_factors[0])
+    if cfg.block.from_norm:  # the MLP's output (routed experts: their routed scaling) joins the normed input
+        h = scaled(b, normed, cfg.block.mlp_factors[0])
     scaled_input = layer in cfg.moe_layers and cfg.routing.scaled_input
     if not scaled_input:
         b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
@@ -120,8 +120,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
         if Role.POST_MLP_NORM in w:
             mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.rms_norm_eps, cfg.norm)
-        if cfg.residual_from_norm:
-            mlp = scaled(b, mlp, cfg.mlp_factors[1])
+        if cfg.block.from_norm:
+            mlp = scaled(b, mlp, cfg.block.mlp_factors[1])
         out = b.op("Add", h, mlp)
         b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     else:
@@ -171,7 +171,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     model = b.model()
-    if layer in cfg.moe_layers and cfg.post_norms:  # the routed sum goes through the combine graph
+    if layer in cfg.moe_layers and cfg.block.post_norms:  # the routed sum goes through the combine graph
         onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
     refusal = step_refusal(layer, cfg, w, next_layer, b.weights, position_kind)
     return LayerGraphInfo(model, next_layer is not None, position_kind,

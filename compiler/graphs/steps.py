@@ -46,10 +46,10 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
     for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
                               cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.positions.interleaved),
-                              ("a parallel block", cfg.parallel_block), ("post-norms", cfg.post_norms),
-                              ("no pre-norms", not cfg.pre_norms),
+                              ("a parallel block", cfg.block.parallel), ("post-norms", cfg.block.post_norms),
+                              ("no pre-norms", not cfg.block.pre_norms),
                               ("experts on the router-scaled input", cfg.routing.scaled_input),
-                              ("blocks added to their normed input", cfg.residual_from_norm)):
+                              ("blocks added to their normed input", cfg.block.from_norm)):
         if unsupported:
             return what
     extra = sorted(role.value for role in dense_roles - STEP_ROLES)

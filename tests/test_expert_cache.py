@@ -32,6 +32,25 @@ class FakeLoader:
         return f"blob-{layer}-{expert}@{slot}", self.nbytes
 
 
+class Slots:
+    """The cache's SlotLoads from the fakes: a loader, the starts it asks for urgent (`demand`) and queued
+    (`background`) loads, and where a value lies (`locate`)."""
+
+    def __init__(self, load, demand=None, background=None, locate=None):
+        self._load, self._demand, self._background, self._locate = load, demand, background, locate
+
+    def load(self, layer: int, expert: int, slot: int):
+        return self._load(layer, expert, slot)
+
+    def start(self, layer: int, expert: int, slot: int, urgent: bool):
+        start = self._demand if urgent else self._background
+        assert start is not None, "this test gives the cache no such start"
+        return start(layer, expert, slot)
+
+    def locate(self, key, value) -> int:
+        return self._locate(key, value)
+
+
 def until(condition, timeout: float = 30.0) -> None:
     """Wait for something the cache's threads do (never a fixed sleep)."""
     deadline = time.monotonic() + timeout
@@ -42,7 +61,7 @@ def until(condition, timeout: float = 30.0) -> None:
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_slots_are_never_shared_or_exceeded(policy):
-    cache = ExpertCache({0: 3, 1: 2}, FakeLoader(), policy=policy, threads=2)
+    cache = ExpertCache({0: 3, 1: 2}, Slots(FakeLoader()), policy=policy, threads=2)
     try:
         for step in range(50):
             cache.prefetch(0, [step % 7, (step * 3) % 7], step)
@@ -62,7 +81,7 @@ def test_slots_are_never_shared_or_exceeded(policy):
 def test_in_flight_load_is_waited_for_not_repeated():
     gate = threading.Event()
     loader = FakeLoader(gate=gate)
-    cache = ExpertCache({0: 4}, loader, threads=1)
+    cache = ExpertCache({0: 4}, Slots(loader), threads=1)
     try:
         cache.prefetch(0, [3], step=1)
         assert loader.started.wait(30)  # the worker is loading expert 3
@@ -82,7 +101,7 @@ def test_in_flight_load_is_waited_for_not_repeated():
 def test_stale_requests_are_dropped():
     gate = threading.Event()
     loader = FakeLoader(gate=gate)
-    cache = ExpertCache({0: 8}, loader, threads=1)
+    cache = ExpertCache({0: 8}, Slots(loader), threads=1)
     try:
         cache.prefetch(0, [1, 2, 3, 4], step=1)
         assert loader.started.wait(30)  # expert 1 is loading; 2, 3, 4 wait in the queue
@@ -97,7 +116,7 @@ def test_stale_requests_are_dropped():
 
 
 def test_pinned_experts_are_not_evicted():
-    cache = ExpertCache({0: 2}, FakeLoader(), threads=1)
+    cache = ExpertCache({0: 2}, Slots(FakeLoader()), threads=1)
     try:
         cache.fetch(0, 1)
         cache.fetch(0, 2)
@@ -118,7 +137,7 @@ def test_pinned_experts_are_not_evicted():
 
 
 def test_prefetch_never_evicts_protected_predictions():
-    cache = ExpertCache({0: 2}, FakeLoader(), threads=1)
+    cache = ExpertCache({0: 2}, Slots(FakeLoader()), threads=1)
     try:
         for expert in (1, 2):
             cache.fetch(0, expert)
@@ -137,7 +156,7 @@ def test_prefetch_never_evicts_protected_predictions():
 
 def test_prefetch_failure_reaches_the_caller():
     loader = FakeLoader(fail={(0, 7)})
-    cache = ExpertCache({0: 4}, loader, threads=1)
+    cache = ExpertCache({0: 4}, Slots(loader), threads=1)
     try:
         cache.prefetch(0, [7], step=1)
         until(lambda: cache._error is not None)
@@ -148,7 +167,7 @@ def test_prefetch_failure_reaches_the_caller():
 
 
 def test_demand_failure_raises_and_does_not_hang():
-    cache = ExpertCache({0: 1}, FakeLoader(fail={(0, 2)}), threads=1)
+    cache = ExpertCache({0: 1}, Slots(FakeLoader(fail={(0, 2)})), threads=1)
     try:
         with pytest.raises(OSError):
             cache.fetch(0, 2)
@@ -215,7 +234,7 @@ class FakeStart:
 def test_start_fetch_begins_a_load_the_caller_finishes_and_never_blocks():
     loader = FakeLoader()
     start = FakeStart(loader)
-    cache = ExpertCache({0: 2}, loader, threads=1, start=start)
+    cache = ExpertCache({0: 2}, Slots(loader, demand=start), threads=1)
     try:
         first, second = cache.start_fetch(0, 1), cache.start_fetch(0, 2)
         assert start.begun == [(0, 1, 0), (0, 2, 1)] and not cache.resident(0)  # begun, not yet resident
@@ -234,7 +253,7 @@ def test_start_fetch_begins_a_load_the_caller_finishes_and_never_blocks():
 
 def test_start_fetch_failure_frees_the_slot_and_reaches_the_caller():
     loader = FakeLoader(fail={(0, 5)})
-    cache = ExpertCache({0: 1}, loader, threads=1, start=FakeStart(loader))
+    cache = ExpertCache({0: 1}, Slots(loader, demand=FakeStart(loader)), threads=1)
     try:
         with pytest.raises(OSError, match="expert 5"):
             cache.start_fetch(0, 5).result()
@@ -248,7 +267,7 @@ def test_begun_prefetches_are_finished_by_whoever_asks_or_by_harvest():
     it (a hit when its read is over), harvest() finishes the others, and close() leaves none."""
     loader = FakeLoader()
     demand, background = FakeStart(loader), FakeStart(loader)
-    cache = ExpertCache({0: 4}, loader, threads=1, start=demand, start_background=background)
+    cache = ExpertCache({0: 4}, Slots(loader, demand=demand, background=background), threads=1)
     try:
         cache.start_prefetch(0, [1, 2, 3])
         assert [b[:2] for b in background.begun] == [(0, 1), (0, 2), (0, 3)] and not cache.resident(0)
@@ -267,7 +286,7 @@ def test_begun_prefetches_are_finished_by_whoever_asks_or_by_harvest():
 def test_retire_gives_up_the_prefetches_the_router_did_not_choose_whose_reads_are_queued():
     loader = FakeLoader()
     background = FakeStart(loader, queued={(0, 2), (0, 3)})
-    cache = ExpertCache({0: 3}, loader, threads=1, start=FakeStart(loader), start_background=background)
+    cache = ExpertCache({0: 3}, Slots(loader, demand=FakeStart(loader), background=background), threads=1)
     try:
         cache.start_prefetch(0, [1, 2, 3])
         cache.retire(0, {1, 3})  # the router chose 1 and 3: 2 is given up, its slot free again
@@ -284,7 +303,7 @@ def test_retire_gives_up_the_prefetches_the_router_did_not_choose_whose_reads_ar
 def test_asking_for_a_queued_prefetch_reads_it_as_urgent_into_its_slot():
     loader = FakeLoader()
     demand, background = FakeStart(loader), FakeStart(loader, queued={(0, 7)})
-    cache = ExpertCache({0: 2}, loader, threads=1, start=demand, start_background=background)
+    cache = ExpertCache({0: 2}, Slots(loader, demand=demand, background=background), threads=1)
     try:
         cache.start_prefetch(0, [7])
         load = cache.start_fetch(0, 7)
@@ -296,7 +315,7 @@ def test_asking_for_a_queued_prefetch_reads_it_as_urgent_into_its_slot():
 
 def test_slots_held_by_begun_prefetches_come_back_when_the_loop_settles_them():
     loader = FakeLoader()
-    cache = ExpertCache({0: 2}, loader, threads=1, start=FakeStart(loader), start_background=FakeStart(loader))
+    cache = ExpertCache({0: 2}, Slots(loader, demand=FakeStart(loader), background=FakeStart(loader)), threads=1)
     try:
         cache.protect(0, {1, 2})
         cache.start_prefetch(0, [1, 2])
@@ -319,7 +338,7 @@ def test_a_load_that_cannot_even_begin_leaves_no_slot_or_key_behind():
             raise failure
         return working(layer, expert, slot)
 
-    cache = ExpertCache({0: 1}, loader, threads=1, start=start, start_background=start)
+    cache = ExpertCache({0: 1}, Slots(loader, demand=start, background=start), threads=1)
     try:
         with pytest.raises(MemoryError):
             cache.start_prefetch(0, [4])
@@ -337,8 +356,9 @@ def test_located_follows_residence_through_loads_evictions_and_failures():
 
     loader = FakeLoader(fail={(0, 6)})
     located = {0: np.full(8, -1, np.int64)}
-    cache = ExpertCache({0: 3}, loader, threads=1, start=FakeStart(loader), start_background=FakeStart(loader),
-                        located=located, locate=lambda key, value: 100 * int(value.rsplit("@", 1)[1]) + key[1])
+    slots = Slots(loader, demand=FakeStart(loader), background=FakeStart(loader),
+                  locate=lambda key, value: 100 * int(value.rsplit("@", 1)[1]) + key[1])
+    cache = ExpertCache({0: 3}, slots, threads=1, located=located)
 
     def check():
         with cache._lock:
@@ -385,7 +405,7 @@ def test_a_load_whose_bytes_cannot_be_located_fails_like_a_load_and_frees_its_sl
 
     loader = FakeLoader()
     located = {0: np.full(4, -1, np.int64)}
-    cache = ExpertCache({0: 1}, loader, threads=1, start=FakeStart(loader), located=located, locate=locate)
+    cache = ExpertCache({0: 1}, Slots(loader, demand=FakeStart(loader), locate=locate), threads=1, located=located)
     try:
         with pytest.raises(ValueError, match="not in a slot"):
             cache.start_fetch(0, 2).result()
@@ -400,7 +420,7 @@ def test_a_load_whose_bytes_cannot_be_located_fails_like_a_load_and_frees_its_sl
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_global_pool_slots_are_shared_by_layers_and_never_exceeded(policy):
     """Two layers of 2 slots each in one group: 4 slots either may fill, numbered within the group."""
-    cache = ExpertCache({0: 2, 1: 2}, FakeLoader(), policy=policy, threads=1, groups={0: "g", 1: "g"})
+    cache = ExpertCache({0: 2, 1: 2}, Slots(FakeLoader()), policy=policy, threads=1, groups={0: "g", 1: "g"})
     try:
         for expert in range(4):  # layer 0 alone may take all four
             cache.fetch(0, expert)
@@ -418,7 +438,7 @@ def test_global_pool_slots_are_shared_by_layers_and_never_exceeded(policy):
 
 
 def test_global_pool_never_evicts_a_pinned_expert_of_another_layer():
-    cache = ExpertCache({0: 1, 1: 1}, FakeLoader(), threads=1, groups={0: "g", 1: "g"})
+    cache = ExpertCache({0: 1, 1: 1}, Slots(FakeLoader()), threads=1, groups={0: "g", 1: "g"})
     try:
         cache.fetch(0, 5)  # pinned: being run
         cache.fetch(1, 1)
@@ -491,8 +511,7 @@ def test_s3fifo_asks_about_an_excluded_key_once_a_call_and_keeps_its_place():
 
 
 def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():
-    cache = ExpertCache({0: 2, 1: 2}, FakeLoader(), policy="lru", threads=1, groups={0: "g", 1: "g"},
-                        floors={0: 2})
+    cache = ExpertCache({0: 2, 1: 2}, Slots(FakeLoader()), policy="lru", threads=1, groups={0: "g", 1: "g"}, floors={0: 2})
     try:
         def use(layer, expert):
             cache.fetch(layer, expert)

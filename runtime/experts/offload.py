@@ -140,9 +140,8 @@ class OffloadedExperts(ExpertStore):
         # miss stalls the loop, where another layer's is read ahead of need
         predicted = any(p.width > 0 for p in self.plans.values())
         floors = {p.index: p.slots for p in self.plans.values() if p.width <= 0} if groups and predicted else None
-        self.cache = ExpertCache(slots, self._load, policy=options.cache, threads=options.threads,
-                                 start=self._start_demand, start_background=self._start, located=located,
-                                 locate=self._locate, groups=groups, floors=floors)
+        self.cache = ExpertCache(slots, _Reads(self), policy=options.cache, threads=options.threads,
+                                 located=located, groups=groups, floors=floors)
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
@@ -157,21 +156,6 @@ class OffloadedExperts(ExpertStore):
         self._snapshot = CacheCounters()
 
     # ------------------------------------------------------------------ ExpertStore
-
-    def _load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
-        return self._start(layer, expert, slot).result()
-
-    def _start(self, layer: int, expert: int, slot: int, urgent: bool = False) -> "_StartedLoad":
-        plan = self.plans[layer]
-        return _StartedLoad(self, layer, slot, self.loader.start(
-            layer, expert, plan.precision, self.pool.buffer(layer, slot), self.pool, urgent))
-
-    def _start_demand(self, layer: int, expert: int, slot: int) -> "_StartedLoad":
-        """A miss the generation loop is stalled on: its read goes before queued prefetches."""
-        return self._start(layer, expert, slot, urgent=True)
-
-    def _locate(self, key: tuple[int, int], loaded: LoadedExpert) -> int:
-        return slot_offset(self.pool, loaded, self.plans[key[0]].precision)
 
     def native_layer(self, layer: int) -> RoutedExperts | None:
         if layer not in self._reads_itself:
@@ -437,6 +421,26 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
                                    for i, p in sorted(phase.prediction.items())},
         prefetch_precision_per_layer={i: p.correct / p.predicted if p.predicted else None
                                       for i, p in sorted(phase.prediction.items())})
+
+
+class _Reads:
+    """The store's loads as its cache asks for them (residency.SlotLoads): one read of the expert's file
+    at the plan's precision into the slot (on the native I/O threads where they run), and where its
+    bytes then lie."""
+
+    def __init__(self, store: OffloadedExperts):
+        self._store = store
+
+    def start(self, layer: int, expert: int, slot: int, urgent: bool = False) -> "_StartedLoad":
+        store = self._store
+        return _StartedLoad(store, layer, slot, store.loader.start(
+            layer, expert, store.plans[layer].precision, store.pool.buffer(layer, slot), store.pool, urgent))
+
+    def load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
+        return self.start(layer, expert, slot).result()
+
+    def locate(self, key: tuple[int, int], loaded: LoadedExpert) -> int:
+        return slot_offset(self._store.pool, loaded, self._store.plans[key[0]].precision)
 
 
 class _StartedLoad:

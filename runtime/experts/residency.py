@@ -30,7 +30,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 from fate.artifacts import FateError
@@ -38,6 +38,21 @@ from fate.artifacts import FateError
 from .eviction import DEFAULT_POLICY, POLICIES, EvictionPolicy
 
 Key = tuple[int, int]
+
+
+class SlotLoads(Protocol):
+    """What fills the cache's slots: the offloaded store's reads (OffloadedExperts), or a test's fakes."""
+
+    def load(self, layer: int, expert: int, slot: int) -> tuple[object, int]:
+        """The expert read into the slot now, on the calling thread: (its value, bytes read from storage)."""
+
+    def start(self, layer: int, expert: int, slot: int, urgent: bool):
+        """The same load begun: an object with `done()`, `cancel()` (True when its read had not begun: it is
+        given up) and `result()` (load's). `urgent` (a miss the loop is stalled on: start_fetch) goes
+        before those queued (prefetches: start_prefetch)."""
+
+    def locate(self, key: Key, value: object) -> int:
+        """Where a loaded expert's bytes lie in its slot memory (the cache's `located` arrays)."""
 
 
 class BudgetError(FateError):
@@ -71,17 +86,12 @@ class CacheCounters:
 
 
 class ExpertCache:
-    def __init__(self, slots: dict[int, int], load: Callable[[int, int, int], tuple[object, int]],
-                 policy: str = DEFAULT_POLICY, threads: int = 2, start: Callable | None = None,
-                 start_background: Callable | None = None, located: dict[int, np.ndarray] | None = None,
-                 locate: Callable[[Key, object], int] | None = None, groups: dict[int, object] | None = None,
+    def __init__(self, slots: dict[int, int], loads: "SlotLoads", policy: str = DEFAULT_POLICY, threads: int = 2,
+                 located: dict[int, np.ndarray] | None = None, groups: dict[int, object] | None = None,
                  floors: dict[int, int] | None = None):
-        """slots: layer -> slot count; load(layer, expert, slot) -> (value, bytes read from storage);
-        start(layer, expert, slot) -> a load begun, with `done()`, `cancel()` (True when its read had
-        not begun: it is given up) and `result()` (load's); for start_fetch, whose caller is stalled
-        on it; start_background: the same, queued behind those (for start_prefetch); located: layer ->
-        an array by expert id that the cache keeps equal to `locate(key, value)` of each resident
-        expert and -1 for the others (set when it becomes resident, -1 before its slot is reused);
+        """slots: layer -> slot count; loads: what fills a slot (SlotLoads); located: layer -> an array
+        by expert id that the cache keeps equal to `loads.locate(key, value)` of each resident expert
+        and -1 for the others (set when it becomes resident, -1 before its slot is reused);
         groups: layer -> its eviction group (default: its own), whose slots are the sum of its layers'
         and are numbered within the group; floors: layer -> how many of its experts other layers' loads
         never evict (in a shared group: a layer whose misses nothing prefetches keeps its share)."""
@@ -91,10 +101,7 @@ class ExpertCache:
         for layer, n in slots.items():
             self.group_slots[self.group_of[layer]] += n
         self.located = located or {}
-        self._locate = locate
-        self._load = load
-        self._start = start
-        self._start_background = start_background
+        self._loads = loads
         self._policies: dict[object, EvictionPolicy] = {g: POLICIES[policy](n) for g, n in self.group_slots.items()}
         self._resident: dict[Key, tuple[object, int]] = {}  # key -> (value, slot)
         self._free: dict[object, list[int]] = {g: list(range(n - 1, -1, -1)) for g, n in self.group_slots.items()}
@@ -191,7 +198,7 @@ class ExpertCache:
                 slot = self._take_slot(layer, demand=True)
                 if slot is None:
                     return None
-                pending = self._begin(self._start, layer, expert, slot)
+                pending = self._begin(layer, expert, slot, urgent=True)
                 future = self._inflight[key] = Future()
                 counters.misses += 1
             else:
@@ -218,7 +225,7 @@ class ExpertCache:
                 if slot is None:  # every slot pinned, protected or being filled
                     self.counters.dropped_stale += 1
                     return
-                pending = self._begin(self._start_background, layer, expert, slot)
+                pending = self._begin(layer, expert, slot, urgent=False)
                 future = self._inflight[key] = Future()
                 counters.prefetched += 1
                 self._begun[key] = _Loading(self, key, future, slot, pending, prefetched=True)
@@ -342,7 +349,7 @@ class ExpertCache:
         def load():
             if slot is None:
                 raise BudgetError(f"no slot of layer {key[0]} could be had (closing)")
-            return self._load(key[0], key[1], slot)
+            return self._loads.load(key[0], key[1], slot)
         self._settle(key, future, slot, load, prefetched)
 
     def _settle(self, key: Key, future: Future, slot: int | None, load, prefetched: bool = False) -> None:
@@ -351,7 +358,7 @@ class ExpertCache:
         layer = key[0]
         try:
             value, read = load()
-            where = self._locate(key, value) if layer in self.located else None
+            where = self._loads.locate(key, value) if layer in self.located else None
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._inflight.pop(key, None)
@@ -411,10 +418,10 @@ class ExpertCache:
             self._pins[key] += 1
         return entry
 
-    def _begin(self, start: Callable, layer: int, expert: int, slot: int):
-        """start(layer, expert, slot), giving the slot back if it fails. Under the lock."""
+    def _begin(self, layer: int, expert: int, slot: int, urgent: bool):
+        """loads.start(layer, expert, slot, urgent), giving the slot back if it fails. Under the lock."""
         try:
-            return start(layer, expert, slot)
+            return self._loads.start(layer, expert, slot, urgent)
         except BaseException:
             self._free[self.group_of[layer]].append(slot)
             raise
@@ -430,9 +437,9 @@ class ExpertCache:
             counters.hits += 1
         else:
             counters.waits += 1
-            if self._start is not None and loading.cancel():
+            if loading.cancel():
                 try:
-                    loading.pending = self._begin(self._start, key[0], key[1], loading.slot)
+                    loading.pending = self._begin(key[0], key[1], loading.slot, urgent=True)
                 except BaseException:
                     self._inflight.pop(key, None)
                     loading.future.cancel()

@@ -4,7 +4,9 @@ downloaded): the chat page's test, and pictures of the charts as a person would 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,12 +19,30 @@ def browser():
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
+    # chromium's profile and the folders it makes in TMPDIR (its singleton socket, left behind when the
+    # driver ends it) in one folder of the test's, removed on quit
+    scratch = tempfile.mkdtemp(prefix="fate-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1400,2400", "--hide-scrollbars"):
+                 "--window-size=1400,2400", "--hide-scrollbars", f"--user-data-dir={scratch}/profile"):
         options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    service = webdriver.ChromeService(executable_path=driver, env={**os.environ, "TMPDIR": scratch})
+    try:
+        page = webdriver.Chrome(options=options, service=service)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    quit_page = page.quit
+
+    def quit_and_clean() -> None:
+        try:
+            quit_page()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    page.quit = quit_and_clean
+    return page
 
 
 def picture(path: Path, png: Path):

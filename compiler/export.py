@@ -212,7 +212,7 @@ def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
 # Outputs of the residual branches: scaled by the residual multiplier where a family has one.
 RESIDUAL_BRANCH_OUTPUTS = (Role.O, Role.O_BIAS, Role.DENSE_DOWN, Role.SHARED_DOWN, Role.EXPERT_DOWN, Role.CONV_OUT,
                            Role.CONV_OUT_BIAS, Role.LINEAR_OUT, Role.MAMBA_OUT, Role.MAMBA_OUT_BIAS)
-# RMSNorm weights that a family may store zero-centred (ArchConfig.norm_weight_offset)
+# RMSNorm weights that a family may store zero-centred (ArchConfig.norms.weight_offset)
 OFFSET_NORMS = (Role.ATTN_NORM, Role.MLP_NORM, Role.FINAL_NORM, Role.Q_NORM, Role.K_NORM)
 
 
@@ -246,8 +246,8 @@ class WeightReader:
                 tensor = tensor.reshape(-1)
         if role in RESIDUAL_BRANCH_OUTPUTS and self.cfg.residual_multiplier != 1.0:
             tensor = tensor * np.float32(self.cfg.residual_multiplier)
-        if role in OFFSET_NORMS and self.cfg.norm_weight_offset:
-            tensor = tensor.astype(np.float32) + np.float32(self.cfg.norm_weight_offset)
+        if role in OFFSET_NORMS and self.cfg.norms.weight_offset:
+            tensor = tensor.astype(np.float32) + np.float32(self.cfg.norms.weight_offset)
         return tensor
 
     @property

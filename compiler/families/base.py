@@ -282,6 +282,25 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class Norms:
+    """The layers' normalization: RMSNorm or LayerNorm with a bias (Phi-3.5-MoE, DBRX), its epsilon, and
+    an offset added to the stored weights (x * (offset + w): Qwen3-Next's zero-centred weights, 1; the gated
+    norm of a DeltaNet excepted)."""
+
+    eps: float
+    kind: str = "rms"  # or "layer"
+    weight_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("eps", "weight_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ModelError(f"config.json: the norms' {name} must be a finite number, got {value!r}")
+        if self.kind not in ("rms", "layer"):
+            raise ModelError(f"config.json: unknown norm {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class Block:
     """How a decoder layer's mixer and MLP join the residual stream (the usual: x + mixer(norm(x)), then
     the same for the MLP)."""
@@ -365,7 +384,7 @@ class ArchConfig:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
+    norms: Norms
     max_positions: int
     positions: Positions
     sliding_window: int | None
@@ -390,7 +409,6 @@ class ArchConfig:
     layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     block: "Block" = field(default_factory=lambda: Block())  # how the mixer and the MLP join the residual stream
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
-    norm: str = "rms"  # or "layer": LayerNorm with a bias (Phi-3.5-MoE)
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
@@ -401,9 +419,6 @@ class ArchConfig:
     unused_trailing_layers: int = 0
     mixers: "Mixers" = field(default_factory=lambda: Mixers())  # what mixes tokens besides attention
     attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
-    # norms computing x * (offset + w) (Qwen3-Next's zero-centred weights: 1); the gated norm of a
-    # DeltaNet excepted
-    norm_weight_offset: float = 0.0
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
@@ -411,8 +426,7 @@ class ArchConfig:
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "moe_intermediate_size")
     NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
-    FINITE = ("rms_norm_eps", "swiglu_alpha", "embedding_multiplier", "residual_multiplier",
-              "logits_scaling", "norm_weight_offset", "shared_scale")
+    FINITE = ("swiglu_alpha", "embedding_multiplier", "residual_multiplier", "logits_scaling", "shared_scale")
 
     def __post_init__(self) -> None:
         for name in self.POSITIVE + self.NON_NEGATIVE:
@@ -676,7 +690,7 @@ def common_fields(cfg: dict[str, Any], rope_dim: int | None = None) -> dict[str,
         num_kv_heads=optional(cfg, "num_key_value_heads", 0) or heads,
         head_dim=head_dim,
         vocab_size=require(cfg, "vocab_size"),
-        rms_norm_eps=require(cfg, "rms_norm_eps", float),
+        norms=Norms(eps=require(cfg, "rms_norm_eps", float)),
         max_positions=require(cfg, "max_position_embeddings"),
         positions=Positions(inv_freq, scaling),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -5,6 +5,8 @@ the dense prefix layers (the other layers use no positions), logits times `logit
 the top-k logits (softmax over them, or sigmoid, optionally renormalized), shared experts summed
 or averaged with the routed ones."""
 
+from dataclasses import replace
+
 from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, SHARED_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig
@@ -16,6 +18,7 @@ def read_config(cfg: dict) -> ArchConfig:
     rms = optional(cfg, "rms_norm_eps", None, (int, float))
     common = common_fields({**cfg, "rms_norm_eps": float(rms if rms is not None else
                                                          optional(cfg, "layer_norm_eps", 1e-5, (int, float)))})
+    common["norms"] = replace(common["norms"], kind="rms" if rms is not None else "layer")
     layers = common["num_layers"]
     types = per_layer_types(cfg.get("layer_types"), "layer_types", ("sliding_attention", "full_attention"), layers)
     mlp = per_layer_types(cfg.get("mlp_layer_types"), "mlp_layer_types", ("dense", "sparse"), layers)
@@ -47,7 +50,6 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=optional(cfg, "prefix_dense_intermediate_size", None) or require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "intermediate_size") * shared,
         moe_layers=frozenset(i for i, t in enumerate(mlp) if t == "sparse"),
-        norm="rms" if rms is not None else "layer",
         logits_scaling=1.0 / scale,
         block=Block(parallel=True),
     ).with_positions(interleaved=True, nope_layers=frozenset(set(range(layers)) - rotated))

@@ -2,6 +2,7 @@
 softmax top-k with the weights renormalized (`moe_normalize_expert_weights` = 1, the L1 norm),
 and experts stacked per layer as w1 (gate), v1 (up) and w2 (down, transposed), each [E * I, H]."""
 
+from dataclasses import replace
 from typing import Any
 
 from fate.artifacts import ModelError
@@ -36,6 +37,7 @@ def read_config(cfg: dict) -> ArchConfig:
         "num_hidden_layers": require(cfg, "n_layers"), "max_position_embeddings": require(cfg, "max_seq_len"),
         "num_key_value_heads": optional(attn, "kv_n_heads", heads), "rms_norm_eps": 1e-5,
         "rope_theta": optional(attn, "rope_theta", 10000.0, (int, float))})
+    common["norms"] = replace(common["norms"], kind="layer")
     clip = attn.get("clip_qkv")
     return ArchConfig(
         **common,
@@ -46,7 +48,6 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=0,
         shared_intermediate_size=0,
         moe_layers=frozenset(range(common["num_layers"])),
-        norm="layer",
         clip_qkv=float(clip) if clip is not None else None,
     )
 

@@ -33,7 +33,7 @@ def read_config(cfg: dict):
         arch = replace(arch, max_positions=min(arch.max_positions, int(original))).with_positions(
             inv_freq=inv_freq, attention_scaling=float(rope["short_mscale"]))
     jitter = float(optional(cfg, "router_jitter_noise", 0.01, (int, float)))
-    return replace(arch, norm="layer", routing=replace(arch.routing, scoring="sparsemixer", normalize_top_k=False,
+    return replace(arch, norms=replace(arch.norms, kind="layer"), routing=replace(arch.routing, scoring="sparsemixer", normalize_top_k=False,
                                                        router_jitter_eps=jitter))
 
 

@@ -97,7 +97,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         the order transformers applies them."""
         if norm_role is not None and cfg.qk_norm == "projection":
             with b.tagged("q_norm" if norm_role == Role.Q_NORM else "k_norm"):
-                y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+                y = rms_norm(b, y, w[norm_role], cfg.norms.eps)
         if cfg.clip_qkv is not None:
             y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
         per_head = norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope
@@ -106,7 +106,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
         if per_head:
             with b.tagged("q_norm" if norm_role == Role.Q_NORM else "k_norm"):
-                y = rms_norm(b, y, w[norm_role], cfg.rms_norm_eps)
+                y = rms_norm(b, y, w[norm_role], cfg.norms.eps)
         return b.op("Reshape", y, b.ints([1, -1, n_heads * d])) if tables else y
 
     if cfg.positions.interleaved and rot not in (0, d):
@@ -127,7 +127,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         k = rotate(project(projected[1], kv, Role.K_NORM))
         if cfg.qk_norm_after_rope and (cfg.qk_norm != "unit" or rot):  # each head of the rotated q and k
             # (HunYuan, with weights; Llama-4 without, and only where the layer rotates)
-            q, k = (rms_norm(b, t, w.get(role), cfg.rms_norm_eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
+            q, k = (rms_norm(b, t, w.get(role), cfg.norms.eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
     scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
     core = attention_fused if fused_attention_refusal(cfg, w) is None else attention_explicit
@@ -214,7 +214,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     m = cfg.latent_attention
     heads, nope, rope, vd = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     if m.q_lora_rank:
-        q = linear(b, rms_norm(b, linear(b, x, w[Role.Q_A]), w[Role.Q_A_NORM], cfg.rms_norm_eps), w[Role.Q_B])
+        q = linear(b, rms_norm(b, linear(b, x, w[Role.Q_A]), w[Role.Q_A_NORM], cfg.norms.eps), w[Role.Q_B])
     else:
         q = linear(b, x, w[Role.Q])
     q = b.op("Transpose", b.op("Reshape", q, b.ints([1, -1, heads, nope + rope])), perm=[0, 2, 1, 3])
@@ -227,7 +227,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     q = b.op("Concat", q_nope, rotate(q_pe), axis=-1)
 
     latent, k_pe = b.op("Split", linear(b, x, w[Role.KV_A]), b.ints([m.kv_lora_rank, rope]), outputs=2, axis=-1)
-    latent = b.op("Unsqueeze", rms_norm(b, latent, w[Role.KV_A_NORM], cfg.rms_norm_eps), b.ints([1]))
+    latent = b.op("Unsqueeze", rms_norm(b, latent, w[Role.KV_A_NORM], cfg.norms.eps), b.ints([1]))
     k_pe = rotate(b.op("Unsqueeze", k_pe, b.ints([1])))
     present_k = b.op("Concat", past_k, latent, axis=2)
     present_v = b.op("Concat", past_v, k_pe, axis=2)

@@ -72,7 +72,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     position_kind = "per_token"
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     with b.tagged("attn_norm"):
-        x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.rms_norm_eps, cfg.norm) \
+        x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.norms.eps, cfg.norms.kind) \
             if Role.ATTN_NORM in w else hidden
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
@@ -96,7 +96,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(present_k, IO.PRESENT_KEY, FLOAT, [1, cfg.num_kv_heads, "T", key_dim])
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     if Role.POST_ATTN_NORM in w:
-        mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.rms_norm_eps, cfg.norm)
+        mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.norms.eps, cfg.norms.kind)
     if cfg.block.from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
         alpha, beta = cfg.block.mixer_factors[layer] if cfg.block.mixer_factors else (1.0, 1.0)
         h = h_attn = b.op("Add", scaled(b, x, alpha), scaled(b, mixed, beta))
@@ -107,7 +107,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         normed = x
     elif Role.MLP_NORM in w:
         with b.tagged("mlp_norm"):
-            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.rms_norm_eps, cfg.norm)
+            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.norms.eps, cfg.norms.kind)
     else:  # post-norm families: the MLP reads the residual stream itself
         normed = h
     router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
@@ -119,7 +119,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if layer not in cfg.moe_layers:
         mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
         if Role.POST_MLP_NORM in w:
-            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.rms_norm_eps, cfg.norm)
+            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.norms.eps, cfg.norms.kind)
         if cfg.block.from_norm:
             mlp = scaled(b, mlp, cfg.block.mlp_factors[1])
         out = b.op("Add", h, mlp)
@@ -165,7 +165,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         # the next router's input norm applied to this layer's stream (none in post-norm families)
         with b.tagged("next_norm"):
             renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
-                                                                    cfg.rms_norm_eps, cfg.norm)
+                                                                    cfg.norms.eps, cfg.norms.kind)
         renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
         b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
                                next_layer.score_bias),
@@ -184,6 +184,6 @@ def combine_graph(cfg: ArchConfig, post_norm: np.ndarray) -> onnx.ModelProto:
     b = GraphBuilder("combine")
     residual = b.input(IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
     routed = b.input(IO.ROUTED, FLOAT, ["S", cfg.hidden_size])
-    normed = norm(b, b.op("Unsqueeze", routed, b.ints([0])), post_norm, None, cfg.rms_norm_eps, cfg.norm)
+    normed = norm(b, b.op("Unsqueeze", routed, b.ints([0])), post_norm, None, cfg.norms.eps, cfg.norms.kind)
     b.output(b.op("Add", residual, normed), IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     return b.model()

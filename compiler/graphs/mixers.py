@@ -102,7 +102,7 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
     final, out = b.op("Scan", state, q, k, v, decay, beta, outputs=2, body=delta_rule_step(hv, dk, dv),
                       num_scan_inputs=5)
     present_state = b.op("Reshape", final, b.ints([1, hv, dk, dv]))
-    normed = rms_norm(b, out, w[Role.LINEAR_NORM], cfg.rms_norm_eps)  # [S, Hv, Dv]
+    normed = rms_norm(b, out, w[Role.LINEAR_NORM], cfg.norms.eps)  # [S, Hv, Dv]
     z = b.op("Reshape", linear(b, rows, w[Role.LINEAR_Z]), b.ints([-1, hv, dv]))
     gated = b.op("Mul", normed, silu(b, z))
     gated = b.op("Reshape", gated, b.ints([1, -1, m.value_dim]))
@@ -162,7 +162,7 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     y = b.op("Add", y, b.op("Mul", xh, b.const(w[Role.MAMBA_D].astype(np.float32).reshape(n, 1), "d_skip")))
     z = b.op("Reshape", gate, b.ints([-1, n, hd]))
     gated = b.op("Reshape", b.op("Mul", y, silu(b, z)), b.ints([1, -1, g, inner // g]))
-    normed = rms_norm(b, gated, w[Role.MAMBA_NORM].reshape(g, inner // g), cfg.rms_norm_eps)
+    normed = rms_norm(b, gated, w[Role.MAMBA_NORM].reshape(g, inner // g), cfg.norms.eps)
     out = linear(b, b.op("Reshape", normed, b.ints([1, -1, inner])), w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS))
     return out, present_conv, present_state
 
@@ -202,7 +202,7 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     dt_low, bb, cc = b.op("Split", linear(b, rows, w[Role.MAMBA_X]), b.ints([r, n, n]), outputs=3, axis=-1)
 
     def normed(t: str, role: Role) -> str:
-        return rms_norm(b, t, w[role], cfg.rms_norm_eps) if role in w else t
+        return rms_norm(b, t, w[role], cfg.norms.eps) if role in w else t
 
     dt_low, bb, cc = normed(dt_low, Role.MAMBA_DT_NORM), normed(bb, Role.MAMBA_B_NORM), normed(cc, Role.MAMBA_C_NORM)
     dt = b.op("Softplus", linear(b, dt_low, w[Role.MAMBA_DT], w[Role.MAMBA_DT_BIAS]))
@@ -285,7 +285,7 @@ def kimi_delta(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str,
     final, out = b.op("Scan", state, q, k, v, decay, beta, outputs=2, body=delta_rule_step(heads, d, d, per_key=True),
                       num_scan_inputs=5)
     present_state = b.op("Reshape", final, b.ints([1, heads, d, d]))
-    normed = rms_norm(b, out, w[Role.KDA_NORM], cfg.rms_norm_eps)  # [S, heads, D]
+    normed = rms_norm(b, out, w[Role.KDA_NORM], cfg.norms.eps)  # [S, heads, D]
     gate_out = b.op("Reshape", linear(b, linear(b, rows, w[Role.KDA_G_A]), w[Role.KDA_G_B]), b.ints([-1, heads, d]))
     gated = b.op("Reshape", b.op("Mul", normed, b.op("Sigmoid", gate_out)), b.ints([1, -1, inner]))
     return linear(b, gated, w[Role.KDA_OUT]), present_conv, present_state

@@ -70,7 +70,7 @@ def head_graph(cfg: ArchConfig, final_norm: np.ndarray, final_norm_bias: np.ndar
     b = GraphBuilder("head", weights)
     h = b.input(IO.HIDDEN, FLOAT, [1, "S", lm_head.shape[1]])
     with b.tagged("final_norm"):
-        normed = norm(b, h, final_norm, final_norm_bias, cfg.rms_norm_eps, cfg.norm)
+        normed = norm(b, h, final_norm, final_norm_bias, cfg.norms.eps, cfg.norms.kind)
     with b.tagged("lm_head"):
         logits = linear(b, normed, lm_head, lm_head_bias)
     logits_scaling = cfg.logits_scaling

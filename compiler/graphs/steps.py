@@ -44,7 +44,7 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
         return "attention without positions"
     if fmt.bits not in QUANTIZED_BITS:
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
-    for what, unsupported in (("LayerNorm", cfg.norm != "rms"), ("routing other than softmax or sigmoid",
+    for what, unsupported in (("LayerNorm", cfg.norms.kind != "rms"), ("routing other than softmax or sigmoid",
                               cfg.routing.scoring not in ("softmax", "sigmoid")), ("RoPE on adjacent pairs", cfg.positions.interleaved),
                               ("a parallel block", cfg.block.parallel), ("post-norms", cfg.block.post_norms),
                               ("no pre-norms", not cfg.block.pre_norms),
@@ -84,7 +84,7 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     return DecodeStep(
         bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
         attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
-        norm_eps=cfg.rms_norm_eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
+        norm_eps=cfg.norms.eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
         shared_scale=cfg.shared_scale, routed_scaling=cfg.routing.routed_scaling,
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)), o_bias=Role.O_BIAS in w,
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
@@ -97,11 +97,11 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
 def head_step(cfg: ArchConfig, lm_head_rows: int, final_norm_bias: np.ndarray | None, lm_head_bias: np.ndarray | None,
               fmt: WeightFormat) -> HeadStep | None:
     """The numbers of the head's native decode step (RMSNorm and a quantized LM head), or None."""
-    if cfg.norm != "rms" or final_norm_bias is not None or fmt.bits not in QUANTIZED_BITS \
+    if cfg.norms.kind != "rms" or final_norm_bias is not None or fmt.bits not in QUANTIZED_BITS \
             or lm_head_rows != cfg.vocab_size:
         return None
     return HeadStep(bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits],
-                    accuracy_level=fmt.accuracy_level, norm_eps=cfg.rms_norm_eps, logits_scaling=cfg.logits_scaling,
+                    accuracy_level=fmt.accuracy_level, norm_eps=cfg.norms.eps, logits_scaling=cfg.logits_scaling,
                     has_bias=lm_head_bias is not None, tensors=[])
 
 

@@ -106,8 +106,8 @@ class CompileOptions:
 def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int, ...]:
     """The shape config.json implies for a role's tensor ([out, in] for projections), as the family's
     `layouts` store it where one does."""
-    for layout in layouts:
-        stored = layout.shapes(c)
+    for stored_as in layouts:
+        stored = stored_as.shapes(c)
         if role in stored:
             return stored[role]
     h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

@@ -23,7 +23,7 @@ from fate.artifacts import FateError
 from .api import Engine
 from .conversations import ConversationCache
 from .experts.report import OffloadReport
-from .generate import Constraint, GenerationResult, SamplingConfig, TokenLogprob, stream_tokens
+from .generate import Constraint, GenerationResult, SamplingConfig, stream_tokens
 from .text import StreamDecoder
 
 

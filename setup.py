@@ -23,7 +23,7 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("fate.runtime._experts", ["runtime/native/experts.c", "runtime/native/kernel.c", "runtime/native/reads.c"],
+    ext_modules=[Extension("fate.runtime.native._kernel", ["runtime/native/experts.c", "runtime/native/kernel.c", "runtime/native/reads.c"],
                            depends=["runtime/native/kernel.h", "runtime/native/reads.h", "runtime/native/threads.h"],
                            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-maybe-uninitialized"], libraries=["m"])],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -308,7 +308,7 @@ def test_the_native_contract_is_kernel_h_s_order():
     fields and tensors in the same order (a field added on one side only fails here)."""
     from fate.artifacts.native_contract import ACTIVATIONS, HEAD, LAYOUT, STEP, TENSOR_PARTS
 
-    header = (Path(native.__file__).parent / "native" / "kernel.h").read_text()
+    header = (Path(native.__file__).parent / "kernel.h").read_text()
     enums = {tuple(e)[0]: e for e in c_enums(header)}
     step = enums["S_HIDDEN"]
     assert step[:step.index("S_OFFSETS")] == ["S_" + c for _, c in STEP.fields]

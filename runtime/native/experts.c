@@ -476,10 +476,10 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_experts", "Routed experts from their file bytes.", -1,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", "Routed experts from their file bytes.", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__experts(void) {
+PyMODINIT_FUNC PyInit__kernel(void) {
     fate_kernel_init();
     if (PyType_Ready(&ReadType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);

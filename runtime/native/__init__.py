@@ -11,7 +11,7 @@ from fate.artifacts import ExpertLayout
 from fate.artifacts.native_contract import ACTIVATIONS, LAYOUT
 
 try:
-    from . import _experts as KERNEL  # type: ignore[attr-defined]
+    from . import _kernel as KERNEL  # type: ignore[attr-defined]
 except ImportError:  # not built: no compiler, or an unusual platform
     KERNEL = None
 

@@ -165,8 +165,8 @@ def test_native_misses_are_read_together_and_waited_for_in_the_loop(calibrated):
     outstanding, peak, threads = [0], [0], set()
     start = store.loader.start
 
-    def counted_start(*args):
-        pending = start(*args)
+    def counted_start(*args, **kwargs):
+        pending = start(*args, **kwargs)
         outstanding[0] += 1
         peak[0] = max(peak[0], outstanding[0])
         result = pending.result

@@ -1,7 +1,7 @@
 """Loading one expert: one positioned read of its file into a slot (page cache bypassed), its
 SHA-256 checked the first time this process reads it; the session executor then builds its
 session. `load` does it all at once (prefetch threads); `start` begins the read on the native
-I/O threads and `PendingLoad.result()` finishes it (the generation loop's own loads: no Python
+I/O threads and `Load.result()` finishes it (the generation loop's own loads: no Python
 thread is handed the work). A large file begun with `start` is hashed on a hashing thread as soon
 as its read is over, beside the loop; the loop still runs no expert before its check has passed."""
 
@@ -11,6 +11,7 @@ import hashlib
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 from fate.artifacts import Artifact, ArtifactError
 
@@ -40,16 +41,17 @@ class ExpertLoader:
         self._hashers: ThreadPoolExecutor | None = None  # started with the first file hashed ahead
 
     def start(self, layer: int, expert: int, precision: str, buffer: memoryview, direct,
-              urgent: bool = False) -> PendingLoad:
+              urgent: bool = False, then: Callable[[LoadedExpert], object] | None = None) -> Load:
         """The expert's read begun (on native I/O threads where the extension has them; `urgent`:
         ahead of those queued); its `result()` finishes what `load` does, falling back the same
-        way on a failure."""
+        way on a failure, and gives `then(loaded)` where `then` is given."""
         path = self.artifact.manifest.layers[layer].experts[precision][expert]
+        args = (layer, expert, precision, buffer, direct)
         try:
             read = self._begin(path, buffer, direct, precision, urgent)
         except (ArtifactError, OSError):  # load() meets it again and falls back, or says so
-            return PendingLoad(self, (layer, expert, precision, buffer, direct), None, None)
-        return PendingLoad(self, (layer, expert, precision, buffer, direct), read, self._hash_ahead(path, read))
+            return Load(self, args, None, None, then)
+        return Load(self, args, read, self._hash_ahead(path, read), then)
 
     def load(self, layer: int, expert: int, precision: str, buffer: memoryview, direct,
              started: SlotRead | None = None, digest: Future | None = None) -> LoadedExpert:
@@ -140,12 +142,15 @@ class ExpertLoader:
                 print(message, file=sys.stderr)
 
 
-class PendingLoad:
-    """An expert load under way (ExpertLoader.start): `done()` never blocks; `result()` waits for
-    the read without Python's lock, checks it and gives the LoadedExpert."""
+class Load:
+    """An expert load under way (ExpertLoader.start): `done()` never blocks; `cancel()` gives up a read
+    no I/O thread has begun; `result()` waits for the read without Python's lock, checks it and gives
+    the LoadedExpert (or what the starter's `then` makes of it). A load run on a helper thread is a
+    concurrent.futures.Future, which answers the same three."""
 
-    def __init__(self, loader: ExpertLoader, args: tuple, read: SlotRead | None, digest: Future | None):
-        self._loader, self._args, self._read, self._digest = loader, args, read, digest
+    def __init__(self, loader: ExpertLoader, args: tuple, read: SlotRead | None, digest: Future | None,
+                 then: Callable[[LoadedExpert], object] | None = None):
+        self._loader, self._args, self._read, self._digest, self._then = loader, args, read, digest, then
 
     def done(self) -> bool:
         return self._read is None or self._read.done()
@@ -154,5 +159,6 @@ class PendingLoad:
         """Give up a load whose read no I/O thread has begun: True, and `result()` must not follow."""
         return self._read is not None and self._read.cancel()
 
-    def result(self) -> LoadedExpert:
-        return self._loader.load(*self._args, started=self._read, digest=self._digest)
+    def result(self):
+        loaded = self._loader.load(*self._args, started=self._read, digest=self._digest)
+        return loaded if self._then is None else self._then(loaded)

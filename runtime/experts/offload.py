@@ -27,7 +27,7 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .eviction import DEFAULT_POLICY
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .loads import ExpertLoader
+from .loads import ExpertLoader, Load
 from .plan import POOLS, LayerPlan, plan_run
 from .pool import SlotPool, native_reads, scratch_buffer
 from .predictors import eap_scores, top_experts
@@ -431,33 +431,21 @@ class _Reads:
     def __init__(self, store: OffloadedExperts):
         self._store = store
 
-    def start(self, layer: int, expert: int, slot: int, urgent: bool = False) -> "_StartedLoad":
+    def start(self, layer: int, expert: int, slot: int, urgent: bool = False) -> Load:
+        """The read begun; its result is (the loaded expert, bytes read), and a session expert's slot
+        pages go back once its session holds its own copy."""
         store = self._store
-        return _StartedLoad(store, layer, slot, store.loader.start(
-            layer, expert, store.plans[layer].precision, store.pool.buffer(layer, slot), store.pool, urgent))
+
+        def arrived(loaded: LoadedExpert) -> tuple[LoadedExpert, int]:
+            if loaded.session is not None:
+                store.pool.release(layer, slot)
+            return loaded, loaded.nbytes
+
+        return store.loader.start(layer, expert, store.plans[layer].precision, store.pool.buffer(layer, slot),
+                                  store.pool, urgent, then=arrived)
 
     def load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
         return self.start(layer, expert, slot).result()
 
     def locate(self, key: tuple[int, int], loaded: LoadedExpert) -> int:
         return slot_offset(self._store.pool, loaded, self._store.plans[key[0]].precision)
-
-
-class _StartedLoad:
-    """A load into a slot as the cache sees it, begun (ExpertCache's `start`) or run at once
-    (`load`): `result()` gives (loaded, bytes read), and gives a session expert's slot pages back."""
-
-    def __init__(self, store: OffloadedExperts, layer: int, slot: int, pending):
-        self._store, self._layer, self._slot, self._pending = store, layer, slot, pending
-
-    def done(self) -> bool:
-        return self._pending.done()
-
-    def cancel(self) -> bool:
-        return self._pending.cancel()
-
-    def result(self) -> tuple[LoadedExpert, int]:
-        loaded = self._pending.result()
-        if loaded.session is not None:  # the session holds its own copy: the slot's pages can go
-            self._store.pool.release(self._layer, self._slot)
-        return loaded, loaded.nbytes

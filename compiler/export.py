@@ -33,6 +33,7 @@ from fate.runtime.memory import release_freed_memory
 from tokenizers import Tokenizer
 
 from . import graphs
+from .graphs.mixers import MIXER_KINDS
 from .checkpoint import Checkpoint, decode_mxfp4
 from .families import ArchConfig, Family, Role, family_for
 from .families.base import EXPERT_ROLES, LAYER, check_sizes
@@ -48,18 +49,6 @@ DENSE_BITS = (32, 8, 4)
 
 ATTENTION_ROLES = (Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.O, Role.MLP_NORM)
 DENSE_MLP_ROLES = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
-SHORT_CONV_ROLES = (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM)
-MAMBA_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_DT_BIAS, Role.MAMBA_A_LOG, Role.MAMBA_D,
-               Role.MAMBA_NORM, Role.MAMBA_OUT, Role.MLP_NORM)
-MAMBA1_ROLES = (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_X, Role.MAMBA_DT, Role.MAMBA_DT_BIAS,
-                Role.MAMBA_A_LOG, Role.MAMBA_D, Role.MAMBA_OUT, Role.MLP_NORM)
-DELTANET_ROLES = (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
-                  Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM)
-LIGHTNING_ROLES = (Role.ATTN_NORM, Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_NORM, Role.LIGHTNING_OUT,
-                   Role.LIGHTNING_SLOPE, Role.MLP_NORM)
-KDA_ROLES = (Role.ATTN_NORM, Role.KDA_Q, Role.KDA_K, Role.KDA_V, Role.KDA_Q_CONV, Role.KDA_K_CONV, Role.KDA_V_CONV,
-             Role.KDA_F_A, Role.KDA_F_B, Role.KDA_DT_BIAS, Role.KDA_A_LOG, Role.KDA_B, Role.KDA_G_A, Role.KDA_G_B,
-             Role.KDA_NORM, Role.KDA_OUT, Role.MLP_NORM)
 OPTIONAL_LAYER_ROLES = (Role.ROUTER_SCORE_BIAS, Role.ROUTER_BIAS, Role.SINKS, Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS,
                         Role.O_BIAS, Role.ATTN_NORM_BIAS, Role.MLP_NORM_BIAS, Role.SHARED_GATE, Role.SHARED_UP,
                         Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE, Role.CONV_IN_BIAS, Role.CONV_BIAS, Role.CONV_OUT_BIAS,
@@ -127,72 +116,14 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
         Role.EXPERTS_GATE_UP_BIAS: (c.routing.num_experts, 2 * i_moe), Role.EXPERTS_DOWN_BIAS: (c.routing.num_experts, h),
         Role.SINKS: (c.num_heads,), Role.ROUTER_BIAS: (c.routing.num_experts,),
-        Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.mixers.conv_kernel), Role.CONV_BIAS: (h,),
-        Role.CONV_OUT: (h, h), Role.CONV_OUT_BIAS: (h,),
         Role.EXPERTS_GATE_UP_BLOCKS: (c.routing.num_experts, 2 * i_moe, h // 32, 16),
         Role.EXPERTS_GATE_UP_SCALES: (c.routing.num_experts, 2 * i_moe, h // 32),
         Role.EXPERTS_DOWN_BLOCKS: (c.routing.num_experts, h, i_moe // 32, 16),
         Role.EXPERTS_DOWN_SCALES: (c.routing.num_experts, h, i_moe // 32),
         **latent_shapes(c),
-        **linear_shapes(c),
-        **mamba_shapes(c),
-        **lightning_shapes(c),
-        **kda_shapes(c),
+        **{role: shape for kind in MIXER_KINDS.values() for role, shape in kind.shapes(c).items()},
         Role.Q_GATE: (q, h),
     }[role]
-
-
-def mamba_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    if c.mixers.mamba1 is not None:
-        m, h = c.mixers.mamba1, c.hidden_size
-        i, n, r = m.intermediate, m.state_size, m.dt_rank
-        return {Role.MAMBA_IN: (2 * i, h), Role.MAMBA_IN_BIAS: (2 * i,), Role.MAMBA_CONV: (i, 1, m.conv_kernel),
-                Role.MAMBA_CONV_BIAS: (i,), Role.MAMBA_X: (r + 2 * n, i), Role.MAMBA_DT: (i, r),
-                Role.MAMBA_DT_BIAS: (i,), Role.MAMBA_A_LOG: (i, n), Role.MAMBA_D: (i,), Role.MAMBA_DT_NORM: (r,),
-                Role.MAMBA_B_NORM: (n,), Role.MAMBA_C_NORM: (n,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
-    m = c.mixers.mamba
-    if m is None:
-        return {}
-    h, i, n = c.hidden_size, m.intermediate, m.num_heads
-    proj = i + m.conv_dim + n
-    return {Role.MAMBA_IN: (proj, h), Role.MAMBA_IN_BIAS: (proj,), Role.MAMBA_CONV: (m.conv_dim, 1, m.conv_kernel),
-            Role.MAMBA_CONV_BIAS: (m.conv_dim,), Role.MAMBA_DT_BIAS: (n,), Role.MAMBA_A_LOG: (n,), Role.MAMBA_D: (n,),
-            Role.MAMBA_NORM: (i,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
-
-
-def lightning_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    m = c.mixers.lightning
-    if m is None:
-        return {}
-    inner = m.num_heads * m.head_dim
-    return {Role.LIGHTNING_QKV: (3 * inner, c.hidden_size), Role.LIGHTNING_GATE: (inner, c.hidden_size),
-            Role.LIGHTNING_NORM: (inner,), Role.LIGHTNING_OUT: (c.hidden_size, inner),
-            Role.LIGHTNING_SLOPE: (m.num_heads, 1, 1)}
-
-
-def kda_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    m = c.mixers.kda
-    if m is None:
-        return {}
-    h, d, inner = c.hidden_size, m.head_dim, m.inner
-    conv = (inner, 1, m.conv_kernel)
-    return {Role.KDA_Q: (inner, h), Role.KDA_K: (inner, h), Role.KDA_V: (inner, h), Role.KDA_Q_CONV: conv,
-            Role.KDA_K_CONV: conv, Role.KDA_V_CONV: conv, Role.KDA_F_A: (d, h), Role.KDA_F_B: (inner, d),
-            Role.KDA_DT_BIAS: (inner,), Role.KDA_A_LOG: (1, 1, m.num_heads, 1), Role.KDA_B: (m.num_heads, h),
-            Role.KDA_G_A: (d, h), Role.KDA_G_B: (inner, d), Role.KDA_NORM: (d,), Role.KDA_OUT: (h, inner)}
-
-
-def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    """A gated DeltaNet's tensors, one each (layouts.FusedLinearAttention: fused by key head)."""
-    m = c.mixers.linear_attention
-    if m is None:
-        return {}
-    h = c.hidden_size
-    qkv, z, b = (m.conv_dim, h), (m.value_dim, h), (m.num_value_heads, h)
-    return {Role.LINEAR_QKV: qkv, Role.LINEAR_Z: z, Role.LINEAR_B: b, Role.LINEAR_A: b,
-            Role.LINEAR_CONV: (m.conv_dim, 1, m.conv_kernel), Role.LINEAR_DT_BIAS: (m.num_value_heads,),
-            Role.LINEAR_A_LOG: (m.num_value_heads,), Role.LINEAR_NORM: (m.value_head_dim,),
-            Role.LINEAR_OUT: (h, m.value_dim)}
 
 
 def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
@@ -314,18 +245,9 @@ class WeightReader:
 
     def layer_roles(self, layer: int) -> list[Role]:
         m = self.cfg.latent_attention
-        if self.cfg.mixer(layer) == "short_conv":
-            roles = list(SHORT_CONV_ROLES)
-        elif self.cfg.mixer(layer) == "gated_deltanet":
-            roles = list(DELTANET_ROLES)
-        elif self.cfg.mixer(layer) == "mamba2":
-            roles = list(MAMBA_ROLES)
-        elif self.cfg.mixer(layer) == "mamba":
-            roles = list(MAMBA1_ROLES)
-        elif self.cfg.mixer(layer) == "lightning":
-            roles = list(LIGHTNING_ROLES)
-        elif self.cfg.mixer(layer) == "kda":
-            roles = list(KDA_ROLES)
+        kind = MIXER_KINDS.get(self.cfg.mixer(layer))
+        if kind is not None:
+            roles = list(kind.roles)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]

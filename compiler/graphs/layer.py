@@ -15,7 +15,7 @@ from ..families.base import ArchConfig, Role
 from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
 from .attention import attention, latent_attention, position_inputs, takes_position_tables
 from .blocks import W, linear, norm, swiglu
-from .mixers import gated_deltanet, kimi_delta, lightning, mamba1, mamba2, short_conv
+from .mixers import MIXER_KINDS
 from .routing import NextRouter, choice_scores, route, route_sigmoid, route_sparsemixer
 from .steps import decode_step, step_refusal
 
@@ -23,25 +23,8 @@ from .steps import decode_step, step_refusal
 def state_shapes(cfg: ArchConfig, layer: int) -> dict[str, list[int]]:
     """The fixed-size state a layer's mixer carries between steps (none for attention, whose keys
     and values the model's numbers size)."""
-    if cfg.mixer(layer) == "short_conv":
-        return {"conv": [1, cfg.mixers.conv_kernel - 1, cfg.hidden_size]}
-    if cfg.mixer(layer) == "gated_deltanet":
-        m = cfg.mixers.linear_attention
-        return {"conv": [1, m.conv_kernel - 1, m.conv_dim],
-                "recurrent": [1, m.num_value_heads, m.key_head_dim, m.value_head_dim]}
-    if cfg.mixer(layer) == "mamba2":
-        m = cfg.mixers.mamba
-        return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
-    if cfg.mixer(layer) == "mamba":
-        m = cfg.mixers.mamba1
-        return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
-    if cfg.mixer(layer) == "kda":
-        m = cfg.mixers.kda
-        return {"conv": [1, m.conv_kernel - 1, 3 * m.inner], "recurrent": [1, m.num_heads, m.head_dim, m.head_dim]}
-    if cfg.mixer(layer) == "lightning":
-        m = cfg.mixers.lightning
-        return {"state": [1, m.num_heads, m.head_dim, m.head_dim]}
-    return {}
+    kind = MIXER_KINDS.get(cfg.mixer(layer))
+    return {} if kind is None else kind.state(cfg)
 
 
 @dataclass(frozen=True)
@@ -77,8 +60,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
-        mixer = {"short_conv": short_conv, "gated_deltanet": gated_deltanet, "mamba": mamba1,
-                 "mamba2": mamba2, "lightning": lightning, "kda": kimi_delta}[cfg.mixer(layer)]
+        mixer = MIXER_KINDS[cfg.mixer(layer)].build
         mixed, *present = mixer(b, x, w, cfg, *past)
         for value, (name, shape) in zip(present, shapes.items()):
             b.output(value, IO.present(name), FLOAT, shape)

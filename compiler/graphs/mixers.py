@@ -3,6 +3,9 @@ Mamba, each a step run as an ONNX Scan over the step's tokens."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx
 
@@ -289,3 +292,133 @@ def kimi_delta(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str,
     gate_out = b.op("Reshape", linear(b, linear(b, rows, w[Role.KDA_G_A]), w[Role.KDA_G_B]), b.ints([-1, heads, d]))
     gated = b.op("Reshape", b.op("Mul", normed, b.op("Sigmoid", gate_out)), b.ints([1, -1, inner]))
     return linear(b, gated, w[Role.KDA_OUT]), present_conv, present_state
+
+
+
+# ------------------------------------------------------------------ the mixers, each in one row
+
+
+def short_conv_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    h = c.hidden_size
+    return {Role.CONV_IN: (3 * h, h), Role.CONV_IN_BIAS: (3 * h,), Role.CONV: (h, 1, c.mixers.conv_kernel),
+            Role.CONV_BIAS: (h,), Role.CONV_OUT: (h, h), Role.CONV_OUT_BIAS: (h,)}
+
+
+def mamba1_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    if c.mixers.mamba1 is None:
+        return {}
+    m, h = c.mixers.mamba1, c.hidden_size
+    i, n, r = m.intermediate, m.state_size, m.dt_rank
+    return {Role.MAMBA_IN: (2 * i, h), Role.MAMBA_IN_BIAS: (2 * i,), Role.MAMBA_CONV: (i, 1, m.conv_kernel),
+            Role.MAMBA_CONV_BIAS: (i,), Role.MAMBA_X: (r + 2 * n, i), Role.MAMBA_DT: (i, r),
+            Role.MAMBA_DT_BIAS: (i,), Role.MAMBA_A_LOG: (i, n), Role.MAMBA_D: (i,), Role.MAMBA_DT_NORM: (r,),
+            Role.MAMBA_B_NORM: (n,), Role.MAMBA_C_NORM: (n,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
+
+
+def mamba2_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mixers.mamba
+    if m is None:
+        return {}
+    h, i, n = c.hidden_size, m.intermediate, m.num_heads
+    proj = i + m.conv_dim + n
+    return {Role.MAMBA_IN: (proj, h), Role.MAMBA_IN_BIAS: (proj,), Role.MAMBA_CONV: (m.conv_dim, 1, m.conv_kernel),
+            Role.MAMBA_CONV_BIAS: (m.conv_dim,), Role.MAMBA_DT_BIAS: (n,), Role.MAMBA_A_LOG: (n,), Role.MAMBA_D: (n,),
+            Role.MAMBA_NORM: (i,), Role.MAMBA_OUT: (h, i), Role.MAMBA_OUT_BIAS: (h,)}
+
+
+def lightning_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mixers.lightning
+    if m is None:
+        return {}
+    inner = m.num_heads * m.head_dim
+    return {Role.LIGHTNING_QKV: (3 * inner, c.hidden_size), Role.LIGHTNING_GATE: (inner, c.hidden_size),
+            Role.LIGHTNING_NORM: (inner,), Role.LIGHTNING_OUT: (c.hidden_size, inner),
+            Role.LIGHTNING_SLOPE: (m.num_heads, 1, 1)}
+
+
+def kda_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    m = c.mixers.kda
+    if m is None:
+        return {}
+    h, d, inner = c.hidden_size, m.head_dim, m.inner
+    conv = (inner, 1, m.conv_kernel)
+    return {Role.KDA_Q: (inner, h), Role.KDA_K: (inner, h), Role.KDA_V: (inner, h), Role.KDA_Q_CONV: conv,
+            Role.KDA_K_CONV: conv, Role.KDA_V_CONV: conv, Role.KDA_F_A: (d, h), Role.KDA_F_B: (inner, d),
+            Role.KDA_DT_BIAS: (inner,), Role.KDA_A_LOG: (1, 1, m.num_heads, 1), Role.KDA_B: (m.num_heads, h),
+            Role.KDA_G_A: (d, h), Role.KDA_G_B: (inner, d), Role.KDA_NORM: (d,), Role.KDA_OUT: (h, inner)}
+
+
+def linear_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
+    """A gated DeltaNet's tensors, one each (layouts.FusedLinearAttention: fused by key head)."""
+    m = c.mixers.linear_attention
+    if m is None:
+        return {}
+    h = c.hidden_size
+    qkv, z, b = (m.conv_dim, h), (m.value_dim, h), (m.num_value_heads, h)
+    return {Role.LINEAR_QKV: qkv, Role.LINEAR_Z: z, Role.LINEAR_B: b, Role.LINEAR_A: b,
+            Role.LINEAR_CONV: (m.conv_dim, 1, m.conv_kernel), Role.LINEAR_DT_BIAS: (m.num_value_heads,),
+            Role.LINEAR_A_LOG: (m.num_value_heads,), Role.LINEAR_NORM: (m.value_head_dim,),
+            Role.LINEAR_OUT: (h, m.value_dim)}
+
+
+@dataclass(frozen=True)
+class MixerKind:
+    """A token mixer with a fixed-size state, in one place: the tensors a layer of it holds besides its
+    MLP (norms included; optional biases are the exporter's OPTIONAL_LAYER_ROLES), their shapes from the
+    config, the state it carries between steps, and its graph (b, x, w, cfg, *past) -> (out, *present)."""
+
+    roles: tuple[Role, ...]
+    shapes: Callable[[ArchConfig], dict[Role, tuple[int, ...]]]
+    state: Callable[[ArchConfig], dict[str, list[int]]]
+    build: Callable[..., tuple[str, ...]]
+
+
+def _mamba2_state(c: ArchConfig) -> dict[str, list[int]]:
+    m = c.mixers.mamba
+    return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "ssm": [1, m.num_heads, m.head_dim, m.state_size]}
+
+
+def _mamba1_state(c: ArchConfig) -> dict[str, list[int]]:
+    m = c.mixers.mamba1
+    return {"conv": [1, m.conv_kernel - 1, m.intermediate], "ssm": [1, m.intermediate, m.state_size]}
+
+
+def _deltanet_state(c: ArchConfig) -> dict[str, list[int]]:
+    m = c.mixers.linear_attention
+    return {"conv": [1, m.conv_kernel - 1, m.conv_dim], "recurrent": [1, m.num_value_heads, m.key_head_dim,
+                                                                       m.value_head_dim]}
+
+
+def _kda_state(c: ArchConfig) -> dict[str, list[int]]:
+    m = c.mixers.kda
+    return {"conv": [1, m.conv_kernel - 1, 3 * m.inner], "recurrent": [1, m.num_heads, m.head_dim, m.head_dim]}
+
+
+def _lightning_state(c: ArchConfig) -> dict[str, list[int]]:
+    m = c.mixers.lightning
+    return {"state": [1, m.num_heads, m.head_dim, m.head_dim]}
+
+
+# Every mixer besides attention (fate.artifacts.schema.MIXERS names them for the runtime)
+MIXER_KINDS: dict[str, MixerKind] = {
+    "short_conv": MixerKind(
+        (Role.ATTN_NORM, Role.CONV_IN, Role.CONV, Role.CONV_OUT, Role.MLP_NORM), short_conv_shapes,
+        lambda c: {"conv": [1, c.mixers.conv_kernel - 1, c.hidden_size]}, short_conv),
+    "gated_deltanet": MixerKind(
+        (Role.ATTN_NORM, Role.LINEAR_QKV, Role.LINEAR_Z, Role.LINEAR_B, Role.LINEAR_A, Role.LINEAR_CONV,
+         Role.LINEAR_DT_BIAS, Role.LINEAR_A_LOG, Role.LINEAR_NORM, Role.LINEAR_OUT, Role.MLP_NORM),
+        linear_shapes, _deltanet_state, gated_deltanet),
+    "mamba2": MixerKind(
+        (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_DT_BIAS, Role.MAMBA_A_LOG, Role.MAMBA_D,
+         Role.MAMBA_NORM, Role.MAMBA_OUT, Role.MLP_NORM), mamba2_shapes, _mamba2_state, mamba2),
+    "mamba": MixerKind(
+        (Role.ATTN_NORM, Role.MAMBA_IN, Role.MAMBA_CONV, Role.MAMBA_X, Role.MAMBA_DT, Role.MAMBA_DT_BIAS,
+         Role.MAMBA_A_LOG, Role.MAMBA_D, Role.MAMBA_OUT, Role.MLP_NORM), mamba1_shapes, _mamba1_state, mamba1),
+    "lightning": MixerKind(
+        (Role.ATTN_NORM, Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_NORM, Role.LIGHTNING_OUT,
+         Role.LIGHTNING_SLOPE, Role.MLP_NORM), lightning_shapes, _lightning_state, lightning),
+    "kda": MixerKind(
+        (Role.ATTN_NORM, Role.KDA_Q, Role.KDA_K, Role.KDA_V, Role.KDA_Q_CONV, Role.KDA_K_CONV, Role.KDA_V_CONV,
+         Role.KDA_F_A, Role.KDA_F_B, Role.KDA_DT_BIAS, Role.KDA_A_LOG, Role.KDA_B, Role.KDA_G_A, Role.KDA_G_B,
+         Role.KDA_NORM, Role.KDA_OUT, Role.MLP_NORM), kda_shapes, _kda_state, kimi_delta),
+}

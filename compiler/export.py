@@ -107,8 +107,8 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,), Role.POST_ATTN_NORM: (h,), Role.POST_MLP_NORM: (h,), Role.ATTN_NORM_BIAS: (h,), Role.MLP_NORM_BIAS: (h,),
         Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
         Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
-        Role.Q_NORM: (c.head_dim,) if c.qk_norm == "head" else (q,),
-        Role.K_NORM: (c.head_dim,) if c.qk_norm == "head" else (kv,),
+        Role.Q_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (q,),
+        Role.K_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.routing.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.routing.num_experts,),
         Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
@@ -127,7 +127,7 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
 
 
 def latent_shapes(c: ArchConfig) -> dict[Role, tuple[int, ...]]:
-    m = c.latent_attention
+    m = c.attention.latent
     if m is None:
         return {}
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -244,7 +244,7 @@ class WeightReader:
         return name is not None and self.ckpt.has(name)
 
     def layer_roles(self, layer: int) -> list[Role]:
-        m = self.cfg.latent_attention
+        m = self.cfg.attention.latent
         kind = MIXER_KINDS.get(self.cfg.mixer(layer))
         if kind is not None:
             roles = list(kind.roles)
@@ -252,8 +252,8 @@ class WeightReader:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
             roles += [Role.Q_A, Role.Q_A_NORM, Role.Q_B] if m.q_lora_rank else [Role.Q]
         else:
-            roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.qk_norm not in ("none", "unit") else [])
-            roles += [Role.Q_GATE] if self.cfg.attention_output_gate else []
+            roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.attention.qk_norm not in ("none", "unit") else [])
+            roles += [Role.Q_GATE] if self.cfg.attention.output_gate else []
         roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
         if self.cfg.block.parallel or not self.cfg.block.pre_norms:
             roles.remove(Role.MLP_NORM)
@@ -307,9 +307,9 @@ def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSp
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
         rope_inv_freq=cfg.positions.inv_freq, rope_attention_scaling=cfg.positions.attention_scaling,
-        sliding_window=cfg.sliding_window,
-        cache_key_dim=cfg.latent_attention.kv_lora_rank if cfg.latent_attention else None,
-        cache_value_dim=cfg.latent_attention.qk_rope_head_dim if cfg.latent_attention else None,
+        sliding_window=cfg.attention.sliding_window,
+        cache_key_dim=cfg.attention.latent.kv_lora_rank if cfg.attention.latent else None,
+        cache_value_dim=cfg.attention.latent.qk_rope_head_dim if cfg.attention.latent else None,
         dense_precision=PRECISION_OF_BITS[dense_bits],
     )
 
@@ -433,7 +433,7 @@ class LayerExporter:
         del weights
         spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
                          predicts_next=info.predicts_next,
-                         sliding_window=cfg.layer_windows[layer] if cfg.layer_windows else None,
+                         sliding_window=cfg.attention.layer_windows[layer] if cfg.attention.layer_windows else None,
                          mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
                          graph_only=info.graph_only if is_moe and cfg.mixer(layer) == "attention" else None,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])

@@ -9,7 +9,8 @@ import math
 
 from fate.artifacts import ModelError
 
-from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Family, Role
+from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig, Attention, Family
+from .base import Role
 from .base import common_fields, optional, per_layer_types, require
 from .base import Block, Routing
 
@@ -29,8 +30,6 @@ def read_config(cfg: dict) -> ArchConfig:
     shared = optional(cfg, "num_shared_experts", 0)
     return ArchConfig(
         **common,
-        sliding_window=None,
-        layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=True, scoring="sigmoid",
                         routed_scaling=float(optional(cfg, "route_scale", 1.0, (int, float)))),
@@ -38,10 +37,11 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * shared,
         moe_layers=frozenset(range(min(dense, layers), layers)),
-        qk_norm="head",
-        attention_output_gate=True,  # its own gate_proj: no layout (qwen3_next's q_proj holds both)
         block=Block(post_norms=True),
         embedding_multiplier=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,
+        # its own gate_proj: no layout (qwen3_next's q_proj holds both)
+        attention=Attention(layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
+                            qk_norm="head", output_gate=True),
     ).with_positions(nope_layers=frozenset(i for i, t in enumerate(types) if t != "sliding_attention"))
 
 

@@ -282,6 +282,32 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """The attention layers' quirks (their sizes are the model's: heads, key-value heads, head size)."""
+
+    sliding_window: int | None = None  # every layer's window (None: full attention)
+    layer_windows: tuple[int | None, ...] | None = None  # per-layer windows (GPT-OSS's layer_types)
+    # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE); "unit": over each
+    # head without a weight, after RoPE, on the layers that rotate (Llama-4)
+    qk_norm: str = "none"
+    qk_norm_after_rope: bool = False  # the per-head norm applied to the rotated q and k (HunYuan)
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
+    latent: LatentAttention | None = None  # DeepSeek's multi-head latent attention
+    scale: float | None = None  # the scores' scale (None: head size ** -0.5; Granite's attention_multiplier)
+    output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+
+    def __post_init__(self) -> None:
+        for name in ("clip_qkv", "scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        for window in (self.sliding_window, *(self.layer_windows or ())):
+            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+                raise ModelError(f"config.json: a sliding window must be an integer > 0, got {window!r}")
+
+
+@dataclass(frozen=True)
 class Norms:
     """The layers' normalization: RMSNorm or LayerNorm with a bias (Phi-3.5-MoE, DBRX), its epsilon, and
     an offset added to the stored weights (x * (offset + w): Qwen3-Next's zero-centred weights, 1; the gated
@@ -387,7 +413,6 @@ class ArchConfig:
     norms: Norms
     max_positions: int
     positions: Positions
-    sliding_window: int | None
     routing: Routing
     moe_intermediate_size: int
     dense_intermediate_size: int
@@ -395,30 +420,22 @@ class ArchConfig:
     moe_layers: frozenset[int]
     tie_word_embeddings: bool
     eos_token_ids: list[int] = field(default_factory=list)
-    # "head": RMSNorm over each head (Qwen3); "projection": over all of q/k (OLMoE); "unit": over each
-    # head without a weight, after RoPE, on the layers that rotate (Llama-4)
-    qk_norm: str = "none"
-    qk_norm_after_rope: bool = False  # the per-head norm applied to the rotated q and k (HunYuan)
-    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after the norms (OLMoE)
+    attention: "Attention" = field(default_factory=lambda: Attention())  # the attention layers' quirks
     # Granite's multipliers (1.0 elsewhere): embeddings x, each branch's output x before the residual
-    # add, attention scores x (instead of head_dim ** -0.5), logits / logits_scaling
-    latent_attention: LatentAttention | None = None
+    # add, logits / logits_scaling (and attention scores: Attention.scale)
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
-    layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window (GPT-OSS layer_types)
     block: "Block" = field(default_factory=lambda: Block())  # how the mixer and the MLP join the residual stream
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
-    attention_scale: float | None = None
     logits_scaling: float = 1.0
     bos_token_id: int | None = None
     # decoder layers stored after the last one that generation does not run: multi-token-prediction
     # modules (GLM-4.5's and DeepSeek-V3's `num_nextn_predict_layers`); their tensors are skipped
     unused_trailing_layers: int = 0
     mixers: "Mixers" = field(default_factory=lambda: Mixers())  # what mixes tokens besides attention
-    attention_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
 
     # Whatever the family's table read, the numbers the exporter and the runtime rely on are checked
     # here, once for every family: a config with zero heads or a string sliding window is refused by
@@ -434,14 +451,11 @@ class ArchConfig:
             least = 1 if name in self.POSITIVE else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ModelError(f"config.json: {name} must be an integer >= {least}, got {value!r}")
-        for name in self.FINITE + ("clip_qkv", "swiglu_limit", "attention_scale"):
+        for name in self.FINITE + ("swiglu_limit",):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
-        for window in (self.sliding_window, *(self.layer_windows or ())):
-            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-                raise ModelError(f"config.json: a sliding window must be an integer > 0, got {window!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
                              f"{self.num_kv_heads} key/value heads")
@@ -468,7 +482,7 @@ class ArchConfig:
     def check_rotary(self) -> None:
         """RoPE rotates pairs of dims: refuse more of them than a head holds (checked once the family
         has set its positions, which families without any clear)."""
-        if self.latent_attention is None and self.positions.rotary_dims > self.head_dim:
+        if self.attention.latent is None and self.positions.rotary_dims > self.head_dim:
             raise ModelError(f"config.json: RoPE rotates pairs of dims, {self.positions.rotary_dims} of a head of "
                              f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
 

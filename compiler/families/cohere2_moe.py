@@ -10,6 +10,7 @@ from dataclasses import replace
 from fate.artifacts import ModelError
 
 from .base import DENSE_MLP, LAYER as L, MLP_EXPERTS, SHARED_EXPERTS, STANDARD_SKIP, STANDARD_TENSORS, ArchConfig
+from .base import Attention
 from .base import Family, Role, common_fields, optional, per_layer_types, require
 from .base import Block, Routing
 
@@ -39,8 +40,6 @@ def read_config(cfg: dict) -> ArchConfig:
         raise ModelError("config.json: logit_scale 0 would make every logit 0")
     return ArchConfig(
         **common,
-        sliding_window=None,
-        layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=selection == "softmax" or bool(cfg.get("norm_topk_prob", True)),
                         scoring=selection, topk_norm_eps=0.0, routed_scaling=0.5 if halve else 1.0),
@@ -52,6 +51,7 @@ def read_config(cfg: dict) -> ArchConfig:
         moe_layers=frozenset(i for i, t in enumerate(mlp) if t == "sparse"),
         logits_scaling=1.0 / scale,
         block=Block(parallel=True),
+        attention=Attention(layer_windows=tuple(window if t == "sliding_attention" else None for t in types)),
     ).with_positions(interleaved=True, nope_layers=frozenset(set(range(layers)) - rotated))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fate.artifacts import ModelError
 
-from .base import ArchConfig, Family, Role, common_fields, optional, require
+from .base import ArchConfig, Attention, Family, Role, common_fields, optional, require
 from .base import Routing
 from .layouts import FusedExperts, QKVRows
 
@@ -41,14 +41,13 @@ def read_config(cfg: dict) -> ArchConfig:
     clip = attn.get("clip_qkv")
     return ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=require(ffn, "moe_num_experts"), top_k=require(ffn, "moe_top_k"),
                         normalize_top_k=p is not None),
         moe_intermediate_size=require(ffn, "ffn_hidden_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,
         moe_layers=frozenset(range(common["num_layers"])),
-        clip_qkv=float(clip) if clip is not None else None,
+        attention=Attention(sliding_window=None, clip_qkv=float(clip) if clip is not None else None),
     )
 
 

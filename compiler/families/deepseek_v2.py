@@ -7,6 +7,7 @@ group-limited top-k and a routed scaling factor, shared experts without a gate, 
 from fate.artifacts import ModelError
 
 from .base import (
+    Attention,
     DENSE_MLP,
     LAYER as L,
     MLP_EXPERTS,
@@ -46,7 +47,6 @@ def read_config(cfg: dict) -> ArchConfig:
         **{**common_fields(cfg, rope_dim=latent.qk_rope_head_dim),
            "num_kv_heads": 1,  # one latent and one rotary key per token, shared by all heads
            "head_dim": latent.qk_nope_head_dim + latent.qk_rope_head_dim},
-        sliding_window=None,
         routing=Routing(num_experts=experts if isinstance(experts, int) else require(cfg, "n_routed_experts"),
                         top_k=require(cfg, "num_experts_per_tok"), normalize_top_k=False,
                         routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
@@ -55,8 +55,7 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(i for i in range(layers) if i >= first_dense and i % freq == 0),
-        latent_attention=latent,
-        attention_scale=scale,
+        attention=Attention(sliding_window=None, latent=latent, scale=scale),
     ).with_positions(interleaved=True)
 
 

@@ -14,7 +14,7 @@ from .glm4_moe import read_config as read_glm4_moe_config
 def read_config(cfg: dict):
     # dots.llm1's defaults differ from GLM-4.5's where a config leaves them out
     arch = read_glm4_moe_config({"first_k_dense_replace": 0, "norm_topk_prob": False, **cfg})
-    return replace(arch, qk_norm="head", layer_windows=layer_windows(cfg))
+    return replace(arch, attention=replace(arch.attention, qk_norm="head", layer_windows=layer_windows(cfg)))
 
 
 FAMILY = Family(

@@ -38,7 +38,6 @@ def read_config(cfg: dict) -> ArchConfig:
     common = common_fields(cfg)
     return ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=require(cfg, "moe_num_experts"), top_k=require(cfg, "moe_k"),
                         normalize_top_k=True),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),

@@ -7,6 +7,7 @@ or `first_k_dense_replace`)."""
 from fate.artifacts import ModelError
 
 from .base import (
+    Attention,
     DENSE_MLP,
     LAYER as L,
     MLP_EXPERTS,
@@ -50,8 +51,6 @@ def read_config(cfg: dict) -> ArchConfig:
     groups, kept = optional(cfg, "n_group", 1) or 1, optional(cfg, "topk_group", 1) or 1
     return ArchConfig(
         **common,
-        sliding_window=None,
-        layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
                         routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
@@ -60,9 +59,11 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "num_shared_experts", 0),
         moe_layers=frozenset(i for i, t in enumerate(mlp_types) if t == "sparse"),
+        attention=Attention(layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
+                            qk_norm="head"),
         # with a window, only the sliding layers rotate (transformers' Exaone4Attention)
-        qk_norm="head").with_positions(
-            nope_layers=frozenset(i for i, t in enumerate(types) if t == "full_attention") if window else frozenset())
+    ).with_positions(
+        nope_layers=frozenset(i for i, t in enumerate(types) if t == "full_attention") if window else frozenset())
 
 
 FAMILY = Family(

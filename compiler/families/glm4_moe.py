@@ -6,6 +6,7 @@ and the first `first_k_dense_replace` layers dense. The multi-token-prediction l
 checkpoints store after the last decoder layer (`num_nextn_predict_layers`) are not run: skipped."""
 
 from .base import (
+    Attention,
     ATTENTION_BIASES,
     DENSE_MLP,
     LAYER as L,
@@ -29,7 +30,6 @@ def read_config(cfg: dict) -> ArchConfig:
     groups, kept = optional(cfg, "n_group", 1) or 1, optional(cfg, "topk_group", 1) or 1
     return ArchConfig(
         **common_fields(cfg),
-        sliding_window=None,
         routing=Routing(num_experts=require(cfg, "n_routed_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
                         routed_scaling=float(optional(cfg, "routed_scaling_factor", 1.0, (int, float)) or 1.0),
@@ -38,8 +38,8 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=require(cfg, "moe_intermediate_size") * optional(cfg, "n_shared_experts", 0),
         moe_layers=frozenset(range(first_dense, layers)),
-        qk_norm="head" if cfg.get("use_qk_norm") else "none",
         unused_trailing_layers=optional(cfg, "num_nextn_predict_layers", 0) or 0,
+        attention=Attention(qk_norm="head" if cfg.get("use_qk_norm") else "none"),
     )
 
 

@@ -16,7 +16,8 @@ from .mixtral import read_config as read_mixtral_config
 def read_config(cfg: dict):
     arch = read_mixtral_config({**cfg, "sliding_window": None})
     return replace(arch, swiglu_limit=float(optional(cfg, "swiglu_limit", 7.0, (int, float))),
-                   swiglu_alpha=float(optional(cfg, "swiglu_alpha", 1.702, (int, float))), layer_windows=layer_windows(cfg))
+                   swiglu_alpha=float(optional(cfg, "swiglu_alpha", 1.702, (int, float))),
+                   attention=replace(arch.attention, layer_windows=layer_windows(cfg)))
 
 
 FAMILY = Family(

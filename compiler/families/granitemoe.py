@@ -10,13 +10,14 @@ from .mixtral import read_config as read_mixtral_config
 
 
 def read_config(cfg: dict):
+    arch = read_mixtral_config(cfg)
     return replace(
-        read_mixtral_config(cfg),
+        arch,
         embedding_multiplier=float(optional(cfg, "embedding_multiplier", 1.0, (int, float))),
         residual_multiplier=float(optional(cfg, "residual_multiplier", 1.0, (int, float))),
-        attention_scale=optional(cfg, "attention_multiplier", None, (int, float)),
         logits_scaling=float(optional(cfg, "logits_scaling", 1.0, (int, float))),
-        sliding_window=None,  # Granite's mask does not slide
+        attention=replace(arch.attention, scale=optional(cfg, "attention_multiplier", None, (int, float)),
+                          sliding_window=None),  # Granite's mask does not slide
     )
 
 

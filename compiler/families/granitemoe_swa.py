@@ -34,8 +34,9 @@ def read_config(cfg: dict):
         if bases:  # the one base the rotating layers use, whatever the global rope_theta says
             cfg = {**cfg, "rope_parameters": {**rope_params(cfg), "rope_theta": bases[0]},
                    "rope_theta": bases[0]}
-    return replace(read_granitemoeshared_config(cfg), layer_windows=layer_windows({**cfg, "layer_types": types}),
-                   ).with_positions(nope_layers=nope)
+    arch = read_granitemoeshared_config(cfg)
+    windows = layer_windows({**cfg, "layer_types": types})
+    return replace(arch, attention=replace(arch.attention, layer_windows=windows)).with_positions(nope_layers=nope)
 
 
 FAMILY = Family(

@@ -59,7 +59,6 @@ def read_config(cfg: dict) -> ArchConfig:
     per_layer = per_layer_top_k(cfg)
     arch = ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=uniform(cfg, "num_experts"),
                         top_k=max(per_layer) if per_layer else uniform(cfg, "moe_topk"), normalize_top_k=True),
         moe_intermediate_size=intermediate,
@@ -69,7 +68,7 @@ def read_config(cfg: dict) -> ArchConfig:
     )
     if per_layer:  # each layer its own top-k (checked against the layers and experts by ArchConfig)
         arch = replace(arch, routing=replace(arch.routing, layer_top_k=per_layer), )
-    return replace(arch, qk_norm="head", qk_norm_after_rope=True)
+    return replace(arch, attention=replace(arch.attention, qk_norm="head", qk_norm_after_rope=True))
 
 
 FAMILY = Family(

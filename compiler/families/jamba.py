@@ -36,7 +36,6 @@ def read_config(cfg: dict) -> ArchConfig:
                    dt_rank=rank, conv_kernel=optional(cfg, "mamba_d_conv", 4))
     arch = ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=experts, top_k=require(cfg, "num_experts_per_tok"), normalize_top_k=False),
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),

@@ -7,7 +7,7 @@ chosen by score + `expert_bias`, top-k weights renormalized with a 1e-6 guard an
 
 from fate.artifacts import ModelError
 
-from .base import LAYER as L
+from .base import LAYER as L, Attention
 from .base import ArchConfig, Family, Mixers, Role, common_fields, mixers_of_types, optional, require
 from .base import Routing
 
@@ -34,7 +34,6 @@ def read_config(cfg: dict) -> ArchConfig:
     dense = optional(cfg, "num_dense_layers", 2)
     return ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid",
                         routed_scaling=optional(cfg, "routed_scaling_factor", 1.0, (int, float)),
@@ -43,8 +42,8 @@ def read_config(cfg: dict) -> ArchConfig:
         dense_intermediate_size=require(cfg, "intermediate_size") if dense > 0 else 0,
         shared_intermediate_size=0,
         moe_layers=frozenset(range(min(dense, layers), layers)),
-        qk_norm="head",
         mixers=Mixers(kinds=layer_mixers(cfg), conv_kernel=optional(cfg, "conv_L_cache", 3)),
+        attention=Attention(sliding_window=None, qk_norm="head"),
     )
 
 

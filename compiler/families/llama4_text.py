@@ -11,6 +11,7 @@ attention), and with `attn_temperature_tuning` the other layers scale each query
 1 + attn_scale * log(1 + floor((position + 1) / floor_scale)), which is 1 below position floor_scale - 1."""
 
 from .base import (
+    Attention,
     ATTENTION_BIASES,
     LAYER as L,
     STANDARD_SKIP,
@@ -50,15 +51,14 @@ def read_config(cfg: dict) -> ArchConfig:
     common["max_positions"] = context
     return ArchConfig(
         **common,
-        sliding_window=None,
         routing=Routing(num_experts=require(cfg, "num_local_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=False, scoring="sigmoid", scaled_input=True),
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=optional(cfg, "intermediate_size_mlp", 0) if len(moe) < layers else 0,
         shared_intermediate_size=require(cfg, "intermediate_size"),
         moe_layers=frozenset(moe),
-        qk_norm="unit" if cfg.get("use_qk_norm", True) else "none",
-        qk_norm_after_rope=bool(cfg.get("use_qk_norm", True)),
+        attention=Attention(qk_norm="unit" if cfg.get("use_qk_norm", True) else "none",
+                            qk_norm_after_rope=bool(cfg.get("use_qk_norm", True))),
     ).with_positions(interleaved=True, nope_layers=frozenset(i for i, r in enumerate(rotates) if not r))
 
 

@@ -26,7 +26,7 @@ def read_config(cfg: dict):
         raise ModelError("config.json: use_gated_attention = false is not a MiniCPM-5-MoE checkpoint")
     arch = read_glm_config({**cfg, "first_k_dense_replace": 0, "use_qk_norm": False, "num_nextn_predict_layers": 0})
     return replace(arch, moe_layers=frozenset(i for i, t in enumerate(types) if t == "sparse"),
-                   attention_output_gate=True)
+                   attention=replace(arch.attention, output_gate=True))
 
 
 FAMILY = Family(

@@ -17,8 +17,8 @@ def read_config(cfg: dict):
     if rotary_dim is not None and head_dim and "partial_rotary_factor" not in params:
         cfg = {**cfg, "partial_rotary_factor": rotary_dim / head_dim}  # released checkpoints' legacy key
     arch = read_mixtral_config(cfg)
-    return replace(arch, qk_norm="projection", routing=replace(arch.routing, scoring="sigmoid",
-                                                               normalize_top_k=True, topk_norm_eps=0.0))
+    return replace(arch, routing=replace(arch.routing, scoring="sigmoid", normalize_top_k=True, topk_norm_eps=0.0),
+                   attention=replace(arch.attention, qk_norm="projection"))
 
 
 FAMILY = Family(

@@ -1,6 +1,7 @@
 """Mixtral (MixtralForCausalLM): every layer MoE, softmax top-k renormalized, no biases."""
 
 from .base import (
+    Attention,
     LAYER as L,
     STANDARD_SKIP,
     STANDARD_TENSORS,
@@ -17,13 +18,13 @@ def read_config(cfg: dict) -> ArchConfig:
     common = common_fields(cfg)
     return ArchConfig(
         **common,
-        sliding_window=cfg.get("sliding_window"),
         routing=Routing(num_experts=require(cfg, "num_local_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=True),
         moe_intermediate_size=require(cfg, "intermediate_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,
         moe_layers=frozenset(range(common["num_layers"])),
+        attention=Attention(sliding_window=cfg.get("sliding_window")),
     )
 
 

@@ -12,7 +12,7 @@ def read_config(cfg: dict):
     renamed = {**cfg, "num_local_experts": cfg.get("num_experts")}
     arch = read_mixtral_config(renamed)
     return replace(arch, routing=replace(arch.routing, normalize_top_k=bool(cfg.get("norm_topk_prob", False))),
-                   qk_norm="projection", clip_qkv=cfg.get("clip_qkv"))
+                   attention=replace(arch.attention, qk_norm="projection", clip_qkv=cfg.get("clip_qkv")))
 
 
 FAMILY = Family(

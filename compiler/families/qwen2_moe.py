@@ -3,6 +3,7 @@ by a sigmoid gate, q/k/v biases, optional top-k renormalization, and dense MLP l
 `decoder_sparse_step` and `mlp_only_layers`."""
 
 from .base import (
+    Attention,
     ATTENTION_BIASES,
     DENSE_MLP,
     LAYER as L,
@@ -34,13 +35,13 @@ def read_config(cfg: dict) -> ArchConfig:
     common = common_fields(cfg)
     return ArchConfig(
         **common,
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
         routing=Routing(num_experts=require(cfg, "num_experts"), top_k=require(cfg, "num_experts_per_tok"),
                         normalize_top_k=bool(cfg.get("norm_topk_prob", False))),
         moe_intermediate_size=require(cfg, "moe_intermediate_size"),
         dense_intermediate_size=require(cfg, "intermediate_size"),
         shared_intermediate_size=optional(cfg, "shared_expert_intermediate_size", 0),
         moe_layers=moe_layer_indices(cfg, common["num_layers"]),
+        attention=Attention(sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None),
     )
 
 

@@ -10,7 +10,8 @@ from .qwen2_moe import read_config as read_qwen2_moe_config
 
 def read_config(cfg: dict):
     # Same keys as Qwen2-MoE (no shared expert here); q/k norms per head.
-    return replace(read_qwen2_moe_config({"shared_expert_intermediate_size": 0, **cfg}), qk_norm="head")
+    arch = read_qwen2_moe_config({"shared_expert_intermediate_size": 0, **cfg})
+    return replace(arch, attention=replace(arch.attention, qk_norm="head"))
 
 
 FAMILY = Family(

@@ -46,9 +46,10 @@ def read_config(cfg: dict):
     if "partial_rotary_factor" not in params and "partial_rotary_factor" not in cfg:
         cfg = {**cfg, "partial_rotary_factor": 0.25}
     arch = read_qwen2_moe_config({"head_dim": 256, "rms_norm_eps": 1e-6, **cfg})
-    return replace(arch, sliding_window=None, qk_norm="head", attention_output_gate=True, norms=replace(arch.norms, weight_offset=1.0),
+    return replace(arch, norms=replace(arch.norms, weight_offset=1.0),
                    routing=replace(arch.routing, normalize_top_k=bool(cfg.get("norm_topk_prob", True))),
-                   mixers=Mixers(kinds=layer_mixers(cfg), linear_attention=linear_attention(cfg)))
+                   mixers=Mixers(kinds=layer_mixers(cfg), linear_attention=linear_attention(cfg)),
+                   attention=replace(arch.attention, sliding_window=None, qk_norm="head", output_gate=True))
 
 
 LINEAR = L + ".linear_attn"

@@ -61,7 +61,7 @@ def takes_position_tables(cfg: ArchConfig, w: W) -> bool:
     (onnxruntime: rotary dims a multiple of 16 within a head that is a multiple of 16). Fewer nodes:
     tiny-moe's layer attention 24-29 -> 15-18 us a decode step, qwen shapes 127-146 -> 76-90 us."""
     rot, d = cfg.positions.rotary_dims, cfg.head_dim
-    if cfg.latent_attention or cfg.qk_norm_after_rope or fused_attention_refusal(cfg, w) is not None:
+    if cfg.attention.latent or cfg.attention.qk_norm_after_rope or fused_attention_refusal(cfg, w) is not None:
         return False
     if rot == 0 or rot % 16 or d % 16 or rot > d:
         return False
@@ -95,12 +95,12 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         """A projection -> [1, S, heads, d] (with position tables: [1, S, heads * d], as the fused
         kernel takes it), with the family's q/k norm (whole projection or per head) and clamp, in
         the order transformers applies them."""
-        if norm_role is not None and cfg.qk_norm == "projection":
+        if norm_role is not None and cfg.attention.qk_norm == "projection":
             with b.tagged("q_norm" if norm_role == Role.Q_NORM else "k_norm"):
                 y = rms_norm(b, y, w[norm_role], cfg.norms.eps)
-        if cfg.clip_qkv is not None:
-            y = b.op("Clip", y, b.scalar(-cfg.clip_qkv, "clip_min"), b.scalar(cfg.clip_qkv, "clip_max"))
-        per_head = norm_role is not None and cfg.qk_norm == "head" and not cfg.qk_norm_after_rope
+        if cfg.attention.clip_qkv is not None:
+            y = b.op("Clip", y, b.scalar(-cfg.attention.clip_qkv, "clip_min"), b.scalar(cfg.attention.clip_qkv, "clip_max"))
+        per_head = norm_role is not None and cfg.attention.qk_norm == "head" and not cfg.attention.qk_norm_after_rope
         if tables and not per_head:
             return y
         y = b.op("Reshape", y, b.ints([1, -1, n_heads, d]))
@@ -125,11 +125,11 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
             rotate = lambda t: t  # noqa: E731
         q = rotate(project(projected[0], heads, Role.Q_NORM))
         k = rotate(project(projected[1], kv, Role.K_NORM))
-        if cfg.qk_norm_after_rope and (cfg.qk_norm != "unit" or rot):  # each head of the rotated q and k
+        if cfg.attention.qk_norm_after_rope and (cfg.attention.qk_norm != "unit" or rot):  # each head of the rotated q and k
             # (HunYuan, with weights; Llama-4 without, and only where the layer rotates)
             q, k = (rms_norm(b, t, w.get(role), cfg.norms.eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
     v = project(projected[2], kv)
-    scale = d ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+    scale = d ** -0.5 if cfg.attention.scale is None else cfg.attention.scale
     core = attention_fused if fused_attention_refusal(cfg, w) is None else attention_explicit
     context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale, w.get(Role.SINKS))
     if gated:  # Qwen3-Next: each output channel gated by the query projection's second half
@@ -211,7 +211,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     k_nope | v = split(kv_b(c over all T)) per head;  k = k_nope | k_pe broadcast to every head
     softmax(q k^T * scale + mask) v -> o_proj
     """
-    m = cfg.latent_attention
+    m = cfg.attention.latent
     heads, nope, rope, vd = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     if m.q_lora_rank:
         q = linear(b, rms_norm(b, linear(b, x, w[Role.Q_A]), w[Role.Q_A_NORM], cfg.norms.eps), w[Role.Q_B])
@@ -235,7 +235,7 @@ def latent_attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: 
     kv = b.op("Reshape", linear(b, present_k, w[Role.KV_B]), b.ints([1, -1, heads, nope + vd]))
     k_nope, v = b.op("Split", b.op("Transpose", kv, perm=[0, 2, 1, 3]), b.ints([nope, vd]), outputs=2, axis=-1)
     k = b.op("Concat", k_nope, b.op("Tile", present_v, b.ints([1, heads, 1, 1])), axis=-1)
-    scale = cfg.attention_scale if cfg.attention_scale is not None else (nope + rope) ** -0.5
+    scale = cfg.attention.scale if cfg.attention.scale is not None else (nope + rope) ** -0.5
     scores = b.op("Add", b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])),
                               b.scalar(scale, "scale")), bias)
     context = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)

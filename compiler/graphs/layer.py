@@ -67,11 +67,11 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     else:
         positions = position_inputs(b, cfg, takes_position_tables(cfg, w))
         position_kind = positions.kind
-        m = cfg.latent_attention
+        m = cfg.attention.latent
         key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
         past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
         past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
-        attend = latent_attention if cfg.latent_attention else attention
+        attend = latent_attention if cfg.attention.latent else attention
         # a layer without positions still takes them (every attention layer is fed alike)
         rotated = cfg.with_positions(inv_freq=[]) if layer in cfg.positions.nope_layers else cfg
         mixed, present_k, present_v = attend(b, x, w, rotated, positions, past_k, past_v)

@@ -59,8 +59,8 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
         return "a layer without its norms"
     if Role.SHARED_GATE in w and not {Role.SHARED_UP, Role.SHARED_DOWN} <= dense_roles:
         return "a shared expert without its up and down projections"
-    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
-    if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.qk_norm_after_rope:
+    qk_norm = cfg.attention.qk_norm if Role.Q_NORM in w else "none"
+    if (Role.Q_NORM in w) != (Role.K_NORM in w) or qk_norm not in QK_NORMS or cfg.attention.qk_norm_after_rope:
         return "q/k norms the step does not compute (after RoPE, or on one of q and k)"
     if cfg.routing.scoring == "softmax" and (cfg.routing.group_topk is not None or Role.ROUTER_SCORE_BIAS in w):
         return "softmax routing with expert groups or a correction bias"
@@ -80,15 +80,15 @@ def decode_step(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     """The numbers of a layer's native decode step (its tensors are placed after serialization:
     decode_step_views), for a layer step_refusal takes."""
     shared = Role.SHARED_GATE in w
-    qk_norm = cfg.qk_norm if Role.Q_NORM in w else "none"
+    qk_norm = cfg.attention.qk_norm if Role.Q_NORM in w else "none"
     return DecodeStep(
         bits=fmt.bits, block_size=fmt.block_size or DEFAULT_BLOCK_SIZE[fmt.bits], accuracy_level=fmt.accuracy_level,
-        attention_scale=cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale,
+        attention_scale=cfg.head_dim ** -0.5 if cfg.attention.scale is None else cfg.attention.scale,
         norm_eps=cfg.norms.eps, shared_intermediate_size=w[Role.SHARED_GATE].shape[0] if shared else 0,
         shared_scale=cfg.shared_scale, routed_scaling=cfg.routing.routed_scaling,
         qkv_bias=any(role in w for role in (Role.Q_BIAS, Role.K_BIAS, Role.V_BIAS)), o_bias=Role.O_BIAS in w,
         shared_expert_gate=shared and Role.SHARED_EXPERT_GATE in w,
-        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.clip_qkv,
+        next_norm=next_layer is not None and next_layer.norm is not None, qk_norm=qk_norm, clip_qkv=cfg.attention.clip_qkv,
         score_bias=Role.ROUTER_SCORE_BIAS in w,
         next_score_bias=next_layer is not None and next_layer.score_bias is not None,
         group_topk=list(cfg.routing.group_topk) if cfg.routing.group_topk else None, topk_norm_eps=cfg.routing.topk_norm_eps, tensors=[])

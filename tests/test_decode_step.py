@@ -224,3 +224,13 @@ def test_the_native_call_checks_what_it_is_given(case):
         native.KERNEL.run_head(head.vector, head.numbers, head.graph[:100], np.zeros(h, np.float32), logits, 2)
     with pytest.raises(ValueError):
         native.KERNEL.run_head(head.vector, (1e-6, 0.0), head.graph, np.zeros(h, np.float32), logits, 2)
+
+
+@pytest.mark.parametrize("family, reason", [("deepseek_v3", "latent attention"), ("hunyuan_v1_moe", "q/k norms after RoPE"),
+                                            ("llama4_text", "q/k norms after RoPE")])
+def test_a_layer_without_a_step_says_why(family, reason, tmp_path):
+    """The manifest (and fate-inspect) names what the step cannot compute, not a symptom of it."""
+    built = Built(tmp_path, family=family, seed=21)
+    layers = Artifact.open(built.artifact(4)).manifest.layers
+    assert any(layer.graph_only == reason for layer in layers if layer.kind == "moe"), \
+        [layer.graph_only for layer in layers]

@@ -36,12 +36,16 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
         return f"a {cfg.mixer(layer)} layer"
     if layer not in cfg.moe_layers:
         return "a dense MLP layer"
+    if cfg.attention.latent is not None:
+        return "latent attention"
+    if layer in cfg.positions.nope_layers or not cfg.positions.inv_freq:
+        return "attention without positions"
+    if cfg.attention.qk_norm_after_rope:
+        return "q/k norms after RoPE"
     if positions != "tables":
         reason = fused_attention_refusal(cfg, w)
         return f"attention the fused kernel cannot take ({reason})" if reason else \
             "RoPE in sizes or an order the fused kernel cannot take"
-    if layer in cfg.positions.nope_layers:
-        return "attention without positions"
     if fmt.bits not in QUANTIZED_BITS:
         return f"float{fmt.bits} dense weights (the step runs INT8, INT4 or INT2 ones)"
     for what, unsupported in (("LayerNorm", cfg.norms.kind != "rms"), ("routing other than softmax or sigmoid",

@@ -117,7 +117,8 @@ def ssm_step(heads: int, head_dim: int, state_size: int) -> onnx.GraphProto:
 
         S = S * decay + (dt x) B^T      S [Hn, Dh, N], decay = exp(dt A) [Hn], dt x [Hn, Dh], B [Hn, N]
         y = S C                         C [Hn, N] -> y [Hn, Dh]
-    (transformers' mamba2_selective_state_update, without the D skip, added outside)."""
+    (transformers' mamba2_selective_state_update, without the D skip, added outside). Lightning
+    attention is the same step: S = S * exp(-slope) + v k^T, o = S q."""
     b = GraphBuilder("ssm_step", prefix="step_")
     state = b.input("step_state", FLOAT, [heads, head_dim, state_size])
     xdt = b.input("step_xdt", FLOAT, [heads, head_dim])
@@ -220,23 +221,6 @@ def mamba1(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
     return linear(b, y, w[Role.MAMBA_OUT], w.get(Role.MAMBA_OUT_BIAS)), present_conv, present_state
 
 
-def lightning_step(heads: int, dim: int, decay: np.ndarray) -> onnx.GraphProto:
-    """One token of lightning attention, the body of a Scan over the sequence (transformers' decode
-    form; its block form in prefill computes the same sums):
-
-        S = S * decay + v k^T      S [heads, D_v, D_k], decay = exp(-slope) [heads], k, v [heads, D]
-        o = S q                    q [heads, D] -> o [heads, D]"""
-    b = GraphBuilder("lightning_step", prefix="step_")
-    state = b.input("step_state", FLOAT, [heads, dim, dim])
-    q, k, v = (b.input(f"step_{name}", FLOAT, [heads, dim]) for name in "qkv")
-    state = b.op("Add", b.op("Mul", state, b.const(decay.reshape(heads, 1, 1), "decay")),
-                 b.op("MatMul", b.op("Unsqueeze", v, b.ints([2])), b.op("Unsqueeze", k, b.ints([1]))))
-    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", q, b.ints([2]))), b.ints([heads, dim]))
-    b.output(state, "step_state_out", FLOAT, [heads, dim, dim])
-    b.output(out, "step_out", FLOAT, [heads, dim])
-    return b.graph()
-
-
 def lightning(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_state: str) -> tuple[str, str]:
     """MiniMax's lightning attention; returns (output [1,S,H], present state).
 
@@ -248,9 +232,12 @@ def lightning(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_state: str) -
     rows = b.op("Reshape", x, b.ints([-1, cfg.hidden_size]))
     qkv = b.op("Reshape", silu(b, linear(b, rows, w[Role.LIGHTNING_QKV])), b.ints([-1, heads, 3 * d]))
     q, k, v = b.op("Split", qkv, b.ints([d, d, d]), outputs=3, axis=-1)
-    decay = np.exp(-w[Role.LIGHTNING_SLOPE].reshape(heads).astype(np.float32))
+    # Mamba2's step with the state [heads, D_v, D_k]: x dt = v, B = k, C = q, and a decay that is the
+    # same every token (transformers' decode form; its block form in prefill computes the same sums)
+    rate = np.exp(-w[Role.LIGHTNING_SLOPE].reshape(heads).astype(np.float32))
+    decay = b.op("Expand", b.const(rate, "decay"), b.op("Slice", b.op("Shape", q), b.ints([0]), b.ints([2])))
     state = b.op("Reshape", past_state, b.ints([heads, d, d]))
-    final, out = b.op("Scan", state, q, k, v, outputs=2, body=lightning_step(heads, d, decay), num_scan_inputs=3)
+    final, out = b.op("Scan", state, v, k, q, decay, outputs=2, body=ssm_step(heads, d, d), num_scan_inputs=4)
     present_state = b.op("Reshape", final, b.ints([1, heads, d, d]))
     normed = rms_norm(b, b.op("Reshape", out, b.ints([1, -1, heads * d])), w[Role.LIGHTNING_NORM], m.norm_eps)
     gated = b.op("Mul", normed, b.op("Sigmoid", linear(b, x, w[Role.LIGHTNING_GATE])))

@@ -152,6 +152,16 @@ MODEL_ROLES = (Role.EMBED, Role.FINAL_NORM, Role.LM_HEAD)
 EXPERT_ROLES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
 
 
+def check_finite(optional: bool = False, **values: Any) -> None:
+    """Each of `values` a finite number (or, where `optional`, None: a field left unset), else one line
+    naming it. One check for every record's numbers."""
+    for name, value in values.items():
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LatentAttention:
     """DeepSeek's multi-head latent attention sizes (q_lora_rank None: a plain q projection)."""
@@ -271,10 +281,7 @@ class Positions:
     def __post_init__(self) -> None:
         if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.inv_freq):
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
-        if isinstance(self.attention_scaling, bool) or not isinstance(self.attention_scaling, (int, float)) \
-                or not math.isfinite(self.attention_scaling):
-            raise ModelError(f"config.json: the RoPE attention scaling must be a finite number, "
-                             f"got {self.attention_scaling!r}")
+        check_finite(rope_attention_scaling=self.attention_scaling)
 
     @property
     def rotary_dims(self) -> int:
@@ -297,11 +304,7 @@ class Attention:
     output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
 
     def __post_init__(self) -> None:
-        for name in ("clip_qkv", "scale"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        check_finite(optional=True, clip_qkv=self.clip_qkv, attention_scale=self.scale)
         for window in (self.sliding_window, *(self.layer_windows or ())):
             if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
                 raise ModelError(f"config.json: a sliding window must be an integer > 0, got {window!r}")
@@ -318,10 +321,7 @@ class Norms:
     weight_offset: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("eps", "weight_offset"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ModelError(f"config.json: the norms' {name} must be a finite number, got {value!r}")
+        check_finite(rms_norm_eps=self.eps, norm_weight_offset=self.weight_offset)
         if self.kind not in ("rms", "layer"):
             raise ModelError(f"config.json: unknown norm {self.kind!r}")
 
@@ -344,6 +344,10 @@ class Block:
     from_norm: bool = False
     mixer_factors: tuple[tuple[float, float], ...] | None = None
     mlp_factors: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        for alpha, beta in (*(self.mixer_factors or ()), self.mlp_factors):
+            check_finite(residual_alpha=alpha, residual_beta=beta)
 
 
 @dataclass(frozen=True)
@@ -388,10 +392,8 @@ class Routing:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ModelError(f"config.json: {name} must be an integer >= 1, got {value!r}")
-        for name in ("routed_scaling", "router_jitter_eps", "topk_norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        check_finite(routed_scaling=self.routed_scaling, router_jitter_eps=self.router_jitter_eps,
+                     topk_norm_eps=self.topk_norm_eps)
         if self.top_k > self.num_experts:
             raise ModelError(f"config.json: top-{self.top_k} routing over {self.num_experts} experts")
         if self.scaled_input and (self.top_k != 1 or self.layer_top_k is not None):
@@ -451,11 +453,7 @@ class ArchConfig:
             least = 1 if name in self.POSITIVE else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ModelError(f"config.json: {name} must be an integer >= {least}, got {value!r}")
-        for name in self.FINITE + ("swiglu_limit",):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ModelError(f"config.json: {name} must be a finite number, got {value!r}")
+        check_finite(optional=True, **{name: getattr(self, name) for name in self.FINITE + ("swiglu_limit",)})
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
                              f"{self.num_kv_heads} key/value heads")

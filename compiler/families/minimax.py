@@ -7,9 +7,8 @@ MoE (`mlp_*`; the routed experts' beta is their routed scaling)."""
 
 from dataclasses import replace
 
-from fate.artifacts import ModelError
 
-from .base import LAYER as L, Block, Family, Lightning, Mixers, Role, mixers_of_types, optional
+from .base import LAYER as L, Block, Family, Lightning, Mixers, Role, check_finite, mixers_of_types, optional
 from .mixtral import FAMILY as MIXTRAL
 from .mixtral import read_config as read_mixtral_config
 
@@ -18,8 +17,7 @@ MIXER_OF_TYPE = {"full_attention": "attention", "linear_attention": "lightning"}
 
 def factor(cfg: dict, key: str) -> float:
     value = float(optional(cfg, key, 1.0, (int, float)))
-    if not value == value or abs(value) == float("inf"):
-        raise ModelError(f"config.json: {key} must be a finite number, got {value!r}")
+    check_finite(**{key: value})  # named by its key (Block checks the factors again, by their place)
     return value
 
 

@@ -32,14 +32,14 @@ def layer_types(cfg: dict, layers: int) -> list:
     return ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
 
 
-# the names transformers writes Kimi-Linear's config with (its attribute_map) -> the names the readers take
+# the names transformers writes Kimi-Linear's config with (its attribute_map) -> the names the readers take,
+# renamed as for a model type loaded with another's classes (Family.loaded_as)
 ORIGINAL_NAMES = {"model_max_length": "max_position_embeddings", "moe_renormalize": "norm_topk_prob",
                   "num_expert_group": "n_group", "num_experts": "num_local_experts",
                   "num_experts_per_token": "num_experts_per_tok", "num_shared_experts": "n_shared_experts"}
 
 
 def read_config(cfg: dict):
-    cfg = {**{ORIGINAL_NAMES[k]: v for k, v in cfg.items() if k in ORIGINAL_NAMES}, **cfg}
     linear = cfg.get("linear_attn_config") or {}
     if not isinstance(linear, dict):
         raise ModelError(f"config.json: linear_attn_config must be an object, got {linear!r}")
@@ -79,4 +79,4 @@ FAMILY = Family(
             (Role.KDA_OUT, ".o_proj.weight"))},
     },
     skip=DEEPSEEK_V2.skip,
-)
+).loaded_as(ORIGINAL_NAMES)

@@ -38,9 +38,9 @@ class Engine:
     def load(cls, path: str | os.PathLike, options: EngineOptions | None = None) -> "Engine":
         """All experts resident, or as `options` say (runtime.options.EngineOptions: a budget of
         experts resident and the rest read ahead of need, a memory limit for the whole process, ...)."""
+        options = options or EngineOptions()
         model = FateModel.load(path, options)
-        verify = options.verify if options is not None else True
-        return cls(model, TextCodec(model.artifact, verify=verify))
+        return cls(model, TextCodec(model.artifact, verify=options.verify))
 
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)

@@ -2,7 +2,8 @@
 fate-bench and fate-eval (runtime.cli builds it from them), taken by `Engine.load` and
 `FateModel.load`. Vary it with `dataclasses.replace`.
 
-    from fate.runtime import Engine, EngineOptions, OffloadOptions, parse_budget
+    from fate.artifacts.budget import parse_budget
+    from fate.runtime import Engine, EngineOptions, OffloadOptions
     engine = Engine.load("artifact_dir", EngineOptions(memory_limit=8 * 2**30))
     engine = Engine.load("artifact_dir", EngineOptions(offload=OffloadOptions(parse_budget("25%"))))
 """

@@ -23,12 +23,13 @@ from .native_contract import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, Te
 from .predictors import RUNTIME_PREDICTORS, Predictor
 from .slots import check_decode_step, check_head_step, check_layout
 
-SCHEMA_VERSION = "1.7"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+SCHEMA_VERSION = "1.8"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
 # 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
 # runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only);
-# 1.7: what the lossy INT2 prefill costs, measured (Policy.int2_prefill_perplexity_ratio)
+# 1.7: what the lossy INT2 prefill costs, measured (Policy.int2_prefill_perplexity_ratio); 1.8: an attention
+# layer's own key-value heads and RoPE frequencies (LayerSpec.num_kv_heads, LayerSpec.rope_inv_freq)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to (precisions.py).
 PRECISION_BITS = precisions.PRECISION_BITS
@@ -46,7 +47,7 @@ MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, belo
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("afmoe", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss",
-                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "kimi_linear", "llama4", "llama4_text", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "kimi_linear", "llama4", "llama4_text", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
                   "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
@@ -110,6 +111,10 @@ class LayerSpec:
     decode_step: DecodeStep | None = None
     # schema 1.6: why an attention MoE layer has no decode step (informational, for fate-inspect)
     graph_only: str | None = None
+    # schema 1.8: an attention layer's key-value heads and RoPE frequencies where they are not the model's
+    # (MiMo-V2-Flash's sliding layers)
+    num_kv_heads: int | None = None
+    rope_inv_freq: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,14 @@ class ModelSpec:
     # How the layer and head graphs store their linear weights (routers stay fp32): fp32, int8, int4;
     # when not fp32 the embedding table is INT8 per row
     dense_precision: str = "fp32"
+
+    def kv_heads(self, layer: "LayerSpec") -> int:
+        """The key-value heads `layer` caches."""
+        return layer.num_kv_heads or self.num_kv_heads
+
+    def inv_freq(self, layer: "LayerSpec") -> list[float]:
+        """The RoPE frequencies `layer` rotates with."""
+        return self.rope_inv_freq if layer.rope_inv_freq is None else layer.rope_inv_freq
 
     @property
     def key_dim(self) -> int:
@@ -321,6 +334,7 @@ class Manifest:
         if layer.index != i or layer.kind not in LAYER_KINDS:
             raise ArtifactError(f"manifest: layer {i} has index {layer.index} and kind {layer.kind!r}")
         self._validate_state(i, layer)
+        self._validate_attention(i, layer)
         if layer.predicts_next and (i + 1 >= len(self.layers) or self.layers[i + 1].kind != "moe"):
             raise ArtifactError(f"manifest: layer {i} predicts the next layer's experts, but no MoE layer follows")
         if layer.kind == "dense":
@@ -338,6 +352,22 @@ class Manifest:
             if len(files) != r.num_experts:
                 raise ArtifactError(f"manifest: layer {i} lists {len(files)} {precision} experts, "
                                     f"routing says {r.num_experts}")
+
+    def _validate_attention(self, i: int, layer: LayerSpec) -> None:
+        """A layer's own key-value heads and RoPE: for attention, in the model's bounds."""
+        m = self.model
+        if layer.num_kv_heads is None and layer.rope_inv_freq is None:
+            return
+        if layer.mixer != "attention":
+            raise ArtifactError(f"manifest: layer {i} ({layer.mixer}) has key-value heads or RoPE of its own")
+        kv = layer.num_kv_heads
+        if kv is not None and not (0 < kv <= MAX_DIM and m.num_heads % kv == 0):
+            raise ArtifactError(f"manifest: layer {i} has {kv} key-value heads for {m.num_heads} heads")
+        freq = layer.rope_inv_freq
+        if freq is not None and (len(freq) * 2 > m.head_dim or not all(
+                isinstance(f, float) and math.isfinite(f) and f > 0 for f in freq)):
+            raise ArtifactError(f"manifest: layer {i} has RoPE frequencies that are not finite positive numbers "
+                                f"for at most head_dim / 2 pairs")
 
     def _validate_state(self, i: int, layer: LayerSpec) -> None:
         """The runtime allocates each state tensor from these numbers and feeds it under its name:
@@ -381,12 +411,13 @@ class Manifest:
         where = f"manifest: layer {layer.index} decode step"
         if layer.kind != "moe" or layer.mixer != "attention" or layer.positions != "tables" \
                 or layer.routing.scoring not in ("softmax", "sigmoid") or layer.combine_graph \
+                or layer.rope_inv_freq is not None \
                 or self.model.key_dim != self.model.head_dim \
                 or self.model.value_dim != self.model.head_dim:
-            raise ArtifactError(f"{where}: only a softmax- or sigmoid-routed MoE layer with fused attention has one")
+            raise ArtifactError(f"{where}: only a softmax- or sigmoid-routed MoE layer with fused attention and the model's RoPE has one")
         following = self.layers[layer.index + 1] if layer.predicts_next else None
         m = self.model
-        check_decode_step(step, (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim), layer.routing,
+        check_decode_step(step, (m.hidden_size, m.num_heads, m.kv_heads(layer), m.head_dim), layer.routing,
                           following.routing.num_experts if following else 0, sizes.get(layer.graph, 0), where)
 
     def referenced_files(self) -> list[str]:

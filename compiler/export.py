@@ -99,14 +99,14 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         stored = stored_as.shapes(c)
         if role in stored:
             return stored[role]
-    h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    h, q, kv, kv_v = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.value_dim
     i_moe, i_dense, i_shared = c.moe_intermediate_size, c.dense_intermediate_size, c.shared_intermediate_size
     return {
         Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
         Role.FINAL_NORM_BIAS: (h,), Role.LM_HEAD_BIAS: (c.vocab_size,),
         Role.ATTN_NORM: (h,), Role.MLP_NORM: (h,), Role.POST_ATTN_NORM: (h,), Role.POST_MLP_NORM: (h,), Role.ATTN_NORM_BIAS: (h,), Role.MLP_NORM_BIAS: (h,),
-        Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv, h), Role.O: (h, q),
-        Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv,), Role.O_BIAS: (h,),
+        Role.Q: (q, h), Role.K: (kv, h), Role.V: (kv_v, h), Role.O: (h, c.num_heads * c.value_dim),
+        Role.Q_BIAS: (q,), Role.K_BIAS: (kv,), Role.V_BIAS: (kv_v,), Role.O_BIAS: (h,),
         Role.Q_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (q,),
         Role.K_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.routing.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.routing.num_experts,),
@@ -160,7 +160,7 @@ class WeightReader:
             where = "" if layer is None else f" of layer {layer}" + ("" if expert is None else f", expert {expert}")
             raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} (the {role.value}{where})")
         shape = self.ckpt.shape(name)
-        want = expected_shape(role, self.cfg, self.family.layouts)
+        want = expected_shape(role, self.cfg if layer is None else self.cfg.at_layer(layer), self.family.layouts)
         if role == Role.ROUTER_SCORE_BIAS and shape == (1, *want):  # ERNIE-4.5 stores one row per expert group
             shape = want
         if shape != want:
@@ -301,6 +301,17 @@ def int2_prefill_cost(draft: Path, budget: Budget, calib_ids: np.ndarray, log: C
     return ratio
 
 
+def own_attention(cfg: ArchConfig, layer: int) -> dict:
+    """A layer's LayerSpec fields for attention unlike the model's: its key-value heads, its RoPE."""
+    own = {}
+    if cfg.attention.layer_kv_heads is not None and cfg.attention.layer_kv_heads[layer] != cfg.num_kv_heads:
+        own["num_kv_heads"] = cfg.attention.layer_kv_heads[layer]
+    if cfg.positions.layer_inv_freq is not None and cfg.positions.layer_inv_freq[layer] is not None \
+            and layer not in cfg.positions.nope_layers:
+        own["rope_inv_freq"] = list(cfg.positions.layer_inv_freq[layer])
+    return own
+
+
 def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSpec:
     return ModelSpec(
         family=family.model_type, architecture=family.architecture, hidden_size=cfg.hidden_size,
@@ -309,7 +320,7 @@ def model_spec(family: Family, cfg: ArchConfig, dense_bits: int = 32) -> ModelSp
         rope_inv_freq=cfg.positions.inv_freq, rope_attention_scaling=cfg.positions.attention_scaling,
         sliding_window=cfg.attention.sliding_window,
         cache_key_dim=cfg.attention.latent.kv_lora_rank if cfg.attention.latent else None,
-        cache_value_dim=cfg.attention.latent.qk_rope_head_dim if cfg.attention.latent else None,
+        cache_value_dim=cfg.attention.latent.qk_rope_head_dim if cfg.attention.latent else cfg.attention.value_head_dim,
         dense_precision=PRECISION_OF_BITS[dense_bits],
     )
 
@@ -434,13 +445,14 @@ class LayerExporter:
         spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
                          predicts_next=info.predicts_next,
                          sliding_window=cfg.attention.layer_windows[layer] if cfg.attention.layer_windows else None,
+                         **own_attention(cfg, layer),
                          mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
                          graph_only=info.graph_only if is_moe and cfg.mixer(layer) == "attention" else None,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()
         if info.decode_step is not None:
-            spec = replace(spec, decode_step=graphs.decode_step_views(info.decode_step, data, cfg,
+            spec = replace(spec, decode_step=graphs.decode_step_views(info.decode_step, data, cfg.at_layer(layer),
                                                                       cfg.routing.num_experts if next_layer else 0))
         del info
         self.writer.write_bytes(graph_path, data)

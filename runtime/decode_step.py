@@ -47,7 +47,7 @@ def step_vector(spec: ModelSpec, layer: LayerSpec, next_experts: int) -> np.ndar
     the layer's window, and the offset of every tensor (-1 where absent)."""
     step, routing = layer.decode_step, layer.routing
     groups, kept = step.group_topk or (0, 0)
-    values = dict(hidden=spec.hidden_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+    values = dict(hidden=spec.hidden_size, heads=spec.num_heads, kv_heads=spec.kv_heads(layer), head_dim=spec.head_dim,
                   rot_half=len(spec.rope_inv_freq), experts=routing.num_experts, top_k=routing.top_k,
                   next_experts=next_experts, shared_inter=step.shared_intermediate_size, bits=step.bits,
                   block=step.block_size, int8=step.accuracy_level == 4, normalize=routing.normalize_top_k,

@@ -49,11 +49,11 @@ def fits(declared, expected: Shape) -> bool:
 def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     """What the runtime feeds one decoder layer graph and reads from it (runtime.model.forward)."""
     spec = manifest.model
-    h, kv = spec.hidden_size, spec.num_kv_heads
+    h, kv = spec.hidden_size, spec.kv_heads(layer)
     inputs = {IO.HIDDEN: ((1, None, h), FLOAT)}
     outputs = {IO.RESIDUAL: ((1, None, h), FLOAT)}
     if layer.mixer == "attention":
-        rotary = 2 * len(spec.rope_inv_freq)
+        rotary = 2 * len(spec.inv_freq(layer))
         state = {"key": (1, kv, None, spec.key_dim), "value": (1, kv, None, spec.value_dim)}
         inputs[IO.ATTN_BIAS] = ((None, None), FLOAT)
         if layer.positions == "tables":

@@ -99,7 +99,7 @@ def plan_memory(manifest, graph_bytes: dict[str, int], limit: int, context: int,
         stepped.add(manifest.head_graph)
     dense = int(sum(size for graph, size in graph_bytes.items() if graph not in stepped) * DENSE_HOLD)
     attention = [layer for layer in manifest.layers if layer.mixer == "attention"]
-    kv = len(attention) * context * 4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim)
+    kv = context * 4 * sum(spec.kv_heads(layer) for layer in attention) * (spec.key_dim + spec.value_dim)
     rows = STEP_SCRATCH_ROWS if all(layer.graph in stepped for layer in attention) else SCRATCH_ROWS
     scratch = min(PREFILL_CHUNK, context) * spec.hidden_size * 4 * rows
     return MemoryPlan(limit, current_rss() if baseline is None else baseline, dense,

@@ -30,8 +30,8 @@ def initial_state(spec: ModelSpec, layer: LayerSpec) -> dict[str, np.ndarray]:
     """What a layer carries into its first step: no keys and values yet (attention), or its
     fixed-size state at zero (the manifest's shapes, validated when it was read)."""
     if layer.mixer == "attention":
-        return {"key": np.zeros((1, spec.num_kv_heads, 0, spec.key_dim), np.float32),
-                "value": np.zeros((1, spec.num_kv_heads, 0, spec.value_dim), np.float32)}
+        return {"key": np.zeros((1, spec.kv_heads(layer), 0, spec.key_dim), np.float32),
+                "value": np.zeros((1, spec.kv_heads(layer), 0, spec.value_dim), np.float32)}
     return {state.name: np.zeros(state.shape, np.float32) for state in layer.state}
 
 
@@ -71,14 +71,15 @@ class KVCache:
     layers: list[dict[str, np.ndarray]]
     length: int = 0
     in_place: tuple[bool, ...] = ()
-    position_bytes: int = 0  # an attention layer's keys and values per position
+    position_bytes: int = 0  # the largest attention layer's keys and values per position
 
     @classmethod
     def empty(cls, manifest: Manifest) -> "KVCache":
         spec = manifest.model
         return cls([initial_state(spec, layer) for layer in manifest.layers], 0,
                    tuple(layer.positions == "tables" for layer in manifest.layers),
-                   4 * spec.num_kv_heads * (spec.key_dim + spec.value_dim))
+                   max((4 * spec.kv_heads(layer) * (spec.key_dim + spec.value_dim) for layer in manifest.layers
+                        if layer.mixer == "attention"), default=0))
 
     @property
     def nbytes(self) -> int:

@@ -74,6 +74,8 @@ CASES = {
     "minimax": dict(family="minimax", seed=70),
     # Kimi Delta Attention (a delta rule decaying per key channel) around latent attention without positions
     "kimi_linear": dict(family="kimi_linear", seed=71),
+    # sliding layers with twice the key-value heads, sinks and a RoPE base of their own; values smaller than keys
+    "mimo_v2_flash": dict(family="mimo_v2_flash", seed=72),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),
@@ -106,8 +108,8 @@ CASES = {
     "hunyuan_v1_moe": dict(family="hunyuan_v1_moe", seed=35),
     # a top-k per layer (moe_topk as a list), which transformers takes layer by layer
     "hunyuan_v1_moe-layer-topk": dict(family="hunyuan_v1_moe", seed=37, moe_topk=[1, 3, 2]),
-    # per-layer RoPE bases: a NoPE layer (0) among layers of one base other than the global rope_theta
-    "granitemoe_swa-nope": dict(family="granitemoe_swa", seed=29, layer_rope_theta=[0.0, 50000.0, 50000.0]),
+    # per-layer RoPE bases: a NoPE layer (0) among layers of two bases, neither the global rope_theta
+    "granitemoe_swa-nope": dict(family="granitemoe_swa", seed=29, layer_rope_theta=[0.0, 50000.0, 500.0]),
     # q/k norms over whole projections, rotary_dim, sigmoid routing with a correction bias
     "minimax_m2": dict(family="minimax_m2", seed=36),
     # q/k/v in one projection, clamped; LayerNorm without bias; experts stacked as [E * I, H] (2 of 6 seeds

@@ -63,9 +63,9 @@ KNOBS: dict[str, Knobs] = {
     "granitemoeshared": Knobs(head_dim=None, extra=lambda r: {"shared_intermediate_size": r.choice([0, 20, 36])}),
     "granitemoe_swa": Knobs(head_dim=None, extra=lambda r: {"shared_intermediate_size": r.choice([0, 20, 36]),
                                                            "sliding_window": r.choice([3, 6, 64])},
-                            # per-layer RoPE bases: 0 (NoPE) or one base, not always the global one
-                            layers=lambda r, n: {"layer_rope_theta": [r.choice([0.0, base]) for _ in range(n)]}
-                            if (base := r.choice([None, 10000.0, 5e5])) else {}),
+                            # per-layer RoPE bases: 0 (NoPE) or one of up to two, not always the global one
+                            layers=lambda r, n: {"layer_rope_theta": [r.choice([0.0, *bases]) for _ in range(n)]}
+                            if (bases := r.choice([None, (10000.0,), (5e5,), (500.0, 10000.0)])) else {}),
     "gpt_oss": Knobs(extra=lambda r: {"sliding_window": r.choice([3, 6, 64]), "attention_bias": coin(r)},
                      layers=lambda r, n: {"layer_types": [r.choice(["sliding_attention", "full_attention"])
                                                           for _ in range(n)]}),
@@ -223,6 +223,18 @@ KNOBS["kimi_linear"] = Knobs(expert_inter="moe_intermediate_size", head_dim=None
                              layers=lambda r, n: {"layer_types": hybrid_types(r, n, "full_attention", "linear_attention"),
                                                   "mlp_layer_types": (["dense"] if n > 1 and coin(r) else ["sparse"])
                                                   + ["sparse"] * (n - 1)})
+KNOBS["mimo_v2_flash"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermediate_size", groups=True,
+                               dense_inter="intermediate_size", max_layers=4,
+                               extra=lambda r: {"v_head_dim": r.choice([5, 8, 12, 16]), "attention_bias": coin(r),
+                                                "attention_value_scale": r.choice([0.707, 1.0, None]),
+                                                "sliding_window": r.choice([3, 5, 64]), "norm_topk_prob": coin(r),
+                                                "rope_parameters": {kind: {"rope_type": "default",
+                                                                           "rope_theta": r.choice([1e4, 5e6]),
+                                                                           "partial_rotary_factor": r.choice([0.334, 0.5, 1.0])}
+                                                                    for kind in ("full_attention", "sliding_attention")}},
+                               layers=lambda r, n: {"layer_types": hybrid_types(r, n, "sliding_attention", "full_attention"),
+                                                    "mlp_layer_types": [r.choice(["dense", "sparse"]) for _ in range(n - 1)]
+                                                    + ["sparse"]})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
              llama4=KNOBS["llama4_text"], qwen3_5_moe=KNOBS["qwen3_5_moe_text"])
@@ -283,6 +295,8 @@ def random_overrides(family: str, seed: int) -> dict:
         out["moe_topk"] = [r.randint(1, experts) for _ in range(layers)]
     if family == "minimax_m2":
         out["rotary_dim"] = r.choice([2, d // 2 * 2, max(2, d // 4 * 2)])
+    if family == "mimo_v2_flash" and heads % (2 * kv):  # the sliding layers cache twice the key-value heads
+        out["num_attention_heads"] = 2 * heads
     if family == "granitemoehybrid":
         out["mamba_expand"] = 2
         out["mamba_n_heads"] = r.choice([h for h in (1, 2, 3, 4, 6) if 2 * out["hidden_size"] % h == 0])

@@ -65,6 +65,13 @@ def test_roundtrip_and_file_list(mixtral):
     (lambda m: m["layers"][0].update(positions="rows"), "position inputs 'rows'"),
     (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1, 2, 64]}],
                                      positions="tables"), "position inputs 'tables'"),
+    # a layer's own attention (schema 1.8): key-value heads that divide the heads, RoPE that fits a head
+    (lambda m: m["layers"][0].update(num_kv_heads=3), "3 key-value heads for 4 heads"),
+    (lambda m: m["layers"][0].update(num_kv_heads=0), "0 key-value heads"),
+    (lambda m: m["layers"][0].update(rope_inv_freq=[1.0] * 64), "RoPE frequencies"),
+    (lambda m: m["layers"][0].update(rope_inv_freq=[-1.0]), "RoPE frequencies"),
+    (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1, 2, 64]}],
+                                     positions="per_token", num_kv_heads=2), "heads or RoPE of its own"),
 ])
 def test_bad_manifests_are_refused(mixtral, tmp_path, mutate, message):
     target = tmp_path / "art"

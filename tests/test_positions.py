@@ -25,16 +25,21 @@ def layer(positions: str, window: int | None = None) -> LayerSpec:
     return LayerSpec(index=0, kind="dense", graph="g", sliding_window=window, positions=positions)
 
 
+def rows(tables: PositionTables) -> int:
+    """How many positions the model's tables hold."""
+    return len(tables.tables[tuple(tables.spec.rope_inv_freq)][0])
+
+
 def test_tables_hold_what_rope_gives_and_grow_by_doubling():
     model = spec()
     tables = PositionTables(model)
     cos, sin = tables.upto(3)
-    assert cos.shape == (3, 8) and len(tables.tables[0]) == FIRST_TABLE_ROWS
+    assert cos.shape == (3, 8) and rows(tables) == FIRST_TABLE_ROWS
     full_cos, full_sin = rope(model, np.arange(700))
     cos, sin = tables.upto(700)
-    assert len(tables.tables[0]) == 700  # more than double what it had: exactly what is asked
+    assert rows(tables) == 700  # more than double what it had: exactly what is asked
     cos, sin = tables.upto(701)
-    assert len(tables.tables[0]) == 1400 and cos.shape == (701, 8)
+    assert rows(tables) == 1400 and cos.shape == (701, 8)
     np.testing.assert_array_equal(cos[:700], full_cos[:, :8])
     np.testing.assert_array_equal(sin[:700], full_sin[:, :8])
     assert cos.flags.c_contiguous
@@ -44,7 +49,7 @@ def test_tables_stop_at_the_model_context():
     tables = PositionTables(spec(max_positions=300))
     tables.upto(280)
     tables.upto(290)
-    assert len(tables.tables[0]) == 300
+    assert rows(tables) == 300
 
 
 def test_a_step_feeds_each_layer_its_kind():
@@ -61,6 +66,25 @@ def test_a_step_feeds_each_layer_its_kind():
     assert int(tables[IO.TOTAL_LENGTH]) == 13 and tables[IO.TOTAL_LENGTH].shape == ()
     np.testing.assert_array_equal(tables[IO.ATTN_BIAS], attention_bias(model, 10, 3, 4))
     np.testing.assert_array_equal(per_token[IO.ATTN_BIAS], attention_bias(model, 10, 3))
+
+
+def test_a_layer_with_its_own_rope_gets_its_own_tables():
+    """MiMo-V2-Flash's sliding layers rotate with another base than its full ones: each layer is fed
+    its own frequencies' cos and sin, the model's layers the model's, whatever order they are asked in."""
+    model = spec()
+    own = (1.0 / 500 ** (np.arange(0, 6, 2) / 6)).tolist()
+    step = PositionTables(model).step(5, 2)
+    for kind in ("per_token", "tables"):
+        theirs = step.for_layer(dataclasses.replace(layer(kind), rope_inv_freq=own))
+        ours = step.for_layer(layer(kind))
+        cos, sin = rope(model, np.arange(5, 7), own)
+        if kind == "per_token":
+            np.testing.assert_array_equal(theirs[IO.COS], cos)
+            np.testing.assert_array_equal(theirs[IO.SIN], sin)
+            np.testing.assert_array_equal(ours[IO.COS], rope(model, np.arange(5, 7))[0])
+        else:
+            np.testing.assert_array_equal(theirs[IO.COS_CACHE][5:], cos[:, :3])
+            assert theirs[IO.COS_CACHE].shape == (7, 3) and ours[IO.COS_CACHE].shape == (7, 8)
 
 
 def test_keys_and_values_kept_in_place_give_the_same_numbers(mixtral, monkeypatch):

@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 
-from fate.compiler import CompileOptions, compile_checkpoint
 from fate.runtime.conversations import ConversationCache
 from fate.runtime.generate import SamplingConfig
 from fate.runtime.state import KVCache

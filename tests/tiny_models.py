@@ -259,6 +259,20 @@ def kimi_linear_config(**overrides):
                                "mlp_layer_types": ["dense", "sparse", "sparse"], **overrides})
 
 
+def mimo_v2_flash_config(**overrides):
+    from transformers import MiMoV2FlashConfig
+
+    # full layers around sliding ones that cache twice the key-value heads, learn sinks and rotate with their
+    # own base (a window shorter than the parity prompt), value heads smaller than the keys and scaled, a
+    # third of each head rotated (3 pairs of 16), a dense first layer, sigmoid routing over groups
+    return MiMoV2FlashConfig(**{**COMMON, "num_key_value_heads": 1, "head_dim": 16, "v_head_dim": 12,
+                                "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4,
+                                "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+                                "routed_scaling_factor": 1.5, "attention_value_scale": 0.6, "sliding_window": 5,
+                                "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                                "full_attention"], **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -469,7 +483,7 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "mistral4": mistral4_config, "deepseek_v32": deepseek_v32_config,
            "glm_moe_dsa": glm_moe_dsa_config, "llama4_text": llama4_text_config,
            "llama4": llama4_config, "minimax": minimax_config,
-           "kimi_linear": kimi_linear_config}
+           "kimi_linear": kimi_linear_config, "mimo_v2_flash": mimo_v2_flash_config}
 
 
 def model_class(family: str):
@@ -488,7 +502,6 @@ def make_model(family: str, out: Path, seed: int = 0, shard: bool = False, chat_
     With eager_experts the reference runs its experts one by one: torch's grouped matmul, its CPU
     default, refuses sizes that are not a multiple of 16 bytes, which real checkpoints may have."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     extra = {"experts_implementation": "eager"} if eager_experts else {}

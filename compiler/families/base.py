@@ -277,9 +277,13 @@ class Positions:
     attention_scaling: float = 1.0
     interleaved: bool = False  # rotary pairs are adjacent dims (DeepSeek), not the two halves
     nope_layers: frozenset[int] = frozenset()  # attention layers that do not rotate q and k (EXAONE's global ones)
+    # each layer's frequencies where layers rotate with RoPE of their own (MiMo-V2-Flash's sliding and full
+    # layers, Granite's per-layer bases): None for a layer that uses inv_freq
+    layer_inv_freq: tuple[tuple[float, ...] | None, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in self.inv_freq):
+        tables = [self.inv_freq, *(f for f in self.layer_inv_freq or () if f is not None)]
+        if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for freq in tables for f in freq):
             raise ModelError("config.json: the rotary frequencies are not finite positive numbers (rope_theta?)")
         check_finite(rope_attention_scaling=self.attention_scaling)
 
@@ -302,9 +306,15 @@ class Attention:
     latent: LatentAttention | None = None  # DeepSeek's multi-head latent attention
     scale: float | None = None  # the scores' scale (None: head size ** -0.5; Granite's attention_multiplier)
     output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+    value_head_dim: int | None = None  # each value head's size where it is not the key heads' (MiMo-V2-Flash)
+    value_scale: float = 1.0  # the values times this before they are cached (MiMo-V2-Flash)
+    layer_kv_heads: tuple[int, ...] | None = None  # each layer's key-value heads where layers differ (MiMo)
 
     def __post_init__(self) -> None:
-        check_finite(optional=True, clip_qkv=self.clip_qkv, attention_scale=self.scale)
+        check_finite(optional=True, clip_qkv=self.clip_qkv, attention_scale=self.scale, value_scale=self.value_scale)
+        for name, sizes in (("v_head_dim", (self.value_head_dim,)), ("key-value heads", self.layer_kv_heads or ())):
+            if any(n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1) for n in sizes):
+                raise ModelError(f"config.json: {name} must be integers > 0, got {list(sizes)}")
         for window in (self.sliding_window, *(self.layer_windows or ())):
             if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
                 raise ModelError(f"config.json: a sliding window must be an integer > 0, got {window!r}")
@@ -454,9 +464,14 @@ class ArchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ModelError(f"config.json: {name} must be an integer >= {least}, got {value!r}")
         check_finite(optional=True, **{name: getattr(self, name) for name in self.FINITE + ("swiglu_limit",)})
-        if self.num_heads % self.num_kv_heads:
-            raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
-                             f"{self.num_kv_heads} key/value heads")
+        for kv in {self.num_kv_heads, *(self.attention.layer_kv_heads or ())}:
+            if self.num_heads % kv:
+                raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
+                                 f"{kv} key/value heads")
+        for name, per_layer in (("key-value heads", self.attention.layer_kv_heads),
+                                ("RoPE tables", self.positions.layer_inv_freq)):
+            if per_layer is not None and len(per_layer) != self.num_layers:
+                raise ModelError(f"config.json: {len(per_layer)} layers' {name} for {self.num_layers} layers")
         r = self.routing
         if r.layer_top_k is not None and (len(r.layer_top_k) != self.num_layers or any(
                 isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r.num_experts
@@ -480,8 +495,9 @@ class ArchConfig:
     def check_rotary(self) -> None:
         """RoPE rotates pairs of dims: refuse more of them than a head holds (checked once the family
         has set its positions, which families without any clear)."""
-        if self.attention.latent is None and self.positions.rotary_dims > self.head_dim:
-            raise ModelError(f"config.json: RoPE rotates pairs of dims, {self.positions.rotary_dims} of a head of "
+        rotary = max(2 * len(f) for f in (self.positions.inv_freq, *(self.positions.layer_inv_freq or ())) if f is not None)
+        if self.attention.latent is None and rotary > self.head_dim:
+            raise ModelError(f"config.json: RoPE rotates pairs of dims, {rotary} of a head of "
                              f"{self.head_dim} (an odd head size rotated in full: transformers cannot run it either)")
 
     def with_positions(self, **changes) -> "ArchConfig":
@@ -492,9 +508,21 @@ class ArchConfig:
         return r.layer_top_k[layer] if r.layer_top_k is not None else r.top_k
 
     def at_layer(self, layer: int) -> "ArchConfig":
-        """The config as one layer sees it: its own top-k where they differ by layer."""
-        r = self.routing
-        return self if r.layer_top_k is None else replace(self, routing=replace(r, top_k=self.top_k_at(layer)))
+        """The config as one layer sees it: its own top-k, key-value heads and RoPE where they differ by
+        layer (the record it returns has no per-layer values left)."""
+        r, a, p = self.routing, self.attention, self.positions
+        cfg = self if r.layer_top_k is None else replace(self, routing=replace(r, top_k=self.top_k_at(layer)))
+        if a.layer_kv_heads is not None:
+            cfg = replace(cfg, num_kv_heads=a.layer_kv_heads[layer], attention=replace(a, layer_kv_heads=None))
+        if p.layer_inv_freq is not None:
+            own = p.layer_inv_freq[layer]
+            cfg = cfg.with_positions(inv_freq=p.inv_freq if own is None else list(own), layer_inv_freq=None)
+        return cfg
+
+    @property
+    def value_dim(self) -> int:
+        """What one value head holds (the key heads' size unless the family says otherwise)."""
+        return self.attention.value_head_dim or self.head_dim
 
     def mixer(self, layer: int) -> str:
         return self.mixers.kinds[layer] if self.mixers.kinds else "attention"

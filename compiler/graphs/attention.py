@@ -52,6 +52,8 @@ def fused_attention_refusal(cfg: ArchConfig, w: W) -> str | None:
         return f"head size {cfg.head_dim} is not a multiple of 8"
     if cfg.num_heads % cfg.num_kv_heads:
         return f"{cfg.num_heads} heads are not a multiple of {cfg.num_kv_heads} key-value heads"
+    if cfg.value_dim != cfg.head_dim:
+        return f"value heads of {cfg.value_dim} beside key heads of {cfg.head_dim}"
     return None
 
 
@@ -91,7 +93,7 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
 
     tables = positions.kind == "tables"
 
-    def project(y: str, n_heads: int, norm_role: Role | None = None) -> str:
+    def project(y: str, n_heads: int, norm_role: Role | None = None, d: int = d) -> str:
         """A projection -> [1, S, heads, d] (with position tables: [1, S, heads * d], as the fused
         kernel takes it), with the family's q/k norm (whole projection or per head) and clamp, in
         the order transformers applies them."""
@@ -128,7 +130,9 @@ def attention(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, positions: Positio
         if cfg.attention.qk_norm_after_rope and (cfg.attention.qk_norm != "unit" or rot):  # each head of the rotated q and k
             # (HunYuan, with weights; Llama-4 without, and only where the layer rotates)
             q, k = (rms_norm(b, t, w.get(role), cfg.norms.eps) for t, role in ((q, Role.Q_NORM), (k, Role.K_NORM)))
-    v = project(projected[2], kv)
+    v = project(projected[2], kv, d=cfg.value_dim)
+    if cfg.attention.value_scale != 1.0:  # MiMo-V2-Flash: the values scaled before they are cached
+        v = b.op("Mul", v, b.scalar(cfg.attention.value_scale, "value_scale"))
     scale = d ** -0.5 if cfg.attention.scale is None else cfg.attention.scale
     core = attention_fused if fused_attention_refusal(cfg, w) is None else attention_explicit
     context, present_k, present_v = core(b, q, k, v, past_k, past_v, positions, cfg, scale, w.get(Role.SINKS))
@@ -167,8 +171,8 @@ def attention_fused(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v
 def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, positions: PositionInputs,
                        cfg: ArchConfig, scale: float, sinks: np.ndarray | None) -> tuple[str, str, str]:
     """The same attention in plain ONNX nodes, for what the fused kernel cannot do (fused_attention_refusal):
-    q [1,S,H,D] -> [1,KV,G,S,D] against the caches [1,KV,T,D]."""
-    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q [1,S,H,D] -> [1,KV,G,S,D] against the caches [1,KV,T,D] (values [1,KV,T,Dv])."""
+    heads, kv, d, dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.value_dim
     bias = positions.bias
     q, k, v = (b.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
     present_k = b.op("Concat", past_k, k, axis=2)
@@ -179,8 +183,8 @@ def attention_explicit(b: GraphBuilder, q: str, k: str, v: str, past_k: str, pas
     scores = b.op("Add", b.op("Mul", b.op("MatMul", q5, k5), b.scalar(scale, "scale")), bias)
     probs = b.op("Softmax", scores, axis=-1) if sinks is None else softmax_with_sinks(b, scores, sinks, kv)
     context = b.op("MatMul", probs, v5)
-    context = b.op("Reshape", context, b.ints([1, heads, -1, d]))
-    context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * d]))
+    context = b.op("Reshape", context, b.ints([1, heads, -1, dv]))
+    context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.ints([1, -1, heads * dv]))
     return context, present_k, present_v
 
 

@@ -51,7 +51,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
       next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
     The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
-    cfg = cfg.at_layer(layer)
+    whole, cfg = cfg, cfg.at_layer(layer)  # the model's config, and as this layer sees it
     position_kind = "per_token"
     hidden = b.input(IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     with b.tagged("attn_norm"):
@@ -68,7 +68,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         positions = position_inputs(b, cfg, takes_position_tables(cfg, w))
         position_kind = positions.kind
         m = cfg.attention.latent
-        key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.head_dim)
+        key_dim, value_dim = (m.kv_lora_rank, m.qk_rope_head_dim) if m else (cfg.head_dim, cfg.value_dim)
         past_k = b.input(IO.PAST_KEY, FLOAT, [1, cfg.num_kv_heads, "P", key_dim])
         past_v = b.input(IO.PAST_VALUE, FLOAT, [1, cfg.num_kv_heads, "P", value_dim])
         attend = latent_attention if cfg.attention.latent else attention
@@ -155,7 +155,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     model = b.model()
     if layer in cfg.moe_layers and cfg.block.post_norms:  # the routed sum goes through the combine graph
         onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
-    refusal = step_refusal(layer, cfg, w, next_layer, b.weights, position_kind)
+    refusal = step_refusal(layer, whole, w, next_layer, b.weights, position_kind)
     return LayerGraphInfo(model, next_layer is not None, position_kind,
                           decode_step(layer, cfg, w, next_layer, b.weights) if refusal is None else None, refusal)
 

@@ -27,11 +27,15 @@ STEP_ROLES = frozenset({Role.ATTN_NORM, Role.Q, Role.K, Role.V, Role.Q_BIAS, Rol
                         Role.SHARED_EXPERT_GATE, Role.Q_NORM, Role.K_NORM, Role.ROUTER_SCORE_BIAS})
 
 
-def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None, fmt: WeightFormat,
+def step_refusal(layer: int, model: ArchConfig, w: W, next_layer: NextRouter | None, fmt: WeightFormat,
                  positions: str) -> str | None:
     """Why a layer's graph runs every decode token instead of a native decode step (what its graph
-    computes that the step does not), or None where the step can compute it."""
+    computes that the step does not), or None where the step can compute it. `model`: the whole
+    model's config (the step rotates with the model's RoPE tables)."""
     dense_roles = {role for role in w if not role.value.startswith("expert")}
+    if model.positions.layer_inv_freq is not None and model.positions.layer_inv_freq[layer] is not None:
+        return "RoPE of its own (the step rotates with the model's tables)"
+    cfg = model.at_layer(layer)
     if cfg.mixer(layer) != "attention":
         return f"a {cfg.mixer(layer)} layer"
     if layer not in cfg.moe_layers:
@@ -53,7 +57,8 @@ def step_refusal(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | Non
                               ("a parallel block", cfg.block.parallel), ("post-norms", cfg.block.post_norms),
                               ("no pre-norms", not cfg.block.pre_norms),
                               ("experts on the router-scaled input", cfg.routing.scaled_input),
-                              ("blocks added to their normed input", cfg.block.from_norm)):
+                              ("blocks added to their normed input", cfg.block.from_norm),
+                              ("values scaled before they are cached", cfg.attention.value_scale != 1.0)):
         if unsupported:
             return what
     extra = sorted(role.value for role in dense_roles - STEP_ROLES)
@@ -116,7 +121,7 @@ def head_step_views(step: HeadStep, data: bytes, cfg: ArchConfig) -> HeadStep:
 
 
 def decode_step_views(step: DecodeStep, data: bytes, cfg: ArchConfig, next_experts: int) -> DecodeStep:
-    """`step` with its tensors placed in the serialized layer graph `data`."""
+    """`step` with its tensors placed in the serialized layer graph `data` (`cfg`: as its layer sees it)."""
     heads = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     want = expected_step_tensors(step, heads, cfg.routing.num_experts, next_experts)
     return replace(step, tensors=views_of(data, want, STEP_INITIALIZERS))

@@ -17,7 +17,7 @@ from .errors import ArtifactError
 ALLOWED_OPS = {
     "": {"Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "Div", "Equal", "Exp", "Expand", "Gather", "GatherElements",
          "Greater", "GreaterOrEqual", "Identity", "LayerNormalization", "MatMul", "Max", "Min", "Mul", "Neg", "Pow", "Reciprocal", "ReduceMax",
-         "ReduceMean", "ReduceMin", "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softmax", "Softplus", "Split",
+         "ReduceMean", "ReduceMin", "ReduceSum", "Reshape", "Scan", "Shape", "Relu", "Sigmoid", "Slice", "Softmax", "Softplus", "Split",
          "Sqrt", "Sub", "Tile", "TopK", "Transpose", "Unsqueeze", "Where"},
     "ai.onnx": set(),  # filled below: the same operators under their explicit domain name
     "com.microsoft": {"GroupQueryAttention", "MatMulNBits"},

@@ -74,7 +74,8 @@ HEAD = Contract("H_", (
 # An expert's layout (fate_layout, from the L_ vector): sizes, then each projection's tensors.
 PROJECTIONS = ("gate", "up", "down")
 TENSOR_PARTS = (("qweight", "QWEIGHT"), ("scales", "SCALES"), ("zero_points", "ZEROS"), ("bias", "BIAS"))
-ACTIVATIONS = ("swiglu", "swiglu_clamped")  # the kernel's ACT_ codes, in order
+ACTIVATIONS = ("swiglu", "swiglu_clamped", "relu2")  # the kernel's ACT_ codes, in order
+GATED = frozenset({"swiglu", "swiglu_clamped"})  # the activations that read a gate projection (relu2: none)
 LAYOUT = Contract("L_", (
     ("hidden", "HIDDEN"), ("inter", "INTER"), ("bits", "BITS"), ("block", "BLOCK"), ("accuracy", "ACCURACY"),
     ("activation", "ACTIVATION"), ("has_bias", "HAS_BIAS"),
@@ -108,14 +109,15 @@ class TensorView:
 class ExpertLayout:
     """The slot image of a layer's experts at one quantized precision: what an expert computes
     and where its tensors lie in its file, so that the file read whole is the expert, viewed in
-    place (see slots.py). y = down(act(gate(x), up(x))), each projection MatMulNBits-quantized."""
+    place (see slots.py). y = down(act(gate(x), up(x))), each projection MatMulNBits-quantized; a
+    non-gated activation (relu2: relu(up(x))², Nemotron-H) has no gate projection."""
 
     hidden_size: int
     intermediate_size: int
     bits: int
     block_size: int
     accuracy_level: int  # 4: activations quantized to int8 per block; 0: float32
-    activation: str  # swiglu: silu(g) * u; swiglu_clamped: GPT-OSS's form with limit and alpha
+    activation: str  # swiglu: silu(g) * u; swiglu_clamped: GPT-OSS's form with limit and alpha; relu2: relu(u)²
     has_bias: bool
     tensors: list[TensorView]
     swiglu_limit: float | None = None

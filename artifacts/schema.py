@@ -29,7 +29,8 @@ SCHEMA_VERSION = "1.8"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
 # runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only);
 # 1.7: what the lossy INT2 prefill costs, measured (Policy.int2_prefill_perplexity_ratio); 1.8: an attention
-# layer's own key-value heads and RoPE frequencies (LayerSpec.num_kv_heads, LayerSpec.rope_inv_freq)
+# layer's own key-value heads and RoPE frequencies (LayerSpec.num_kv_heads, LayerSpec.rope_inv_freq), layers
+# without a token mixer (mixer "none"), experts without a gate (ExpertLayout.activation "relu2")
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to (precisions.py).
 PRECISION_BITS = precisions.PRECISION_BITS
@@ -40,14 +41,16 @@ LAYER_KINDS = ("moe", "dense")
 # "tables", cos and sin of every position up to the step's last with the sequence lengths, which the fused
 # attention rotates q and k with itself (fate.artifacts.layout.GraphIO)
 POSITION_INPUTS = ("per_token", "tables")
-# What mixes tokens in a layer: attention caches keys and values that grow with the sequence; the
-# others carry a fixed-size state from token to token, listed in LayerSpec.state.
-MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2", "lightning", "kda")
+# What mixes tokens in a layer: attention caches keys and values that grow with the sequence; "none"
+# (schema 1.8: a block that is its MLP alone, Nemotron-H's) carries nothing; the others carry a
+# fixed-size state from token to token, listed in LayerSpec.state.
+MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2", "lightning", "kda", "none")
+STATELESS_MIXERS = ("attention", "none")  # what they carry is not LayerSpec.state
 MAX_STATE_BYTES = 1 << 32  # one layer's state; far above any real model's, below a hostile allocation
 # Model families whose graphs this runtime version knows to run (the compiler's registry must
 # stay within this list; a test checks it).
 KNOWN_FAMILIES = ("afmoe", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss",
-                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "kimi_linear", "llama4", "llama4_text", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                  "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba", "kimi_linear", "llama4", "llama4_text", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "lfm2_moe", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
                   "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open")
 SCORING_FUNCTIONS = ("softmax", "sparsemixer", "sigmoid")
 
@@ -375,7 +378,7 @@ class Manifest:
         if layer.mixer not in MIXERS:
             raise ArtifactError(f"manifest: layer {i} has unknown mixer {layer.mixer!r}; this runtime knows "
                                 f"{', '.join(MIXERS)}")
-        if (layer.mixer == "attention") != (not layer.state):
+        if (layer.mixer in STATELESS_MIXERS) != (not layer.state):
             raise ArtifactError(f"manifest: layer {i} is {layer.mixer} but lists "
                                 f"{'a' if layer.state else 'no'} fixed-size state")
         names = set()

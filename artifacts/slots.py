@@ -18,7 +18,7 @@ import math
 
 from .errors import ArtifactError
 from .graph_check import WireError, field_spans
-from .native_contract import (ACTIVATIONS, PROJECTIONS, QK_NORMS, STEP, DecodeStep, ExpertLayout, HeadStep, RoutingSpec,
+from .native_contract import (ACTIVATIONS, GATED, PROJECTIONS, QK_NORMS, STEP, DecodeStep, ExpertLayout, HeadStep, RoutingSpec,
                               TensorView)
 from .precisions import QUANTIZED_BITS
 
@@ -59,6 +59,8 @@ def expected_tensors(layout: ExpertLayout) -> dict[str, tuple[str, tuple[int, ..
     h, i, bits, bs = layout.hidden_size, layout.intermediate_size, layout.bits, layout.block_size
     shapes = {}
     for proj, (n, k) in zip(PROJECTIONS, ((i, h), (i, h), (h, i))):
+        if proj == "gate" and layout.activation not in GATED:
+            continue
         shapes.update(quantized_tensors(proj, n, k, bits, bs))
         if layout.has_bias:
             shapes[f"{proj}.bias"] = ("float32", (n,))

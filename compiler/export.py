@@ -223,7 +223,7 @@ class WeightReader:
                              if self.present(role, layer))
             elif layer in self.cfg.moe_layers:
                 names.update(self.check(role, layer, expert)
-                             for expert in range(self.cfg.routing.num_experts) for role in EXPERT_ROLES)
+                             for expert in range(self.cfg.routing.num_experts) for role in self.expert_roles)
         unused = tuple(LAYER.format(layer=i) + "." for i in range(
             self.cfg.num_layers, self.cfg.num_layers + self.cfg.unused_trailing_layers))
         leftovers = sorted(n for n in self.ckpt.names() - names
@@ -232,6 +232,11 @@ class WeightReader:
             more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
             raise ModelError(f"checkpoint tensors not understood by the {self.family.model_type} family: "
                              f"{', '.join(leftovers[:5])}{more}")
+
+    @property
+    def expert_roles(self) -> tuple[Role, ...]:
+        """The projections an expert stores: gate, up and down, or up and down (relu2)."""
+        return EXPERT_ROLES if self.cfg.gated else tuple(r for r in EXPERT_ROLES if r != Role.EXPERT_GATE)
 
     def tied_lm_head(self) -> bool:
         return self.cfg.tie_word_embeddings and not self.present(Role.LM_HEAD, 0)
@@ -246,7 +251,9 @@ class WeightReader:
     def layer_roles(self, layer: int) -> list[Role]:
         m = self.cfg.attention.latent
         kind = MIXER_KINDS.get(self.cfg.mixer(layer))
-        if kind is not None:
+        if self.cfg.mixer(layer) == "none":  # the block is its MLP alone (Nemotron-H)
+            roles = [Role.MLP_NORM]
+        elif kind is not None:
             roles = list(kind.roles)
         elif m is not None:
             roles = [Role.ATTN_NORM, Role.O, Role.MLP_NORM, Role.KV_A, Role.KV_A_NORM, Role.KV_B]
@@ -254,10 +261,15 @@ class WeightReader:
         else:
             roles = list(ATTENTION_ROLES) + ([Role.Q_NORM, Role.K_NORM] if self.cfg.attention.qk_norm not in ("none", "unit") else [])
             roles += [Role.Q_GATE] if self.cfg.attention.output_gate else []
-        roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
-        if self.cfg.block.parallel or not self.cfg.block.pre_norms:
+        if layer in self.cfg.block.no_mlp:  # the block is its token mixer alone (Nemotron-H)
             roles.remove(Role.MLP_NORM)
-        if not self.cfg.block.pre_norms:
+        else:
+            roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
+        if not self.cfg.gated and Role.DENSE_GATE in roles:
+            roles.remove(Role.DENSE_GATE)
+        if (self.cfg.block.parallel or not self.cfg.block.pre_norms) and Role.MLP_NORM in roles:
+            roles.remove(Role.MLP_NORM)
+        if not self.cfg.block.pre_norms and Role.ATTN_NORM in roles:
             roles.remove(Role.ATTN_NORM)
         if self.cfg.block.post_norms:
             roles += [Role.POST_ATTN_NORM, Role.POST_MLP_NORM]
@@ -265,7 +277,7 @@ class WeightReader:
 
     def layer(self, layer: int) -> dict[Role, np.ndarray]:
         w = {role: self.get(role, layer) for role in self.layer_roles(layer)}
-        if Role.SHARED_GATE in w and w[Role.SHARED_GATE].size == 0:  # a shared expert of size 0 adds exactly 0
+        if Role.SHARED_UP in w and w[Role.SHARED_UP].size == 0:  # a shared expert of size 0 adds exactly 0
             for role in (Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_EXPERT_GATE):
                 w.pop(role, None)
         return w
@@ -480,7 +492,7 @@ class LayerExporter:
         return ExpertLayout(hidden_size=self.cfg.hidden_size, intermediate_size=self.cfg.moe_intermediate_size,
                             bits=bits, block_size=self.opts.block_size or DEFAULT_BLOCK_SIZE[bits],
                             accuracy_level=self.opts.accuracy_level,
-                            activation="swiglu" if limit is None else "swiglu_clamped", has_bias=biases is not None,
+                            activation=self.cfg.expert_activation, has_bias=biases is not None,
                             tensors=[], swiglu_limit=limit, swiglu_alpha=None if limit is None else self.cfg.swiglu_alpha)
 
     def _write_experts(self, layer: int, bits_list: tuple[int, ...],
@@ -491,7 +503,8 @@ class LayerExporter:
         profiling = feed_profiler and self.profiler is not None
         wanted = set(bits_list) | (set(QUANT_BITS.values()) if profiling else set())
         for expert in range(self.cfg.routing.num_experts):
-            weights = tuple(self.reader.get(role, layer, expert) for role in EXPERT_ROLES)
+            weights = tuple(self.reader.get(role, layer, expert) if role in self.reader.expert_roles else None
+                            for role in EXPERT_ROLES)
             biases = self.reader.expert_biases(layer, expert)
             # each precision quantized once, for its file and for the profiler's error figures
             variants = {bits: expert_precision(weights, bits, self.opts.block_size) for bits in wanted}
@@ -516,10 +529,10 @@ class LayerExporter:
             raise ModelError(f"expert files at {precision} differ in layout; cannot describe them with one slot image")
 
 
-def expert_precision(weights: tuple[np.ndarray, ...], bits: int, block_size: int | None) -> tuple:
-    """(gate, up, down) at `bits`: float32, float16, or quantized for MatMulNBits."""
+def expert_precision(weights: tuple[np.ndarray | None, ...], bits: int, block_size: int | None) -> tuple:
+    """(gate, up, down) at `bits`: float32, float16, or quantized for MatMulNBits (no gate: None)."""
     if bits == 32:
         return weights
     if bits == 16:
-        return tuple(w.astype(np.float16) for w in weights)
-    return tuple(quantize(w, bits, block_size) for w in weights)
+        return tuple(None if w is None else w.astype(np.float16) for w in weights)
+    return tuple(None if w is None else quantize(w, bits, block_size) for w in weights)

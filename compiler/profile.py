@@ -59,11 +59,14 @@ def calibration_ids(options: CalibrationOptions, encode) -> np.ndarray:
     return np.asarray(ids[: n * s], np.int64).reshape(n, s)
 
 
-def expert_forward(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+def expert_forward(x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray,
                    biases: tuple | None = None, limit: float | None = None, alpha: float = 1.702) -> np.ndarray:
-    """The expert graph's function in numpy (see graphs.expert_graph)."""
+    """The expert graph's function in numpy (see graphs.expert_graph; no gate: the squared ReLU)."""
     bg, bu, bd = biases if biases is not None else (0.0, 0.0, 0.0)
-    g, u = x @ gate.T + bg, x @ up.T + bu
+    u = x @ up.T + bu
+    if gate is None:
+        return np.square(np.maximum(u, 0)) @ down.T + bd
+    g = x @ gate.T + bg
     if limit is None:
         act = (g / (1.0 + np.exp(-g))) * u
     else:
@@ -207,7 +210,8 @@ class Profiler:
         if q_tokens.size == 0:
             return
         m["routed"][q_tokens] += q_w * y[in_q]
-        approx = {p: q_w * expert_forward(x[q_tokens], *(dequantize(q) for q in quantized[p]), **act)
+        approx = {p: q_w * expert_forward(x[q_tokens], *(None if q is None else dequantize(q) for q in quantized[p]),
+                                          **act)
                   for p in QUANT_BITS}
         for p in QUANT_BITS:
             m["quant"][p][q_tokens] += approx[p]

@@ -167,7 +167,8 @@ def main(artifact: str, html_out: Path | None) -> None:
         click.echo(memory_line(art))
         mixers = Counter(layer.mixer for layer in m.layers)
         if set(mixers) != {"attention"}:  # a hybrid: what a sequence holds beside its keys and values
-            click.echo(f"mixers: {', '.join(f'{n} {name}' for name, n in sorted(mixers.items()))}; a sequence carries "
+            named = (f"{n} {'without a mixer' if name == 'none' else name}" for name, n in sorted(mixers.items()))
+            click.echo(f"mixers: {', '.join(named)}; a sequence carries "
                        f"{m.state_bytes / 1e6:.2f} MB of fixed-size layer state beside its keys and values")
         if not m.profile:
             if html_out is not None:

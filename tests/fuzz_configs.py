@@ -235,6 +235,31 @@ KNOBS["mimo_v2_flash"] = Knobs(experts="n_routed_experts", expert_inter="moe_int
                                layers=lambda r, n: {"layer_types": hybrid_types(r, n, "sliding_attention", "full_attention"),
                                                     "mlp_layer_types": [r.choice(["dense", "sparse"]) for _ in range(n - 1)]
                                                     + ["sparse"]})
+def nemotron_blocks(r: random.Random, n: int) -> list[str]:
+    """n Nemotron-H block types: a mixer block first (as every released model; transformers 5.25's generate
+    reads the cache's length from the first block, which an MLP block has none of), then at least one MoE,
+    and an attention block somewhere."""
+    n = max(n, 2)  # the block count is the list's (num_hidden_layers is ignored)
+    types = [r.choice(["linear_attention", "full_attention"])]
+    types += [r.choice(["linear_attention", "full_attention", "moe", "mlp"]) for _ in range(n - 1)]
+    if "moe" not in types:
+        types[r.randrange(1, n)] = "moe"
+    if "full_attention" not in types:  # transformers' masks need an attention block (every released model has some)
+        types[0] = "full_attention"
+    return types
+
+
+def nemotron_extra(r: random.Random) -> dict:
+    heads = r.choice([1, 2, 3, 4])
+    return {"mamba_num_heads": heads, "mamba_head_dim": r.choice([4, 6, 8]), "ssm_state_size": r.choice([4, 8, 16]),
+            "n_groups": r.choice([g for g in (1, 2, 3, 4) if heads % g == 0]), "conv_kernel": r.choice([2, 3, 4]),
+            "moe_shared_expert_intermediate_size": r.choice([0, 12, 20]), "norm_topk_prob": coin(r),
+            "routed_scaling_factor": r.choice([1.0, 2.5])}
+
+
+KNOBS["nemotron_h"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermediate_size", groups=True,
+                            dense_inter="intermediate_size", rope=False, max_layers=5, extra=nemotron_extra,  # 1: a MoE
+                            layers=lambda r, n: {"layers_block_type": nemotron_blocks(r, n)})
 # Model types that load as another family: that family's knobs
 KNOBS.update(param2moe=KNOBS["glm4_moe"], sarvam_moe=KNOBS["glm4_moe"], sarvam_mla=KNOBS["deepseek_v3"],
              llama4=KNOBS["llama4_text"], qwen3_5_moe=KNOBS["qwen3_5_moe_text"])

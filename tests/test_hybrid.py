@@ -3,7 +3,8 @@ and values (the layer-state contract of schema 1.2), on a tiny LFM2-MoE (short c
 tiny Qwen3-Next (gated DeltaNet: a convolution window and a recurrent state), a tiny Granite-4.0-H
 (Mamba2: a convolution window and an SSM state), a tiny Jamba (Mamba per channel) and a tiny MiniMax
 (lightning attention: a decaying linear state per head) and a tiny Kimi-Linear (Kimi Delta Attention: a
-convolution window and a delta-rule state decaying per key channel). Parity with
+convolution window and a delta-rule state decaying per key channel) and a tiny Nemotron-H (Mamba2 blocks
+beside blocks without a token mixer). Parity with
 transformers is in test_parity.py; these check what the runtime does with the state."""
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ MIXERS = {"lfm2_moe": ["short_conv", "attention", "short_conv", "short_conv"],
           "granitemoehybrid": ["mamba2", "attention", "mamba2", "mamba2"],
           "jamba": ["mamba", "attention", "mamba", "mamba"],
           "minimax": ["lightning", "attention", "lightning", "lightning"],
-          "kimi_linear": ["kda", "attention", "kda"]}
+          "kimi_linear": ["kda", "attention", "kda"],
+          # blocks of one thing each: MoE and MLP blocks mix no tokens and carry nothing
+          "nemotron_h": ["mamba2", "none", "attention", "none", "none"]}
 
 
 @pytest.fixture(scope="module", params=sorted(MIXERS))
@@ -100,7 +103,10 @@ def test_inspect_names_each_mixer_and_the_state_a_sequence_carries(hybrid, calib
     out = subprocess.run([str(Path(sys.executable).parent / "fate-inspect"), str(calibrated)], capture_output=True,
                          text=True, check=True).stdout
     attention = MIXERS[hybrid.family].count("attention")
-    assert f"mixers: {attention} attention, {len(MIXERS[hybrid.family]) - attention} " in out
+    line = next(line for line in out.splitlines() if line.startswith("mixers:"))
+    assert line.startswith(f"mixers: {attention} attention, ")
+    for kind in set(MIXERS[hybrid.family]) - {"attention"}:  # each other kind, counted ("none": said in words)
+        assert f"{MIXERS[hybrid.family].count(kind)} {'without a mixer' if kind == 'none' else kind}" in line
     assert "MB of fixed-size layer state" in out
 
 

@@ -29,15 +29,17 @@ class Cfg:  # what expert_graph reads of an ArchConfig
     swiglu_alpha: float = 1.702
 
 
-def make_expert(h: int, i: int, bits: int, block: int, bias: bool, clamped: bool, accuracy: int, seed: int = 0):
+def make_expert(h: int, i: int, bits: int, block: int, bias: bool, activation: str, accuracy: int, seed: int = 0):
+    """An expert file and its layout: `activation` swiglu, swiglu_clamped or relu2 (no gate projection)."""
     rng = np.random.default_rng(seed)
     weights = [rng.standard_normal(s).astype(np.float32) * 0.2 for s in ((i, h), (i, h), (h, i))]
     biases = tuple(rng.standard_normal(n).astype(np.float32) * 0.1 for n in (i, i, h)) if bias else None
-    q = [quantize(w, bits, block) for w in weights]
+    q = [None if activation == "relu2" and n == 0 else quantize(w, bits, block) for n, w in enumerate(weights)]
+    clamped = activation == "swiglu_clamped"
     cfg = Cfg(swiglu_limit=1.5 if clamped else None)
     data = graphs.expert_graph(*q, accuracy_level=accuracy, biases=biases, cfg=cfg).SerializeToString()
     template = ExpertLayout(hidden_size=h, intermediate_size=i, bits=bits, block_size=block, accuracy_level=accuracy,
-                            activation="swiglu_clamped" if clamped else "swiglu", has_bias=bias, tensors=[],
+                            activation=activation, has_bias=bias, tensors=[],
                             swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha if clamped else None)
     return data, layout_of(data, template), q, biases
 
@@ -65,8 +67,11 @@ def reference(x, q, biases, layout: ExpertLayout) -> np.ndarray:
         return y if bias is None else y + bias
 
     bg, bu, bd = biases if biases is not None else (None, None, None)
-    g, u = proj(x, q[0], bg), proj(x, q[1], bu)
-    if layout.activation == "swiglu":
+    u = proj(x, q[1], bu)
+    g = None if q[0] is None else proj(x, q[0], bg)
+    if layout.activation == "relu2":
+        act = np.square(np.maximum(u, 0))
+    elif layout.activation == "swiglu":
         act = g / (1 + np.exp(-g)) * u
     else:
         lim, alpha = layout.swiglu_limit, layout.swiglu_alpha
@@ -83,11 +88,13 @@ def run_native(data: bytes, layout: ExpertLayout, x: np.ndarray, threads: int = 
     return y
 
 
-CASES = [  # hidden, intermediate, bits, block, bias, clamped, accuracy
-    (64, 96, 4, 32, False, False, 4), (64, 96, 4, 128, False, False, 4), (70, 40, 4, 32, False, False, 4),
-    (64, 96, 8, 128, False, False, 4), (50, 33, 8, 32, True, True, 4), (64, 96, 2, 32, False, False, 4),
-    (96, 72, 2, 64, True, False, 4), (64, 48, 4, 16, False, False, 4), (48, 40, 2, 16, True, True, 4),
-    (64, 96, 4, 32, True, True, 0), (40, 24, 8, 64, False, False, 0), (33, 17, 2, 16, False, False, 0),
+S, C, R = "swiglu", "swiglu_clamped", "relu2"
+CASES = [  # hidden, intermediate, bits, block, bias, activation, accuracy
+    (64, 96, 4, 32, False, S, 4), (64, 96, 4, 128, False, S, 4), (70, 40, 4, 32, False, S, 4),
+    (64, 96, 8, 128, False, S, 4), (50, 33, 8, 32, True, C, 4), (64, 96, 2, 32, False, S, 4),
+    (96, 72, 2, 64, True, S, 4), (64, 48, 4, 16, False, S, 4), (48, 40, 2, 16, True, C, 4),
+    (64, 96, 4, 32, True, C, 0), (40, 24, 8, 64, False, S, 0), (33, 17, 2, 16, False, S, 0),
+    (64, 96, 4, 32, False, R, 4), (50, 33, 8, 32, True, R, 4), (33, 17, 2, 16, False, R, 0),
 ]
 
 
@@ -95,11 +102,11 @@ KERNELS = sorted(set(native.KERNEL.kernels())) if native.available() else []
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}-i{}-int{}-b{}{}{}-acc{}".format(
-    c[0], c[1], c[2], c[3], "-bias" if c[4] else "", "-clamped" if c[5] else "", c[6]))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}-i{}-int{}-b{}{}-{}-acc{}".format(
+    c[0], c[1], c[2], c[3], "-bias" if c[4] else "", c[5], c[6]))
 def test_kernel_matches_the_numpy_reference(case, kernel):
-    h, i, bits, block, bias, clamped, accuracy = case
-    data, layout, q, biases = make_expert(h, i, bits, block, bias, clamped, accuracy)
+    h, i, bits, block, bias, activation, accuracy = case
+    data, layout, q, biases = make_expert(h, i, bits, block, bias, activation, accuracy)
     rng = np.random.default_rng(1)
     native.KERNEL.set_kernel(kernel)
     try:
@@ -119,8 +126,8 @@ def test_pool_threads_split_a_large_layer_without_changing_a_bit():
     """A call with enough weight bytes wakes pool threads (small ones stay on the caller's: a wake
     costs more than they do); either way each (token, expert) row is computed by one task, so the
     result is the same bits on one thread or four."""
-    data, layout, _, _ = make_expert(512, 1024, 8, 128, False, False, 4)  # 1.6 MB a pass: helpers wake
-    experts = [data, make_expert(512, 1024, 8, 128, False, False, 4, seed=1)[0], data]
+    data, layout, _, _ = make_expert(512, 1024, 8, 128, False, S, 4)  # 1.6 MB a pass: helpers wake
+    experts = [data, make_expert(512, 1024, 8, 128, False, S, 4, seed=1)[0], data]
     x = np.random.default_rng(5).standard_normal((19, 512)).astype(np.float32)
     starts = np.array([0, 7, 12, 19], np.int32)
     rows, dest = np.arange(19, dtype=np.int32)[::-1].copy(), np.arange(19, dtype=np.int32)
@@ -165,9 +172,10 @@ def test_every_kernel_computes_the_same(case):
         np.testing.assert_allclose(got, portable, rtol=1e-5, atol=1e-5 * np.abs(portable).max(), err_msg=kernel)
 
 
+@pytest.mark.parametrize("activation", [S, R])
 @pytest.mark.parametrize("bits,block,accuracy", [(4, 128, 4), (4, 32, 4), (8, 128, 4), (2, 32, 4), (4, 32, 0)])
-def test_kernel_agrees_with_the_expert_session(bits, block, accuracy):
-    data, layout, _, _ = make_expert(128, 192, bits, block, False, False, accuracy)
+def test_kernel_agrees_with_the_expert_session(bits, block, accuracy, activation):
+    data, layout, _, _ = make_expert(128, 192, bits, block, False, activation, accuracy)
     x = np.random.default_rng(3).standard_normal((5, 128)).astype(np.float32)
     session = make_expert_session(data).run([GraphIO.EXPERT_OUT], {GraphIO.EXPERT_IN: x})[0]
     got = run_native(data, layout, x)
@@ -175,7 +183,7 @@ def test_kernel_agrees_with_the_expert_session(bits, block, accuracy):
 
 
 def test_one_call_runs_many_experts_into_their_rows():
-    experts = [make_expert(64, 96, 4, 32, False, False, 4, seed=s) for s in range(3)]
+    experts = [make_expert(64, 96, 4, 32, False, S, 4, seed=s) for s in range(3)]
     layout = experts[0][1]
     assert all(e[1] == layout for e in experts)  # one layout serves every expert of a layer
     x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
@@ -189,7 +197,7 @@ def test_one_call_runs_many_experts_into_their_rows():
 
 
 def test_hostile_layouts_are_refused():
-    data, layout, _, _ = make_expert(64, 96, 4, 32, False, False, 4)
+    data, layout, _, _ = make_expert(64, 96, 4, 32, False, S, 4)
     check_layout(layout, len(data), "expert")
     from fate.artifacts.slots import nbytes
 
@@ -215,6 +223,13 @@ def test_hostile_layouts_are_refused():
         check_layout(dataclasses.replace(layout, tensors=views[1:]), len(data), "expert")
     with pytest.raises(ArtifactError, match="unsupported"):
         check_layout(dataclasses.replace(layout, bits=3), len(data), "expert")
+    # the squared ReLU has no gate: a layout that places one (or a gated one that does not) is refused
+    with pytest.raises(ArtifactError, match="places"):
+        check_layout(dataclasses.replace(layout, activation="relu2"), len(data), "expert")
+    relu2_data, relu2, _, _ = make_expert(64, 96, 4, 32, False, R, 4)
+    assert not any(v.name.startswith("gate.") for v in relu2.tensors)
+    with pytest.raises(ArtifactError, match="places"):
+        check_layout(dataclasses.replace(relu2, activation="swiglu"), len(relu2_data), "expert")
     # the kernel checks its buffers too: a short buffer or an index out of range never reads past the end
     x = np.zeros((1, 64), np.float32)
     one, y = np.array([0, 1], np.int32), np.zeros((1, 64), np.float32)
@@ -236,7 +251,7 @@ def test_hostile_layouts_are_refused():
 def test_wire_walk_finds_every_initializer():
     import onnx
 
-    data, _, _, _ = make_expert(64, 96, 4, 32, True, False, 4)
+    data, _, _, _ = make_expert(64, 96, 4, 32, True, S, 4)
     ranges = initializer_ranges(data)
     model = onnx.load_from_string(data)
     for init in model.graph.initializer:
@@ -248,7 +263,7 @@ def test_wire_walk_finds_every_initializer():
 def test_a_nan_reaches_the_output_instead_of_quantizing_to_zero(kernel):
     """int8 activation quantization scales by max|x|; a NaN compares false with everything, so
     without care it would quantize to zeros and a damaged weight would pass unseen."""
-    data, layout, _, _ = make_expert(64, 96, 4, 32, False, False, 4)
+    data, layout, _, _ = make_expert(64, 96, 4, 32, False, S, 4)
     x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
     x[1, 5] = np.nan
     x[2, 7] = np.inf

@@ -39,8 +39,13 @@ def decoder_layers(hf):
     return hf.language_model.model.layers if hasattr(hf, "language_model") else hf.model.layers  # Llama-4
 
 
+def one_thing(layer) -> bool:
+    """A block that holds a mixer or an MLP, not both (Nemotron-H): x + mixer(norm(x))."""
+    return hasattr(layer, "mixer") and hasattr(layer, "norm")
+
+
 def moe_block(layer):
-    for name in ("mlp", "block_sparse_moe", "feed_forward", "ffn"):
+    for name in ("mlp", "block_sparse_moe", "feed_forward", "ffn", "mixer"):
         if hasattr(layer, name):
             return getattr(layer, name)
 
@@ -56,6 +61,8 @@ def mlp_norm(layer):
             return getattr(layer, name)
     if hasattr(layer, "norm_attn_norm"):
         return layer.norm_attn_norm.norm_2  # DBRX
+    if one_thing(layer):
+        return layer.norm  # its MLP's norm, where it is an MLP
     return None  # a parallel block (Cohere): the MLP reads the attention's input norm
 
 
@@ -95,8 +102,15 @@ def transformers_routing(hf, ids: np.ndarray, top_k: int):
     hooks = []
     for i, layer in enumerate(layers):
         moe = moe_block(layer)
-        hooks.append(moe.register_forward_pre_hook(lambda m, a, i=i: captured["x"][i].append(a[0][0].numpy())))
-        if mlp_norm(layer) is not None:
+        hooks.append(moe.register_forward_pre_hook(  # its input, passed by position or (Nemotron-H's attention) name
+            lambda m, a, kw, i=i: captured["x"][i].append((a[0] if a else kw["hidden_states"])[0].numpy()),
+            with_kwargs=True))
+        if one_thing(layer) and router_of(layer) is None:  # what a MoE block after it reads: its output
+            hooks.append(layer.register_forward_hook(lambda m, a, out, i=i: captured["h"][i].append(
+                (out[0] if isinstance(out, tuple) else out)[0].numpy())))
+        elif one_thing(layer):  # a MoE block: the stream before it (the routed sum is not in its graph)
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
+        elif mlp_norm(layer) is not None:
             hooks.append(mlp_norm(layer).register_forward_pre_hook(
                 lambda m, a, i=i: captured["h"][i].append(a[0][0].numpy())))
         if router_of(layer) is not None:

@@ -273,6 +273,19 @@ def mimo_v2_flash_config(**overrides):
                                                 "full_attention"], **overrides})
 
 
+def nemotron_h_config(**overrides):
+    from transformers import NemotronHConfig
+
+    # blocks of one thing each: Mamba2, MoE, attention without positions, a dense MLP, MoE (every MLP a
+    # non-gated squared ReLU); sigmoid routing over groups with a shared expert
+    return NemotronHConfig(**{**COMMON, "head_dim": 16, "intermediate_size": 48, "moe_intermediate_size": 32,
+                              "moe_shared_expert_intermediate_size": 24, "n_routed_experts": 8,
+                              "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5,
+                              "mamba_num_heads": 8, "mamba_head_dim": 8, "ssm_state_size": 16, "n_groups": 2,
+                              "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "moe"],
+                              **overrides})
+
+
 def sarvam_mla_config(**overrides):
     from transformers import SarvamMLAConfig
 
@@ -483,7 +496,8 @@ CONFIGS = {"gpt_oss": gpt_oss_config, "deepseek_v2": deepseek_v2_config, "deepse
            "mistral4": mistral4_config, "deepseek_v32": deepseek_v32_config,
            "glm_moe_dsa": glm_moe_dsa_config, "llama4_text": llama4_text_config,
            "llama4": llama4_config, "minimax": minimax_config,
-           "kimi_linear": kimi_linear_config, "mimo_v2_flash": mimo_v2_flash_config}
+           "kimi_linear": kimi_linear_config, "mimo_v2_flash": mimo_v2_flash_config,
+           "nemotron_h": nemotron_h_config}
 
 
 def model_class(family: str):

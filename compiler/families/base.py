@@ -227,6 +227,16 @@ class LinearAttention(MixerSizes):
         return self.num_key_heads * self.key_head_dim
 
     @property
+    def gated(self) -> bool:
+        """Whether the MLPs have a gate projection (SwiGLU), or only up and down (relu2)."""
+        return self.mlp_activation == "swiglu"
+
+    @property
+    def expert_activation(self) -> str:
+        """The experts' activation as the slot layout names it (native_contract.ACTIVATIONS)."""
+        return "relu2" if not self.gated else "swiglu" if self.swiglu_limit is None else "swiglu_clamped"
+
+    @property
     def value_dim(self) -> int:
         return self.num_value_heads * self.value_head_dim
 
@@ -354,6 +364,9 @@ class Block:
     from_norm: bool = False
     mixer_factors: tuple[tuple[float, float], ...] | None = None
     mlp_factors: tuple[float, float] = (1.0, 1.0)
+    # layers whose block is its token mixer alone, without an MLP (Nemotron-H's Mamba2 and attention
+    # blocks; its MLP and MoE blocks are layers without a mixer: Mixers.kinds "none")
+    no_mlp: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         for alpha, beta in (*(self.mixer_factors or ()), self.mlp_factors):
@@ -438,6 +451,9 @@ class ArchConfig:
     # GPT-OSS's clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # the MLPs' (experts, shared, dense) activation: "swiglu", down(silu(gate(x)) * up(x)); "relu2", without a
+    # gate, down(relu(up(x))²) (Nemotron-H)
+    mlp_activation: str = "swiglu"
     block: "Block" = field(default_factory=lambda: Block())  # how the mixer and the MLP join the residual stream
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     embedding_multiplier: float = 1.0
@@ -464,6 +480,8 @@ class ArchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ModelError(f"config.json: {name} must be an integer >= {least}, got {value!r}")
         check_finite(optional=True, **{name: getattr(self, name) for name in self.FINITE + ("swiglu_limit",)})
+        if self.mlp_activation not in ("swiglu", "relu2") or (self.mlp_activation == "relu2" and self.swiglu_limit):
+            raise ModelError(f"config.json: MLP activation {self.mlp_activation!r} is not supported (silu or relu2)")
         for kv in {self.num_kv_heads, *(self.attention.layer_kv_heads or ())}:
             if self.num_heads % kv:
                 raise ModelError(f"config.json: {self.num_heads} attention heads are not a multiple of "
@@ -478,8 +496,11 @@ class ArchConfig:
                 for k in r.layer_top_k)):
             raise ModelError(f"config.json: a per-layer top-k must give each of the {self.num_layers} layers a count "
                              f"from 1 to {r.num_experts}, got {list(r.layer_top_k)}")
-        if any(not 0 <= layer < self.num_layers for layer in self.moe_layers):
+        if any(not 0 <= layer < self.num_layers for layer in self.moe_layers | self.block.no_mlp):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
+        if self.moe_layers & self.block.no_mlp or any(self.mixer(i) == "none" for i in self.block.no_mlp):
+            raise ModelError("config.json: a layer is listed both as MoE and without an MLP, or has neither a mixer "
+                             "nor an MLP")
         m = self.mixers
         if m.kinds is not None:
             if len(m.kinds) != self.num_layers or not set(m.kinds) <= set(MIXERS):
@@ -518,6 +539,16 @@ class ArchConfig:
             own = p.layer_inv_freq[layer]
             cfg = cfg.with_positions(inv_freq=p.inv_freq if own is None else list(own), layer_inv_freq=None)
         return cfg
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLPs have a gate projection (SwiGLU), or only up and down (relu2)."""
+        return self.mlp_activation == "swiglu"
+
+    @property
+    def expert_activation(self) -> str:
+        """The experts' activation as the slot layout names it (native_contract.ACTIVATIONS)."""
+        return "relu2" if not self.gated else "swiglu" if self.swiglu_limit is None else "swiglu_clamped"
 
     @property
     def value_dim(self) -> int:

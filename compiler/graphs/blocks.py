@@ -77,9 +77,15 @@ def negative_rates(a_log: np.ndarray) -> np.ndarray:
     return -np.exp(a_log.astype(np.float64)).astype(np.float32)
 
 
-def swiglu(b: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, tag: str = "mlp") -> str:
-    """down(silu(gate(x)) * up(x)), weights stored as the builder says (named `{tag}_gate_up.*` and
-    `{tag}_down.*`)."""
+def swiglu(b: GraphBuilder, x: str, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray,
+           tag: str = "mlp") -> str:
+    """down(silu(gate(x)) * up(x)), or without a gate down(relu(up(x))²) (Nemotron-H's squared ReLU),
+    weights stored as the builder says (named `{tag}_gate_up.*` and `{tag}_down.*`)."""
+    if gate is None:
+        with b.tagged(f"{tag}_gate_up"):
+            r = b.op("Relu", linear(b, x, up))
+        with b.tagged(f"{tag}_down"):
+            return linear(b, b.op("Mul", r, r), down)
     with b.tagged(f"{tag}_gate_up"):
         gated, upped = linears(b, x, [gate, up], [None, None])
     with b.tagged(f"{tag}_down"):

@@ -44,12 +44,14 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
                 weights: WeightFormat = WeightFormat()) -> LayerGraphInfo:
     """One decoder layer: its token mixer (attention, or a short convolution with its state), then
     either the dense MLP or the MoE front half (router, top-k, shared expert) with the routed
-    experts left to the runtime.
+    experts left to the runtime (mlp_block). A block that is one of them alone (Nemotron-H) has no
+    mixer (mixer "none") or no MLP (cfg.block.no_mlp).
 
     With `next_layer`, two cross-layer predictions of layer l+1's router logits:
       next_router_logits      = router_{l+1}(router input of l)           (the paper's predictor)
       next_router_logits_norm = router_{l+1}(rmsnorm(h_l) * norm_{l+1})   (l+1's own norm weights)
-    The profile measures both; the policy picks one per layer."""
+    (h_l: the stream between the mixer and the MLP, or the layer's output where the next block is its
+    MoE alone: then the prediction is exact). The profile measures both; the policy picks one per layer."""
     b = GraphBuilder(f"layer_{layer}", weights)
     whole, cfg = cfg, cfg.at_layer(layer)  # the model's config, and as this layer sees it
     position_kind = "per_token"
@@ -57,7 +59,10 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     with b.tagged("attn_norm"):
         x = norm(b, hidden, w[Role.ATTN_NORM], w.get(Role.ATTN_NORM_BIAS), cfg.norms.eps, cfg.norms.kind) \
             if Role.ATTN_NORM in w else hidden
-    if cfg.mixer(layer) != "attention":
+    mixed = None  # a block that is its MLP alone (Nemotron-H: mixer "none") passes its input on
+    if cfg.mixer(layer) == "none":
+        pass
+    elif cfg.mixer(layer) != "attention":
         shapes = state_shapes(cfg, layer)
         past = [b.input(IO.past(name), FLOAT, shape) for name, shape in shapes.items()]
         mixer = MIXER_KINDS[cfg.mixer(layer)].build
@@ -79,64 +84,21 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
         b.output(present_v, IO.PRESENT_VALUE, FLOAT, [1, cfg.num_kv_heads, "T", value_dim])
     if Role.POST_ATTN_NORM in w:
         mixed = norm(b, mixed, w[Role.POST_ATTN_NORM], None, cfg.norms.eps, cfg.norms.kind)
-    if cfg.block.from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
+    if mixed is None:
+        h = h_attn = hidden
+    elif cfg.block.from_norm:  # MiniMax: the block's output joins its own normed input, each scaled
         alpha, beta = cfg.block.mixer_factors[layer] if cfg.block.mixer_factors else (1.0, 1.0)
         h = h_attn = b.op("Add", scaled(b, x, alpha), scaled(b, mixed, beta))
     else:
         h = h_attn = b.op("Add", hidden, mixed)
-
-    if cfg.block.parallel:
-        normed = x
-    elif Role.MLP_NORM in w:
-        with b.tagged("mlp_norm"):
-            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.norms.eps, cfg.norms.kind)
-    else:  # post-norm families: the MLP reads the residual stream itself
-        normed = h
-    router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
-    if cfg.block.from_norm:  # the MLP's output (routed experts: their routed scaling) joins the normed input
-        h = scaled(b, normed, cfg.block.mlp_factors[0])
-    scaled_input = layer in cfg.moe_layers and cfg.routing.scaled_input
-    if not scaled_input:
+    if layer in cfg.block.no_mlp:  # the block is its mixer alone (Nemotron-H): it predicts from its normed input
+        router_input, out = b.op("Reshape", x, b.ints([-1, cfg.hidden_size])), h
         b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
-    if layer not in cfg.moe_layers:
-        mlp = swiglu(b, normed, w[Role.DENSE_GATE], w[Role.DENSE_UP], w[Role.DENSE_DOWN])
-        if Role.POST_MLP_NORM in w:
-            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.norms.eps, cfg.norms.kind)
-        if cfg.block.from_norm:
-            mlp = scaled(b, mlp, cfg.block.mlp_factors[1])
-        out = b.op("Add", h, mlp)
-        b.output(out, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
-    else:
-        with b.tagged("router"):
-            logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
-        b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
-                 ["S", cfg.routing.num_experts])
-        if cfg.routing.scoring == "sigmoid":
-            with b.tagged("routing"):
-                ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
-        elif cfg.routing.scoring == "sparsemixer":
-            ids, weights = route_sparsemixer(b, logits, cfg.routing.num_experts, cfg.routing.router_jitter_eps)
-        else:
-            ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
-        if scaled_input:  # Llama-4, one expert a token: it runs on the input times its weight, unweighed after
-            b.output(b.op("Mul", router_input, weights), IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
-            weights = b.op("Expand", b.scalar(1.0, "one"), b.op("Shape", weights))
-        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.routing.top_k])
-        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.routing.top_k])
-        if Role.SHARED_GATE in w:
-            shared = swiglu(b, normed, w[Role.SHARED_GATE], w[Role.SHARED_UP], w[Role.SHARED_DOWN], tag="shared")
-            if Role.SHARED_EXPERT_GATE in w:
-                with b.tagged("shared_expert_gate"):
-                    gate = linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)
-                shared = b.op("Mul", shared, b.op("Sigmoid", gate))
-            if cfg.shared_scale != 1.0:
-                shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
-            if Role.POST_MLP_NORM in w:  # normalized with the routed experts, by the combine graph
-                b.output(b.op("Reshape", shared, b.ints([-1, cfg.hidden_size])), IO.MOE_PARTIAL, FLOAT,
-                         ["S", cfg.hidden_size])
-            else:
-                h = b.op("Add", h, shared)
         b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    else:
+        router_input, out = mlp_block(b, layer, cfg, w, x, h)
+    if next_layer is not None and whole.mixer(layer + 1) == "none" and layer not in cfg.moe_layers:
+        h_attn = out  # the next block is its MoE alone: its router reads this layer's output, whole (exact)
     if next_layer is not None:
         experts = next_layer.router.shape[0]
         with b.tagged("next_router"):
@@ -158,6 +120,66 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     refusal = step_refusal(layer, whole, w, next_layer, b.weights, position_kind)
     return LayerGraphInfo(model, next_layer is not None, position_kind,
                           decode_step(layer, cfg, w, next_layer, b.weights) if refusal is None else None, refusal)
+
+
+def mlp_block(b: GraphBuilder, layer: int, cfg: ArchConfig, w: W, x: str, h: str) -> tuple[str, str]:
+    """A layer's second half on its stream h (x: the mixer's normed input): the dense MLP, or the MoE
+    front half (router, top-k, shared expert) with the routed experts left to the runtime; its outputs
+    written, and (the router input, what the paper's cross-layer predictor reads; the residual output)
+    returned."""
+    if cfg.block.parallel:
+        normed = x
+    elif Role.MLP_NORM in w:
+        with b.tagged("mlp_norm"):
+            normed = norm(b, h, w[Role.MLP_NORM], w.get(Role.MLP_NORM_BIAS), cfg.norms.eps, cfg.norms.kind)
+    else:  # post-norm families: the MLP reads the residual stream itself
+        normed = h
+    router_input = b.op("Reshape", normed, b.ints([-1, cfg.hidden_size]))
+    if cfg.block.from_norm:  # the MLP's output (routed experts: their routed scaling) joins the normed input
+        h = scaled(b, normed, cfg.block.mlp_factors[0])
+    scaled_input = layer in cfg.moe_layers and cfg.routing.scaled_input
+    if not scaled_input:
+        b.output(router_input, IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+    if layer not in cfg.moe_layers:
+        mlp = swiglu(b, normed, w.get(Role.DENSE_GATE), w[Role.DENSE_UP], w[Role.DENSE_DOWN])
+        if Role.POST_MLP_NORM in w:
+            mlp = norm(b, mlp, w[Role.POST_MLP_NORM], None, cfg.norms.eps, cfg.norms.kind)
+        if cfg.block.from_norm:
+            mlp = scaled(b, mlp, cfg.block.mlp_factors[1])
+        h = b.op("Add", h, mlp)
+        b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    else:
+        with b.tagged("router"):
+            logits = linear(b, router_input, w[Role.ROUTER], w.get(Role.ROUTER_BIAS), exact=True)
+        b.output(choice_scores(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS)), IO.ROUTER_LOGITS, FLOAT,
+                 ["S", cfg.routing.num_experts])
+        if cfg.routing.scoring == "sigmoid":
+            with b.tagged("routing"):
+                ids, weights = route_sigmoid(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        elif cfg.routing.scoring == "sparsemixer":
+            ids, weights = route_sparsemixer(b, logits, cfg.routing.num_experts, cfg.routing.router_jitter_eps)
+        else:
+            ids, weights = route(b, logits, cfg, w.get(Role.ROUTER_SCORE_BIAS))
+        if scaled_input:  # Llama-4, one expert a token: it runs on the input times its weight, unweighed after
+            b.output(b.op("Mul", router_input, weights), IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
+            weights = b.op("Expand", b.scalar(1.0, "one"), b.op("Shape", weights))
+        b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.routing.top_k])
+        b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.routing.top_k])
+        if Role.SHARED_UP in w:
+            shared = swiglu(b, normed, w.get(Role.SHARED_GATE), w[Role.SHARED_UP], w[Role.SHARED_DOWN], tag="shared")
+            if Role.SHARED_EXPERT_GATE in w:
+                with b.tagged("shared_expert_gate"):
+                    gate = linear(b, normed, w[Role.SHARED_EXPERT_GATE], exact=True)
+                shared = b.op("Mul", shared, b.op("Sigmoid", gate))
+            if cfg.shared_scale != 1.0:
+                shared = b.op("Mul", shared, b.scalar(cfg.shared_scale, "shared_scale"))
+            if Role.POST_MLP_NORM in w:  # normalized with the routed experts, by the combine graph
+                b.output(b.op("Reshape", shared, b.ints([-1, cfg.hidden_size])), IO.MOE_PARTIAL, FLOAT,
+                         ["S", cfg.hidden_size])
+            else:
+                h = b.op("Add", h, shared)
+        b.output(h, IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
+    return router_input, h
 
 
 def combine_graph(cfg: ArchConfig, post_norm: np.ndarray) -> onnx.ModelProto:

@@ -13,17 +13,18 @@ from ..quantize import QuantizedWeight, matmul_nbits, quantize_rows_int8
 from .blocks import Weight, linear, norm, silu
 
 
-def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0,
+def expert_graph(gate: Weight | None, up: Weight, down: Weight, accuracy_level: int = 0,
                  biases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  cfg: ArchConfig | None = None) -> onnx.ModelProto:
     """One routed expert, x [N, H] -> y [N, H] = down(act(gate(x), up(x))), with optional biases.
 
     act is SwiGLU, silu(g) * u, or for GPT-OSS (cfg.swiglu_limit set) the clamped form
-    (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(g, limit).
+    (clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(g, limit); without a gate
+    (Nemotron-H) the squared ReLU, relu(u)².
     Each projection is float32 (MatMul), float16 (weights cast up once at session creation:
     onnxruntime folds the Cast) or a QuantizedWeight (MatMulNBits with constant weights)."""
     b = GraphBuilder("expert")
-    hidden = gate.k if isinstance(gate, QuantizedWeight) else gate.shape[1]
+    hidden = up.k if isinstance(up, QuantizedWeight) else up.shape[1]
     x = b.input(IO.EXPERT_IN, FLOAT, ["N", hidden])
 
     def proj(inp: str, weight: Weight, bias: np.ndarray | None, role: str) -> str:
@@ -36,9 +37,13 @@ def expert_graph(gate: Weight, up: Weight, down: Weight, accuracy_level: int = 0
         return y if bias is None else b.op("Add", y, b.const(bias.astype(np.float32), name=f"{role}.bias"))
 
     bg, bu, bd = biases if biases is not None else (None, None, None)
-    g, u = proj(x, gate, bg, "gate"), proj(x, up, bu, "up")
+    u = proj(x, up, bu, "up")
+    g = None if gate is None else proj(x, gate, bg, "gate")
     limit = cfg.swiglu_limit if cfg is not None else None
-    if limit is None:
+    if g is None:
+        r = b.op("Relu", u)
+        act = b.op("Mul", r, r)
+    elif limit is None:
         act = b.op("Mul", silu(b, g), u)
     else:
         g = b.op("Min", g, b.scalar(limit, "limit"))

@@ -36,6 +36,8 @@ def step_refusal(layer: int, model: ArchConfig, w: W, next_layer: NextRouter | N
     if model.positions.layer_inv_freq is not None and model.positions.layer_inv_freq[layer] is not None:
         return "RoPE of its own (the step rotates with the model's tables)"
     cfg = model.at_layer(layer)
+    if cfg.mixer(layer) == "none":
+        return "a layer without a token mixer"
     if cfg.mixer(layer) != "attention":
         return f"a {cfg.mixer(layer)} layer"
     if layer not in cfg.moe_layers:
@@ -58,7 +60,8 @@ def step_refusal(layer: int, model: ArchConfig, w: W, next_layer: NextRouter | N
                               ("no pre-norms", not cfg.block.pre_norms),
                               ("experts on the router-scaled input", cfg.routing.scaled_input),
                               ("blocks added to their normed input", cfg.block.from_norm),
-                              ("values scaled before they are cached", cfg.attention.value_scale != 1.0)):
+                              ("values scaled before they are cached", cfg.attention.value_scale != 1.0),
+                              ("squared-ReLU MLPs", not cfg.gated)):
         if unsupported:
             return what
     extra = sorted(role.value for role in dense_roles - STEP_ROLES)

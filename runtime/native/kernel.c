@@ -552,7 +552,8 @@ static void run_task(void *ctx, int64_t t) {
     int64_t expert = c->tasks[t][0], first = c->tasks[t][1];
     int m_count = (int)c->tasks[t][2];
     const uint8_t *base = c->experts[expert];
-    proj_t gate = projection(c, base, 0), up = projection(c, base, 1), down = projection(c, base, 2);
+    proj_t up = projection(c, base, 1), down = projection(c, base, 2);
+    proj_t gate = c->activation == ACT_RELU2 ? up : projection(c, base, 0); /* relu2: no gate, never read */
     int64_t h = c->hidden, in = c->inter, gb = gate.blocks, db = down.blocks, bs = c->math.bs;
     /* float scratch, then int32, then int8 (alignment) */
     size_t floats = (size_t)m_count * (size_t)(3 * in + 2 * h + db + gb);
@@ -575,10 +576,16 @@ static void run_task(void *ctx, int64_t t) {
             memcpy(xin + m * h, c->x + row * h, (size_t)h * sizeof(float));
         }
     }
-    project(&gate, &c->math, xq, xs, xsum, xin, g, in, m_count);
+    if (c->activation != ACT_RELU2) project(&gate, &c->math, xq, xs, xsum, xin, g, in, m_count);
     project(&up, &c->math, xq, xs, xsum, xin, u, in, m_count);
     for (int64_t i = 0; i < m_count * in; i++) {
-        float gv = g[i], uv = u[i];
+        float uv = u[i];
+        if (c->activation == ACT_RELU2) {
+            float r = uv > 0.0f ? uv : 0.0f;
+            act[i] = r * r;
+            continue;
+        }
+        float gv = g[i];
         if (c->activation == ACT_SWIGLU_CLAMPED) {
             gv = gv < c->limit ? gv : c->limit;
             uv = uv < -c->limit ? -c->limit : (uv > c->limit ? c->limit : uv);
@@ -712,11 +719,12 @@ int fate_layout_check(const fate_layout *l) {
     if (l->hidden <= 0 || l->inter <= 0 || l->hidden > (1 << 20) || l->inter > (1 << 20)) return -1;
     if (l->bits != 2 && l->bits != 4 && l->bits != 8) return -1;
     if (l->block < 16 || l->block > (1 << 16) || (l->block & (l->block - 1))) return -1;
-    if (l->activation != ACT_SWIGLU && l->activation != ACT_SWIGLU_CLAMPED) return -1;
+    if (l->activation != ACT_SWIGLU && l->activation != ACT_SWIGLU_CLAMPED && l->activation != ACT_RELU2) return -1;
     return 0;
 }
 
 static int64_t tensor_bytes(const fate_layout *l, int which, int part) {
+    if (which == 0 && l->activation == ACT_RELU2) return 0; /* no gate projection */
     int64_t n = which == 2 ? l->hidden : l->inter, k = which == 2 ? l->inter : l->hidden;
     int64_t blocks = (k + l->block - 1) / l->block;
     switch (part) {

@@ -12,7 +12,7 @@ enum {
     L_SIZE = L_TENSORS + 12
 };
 enum { T_QWEIGHT, T_SCALES, T_ZEROS, T_BIAS };
-enum { ACT_SWIGLU = 0, ACT_SWIGLU_CLAMPED = 1 };
+enum { ACT_SWIGLU = 0, ACT_SWIGLU_CLAMPED = 1, ACT_RELU2 = 2 }; /* relu2: relu(up(x))^2, no gate projection */
 
 /* One call: every routed expert of a layer. */
 typedef struct {

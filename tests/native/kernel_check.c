@@ -3,8 +3,8 @@
  * and run under qemu-user; see tests/test_native_kernel.py and `make kernel-check`).
  *
  * Cases: 2, 4 and 8 bits; blocks of 16 to 128; int8 and float32 activations; K a multiple of the
- * block or not; one token (decode) and eleven (two tiles); SwiGLU and the clamped SwiGLU with
- * biases; one thread and two. The kernels compute the same integers, summed as floats in another
+ * block or not; one token (decode) and eleven (two tiles); SwiGLU, the clamped SwiGLU with
+ * biases and the non-gated squared ReLU (no gate tensors); one thread and two. The kernels compute the same integers, summed as floats in another
  * order: they must agree to float rounding. Exit status 1 on any disagreement or a non-finite output. */
 #include <math.h>
 #include <stdio.h>
@@ -35,6 +35,7 @@ static uint8_t *make_expert(fate_layout *l) {
         s[T_SCALES] = n * blocks * 4;
         s[T_ZEROS] = n * ((blocks * l->bits + 7) / 8);
         s[T_BIAS] = l->has_bias ? n * 4 : 0;
+        if (which == 0 && l->activation == ACT_RELU2) s[T_QWEIGHT] = s[T_SCALES] = s[T_ZEROS] = s[T_BIAS] = 0;
         for (int part = 0; part < 4; part++) {
             l->offsets[4 * which + part] = s[part] ? total : -1;
             total += s[part] + 3; /* odd gaps: tensors need not be aligned */
@@ -76,7 +77,7 @@ int main(void) {
             for (int int8 = 0; int8 < 2; int8++)
                 for (size_t sh = 0; sh < 2; sh++)
                     for (size_t tk = 0; tk < 2; tk++)
-                        for (int act = 0; act < 2; act++) {
+                        for (int act = 0; act <= ACT_RELU2; act++) {
                             fate_layout l;
                             memset(&l, 0, sizeof l);
                             l.hidden = shapes[sh][0]; l.inter = shapes[sh][1];

@@ -37,13 +37,16 @@ class GraphIO:
             mixer past_<name> -> present_<name> of each fixed-size state the manifest lists;
             -> residual [1, S, H], router_input [S, H]
             (the MLP input: post-attention norm); MoE layers also -> router_logits [S, E], expert_ids [S, k] int64,
+            expert_input [S, W] where the experts run in a latent space of width W (LayerSpec.expert_input_size),
             expert_weights [S, k]; when the manifest says predicts_next, next_router_logits and
             next_router_logits_norm [S, E_next] (two cross-layer predictors of the next layer)
     combine (a MoE layer whose MoE output is normalized before the residual add, OLMo-2 style; its
             layer graph says so in its metadata, ROUTED_SUM_META):
-            residual [1, S, H], routed [S, H] (the weighted sum of the routed experts, plus the layer
-            graph's moe_partial [S, H] where it has one: its shared experts) -> hidden [1, S, H]
-    expert: x [N, H] -> y [N, H]   (every expert of every precision: any session can stand in)
+            residual [1, S, H], routed [S, W] (the weighted sum of the routed experts, plus the layer
+            graph's moe_partial [S, H] where it has one: its shared experts) -> hidden [1, S, H]; also a
+            layer whose experts run in a latent space (routed [S, W] projected back to H)
+    expert: x [N, W] -> y [N, W]   (W: the hidden size, or the layer's expert_input_size; every expert of
+            every precision: any session can stand in)
     head:   hidden [1, S, H] -> logits [1, S, V]
     """
 
@@ -62,6 +65,7 @@ class GraphIO:
     PRESENT_VALUE = "present_value"
     RESIDUAL = "residual"
     ROUTER_INPUT = "router_input"
+    EXPERT_INPUT = "expert_input"  # the routed experts' input where it is not router_input (latent experts) [S, E]
     EXPERT_IDS = "expert_ids"
     EXPERT_WEIGHTS = "expert_weights"
     ROUTER_LOGITS = "router_logits"

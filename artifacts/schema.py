@@ -118,6 +118,9 @@ class LayerSpec:
     # (MiMo-V2-Flash's sliding layers)
     num_kv_heads: int | None = None
     rope_inv_freq: list[float] | None = None
+    # schema 1.8: the routed experts' width where they run in a latent space (Nemotron-3 Super): the graph
+    # outputs expert_input [S, W] and the combine graph projects the routed sum back
+    expert_input_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -341,9 +344,12 @@ class Manifest:
         if layer.predicts_next and (i + 1 >= len(self.layers) or self.layers[i + 1].kind != "moe"):
             raise ArtifactError(f"manifest: layer {i} predicts the next layer's experts, but no MoE layer follows")
         if layer.kind == "dense":
-            if layer.routing is not None or layer.experts or layer.combine_graph:
+            if layer.routing is not None or layer.experts or layer.combine_graph or layer.expert_input_size:
                 raise ArtifactError(f"manifest: dense layer {i} has routing, experts or a combine graph")
             return
+        if layer.expert_input_size is not None and not (0 < layer.expert_input_size <= MAX_DIM and layer.combine_graph):
+            raise ArtifactError(f"manifest: layer {i}'s experts are {layer.expert_input_size} wide without a combine "
+                                f"graph to bring their sum back to the hidden size")
         r = layer.routing
         if r is None or r.scoring not in SCORING_FUNCTIONS or not 0 < r.top_k <= r.num_experts <= MAX_EXPERTS:
             raise ArtifactError(f"manifest: MoE layer {i} has no valid routing")
@@ -400,7 +406,8 @@ class Manifest:
             where = f"manifest: layer {layer.index} {precision} slot layout"
             if precision not in layer.experts or PRECISION_BITS[precision] != layout.bits:
                 raise ArtifactError(f"{where} does not match a stored quantized precision")
-            if layout.hidden_size != self.model.hidden_size or not 0 < layout.intermediate_size <= MAX_DIM:
+            if layout.hidden_size != (layer.expert_input_size or self.model.hidden_size) \
+                    or not 0 < layout.intermediate_size <= MAX_DIM:
                 raise ArtifactError(f"{where} has sizes that do not match the model")
             for path in layer.experts[precision]:
                 if path in sizes:  # unlisted files are refused below

@@ -100,6 +100,7 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         if role in stored:
             return stored[role]
     h, q, kv, kv_v = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.value_dim
+    e = c.expert_width
     i_moe, i_dense, i_shared = c.moe_intermediate_size, c.dense_intermediate_size, c.shared_intermediate_size
     return {
         Role.EMBED: (c.vocab_size, h), Role.LM_HEAD: (c.vocab_size, h), Role.FINAL_NORM: (h,),
@@ -110,7 +111,8 @@ def expected_shape(role: Role, c: ArchConfig, layouts: tuple = ()) -> tuple[int,
         Role.Q_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (q,),
         Role.K_NORM: (c.head_dim,) if c.attention.qk_norm == "head" else (kv,),
         Role.ROUTER: (c.routing.num_experts, h), Role.ROUTER_SCORE_BIAS: (c.routing.num_experts,),
-        Role.EXPERT_GATE: (i_moe, h), Role.EXPERT_UP: (i_moe, h), Role.EXPERT_DOWN: (h, i_moe),
+        Role.EXPERT_GATE: (i_moe, e), Role.EXPERT_UP: (i_moe, e), Role.EXPERT_DOWN: (e, i_moe),
+        Role.MOE_LATENT_IN: (e, h), Role.MOE_LATENT_OUT: (h, e),
         Role.SHARED_GATE: (i_shared, h), Role.SHARED_UP: (i_shared, h), Role.SHARED_DOWN: (h, i_shared),
         Role.SHARED_EXPERT_GATE: (1, h),
         Role.DENSE_GATE: (i_dense, h), Role.DENSE_UP: (i_dense, h), Role.DENSE_DOWN: (h, i_dense),
@@ -265,6 +267,8 @@ class WeightReader:
             roles.remove(Role.MLP_NORM)
         else:
             roles += [Role.ROUTER] if layer in self.cfg.moe_layers else list(DENSE_MLP_ROLES)
+            if layer in self.cfg.moe_layers and self.cfg.moe_latent_size:
+                roles += [Role.MOE_LATENT_IN, Role.MOE_LATENT_OUT]
         if not self.cfg.gated and Role.DENSE_GATE in roles:
             roles.remove(Role.DENSE_GATE)
         if (self.cfg.block.parallel or not self.cfg.block.pre_norms) and Role.MLP_NORM in roles:
@@ -450,14 +454,17 @@ class LayerExporter:
         info = graphs.layer_graph(layer, cfg, weights, next_layer, dense_format(self.opts))
         graph_path = layout.layer_graph(layer)
         combine_path = None
-        if is_moe and cfg.block.post_norms:
+        if is_moe and (cfg.block.post_norms or cfg.moe_latent_size):
             combine_path = layout.combine_graph(layer)
-            self.writer.write_bytes(combine_path, graphs.combine_graph(cfg, weights[Role.POST_MLP_NORM]).SerializeToString())
+            combine = graphs.combine_graph(cfg, weights.get(Role.POST_MLP_NORM) if cfg.block.post_norms else None,
+                                           weights.get(Role.MOE_LATENT_OUT), dense_format(self.opts))
+            self.writer.write_bytes(combine_path, combine.SerializeToString())
         del weights
         spec = LayerSpec(index=layer, kind="moe" if is_moe else "dense", graph=graph_path,
                          predicts_next=info.predicts_next,
                          sliding_window=cfg.attention.layer_windows[layer] if cfg.attention.layer_windows else None,
                          **own_attention(cfg, layer),
+                         expert_input_size=(cfg.moe_latent_size or None) if is_moe else None,
                          mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
                          graph_only=info.graph_only if is_moe and cfg.mixer(layer) == "attention" else None,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
@@ -489,7 +496,7 @@ class LayerExporter:
     def _slot_layout(self, bits: int, biases) -> ExpertLayout:
         """The layout every expert file of a layer at `bits` must have (offsets filled per file)."""
         limit = self.cfg.swiglu_limit
-        return ExpertLayout(hidden_size=self.cfg.hidden_size, intermediate_size=self.cfg.moe_intermediate_size,
+        return ExpertLayout(hidden_size=self.cfg.expert_width, intermediate_size=self.cfg.moe_intermediate_size,
                             bits=bits, block_size=self.opts.block_size or DEFAULT_BLOCK_SIZE[bits],
                             accuracy_level=self.opts.accuracy_level,
                             activation=self.cfg.expert_activation, has_bias=biases is not None,

@@ -28,7 +28,7 @@ from fate.runtime.experts.predictors import eap_scores, top_experts
 from fate.runtime.experts.replay import optimal_miss_rate, replay_miss_rate
 from fate.runtime.positions import PositionTables
 from fate.runtime.sessions import make_session
-from fate.runtime.state import hands_on_partial, initial_state, layer_feeds
+from fate.runtime.state import experts_input, hands_on_partial, initial_state, layer_feeds
 
 from .quantize import dequantize
 
@@ -147,6 +147,7 @@ class Profiler:
         names = [IO.RESIDUAL, IO.ROUTER_INPUT]
         if is_moe:
             names += [IO.ROUTER_LOGITS, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
+            names += [IO.EXPERT_INPUT] if layer.expert_input_size else []
         if predicts_next:
             names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
         session = make_session(model, lean=True)
@@ -165,7 +166,7 @@ class Profiler:
         del session
         residual = out[IO.RESIDUAL]
         if is_moe:
-            self._start_moe(index, out)
+            self._start_moe(index, out, experts_input(out, layer))
         else:
             self.hidden = residual.reshape(self.hidden.shape)
             self._moe = None
@@ -175,7 +176,8 @@ class Profiler:
         if not is_moe:
             self._advance()
 
-    def _start_moe(self, index: int, out: dict[str, np.ndarray]) -> None:
+    def _start_moe(self, index: int, out: dict[str, np.ndarray], x: np.ndarray) -> None:
+        """Open a MoE layer's measurements; x: what its experts read (router_input, or the latent input)."""
         ids = out[IO.EXPERT_IDS]
         counts = np.bincount(ids.reshape(-1), minlength=out[IO.ROUTER_LOGITS].shape[1])
         order = np.argsort(counts, kind="stable")  # least popular first
@@ -184,12 +186,12 @@ class Profiler:
         tails = {s: set(order[: int(np.searchsorted(share, s, side="right"))].tolist()) for s in LOW_BIT_SHARES}
         rows = self.quant_rows
         self._moe = dict(
-            index=index, out=out, counts=counts, tails=tails,
+            index=index, out=out, counts=counts, tails=tails, x=x,
             # the residual becomes the layer output in place (with a combine graph: the routed sum)
-            total=out[IO.RESIDUAL] if self._combine is None else np.zeros_like(out[IO.RESIDUAL]),
-            routed=np.zeros((len(rows), out[IO.RESIDUAL].shape[1]), np.float32),
-            quant={p: np.zeros_like(out[IO.RESIDUAL][rows]) for p in QUANT_BITS},
-            low={s: np.zeros_like(out[IO.RESIDUAL][rows]) for s in LOW_BIT_SHARES},
+            total=out[IO.RESIDUAL] if self._combine is None else np.zeros_like(x),
+            routed=np.zeros((len(rows), x.shape[1]), np.float32),
+            quant={p: np.zeros_like(x[rows]) for p in QUANT_BITS},
+            low={s: np.zeros_like(x[rows]) for s in LOW_BIT_SHARES},
         )
 
     def add_expert(self, expert: int, weights: tuple[np.ndarray, ...], quantized: dict[str, tuple],
@@ -197,7 +199,7 @@ class Profiler:
         """One expert's float32 (gate, up, down), its quantized versions by precision name, and
         its biases where the family has them."""
         m = self._moe
-        ids, scores, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["out"][IO.ROUTER_INPUT]
+        ids, scores, x = m["out"][IO.EXPERT_IDS], m["out"][IO.EXPERT_WEIGHTS], m["x"]
         tokens, slots = np.nonzero(ids == expert)
         if tokens.size == 0:
             return

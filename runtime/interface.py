@@ -67,6 +67,8 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     outputs.update({IO.present(name): (shape, FLOAT) for name, shape in state.items()})
     if layer.kind == "moe":
         experts, k = layer.routing.num_experts, layer.routing.top_k
+        if layer.expert_input_size:  # the experts' input in their latent space
+            outputs[IO.EXPERT_INPUT] = ((None, layer.expert_input_size), FLOAT)
         outputs.update({IO.ROUTER_INPUT: ((None, h), FLOAT), IO.ROUTER_LOGITS: ((None, experts), FLOAT),
                         IO.EXPERT_IDS: ((None, k), INT64), IO.EXPERT_WEIGHTS: ((None, k), FLOAT)})
     if layer.predicts_next:
@@ -76,9 +78,9 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     return inputs, outputs
 
 
-def combine_interface(manifest: Manifest) -> tuple[dict, dict]:
+def combine_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
     h = manifest.model.hidden_size
-    return ({IO.RESIDUAL: ((1, None, h), FLOAT), IO.ROUTED: ((None, h), FLOAT)},
+    return ({IO.RESIDUAL: ((1, None, h), FLOAT), IO.ROUTED: ((None, layer.expert_input_size or h), FLOAT)},
             {IO.HIDDEN: ((1, None, h), FLOAT)})
 
 

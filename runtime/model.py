@@ -25,7 +25,7 @@ from .memory import PREFILL_CHUNK, MemoryPlan, current_rss, plan_memory, release
 from .options import EngineOptions
 from .positions import PositionTables
 from .sessions import NamedSession, graph_threads, make_session
-from .state import KVCache, hands_on_partial, layer_feeds, state_names
+from .state import KVCache, experts_input, hands_on_partial, layer_feeds, state_names
 
 PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # The context a memory limit plans its KV cache for unless told (the model's, where that is smaller)
@@ -68,7 +68,7 @@ class FateModel:
         if self.native_head is not None:  # the head step computes every row from now on: its weights held once
             self._check_head_step(probes=verify)
             self.head = None
-        self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest))
+        self.combines = {layer.index: load(layer.combine_graph, combine_interface(self.manifest, layer))
                          for layer in self.manifest.layers if layer.combine_graph}
         self.layers: list[NamedSession | None] = []
         self._outputs: list[list[str]] = []
@@ -193,6 +193,7 @@ class FateModel:
         names = [IO.present(name) for name in state_names(layer)] + [IO.RESIDUAL]
         if layer.kind == "moe":
             names += [IO.ROUTER_INPUT, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
+            names += [IO.EXPERT_INPUT] if layer.expert_input_size else []
         if layer.predicts_next:
             names += list(PREDICTION_OUTPUTS)
         return names
@@ -248,7 +249,7 @@ class FateModel:
                 self.trace.record("prefill" if prefill else "decode", self._steps_run, cache.length, spec.index,
                                   out[IO.EXPERT_IDS], self.experts.predicted(spec.index))
             routed = self.experts.after_layer(spec.index, LayerOutputs(
-                out[IO.ROUTER_INPUT] if moe else None, out[IO.EXPERT_IDS] if moe else None,
+                experts_input(out, spec) if moe else None, out[IO.EXPERT_IDS] if moe else None,
                 {name: out[name] for name in PREDICTION_OUTPUTS} if spec.predicts_next else {}, ran_experts))
             if routed is not None:
                 hidden = self.combine(spec.index, out, routed)
@@ -275,7 +276,7 @@ class FateModel:
         input) (routed: those expert outputs, ExpertStore.compute's), summed in the router's order whatever
         order the experts ran in (tokens never depend on residency)."""
         ids, weights, hidden = out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS], out[IO.RESIDUAL]
-        shape = out[IO.ROUTER_INPUT].shape
+        shape = out[IO.EXPERT_INPUT if IO.EXPERT_INPUT in out else IO.ROUTER_INPUT].shape
         y = routed.reshape(*ids.shape, -1)
         combine = self.combines.get(layer)
         total = np.zeros(shape, np.float32) if combine is not None else hidden.reshape(shape).copy()

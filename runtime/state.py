@@ -26,6 +26,12 @@ def hands_on_partial(layer: LayerSpec, session) -> bool:
     return bool(layer.combine_graph) and IO.MOE_PARTIAL in {o.name for o in session.get_outputs()}
 
 
+def experts_input(out: dict[str, np.ndarray], layer: LayerSpec) -> np.ndarray:
+    """What a MoE layer's routed experts read, from its graph's outputs: expert_input where they run in a
+    latent space (LayerSpec.expert_input_size), else router_input."""
+    return out[IO.EXPERT_INPUT] if layer.expert_input_size else out[IO.ROUTER_INPUT]
+
+
 def initial_state(spec: ModelSpec, layer: LayerSpec) -> dict[str, np.ndarray]:
     """What a layer carries into its first step: no keys and values yet (attention), or its
     fixed-size state at zero (the manifest's shapes, validated when it was read)."""

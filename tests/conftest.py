@@ -79,6 +79,8 @@ CASES = {
     # blocks of one thing each (Mamba2, attention, MoE, MLP), non-gated squared-ReLU experts and MLPs (seeds
     # 1-3 give 0.012-0.016 at INT8 and 0.11-0.20 at INT4; seed 73 flips a near-tied route at INT8: 0.31)
     "nemotron_h": dict(family="nemotron_h", seed=2),
+    # Nemotron-3 Super's latent experts: 24 wide in a model of 64, projected down and back up around them
+    "nemotron_h-latent": dict(family="nemotron_h", seed=3, moe_latent_size=24),
     "dots1": dict(family="dots1", seed=20),
     "granitemoeshared": dict(family="granitemoeshared", seed=22),
     "granitemoe_swa": dict(family="granitemoe_swa", seed=28),

@@ -254,7 +254,7 @@ def nemotron_extra(r: random.Random) -> dict:
     return {"mamba_num_heads": heads, "mamba_head_dim": r.choice([4, 6, 8]), "ssm_state_size": r.choice([4, 8, 16]),
             "n_groups": r.choice([g for g in (1, 2, 3, 4) if heads % g == 0]), "conv_kernel": r.choice([2, 3, 4]),
             "moe_shared_expert_intermediate_size": r.choice([0, 12, 20]), "norm_topk_prob": coin(r),
-            "routed_scaling_factor": r.choice([1.0, 2.5])}
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "moe_latent_size": r.choice([None, None, 12, 20])}
 
 
 KNOBS["nemotron_h"] = Knobs(experts="n_routed_experts", expert_inter="moe_intermediate_size", groups=True,

@@ -70,6 +70,8 @@ def test_roundtrip_and_file_list(mixtral):
     (lambda m: m["layers"][0].update(num_kv_heads=0), "0 key-value heads"),
     (lambda m: m["layers"][0].update(rope_inv_freq=[1.0] * 64), "RoPE frequencies"),
     (lambda m: m["layers"][0].update(rope_inv_freq=[-1.0]), "RoPE frequencies"),
+    # latent experts (schema 1.8): their sum needs a combine graph to come back to the hidden size
+    (lambda m: m["layers"][0].update(expert_input_size=24), "without a combine graph"),
     (lambda m: m["layers"][0].update(mixer="short_conv", state=[{"name": "conv", "shape": [1, 2, 64]}],
                                      positions="per_token", num_kv_heads=2), "heads or RoPE of its own"),
 ])

@@ -60,6 +60,10 @@ class Role(enum.Enum):
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"
     SHARED_EXPERT_GATE = "shared_expert_gate"
+    # the routed experts in a latent space (Nemotron-3 Super): their input projected down, their weighted
+    # sum projected back up to the hidden size (in the combine graph)
+    MOE_LATENT_IN = "moe_latent_in"
+    MOE_LATENT_OUT = "moe_latent_out"
     # a short convolution mixer (LFM2): in_proj to B, C, x [3H, H]; a depthwise causal conv over
     # B * x [H, 1, L]; out_proj [H, H]; each with an optional bias
     CONV_IN = "conv_in"
@@ -225,16 +229,6 @@ class LinearAttention(MixerSizes):
     @property
     def key_dim(self) -> int:
         return self.num_key_heads * self.key_head_dim
-
-    @property
-    def gated(self) -> bool:
-        """Whether the MLPs have a gate projection (SwiGLU), or only up and down (relu2)."""
-        return self.mlp_activation == "swiglu"
-
-    @property
-    def expert_activation(self) -> str:
-        """The experts' activation as the slot layout names it (native_contract.ACTIVATIONS)."""
-        return "relu2" if not self.gated else "swiglu" if self.swiglu_limit is None else "swiglu_clamped"
 
     @property
     def value_dim(self) -> int:
@@ -454,6 +448,7 @@ class ArchConfig:
     # the MLPs' (experts, shared, dense) activation: "swiglu", down(silu(gate(x)) * up(x)); "relu2", without a
     # gate, down(relu(up(x))²) (Nemotron-H)
     mlp_activation: str = "swiglu"
+    moe_latent_size: int = 0  # the routed experts' width where they run in a latent space (0: the hidden size)
     block: "Block" = field(default_factory=lambda: Block())  # how the mixer and the MLP join the residual stream
     shared_scale: float = 1.0  # the shared experts' output times this (Cohere's "average": 0.5, routed too)
     embedding_multiplier: float = 1.0
@@ -470,7 +465,7 @@ class ArchConfig:
     # name instead of compiling into an artifact the runtime cannot run.
     POSITIVE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions",
                 "moe_intermediate_size")
-    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers")
+    NON_NEGATIVE = ("dense_intermediate_size", "shared_intermediate_size", "unused_trailing_layers", "moe_latent_size")
     FINITE = ("swiglu_alpha", "embedding_multiplier", "residual_multiplier", "logits_scaling", "shared_scale")
 
     def __post_init__(self) -> None:
@@ -539,6 +534,11 @@ class ArchConfig:
             own = p.layer_inv_freq[layer]
             cfg = cfg.with_positions(inv_freq=p.inv_freq if own is None else list(own), layer_inv_freq=None)
         return cfg
+
+    @property
+    def expert_width(self) -> int:
+        """What a routed expert reads and writes: the hidden size, or its latent space."""
+        return self.moe_latent_size or self.hidden_size
 
     @property
     def gated(self) -> bool:

@@ -31,6 +31,14 @@ def number(value) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def check_time_step_limit(cfg: dict) -> None:
+    """Mamba2's dt clamp: only the default (none) is supported."""
+    limit = cfg.get("time_step_limit")
+    if limit is not None and (not isinstance(limit, list | tuple) or len(limit) != 2
+                              or [number(v) for v in limit] != [0.0, float("inf")]):
+        raise ModelError(f"config.json: time_step_limit {limit!r} is not supported (only the default, no limit)")
+
+
 def mamba(cfg: dict) -> Mamba2:
     hidden, heads = require(cfg, "hidden_size"), optional(cfg, "mamba_n_heads", 128)
     inner = optional(cfg, "mamba_expand", 2) * hidden
@@ -40,10 +48,7 @@ def mamba(cfg: dict) -> Mamba2:
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim * heads != inner:
         raise ModelError(f"config.json: mamba_d_head {head_dim!r} x mamba_n_heads {heads} must be mamba_expand x "
                          f"hidden_size ({inner})")
-    limit = cfg.get("time_step_limit")
-    if limit is not None and (not isinstance(limit, list | tuple) or len(limit) != 2
-                              or [number(v) for v in limit] != [0.0, float("inf")]):
-        raise ModelError(f"config.json: time_step_limit {limit!r} is not supported (only the default, no limit)")
+    check_time_step_limit(cfg)
     return Mamba2(num_heads=heads, head_dim=head_dim, state_size=optional(cfg, "mamba_d_state", 256),
                   groups=optional(cfg, "mamba_n_groups", 1), conv_kernel=optional(cfg, "mamba_d_conv", 4))
 

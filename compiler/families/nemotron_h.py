@@ -5,8 +5,10 @@ MLP ("mlp"), each x + f(norm(x)). A Fate layer is one block: a mixer block has n
 (Block.no_mlp), an MLP or MoE block no token mixer (mixer "none"); the block before a MoE block then
 predicts its experts from the very norm and router that choose them. Every MLP is non-gated,
 down(relu(up(x))²): the routed experts, the shared expert beside them and the dense blocks. DeepSeek-V3's
-routing (sigmoid scores, a correction bias, expert groups, renormalized, routed scaling). The latent
-projection around the experts (`moe_latent_size`) is refused, and so are MLP biases."""
+routing (sigmoid scores, a correction bias, expert groups, renormalized, routed scaling). Where
+`moe_latent_size` is set (Nemotron-3 Super) the routed experts run in that latent space: the layer graph
+projects their input down (`fc1_latent_proj`) and the combine graph their weighted sum back up
+(`fc2_latent_proj`). MLP biases are refused."""
 
 from dataclasses import replace
 
@@ -23,7 +25,7 @@ from .base import (
     require,
 )
 from .glm4_moe import read_config as read_glm4_moe_config
-from .granitemoehybrid import number
+from .granitemoehybrid import check_time_step_limit
 
 PATTERN = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}  # transformers' older names
@@ -49,10 +51,7 @@ def block_types(cfg: dict) -> list[str]:
 def mamba(cfg: dict) -> Mamba2:
     if cfg.get("mamba_hidden_act", "silu") != "silu":
         raise ModelError(f"config.json: mamba_hidden_act {cfg['mamba_hidden_act']!r} is not supported (only 'silu')")
-    limit = cfg.get("time_step_limit")
-    if limit is not None and (not isinstance(limit, list | tuple) or len(limit) != 2
-                              or [number(v) for v in limit] != [0.0, float("inf")]):
-        raise ModelError(f"config.json: time_step_limit {limit!r} is not supported (only the default, no limit)")
+    check_time_step_limit(cfg)
     return Mamba2(num_heads=optional(cfg, "mamba_num_heads", 128), head_dim=optional(cfg, "mamba_head_dim", 64),
                   state_size=optional(cfg, "ssm_state_size", 128), groups=optional(cfg, "n_groups", 8),
                   conv_kernel=optional(cfg, "conv_kernel", 4))
@@ -62,9 +61,6 @@ def read_config(cfg: dict):
     types = block_types(cfg)
     if cfg.get("mlp_hidden_act", "relu2") != "relu2":
         raise ModelError(f"config.json: mlp_hidden_act {cfg['mlp_hidden_act']!r} is not supported (only 'relu2')")
-    if cfg.get("moe_latent_size") is not None:
-        raise ModelError("config.json: moe_latent_size (experts in a latent space, projected in and out) is not "
-                         "supported yet: the experts' input would be smaller than the hidden size")
     if cfg.get("mlp_bias"):
         raise ModelError("config.json: mlp_bias is not supported (biases on the MLPs and experts)")
     if cfg.get("attention_bias"):
@@ -79,7 +75,7 @@ def read_config(cfg: dict):
         arch, moe_layers=frozenset(i for i, t in enumerate(types) if t == "moe"),
         # 0 falls back to the dense MLPs' size, as transformers builds it
         shared_intermediate_size=optional(cfg, "moe_shared_expert_intermediate_size", 7688) or arch.dense_intermediate_size,
-        mlp_activation="relu2", attention=Attention(),
+        mlp_activation="relu2", attention=Attention(), moe_latent_size=optional(cfg, "moe_latent_size", 0),
         block=Block(no_mlp=frozenset(i for i, t in enumerate(types) if t in ("linear_attention", "full_attention"))),
         mixers=Mixers(kinds=tuple(MIXER_OF_TYPE[t] for t in types), mamba=mamba(cfg)),
     ).with_positions(inv_freq=[], attention_scaling=1.0)
@@ -116,6 +112,8 @@ FAMILY = Family(
         Role.ROUTER_SCORE_BIAS: MIXER + ".gate.e_score_correction_bias",
         Role.EXPERT_UP: MIXER + ".experts.{expert}.up_proj.weight",
         Role.EXPERT_DOWN: MIXER + ".experts.{expert}.down_proj.weight",
+        Role.MOE_LATENT_IN: MIXER + ".fc1_latent_proj.weight",
+        Role.MOE_LATENT_OUT: MIXER + ".fc2_latent_proj.weight",
         Role.SHARED_UP: MIXER + ".shared_experts.up_proj.weight",
         Role.SHARED_DOWN: MIXER + ".shared_experts.down_proj.weight",
         Role.DENSE_UP: MIXER + ".up_proj.weight",

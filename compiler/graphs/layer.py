@@ -115,7 +115,8 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
                                next_layer.score_bias),
                  IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
     model = b.model()
-    if layer in cfg.moe_layers and cfg.block.post_norms:  # the routed sum goes through the combine graph
+    if layer in cfg.moe_layers and (cfg.block.post_norms or Role.MOE_LATENT_IN in w):  # the routed sum goes
+        # through the combine graph (normalized, or projected back from the experts' latent space)
         onnx.helper.set_model_props(model, {IO.ROUTED_SUM_META: "combine_graph"})
     refusal = step_refusal(layer, whole, w, next_layer, b.weights, position_kind)
     return LayerGraphInfo(model, next_layer is not None, position_kind,
@@ -163,6 +164,10 @@ def mlp_block(b: GraphBuilder, layer: int, cfg: ArchConfig, w: W, x: str, h: str
         if scaled_input:  # Llama-4, one expert a token: it runs on the input times its weight, unweighed after
             b.output(b.op("Mul", router_input, weights), IO.ROUTER_INPUT, FLOAT, ["S", cfg.hidden_size])
             weights = b.op("Expand", b.scalar(1.0, "one"), b.op("Shape", weights))
+        if Role.MOE_LATENT_IN in w:  # the experts run in a latent space: their input projected down
+            with b.tagged("moe_latent_in"):
+                b.output(linear(b, router_input, w[Role.MOE_LATENT_IN]), IO.EXPERT_INPUT, FLOAT,
+                         ["S", cfg.expert_width])
         b.output(ids, IO.EXPERT_IDS, INT64, ["S", cfg.routing.top_k])
         b.output(weights, IO.EXPERT_WEIGHTS, FLOAT, ["S", cfg.routing.top_k])
         if Role.SHARED_UP in w:
@@ -182,12 +187,19 @@ def mlp_block(b: GraphBuilder, layer: int, cfg: ArchConfig, w: W, x: str, h: str
     return router_input, h
 
 
-def combine_graph(cfg: ArchConfig, post_norm: np.ndarray) -> onnx.ModelProto:
-    """hidden = residual + norm(routed): a post-norm MoE layer's output, once the runtime has summed
-    its routed experts (residual [1, S, H], routed [S, H])."""
-    b = GraphBuilder("combine")
+def combine_graph(cfg: ArchConfig, post_norm: np.ndarray | None, latent_out: np.ndarray | None = None,
+                  weights: WeightFormat = WeightFormat()) -> onnx.ModelProto:
+    """hidden = residual + norm(up(routed)): a MoE layer's output once the runtime has summed its routed
+    experts (residual [1, S, H], routed [S, E]), where the sum is normalized (post-norm families) or
+    projected back from the experts' latent space of width E (Nemotron-3 Super; else E = H)."""
+    b = GraphBuilder("combine", weights)
     residual = b.input(IO.RESIDUAL, FLOAT, [1, "S", cfg.hidden_size])
-    routed = b.input(IO.ROUTED, FLOAT, ["S", cfg.hidden_size])
-    normed = norm(b, b.op("Unsqueeze", routed, b.ints([0])), post_norm, None, cfg.norms.eps, cfg.norms.kind)
-    b.output(b.op("Add", residual, normed), IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
+    routed = b.input(IO.ROUTED, FLOAT, ["S", cfg.expert_width])
+    if latent_out is not None:
+        with b.tagged("moe_latent_out"):
+            routed = linear(b, routed, latent_out)
+    routed = b.op("Unsqueeze", routed, b.ints([0]))
+    if post_norm is not None:
+        routed = norm(b, routed, post_norm, None, cfg.norms.eps, cfg.norms.kind)
+    b.output(b.op("Add", residual, routed), IO.HIDDEN, FLOAT, [1, "S", cfg.hidden_size])
     return b.model()

@@ -61,7 +61,7 @@ def step_refusal(layer: int, model: ArchConfig, w: W, next_layer: NextRouter | N
                               ("experts on the router-scaled input", cfg.routing.scaled_input),
                               ("blocks added to their normed input", cfg.block.from_norm),
                               ("values scaled before they are cached", cfg.attention.value_scale != 1.0),
-                              ("squared-ReLU MLPs", not cfg.gated)):
+                              ("squared-ReLU MLPs", not cfg.gated), ("experts in a latent space", cfg.moe_latent_size)):
         if unsupported:
             return what
     extra = sorted(role.value for role in dense_roles - STEP_ROLES)

@@ -100,10 +100,10 @@ def run_one(config: RunConfig) -> dict:
     s = result.stats
     row = {"load_s": load_s, "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
            "ttft_s": s.time_to_first_token_s, "peak_rss_mb": peak_rss() / 1e6,
-           "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0}
+           "stall_s": 0.0, "hit_rate": None, "recall": None, "mb_read": 0.0, "loop_us_per_load": None}
     if isinstance(report, OffloadReport):
         d = report.decode
-        row.update(stall_s=report.stall_s, hit_rate=d.hit_rate, recall=d.mean_recall(),
+        row.update(stall_s=report.stall_s, hit_rate=d.hit_rate, recall=d.mean_recall(), loop_us_per_load=d.loop_us_per_load,
                    mb_read=report.bytes_read / 1e6, budget_mb=report.budget_bytes / 1e6,
                    total_expert_mb=report.total_expert_bytes / 1e6,
                    decode_mb_per_token=d.bytes_per_token / 1e6 if d.tokens else None,
@@ -240,7 +240,7 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
     """Ratios within one executor: against its all-resident run, its on-demand run at the same
     budget, and the I/O bound min(all-resident tok/s, storage bandwidth / bytes read per decode token)."""
     lines = [f"{'config':28s} {'prefill tok/s':>14s} {'decode tok/s':>19s} {'x resident':>10s} {'x on-demand':>11s} "
-             f"{'x I/O bound':>11s} {'TTFT s':>7s} {'stall s':>7s} {'hit':>6s} {'recall':>6s} {'MB/tok':>7s} "
+             f"{'x I/O bound':>11s} {'TTFT s':>7s} {'stall s':>7s} {'us/load':>7s} {'hit':>6s} {'recall':>6s} {'MB/tok':>7s} "
              f"{'x Belady':>8s} "
              f"{'MB read':>8s} {'peak RSS MB':>11s}"]
     for label, r in results.items():
@@ -261,7 +261,8 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
             f"{ratio(resident) if words[0] != RESIDENT else '-':>10s} "
             f"{ratio(on_demand) if words[1:2] != ['none'] and words[0] != RESIDENT else '-':>11s} "
             f"{ratio(bound):>11s} "
-            f"{fmt(r.get('ttft_s'), '.3f'):>7s} {fmt(r.get('stall_s'), '.2f'):>7s} {fmt(r.get('hit_rate'), '.3f'):>6s} "
+            f"{fmt(r.get('ttft_s'), '.3f'):>7s} {fmt(r.get('stall_s'), '.2f'):>7s} {fmt(r.get('loop_us_per_load'), '.0f'):>7s} "
+            f"{fmt(r.get('hit_rate'), '.3f'):>6s} "
             f"{fmt(r.get('recall'), '.3f'):>6s} {fmt(per_token, '.2f'):>7s} "
             f"{fmt(per_token / r['belady_mb_per_token'] if r.get('belady_mb_per_token') else None, '.2f'):>8s} "
             f"{fmt(r.get('mb_read')):>8s} "
@@ -270,7 +271,9 @@ def table(results: dict[str, dict], bandwidth: float | None = None) -> str:
 
 
 COLUMNS = ("x resident: decode speed against all experts resident; x on-demand: against --prefetch none at the "
-           "same budget; x I/O bound: against min(all-resident, storage bandwidth / MB read per token); hit: decode "
+           "same budget; x I/O bound: against min(all-resident, storage bandwidth / MB read per token); us/load: the "
+           "expert loop's own time on the generation thread per expert loaded in decode (not its waits for reads, "
+           "not its expert runs); hit: decode "
            "expert hit rate; recall: the prefetch's; MB/tok: expert bytes read per decode token; x Belady: those "
            "against the fewest any cache could read at this capacity")
 

@@ -184,6 +184,8 @@ def summary(engine: Engine, result: GenerationResult) -> str:
         hit = "-" if offload.decode.hit_rate is None else f"{offload.decode.hit_rate:.1%}"
         line += (f"; budget {offload.budget_bytes / 1e6:.1f} of {offload.total_expert_bytes / 1e6:.1f} MB, "
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
+        if offload.decode.loop_us_per_load is not None:
+            line += f", loop {offload.decode.loop_us_per_load:.0f} us a load"
     for mode in lossy_modes(engine, offload):
         cost = mode["measured_perplexity_ratio"]
         line += (f"; LOSSY {mode['mode']} {mode['setting']}: {mode['int2_loads']} of {mode['prefill_loads']} prefill "

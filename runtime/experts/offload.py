@@ -85,6 +85,8 @@ class PhaseStats:
     in_step: int = 0  # MoE layer-steps whose decode step ran the experts (all resident)
     gated: int = 0  # decode predictions not prefetched: the layer's recent ones did not pay
     prediction: dict[int, PredictionCounters] = field(default_factory=dict)
+    room_s: float = 0.0  # in the per-layer hand-off (after_layer): routing observed, prefetches asked, experts computed
+    run_s: float = 0.0  # of which running experts (the executor's calls)
 
 
 def rank_by_popularity(experts: set[int], popularity: list[float] | None) -> list[int]:
@@ -214,6 +216,14 @@ class OffloadedExperts(ExpertStore):
                 setattr(target, name, getattr(target, name) + getattr(layer, name) - (getattr(before, name) if before else 0))
         self._snapshot = copy.deepcopy(c)
 
+    def after_layer(self, layer: int, out: LayerOutputs) -> np.ndarray | None:
+        """ExpertStore.after_layer, timed: what the loop costs beside its reads and experts (PhaseReport.loop_s)."""
+        start = time.perf_counter()
+        try:
+            return super().after_layer(layer, out)
+        finally:
+            self.phases[self._phase].room_s += time.perf_counter() - start
+
     def hint(self, layer: int, predictions: dict[str, np.ndarray]) -> None:
         plan = self.plans.get(layer)
         if plan is None or plan.predictor not in GRAPH_OUTPUT_OF:
@@ -341,7 +351,9 @@ class OffloadedExperts(ExpertStore):
                 phase.cache.stall_s += time.perf_counter() - start
                 phase.low_bit_loads += 1
                 phase.low_bit_bytes += loaded.nbytes
+                start = time.perf_counter()
                 self.runner.run(layer, [Work(loaded, *todo[expert])], x, y)
+                phase.run_s += time.perf_counter() - start
         finally:
             for load in running:  # a failure above left loads begun: settle them (their slots come back)
                 try:
@@ -355,9 +367,11 @@ class OffloadedExperts(ExpertStore):
         """Run pinned experts in one executor call, then release them to eviction."""
         if not experts:
             return
+        start = time.perf_counter()
         try:
             self.runner.run(layer, [Work(loaded, *todo[e]) for e, loaded in experts.items()], x, y)
         finally:
+            self.phases[self._phase].run_s += time.perf_counter() - start
             self.cache.unpin(layer, experts)
 
     def _routed(self, layer: int, experts: set[int]) -> None:
@@ -414,6 +428,7 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
         tokens=phase.tokens, seconds=phase.seconds, tokens_per_s=phase.tokens / phase.seconds if phase.seconds else 0.0,
         stall_s=c.stall_s, experts_loaded=c.loads + phase.low_bit_loads, bytes_read=c.bytes_read + phase.low_bit_bytes,
         int2_loads=phase.low_bit_loads, hit_rate=hits / gets if gets else None,
+        loop_s=max(0.0, phase.room_s - c.stall_s - phase.run_s),
         covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits, layers_run_in_step=phase.in_step,
         prefetches_gated=phase.gated,
         hit_rate_per_layer={i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},

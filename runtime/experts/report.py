@@ -37,6 +37,9 @@ class PhaseReport:
     seconds: float
     tokens_per_s: float
     stall_s: float
+    # the expert room's own time on the generation thread: the per-layer hand-off less its waits for reads
+    # and its expert runs (bookkeeping, eviction, starting reads, prefetch requests)
+    loop_s: float
     experts_loaded: int
     bytes_read: int
     int2_loads: int
@@ -52,6 +55,12 @@ class PhaseReport:
     @property
     def bytes_per_token(self) -> float | None:
         return self.bytes_read / self.tokens if self.tokens else None
+
+    @property
+    def loop_us_per_load(self) -> float | None:
+        """The loop's own time per expert loaded (microseconds): what the offloading costs the generation
+        thread beside the reads themselves."""
+        return self.loop_s / self.experts_loaded * 1e6 if self.experts_loaded else None
 
     def mean_recall(self) -> float | None:
         recalls = [r for r in self.prefetch_recall_per_layer.values() if r is not None]

@@ -33,7 +33,7 @@ from .pool import SlotPool, native_reads, scratch_buffer
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
 from .residency import CacheCounters, ExpertCache
-from .store import ExpertOptions, ExpertStore, RoutedExperts, largest_file, resident_precision, slot_offset
+from .store import ExpertOptions, ExpertStore, LayerOutputs, RoutedExperts, largest_file, resident_precision, slot_offset
 from .trace import LayerSlots, TraceHeader
 
 GRAPH_OUTPUT_OF = {Predictor.CROSS_LAYER: "next_router_logits", Predictor.CROSS_LAYER_NORM: "next_router_logits_norm"}

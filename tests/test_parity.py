@@ -247,6 +247,27 @@ def test_a_config_in_its_original_names_reads_as_transformers_reads_it(tmp_path)
     assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(built.hf, PROMPT)) < 1e-4
 
 
+def test_nemotron_h_configs_in_their_older_form_read_the_same(tmp_path):
+    """Nemotron-H's released configs name their blocks by a pattern string ("M", "E", "*", "-") and some
+    Mamba keys by older names (mamba_n_groups, mamba_d_conv): the same model as the block list."""
+    import json
+    import shutil
+
+    from conftest import Built
+    from fate.compiler import CompileOptions, compile_checkpoint
+
+    built = Built(tmp_path / "saved", family="nemotron_h", seed=2)
+    older = tmp_path / "older"
+    shutil.copytree(built.ckpt, older)
+    config = json.loads((older / "config.json").read_text())
+    letters = {"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}
+    config["hybrid_override_pattern"] = "".join(letters[t] for t in config.pop("layers_block_type"))
+    config["mamba_n_groups"], config["mamba_d_conv"] = config.pop("n_groups"), config.pop("conv_kernel")
+    (older / "config.json").write_text(json.dumps(config))
+    compile_checkpoint(CompileOptions(older, tmp_path / "art", bits=(32,), dense_bits=32), log=lambda _m: None)
+    assert rel_err(FateModel.load(tmp_path / "art").logits(PROMPT), hf_logits(built.hf, PROMPT)) < 1e-4
+
+
 @pytest.mark.parametrize("family, seed, cap", [("mistral4", 65, 512), ("deepseek_v32", 66, 64), ("glm_moe_dsa", 67, 64)])
 def test_a_context_stops_where_the_model_would_compute_otherwise(family, seed, cap, tmp_path):
     """Mistral-4: Llama-4's query scale 1 + beta * log(1 + floor(pos / original)) is exactly 1 below

@@ -491,6 +491,9 @@ class ArchConfig:
                 for k in r.layer_top_k)):
             raise ModelError(f"config.json: a per-layer top-k must give each of the {self.num_layers} layers a count "
                              f"from 1 to {r.num_experts}, got {list(r.layer_top_k)}")
+        if not self.moe_layers:
+            raise ModelError("config.json: no layer is a Mixture-of-Experts layer: a dense model, which Fate does not "
+                             "compile (it runs as it is in llama.cpp or transformers)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers | self.block.no_mlp):
             raise ModelError("config.json: a MoE layer index is outside the model's layers")
         if self.moe_layers & self.block.no_mlp or any(self.mixer(i) == "none" for i in self.block.no_mlp):

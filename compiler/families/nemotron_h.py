@@ -28,6 +28,9 @@ from .glm4_moe import read_config as read_glm4_moe_config
 from .granitemoehybrid import check_time_step_limit
 
 PATTERN = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
+# the Mamba keys older configs name otherwise, as transformers' config class renames them
+LEGACY_KEYS = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_limit": "time_step_limit",
+               "mamba_conv_bias": "use_conv_bias"}
 LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}  # transformers' older names
 MIXER_OF_TYPE = {"linear_attention": "mamba2", "full_attention": "attention", "moe": "none", "mlp": "none"}
 
@@ -58,6 +61,7 @@ def mamba(cfg: dict) -> Mamba2:
 
 
 def read_config(cfg: dict):
+    cfg = {**cfg, **{new: cfg[old] for old, new in LEGACY_KEYS.items() if old in cfg}}
     types = block_types(cfg)
     if cfg.get("mlp_hidden_act", "relu2") != "relu2":
         raise ModelError(f"config.json: mlp_hidden_act {cfg['mlp_hidden_act']!r} is not supported (only 'relu2')")

@@ -4,6 +4,11 @@ with the bundled example tokenizer (so the vocabulary is small and the experts d
 
     python examples/make_realistic_moe.py --layers 4 --out /tmp/qwen-moe-a2.7b-4l
 
+`--family nemotron_h` makes Nemotron-H blocks at shapes after Nemotron-3-Nano-30B-A3B's (hidden 2688; Mamba2
+blocks of 64 heads of 64, state 128, 8 groups; attention with 32 heads of 128 and 2 KV heads; MoE blocks of
+`--experts` non-gated squared-ReLU experts of intermediate 1856, top-6, a shared expert of 3712): `--layers`
+MoE blocks, each after a Mamba2 block, the second Mamba2 block replaced by attention.
+
 `--family qwen3_5_moe_text` makes a hybrid instead, at the layer shapes of Qwen3.5-35B-A3B (hidden
 2048; gated DeltaNet layers with 16 key and 32 value heads of 128, every fourth layer gated attention
 with 16 heads of 256 and 2 KV heads; experts of intermediate 512, top-8, a shared expert of 512) with
@@ -24,7 +29,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+from transformers import (
+    NemotronHConfig,
+    NemotronHForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeTextConfig,
+)
 
 EXAMPLE = Path(__file__).parent / "tiny-moe"
 
@@ -36,8 +48,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embedding-scale", type=float, default=1.0,
                     help="multiply the embedding by this (1: transformers' init; 100: trained-like similarity)")
-    ap.add_argument("--family", choices=("qwen2_moe", "qwen3_5_moe_text"), default="qwen2_moe")
-    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 60 / 64)")
+    ap.add_argument("--family", choices=("qwen2_moe", "qwen3_5_moe_text", "nemotron_h"), default="qwen2_moe")
+    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 60 / 64 / 32)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.family == "qwen2_moe":
@@ -49,6 +61,17 @@ def main() -> None:
             eos_token_id=0, bos_token_id=0, dtype="bfloat16",
         )
         model = Qwen2MoeForCausalLM(config)
+    elif args.family == "nemotron_h":
+        blocks = [t for i in range(args.layers) for t in (("full_attention" if i == 1 else "linear_attention"), "moe")]
+        config = NemotronHConfig(
+            vocab_size=2048, hidden_size=2688, layers_block_type=blocks, num_attention_heads=32,
+            num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+            n_groups=8, conv_kernel=4, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+            n_routed_experts=args.experts or 32, num_experts_per_tok=6, routed_scaling_factor=2.5,
+            max_position_embeddings=8192, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
+            dtype="bfloat16",
+        )
+        model = NemotronHForCausalLM(config)
     else:
         config = Qwen3_5MoeTextConfig(
             vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,
@@ -61,7 +84,7 @@ def main() -> None:
         model = Qwen3_5MoeForCausalLM(config)
     model = model.to(torch.bfloat16).eval()
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(args.embedding_scale)
+        model.get_input_embeddings().weight.mul_(args.embedding_scale)
     model.save_pretrained(args.out, max_shard_size="2GB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EXAMPLE / name, args.out / name)

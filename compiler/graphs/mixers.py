@@ -115,19 +115,21 @@ def gated_deltanet(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: st
 def ssm_step(heads: int, head_dim: int, state_size: int) -> onnx.GraphProto:
     """One token of Mamba2's selective state space, the body of a Scan over the sequence:
 
-        S = S * decay + (dt x) B^T      S [Hn, Dh, N], decay = exp(dt A) [Hn], dt x [Hn, Dh], B [Hn, N]
+        S = S * decay + (dt x) B^T      S [1, Hn, Dh, N], decay = exp(dt A) [Hn], dt x [Hn, Dh], B [Hn, N]
         y = S C                         C [Hn, N] -> y [Hn, Dh]
     (transformers' mamba2_selective_state_update, without the D skip, added outside). Lightning
-    attention is the same step: S = S * exp(-slope) + v k^T, o = S q."""
+    attention is the same step: S = S * exp(-slope) + v k^T, o = S q. The state keeps the shape the
+    layer carries it in ([1, ...]): a reshape of the Scan's final state is a copy of it every token
+    (onnxruntime copies a graph output it cannot alias; 60 of 990 us of a Mamba2 block at hidden 2688)."""
     b = GraphBuilder("ssm_step", prefix="step_")
-    state = b.input("step_state", FLOAT, [heads, head_dim, state_size])
+    state = b.input("step_state", FLOAT, [1, heads, head_dim, state_size])
     xdt = b.input("step_xdt", FLOAT, [heads, head_dim])
     bb, cc = b.input("step_b", FLOAT, [heads, state_size]), b.input("step_c", FLOAT, [heads, state_size])
     decay = b.input("step_decay", FLOAT, [heads])
-    state = b.op("Add", b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([1, 2]))),
-                 b.op("MatMul", b.op("Unsqueeze", xdt, b.ints([2])), b.op("Unsqueeze", bb, b.ints([1]))))
-    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", cc, b.ints([2]))), b.ints([heads, head_dim]))
-    b.output(state, "step_state_out", FLOAT, [heads, head_dim, state_size])
+    state = b.op("Add", b.op("Mul", state, b.op("Unsqueeze", decay, b.ints([0, 2, 3]))),
+                 b.op("MatMul", b.op("Unsqueeze", xdt, b.ints([0, 3])), b.op("Unsqueeze", bb, b.ints([0, 2]))))
+    out = b.op("Reshape", b.op("MatMul", state, b.op("Unsqueeze", cc, b.ints([0, 3]))), b.ints([heads, head_dim]))
+    b.output(state, "step_state_out", FLOAT, [1, heads, head_dim, state_size])
     b.output(out, "step_out", FLOAT, [heads, head_dim])
     return b.graph()
 
@@ -159,10 +161,8 @@ def mamba2(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_conv: str, past_
         t = b.op("Expand", b.op("Reshape", t, b.ints([-1, g, 1, ds])), b.ints([1, g, n // g, ds]))
         return b.op("Reshape", t, b.ints([-1, n, ds]))
 
-    state = b.op("Reshape", past_state, b.ints([n, hd, ds]))
-    final, y = b.op("Scan", state, xdt, per_head(bb), per_head(cc), decay, outputs=2, body=ssm_step(n, hd, ds),
-                    num_scan_inputs=4)
-    present_state = b.op("Reshape", final, b.ints([1, n, hd, ds]))
+    present_state, y = b.op("Scan", past_state, xdt, per_head(bb), per_head(cc), decay, outputs=2,
+                            body=ssm_step(n, hd, ds), num_scan_inputs=4)
     y = b.op("Add", y, b.op("Mul", xh, b.const(w[Role.MAMBA_D].astype(np.float32).reshape(n, 1), "d_skip")))
     z = b.op("Reshape", gate, b.ints([-1, n, hd]))
     gated = b.op("Reshape", b.op("Mul", y, silu(b, z)), b.ints([1, -1, g, inner // g]))
@@ -236,9 +236,8 @@ def lightning(b: GraphBuilder, x: str, w: W, cfg: ArchConfig, past_state: str) -
     # same every token (transformers' decode form; its block form in prefill computes the same sums)
     rate = np.exp(-w[Role.LIGHTNING_SLOPE].reshape(heads).astype(np.float32))
     decay = b.op("Expand", b.const(rate, "decay"), b.op("Slice", b.op("Shape", q), b.ints([0]), b.ints([2])))
-    state = b.op("Reshape", past_state, b.ints([heads, d, d]))
-    final, out = b.op("Scan", state, v, k, q, decay, outputs=2, body=ssm_step(heads, d, d), num_scan_inputs=4)
-    present_state = b.op("Reshape", final, b.ints([1, heads, d, d]))
+    present_state, out = b.op("Scan", past_state, v, k, q, decay, outputs=2, body=ssm_step(heads, d, d),
+                              num_scan_inputs=4)
     normed = rms_norm(b, b.op("Reshape", out, b.ints([1, -1, heads * d])), w[Role.LIGHTNING_NORM], m.norm_eps)
     gated = b.op("Mul", normed, b.op("Sigmoid", linear(b, x, w[Role.LIGHTNING_GATE])))
     return linear(b, gated, w[Role.LIGHTNING_OUT]), present_state

@@ -175,3 +175,19 @@ def test_hybrid_configs_that_cannot_be_run_are_one_line(tmp_path, family, edit, 
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=fragment):
         compile_checkpoint(CompileOptions(ckpt, tmp_path / "art", bits=(4,)), log=lambda _m: None)
+
+
+def test_layers_without_a_mixer_carry_nothing_and_can_be_cut_back(tmp_path):
+    """Nemotron-H with attention as its only mixer: its MLP and MoE blocks carry no state, so a cache
+    can be cut to a prefix (a conversation's next turn) as an attention-only model's, and a turn from
+    the cut equals a fresh run."""
+    built = Built(tmp_path, family="nemotron_h", seed=2,
+                  layers_block_type=["full_attention", "moe", "full_attention", "mlp", "moe"])
+    model = FateModel.load(built.artifact(32))
+    assert [layer.mixer for layer in model.manifest.layers] == ["attention", "none", "attention", "none", "none"]
+    cache = model.new_cache()
+    list(stream_tokens(model, PROMPT, 4, GREEDY, set(), cache=cache))
+    assert cache.rewindable and cache.layers[1] == {} and model.manifest.state_bytes == 0
+    follow = PROMPT[:-2] + [9, 9]
+    again = list(stream_tokens(model, follow, 3, GREEDY, set(), cache=cache.prefix(len(PROMPT) - 2)))
+    assert again == list(stream_tokens(model, follow, 3, GREEDY, set()))

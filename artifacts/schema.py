@@ -112,7 +112,7 @@ class LayerSpec:
     positions: str = "per_token"
     # schema 1.5: the layer's decode step, for the native kernel (absent: the graph runs every step)
     decode_step: DecodeStep | None = None
-    # schema 1.6: why an attention MoE layer has no decode step (informational, for fate-inspect)
+    # schema 1.6: why a MoE layer has no decode step (informational, for fate-inspect)
     graph_only: str | None = None
     # schema 1.8: an attention layer's key-value heads and RoPE frequencies where they are not the model's
     # (MiMo-V2-Flash's sliding layers)

@@ -466,7 +466,7 @@ class LayerExporter:
                          **own_attention(cfg, layer),
                          expert_input_size=(cfg.moe_latent_size or None) if is_moe else None,
                          mixer=cfg.mixer(layer), combine_graph=combine_path, positions=info.positions,
-                         graph_only=info.graph_only if is_moe and cfg.mixer(layer) == "attention" else None,
+                         graph_only=info.graph_only if is_moe else None,
                          state=[StateSpec(name, shape) for name, shape in graphs.state_shapes(cfg, layer).items()])
         # one serialized copy at a time: the dense weights of a large layer are hundreds of MB
         data = info.model.SerializeToString()

@@ -156,7 +156,7 @@ def main(artifact: str, html_out: Path | None) -> None:
         for layer in m.layers:
             if layer.graph_only:
                 why.setdefault(layer.graph_only, []).append(layer.index)
-        for reason, layers in why.items():  # the MoE attention layers that run their graph every token
+        for reason, layers in why.items():  # the MoE layers that run their graph every token
             click.echo(f"  graph every token, layer{'s' if len(layers) > 1 else ''} {span_list(layers)}: {reason}")
         click.echo(size_line(art))
         click.echo(needs_line(art))

@@ -230,7 +230,8 @@ def test_the_native_call_checks_what_it_is_given(case):
                                             ("llama4_text", "q/k norms after RoPE"),
                                             ("mimo_v2_flash", "RoPE of its own (the step rotates with the model's tables)"),
                                             ("mimo_v2_flash", "attention the fused kernel cannot take (value heads of 12 "
-                                                              "beside key heads of 16)")])
+                                                              "beside key heads of 16)"),
+                                            ("nemotron_h", "a layer without a token mixer"), ("lfm2_moe", "a short_conv layer")])
 def test_a_layer_without_a_step_says_why(family, reason, tmp_path):
     """The manifest (and fate-inspect) names what the step cannot compute, not a symptom of it."""
     built = Built(tmp_path, family=family, seed=21)

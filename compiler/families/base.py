@@ -495,7 +495,7 @@ class ArchConfig:
             raise ModelError("config.json: no layer is a Mixture-of-Experts layer: a dense model, which Fate does not "
                              "compile (it runs as it is in llama.cpp or transformers)")
         if any(not 0 <= layer < self.num_layers for layer in self.moe_layers | self.block.no_mlp):
-            raise ModelError("config.json: a MoE layer index is outside the model's layers")
+            raise ModelError("config.json: a MoE (or MLP-less) layer index is outside the model's layers")
         if self.moe_layers & self.block.no_mlp or any(self.mixer(i) == "none" for i in self.block.no_mlp):
             raise ModelError("config.json: a layer is listed both as MoE and without an MLP, or has neither a mixer "
                              "nor an MLP")
@@ -528,7 +528,7 @@ class ArchConfig:
 
     def at_layer(self, layer: int) -> "ArchConfig":
         """The config as one layer sees it: its own top-k, key-value heads and RoPE where they differ by
-        layer (the record it returns has no per-layer values left)."""
+        layer (in the record it returns, num_kv_heads and positions.inv_freq are that layer's)."""
         r, a, p = self.routing, self.attention, self.positions
         cfg = self if r.layer_top_k is None else replace(self, routing=replace(r, top_k=self.top_k_at(layer)))
         if a.layer_kv_heads is not None:

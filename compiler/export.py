@@ -154,6 +154,7 @@ class WeightReader:
 
     def __init__(self, ckpt: Checkpoint, family: Family, cfg: ArchConfig):
         self.ckpt, self.family, self.cfg = ckpt, family, cfg
+        self._layer_cfgs: dict[int, ArchConfig] = {}  # cfg.at_layer, once a layer (checked for every tensor)
 
     def check(self, role: Role, layer: int | None = None, expert: int | None = None) -> str:
         """The tensor's checkpoint name, after checking it exists with the shape config.json implies."""
@@ -162,7 +163,7 @@ class WeightReader:
             where = "" if layer is None else f" of layer {layer}" + ("" if expert is None else f", expert {expert}")
             raise ModelError(f"checkpoint {self.ckpt.dir} lacks {name or role.value} (the {role.value}{where})")
         shape = self.ckpt.shape(name)
-        want = expected_shape(role, self.cfg if layer is None else self.cfg.at_layer(layer), self.family.layouts)
+        want = expected_shape(role, self.cfg if layer is None else self._layer_cfg(layer), self.family.layouts)
         if role == Role.ROUTER_SCORE_BIAS and shape == (1, *want):  # ERNIE-4.5 stores one row per expert group
             shape = want
         if shape != want:
@@ -234,6 +235,12 @@ class WeightReader:
             more = f" (and {len(leftovers) - 5} more)" if len(leftovers) > 5 else ""
             raise ModelError(f"checkpoint tensors not understood by the {self.family.model_type} family: "
                              f"{', '.join(leftovers[:5])}{more}")
+
+    def _layer_cfg(self, layer: int) -> ArchConfig:
+        cfg = self._layer_cfgs.get(layer)
+        if cfg is None:
+            cfg = self._layer_cfgs[layer] = self.cfg.at_layer(layer)
+        return cfg
 
     @property
     def expert_roles(self) -> tuple[Role, ...]:

@@ -276,7 +276,7 @@ class FateModel:
         input) (routed: those expert outputs, ExpertStore.compute's), summed in the router's order whatever
         order the experts ran in (tokens never depend on residency)."""
         ids, weights, hidden = out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS], out[IO.RESIDUAL]
-        shape = out[IO.EXPERT_INPUT if IO.EXPERT_INPUT in out else IO.ROUTER_INPUT].shape
+        shape = experts_input(out, self.manifest.layers[layer]).shape
         y = routed.reshape(*ids.shape, -1)
         combine = self.combines.get(layer)
         total = np.zeros(shape, np.float32) if combine is not None else hidden.reshape(shape).copy()

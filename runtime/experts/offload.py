@@ -27,6 +27,7 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .eviction import DEFAULT_POLICY
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
+from .gates import RecallGate
 from .loads import ExpertLoader, Load
 from .plan import POOLS, LayerPlan, plan_run
 from .pool import SlotPool, native_reads, scratch_buffer
@@ -55,17 +56,6 @@ class OffloadOptions:
     # says; "off" never. They change prefill numbers by design.
     low_bit_prefill: str = "off"  # lossy: INT2 copies in prefill only when asked
     threads: int = 2  # prefetch and miss-loading threads
-
-
-# A layer prefetches in decode while its prefetch reads pay: of the predicted experts that were not
-# resident when predicted (the ones a prefetch reads), the share the router then chose, an exponential
-# average over the tokens that had any (each weighing PREFETCH_MEMORY), is at least PREFETCH_GATE.
-# Below it, a wrong read (its bytes, its loop work, an expert evicted for it) costs more than a right
-# one saves (one read's wait). A prediction the cache already holds costs nothing and proves nothing:
-# at a large budget most right predictions are resident and the reads are mostly the wrong ones.
-# Predictions are still scored while a layer does not prefetch, so it starts again when they pay.
-PREFETCH_GATE = 0.5
-PREFETCH_MEMORY = 0.2
 
 
 @dataclass
@@ -150,7 +140,7 @@ class OffloadedExperts(ExpertStore):
         self._demand_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-demand")
         self._predicted: dict[int, set[int]] = {}
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
-        self._paying: dict[int, float] = {}  # layer -> recent share of those the router chose (PREFETCH_GATE)
+        self._recall = RecallGate()
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -249,28 +239,33 @@ class OffloadedExperts(ExpertStore):
         if plan.width <= 0:
             return
         top = top_experts(scores, plan.width)
-        predicted = set(top.reshape(-1).tolist())
-        self._predicted[plan.index] = predicted
-        if len(top) == 1:
-            self._to_read[plan.index] = self.cache.absent(plan.index, predicted)
-        if len(top) == 1 and self._paying.get(plan.index, 1.0) < PREFETCH_GATE:
-            self.phases[self._phase].gated += 1  # scored all the same (_routed): it starts again when it pays
+        if len(top) == 1:  # decode: the predictor's own order; only what is not resident is read
+            ranked = top[0].tolist()
+            predicted = self._predicted[plan.index] = set(ranked)
+            to_read = self._to_read[plan.index] = self.cache.absent(plan.index, predicted)
+            if not self._recall.open(plan.index):
+                self.phases[self._phase].gated += 1  # scored all the same (_routed): it starts again when it pays
+                return
+            self.cache.protect(plan.index, predicted)
+            if to_read:
+                self._prefetch(plan, [e for e in ranked[: plan.slots] if e in to_read])
             return
-        if len(top) == 1:  # decode: the predictor's own order
-            ranked, low = top[0].tolist(), set()
-        else:  # prefill: the union, most popular first
-            popularity = self.profile.layer(plan.index).popularity if self.profile else None
-            ranked = rank_by_popularity(predicted, popularity)
-            low = self._low_bit_tail(plan, ranked)
+        # prefill: the union, most popular first
+        predicted = self._predicted[plan.index] = set(top.reshape(-1).tolist())
+        ranked = rank_by_popularity(predicted, self.profile.layer(plan.index).popularity if self.profile else None)
+        low = self._low_bit_tail(plan, ranked)
         self.cache.protect(plan.index, predicted - low)
-        wanted = [e for e in ranked if e not in low][: plan.slots]
+        self._prefetch(plan, [e for e in ranked if e not in low][: plan.slots])
+        if low:
+            for expert in sorted(low - self.cache.resident(plan.index)):
+                self._start_low(plan, expert)
+
+    def _prefetch(self, plan: LayerPlan, wanted: list[int]) -> None:
+        """Reads of `wanted` (best first) begun in this thread where the layer reads itself, else queued."""
         if plan.index in self._reads_itself:
             self.cache.start_prefetch(plan.index, wanted)
         else:
             self.cache.prefetch(plan.index, wanted, self._step)
-        if low:
-            for expert in sorted(low - self.cache.resident(plan.index)):
-                self._start_low(plan, expert)
 
     def _low_bit_tail(self, plan: LayerPlan, ranked: list[int]) -> set[int]:
         """The least popular experts of a prefill fetch set, up to the policy's share of assignments."""
@@ -380,8 +375,7 @@ class OffloadedExperts(ExpertStore):
         predicted = self._predicted.pop(layer, None)
         to_read = self._to_read.pop(layer, None)
         if to_read and self._phase == "decode":
-            used = len(to_read & experts) / len(to_read)
-            self._paying[layer] = (1 - PREFETCH_MEMORY) * self._paying.get(layer, 1.0) + PREFETCH_MEMORY * used
+            self._recall.score(layer, to_read, experts)
         if predicted is not None:
             counters = self.phases[self._phase].prediction.setdefault(layer, PredictionCounters())
             counters.predicted += len(predicted)

@@ -472,18 +472,15 @@ class _Kept:
 
     def __init__(self, pins: Counter, protected: dict[int, set[int]] | None, floors: dict[int, int] | None = None,
                  held: Counter | None = None, asker: int | None = None):
-        self._pins, self._protected, self._floors, self._held, self._asker = pins, protected, floors, held, asker
+        self._pins, self._protected = pins, protected
+        # the layers held at their floor, every key of which is kept: asked once per search, not per key
+        self._floored = {layer for layer, floor in (floors or {}).items()
+                         if (held[layer] < floor if layer == asker else held[layer] <= floor)}
 
     def __contains__(self, key: Key) -> bool:
-        if self._pins.get(key, 0) > 0:
+        if key[0] in self._floored or self._pins.get(key, 0) > 0:
             return True
-        if self._protected is not None and key[1] in self._protected.get(key[0], ()):
-            return True
-        if not self._floors:
-            return False
-        if key[0] == self._asker:  # a layer under its floor takes from the others, not from itself
-            return self._held[key[0]] < self._floors.get(key[0], 0)
-        return self._held[key[0]] <= self._floors.get(key[0], 0)
+        return self._protected is not None and key[1] in self._protected.get(key[0], ())
 
 
 class _Ready:

@@ -186,6 +186,8 @@ def summary(engine: Engine, result: GenerationResult) -> str:
                  f"decode hit rate {hit}, stalled {offload.stall_s:.2f} s, {offload.bytes_read / 1e6:.1f} MB read")
         if offload.decode.loop_us_per_load is not None:
             line += f", loop {offload.decode.loop_us_per_load:.0f} us a load"
+        if offload.decode.wait_us_per_load is not None:
+            line += f", {offload.decode.wait_us_per_load:.0f} us a wait"
     for mode in lossy_modes(engine, offload):
         cost = mode["measured_perplexity_ratio"]
         line += (f"; LOSSY {mode['mode']} {mode['setting']}: {mode['int2_loads']} of {mode['prefill_loads']} prefill "

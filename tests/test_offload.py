@@ -98,7 +98,7 @@ def test_stats_report_per_phase_and_layer(calibrated):
     out = json.loads(proc.stdout)["offload"]
     for phase in ("prefill", "decode"):
         for key in ("tokens_per_s", "stall_s", "experts_loaded", "bytes_read", "hit_rate_per_layer", "covered_rate",
-                    "prefetch_recall_per_layer", "prefetch_precision_per_layer", "loop_s"):
+                    "prefetch_recall_per_layer", "prefetch_precision_per_layer", "loop_s", "loads_waited"):
             assert key in out[phase]
         # the loop's own time is a part of the phase's (the hand-off less its waits and expert runs)
         assert 0 <= out[phase]["loop_s"] <= out[phase]["seconds"]

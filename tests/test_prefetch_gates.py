@@ -1,12 +1,13 @@
-"""The per-layer prefetch gate (runtime.experts.gates), driven with made-up outcomes: no artifact."""
+"""The per-layer prefetch gate (runtime.experts.gates), driven with made-up outcomes and times: no clock, no
+artifact."""
 
 from __future__ import annotations
 
-from fate.runtime.experts.gates import RECALL_GATE, RecallGate
+from fate.runtime.experts.gates import RECALL_GATE, PrefetchGate
 
 
 def test_a_layers_prefetch_closes_when_its_reads_are_mostly_wrong_and_opens_when_they_pay():
-    gate = RecallGate()
+    gate = PrefetchGate()
     assert gate.open(3)  # no evidence: prefetch
     for _ in range(20):
         gate.score(3, read={1, 2}, chosen={5, 6})
@@ -20,7 +21,32 @@ def test_a_layers_prefetch_closes_when_its_reads_are_mostly_wrong_and_opens_when
 
 
 def test_a_layer_whose_reads_are_right_at_the_gates_share_keeps_prefetching():
-    gate = RecallGate()
+    gate = PrefetchGate()
     for _ in range(50):
         gate.score(2, read={1, 2}, chosen={1, 7})
     assert RECALL_GATE == 0.5 and gate.open(2)
+
+
+def test_reads_shorter_than_the_loops_work_around_them_are_not_read_ahead():
+    small = PrefetchGate()  # 32 KB experts: 85 us waited per read, 120 us of loop per load
+    large = PrefetchGate()  # 4.6 MB experts: 1.4 ms waited per read, 150 us of loop per load
+    for _ in range(40):
+        small.token(loop_s=2 * 120e-6, loads=2, waited_s=85e-6, waits=1)
+        large.token(loop_s=6 * 150e-6, loads=6, waited_s=4 * 1.4e-3, waits=4)
+        for gate in (small, large):
+            gate.score(1, read={3, 4}, chosen={3, 9})
+    assert not small.open(1) and large.open(1)
+    waited, loop = small.costs()
+    assert abs(waited - 85e-6) < 1e-9 and abs(loop - 120e-6) < 1e-9
+
+
+def test_costs_decide_only_once_measured_and_follow_a_change():
+    gate = PrefetchGate()
+    gate.token(loop_s=1.0, loads=1, waited_s=0.001, waits=1)  # one costly token: too little to decide on
+    assert gate.open(0)
+    for _ in range(10):
+        gate.token(loop_s=4e-4, loads=4, waited_s=4e-5, waits=1)
+    assert not gate.open(0)
+    for _ in range(300):  # reads grew long (another disk, larger experts): reading ahead pays again
+        gate.token(loop_s=4e-4, loads=4, waited_s=2e-3, waits=1)
+    assert gate.open(0)

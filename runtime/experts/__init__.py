@@ -6,7 +6,7 @@ tokens; the forward pass (runtime.model) hands it one `LayerOutputs` a layer (`s
     plan.py        budget -> RunPlan, a pure function of the artifact and the options
     allocation.py  slots per layer from the profile's miss curves (shared with the compiler)
     predictors.py  the predictors of a layer's experts (shared with the profiler)
-    gates.py       whether a layer's decode prefetch pays (its reads mostly used), measured live
+    gates.py       whether a layer's decode prefetch pays (reads mostly used, waits longer than the loop's work)
     residency.py   ExpertCache: which expert is in which slot, pins, eviction groups, loads in flight
     eviction.py    ARC, LFRU, S3-FIFO, LRU over opaque keys (shared with the profiler)
     loads.py       one expert's load: a positioned read into a slot, its SHA-256 checked once

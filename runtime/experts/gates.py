@@ -1,31 +1,66 @@
-"""When a layer prefetches in decode: while its prefetch reads pay, measured live.
+"""Whether a layer prefetches in decode: while its prefetch reads pay, measured live.
 
-Of the predicted experts that were not resident when predicted (the ones a prefetch reads), the share the
-router then chose, an exponential average over the tokens that had any, must be at least RECALL_GATE.
-Below it a wrong read (its bytes, its loop work, an expert evicted for it) costs more than a right one saves
-(one read's wait). A prediction the cache already holds costs nothing and proves nothing: at a large budget
-most right predictions are resident and the reads are mostly the wrong ones. Predictions are still scored
-while a layer does not prefetch, so it starts again when they pay. The gate reads no clock: the store hands
-it outcomes, so that tests drive it with made-up ones.
+A prefetch read pays when the wait it saves is more than the loop's own work it costs:
+
+- its layer's reads are mostly right: of the predicted experts that were not resident when predicted (the
+  ones a prefetch reads), the share the router then chose, an exponential average over the tokens that had
+  any, is at least RECALL_GATE. A prediction the cache already holds costs nothing and proves nothing: at a
+  large budget most right predictions are resident and the reads are mostly the wrong ones;
+- and that share of a read's wait is more than the loop's work per load: the time the generation thread
+  waits per load it waits for (a miss, or a prefetch not yet in), and its own time per load (bookkeeping,
+  eviction, starting and finishing reads), both averaged over the recent decode tokens of every layer. Where
+  experts are small, a read is short against the loop's work around it, and a wrong read costs more than a
+  right one saves: tiny-moe's 32 KB experts wait about 85 us a read against 60-130 us of loop a load, where
+  Qwen-MoE-like 4.6 MB experts wait 1.4 ms against 0.1-0.15 ms (BENCHMARKS.md).
+
+Predictions are still scored while a layer does not prefetch, and the costs still measured (from its misses),
+so it starts again when they pay. The gate reads no clock: the store hands it outcomes and times, so that
+tests drive it with made-up ones.
 """
 
 from __future__ import annotations
 
+from typing import Hashable
+
 RECALL_GATE = 0.5
-RECALL_MEMORY = 0.2  # the weight of each new token in the exponential average
+RECALL_MEMORY = 0.2  # the weight of each new token in a layer's exponential average
+COST_MEMORY = 0.98  # each decode token's weight in the cost averages decays by this per token
+COST_EVIDENCE = 4.0  # loads (and waits) the cost averages need before they decide
 
 
-class RecallGate:
-    """Per layer: whether its decode prediction is prefetched (see the module's docstring)."""
+class PrefetchGate:
+    """Per layer: whether its decode prediction is read ahead (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self._paying: dict[int, float] = {}  # layer -> recent share of its reads the router chose
+        self._paying: dict[Hashable, float] = {}  # layer -> recent share of its reads the router chose
+        # decayed sums over decode tokens: the loop's own seconds and its loads; seconds waited and loads waited for
+        self._loop = self._loads = self._waited = self._waits = 0.0
 
-    def open(self, layer: int) -> bool:
-        return self._paying.get(layer, 1.0) >= RECALL_GATE
+    def open(self, layer: Hashable) -> bool:
+        share = self._paying.get(layer, 1.0)
+        return share >= RECALL_GATE and self.worth_reading(share)
 
-    def score(self, layer: int, read: set[int], chosen: set[int]) -> None:
+    def worth_reading(self, share: float = 1.0) -> bool:
+        """Whether reads right `share` of the time save more waiting than they cost the loop (True until
+        measured). At share 1: whether any layer's prediction could pay (else none is even made)."""
+        if self._loads < COST_EVIDENCE or self._waits < COST_EVIDENCE:
+            return True
+        return share * (self._waited / self._waits) >= self._loop / self._loads
+
+    def score(self, layer: Hashable, read: set[int], chosen: set[int]) -> None:
         """`read`: the prediction's experts that were not resident when predicted; `chosen`: the router's."""
         if read:
             used = len(read & chosen) / len(read)
             self._paying[layer] = (1 - RECALL_MEMORY) * self._paying.get(layer, 1.0) + RECALL_MEMORY * used
+
+    def token(self, loop_s: float, loads: int, waited_s: float, waits: int) -> None:
+        """One decode token's costs: the loop's own seconds and the loads it made; the seconds it waited for
+        loads and how many it waited for."""
+        self._loop = COST_MEMORY * self._loop + loop_s
+        self._loads = COST_MEMORY * self._loads + loads
+        self._waited = COST_MEMORY * self._waited + waited_s
+        self._waits = COST_MEMORY * self._waits + waits
+
+    def costs(self) -> tuple[float | None, float | None]:
+        """(seconds waited per load waited for, the loop's seconds per load), recently; None where unmeasured."""
+        return (self._waited / self._waits if self._waits else None, self._loop / self._loads if self._loads else None)

@@ -27,7 +27,7 @@ from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .eviction import DEFAULT_POLICY
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
-from .gates import RecallGate
+from .gates import PrefetchGate
 from .loads import ExpertLoader, Load
 from .plan import POOLS, LayerPlan, plan_run
 from .pool import SlotPool, native_reads, scratch_buffer
@@ -77,6 +77,7 @@ class PhaseStats:
     prediction: dict[int, PredictionCounters] = field(default_factory=dict)
     room_s: float = 0.0  # in the per-layer hand-off (after_layer): routing observed, prefetches asked, experts computed
     run_s: float = 0.0  # of which running experts (the executor's calls)
+    waits: int = 0  # loads the loop waited for (misses, prefetches not yet in)
 
 
 def rank_by_popularity(experts: set[int], popularity: list[float] | None) -> list[int]:
@@ -134,13 +135,15 @@ class OffloadedExperts(ExpertStore):
         floors = {p.index: p.slots for p in self.plans.values() if p.width <= 0} if groups and predicted else None
         self.cache = ExpertCache(slots, _Reads(self), policy=options.cache, threads=options.threads,
                                  located=located, groups=groups, floors=floors)
+        self._floors = floors or {}
         self._low_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-int2")
         self._low: dict[tuple[int, int], Future] = {}
         # Misses of the layer being run, loaded `threads` at a time while the kernel runs the others
         self._demand_pool = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="fate-demand")
         self._predicted: dict[int, set[int]] = {}
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
-        self._recall = RecallGate()
+        self._gate = PrefetchGate()
+        self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -184,6 +187,21 @@ class OffloadedExperts(ExpertStore):
             self._switch_phase(phase)
         self._step += 1
         self.phases[phase].tokens += num_tokens
+        self._measure_costs(prefill)
+
+    def _measure_costs(self, prefill: bool) -> None:
+        """Hand the gate the last decode token's costs (the loop's own time and loads, its waits)."""
+        if prefill:
+            self._costs_at = None
+            return
+        d = self.phases["decode"]
+        now = (d.room_s - d.run_s - d.cache.stall_s, self.cache.counters.loads, d.cache.stall_s, d.waits)
+        if self._costs_at is not None:
+            self._gate.token(*(a - b for a, b in zip(now, self._costs_at)))
+            # floors keep a layer that nothing prefetches its slots against the others' prefetches: not needed
+            # while no read ahead could pay, when the others load on demand as it does
+            self.cache.floors = self._floors if self._gate.worth_reading() else {}
+        self._costs_at = now
 
     def _switch_phase(self, phase: str) -> None:
         now = time.perf_counter()
@@ -238,12 +256,15 @@ class OffloadedExperts(ExpertStore):
     def _request(self, plan: LayerPlan, scores: np.ndarray) -> None:
         if plan.width <= 0:
             return
+        if len(scores) == 1 and not self._gate.worth_reading():
+            self.phases[self._phase].gated += 1  # no read ahead could pay now: nothing predicted, nothing scored
+            return
         top = top_experts(scores, plan.width)
         if len(top) == 1:  # decode: the predictor's own order; only what is not resident is read
             ranked = top[0].tolist()
             predicted = self._predicted[plan.index] = set(ranked)
             to_read = self._to_read[plan.index] = self.cache.absent(plan.index, predicted)
-            if not self._recall.open(plan.index):
+            if not self._gate.open(plan.index):
                 self.phases[self._phase].gated += 1  # scored all the same (_routed): it starts again when it pays
                 return
             self.cache.protect(plan.index, predicted)
@@ -325,6 +346,7 @@ class OffloadedExperts(ExpertStore):
                             return
                         load = self._demand_pool.submit(self.cache.fetch, layer, expert)  # a helper waits for a slot
                     running[load] = misses.pop(0)
+                    phase.waits += 1
 
             refill()
             self._run(layer, hits, todo, x, y)
@@ -375,7 +397,7 @@ class OffloadedExperts(ExpertStore):
         predicted = self._predicted.pop(layer, None)
         to_read = self._to_read.pop(layer, None)
         if to_read and self._phase == "decode":
-            self._recall.score(layer, to_read, experts)
+            self._gate.score(layer, to_read, experts)
         if predicted is not None:
             counters = self.phases[self._phase].prediction.setdefault(layer, PredictionCounters())
             counters.predicted += len(predicted)
@@ -422,7 +444,7 @@ def phase_report(phase: PhaseStats) -> PhaseReport:
         tokens=phase.tokens, seconds=phase.seconds, tokens_per_s=phase.tokens / phase.seconds if phase.seconds else 0.0,
         stall_s=c.stall_s, experts_loaded=c.loads + phase.low_bit_loads, bytes_read=c.bytes_read + phase.low_bit_bytes,
         int2_loads=phase.low_bit_loads, hit_rate=hits / gets if gets else None,
-        loop_s=max(0.0, phase.room_s - c.stall_s - phase.run_s),
+        loop_s=max(0.0, phase.room_s - c.stall_s - phase.run_s), loads_waited=phase.waits,
         covered_rate=(hits + waits) / gets if gets else None, late_prefetches=waits, layers_run_in_step=phase.in_step,
         prefetches_gated=phase.gated,
         hit_rate_per_layer={i: (l.hits / l.gets if l.gets else None) for i, l in sorted(c.layers.items())},

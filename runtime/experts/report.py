@@ -40,6 +40,7 @@ class PhaseReport:
     # the expert room's own time on the generation thread: the per-layer hand-off less its waits for reads
     # and its expert runs (bookkeeping, eviction, starting reads, prefetch requests)
     loop_s: float
+    loads_waited: int  # loads the loop waited for (misses, prefetches not yet in): stall_s is their wait
     experts_loaded: int
     bytes_read: int
     int2_loads: int
@@ -47,7 +48,9 @@ class PhaseReport:
     covered_rate: float | None  # resident, or already being loaded by the prefetcher (the paper's "hit")
     late_prefetches: int
     layers_run_in_step: int  # MoE layer-steps whose native decode step ran every chosen expert itself
-    prefetches_gated: int  # decode predictions not prefetched: their layer's recent ones did not pay
+    # decode predictions not prefetched (runtime.experts.gates): their layer's recent reads were mostly wrong,
+    # or reads wait less than the loop works per load, so that no read ahead could pay
+    prefetches_gated: int
     hit_rate_per_layer: dict[int, float | None]
     prefetch_recall_per_layer: dict[int, float | None]
     prefetch_precision_per_layer: dict[int, float | None]
@@ -61,6 +64,11 @@ class PhaseReport:
         """The loop's own time per expert loaded (microseconds): what the offloading costs the generation
         thread beside the reads themselves."""
         return self.loop_s / self.experts_loaded * 1e6 if self.experts_loaded else None
+
+    @property
+    def wait_us_per_load(self) -> float | None:
+        """The loop's wait per load it waited for (microseconds): what a read ahead of need could save."""
+        return self.stall_s / self.loads_waited * 1e6 if self.loads_waited else None
 
     def mean_recall(self) -> float | None:
         recalls = [r for r in self.prefetch_recall_per_layer.values() if r is not None]

@@ -3,7 +3,7 @@ artifact."""
 
 from __future__ import annotations
 
-from fate.runtime.experts.gates import RECALL_GATE, PrefetchGate
+from fate.runtime.experts.gates import COST_MARGIN, RECALL_GATE, PrefetchGate
 
 
 def test_a_layers_prefetch_closes_when_its_reads_are_mostly_wrong_and_opens_when_they_pay():
@@ -44,9 +44,29 @@ def test_costs_decide_only_once_measured_and_follow_a_change():
     gate = PrefetchGate()
     gate.token(loop_s=1.0, loads=1, waited_s=0.001, waits=1)  # one costly token: too little to decide on
     assert gate.open(0)
-    for _ in range(10):
+    for _ in range(10):  # a right read would save 40 us, where a load costs the loop 100
         gate.token(loop_s=4e-4, loads=4, waited_s=4e-5, waits=1)
     assert not gate.open(0)
     for _ in range(300):  # reads grew long (another disk, larger experts): reading ahead pays again
         gate.token(loop_s=4e-4, loads=4, waited_s=2e-3, waits=1)
     assert gate.open(0)
+
+
+def test_a_read_must_save_the_margin_over_its_loop_work():
+    gate = PrefetchGate()
+    for _ in range(50):  # a read waits 100 us, a load costs the loop just over 100 / margin: not enough
+        gate.token(loop_s=1.01e-4 / COST_MARGIN, loads=1, waited_s=1e-4, waits=1)
+    assert not gate.open(0)
+    for _ in range(500):
+        gate.token(loop_s=0.9e-4 / COST_MARGIN, loads=1, waited_s=1e-4, waits=1)
+    assert gate.open(0)
+
+
+def test_loading_on_demand_does_not_make_reading_ahead_look_cheaper():
+    gate = PrefetchGate()
+    for _ in range(50):  # reading ahead: 100 us of loop a load against 150 us waited a read
+        gate.token(loop_s=1e-4, loads=1, waited_s=1.5e-4, waits=1)
+    assert not gate.open(0)
+    for _ in range(500):  # on demand the loop works 50 us a load: reading ahead would still cost 100
+        gate.token(loop_s=5e-5, loads=1, waited_s=1.5e-4, waits=1, read_ahead=False)
+    assert not gate.open(0)

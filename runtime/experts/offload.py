@@ -144,6 +144,7 @@ class OffloadedExperts(ExpertStore):
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
         self._gate = PrefetchGate()
         self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
+        self._read_ahead = False  # whether this decode token made a prediction (PrefetchGate.token)
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -197,11 +198,11 @@ class OffloadedExperts(ExpertStore):
         d = self.phases["decode"]
         now = (d.room_s - d.run_s - d.cache.stall_s, self.cache.counters.loads, d.cache.stall_s, d.waits)
         if self._costs_at is not None:
-            self._gate.token(*(a - b for a, b in zip(now, self._costs_at)))
+            self._gate.token(*(a - b for a, b in zip(now, self._costs_at)), read_ahead=self._read_ahead)
             # floors keep a layer that nothing prefetches its slots against the others' prefetches: not needed
             # while no read ahead could pay, when the others load on demand as it does
             self.cache.floors = self._floors if self._gate.worth_reading() else {}
-        self._costs_at = now
+        self._costs_at, self._read_ahead = now, False
 
     def _switch_phase(self, phase: str) -> None:
         now = time.perf_counter()
@@ -261,6 +262,7 @@ class OffloadedExperts(ExpertStore):
             return
         top = top_experts(scores, plan.width)
         if len(top) == 1:  # decode: the predictor's own order; only what is not resident is read
+            self._read_ahead = True
             ranked = top[0].tolist()
             predicted = self._predicted[plan.index] = set(ranked)
             to_read = self._to_read[plan.index] = self.cache.absent(plan.index, predicted)

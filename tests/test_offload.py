@@ -24,7 +24,7 @@ from fate.runtime.cgroup import MemoryCgroup
 from fate.runtime.experts import loads as loader_module
 from fate.runtime.experts.eviction import POLICIES
 from fate.runtime.experts.executors import assignments
-from fate.runtime.experts.pool import SlotPool, SlotRead, native_reads
+from fate.runtime.experts.pool import INLINE_READ_BYTES, SlotPool, SlotRead, native_reads
 from fate.runtime.experts.residency import BudgetError
 from fate.runtime.experts.trace import read_trace
 from fate.runtime.options import EngineOptions
@@ -159,8 +159,9 @@ def test_misses_load_in_parallel_within_a_window(calibrated):
 
 @pytest.mark.skipif(not native_reads(), reason="the native extension is not built")
 def test_native_misses_are_read_together_and_waited_for_in_the_loop(calibrated):
-    """Native experts: the loop begins up to --prefetch-threads reads of a layer's misses on the
-    native I/O threads before it waits for the first, and waits itself (no helper thread loads)."""
+    """Native experts: the loop begins up to --prefetch-threads loads of a layer's misses before it waits
+    for the first (their reads on the native I/O threads, or, small ones, made as they are waited for), and
+    waits itself (no helper thread loads)."""
     model = FateModel.load(calibrated, EngineOptions(executor="native", offload=OffloadOptions(
         parse_budget("20%"), prefetch="none", threads=2, low_bit_prefill="off")))
     store = model.experts
@@ -460,6 +461,12 @@ def test_assignments_cover_every_routing_slot_once(ids):
     assert seen == {t * routing.shape[1] + j: int(e) for t, row in enumerate(ids) for j, e in enumerate(row)}
 
 
+def test_a_read_hashed_ahead_is_never_one_its_waiter_makes():
+    from fate.runtime.experts.loads import HASH_AHEAD_BYTES
+
+    assert INLINE_READ_BYTES < HASH_AHEAD_BYTES
+
+
 def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
     """A read into a slot (on the native I/O threads where built) gives exactly the file's bytes
     at any offset, refuses a file shorter than asked, and names a file that is gone."""
@@ -468,13 +475,20 @@ def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
     path.write_bytes(data)
     pool = SlotPool({0: 2}, {0: len(data)})
     try:
-        for offset, size in ((0, 20000), (512, 9000), (5000, 15000), (4096, 1)):
-            read = SlotRead(pool.buffer(0, 1), path, offset, size, pool)
-            assert bytes(read.wait()) == data[offset:offset + size] and read.done()
-        with pytest.raises(ArtifactError, match="shorter than the manifest says"):
-            SlotRead(pool.buffer(0, 0), path, 10000, 12000, pool).wait()
-        with pytest.raises(FileNotFoundError, match="gone.onnx"):
-            SlotRead(pool.buffer(0, 0), tmp_path / "gone.onnx", 0, 100, pool).wait()
+        for inline in (False, True):  # handed to the I/O threads, or (small) made by wait() itself
+            for offset, size in ((0, 20000), (512, 9000), (5000, 15000), (4096, 1)):
+                read = SlotRead(pool.buffer(0, 1), path, offset, size, pool, True, inline)
+                assert bytes(read.wait()) == data[offset:offset + size] and read.done()
+            with pytest.raises(ArtifactError, match="shorter than the manifest says"):
+                SlotRead(pool.buffer(0, 0), path, 10000, 12000, pool, True, inline).wait()
+            with pytest.raises(FileNotFoundError, match="gone.onnx"):
+                SlotRead(pool.buffer(0, 0), tmp_path / "gone.onnx", 0, 100, pool, True, inline).wait()
+        pool.buffer(0, 0)[:16] = bytes(16)
+        given_up = SlotRead(pool.buffer(0, 0), path, 0, 20000, pool, urgent=True, inline=True)
+        assert given_up.cancel() and bytes(pool.buffer(0, 0)[:16]) == bytes(16)  # never made: nothing written
+        with pytest.raises(OSError) as cancelled:
+            given_up.wait()
+        assert cancelled.value.errno == errno.ECANCELED
         with pytest.raises(FileNotFoundError, match="gone.onnx"):  # the same through the Python read
             pool.read_into(0, 0, tmp_path / "gone.onnx", 0, 100)
         assert pool.direct == hasattr(os, "O_DIRECT")  # a missing file is not the file system refusing O_DIRECT

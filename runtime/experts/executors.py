@@ -117,10 +117,15 @@ class ExpertRunner:
                 groups.setdefault(w.expert.precision, []).append(w)
         for precision, batch in groups.items():
             layout, vector = self.layout(layer, precision)
-            starts = np.fromiter(itertools.accumulate((len(w.rows) for w in batch), initial=0), np.int32,
-                                 len(batch) + 1)
-            rows = np.concatenate([w.rows for w in batch]).astype(np.int32, copy=False)
-            dest = np.concatenate([w.dest for w in batch]).astype(np.int32, copy=False)
+            if len(x) == 1 and all(len(w.dest) == 1 for w in batch):  # decode: each expert once, on the one token
+                starts = np.arange(len(batch) + 1, dtype=np.int32)
+                rows = np.zeros(len(batch), np.int32)
+                dest = np.array([w.dest[0] for w in batch], np.int32)
+            else:
+                starts = np.fromiter(itertools.accumulate((len(w.rows) for w in batch), initial=0), np.int32,
+                                     len(batch) + 1)
+                rows = np.concatenate([w.rows for w in batch]).astype(np.int32, copy=False)
+                dest = np.concatenate([w.dest for w in batch]).astype(np.int32, copy=False)
             native.run_experts(layout, vector, [w.expert.data for w in batch], x, starts, rows, dest, y, self.threads)
 
 

@@ -22,7 +22,7 @@ from .pool import SlotRead
 # a 9 MB expert takes about 5 ms to hash, which the loop would otherwise spend before running it
 # (checking every first read on the loop doubled a 25% run's prefill at qwen shapes). Smaller ones
 # are hashed where they are waited for: handing them over costs more than hashing them.
-HASH_AHEAD_BYTES = 1 << 20
+HASH_AHEAD_BYTES = 1 << 20  # above pool.INLINE_READ_BYTES: a read hashed ahead is never made by its hasher
 
 
 class ExpertLoader:
@@ -41,14 +41,16 @@ class ExpertLoader:
         self._hashers: ThreadPoolExecutor | None = None  # started with the first file hashed ahead
 
     def start(self, layer: int, expert: int, precision: str, buffer: memoryview, direct,
-              urgent: bool = False, then: Callable[[LoadedExpert], object] | None = None) -> Load:
+              urgent: bool = False, then: Callable[[LoadedExpert], object] | None = None,
+              inline: bool = False) -> Load:
         """The expert's read begun (on native I/O threads where the extension has them; `urgent`:
-        ahead of those queued); its `result()` finishes what `load` does, falling back the same
-        way on a failure, and gives `then(loaded)` where `then` is given."""
+        ahead of those queued; `inline`: a small one made when its result is asked for, SlotRead); its
+        `result()` finishes what `load` does, falling back the same way on a failure, and gives
+        `then(loaded)` where `then` is given."""
         path = self.artifact.manifest.layers[layer].experts[precision][expert]
         args = (layer, expert, precision, buffer, direct)
         try:
-            read = self._begin(path, buffer, direct, precision, urgent)
+            read = self._begin(path, buffer, direct, precision, urgent, inline)
         except (ArtifactError, OSError):  # load() meets it again and falls back, or says so
             return Load(self, args, None, None, then)
         return Load(self, args, read, self._hash_ahead(path, read), then)
@@ -85,11 +87,12 @@ class ExpertLoader:
             return loaded
         raise first_error
 
-    def _begin(self, path: str, buffer: memoryview, direct, precision: str, urgent: bool = False) -> SlotRead:
+    def _begin(self, path: str, buffer: memoryview, direct, precision: str, urgent: bool = False,
+               inline: bool = False) -> SlotRead:
         member = self._member(path)
         if member.size + member.offset % 4096 > len(buffer):
             raise ArtifactError(f"{member.label} does not fit the slot planned for {precision}")
-        return SlotRead(buffer, member.file, member.offset, member.size, direct, urgent)
+        return SlotRead(buffer, member.file, member.offset, member.size, direct, urgent, inline)
 
     def _as_artifact_error(self, path: str, error: Exception) -> ArtifactError:
         if isinstance(error, ArtifactError):

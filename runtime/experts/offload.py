@@ -474,8 +474,9 @@ class _Reads:
                 store.pool.release(layer, slot)
             return loaded, loaded.nbytes
 
+        # a decode miss is read by the loop itself as it waits, where small (pool.INLINE_READ_BYTES)
         return store.loader.start(layer, expert, store.plans[layer].precision, store.pool.buffer(layer, slot),
-                                  store.pool, urgent, then=arrived)
+                                  store.pool, urgent, then=arrived, inline=urgent and store._phase == "decode")
 
     def load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
         return self.start(layer, expert, slot).result()

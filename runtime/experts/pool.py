@@ -153,19 +153,35 @@ def scratch_buffer(file_bytes: int) -> memoryview:
     return memoryview(private_memory(slot_size(file_bytes)))
 
 
+# A read asked to be made inline (a decode miss) and of at most this many bytes is made by the thread that
+# waits for it, when it waits, not handed to an I/O thread: a 32 KB expert read with O_DIRECT takes 58-60 us
+# inline against 67-80 us handed over and waited for (the hand-off wakes two threads), and two of them 114-117
+# us one after the other inline against 113-118 us in parallel (`python examples/slot_read_bench.py ART
+# --handoff`); tiny-moe decodes 1.02-1.10x faster. A large read, and prefill's (many misses a layer, each
+# batch computed as it arrives), are handed over, so that they overlap the experts that run meanwhile: inline,
+# tiny-moe's prefill ran at 0.76-0.78x.
+INLINE_READ_BYTES = 256 << 10
+
+
 class SlotRead:
     """A read into a slot that may still be under way: `done()` never blocks; `wait()` gives the
     view of exactly the file's bytes. Native reads (runtime/native/reads.c) run on I/O threads and
-    are waited for without Python's lock; elsewhere the read is done when it is started."""
+    are waited for without Python's lock; a small one asked inline is made by `wait()` itself (INLINE_READ_BYTES);
+    without the extension the read is done when it is started."""
 
     def __init__(self, buffer: memoryview, path, offset: int, size: int, pool: SlotPool | None,
-                 urgent: bool = False):
+                 urgent: bool = False, inline: bool = False):
         """`pool`: the slots' pool, whose O_DIRECT state the read follows (None: a buffered read);
-        `urgent`: a read the generation loop is stalled on, queued before the others."""
+        `urgent`: a read the generation loop is stalled on, queued before the others; `inline`: made by
+        `wait()` itself where it is small (INLINE_READ_BYTES)."""
         self._args = (buffer, path, size, pool)
         self._view: memoryview | None = None
         self._native = None
+        # (offset,) of a read `wait()` makes itself; False once given up
+        self._inline: tuple[int] | bool | None = (offset,) if inline and size <= INLINE_READ_BYTES else None
         start, self._shift, length = aligned_span(buffer, path, offset, size)
+        if self._inline is not None:
+            return
         if native_reads():
             direct = pool is not None and pool.direct
             self._native = KERNEL.Read(os.fspath(path), start, length, buffer, direct, urgent)
@@ -173,13 +189,21 @@ class SlotRead:
             self._view = read_aligned(buffer, path, offset, size, pool)
 
     def done(self) -> bool:
-        return self._view is not None or self._native.done()
+        return self._view is not None or (self._native is not None and self._native.done())
 
     def cancel(self) -> bool:
         """Take the read back if no I/O thread has begun it (the buffer is then free again)."""
-        return self._view is None and self._native.cancel()
+        if self._view is None and self._inline is not None:
+            self._inline = False  # given up: never made
+            return True
+        return self._view is None and self._native is not None and self._native.cancel()
 
     def wait(self) -> memoryview:
+        if self._inline is False:
+            raise OSError(errno.ECANCELED, "the read was given up", os.fspath(self._args[1]))
+        if self._view is None and self._inline is not None:
+            buffer, path, size, pool = self._args
+            self._view = read_aligned(buffer, path, self._inline[0], size, pool)
         if self._view is None:
             buffer, path, size, pool = self._args
             try:

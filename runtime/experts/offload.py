@@ -30,7 +30,7 @@ from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .gates import PrefetchGate
 from .loads import ExpertLoader, Load
 from .plan import POOLS, LayerPlan, plan_run
-from .pool import SlotPool, native_reads, scratch_buffer
+from .pool import INLINE_READ_BYTES, SlotPool, native_reads, scratch_buffer
 from .predictors import eap_scores, top_experts
 from .report import LayerReport, OffloadReport, PhaseReport
 from .residency import CacheCounters, ExpertCache
@@ -351,7 +351,13 @@ class OffloadedExperts(ExpertStore):
                     phase.waits += 1
 
             refill()
-            self._run(layer, hits, todo, x, y)
+            # small experts in decode, every miss begun here: their reads are made as they are waited for
+            # (pool.INLINE_READ_BYTES), so nothing overlaps them; they run with the hits in one call
+            gather = (reads_itself and self._phase == "decode" and not misses
+                      and self.plans[layer].slot_bytes <= INLINE_READ_BYTES
+                      and not any(isinstance(load, Future) for load in running))
+            if not gather:
+                self._run(layer, hits, todo, x, y)
             while running:
                 start = time.perf_counter()
                 first = next(iter(running))
@@ -362,8 +368,13 @@ class OffloadedExperts(ExpertStore):
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 phase.cache.stall_s += time.perf_counter() - start
                 arrived = {running.pop(load): load.result() for load in done}  # re-raises a failed load
+                if gather:
+                    hits.update(arrived)
+                    continue
                 refill()
                 self._run(layer, arrived, todo, x, y)
+            if gather:
+                self._run(layer, hits, todo, x, y)
             for expert, future in low.items():
                 start = time.perf_counter()
                 loaded = future.result()

@@ -10,11 +10,11 @@ A prefetch read pays when the wait it saves is more than the loop's own work it 
   generation thread waits per load it waits for (a miss, or a prefetch not yet in), and its own time per load
   (bookkeeping, eviction, starting and finishing reads), both averaged over the recent decode tokens of every
   layer. Where experts are small, a read is short against the loop's work around it, and a wrong read costs
-  more than a right one saves: tiny-moe's 32 KB experts wait 85-115 us a read against 60-130 us of loop a
-  load, where Qwen-MoE-like 4.6 MB experts wait about 1.4 ms against 0.1-0.15 ms (BENCHMARKS.md). The margin
-  stands for what the sum leaves out (the expert a wrong read evicts, read again later; the reads' own CPU
-  beside the kernel's threads), measured: at right-share x wait / loop of 1.0-1.5, tiny-moe's reads ahead
-  lost 3-20% against loading on demand; at 8-14, Qwen-MoE-like shapes gain 16-19%.
+  more than a right one saves: tiny-moe's 32 KB experts wait 85-115 us a read against 35-130 us of loop a
+  load, where Qwen-MoE-like 4.6 MB experts wait about 1.4 ms against 0.1-0.15 ms (BENCHMARKS.md 6b). The
+  margin stands for what the sum leaves out (the expert a wrong read evicts, read again later; the reads' own
+  CPU beside the kernel's threads), measured: at right-share x wait / loop of 1.0-1.5, tiny-moe's reads
+  ahead lost 3-20% against loading on demand; at about 10, Qwen-MoE-like shapes gain 16-24%.
 
 Predictions are still scored while a layer does not prefetch, and the costs still measured (from its misses),
 so it starts again when they pay. The gate reads no clock: the store hands it outcomes and times, so that

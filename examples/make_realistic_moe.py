@@ -50,8 +50,13 @@ def main() -> None:
                     help="multiply the embedding by this (1: transformers' init; 100: trained-like similarity)")
     ap.add_argument("--family", choices=("qwen2_moe", "qwen3_5_moe_text", "nemotron_h"), default="qwen2_moe")
     ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 60 / 64 / 32)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="build the weights in bfloat16 directly, not float32 first (half the memory: a 12-layer "
+                         "qwen2_moe model needs 26 GB the default way; other random weights than the default's)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    if args.low_memory:
+        torch.set_default_dtype(torch.bfloat16)
     if args.family == "qwen2_moe":
         config = Qwen2MoeConfig(
             vocab_size=2048, hidden_size=2048, num_hidden_layers=args.layers, num_attention_heads=16,

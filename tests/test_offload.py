@@ -240,6 +240,25 @@ def test_broken_expert_without_alternative_is_named(calibrated, tmp_path, how, m
             model.close()
 
 
+def test_a_corrupt_expert_found_in_decode_is_named_and_leaves_nothing_pinned(calibrated, tmp_path):
+    """A decode miss whose file fails its check raises, naming the file, and the experts the layer held for
+    its one run (small experts: hits and misses run together) are given back to eviction."""
+    art = tmp_path / "art"
+    shutil.copytree(calibrated, art)
+    only_int4(art)
+    path = damage(art, 1, 3, "int4", "corrupt")
+    model = FateModel.load(art, EngineOptions(executor="native" if native_reads() else "auto", offload=OffloadOptions(
+        parse_budget("20%"), prefetch="none", low_bit_prefill="off")))
+    try:
+        with pytest.raises(ArtifactError, match=Path(path).name):
+            for token in range(0, 2000, 7):  # one-token prompts: the layer's misses come in decode
+                generate(model, [token], 12, SamplingConfig(), eos_ids=set())
+        assert model.experts._phase == "decode"
+        assert not model.experts.cache._pins
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_all_resident_load_names_a_corrupt_expert_and_leaves_no_read_behind(calibrated, tmp_path, monkeypatch, ahead):
     """Every expert read at start, several ahead of the one being checked: a corrupt one (no other

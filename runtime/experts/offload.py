@@ -317,7 +317,8 @@ class OffloadedExperts(ExpertStore):
         """Resident experts run at once, in one call, while the misses load `threads` at a time: read
         on the native I/O threads and waited for here without Python's lock where the experts run
         natively, else in helper threads. Each batch that arrives runs as soon as it is in (pinned
-        until then)."""
+        until then); small experts in decode, read as they are waited for, run with the hits once all are
+        in. Whatever fails, nothing stays pinned."""
         y = np.empty((ids.size, x.shape[1]), np.float32)
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
@@ -332,9 +333,10 @@ class OffloadedExperts(ExpertStore):
         if reads_itself:  # prefetches this token does not need and no thread has begun reading: dropped
             self.cache.retire(layer, todo)
         self.cache.harvest()
+        held: dict = {}  # pinned and not yet run: given back to eviction whatever happens
         try:
-            hits = self.cache.take_resident(layer, pending)
-            misses = [e for e in pending if e not in hits]
+            held = self.cache.take_resident(layer, pending)
+            misses = [e for e in pending if e not in held]
             window = max(1, min(self.options.threads, self.plans[layer].slots))
 
             def refill() -> None:
@@ -350,6 +352,11 @@ class OffloadedExperts(ExpertStore):
                     running[load] = misses.pop(0)
                     phase.waits += 1
 
+            def run_held() -> None:
+                nonlocal held
+                ready, held = held, {}
+                self._run(layer, ready, todo, x, y)
+
             refill()
             # small experts in decode, every miss begun here: their reads are made as they are waited for
             # (pool.INLINE_READ_BYTES), so nothing overlaps them; they run with the hits in one call
@@ -357,7 +364,7 @@ class OffloadedExperts(ExpertStore):
                       and self.plans[layer].slot_bytes <= INLINE_READ_BYTES
                       and not any(isinstance(load, Future) for load in running))
             if not gather:
-                self._run(layer, hits, todo, x, y)
+                run_held()
             while running:
                 start = time.perf_counter()
                 first = next(iter(running))
@@ -367,14 +374,13 @@ class OffloadedExperts(ExpertStore):
                 else:
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 phase.cache.stall_s += time.perf_counter() - start
-                arrived = {running.pop(load): load.result() for load in done}  # re-raises a failed load
-                if gather:
-                    hits.update(arrived)
-                    continue
-                refill()
-                self._run(layer, arrived, todo, x, y)
-            if gather:
-                self._run(layer, hits, todo, x, y)
+                for load in done:
+                    held[running[load]] = load.result()  # re-raises a failed load (left in running)
+                    del running[load]
+                if not gather:
+                    refill()
+                    run_held()
+            run_held()
             for expert, future in low.items():
                 start = time.perf_counter()
                 loaded = future.result()
@@ -385,11 +391,14 @@ class OffloadedExperts(ExpertStore):
                 self.runner.run(layer, [Work(loaded, *todo[expert])], x, y)
                 phase.run_s += time.perf_counter() - start
         finally:
-            for load in running:  # a failure above left loads begun: settle them (their slots come back)
+            for load, expert in running.items():  # a failure above left loads begun: settle them, unpinned
                 try:
                     load.result()
                 except BaseException:  # noqa: BLE001 - the first failure is the one being raised
-                    pass
+                    continue
+                held[expert] = None
+            if held:
+                self.cache.unpin(layer, held)
             self._routed(layer, set(todo))
         return y
 

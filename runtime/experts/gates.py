@@ -16,14 +16,14 @@ A prefetch read pays when the wait it saves is more than the loop's own work it 
   CPU beside the kernel's threads), measured: at right-share x wait / loop of 1.0-1.5, tiny-moe's reads
   ahead lost 3-20% against loading on demand; at about 10, Qwen-MoE-like shapes gain 16-24%.
 
-Predictions are still scored while a layer does not prefetch, and the costs still measured (from its misses),
-so it starts again when they pay. The gate reads no clock: the store hands it outcomes and times, so that
-tests drive it with made-up ones.
+A layer whose share keeps it from reading ahead still has its predictions scored, so it starts again when they
+pay. While no read ahead could pay at all (the waits short against the loop's work), none is even predicted;
+the waits are still measured from the misses, so reading ahead starts again if they grow (another disk, a
+busier one). The gate reads no clock: the store hands it outcomes and times, so that tests drive it with
+made-up ones.
 """
 
 from __future__ import annotations
-
-from typing import Hashable
 
 RECALL_GATE = 0.5
 RECALL_MEMORY = 0.2  # the weight of each new token in a layer's exponential average
@@ -36,13 +36,13 @@ class PrefetchGate:
     """Per layer: whether its decode prediction is read ahead (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self._paying: dict[Hashable, float] = {}  # layer -> recent share of its reads the router chose
+        self._paying: dict[int, float] = {}  # layer -> recent share of its reads the router chose
         # decayed sums over decode tokens: seconds waited and loads waited for; the loop's own seconds and its
         # loads, over the tokens that read ahead (their loop works more a load: the predictions, their reads),
         # so that loading on demand, cheaper, does not make reading ahead look cheaper than it is
         self._waited = self._waits = self._loop = self._loads = 0.0
 
-    def open(self, layer: Hashable) -> bool:
+    def open(self, layer: int) -> bool:
         share = self._paying.get(layer, 1.0)
         return share >= RECALL_GATE and self.worth_reading(share)
 
@@ -53,7 +53,7 @@ class PrefetchGate:
             return True
         return share * (self._waited / self._waits) >= COST_MARGIN * (self._loop / self._loads)
 
-    def score(self, layer: Hashable, read: set[int], chosen: set[int]) -> None:
+    def score(self, layer: int, read: set[int], chosen: set[int]) -> None:
         """`read`: the prediction's experts that were not resident when predicted; `chosen`: the router's."""
         if read:
             used = len(read & chosen) / len(read)

@@ -238,7 +238,8 @@ class FateModel:
         cos, sin = self.positions.upto(cache.length + ids.size) if self.steps else (None, None)
         for spec in self.manifest.layers:
             step = self.steps.get(spec.index)
-            if step is not None and ids.size == 1:
+            stepped = step is not None and ids.size == 1  # a decode step: its residual can take the experts
+            if stepped:
                 out, ran_experts = step.run(hidden, cache, cos, sin)
             elif step is not None:
                 out, ran_experts = step.prefill(hidden, cache, cos, sin), False
@@ -250,8 +251,9 @@ class FateModel:
                                   out[IO.EXPERT_IDS], self.experts.predicted(spec.index))
             routed = self.experts.after_layer(spec.index, LayerOutputs(
                 experts_input(out, spec) if moe else None, out[IO.EXPERT_IDS] if moe else None,
-                {name: out[name] for name in PREDICTION_OUTPUTS} if spec.predicts_next else {}, ran_experts))
-            if routed is not None:
+                {name: out[name] for name in PREDICTION_OUTPUTS} if spec.predicts_next else {}, ran_experts,
+                out[IO.RESIDUAL] if stepped else None, out[IO.EXPERT_WEIGHTS] if stepped else None))
+            if routed is not None:  # else none, or the store added them to the step's residual
                 hidden = self.combine(spec.index, out, routed)
         cache.length += ids.size
         self._steps_run += 1

@@ -62,6 +62,42 @@ def test_router_decides_same_tokens_whatever_budget_cache_or_prefetch(calibrated
                 assert tokens(calibrated, options) == reference, (budget, prefetch, cache, allocation, pool)
 
 
+@pytest.mark.skipif(not native_reads(), reason="the native extension is not built")
+def test_a_decode_steps_misses_join_its_residual_in_the_kernel_with_the_resident_bits(calibrated, monkeypatch):
+    """Small experts a native decode step did not have: once read, the kernel adds them to the step's residual
+    (native.add_routed), and the tokens are all-resident's. The kernel's entry refuses what does not fit and
+    leaves the residual untouched where a chosen expert is not in the pool."""
+    from fate.runtime import native
+
+    calls = []
+    add = native.add_routed
+
+    def counted(*args):
+        calls.append(add(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(native, "add_routed", counted)
+    reference = tokens(calibrated, None, 32)
+    model = FateModel.load(calibrated, EngineOptions(executor="native", offload=OffloadOptions(
+        parse_budget("20%"), prefetch="none", low_bit_prefill="off")))
+    try:
+        assert generate(model, PROMPT, 32, SamplingConfig(), eos_ids=set()).token_ids == reference
+        assert calls and all(calls)
+        layer = model.manifest.moe_layers[0].index
+        routed = model.experts.native_layer(layer)
+        h, k = model.spec.hidden_size, model.manifest.layers[layer].routing.top_k
+        x, residual = np.ones(h, np.float32), np.full(h, 2.0, np.float32)
+        absent = int(np.flatnonzero(routed.where < 0)[0])
+        ids, weights = np.full(k, absent, np.int64), np.full(k, 0.5, np.float32)
+        assert add(routed, ids, weights, x, residual, 1) is False and (residual == 2.0).all()
+        with pytest.raises(IndexError):
+            add(routed, np.full(k, len(routed.where), np.int64), weights, x, residual, 1)
+        with pytest.raises(ValueError):
+            add(routed, ids, weights, x, residual[:-1], 1)
+    finally:
+        model.close()
+
+
 def test_int2_prefill_is_used_only_for_prefill(calibrated, tmp_path):
     import dataclasses
 

@@ -25,6 +25,7 @@ from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import Profile, profile_from_bytes
 
+from .. import native
 from .eviction import DEFAULT_POLICY
 from .executors import ExpertRunner, LoadedExpert, Work, assignments
 from .gates import PrefetchGate
@@ -143,6 +144,7 @@ class OffloadedExperts(ExpertStore):
         self._predicted: dict[int, set[int]] = {}
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
         self._gate = PrefetchGate()
+        self._routed_views: dict[int, RoutedExperts] = {}  # native_layer's, for _add_to_residual
         self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
         self._read_ahead = False  # whether this decode token made a prediction (PrefetchGate.token)
         self._step = 0
@@ -313,12 +315,13 @@ class OffloadedExperts(ExpertStore):
         size = self.artifact.entry(self.artifact.manifest.layers[plan.index].experts[plan.low_precision][expert]).size
         return self.loader.load(plan.index, expert, plan.low_precision, scratch_buffer(size), None)
 
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray | None:
         """Resident experts run at once, in one call, while the misses load `threads` at a time: read
         on the native I/O threads and waited for here without Python's lock where the experts run
         natively, else in helper threads. Each batch that arrives runs as soon as it is in (pinned
         until then); small experts in decode, read as they are waited for, run with the hits once all are
-        in. Whatever fails, nothing stays pinned."""
+        in, added to a native step's residual by the kernel where it gave one (`step`: then None). Whatever
+        fails, nothing stays pinned."""
         y = np.empty((ids.size, x.shape[1]), np.float32)
         todo = assignments(ids)
         self.stats.count(layer, len(todo))
@@ -380,6 +383,10 @@ class OffloadedExperts(ExpertStore):
                 if not gather:
                     refill()
                     run_held()
+            if gather and step is not None and self._add_to_residual(layer, x, step):
+                self.cache.unpin(layer, held)
+                held = {}
+                return None
             run_held()
             for expert, future in low.items():
                 start = time.perf_counter()
@@ -401,6 +408,20 @@ class OffloadedExperts(ExpertStore):
                 self.cache.unpin(layer, held)
             self._routed(layer, set(todo))
         return y
+
+    def _add_to_residual(self, layer: int, x: np.ndarray, step: LayerOutputs) -> bool:
+        """The layer's chosen experts, every one pinned in its slot, run by the kernel and added to the step's
+        residual in the router's order (the bits the step would have had with them resident); False where one
+        is not in the slots at the step's precision (a fallback copy): the executor then runs them."""
+        routed = self._routed_views.get(layer)
+        if routed is None:
+            routed = self._routed_views[layer] = self.native_layer(layer)
+        start = time.perf_counter()
+        try:
+            return native.add_routed(routed, step.ids.reshape(-1), step.weights.reshape(-1), x.reshape(-1),
+                                     step.residual.reshape(-1), self.runner.threads)
+        finally:
+            self.phases[self._phase].run_s += time.perf_counter() - start
 
     def _run(self, layer: int, experts: dict[int, LoadedExpert], todo, x: np.ndarray, y: np.ndarray) -> None:
         """Run pinned experts in one executor call, then release them to eviction."""

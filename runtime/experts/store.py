@@ -75,6 +75,11 @@ class LayerOutputs:
     ids: np.ndarray | None = None  # [S, k], the router's choice in its order
     next_scores: dict[str, np.ndarray] = field(default_factory=dict)  # by graph output name, [S, E']
     experts_ran: bool = False  # the native step ran every chosen expert itself
+    # a native decode step's output [1, 1, H] and the router's weights [1, k]: where the step could not run the
+    # experts (some were not resident), the store may add them to this residual itself once they are (and
+    # then hands back nothing to combine)
+    residual: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
 
 class ExpertStore(ABC):
@@ -87,7 +92,7 @@ class ExpertStore(ABC):
         """The one hand-off per layer, in the order the store relies on: the layer's routing observed
         (its experts kept from prefetches until they have run), the next layer's prefetch requested,
         then the routed experts computed: y [S * k, H] (see compute), or None where there are none to
-        compute (not an MoE layer, or the step ran them)."""
+        compute (not an MoE layer, or the step ran them) or the store added them to the step's residual."""
         if out.ids is not None:
             self.observe(layer, out.ids)
             if out.experts_ran:
@@ -96,12 +101,14 @@ class ExpertStore(ABC):
             self.hint(layer + 1, out.next_scores)
         if out.ids is None or out.experts_ran:
             return None
-        return self.compute(layer, np.ascontiguousarray(out.router_input, dtype=np.float32), out.ids)
+        return self.compute(layer, np.ascontiguousarray(out.router_input, dtype=np.float32), out.ids,
+                            out if out.residual is not None else None)
 
     @abstractmethod
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray | None:
         """Every routed expert of `layer` on its tokens: x [S, H] and the router's ids [S, k] ->
-        y [S * k, H], row t * k + j being expert ids[t, j] applied to x[t]."""
+        y [S * k, H], row t * k + j being expert ids[t, j] applied to x[t]; or None where it added them
+        to `step`'s residual itself (a native decode step's output, LayerOutputs.residual)."""
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         """A forward pass over `num_tokens` new tokens starts, in prefill or decode."""
@@ -229,7 +236,7 @@ class ResidentExperts(ExpertStore):
                             for expert in range(count)], np.int64)
         return RoutedExperts.of(self.runner, self.pool, layer, precision, where)
 
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)
         work = [Work(self.experts[(layer, e)], rows, dest) for e, (rows, dest) in assignments(ids).items()]
         self.stats.count(layer, len(work))

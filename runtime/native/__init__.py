@@ -49,3 +49,10 @@ def run_experts(layout: ExpertLayout, vector: np.ndarray, buffers: list, x: np.n
     in buffers[e]; one native call (GIL released) for all of them."""
     KERNEL.run_experts(vector, buffers, x, starts, rows, dest, y, threads,
                        layout.swiglu_limit or 0.0, layout.swiglu_alpha or 0.0)
+
+
+def add_routed(routed, ids: np.ndarray, weights: np.ndarray, x: np.ndarray, residual: np.ndarray, threads: int) -> bool:
+    """One token's routed experts, resident in `routed` (runtime.experts.store.RoutedExperts), run on x [H]
+    and added to residual [H] in the router's order as the decode step adds them (the same bits): True, or
+    False, the residual untouched, where a chosen expert is not in the pool."""
+    return KERNEL.add_routed(tuple(routed), ids, weights, x, residual, threads)

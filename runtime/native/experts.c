@@ -174,6 +174,37 @@ static void release_step_call(step_call *c) {
     release(NULL, 0, NULL, NULL, views, sizeof views / sizeof *views);
 }
 
+/* A layer's routed experts as run_step and add_routed take them, (layout, limit, alpha, pool, where): the
+ * layout parsed into `l`, and `bases` (allocated: count + 1) by expert id, the expert's bytes in the pool or
+ * NULL where where[e] is -1. Checked: the layout's hidden size, where's length, each offset inside the pool.
+ * where[] is read once, here: the kernel uses these bases whatever the caller's table says meanwhile. */
+static int take_routed(PyObject *routed_obj, int64_t hidden, int64_t count, const char *who, Py_buffer *lv,
+                       Py_buffer *pv, Py_buffer *ov, fate_layout *l, const uint8_t ***bases) {
+    PyObject *layout_obj, *pool_obj, *where_obj;
+    double limit, alpha;
+    if (!PyArg_ParseTuple(routed_obj, "OddOO", &layout_obj, &limit, &alpha, &pool_obj, &where_obj) ||
+        get_buffer(layout_obj, lv, 0, "layout") || parse_layout(lv, limit, alpha, l) ||
+        get_buffer(pool_obj, pv, 0, "pool") || get_buffer(where_obj, ov, 0, "where"))
+        return -1;
+    int64_t need = fate_layout_bytes(l);
+    if (need < 0 || l->hidden != hidden || ov->len != count * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: the routed experts do not fit the step", who);
+        return -1;
+    }
+    *bases = calloc((size_t)count + 1, sizeof(uint8_t *));
+    if (!*bases) { PyErr_NoMemory(); return -1; }
+    const int64_t *where = ov->buf;
+    for (int64_t e = 0; e < count; e++) {
+        int64_t at = where[e];
+        if (at < -1 || (at >= 0 && (at > pv->len || need > pv->len - at))) {
+            PyErr_Format(PyExc_ValueError, "%s: expert %lld lies outside its pool", who, (long long)e);
+            return -1;
+        }
+        (*bases)[e] = at >= 0 ? (const uint8_t *)pv->buf + at : NULL;
+    }
+    return 0;
+}
+
 static const char step_doc[] =
     "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
     "         next_logits, next_logits_norm, threads, routed)\n"
@@ -199,10 +230,9 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     step_call c;
     memset(&c, 0, sizeof c);
     Py_buffer lv = {0}, pv = {0}, ov = {0};
-    PyObject *result = NULL, *layout_obj = NULL, *pool_obj = NULL, *where_obj = NULL;
+    PyObject *result = NULL;
     const uint8_t **bases = NULL;
     fate_layout routed;
-    double limit = 0.0, alpha = 0.0;
     if (take_step_call(o, f, &c)) goto done;
     const int64_t *v = c.s.v;
     int64_t h = v[S_HIDDEN], per_position = v[S_KV_HEADS] * v[S_HEAD_DIM] * 4;
@@ -217,29 +247,8 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
     }
     int64_t capacity = c.key.len / per_position;
     if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
-    if (routed_obj != Py_None) { /* the layer's experts: where each one's bytes lie in one pool, if there */
-        if (!PyArg_ParseTuple(routed_obj, "OddOO", &layout_obj, &limit, &alpha, &pool_obj, &where_obj) ||
-            get_buffer(layout_obj, &lv, 0, "layout") || parse_layout(&lv, limit, alpha, &routed) ||
-            get_buffer(pool_obj, &pv, 0, "pool") || get_buffer(where_obj, &ov, 0, "where"))
-            goto done;
-        int64_t need = fate_layout_bytes(&routed), count = v[S_EXPERTS];
-        if (need < 0 || routed.hidden != h || ov.len != count * 8) {
-            PyErr_SetString(PyExc_ValueError, "run_step: the routed experts do not fit the step");
-            goto done;
-        }
-        bases = calloc((size_t)count + 1, sizeof(uint8_t *));
-        if (!bases) { PyErr_NoMemory(); goto done; }
-        /* read once, here: the kernel uses these bases, whatever the caller's table says meanwhile */
-        const int64_t *where = ov.buf;
-        for (int64_t e = 0; e < count; e++) {
-            int64_t at = where[e];
-            if (at < -1 || (at >= 0 && (at > pv.len || need > pv.len - at))) {
-                PyErr_Format(PyExc_ValueError, "run_step: expert %lld lies outside its pool", (long long)e);
-                goto done;
-            }
-            bases[e] = at >= 0 ? (const uint8_t *)pv.buf + at : NULL;
-        }
-    }
+    if (routed_obj != Py_None && take_routed(routed_obj, h, v[S_EXPERTS], "run_step", &lv, &pv, &ov, &routed, &bases))
+        goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = fate_run_step(&c.s, c.graph.buf, c.x.buf, c.key.buf, c.value.buf, capacity, pos, c.cos.buf, c.sin.buf,
@@ -252,6 +261,56 @@ done:;
     Py_buffer *views[] = {&lv, &pv, &ov};
     release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
     release_step_call(&c);
+    return result;
+}
+
+static const char add_routed_doc[] =
+    "add_routed(routed, ids, weights, router_input, residual, threads)\n"
+    "The routed experts of one token added to its residual in the router's order, as run_step adds them (the\n"
+    "same bits; kernel.h: fate_add_routed): routed is run_step's (layout, limit, alpha, pool, where); ids int64\n"
+    "and weights float32 [top_k]; router_input and residual float32 [H], residual written. True when it added\n"
+    "them; False, the residual untouched, when a chosen expert is not in the pool. Every size and index is\n"
+    "checked first.";
+
+static PyObject *add_routed(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *routed_obj, *ids_obj, *weights_obj, *x_obj, *residual_obj;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &routed_obj, &ids_obj, &weights_obj, &x_obj, &residual_obj, &threads))
+        return NULL;
+    Py_buffer lv = {0}, pv = {0}, ov = {0}, iv = {0}, wv = {0}, xv = {0}, rv = {0};
+    const uint8_t **bases = NULL;
+    fate_layout routed;
+    PyObject *result = NULL;
+    if (get_buffer(ids_obj, &iv, 0, "ids") || get_buffer(weights_obj, &wv, 0, "weights") ||
+        get_buffer(x_obj, &xv, 0, "router_input") || get_buffer(residual_obj, &rv, 1, "residual"))
+        goto done;
+    int64_t top_k = iv.len / 8, h = xv.len / 4;
+    if (top_k <= 0 || iv.len != top_k * 8 || wv.len != top_k * 4 || h <= 0 || xv.len != h * 4 || rv.len != xv.len) {
+        PyErr_SetString(PyExc_ValueError, "add_routed: an array has the wrong size");
+        goto done;
+    }
+    PyObject *where_obj = PyTuple_Check(routed_obj) && PyTuple_GET_SIZE(routed_obj) == 5 ? PyTuple_GET_ITEM(routed_obj, 4)
+                                                                                            : NULL;
+    Py_ssize_t where_len = where_obj ? PyObject_Length(where_obj) : -1;
+    if (where_len < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "add_routed: routed must be (layout, limit, alpha, pool, where)");
+        goto done;
+    }
+    if (take_routed(routed_obj, h, where_len, "add_routed", &lv, &pv, &ov, &routed, &bases)) goto done;
+    const int64_t *ids = iv.buf;
+    for (int64_t j = 0; j < top_k; j++)
+        if (ids[j] < 0 || ids[j] >= where_len) { PyErr_SetString(PyExc_IndexError, "add_routed: an id is out of range"); goto done; }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fate_add_routed(&routed, bases, ids, wv.buf, top_k, xv.buf, rv.buf, threads);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) { PyErr_NoMemory(); goto done; }
+    result = PyBool_FromLong(rc == 0);
+done:;
+    Py_buffer *views[] = {&lv, &pv, &ov, &iv, &wv, &xv, &rv};
+    release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
     return result;
 }
 
@@ -468,6 +527,7 @@ static PyTypeObject ReadType = {
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"run_step", run_step, METH_VARARGS, step_doc},
+    {"add_routed", add_routed, METH_VARARGS, add_routed_doc},
     {"run_prefill", run_prefill, METH_VARARGS, prefill_doc},
     {"run_head", run_head, METH_VARARGS, head_doc},
     {"kernel", kernel_name, METH_NOARGS, "The kernel in use: avx512-vnni, avx-vnni, avx2, neon or portable."},

@@ -1053,7 +1053,7 @@ static int add_routed(const fate_layout *routed, const uint8_t *const *experts, 
     int64_t h = routed->hidden;
     for (int64_t j = 0; j < top_k; j++)
         if (!experts[ids[j]]) return 1;
-    const uint8_t **chosen = malloc((size_t)top_k * sizeof *chosen);
+    const uint8_t **chosen = calloc((size_t)top_k, sizeof *chosen);
     int32_t *index = malloc((size_t)(3 * top_k + 1) * sizeof *index);
     float *y = malloc((size_t)(top_k * h) * sizeof *y);
     int rc = -1;
@@ -1118,6 +1118,14 @@ static void route_sigmoid(const float *logits, const uint8_t *bias, int64_t expe
 static void choice_scores(float *logits, int64_t count, int sigmoid_routing, const uint8_t *bias) {
     for (int64_t e = 0; sigmoid_routing && e < count; e++)
         logits[e] = bias ? sigmoid(logits[e]) + load_f32(bias, e) : sigmoid(logits[e]);
+}
+
+int fate_add_routed(const fate_layout *routed, const uint8_t *const *experts, const int64_t *ids, const float *weights,
+                    int64_t top_k, const float *x, float *residual, int threads) {
+    pthread_mutex_lock(&call_lock);
+    int rc = add_routed(routed, experts, ids, weights, top_k, x, residual, threads);
+    pthread_mutex_unlock(&call_lock);
+    return rc;
 }
 
 int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,

@@ -80,6 +80,13 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
                   const uint8_t *const *experts, int threads);
 
+/* The routed experts of one token added to `residual` [hidden] in the router's order, as fate_run_step adds
+ * them (the same bits): experts[ids[j]] for j < top_k on the router input x, each weighted output rounded,
+ * then added. Every buffer checked by the caller. Returns 0; 1 when a chosen expert is NULL (the residual
+ * untouched); -1 when memory ran out. Thread-safe (calls are serialized). */
+int fate_add_routed(const fate_layout *routed, const uint8_t *const *experts, const int64_t *ids, const float *weights,
+                    int64_t top_k, const float *x, float *residual, int threads);
+
 /* The step over `tokens` consecutive tokens at positions pos0.. (a prefill): x, residual and router_input
  * [tokens, hidden], ids and weights [tokens, top_k], next_logits(_norm) [tokens, next experts] or NULL; cos
  * and sin the position tables [>= pos0 + tokens, rotary half]. The same numbers the step computes for each

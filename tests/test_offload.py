@@ -540,7 +540,9 @@ def test_a_slot_read_gives_the_files_bytes_or_names_what_failed(tmp_path):
                 SlotRead(pool.buffer(0, 0), tmp_path / "gone.onnx", 0, 100, pool, True, inline).wait()
         pool.buffer(0, 0)[:16] = bytes(16)
         given_up = SlotRead(pool.buffer(0, 0), path, 0, 20000, pool, urgent=True, inline=True)
+        assert not given_up.done()
         assert given_up.cancel() and bytes(pool.buffer(0, 0)[:16]) == bytes(16)  # never made: nothing written
+        assert given_up.done() and not given_up.cancel()  # as a native read given up: over, nothing more to give up
         with pytest.raises(OSError) as cancelled:
             given_up.wait()
         assert cancelled.value.errno == errno.ECANCELED

@@ -157,7 +157,7 @@ def scratch_buffer(file_bytes: int) -> memoryview:
 # waits for it, when it waits, not handed to an I/O thread: a 32 KB expert read with O_DIRECT takes 58-60 us
 # inline against 67-80 us handed over and waited for (the hand-off wakes two threads), and two of them 114-117
 # us one after the other inline against 113-118 us in parallel (`python examples/slot_read_bench.py ART
-# --handoff`); tiny-moe decodes 1.02-1.10x faster. A large read, and prefill's (many misses a layer, each
+# --handoff`); tiny-moe decodes 1.04-1.08x faster at 15-25%. A large read, and prefill's (many misses a layer, each
 # batch computed as it arrives), are handed over, so that they overlap the experts that run meanwhile: inline,
 # tiny-moe's prefill ran at 0.76-0.78x.
 INLINE_READ_BYTES = 256 << 10
@@ -189,11 +189,11 @@ class SlotRead:
             self._view = read_aligned(buffer, path, offset, size, pool)
 
     def done(self) -> bool:
-        return self._view is not None or (self._native is not None and self._native.done())
+        return self._view is not None or self._inline is False or (self._native is not None and self._native.done())
 
     def cancel(self) -> bool:
         """Take the read back if no I/O thread has begun it (the buffer is then free again)."""
-        if self._view is None and self._inline is not None:
+        if self._view is None and isinstance(self._inline, tuple):
             self._inline = False  # given up: never made
             return True
         return self._view is None and self._native is not None and self._native.cancel()
@@ -201,7 +201,7 @@ class SlotRead:
     def wait(self) -> memoryview:
         if self._inline is False:
             raise OSError(errno.ECANCELED, "the read was given up", os.fspath(self._args[1]))
-        if self._view is None and self._inline is not None:
+        if self._view is None and isinstance(self._inline, tuple):
             buffer, path, size, pool = self._args
             self._view = read_aligned(buffer, path, self._inline[0], size, pool)
         if self._view is None:

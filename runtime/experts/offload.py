@@ -145,6 +145,7 @@ class OffloadedExperts(ExpertStore):
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
         self._gate = PrefetchGate()
         self._routed_views: dict[int, RoutedExperts] = {}  # native_layer's, for _add_to_residual
+        self._inline_read = True  # whether the miss compute begins next may be read inline (_Reads.start)
         self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
         self._read_ahead = False  # whether this decode token made a prediction (PrefetchGate.token)
         self._step = 0
@@ -345,6 +346,9 @@ class OffloadedExperts(ExpertStore):
             def refill() -> None:
                 while misses and len(running) < window:
                     expert = misses[0]
+                    # the last read of a batch may be made by this thread as it waits (a small expert in
+                    # decode: _Reads.start); those before it go to the I/O threads and run beside it
+                    self._inline_read = len(misses) == 1 or len(running) == window - 1
                     load = self.cache.start_fetch(layer, expert) if reads_itself else None
                     if load is None and reads_itself and not running and self.cache.settle_begun(layer):
                         load = self.cache.start_fetch(layer, expert)  # the slots were our own prefetches'
@@ -370,7 +374,8 @@ class OffloadedExperts(ExpertStore):
                 run_held()
             while running:
                 start = time.perf_counter()
-                first = next(iter(running))
+                # gathering, the last begun first: a read made here as it is waited for, beside the others
+                first = next(reversed(running)) if gather else next(iter(running))
                 if reads_itself:
                     first.result()  # waits without Python's lock (a native read, or a helper's load)
                     done = [load for load in running if load.done()]
@@ -515,9 +520,10 @@ class _Reads:
                 store.pool.release(layer, slot)
             return loaded, loaded.nbytes
 
-        # a decode miss is read by the loop itself as it waits, where small (pool.INLINE_READ_BYTES)
+        # the last miss of a decode batch is read by the loop itself as it waits, where small (pool.INLINE_READ_BYTES)
+        inline = urgent and store._phase == "decode" and store._inline_read
         return store.loader.start(layer, expert, store.plans[layer].precision, store.pool.buffer(layer, slot),
-                                  store.pool, urgent, then=arrived, inline=urgent and store._phase == "decode")
+                                  store.pool, urgent, then=arrived, inline=inline)
 
     def load(self, layer: int, expert: int, slot: int) -> tuple[LoadedExpert, int]:
         return self.start(layer, expert, slot).result()

@@ -153,7 +153,7 @@ def scratch_buffer(file_bytes: int) -> memoryview:
     return memoryview(private_memory(slot_size(file_bytes)))
 
 
-# A read asked to be made inline (a decode miss) and of at most this many bytes is made by the thread that
+# A read asked to be made inline (the last decode miss of a layer's batch) and of at most this many bytes is made by the thread that
 # waits for it, when it waits, not handed to an I/O thread: a 32 KB expert read with O_DIRECT takes 58-60 us
 # inline against 67-80 us handed over and waited for (the hand-off wakes two threads), and two of them 114-117
 # us one after the other inline against 113-118 us in parallel (`python examples/slot_read_bench.py ART

@@ -153,13 +153,12 @@ def scratch_buffer(file_bytes: int) -> memoryview:
     return memoryview(private_memory(slot_size(file_bytes)))
 
 
-# A read asked to be made inline (the last decode miss of a layer's batch) and of at most this many bytes is made by the thread that
-# waits for it, when it waits, not handed to an I/O thread: a 32 KB expert read with O_DIRECT takes 58-60 us
-# inline against 67-80 us handed over and waited for (the hand-off wakes two threads), and two of them 114-117
-# us one after the other inline against 113-118 us in parallel (`python examples/slot_read_bench.py ART
-# --handoff`); tiny-moe decodes 1.04-1.08x faster at 15-25%. A large read, and prefill's (many misses a layer, each
-# batch computed as it arrives), are handed over, so that they overlap the experts that run meanwhile: inline,
-# tiny-moe's prefill ran at 0.76-0.78x.
+# A read asked to be made inline (the last decode miss of a layer's batch) and of at most this many bytes is
+# made by the thread that waits for it, when it waits, not handed to an I/O thread: a 32 KB expert read with
+# O_DIRECT takes 58-60 us inline against 67-80 us handed over and waited for (the hand-off wakes two threads)
+# (`python examples/slot_read_bench.py ART --handoff`); tiny-moe decodes 1.04-1.08x faster at 15-25%. A large
+# read, and prefill's (many misses a layer, each batch computed as it arrives), are handed over, so that they
+# overlap the experts that run meanwhile: inline, tiny-moe's prefill ran at 0.76-0.78x.
 INLINE_READ_BYTES = 256 << 10
 
 

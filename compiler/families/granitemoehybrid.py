@@ -62,23 +62,30 @@ def read_config(cfg: dict):
     return replace(arch, mixers=Mixers(kinds=layer_mixers(cfg), mamba=mamba(cfg)))
 
 
-MAMBA = L + ".mamba"
+def mamba2_tensors(mixer: str) -> dict[Role, str]:
+    """A Mamba2 mixer's tensors under `mixer` (a layer's name for it), as transformers' Mamba2 mixer names them
+    (Granite-4.0-H, Nemotron-H)."""
+    return {
+        Role.MAMBA_IN: mixer + ".in_proj.weight",
+        Role.MAMBA_IN_BIAS: mixer + ".in_proj.bias",
+        Role.MAMBA_CONV: mixer + ".conv1d.weight",
+        Role.MAMBA_CONV_BIAS: mixer + ".conv1d.bias",
+        Role.MAMBA_DT_BIAS: mixer + ".dt_bias",
+        Role.MAMBA_A_LOG: mixer + ".A_log",
+        Role.MAMBA_D: mixer + ".D",
+        Role.MAMBA_NORM: mixer + ".norm.weight",
+        Role.MAMBA_OUT: mixer + ".out_proj.weight",
+        Role.MAMBA_OUT_BIAS: mixer + ".out_proj.bias",
+    }
+
+
 FAMILY = Family(
     model_type="granitemoehybrid",
     architecture="GraniteMoeHybridForCausalLM",
     read_config=read_config,
     tensors={
         **GRANITEMOESHARED.tensors,
-        Role.MAMBA_IN: MAMBA + ".in_proj.weight",
-        Role.MAMBA_IN_BIAS: MAMBA + ".in_proj.bias",
-        Role.MAMBA_CONV: MAMBA + ".conv1d.weight",
-        Role.MAMBA_CONV_BIAS: MAMBA + ".conv1d.bias",
-        Role.MAMBA_DT_BIAS: MAMBA + ".dt_bias",
-        Role.MAMBA_A_LOG: MAMBA + ".A_log",
-        Role.MAMBA_D: MAMBA + ".D",
-        Role.MAMBA_NORM: MAMBA + ".norm.weight",
-        Role.MAMBA_OUT: MAMBA + ".out_proj.weight",
-        Role.MAMBA_OUT_BIAS: MAMBA + ".out_proj.bias",
+        **mamba2_tensors(L + ".mamba"),
     },
     skip=GRANITEMOESHARED.skip,
     layouts=GRANITEMOESHARED.layouts,

@@ -25,7 +25,7 @@ from .base import (
     require,
 )
 from .glm4_moe import read_config as read_glm4_moe_config
-from .granitemoehybrid import check_time_step_limit
+from .granitemoehybrid import check_time_step_limit, mamba2_tensors
 
 PATTERN = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 # the Mamba keys older configs name otherwise, as transformers' config class renames them
@@ -102,16 +102,7 @@ FAMILY = Family(
         Role.K: MIXER + ".k_proj.weight",
         Role.V: MIXER + ".v_proj.weight",
         Role.O: MIXER + ".o_proj.weight",
-        Role.MAMBA_IN: MIXER + ".in_proj.weight",
-        Role.MAMBA_IN_BIAS: MIXER + ".in_proj.bias",
-        Role.MAMBA_CONV: MIXER + ".conv1d.weight",
-        Role.MAMBA_CONV_BIAS: MIXER + ".conv1d.bias",
-        Role.MAMBA_DT_BIAS: MIXER + ".dt_bias",
-        Role.MAMBA_A_LOG: MIXER + ".A_log",
-        Role.MAMBA_D: MIXER + ".D",
-        Role.MAMBA_NORM: MIXER + ".norm.weight",
-        Role.MAMBA_OUT: MIXER + ".out_proj.weight",
-        Role.MAMBA_OUT_BIAS: MIXER + ".out_proj.bias",
+        **mamba2_tensors(MIXER),
         Role.ROUTER: MIXER + ".gate.weight",
         Role.ROUTER_SCORE_BIAS: MIXER + ".gate.e_score_correction_bias",
         Role.EXPERT_UP: MIXER + ".experts.{expert}.up_proj.weight",

@@ -144,7 +144,7 @@ class OffloadedExperts(ExpertStore):
         self._predicted: dict[int, set[int]] = {}
         self._to_read: dict[int, set[int]] = {}  # layer -> its decode prediction's experts not resident then
         self._gate = PrefetchGate()
-        self._routed_views: dict[int, RoutedExperts] = {}  # native_layer's, for _add_to_residual
+        self._routed_views: dict[int, RoutedExperts] = {}  # native_layer's
         self._inline_read = True  # whether the miss compute begins next may be read inline (_Reads.start)
         self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
         self._read_ahead = False  # whether this decode token made a prediction (PrefetchGate.token)
@@ -157,9 +157,13 @@ class OffloadedExperts(ExpertStore):
     # ------------------------------------------------------------------ ExpertStore
 
     def native_layer(self, layer: int) -> RoutedExperts | None:
+        """Built once a layer: the decode step holds it, and _add_to_residual runs the step's misses with it."""
         if layer not in self._reads_itself:
             return None
-        return RoutedExperts.of(self.runner, self.pool, layer, self.plans[layer].precision, self.cache.located[layer])
+        if layer not in self._routed_views:
+            self._routed_views[layer] = RoutedExperts.of(self.runner, self.pool, layer, self.plans[layer].precision,
+                                                         self.cache.located[layer])
+        return self._routed_views[layer]
 
     def ran_in_step(self, layer: int, expert_ids: np.ndarray) -> None:
         """Every expert the step chose was resident and ran there: the bookkeeping `compute` does for hits."""
@@ -365,8 +369,9 @@ class OffloadedExperts(ExpertStore):
                 self._run(layer, ready, todo, x, y)
 
             refill()
-            # small experts in decode, every miss begun here: their reads are made as they are waited for
-            # (pool.INLINE_READ_BYTES), so nothing overlaps them; they run with the hits in one call
+            # small experts in decode, every miss begun here: the last is read here as it is waited for, the
+            # others on the I/O threads beside it (pool.INLINE_READ_BYTES); nothing else would overlap them, so
+            # they run with the hits in one call
             gather = (reads_itself and self._phase == "decode" and not misses
                       and self.plans[layer].slot_bytes <= INLINE_READ_BYTES
                       and not any(isinstance(load, Future) for load in running))
@@ -418,12 +423,9 @@ class OffloadedExperts(ExpertStore):
         """The layer's chosen experts, every one pinned in its slot, run by the kernel and added to the step's
         residual in the router's order (the bits the step would have had with them resident); False where one
         is not in the slots at the step's precision (a fallback copy): the executor then runs them."""
-        routed = self._routed_views.get(layer)
-        if routed is None:
-            routed = self._routed_views[layer] = self.native_layer(layer)
         start = time.perf_counter()
         try:
-            return native.add_routed(routed, step.ids.reshape(-1), step.weights.reshape(-1), x.reshape(-1),
+            return native.add_routed(self.native_layer(layer), step.ids.reshape(-1), step.weights.reshape(-1), x.reshape(-1),
                                      step.residual.reshape(-1), self.runner.threads)
         finally:
             self.phases[self._phase].run_s += time.perf_counter() - start

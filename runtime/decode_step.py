@@ -70,6 +70,9 @@ class NativeDecodeStep:
         self.numbers = (step.norm_eps, step.attention_scale, step.shared_scale, step.routed_scaling, step.clip_qkv or 0.0,
                         step.topk_norm_eps)
         self.top_k, self.next_experts = layer.routing.top_k, next_experts if layer.predicts_next else 0
+        # worth running in two parts (`route`, then `finish`): a shared expert to compute after the routing,
+        # beside the reads of the chosen experts not at hand
+        self.splits = step.shared_intermediate_size > 0
 
     def prefill(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
         """The layer's outputs for the tokens of hidden [1, S, H] after the cache's `length`, named and
@@ -93,6 +96,24 @@ class NativeDecodeStep:
         """The layer's outputs for one token after the cache's `length` (the graph's names), its key and
         value written into the cache's buffers in place; cos, sin: the position tables so far. And
         whether it ran the routed experts (every chosen one in `routed`): the residual then includes them."""
+        out, args = self._outputs(hidden, cache, cos, sin)
+        return out, native.KERNEL.run_step(*args, self.threads, self.routed)
+
+    def route(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
+        """`run` up to the routing and the next layer's prediction: the residual holds the stream after
+        attention until `finish` (the same bits as `run` once it has)."""
+        out, args = self._outputs(hidden, cache, cos, sin)
+        native.KERNEL.route_step(*args, self.threads)
+        return out
+
+    def finish(self, out: dict[str, np.ndarray]) -> bool:
+        """The rest of the step `route` began, on its outputs: the shared expert added to the residual, and the
+        routed experts where every chosen one is in `routed` (then True)."""
+        return native.KERNEL.finish_step(self.vector, self.numbers, self.graph, out[IO.RESIDUAL], out[IO.ROUTER_INPUT],
+                                         out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS], self.threads, self.routed)
+
+    def _outputs(self, hidden: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> tuple[dict, tuple]:
+        """One token's output arrays, and the step's arguments before its threads."""
         position, h = cache.length, self.spec.hidden_size
         state = cache.reserve(self.index, position + 1, self.spec.max_positions)
         out = {IO.RESIDUAL: np.empty((1, 1, h), np.float32), IO.ROUTER_INPUT: np.empty((1, h), np.float32),
@@ -100,8 +121,7 @@ class NativeDecodeStep:
                IO.EXPERT_WEIGHTS: np.empty((1, self.top_k), np.float32)}
         predicted = [np.empty((1, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
         out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
-        ran = native.KERNEL.run_step(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
-                               state["key"], state["value"], position, cos[position], sin[position],
-                               out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
-                               *(predicted or (None, None)), self.threads, self.routed)
-        return out, ran
+        return out, (self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
+                     state["key"], state["value"], position, cos[position], sin[position],
+                     out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
+                     *(predicted or (None, None)))

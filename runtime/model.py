@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 
 import numpy as np
 from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
@@ -239,7 +240,11 @@ class FateModel:
         for spec in self.manifest.layers:
             step = self.steps.get(spec.index)
             stepped = step is not None and ids.size == 1  # a decode step: its residual can take the experts
-            if stepped:
+            finish = None
+            if stepped and step.splits and self.experts.reads_while_generating:
+                out, ran_experts = step.route(hidden, cache, cos, sin), False
+                finish = partial(step.finish, out)  # the store runs it once this layer's reads are begun
+            elif stepped:
                 out, ran_experts = step.run(hidden, cache, cos, sin)
             elif step is not None:
                 out, ran_experts = step.prefill(hidden, cache, cos, sin), False
@@ -252,7 +257,7 @@ class FateModel:
             routed = self.experts.after_layer(spec.index, LayerOutputs(
                 experts_input(out, spec) if moe else None, out[IO.EXPERT_IDS] if moe else None,
                 {name: out[name] for name in PREDICTION_OUTPUTS} if spec.predicts_next else {}, ran_experts,
-                out[IO.RESIDUAL] if stepped else None, out[IO.EXPERT_WEIGHTS] if stepped else None))
+                out[IO.RESIDUAL] if stepped else None, out[IO.EXPERT_WEIGHTS] if stepped else None, finish))
             if routed is not None:  # else none, or the store added them to the step's residual
                 hidden = self.combine(spec.index, out, routed)
         cache.length += ids.size

@@ -175,6 +175,44 @@ def test_a_step_pointing_at_other_bytes_of_the_graph_is_refused_before_it_runs(c
         FateModel.load(edited(path, tmp_path, swap))
 
 
+def test_a_step_in_two_calls_has_the_bits_of_the_step_in_one(case):
+    """route, then finish (an offloaded decode step, the reads of its misses begun between the two): every
+    output, key and value of run, bit for bit, with the layer's experts all there (run by the step) or none;
+    finish checks what it is given."""
+    _, path = case
+    model = FateModel.load(path)
+    rng = np.random.default_rng(5)
+    cache = model.new_cache()
+    model.forward(rng.integers(1, 300, 6), cache)
+    cos, sin = model.positions.upto(cache.length + 1)
+    h = model.spec.hidden_size
+    for step in model.steps.values():
+        present = step.routed
+        hidden = rng.standard_normal((1, 1, h)).astype(np.float32)
+        for routed in (present, present._replace(where=np.full_like(present.where, -1))):
+            step.routed = routed
+            whole, ran = step.run(hidden, cache, cos, sin)
+            state = {name: array[..., cache.length, :].copy() for name, array in cache.reserve(
+                step.index, cache.length + 1, model.spec.max_positions).items()}
+            parts = step.route(hidden, cache, cos, sin)
+            assert step.finish(parts) is ran is (routed is present)
+            assert whole.keys() == parts.keys()
+            for name in whole:
+                np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
+            for name, array in cache.reserve(step.index, cache.length + 1, model.spec.max_positions).items():
+                np.testing.assert_array_equal(array[..., cache.length, :], state[name], err_msg=name)
+        step.routed = present
+    step = next(iter(model.steps.values()))
+    out = step.route(np.zeros((1, 1, h), np.float32), cache, cos, sin)
+    args = [step.vector, step.numbers, step.graph, out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS],
+            out[IO.EXPERT_WEIGHTS], 2, step.routed]
+    for index, bad in ((3, out[IO.RESIDUAL][..., :-1]), (5, out[IO.EXPERT_IDS][:, :-1]), (2, step.graph[:100])):
+        with pytest.raises(ValueError):
+            native.KERNEL.finish_step(*args[:index], bad, *args[index + 1:])
+    with pytest.raises(IndexError):
+        native.KERNEL.finish_step(*args[:5], np.full_like(out[IO.EXPERT_IDS], len(step.routed.where)), *args[6:])
+
+
 def test_the_native_call_checks_what_it_is_given(case):
     """Wrong sizes, a position outside the caches, a vector with an offset past the graph, experts that
     do not fit: an exception, never a read or write out of bounds."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import Built
-from fate.runtime import FateModel, SamplingConfig, generate, native
+from fate.artifacts import Artifact
+from fate.artifacts.budget import Budget
+from fate.runtime import FateModel, OffloadOptions, SamplingConfig, generate, native
+from fate.runtime.decode_step import NativeDecodeStep
 from fate.runtime.options import EngineOptions
 from fuzz_configs import SWEPT, head_20, random_overrides
 from step_checks import assert_steps_match_graphs
@@ -39,7 +42,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fuzz_case", [p.values for p in cases(seeds)], ids=[p.id for p in cases(seeds)])
 
 
-def test_random_config_matches_transformers(fuzz_case, tmp_path):
+def test_random_config_matches_transformers(fuzz_case, tmp_path, monkeypatch):
     family, seed = fuzz_case
     overrides = head_20(family) if seed == "head20" else random_overrides(family, seed)
     built = Built(tmp_path, family=family, seed=seed if isinstance(seed, int) else 0, eager_experts=True, **overrides)
@@ -65,8 +68,23 @@ def test_random_config_matches_transformers(fuzz_case, tmp_path):
         with_steps = FateModel.load(built.artifact(4, dense_bits=4))
         try:
             assert_steps_match_graphs(with_steps, bound=1e-2)
+            resident = generate(with_steps, prompt, DECODE, SamplingConfig(), eos_ids=set()).token_ids
         finally:
             with_steps.close()
+        # offloaded, one slot beside a token's experts in each layer: the resident tokens, whatever the
+        # reads (a step with a shared expert stops at its routing, the misses' reads begun before its rest)
+        layers = Artifact.open(built.artifact(4, dense_bits=4)).manifest.moe_layers
+        share = min(1.0, max((layer.routing.top_k + 1) / layer.routing.num_experts for layer in layers))
+        finished = []
+        finish = NativeDecodeStep.finish
+        monkeypatch.setattr(NativeDecodeStep, "finish", lambda step, out: finished.append(1) or finish(step, out))
+        offloaded = FateModel.load(built.artifact(4, dense_bits=4), EngineOptions(offload=OffloadOptions(
+            Budget(share=share), low_bit_prefill="off")))
+        try:
+            assert generate(offloaded, prompt, DECODE, SamplingConfig(), eos_ids=set()).token_ids == resident, overrides
+            assert bool(finished) == any(step.splits for step in offloaded.steps.values()), overrides
+        finally:
+            offloaded.close()
         runs = {}
         for executor in ("native", "session"):
             quantized = FateModel.load(built.artifact(4), EngineOptions(executor=executor))

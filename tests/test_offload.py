@@ -717,3 +717,55 @@ def test_the_lossy_int2_prefill_says_what_it_costs(calibrated, tmp_path):
     plain = subprocess.run([str(bin_dir / "fate-run"), str(calibrated), "-p", "Once upon a time", "-n", "4", "--json",
                             "--memory-budget", "30%"], capture_output=True, text=True, check=True)
     assert json.loads(plain.stdout)["lossy"] == []
+
+
+def test_a_step_with_a_shared_expert_begins_its_misses_before_computing_it(tmp_path, monkeypatch):
+    """Offloaded, a native decode step with a shared expert stops at its routing: the reads of the experts
+    not resident begin, then the shared expert runs beside them (LayerOutputs.finish); the tokens are
+    all-resident's. A step that fails after the reads began leaves nothing pinned."""
+    from conftest import CASES, Built
+    from fate.runtime import native
+    from fate.runtime.decode_step import NativeDecodeStep
+    from fate.runtime.experts.offload import OffloadedExperts
+
+    if not native_reads():
+        pytest.skip("the native extension is not built")
+    built = Built(tmp_path / "qwen2_moe", **CASES["qwen2_moe"])
+    art = built.artifact(4, dense_bits=4)
+    prompt = [t % 300 for t in PROMPT]
+    resident = FateModel.load(art)
+    assert all(step.splits for step in resident.steps.values()) and resident.steps and native.available()
+    reference = generate(resident, prompt, 16, SamplingConfig(), eos_ids=set()).token_ids
+    events = []
+    begin, finish = OffloadedExperts.begin, NativeDecodeStep.finish
+
+    def begun(store, layer, ids):
+        batch = begin(store, layer, ids)
+        events.append(("begin", layer, batch is not None and bool(batch.running)))
+        return batch
+
+    def finished(step, out):
+        events.append(("finish", step.index))
+        return finish(step, out)
+
+    monkeypatch.setattr(OffloadedExperts, "begin", begun)
+    monkeypatch.setattr(NativeDecodeStep, "finish", finished)
+    model = FateModel.load(art, EngineOptions(offload=OffloadOptions(parse_budget("40%"), low_bit_prefill="off")))
+    try:
+        assert generate(model, prompt, 16, SamplingConfig(), eos_ids=set()).token_ids == reference
+        reading = [i for i, event in enumerate(events) if event[0] == "begin" and event[2]]
+        assert reading, "no decode step found a miss"  # 40% of the experts (the least is 33%): misses
+        assert all(events[i + 1] == ("finish", events[i][1]) for i in reading)
+
+        def failing(step, out):
+            if store.phases["decode"].waits > waits:  # once a miss is being read
+                raise RuntimeError("the step failed")
+            return finish(step, out)
+
+        store, waits = model.experts, model.experts.phases["decode"].waits
+        monkeypatch.setattr(NativeDecodeStep, "finish", failing)
+        with pytest.raises(RuntimeError, match="the step failed"):
+            generate(model, prompt[::-1], 16, SamplingConfig(), eos_ids=set())
+        assert not store.cache._pins
+    finally:
+        model.close()

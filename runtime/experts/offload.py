@@ -77,8 +77,25 @@ class PhaseStats:
     gated: int = 0  # decode predictions not prefetched: the layer's recent ones did not pay
     prediction: dict[int, PredictionCounters] = field(default_factory=dict)
     room_s: float = 0.0  # in the per-layer hand-off (after_layer): routing observed, prefetches asked, experts computed
-    run_s: float = 0.0  # of which running experts (the executor's calls)
+    run_s: float = 0.0  # of which computing: the executor's calls, a split native step's rest (finish_step)
     waits: int = 0  # loads the loop waited for (misses, prefetches not yet in)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One layer's chosen experts while OffloadedExperts computes them: by expert, its token and output rows;
+    its INT2 copies; the resident ones pinned and not yet run; loads under way (load -> expert, in the order
+    begun) and misses not yet begun, at most `window` under way."""
+
+    layer: int
+    todo: dict
+    low: dict
+    reads_itself: bool
+    window: int
+    held: dict = field(default_factory=dict)
+    running: dict = field(default_factory=dict)
+    misses: list = field(default_factory=list)
+    gather: bool = False
 
 
 def rank_by_popularity(experts: set[int], popularity: list[float] | None) -> list[int]:
@@ -88,6 +105,8 @@ def rank_by_popularity(experts: set[int], popularity: list[float] | None) -> lis
 
 
 class OffloadedExperts(ExpertStore):
+    reads_while_generating = True
+
     def __init__(self, artifact: Artifact, options: OffloadOptions, experts: ExpertOptions = ExpertOptions()):
         super().__init__()
         self.artifact = artifact
@@ -320,104 +339,146 @@ class OffloadedExperts(ExpertStore):
         size = self.artifact.entry(self.artifact.manifest.layers[plan.index].experts[plan.low_precision][expert]).size
         return self.loader.load(plan.index, expert, plan.low_precision, scratch_buffer(size), None)
 
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray | None:
+    def begin(self, layer: int, ids: np.ndarray) -> _Batch | None:
+        """The loads of the chosen experts not resident begun and the resident ones pinned, before a native
+        step's rest (its shared expert) runs beside the reads (ExpertStore.after_layer); None, nothing
+        pinned, where every one is resident (the step runs them)."""
+        chosen = ids.reshape(-1).tolist()
+        if layer in self._reads_itself:
+            self.cache.retire(layer, chosen)
+        self.cache.harvest()
+        if not self.cache.absent(layer, set(chosen)):
+            return None
+        return self._begin_batch(layer, ids, retired=True)
+
+    def abandon(self, batch: _Batch) -> None:
+        """A batch `begin` made whose layer failed before `compute`: its loads settled, nothing left pinned."""
+        self._settle(batch)
+
+    def finish_step(self, finish) -> bool:
+        """Timed as the experts' runs are: the step's own work, not the loop's (PhaseReport.loop_s, the gate)."""
+        start = time.perf_counter()
+        try:
+            return finish()
+        finally:
+            self.phases[self._phase].run_s += time.perf_counter() - start
+
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None,
+                begun: _Batch | None = None) -> np.ndarray | None:
         """Resident experts run at once, in one call, while the misses load `threads` at a time: read
         on the native I/O threads and waited for here without Python's lock where the experts run
-        natively, else in helper threads. Each batch that arrives runs as soon as it is in (pinned
-        until then); small experts in decode, read as they are waited for, run with the hits once all are
-        in, added to a native step's residual by the kernel where it gave one (`step`: then None). Whatever
-        fails, nothing stays pinned."""
+        natively, else in helper threads (`begun`: by `begin`, earlier). Each batch that arrives runs as
+        soon as it is in (pinned until then); small experts in decode, read as they are waited for, run with
+        the hits once all are in, added to a native step's residual by the kernel where it gave one (`step`:
+        then None). Whatever fails, nothing stays pinned."""
+        batch = begun if begun is not None else self._begin_batch(layer, ids)
         y = np.empty((ids.size, x.shape[1]), np.float32)
-        todo = assignments(ids)
-        self.stats.count(layer, len(todo))
         phase = self.phases[self._phase]
-        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low}
-        if low:  # an INT2 copy serves only where the expert is not resident at its own precision
-            resident = self.cache.resident(layer)
-            low = {e: f for e, f in low.items() if e not in resident}
-        pending = [e for e in todo if e not in low]
-        running: dict = {}  # load -> expert, in the order started
-        reads_itself = layer in self._reads_itself
-        if reads_itself:  # prefetches this token does not need and no thread has begun reading: dropped
-            self.cache.retire(layer, todo)
-        self.cache.harvest()
-        held: dict = {}  # pinned and not yet run: given back to eviction whatever happens
+        running = batch.running
         try:
-            held = self.cache.take_resident(layer, pending)
-            misses = [e for e in pending if e not in held]
-            window = max(1, min(self.options.threads, self.plans[layer].slots))
-
-            def refill() -> None:
-                while misses and len(running) < window:
-                    expert = misses[0]
-                    # the last read of a batch may be made by this thread as it waits (a small expert in
-                    # decode: _Reads.start); those before it go to the I/O threads and run beside it
-                    self._inline_read = len(misses) == 1 or len(running) == window - 1
-                    load = self.cache.start_fetch(layer, expert) if reads_itself else None
-                    if load is None and reads_itself and not running and self.cache.settle_begun(layer):
-                        load = self.cache.start_fetch(layer, expert)  # the slots were our own prefetches'
-                    if load is None:
-                        if reads_itself and running:  # every slot pinned or filling: run what arrives first
-                            return
-                        load = self._demand_pool.submit(self.cache.fetch, layer, expert)  # a helper waits for a slot
-                    running[load] = misses.pop(0)
-                    phase.waits += 1
-
-            def run_held() -> None:
-                nonlocal held
-                ready, held = held, {}
-                self._run(layer, ready, todo, x, y)
-
-            refill()
-            # small experts in decode, every miss begun here: the last is read here as it is waited for, the
-            # others on the I/O threads beside it (pool.INLINE_READ_BYTES); nothing else would overlap them, so
-            # they run with the hits in one call
-            gather = (reads_itself and self._phase == "decode" and not misses
-                      and self.plans[layer].slot_bytes <= INLINE_READ_BYTES
-                      and not any(isinstance(load, Future) for load in running))
-            if not gather:
-                run_held()
+            if not batch.gather:
+                self._run_held(batch, x, y)
             while running:
                 start = time.perf_counter()
                 # gathering, the last begun first: a read made here as it is waited for, beside the others
-                first = next(reversed(running)) if gather else next(iter(running))
-                if reads_itself:
+                first = next(reversed(running)) if batch.gather else next(iter(running))
+                if batch.reads_itself:
                     first.result()  # waits without Python's lock (a native read, or a helper's load)
                     done = [load for load in running if load.done()]
                 else:
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 phase.cache.stall_s += time.perf_counter() - start
                 for load in done:
-                    held[running[load]] = load.result()  # re-raises a failed load (left in running)
+                    batch.held[running[load]] = load.result()  # re-raises a failed load (left in running)
                     del running[load]
-                if not gather:
-                    refill()
-                    run_held()
-            if gather and step is not None and self._add_to_residual(layer, x, step):
-                self.cache.unpin(layer, held)
-                held = {}
+                if not batch.gather:
+                    self._refill(batch)
+                    self._run_held(batch, x, y)
+            if batch.gather and step is not None and self._add_to_residual(layer, x, step):
+                self.cache.unpin(layer, batch.held)
+                batch.held = {}
                 return None
-            run_held()
-            for expert, future in low.items():
+            self._run_held(batch, x, y)
+            for expert, future in batch.low.items():
                 start = time.perf_counter()
                 loaded = future.result()
                 phase.cache.stall_s += time.perf_counter() - start
                 phase.low_bit_loads += 1
                 phase.low_bit_bytes += loaded.nbytes
                 start = time.perf_counter()
-                self.runner.run(layer, [Work(loaded, *todo[expert])], x, y)
+                self.runner.run(layer, [Work(loaded, *batch.todo[expert])], x, y)
                 phase.run_s += time.perf_counter() - start
         finally:
-            for load, expert in running.items():  # a failure above left loads begun: settle them, unpinned
-                try:
-                    load.result()
-                except BaseException:  # noqa: BLE001 - the first failure is the one being raised
-                    continue
-                held[expert] = None
-            if held:
-                self.cache.unpin(layer, held)
-            self._routed(layer, set(todo))
+            self._settle(batch)
         return y
+
+    def _begin_batch(self, layer: int, ids: np.ndarray, retired: bool = False) -> _Batch:
+        """The layer's chosen experts: the resident ones pinned, the first misses' loads begun (`retired`:
+        the layer's unwanted prefetches already given up)."""
+        todo = assignments(ids)
+        self.stats.count(layer, len(todo))
+        low = {e: self._low[(layer, e)] for e in todo if (layer, e) in self._low}
+        if low:  # an INT2 copy serves only where the expert is not resident at its own precision
+            resident = self.cache.resident(layer)
+            low = {e: f for e, f in low.items() if e not in resident}
+        pending = [e for e in todo if e not in low]
+        batch = _Batch(layer, todo, low, layer in self._reads_itself,
+                       max(1, min(self.options.threads, self.plans[layer].slots)))
+        if not retired:
+            if batch.reads_itself:  # prefetches this token does not need and no thread has begun reading: dropped
+                self.cache.retire(layer, todo)
+            self.cache.harvest()
+        try:
+            batch.held = self.cache.take_resident(layer, pending)
+            batch.misses = [e for e in pending if e not in batch.held]
+            self._refill(batch)
+        except BaseException:
+            self._settle(batch)
+            raise
+        # small experts in decode, every miss begun here: the last is read here as it is waited for, the
+        # others on the I/O threads beside it (pool.INLINE_READ_BYTES); nothing else would overlap them, so
+        # they run with the hits in one call
+        batch.gather = (batch.reads_itself and self._phase == "decode" and not batch.misses
+                        and self.plans[layer].slot_bytes <= INLINE_READ_BYTES
+                        and not any(isinstance(load, Future) for load in batch.running))
+        return batch
+
+    def _refill(self, batch: _Batch) -> None:
+        """Begin the batch's next misses, up to its window of loads under way."""
+        layer, misses, running = batch.layer, batch.misses, batch.running
+        while misses and len(running) < batch.window:
+            expert = misses[0]
+            # the last read of a batch may be made by this thread as it waits (a small expert in
+            # decode: _Reads.start); those before it go to the I/O threads and run beside it
+            self._inline_read = len(misses) == 1 or len(running) == batch.window - 1
+            load = self.cache.start_fetch(layer, expert) if batch.reads_itself else None
+            if load is None and batch.reads_itself and not running and self.cache.settle_begun(layer):
+                load = self.cache.start_fetch(layer, expert)  # the slots were our own prefetches'
+            if load is None:
+                if batch.reads_itself and running:  # every slot pinned or filling: run what arrives first
+                    return
+                load = self._demand_pool.submit(self.cache.fetch, layer, expert)  # a helper waits for a slot
+            running[load] = misses.pop(0)
+            self.phases[self._phase].waits += 1
+
+    def _run_held(self, batch: _Batch, x: np.ndarray, y: np.ndarray) -> None:
+        ready, batch.held = batch.held, {}
+        self._run(batch.layer, ready, batch.todo, x, y)
+
+    def _settle(self, batch: _Batch) -> None:
+        """The batch's end, whatever happened: loads a failure left begun settled, nothing left pinned,
+        the layer's routing scored."""
+        for load, expert in batch.running.items():
+            try:
+                load.result()
+            except BaseException:  # noqa: BLE001 - the first failure is the one being raised
+                continue
+            batch.held[expert] = None
+        batch.running.clear()
+        if batch.held:
+            self.cache.unpin(batch.layer, batch.held)
+            batch.held = {}
+        self._routed(batch.layer, set(batch.todo))
 
     def _add_to_residual(self, layer: int, x: np.ndarray, step: LayerOutputs) -> bool:
         """The layer's chosen experts, every one pinned in its slot, run by the kernel and added to the step's

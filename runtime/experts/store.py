@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from fate.artifacts import Artifact, ArtifactError
@@ -80,35 +80,70 @@ class LayerOutputs:
     # then hands back nothing to combine)
     residual: np.ndarray | None = None
     weights: np.ndarray | None = None
+    # a native decode step run up to its routing (NativeDecodeStep.route): its rest (the shared expert, and the
+    # routed experts where all are resident: then True), which the store runs once it has begun this layer's
+    # reads and the next layer's prefetch, so that the reads overlap it; experts_ran is then its answer
+    finish: Callable[[], bool] | None = None
 
 
 class ExpertStore(ABC):
     runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
+    # whether experts are read while generating: a native decode step with a shared expert then hands its
+    # routing over before computing it (LayerOutputs.finish), so that the reads begin first
+    reads_while_generating = False
 
     def __init__(self) -> None:
         self.stats = ExpertStats()
 
     def after_layer(self, layer: int, out: LayerOutputs) -> np.ndarray | None:
         """The one hand-off per layer, in the order the store relies on: the layer's routing observed
-        (its experts kept from prefetches until they have run), the next layer's prefetch requested,
-        then the routed experts computed: y [S * k, H] (see compute), or None where there are none to
-        compute (not an MoE layer, or the step ran them) or the store added them to the step's residual."""
+        (its experts kept from prefetches until they have run); where the step stopped at its routing
+        (`out.finish`), the misses' loads begun and the rest of the step run beside them; the next layer's
+        prefetch requested; then the routed experts computed: y [S * k, H] (see compute), or None where
+        there are none to compute (not an MoE layer, or the step ran them) or the store added them to the
+        step's residual."""
+        ran, begun = out.experts_ran, None
         if out.ids is not None:
             self.observe(layer, out.ids)
-            if out.experts_ran:
+            if out.finish is not None:
+                begun = self.begin(layer, out.ids)
+            elif ran:
                 self.ran_in_step(layer, out.ids)
         if out.next_scores:
             self.hint(layer + 1, out.next_scores)
-        if out.ids is None or out.experts_ran:
+        if out.finish is not None:
+            try:
+                ran = self.finish_step(out.finish)
+            except BaseException:
+                if begun is not None:
+                    self.abandon(begun)
+                raise
+            if ran and out.ids is not None:
+                self.ran_in_step(layer, out.ids)  # never with loads begun: a miss is not where the step looks
+        if out.ids is None or ran:
             return None
         return self.compute(layer, np.ascontiguousarray(out.router_input, dtype=np.float32), out.ids,
-                            out if out.residual is not None else None)
+                            out if out.residual is not None else None, begun)
+
+    def begin(self, layer: int, ids: np.ndarray) -> object | None:
+        """Before a native step's rest runs (LayerOutputs.finish): the loads of `layer`'s chosen experts
+        that are not at hand begun, what `compute` is then handed; None where there are none."""
+        return None
+
+    def abandon(self, begun: object) -> None:
+        """What `begin` began, given up: the layer failed before `compute`."""
+
+    def finish_step(self, finish: Callable[[], bool]) -> bool:
+        """Run the rest of a native step (LayerOutputs.finish): whether it ran the routed experts."""
+        return finish()
 
     @abstractmethod
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray | None:
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None,
+                begun: object | None = None) -> np.ndarray | None:
         """Every routed expert of `layer` on its tokens: x [S, H] and the router's ids [S, k] ->
         y [S * k, H], row t * k + j being expert ids[t, j] applied to x[t]; or None where it added them
-        to `step`'s residual itself (a native decode step's output, LayerOutputs.residual)."""
+        to `step`'s residual itself (a native decode step's output, LayerOutputs.residual). `begun`: what
+        `begin` began for them."""
 
     def begin_step(self, num_tokens: int, prefill: bool) -> None:
         """A forward pass over `num_tokens` new tokens starts, in prefill or decode."""
@@ -236,7 +271,8 @@ class ResidentExperts(ExpertStore):
                             for expert in range(count)], np.int64)
         return RoutedExperts.of(self.runner, self.pool, layer, precision, where)
 
-    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None) -> np.ndarray:
+    def compute(self, layer: int, x: np.ndarray, ids: np.ndarray, step: LayerOutputs | None = None,
+                begun: object | None = None) -> np.ndarray:
         y = np.empty((ids.size, x.shape[1]), np.float32)
         work = [Work(self.experts[(layer, e)], rows, dest) for e, (rows, dest) in assignments(ids).items()]
         self.stats.count(layer, len(work))

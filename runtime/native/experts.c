@@ -146,14 +146,9 @@ typedef struct {
     fate_step s;
 } step_call;
 
-static int take_step_call(PyObject *const objs[13], const double floats[6], step_call *c) {
-    static const char *const names[13] = {"step", "graph", "x", "key", "value", "cos", "sin", "residual",
-                                          "router_input", "ids", "weights", "next_logits", "next_logits_norm"};
-    static const int writable[13] = {0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1};
-    Py_buffer *views[13] = {&c->step, &c->graph, &c->x, &c->key, &c->value, &c->cos, &c->sin, &c->residual,
-                            &c->router_input, &c->ids, &c->weights, &c->next, &c->next_norm};
-    for (int i = 0; i < 13; i++)
-        if (!(i >= 11 && objs[i] == Py_None) && get_buffer(objs[i], views[i], writable[i], names[i])) return -1;
+/* The step's vector and numbers (c->step, c->graph taken): checked against the graph buffer holding every
+ * tensor it reads. */
+static int take_step(const double floats[6], step_call *c) {
     if (c->step.len != S_SIZE * 8) { PyErr_Format(PyExc_ValueError, "step: expected %d int64", S_SIZE); return -1; }
     memcpy(c->s.v, c->step.buf, sizeof c->s.v);
     c->s.eps = (float)floats[0]; c->s.scale = (float)floats[1]; c->s.shared_scale = (float)floats[2];
@@ -166,6 +161,17 @@ static int take_step_call(PyObject *const objs[13], const double floats[6], step
         return -1;
     }
     return 0;
+}
+
+static int take_step_call(PyObject *const objs[13], const double floats[6], step_call *c) {
+    static const char *const names[13] = {"step", "graph", "x", "key", "value", "cos", "sin", "residual",
+                                          "router_input", "ids", "weights", "next_logits", "next_logits_norm"};
+    static const int writable[13] = {0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1};
+    Py_buffer *views[13] = {&c->step, &c->graph, &c->x, &c->key, &c->value, &c->cos, &c->sin, &c->residual,
+                            &c->router_input, &c->ids, &c->weights, &c->next, &c->next_norm};
+    for (int i = 0; i < 13; i++)
+        if (!(i >= 11 && objs[i] == Py_None) && get_buffer(objs[i], views[i], writable[i], names[i])) return -1;
+    return take_step(floats, c);
 }
 
 static void release_step_call(step_call *c) {
@@ -217,16 +223,26 @@ static const char step_doc[] =
     "True when it ran them (every chosen one was there), else False: the residual then holds no routed\n"
     "output and the caller runs them. Every size, offset and index is checked first.";
 
-static PyObject *run_step(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *o[13], *routed_obj;
+static const char route_doc[] =
+    "route_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
+    "           next_logits, next_logits_norm, threads)\n"
+    "run_step's first part (kernel.h: fate_step_route): up to the routing and the next layer's prediction,\n"
+    "the stream after attention left in residual; finish_step does the rest. Returns None.";
+
+/* run_step (routed: its last argument) and route_step (routing only: no routed argument) */
+static PyObject *step_call_run(PyObject *args, int whole) {
+    PyObject *o[13], *routed_obj = Py_None;
     double f[6];
     long long pos;
     int threads;
-    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOiO", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &o[1],
-                          &o[2], &o[3], &o[4], &pos, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12],
-                          &threads, &routed_obj))
+    if (whole ? !PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOiO", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5],
+                                  &o[1], &o[2], &o[3], &o[4], &pos, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
+                                  &o[12], &threads, &routed_obj)
+              : !PyArg_ParseTuple(args, "O(dddddd)OOOOLOOOOOOOOi", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5],
+                                  &o[1], &o[2], &o[3], &o[4], &pos, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
+                                  &o[12], &threads))
         return NULL;
+    const char *who = whole ? "run_step" : "route_step";
     step_call c;
     memset(&c, 0, sizeof c);
     Py_buffer lv = {0}, pv = {0}, ov = {0};
@@ -242,24 +258,91 @@ static PyObject *run_step(PyObject *self, PyObject *args) {
         (c.next.obj && c.next.len != v[S_NEXT_EXPERTS] * 4) ||
         (c.next_norm.obj && c.next_norm.len != v[S_NEXT_EXPERTS] * 4) ||
         ((c.next.obj || c.next_norm.obj) && v[S_NEXT_EXPERTS] == 0)) {
-        PyErr_SetString(PyExc_ValueError, "run_step: an array has the wrong size");
+        PyErr_Format(PyExc_ValueError, "%s: an array has the wrong size", who);
         goto done;
     }
     int64_t capacity = c.key.len / per_position;
-    if (pos < 0 || pos >= capacity) { PyErr_SetString(PyExc_IndexError, "run_step: pos is outside the caches"); goto done; }
-    if (routed_obj != Py_None && take_routed(routed_obj, h, v[S_EXPERTS], "run_step", &lv, &pv, &ov, &routed, &bases))
+    if (pos < 0 || pos >= capacity) { PyErr_Format(PyExc_IndexError, "%s: pos is outside the caches", who); goto done; }
+    if (routed_obj != Py_None && take_routed(routed_obj, h, v[S_EXPERTS], who, &lv, &pv, &ov, &routed, &bases))
+        goto done;
+    int rc;
+    float *next = c.next.obj ? c.next.buf : NULL, *next_norm = c.next_norm.obj ? c.next_norm.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (whole)
+        rc = fate_run_step(&c.s, c.graph.buf, c.x.buf, c.key.buf, c.value.buf, capacity, pos, c.cos.buf, c.sin.buf,
+                           c.residual.buf, c.router_input.buf, c.ids.buf, c.weights.buf, next, next_norm,
+                           bases ? &routed : NULL, bases, threads);
+    else
+        rc = fate_step_route(&c.s, c.graph.buf, c.x.buf, c.key.buf, c.value.buf, capacity, pos, c.cos.buf, c.sin.buf,
+                             c.residual.buf, c.router_input.buf, c.ids.buf, c.weights.buf, next, next_norm, threads);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) { PyErr_NoMemory(); goto done; }
+    if (whole) result = PyBool_FromLong(bases != NULL && rc == 0);
+    else { Py_INCREF(Py_None); result = Py_None; }
+done:;
+    Py_buffer *views[] = {&lv, &pv, &ov};
+    release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
+    release_step_call(&c);
+    return result;
+}
+
+static PyObject *run_step(PyObject *self, PyObject *args) {
+    (void)self;
+    return step_call_run(args, 1);
+}
+
+static PyObject *route_step(PyObject *self, PyObject *args) {
+    (void)self;
+    return step_call_run(args, 0);
+}
+
+static const char finish_doc[] =
+    "finish_step(step, floats, graph, residual, router_input, ids, weights, threads, routed)\n"
+    "run_step's second part (kernel.h: fate_step_finish), after route_step on the same arrays: the shared\n"
+    "expert added to residual and, with routed, the chosen experts; returns as run_step does. The ids are\n"
+    "checked against the layer's experts.";
+
+static PyObject *finish_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[6], *routed_obj;
+    double f[6];
+    int threads;
+    if (!PyArg_ParseTuple(args, "O(dddddd)OOOOOiO", &o[0], &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &o[1], &o[2],
+                          &o[3], &o[4], &o[5], &threads, &routed_obj))
+        return NULL;
+    static const char *const names[6] = {"step", "graph", "residual", "router_input", "ids", "weights"};
+    static const int writable[6] = {0, 0, 1, 0, 0, 0};
+    step_call c;
+    memset(&c, 0, sizeof c);
+    Py_buffer *views[6] = {&c.step, &c.graph, &c.residual, &c.router_input, &c.ids, &c.weights};
+    Py_buffer lv = {0}, pv = {0}, ov = {0};
+    PyObject *result = NULL;
+    const uint8_t **bases = NULL;
+    fate_layout routed;
+    for (int i = 0; i < 6; i++)
+        if (get_buffer(o[i], views[i], writable[i], names[i])) goto done;
+    if (take_step(f, &c)) goto done;
+    const int64_t *v = c.s.v;
+    int64_t h = v[S_HIDDEN], top_k = v[S_TOP_K];
+    if (c.residual.len != h * 4 || c.router_input.len != h * 4 || c.ids.len != top_k * 8 || c.weights.len != top_k * 4) {
+        PyErr_SetString(PyExc_ValueError, "finish_step: an array has the wrong size");
+        goto done;
+    }
+    const int64_t *ids = c.ids.buf;
+    for (int64_t j = 0; j < top_k; j++)
+        if (ids[j] < 0 || ids[j] >= v[S_EXPERTS]) { PyErr_SetString(PyExc_IndexError, "finish_step: an id is out of range"); goto done; }
+    if (routed_obj != Py_None && take_routed(routed_obj, h, v[S_EXPERTS], "finish_step", &lv, &pv, &ov, &routed, &bases))
         goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fate_run_step(&c.s, c.graph.buf, c.x.buf, c.key.buf, c.value.buf, capacity, pos, c.cos.buf, c.sin.buf,
-                       c.residual.buf, c.router_input.buf, c.ids.buf, c.weights.buf, c.next.obj ? c.next.buf : NULL,
-                       c.next_norm.obj ? c.next_norm.buf : NULL, bases ? &routed : NULL, bases, threads);
+    rc = fate_step_finish(&c.s, c.graph.buf, c.residual.buf, c.router_input.buf, ids, c.weights.buf,
+                          bases ? &routed : NULL, bases, threads);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_NoMemory(); goto done; }
     result = PyBool_FromLong(bases != NULL && rc == 0);
 done:;
-    Py_buffer *views[] = {&lv, &pv, &ov};
-    release(NULL, 0, bases, NULL, views, sizeof views / sizeof *views);
+    Py_buffer *held[] = {&lv, &pv, &ov};
+    release(NULL, 0, bases, NULL, held, sizeof held / sizeof *held);
     release_step_call(&c);
     return result;
 }
@@ -527,6 +610,8 @@ static PyTypeObject ReadType = {
 static PyMethodDef methods[] = {
     {"run_experts", run_experts, METH_VARARGS, run_doc},
     {"run_step", run_step, METH_VARARGS, step_doc},
+    {"route_step", route_step, METH_VARARGS, route_doc},
+    {"finish_step", finish_step, METH_VARARGS, finish_doc},
     {"add_routed", add_routed, METH_VARARGS, add_routed_doc},
     {"run_prefill", run_prefill, METH_VARARGS, prefill_doc},
     {"run_head", run_head, METH_VARARGS, head_doc},

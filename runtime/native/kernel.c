@@ -1128,33 +1128,35 @@ int fate_add_routed(const fate_layout *routed, const uint8_t *const *experts, co
     return rc;
 }
 
-int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
-                  int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
-                  float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
-                  const uint8_t *const *expert_bases, int threads) {
+/* The step's front (call_lock held): attention, routing and the next layer's prediction; the stream after
+ * attention left in `residual` for step_finish. */
+static int step_route(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value,
+                      int64_t capacity, int64_t pos, const float *cos, const float *sin, float *residual,
+                      float *router_input, int64_t *ids, float *weights, float *next_logits, float *next_logits_norm,
+                      int threads) {
     const int64_t *v = s->v, *o = v + S_OFFSETS;
     int64_t h = v[S_HIDDEN], heads = v[S_HEADS], kv = v[S_KV_HEADS], d = v[S_HEAD_DIM], half = v[S_ROT_HALF];
-    int64_t inter = v[S_SHARED_INTER], experts = v[S_EXPERTS], bs = v[S_BLOCK];
+    int64_t experts = v[S_EXPERTS], bs = v[S_BLOCK];
     int64_t shape[4][2];
     step_shapes(s, shape);
     int64_t widest = h > 2 * experts ? h : 2 * experts; /* the router's logits, and sigmoid routing's choice */
-    for (int m = 0; m < 4; m++) widest = shape[m][0] > widest ? shape[m][0] : widest;
+    for (int m = 0; m < 2; m++) widest = shape[m][0] > widest ? shape[m][0] : widest;
     int64_t first = v[S_WINDOW] > 0 && pos + 1 > v[S_WINDOW] ? pos + 1 - v[S_WINDOW] : 0;
     int64_t count = pos - first + 1;
-    /* float scratch: normed, projection out, context, attention out, hidden, probs, scores; then the
+    /* float scratch: normed, projection out, context, attention out, renormed, probs, scores; then the
      * int8 activations, their scales and sums (for the widest input) */
     int64_t inputs = heads * d > h ? heads * d : h;
-    inputs = inter > inputs ? inter : inputs;
     int64_t blocks = (inputs + bs - 1) / bs;
-    size_t floats = (size_t)(h + widest + heads * d + 3 * h + experts + heads * count + blocks);
+    size_t floats = (size_t)(h + widest + heads * d + 2 * h + experts + heads * count + blocks);
     size_t bytes = 4 * floats + 4 * (size_t)blocks + (size_t)(blocks * bs) + 64;
     uint8_t *scratch = malloc(bytes);
     if (!scratch) return -1;
     float *normed = (float *)scratch, *y = normed + h, *context = y + widest, *attn = context + heads * d;
-    float *hidden = attn + h, *renormed = hidden + h, *probs = renormed + h, *scores = probs + experts;
+    float *renormed = attn + h, *probs = renormed + h, *scores = probs + experts;
     float *as = scores + heads * count;
     int32_t *asum = (int32_t *)(as + blocks);
     int8_t *aq = (int8_t *)(asum + blocks);
+    float *hidden = residual;
 
     step_t st;
     memset(&st, 0, sizeof st);
@@ -1162,8 +1164,6 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
     st.math.bs = bs;
     st.math.int8 = (int)v[S_INT8];
     st.m_count = 1;
-    pthread_mutex_lock(&call_lock);
-
     /* attention: q|k|v of the normed token */
     rms_norm(x, base + o[T_ATTN_NORM], h, s->eps, normed);
     proj_t qkv = step_projection(s, base, T_QKV_W, shape[0][0], h);
@@ -1226,7 +1226,33 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
             choice_scores(next_logits_norm, v[S_NEXT_EXPERTS], sigmoid_routing, next_bias);
         }
     }
+    free(scratch);
+    return 0;
+}
+
+/* The step's back (call_lock held): the shared expert added to the stream step_route left in `residual`,
+ * then, with `routed`, the chosen experts. */
+static int step_finish(const fate_step *s, const uint8_t *base, float *residual, const float *router_input,
+                       const int64_t *ids, const float *weights, const fate_layout *routed,
+                       const uint8_t *const *expert_bases, int threads) {
+    const int64_t *v = s->v, *o = v + S_OFFSETS;
+    int64_t h = v[S_HIDDEN], inter = v[S_SHARED_INTER], bs = v[S_BLOCK];
     if (inter > 0) {
+        /* float scratch: the gate|up output, the down output; then the int8 activations */
+        int64_t inputs = inter > h ? inter : h;
+        int64_t blocks = (inputs + bs - 1) / bs;
+        size_t bytes = 4 * (size_t)(2 * inter + h + blocks) + 4 * (size_t)blocks + (size_t)(blocks * bs) + 64;
+        uint8_t *scratch = malloc(bytes);
+        if (!scratch) return -1;
+        float *y = (float *)scratch, *attn = y + 2 * inter, *as = attn + h;
+        int32_t *asum = (int32_t *)(as + blocks);
+        int8_t *aq = (int8_t *)(asum + blocks);
+        step_t st;
+        memset(&st, 0, sizeof st);
+        st.math.bits = (int)v[S_BITS];
+        st.math.bs = bs;
+        st.math.int8 = (int)v[S_INT8];
+        st.m_count = 1;
         proj_t gate_up = step_projection(s, base, T_GU_W, 2 * inter, h);
         if (st.math.int8) quantize_row(router_input, h, bs, st.math.bits, aq, as, asum);
         step_project(&st, &gate_up, aq, as, asum, router_input, y, threads);
@@ -1240,13 +1266,41 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
             matvec(router_input, base + o[T_SHARED_GATE], h, 1, &logit);
             gate = sigmoid(logit) * s->shared_scale;
         }
-        for (int64_t i = 0; i < h; i++) residual[i] = hidden[i] + attn[i] * gate;
-    } else {
-        memcpy(residual, hidden, (size_t)h * sizeof(float));
+        for (int64_t i = 0; i < h; i++) residual[i] = residual[i] + attn[i] * gate;
+        free(scratch);
     }
-    int rc = routed ? add_routed(routed, expert_bases, ids, weights, v[S_TOP_K], router_input, residual, threads) : 0;
+    return routed ? add_routed(routed, expert_bases, ids, weights, v[S_TOP_K], router_input, residual, threads) : 0;
+}
+
+int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value, int64_t capacity,
+                  int64_t pos, const float *cos, const float *sin, float *residual, float *router_input, int64_t *ids,
+                  float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
+                  const uint8_t *const *expert_bases, int threads) {
+    pthread_mutex_lock(&call_lock);
+    int rc = step_route(s, base, x, key, value, capacity, pos, cos, sin, residual, router_input, ids, weights,
+                        next_logits, next_logits_norm, threads);
+    if (rc == 0) rc = step_finish(s, base, residual, router_input, ids, weights, routed, expert_bases, threads);
     pthread_mutex_unlock(&call_lock);
-    free(scratch);
+    return rc;
+}
+
+int fate_step_route(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value,
+                    int64_t capacity, int64_t pos, const float *cos, const float *sin, float *residual,
+                    float *router_input, int64_t *ids, float *weights, float *next_logits, float *next_logits_norm,
+                    int threads) {
+    pthread_mutex_lock(&call_lock);
+    int rc = step_route(s, base, x, key, value, capacity, pos, cos, sin, residual, router_input, ids, weights,
+                        next_logits, next_logits_norm, threads);
+    pthread_mutex_unlock(&call_lock);
+    return rc;
+}
+
+int fate_step_finish(const fate_step *s, const uint8_t *base, float *residual, const float *router_input,
+                     const int64_t *ids, const float *weights, const fate_layout *routed,
+                     const uint8_t *const *expert_bases, int threads) {
+    pthread_mutex_lock(&call_lock);
+    int rc = step_finish(s, base, residual, router_input, ids, weights, routed, expert_bases, threads);
+    pthread_mutex_unlock(&call_lock);
     return rc;
 }
 

@@ -80,6 +80,18 @@ int fate_run_step(const fate_step *s, const uint8_t *base, const float *x, float
                   float *weights, float *next_logits, float *next_logits_norm, const fate_layout *routed,
                   const uint8_t *const *experts, int threads);
 
+/* fate_run_step in two calls, so that a caller may begin the reads of experts not at hand between them (the
+ * same bits as the one call): fate_step_route computes the step up to the routing and the next layer's
+ * prediction, leaving the stream after attention in `residual`; fate_step_finish adds the shared expert to
+ * it and, with `routed`, the chosen experts (its return as fate_run_step's). Same buffers as fate_run_step. */
+int fate_step_route(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value,
+                    int64_t capacity, int64_t pos, const float *cos, const float *sin, float *residual,
+                    float *router_input, int64_t *ids, float *weights, float *next_logits, float *next_logits_norm,
+                    int threads);
+int fate_step_finish(const fate_step *s, const uint8_t *base, float *residual, const float *router_input,
+                     const int64_t *ids, const float *weights, const fate_layout *routed,
+                     const uint8_t *const *experts, int threads);
+
 /* The routed experts of one token added to `residual` [hidden] in the router's order, as fate_run_step adds
  * them (the same bits): experts[ids[j]] for j < top_k on the router input x, each weighted output rounded,
  * then added. Every buffer checked by the caller. Returns 0; 1 when a chosen expert is NULL (the residual

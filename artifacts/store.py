@@ -14,11 +14,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
 from . import archive, hints, layout
 from .archive import Member
+from .checked import CheckedFiles, file_stat
 from .graph_check import check_graph
 from .inputs import load_json
 from .outputs import check_output, current_umask, partial_name, reclaim_stale, trash_path
@@ -123,6 +125,8 @@ class Artifact:
         self.is_archive = members is not None
         self._members = members
         self._entries = {f.path: f for f in manifest.files}
+        # which files earlier runs on this machine hashed as they are now (checked.py); opened: nothing trusted
+        self.checked = CheckedFiles("", self._stat_of, {}, 0)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Artifact":
@@ -140,13 +144,16 @@ class Artifact:
         if manifest_path.stat().st_size > archive.MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{manifest_path} is implausibly large")
         data = manifest_path.read_bytes()
+        opened = time.time_ns()
         artifact = cls(root, _parse_manifest(data, manifest_path), digest=hashlib.sha256(data).hexdigest())
         for entry in artifact.manifest.files:
             artifact.member(entry.path)  # every listed file present, inside, of the listed size
+        artifact._remember_checks(opened)
         return artifact
 
     @classmethod
     def _open_archive(cls, path: Path) -> "Artifact":
+        opened = time.time_ns()
         manifest_bytes, members = archive.scan(path)
         artifact = cls(path, _parse_manifest(manifest_bytes, f"{path}:{layout.MANIFEST}"), members,
                        digest=hashlib.sha256(manifest_bytes).hexdigest())
@@ -156,7 +163,17 @@ class Artifact:
             raise ArtifactError(f"{path}: member {extra[0]!r} is not listed in the manifest")
         for entry in artifact.manifest.files:
             artifact.member(entry.path)
+        artifact._remember_checks(opened)
         return artifact
+
+    def _stat_of(self, relpath: str):
+        return file_stat(self.root if self._members is not None else self.root / relpath)
+
+    def _remember_checks(self, opened_ns: int) -> None:
+        """Trust the files earlier runs hashed as they are now (checked.py); their stats taken now, after
+        `opened_ns`, before any is read."""
+        stats = {entry.path: self._stat_of(entry.path) for entry in self.manifest.files}
+        self.checked = CheckedFiles(self.digest, self._stat_of, stats, opened_ns)
 
     def entry(self, relpath: str) -> FileEntry:
         """The manifest's record (size, SHA-256) of a listed file."""
@@ -186,21 +203,29 @@ class Artifact:
             raise ArtifactError(f"{full} has {size} bytes, the manifest says {entry.size} (truncated or changed)")
         return Member(full, 0, size, str(full))
 
-    def read_bytes(self, relpath: str, verify: bool = True, uncached: bool = False) -> bytes:
-        """A file's bytes; with `verify`, checked against the manifest's SHA-256; with `uncached`,
-        dropped from the OS page cache after reading (expert loads under a memory budget)."""
+    def read_bytes(self, relpath: str, verify: bool = True, uncached: bool = False, recheck: bool = False) -> bytes:
+        """A file's bytes; with `verify`, checked against the manifest's SHA-256 unless an earlier run hashed
+        the file as it is now (`checked`; `recheck`: hashed all the same); with `uncached`, dropped from the
+        OS page cache after reading (expert loads under a memory budget)."""
         m = self.member(relpath)
         data = read_range(m.file, m.offset, m.size, uncached)
         if len(data) != m.size:
             raise ArtifactError(f"{m.label} changed while being read")
-        if verify and hashlib.sha256(data).hexdigest() != self._entries[relpath].sha256:
-            raise ArtifactError(f"{m.label} fails its SHA-256 check (corrupt or modified)")
+        if verify and (recheck or not self.checked.trusted(relpath)):
+            self.check_digest(relpath, hashlib.sha256(data).hexdigest())
         return data
 
-    def read_graph(self, relpath: str, verify: bool = True, uncached: bool = False, check: bool = True) -> bytes:
+    def check_digest(self, relpath: str, digest: str) -> None:
+        """A listed file's SHA-256 as read, against the manifest's: recorded for later runs where it matches."""
+        if digest != self._entries[relpath].sha256:
+            raise ArtifactError(f"{self.member(relpath).label} fails its SHA-256 check (corrupt or modified)")
+        self.checked.passed(relpath)
+
+    def read_graph(self, relpath: str, verify: bool = True, uncached: bool = False, check: bool = True,
+                   recheck: bool = False) -> bytes:
         """An ONNX graph's bytes, refused (with `check`) if it uses external data or operators the
         runtime does not expect (see graph_check.py)."""
-        data = self.read_bytes(relpath, verify=verify, uncached=uncached)
+        data = self.read_bytes(relpath, verify=verify, uncached=uncached, recheck=recheck)
         if check:
             check_graph(data, self.member(relpath).label)
         return data
@@ -234,11 +259,12 @@ class Artifact:
         for entry in self.manifest.files:
             try:
                 if entry.path.endswith(".onnx"):
-                    self.read_graph(entry.path)
+                    self.read_graph(entry.path, recheck=True)
                 else:
-                    self.read_bytes(entry.path)
+                    self.read_bytes(entry.path, recheck=True)
             except ArtifactError as e:
                 problems.append(str(e))
+        self.checked.save()  # later runs need not hash what passed here
         return problems
 
 

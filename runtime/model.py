@@ -180,6 +180,7 @@ class FateModel:
             store.close()
             raise
         model.memory_plan = plan
+        artifact.checked.save()  # the files this load hashed need not be hashed by the next run
         if plan is not None:
             model.context = plan.context
             held = current_rss()
@@ -325,6 +326,7 @@ class FateModel:
                 self._trace_path = None
         finally:
             self.experts.close()
+            self.artifact.checked.save()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .experts.store import ExpertOptions
 class EngineOptions:
     precision: str | None = None  # the stored expert precision to run (None: the policy's per layer)
     threads: int = 0  # compute threads of the sessions and the native kernel (0: every core)
-    verify: bool = True  # SHA-256 of every file on its first read
+    verify: bool = True  # SHA-256 of every file on its first read (where no earlier run hashed it: artifacts.checked)
     verify_every_load: bool = False  # and on every read of an expert
     executor: str = "auto"  # experts computed by the native kernel, onnxruntime sessions, or auto
     decode_steps: bool = True  # layers with a native decode step run it (where the experts' executor is native)

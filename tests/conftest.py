@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# what one run leaves the next (the files it hashed: artifacts.checked) stays in this session's own directory,
+# for the commands the tests start too
+os.environ["FATE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fate-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FATE_CACHE_DIR"], True)
 
 from tiny_models import make_model  # noqa: E402
 

@@ -150,3 +150,73 @@ def test_compiler_families_are_known_to_the_runtime():
 
     written = {family_for({"model_type": t}).model_type for t in supported()}
     assert written == set(schema.KNOWN_FAMILIES)
+
+
+def test_checked_files_trust_only_a_stat_recorded_when_it_was_old_and_unchanged(tmp_path, monkeypatch):
+    """artifacts.checked, on made-up stats: a file that passed is recorded only where its stat is the one taken
+    at open and it had not changed for RACY_NS before; trusted later only while its stat is the recorded one;
+    records merge across runs, and a cache that cannot be written or read back costs nothing but hashing."""
+    from fate.artifacts import checked
+
+    monkeypatch.setenv(checked.CACHE_ENV, str(tmp_path / "cache"))
+    old, young = (1, 2, 10, 5, 1_000), (1, 3, 10, 5, 9_000_000_000)
+    stats = {"a": old, "b": young, "c": old}
+    opened = {"a": old, "b": young, "c": (1, 2, 10, 5, 999)}  # c changed between the open and its check
+
+    first = checked.CheckedFiles("d1", stats.get, dict(opened), 10_000_000_000)
+    assert not first.trusted("a")
+    for path in stats:
+        first.passed(path)
+    assert first.trusted("a") and not first.trusted("b") and not first.trusted("c")
+    first.save()
+    second = checked.CheckedFiles("d1", stats.get, dict(stats), 10_000_000_000)
+    assert second.trusted("a") and not second.trusted("b")
+    stats["a"] = (1, 2, 10, 5, 1_001)  # written since: its change time moved
+    assert not second.trusted("a")
+    stats["c"] = old
+    second.passed("c")
+    second.save()
+    third = checked.CheckedFiles("d1", stats.get, dict(stats), 10_000_000_000)
+    assert third.trusted("c") and not third.trusted("a")
+    assert not checked.CheckedFiles("d2", stats.get, dict(stats), 10_000_000_000).trusted("c")  # another artifact
+
+    record = tmp_path / "cache" / "checked" / "d1.json"
+    for junk in ("not json", "[1, 2]", '{"c": [1, 2]}', '{"c": ["1", 2, 10, 5, 1000]}'):
+        record.write_text(junk)
+        assert not checked.CheckedFiles("d1", stats.get, dict(stats), 10_000_000_000).trusted("c")
+    record.unlink()
+    record.parent.rmdir()
+    record.parent.write_text("a file where the directory would go")
+    unwritable = checked.CheckedFiles("d1", stats.get, dict(stats), 10_000_000_000)
+    unwritable.passed("c")
+    unwritable.save()  # nothing raised, nothing written
+    assert record.parent.is_file()
+
+
+def test_a_file_an_earlier_run_hashed_is_not_hashed_again_until_it_changes(mixtral, tmp_path, monkeypatch):
+    """fate-verify hashes every file and records them; the next open reads them unhashed; a file replaced
+    since (another inode, the same size) is hashed again and refused, naming it."""
+    import hashlib
+
+    from fate.artifacts import checked, store
+
+    monkeypatch.setenv(checked.CACHE_ENV, str(tmp_path / "cache"))
+    target = tmp_path / "art"
+    shutil.copytree(mixtral.artifact(4), target)
+    monkeypatch.setattr(checked, "RACY_NS", -10**18)  # the copy was just made: old enough for this test
+    assert Artifact.open(target).verify() == []
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(store.hashlib, "sha256", lambda data=b"": hashed.append(1) or sha256(data))
+    art = Artifact.open(target)
+    hashed.clear()
+    for entry in art.manifest.files:
+        art.read_bytes(entry.path)
+    assert not hashed
+    assert len(art.verify()) == 0 and len(hashed) == len(art.manifest.files)  # fate-verify hashes all the same
+    expert = art.manifest.layers[0].experts["int4"][3]
+    data = bytearray((target / expert).read_bytes())
+    data[0] ^= 0xFF
+    (target / f"{expert}.new").write_bytes(bytes(data))
+    (target / f"{expert}.new").replace(target / expert)
+    with pytest.raises(ArtifactError, match=re.escape(expert)):
+        Artifact.open(target).read_bytes(expert)

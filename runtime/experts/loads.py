@@ -1,5 +1,6 @@
 """Loading one expert: one positioned read of its file into a slot (page cache bypassed), its
-SHA-256 checked the first time this process reads it; the session executor then builds its
+SHA-256 checked the first time this process reads it (unless an earlier run hashed the file as it is
+now: artifacts.checked); the session executor then builds its
 session. `load` does it all at once (prefetch threads); `start` begins the read on the native
 I/O threads and `Load.result()` finishes it (the generation loop's own loads: no Python
 thread is handed the work). A large file begun with `start` is hashed on a hashing thread as soon
@@ -72,7 +73,7 @@ class ExpertLoader:
                     read, ahead = self._begin(path, buffer, direct, precision), None
                 data = read.wait()
                 member = self._member(path)
-                self._check_first(path, data, member.label, ahead)
+                self._check_first(path, data, ahead)
             except (ArtifactError, OSError) as e:  # a file removed or unreadable since the start is missing
                 first_error = first_error or self._as_artifact_error(path, e)
                 continue
@@ -109,7 +110,19 @@ class ExpertLoader:
         return member
 
     def _needs_check(self, path: str) -> bool:
-        return self.verify and (self.every_load or path not in self._checked)
+        """Whether this read is hashed: every one with `every_load`, else a file's first in this process,
+        unless an earlier run hashed the file as it is now (artifacts.checked)."""
+        if not self.verify:
+            return False
+        if self.every_load:
+            return True
+        if path in self._checked:
+            return False
+        if self.artifact.checked.trusted(path):
+            with self._lock:
+                self._checked.add(path)
+            return False
+        return True
 
     def _hash_ahead(self, path: str, read: SlotRead) -> Future | None:
         """The SHA-256 of a large file whose check is due, computed on a hashing thread once its
@@ -126,15 +139,13 @@ class ExpertLoader:
         if self._hashers is not None:
             self._hashers.shutdown(wait=True, cancel_futures=True)
 
-    def _check_first(self, path: str, data: memoryview, label: str, ahead: Future | None = None) -> None:
-        """Hash a file the first time this process reads it (or take the hash `ahead` computed);
-        reloads after an eviction (the common case under a tight budget) skip the 4 ms a 5 MB
-        expert costs to hash."""
+    def _check_first(self, path: str, data: memoryview, ahead: Future | None = None) -> None:
+        """Hash a file the first time this process reads it (or take the hash `ahead` computed), unless an
+        earlier run did (artifacts.checked); reloads after an eviction (the common case under a tight budget)
+        skip the 4 ms a 5 MB expert costs to hash."""
         if not self._needs_check(path):
             return
-        digest = ahead.result() if ahead is not None else hashlib.sha256(data).hexdigest()
-        if digest != self.artifact.entry(path).sha256:
-            raise ArtifactError(f"{label} fails its SHA-256 check (corrupt or modified)")
+        self.artifact.check_digest(path, ahead.result() if ahead is not None else hashlib.sha256(data).hexdigest())
         with self._lock:
             self._checked.add(path)
 

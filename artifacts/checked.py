@@ -23,6 +23,7 @@ from typing import Callable
 
 CACHE_ENV = "FATE_CACHE_DIR"
 RACY_NS = 2_000_000_000  # a file changed less than 2 s before the artifact was opened is hashed every time
+SAVE_EVERY = 256  # new records kept before they are written (a server may run for days before it closes)
 
 Stat = tuple[int, int, int, int, int]  # device, inode, size, modification and change times (ns)
 
@@ -74,6 +75,9 @@ class CheckedFiles:
         if now is not None and now == self._opened.get(path) and now[4] <= self._opened_ns - RACY_NS:
             with self._lock:
                 self._new[path] = now
+                due = len(self._new) >= SAVE_EVERY
+            if due:
+                self.save()
 
     def save(self) -> None:
         """Add this run's new records to the file (merged with what other runs wrote meanwhile; replaced in

@@ -1128,6 +1128,17 @@ int fate_add_routed(const fate_layout *routed, const uint8_t *const *experts, co
     return rc;
 }
 
+/* the state of a step's projections for one token, at the step's precision */
+static step_t one_token(const fate_step *s) {
+    step_t st;
+    memset(&st, 0, sizeof st);
+    st.math.bits = (int)s->v[S_BITS];
+    st.math.bs = s->v[S_BLOCK];
+    st.math.int8 = (int)s->v[S_INT8];
+    st.m_count = 1;
+    return st;
+}
+
 /* The step's front (call_lock held): attention, routing and the next layer's prediction; the stream after
  * attention left in `residual` for step_finish. */
 static int step_route(const fate_step *s, const uint8_t *base, const float *x, float *key, float *value,
@@ -1157,13 +1168,7 @@ static int step_route(const fate_step *s, const uint8_t *base, const float *x, f
     int32_t *asum = (int32_t *)(as + blocks);
     int8_t *aq = (int8_t *)(asum + blocks);
     float *hidden = residual;
-
-    step_t st;
-    memset(&st, 0, sizeof st);
-    st.math.bits = (int)v[S_BITS];
-    st.math.bs = bs;
-    st.math.int8 = (int)v[S_INT8];
-    st.m_count = 1;
+    step_t st = one_token(s);
     /* attention: q|k|v of the normed token */
     rms_norm(x, base + o[T_ATTN_NORM], h, s->eps, normed);
     proj_t qkv = step_projection(s, base, T_QKV_W, shape[0][0], h);
@@ -1247,12 +1252,7 @@ static int step_finish(const fate_step *s, const uint8_t *base, float *residual,
         float *y = (float *)scratch, *attn = y + 2 * inter, *as = attn + h;
         int32_t *asum = (int32_t *)(as + blocks);
         int8_t *aq = (int8_t *)(asum + blocks);
-        step_t st;
-        memset(&st, 0, sizeof st);
-        st.math.bits = (int)v[S_BITS];
-        st.math.bs = bs;
-        st.math.int8 = (int)v[S_INT8];
-        st.m_count = 1;
+        step_t st = one_token(s);
         proj_t gate_up = step_projection(s, base, T_GU_W, 2 * inter, h);
         if (st.math.int8) quantize_row(router_input, h, bs, st.math.bits, aq, as, asum);
         step_project(&st, &gate_up, aq, as, asum, router_input, y, threads);

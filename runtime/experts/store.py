@@ -109,17 +109,17 @@ class ExpertStore(ABC):
                 begun = self.begin(layer, out.ids)
             elif ran:
                 self.ran_in_step(layer, out.ids)
-        if out.next_scores:
-            self.hint(layer + 1, out.next_scores)
-        if out.finish is not None:
-            try:
+        try:
+            if out.next_scores:
+                self.hint(layer + 1, out.next_scores)
+            if out.finish is not None:
                 ran = self.finish_step(out.finish)
-            except BaseException:
-                if begun is not None:
-                    self.abandon(begun)
-                raise
-            if ran and out.ids is not None:
-                self.ran_in_step(layer, out.ids)  # never with loads begun: a miss is not where the step looks
+                if ran and out.ids is not None:
+                    self.ran_in_step(layer, out.ids)  # never with loads begun: a miss is not where the step looks
+        except BaseException:
+            if begun is not None:
+                self.abandon(begun)
+            raise
         if out.ids is None or ran:
             return None
         return self.compute(layer, np.ascontiguousarray(out.router_input, dtype=np.float32), out.ids,

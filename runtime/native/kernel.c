@@ -243,6 +243,98 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
+    /* Prefill: two rows against M tokens (NAME##_rows2 calls it four tokens at a time, then one), each         \
+     * activation chunk loaded once for both rows (NAME##_rows_m loads it once a row). Only the paths whose     \
+     * codes need no unpacking beyond nibbles (4 bits in blocks of 64 or more; 8 bits where the dot takes       \
+     * them as they are): per row and token, the same integer sums and the same float operations, in the        \
+     * same order, as NAME##_rows_m (1.17-1.19x prefill at Qwen-MoE shapes, BENCHMARKS.md). */                  \
+    __attribute__((target(TARGET))) static inline void NAME##_rows2_m(const proj_t *p, int64_t n, int bits,     \
+                                                                      int64_t bs, const int8_t *aq,            \
+                                                                      int64_t a_stride, const float *as,       \
+                                                                      const int32_t *asum, const int M,        \
+                                                                      float *out0, float *out1) {              \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                \
+        (void)ones;                                                                                             \
+        const int64_t bb = p->block_bytes, blocks = p->blocks;                                                  \
+        const uint8_t *w0row = p->qweight + n * blocks * bb, *w1row = w0row + blocks * bb;                      \
+        const uint8_t *z0row = p->zeros + n * p->zero_row, *z1row = z0row + p->zero_row;                        \
+        int zshift = bits == 8 ? 0 : (bits == 4 ? 1 : 2), zmask = (1 << bits) - 1, per = (1 << zshift) - 1;   \
+        const uint8_t *ahead = w1row + blocks * bb; /* the next two rows, fetched meanwhile */                 \
+        const int more = n + 3 < p->n;                                                                          \
+        __m256 acc0[4], acc1[4];                                                                                \
+        float corr0[4], corr1[4];                                                                               \
+        for (int m = 0; m < M; m++) {                                                                           \
+            acc0[m] = acc1[m] = _mm256_setzero_ps();                                                            \
+            corr0[m] = corr1[m] = 0.0f;                                                                         \
+        }                                                                                                       \
+        for (int64_t j = 0; j < blocks; j++) {                                                                  \
+            if (more)                                                                                           \
+                for (int64_t b = 0; b < 2 * bb; b += 64)                                                        \
+                    _mm_prefetch((const char *)(ahead + 2 * j * bb + b), _MM_HINT_T0);                          \
+            __m256i s0[4], s1[4];                                                                               \
+            for (int m = 0; m < M; m++) s0[m] = s1[m] = _mm256_setzero_si256();                                \
+            const uint8_t *w0 = w0row + j * bb, *w1 = w1row + j * bb;                                           \
+            const int8_t *a = aq + j * bs;                                                                      \
+            for (int64_t c = 0; bits == 4 && c < bs; c += 64) {                                                 \
+                __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c / 2));                                 \
+                __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c / 2));                                 \
+                __m256i lo0 = _mm256_and_si256(b0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4);     \
+                __m256i lo1 = _mm256_and_si256(b1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4);     \
+                for (int m = 0; m < M; m++) {                                                                   \
+                    __m256i alo = _mm256_loadu_si256((const __m256i *)(a + m * a_stride + c));                  \
+                    __m256i ahi = _mm256_loadu_si256((const __m256i *)(a + m * a_stride + c + 32));             \
+                    DOT(s0[m], lo0, alo);                                                                       \
+                    DOT(s0[m], hi0, ahi);                                                                       \
+                    DOT(s1[m], lo1, alo);                                                                       \
+                    DOT(s1[m], hi1, ahi);                                                                       \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int64_t c = 0; bits == 8 && c < bs; c += 32) {                                                 \
+                __m256i b0 = _mm256_loadu_si256((const __m256i *)(w0 + c));                                     \
+                __m256i b1 = _mm256_loadu_si256((const __m256i *)(w1 + c));                                     \
+                for (int m = 0; m < M; m++) {                                                                   \
+                    __m256i av = _mm256_loadu_si256((const __m256i *)(a + m * a_stride + c));                   \
+                    DOT(s0[m], b0, av);                                                                         \
+                    DOT(s1[m], b1, av);                                                                         \
+                }                                                                                               \
+            }                                                                                                   \
+            float ws0 = load_f32(p->scales, n * blocks + j), ws1 = load_f32(p->scales, (n + 1) * blocks + j);     \
+            int zp0 = (z0row[j >> zshift] >> ((j & per) * bits)) & zmask;                                       \
+            int zp1 = (z1row[j >> zshift] >> ((j & per) * bits)) & zmask;                                       \
+            for (int m = 0; m < M; m++) {                                                                       \
+                float f0 = ws0 * as[m * blocks + j], f1 = ws1 * as[m * blocks + j];                          \
+                acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[m]), _mm256_set1_ps(f0), acc0[m]);              \
+                acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[m]), _mm256_set1_ps(f1), acc1[m]);              \
+                corr0[m] += f0 * (float)(zp0 * asum[m * blocks + j]);                                          \
+                corr1[m] += f1 * (float)(zp1 * asum[m * blocks + j]);                                          \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int m = 0; m < M; m++) {                                                                           \
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0[m]), _mm256_extractf128_ps(acc0[m], 1));         \
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
+            out0[m] = _mm_cvtss_f32(s) - corr0[m];                                                         \
+            s = _mm_add_ps(_mm256_castps256_ps128(acc1[m]), _mm256_extractf128_ps(acc1[m], 1));                \
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
+            out1[m] = _mm_cvtss_f32(s) - corr1[m];                                                         \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    __attribute__((target(TARGET), unused)) static void NAME##_rows2(const proj_t *p, int64_t n, int bits,      \
+                                                                   int64_t bs, const int8_t *aq,              \
+                                                                   int64_t a_stride, const float *as,         \
+                                                                   const int32_t *asum, int m_count,          \
+                                                                   float *out0, float *out1) {                \
+        int m = 0;                                                                                              \
+        for (; m + 4 <= m_count; m += 4)                                                                        \
+            NAME##_rows2_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
+                           4, out0 + m, out1 + m);                                                              \
+        for (; m < m_count; m++)                                                                                \
+            NAME##_rows2_m(p, n, bits, bs, aq + m * a_stride, a_stride, as + m * p->blocks, asum + m * p->blocks, \
+                           1, out0 + m, out1 + m);                                                              \
+    }                                                                                                           \
+                                                                                                                \
     /* Decode: one token against 4 rows per pass, so four independent accumulator chains hide the   \
      * dot instructions' latency and each block's activation scale is read once. */                       \
     __attribute__((target(TARGET))) static void NAME##_rows4(const proj_t *p, int64_t n, int bits, int64_t bs,  \
@@ -464,12 +556,20 @@ typedef struct {
 static void project_rows(const proj_t *p, const math_t *math, const int8_t *aq, const float *as, const int32_t *asum,
                          const float *x, float *y, int64_t y_stride, int m_count, int64_t first, int64_t end) {
     int64_t a_stride = p->blocks * math->bs;
-    float out[TILE];
+    float out[TILE], out1[TILE];
     int simd = math->int8 && math->bs % CHUNK == 0;
+#ifdef FATE_X86
+    /* codes the two-row prefill pass takes as they are (NAME##_rows2) */
+    int plain = (math->bits == 4 && math->bs % 64 == 0) || math->bits == 8;
+#endif
     for (int64_t n = first; n < end;) {
         int rows = 1;
 #ifdef FATE_X86
-        if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= end) {
+        if (simd && plain && m_count >= 4 && n + 2 <= end && (kernel == K_VNNI512 || kernel == K_VNNI)) {
+            rows = 2; /* out[m] is row n, out1[m] row n + 1 */
+            if (kernel == K_VNNI512) row_int8_vnni512_rows2(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out, out1);
+            else row_int8_vnni_rows2(p, n, math->bits, math->bs, aq, a_stride, as, asum, m_count, out, out1);
+        } else if (simd && kernel != K_PORTABLE && m_count == 1 && n + 4 <= end) {
             rows = 4; /* out[r] is row n + r */
             if (kernel == K_VNNI512) row_int8_vnni512_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
             else if (kernel == K_VNNI) row_int8_vnni_rows4(p, n, math->bits, math->bs, aq, as, asum, out);
@@ -493,6 +593,12 @@ static void project_rows(const proj_t *p, const math_t *math, const int8_t *aq, 
             row_float(p, n, math->bits, math->bs, x, p->k, m_count, out);
         if (rows == 4) {
             for (int r = 0; r < 4; r++) y[n + r] = out[r] + (p->bias ? load_f32(p->bias, n + r) : 0.0f);
+        } else if (rows == 2) {
+            float b0 = p->bias ? load_f32(p->bias, n) : 0.0f, b1 = p->bias ? load_f32(p->bias, n + 1) : 0.0f;
+            for (int m = 0; m < m_count; m++) {
+                y[m * y_stride + n] = out[m] + b0;
+                y[m * y_stride + n + 1] = out1[m] + b1;
+            }
         } else {
             float b = p->bias ? load_f32(p->bias, n) : 0.0f;
             for (int m = 0; m < m_count; m++) y[m * y_stride + n] = out[m] + b;

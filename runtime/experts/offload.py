@@ -167,6 +167,7 @@ class OffloadedExperts(ExpertStore):
         self._inline_read = True  # whether the miss compute begins next may be read inline (_Reads.start)
         self._costs_at: tuple[float, int, float, int] | None = None  # at the last decode step (PrefetchGate.token)
         self._read_ahead = False  # whether this decode token made a prediction (PrefetchGate.token)
+        self._predicting = True  # whether any read ahead could pay now (PrefetchGate.worth_reading, once a token)
         self._step = 0
         self._phase = "prefill"
         self._phase_start = time.perf_counter()
@@ -219,7 +220,7 @@ class OffloadedExperts(ExpertStore):
     def _measure_costs(self, prefill: bool) -> None:
         """Hand the gate the last decode token's costs (the loop's own time and loads, its waits)."""
         if prefill:
-            self._costs_at = None
+            self._costs_at, self._predicting = None, True
             return
         d = self.phases["decode"]
         now = (d.room_s - d.run_s - d.cache.stall_s, self.cache.counters.loads, d.cache.stall_s, d.waits)
@@ -227,7 +228,8 @@ class OffloadedExperts(ExpertStore):
             self._gate.token(*(a - b for a, b in zip(now, self._costs_at)), read_ahead=self._read_ahead)
             # floors keep a layer that nothing prefetches its slots against the others' prefetches: not needed
             # while no read ahead could pay, when the others load on demand as it does
-            self.cache.floors = self._floors if self._gate.worth_reading() else {}
+            self._predicting = self._gate.worth_reading()  # the gate's answer changes only here, once a token
+            self.cache.floors = self._floors if self._predicting else {}
         self._costs_at, self._read_ahead = now, False
 
     def _switch_phase(self, phase: str) -> None:
@@ -263,6 +265,9 @@ class OffloadedExperts(ExpertStore):
         plan = self.plans.get(layer)
         if plan is None or plan.predictor not in GRAPH_OUTPUT_OF:
             return
+        if not self._predicting:  # (decode) no read ahead could pay now: nothing predicted, nothing scored
+            self.phases[self._phase].gated += plan.width > 0
+            return
         self._request(plan, predictions[GRAPH_OUTPUT_OF[plan.predictor]])
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
@@ -278,12 +283,15 @@ class OffloadedExperts(ExpertStore):
             for expert in sorted(self._low_bit_tail(plan, needed) - self.cache.resident(layer)):
                 self._start_low(plan, expert)
         for target, (counts, popularity) in self._eap.get(layer, {}).items():
+            if not self._predicting:  # (decode) as in hint: not even scored
+                self.phases[self._phase].gated += self.plans[target].width > 0
+                continue
             self._request(self.plans[target], eap_scores(counts, popularity, expert_ids))
 
     def _request(self, plan: LayerPlan, scores: np.ndarray) -> None:
         if plan.width <= 0:
             return
-        if len(scores) == 1 and not self._gate.worth_reading():
+        if len(scores) == 1 and not self._predicting:
             self.phases[self._phase].gated += 1  # no read ahead could pay now: nothing predicted, nothing scored
             return
         top = top_experts(scores, plan.width)

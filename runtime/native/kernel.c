@@ -154,6 +154,14 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
 #define DOT_VNNI512(acc, c, a) acc = _mm256_dpbusd_epi32(acc, c, a)
 
 #define DEFINE_ROWS(NAME, TARGET, DOT, EXACT_U8)                                                              \
+    /* the eight lanes of a row's sums, added in the one order every pass of a row uses (its bits) */           \
+    __attribute__((target(TARGET))) static inline float NAME##_sum8(__m256 acc) {                               \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                      \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                                 \
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                                  \
+        return _mm_cvtss_f32(s);                                                                                \
+    }                                                                                                           \
+                                                                                                                \
     __attribute__((target(TARGET))) static inline void NAME##_block(const uint8_t *w, int bits, int64_t bs,     \
                                                                     const int8_t *a, int64_t a_stride, int M,  \
                                                                     __m256i *isum) {                           \
@@ -235,12 +243,7 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
                 corr[m] += f * (float)(zp * asum[m * p->blocks + j]);                                           \
             }                                                                                                   \
         }                                                                                                       \
-        for (int m = 0; m < M; m++) {                                                                           \
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));           \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
-            out[m] = _mm_cvtss_f32(s) - corr[m];                                                                \
-        }                                                                                                       \
+        for (int m = 0; m < M; m++) out[m] = NAME##_sum8(acc[m]) - corr[m];                                     \
     }                                                                                                           \
                                                                                                                 \
     /* Prefill: two rows against M tokens (NAME##_rows2 calls it four tokens at a time, then one), each         \
@@ -310,14 +313,8 @@ static int32_t block_dot_c(const uint8_t *w, const int8_t *a, int64_t bs, int bi
             }                                                                                                   \
         }                                                                                                       \
         for (int m = 0; m < M; m++) {                                                                           \
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0[m]), _mm256_extractf128_ps(acc0[m], 1));         \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
-            out0[m] = _mm_cvtss_f32(s) - corr0[m];                                                         \
-            s = _mm_add_ps(_mm256_castps256_ps128(acc1[m]), _mm256_extractf128_ps(acc1[m], 1));                \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                             \
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                              \
-            out1[m] = _mm_cvtss_f32(s) - corr1[m];                                                         \
+            out0[m] = NAME##_sum8(acc0[m]) - corr0[m];                                                          \
+            out1[m] = NAME##_sum8(acc1[m]) - corr1[m];                                                          \
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \

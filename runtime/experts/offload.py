@@ -265,10 +265,8 @@ class OffloadedExperts(ExpertStore):
         plan = self.plans.get(layer)
         if plan is None or plan.predictor not in GRAPH_OUTPUT_OF:
             return
-        if not self._predicting:  # (decode) no read ahead could pay now: nothing predicted, nothing scored
-            self.phases[self._phase].gated += plan.width > 0
-            return
-        self._request(plan, predictions[GRAPH_OUTPUT_OF[plan.predictor]])
+        if not self._closed(plan):
+            self._request(plan, predictions[GRAPH_OUTPUT_OF[plan.predictor]])
 
     def observe(self, layer: int, expert_ids: np.ndarray) -> None:
         """Actual routing of `layer`: in prefill its least popular non-resident experts start
@@ -283,16 +281,19 @@ class OffloadedExperts(ExpertStore):
             for expert in sorted(self._low_bit_tail(plan, needed) - self.cache.resident(layer)):
                 self._start_low(plan, expert)
         for target, (counts, popularity) in self._eap.get(layer, {}).items():
-            if not self._predicting:  # (decode) as in hint: not even scored
-                self.phases[self._phase].gated += self.plans[target].width > 0
-                continue
-            self._request(self.plans[target], eap_scores(counts, popularity, expert_ids))
+            if not self._closed(self.plans[target]):
+                self._request(self.plans[target], eap_scores(counts, popularity, expert_ids))
+
+    def _closed(self, plan: LayerPlan) -> bool:
+        """(decode) No read ahead could pay now (PrefetchGate.worth_reading): `plan`'s layer is neither predicted
+        nor scored (its scores not even computed), and a prediction it would have made counts as gated."""
+        if self._predicting:
+            return False
+        self.phases[self._phase].gated += plan.width > 0
+        return True
 
     def _request(self, plan: LayerPlan, scores: np.ndarray) -> None:
         if plan.width <= 0:
-            return
-        if len(scores) == 1 and not self._predicting:
-            self.phases[self._phase].gated += 1  # no read ahead could pay now: nothing predicted, nothing scored
             return
         top = top_experts(scores, plan.width)
         if len(top) == 1:  # decode: the predictor's own order; only what is not resident is read

@@ -211,6 +211,16 @@ static int take_routed(PyObject *routed_obj, int64_t hidden, int64_t count, cons
     return 0;
 }
 
+/* IndexError (naming `who`) where an expert id is outside [0, experts): the kernel indexes by them. */
+static int ids_out_of_range(const int64_t *ids, int64_t count, int64_t experts, const char *who) {
+    for (int64_t j = 0; j < count; j++)
+        if (ids[j] < 0 || ids[j] >= experts) {
+            PyErr_Format(PyExc_IndexError, "%s: an id is out of range", who);
+            return 1;
+        }
+    return 0;
+}
+
 static const char step_doc[] =
     "run_step(step, floats, graph, x, key, value, pos, cos, sin, residual, router_input, ids, weights,\n"
     "         next_logits, next_logits_norm, threads, routed)\n"
@@ -329,8 +339,7 @@ static PyObject *finish_step(PyObject *self, PyObject *args) {
         goto done;
     }
     const int64_t *ids = c.ids.buf;
-    for (int64_t j = 0; j < top_k; j++)
-        if (ids[j] < 0 || ids[j] >= v[S_EXPERTS]) { PyErr_SetString(PyExc_IndexError, "finish_step: an id is out of range"); goto done; }
+    if (ids_out_of_range(ids, top_k, v[S_EXPERTS], "finish_step")) goto done;
     if (routed_obj != Py_None && take_routed(routed_obj, h, v[S_EXPERTS], "finish_step", &lv, &pv, &ov, &routed, &bases))
         goto done;
     int rc;
@@ -383,8 +392,7 @@ static PyObject *add_routed(PyObject *self, PyObject *args) {
     }
     if (take_routed(routed_obj, h, where_len, "add_routed", &lv, &pv, &ov, &routed, &bases)) goto done;
     const int64_t *ids = iv.buf;
-    for (int64_t j = 0; j < top_k; j++)
-        if (ids[j] < 0 || ids[j] >= where_len) { PyErr_SetString(PyExc_IndexError, "add_routed: an id is out of range"); goto done; }
+    if (ids_out_of_range(ids, top_k, where_len, "add_routed")) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = fate_add_routed(&routed, bases, ids, wv.buf, top_k, xv.buf, rv.buf, threads);

@@ -23,14 +23,16 @@ from .native_contract import DecodeStep, ExpertLayout, HeadStep, RoutingSpec, Te
 from .predictors import RUNTIME_PREDICTORS, Predictor
 from .slots import check_decode_step, check_head_step, check_layout
 
-SCHEMA_VERSION = "1.8"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
+SCHEMA_VERSION = "1.9"  # 1.1: expert slot layouts (LayerSpec.expert_layouts); 1.2: layer mixers and their state;
 # 1.3: attention graphs may use com.microsoft.GroupQueryAttention (a runtime before it refuses the op by name);
 # 1.4: attention layers may take position tables (LayerSpec.positions; a runtime before it names the inputs)
 # 1.5: a layer may say where its decode step's tensors lie in its graph file (LayerSpec.decode_step; a
 # runtime before it ignores it and runs the graph); 1.6: why a layer has no decode step (LayerSpec.graph_only);
 # 1.7: what the lossy INT2 prefill costs, measured (Policy.int2_prefill_perplexity_ratio); 1.8: an attention
 # layer's own key-value heads and RoPE frequencies (LayerSpec.num_kv_heads, LayerSpec.rope_inv_freq), layers
-# without a token mixer (mixer "none"), experts without a gate (ExpertLayout.activation "relu2")
+# without a token mixer (mixer "none"), experts without a gate (ExpertLayout.activation "relu2"); 1.9: the
+# embedding graph may predict layer 0's experts (Manifest.embed_predicts_next; a runtime before it refuses a
+# policy that uses it)
 
 # Expert precisions an artifact may store, with the bits the compiler quantized them to (precisions.py).
 PRECISION_BITS = precisions.PRECISION_BITS
@@ -250,6 +252,14 @@ class Manifest:
     policy: Policy | None = None
     # schema 1.5: the head's decode step, for the native kernel (absent: the head graph runs every step)
     head_step: HeadStep | None = None
+    # schema 1.9: the embedding graph has the outputs next_router_logits(_norm): layer 0's experts predicted from
+    # the token's embedding, before layer 0 runs (layer 0 is then an MoE layer)
+    embed_predicts_next: bool = False
+
+    def graph_predicts(self, index: int) -> bool:
+        """Whether a graph computes the cross-layer predictions of layer `index`'s experts: the layer before's,
+        or for layer 0 the embedding's."""
+        return self.embed_predicts_next if index == 0 else self.layers[index - 1].predicts_next
 
     @property
     def moe_layers(self) -> list[LayerSpec]:
@@ -295,6 +305,8 @@ class Manifest:
             self._validate_layouts(layer, sizes)
         for layer in self.layers:  # after every layer's own checks: a step reads the next layer's routing
             self._validate_decode_step(layer, sizes)
+        if self.embed_predicts_next and self.layers[0].kind != "moe":
+            raise ArtifactError("manifest: the embedding predicts layer 0's experts, but layer 0 is not an MoE layer")
         if self.head_step is not None:
     
             check_head_step(self.head_step, m.hidden_size, m.vocab_size, sizes.get(self.head_graph, 0),
@@ -331,7 +343,7 @@ class Manifest:
                 raise ArtifactError(f"manifest: policy of layer {p.index} has out-of-range numbers")
             if p.predictor not in (*RUNTIME_PREDICTORS, "none"):
                 raise ArtifactError(f"manifest: policy of layer {p.index} has unknown predictor {p.predictor!r}")
-            if p.predictor in (Predictor.CROSS_LAYER, Predictor.CROSS_LAYER_NORM) and not (p.index > 0 and self.layers[p.index - 1].predicts_next):
+            if p.predictor in (Predictor.CROSS_LAYER, Predictor.CROSS_LAYER_NORM) and not self.graph_predicts(p.index):
                 raise ArtifactError(f"manifest: layer {p.index} has no cross-layer prediction to use")
             if p.predictor == Predictor.EAP and not self.profile:
                 raise ArtifactError(f"manifest: layer {p.index} uses EAP but the artifact has no profile")

@@ -381,8 +381,9 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             f"experts as {', '.join(PRECISION_OF_BITS[b] for b in opts.bits)}, dense weights as {spec.dense_precision}"
             + ("" if calib_ids is None else f"; calibrating on {calib_ids.size} tokens"))
         embed = reader.get(Role.EMBED)
-        embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier,
-                                        quantized=opts.resolved_dense_bits < 32).SerializeToString()
+        first = next_router(reader, cfg, 0)
+        embed_data = graphs.embed_graph(embed, cfg.embedding_multiplier, quantized=opts.resolved_dense_bits < 32,
+                                        first=None if first is None else (cfg, first)).SerializeToString()
         writer.write_bytes(layout.EMBED_GRAPH, embed_data)
         profiler = None if calib_ids is None else Profiler(
             spec, calib_ids, embed_data, opts.calibration, opts.calibration.source,
@@ -416,6 +417,7 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
             embed_graph=layout.EMBED_GRAPH, head_graph=layout.HEAD_GRAPH, layers=layers,
             tokenizer=tokenizer.spec, generation=tokenizer.generation or GenerationDefaults(), files=[],
             profile=None if profiler is None else layout.PROFILE, policy=policy, head_step=head_step,
+            embed_predicts_next=first is not None,
         )
         if policy is not None and any(lp.prefill_precision for lp in policy.layers):
             ratio = int2_prefill_cost(writer.draft(manifest), Budget(share=policy.budget), calib_ids, log)
@@ -433,6 +435,17 @@ def compile_checkpoint(opts: CompileOptions, log: Callable[[str], None] = print)
     return out
 
 
+def next_router(reader: WeightReader, cfg: ArchConfig, layer: int) -> graphs.NextRouter | None:
+    """What predicts `layer`'s experts from the stream before it (the layer before, or the embedding for
+    layer 0): its router and the norm it reads through (before its MLP, or in parallel blocks its input
+    norm); None where `layer` is not an MoE layer."""
+    if layer not in cfg.moe_layers:
+        return None
+    norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.block.parallel else (Role.MLP_NORM, Role.MLP_NORM_BIAS)
+    return graphs.NextRouter(reader.get(Role.ROUTER, layer), reader.get(norm, layer) if cfg.block.pre_norms else None,
+                             reader.optional(norm_bias, layer), reader.optional(Role.ROUTER_SCORE_BIAS, layer),
+                             reader.optional(Role.ROUTER_BIAS, layer))
+
 
 class LayerExporter:
     """Writes one layer's graph and expert files, and feeds the profiler as it goes."""
@@ -447,16 +460,7 @@ class LayerExporter:
     def export(self, layer: int) -> LayerSpec:
         cfg, reader = self.cfg, self.reader
         is_moe = layer in cfg.moe_layers
-        next_layer = None
-        if layer + 1 in cfg.moe_layers:
-            # the norm the next layer's router reads through: before its MLP, or (parallel blocks) its input norm
-            norm, norm_bias = (Role.ATTN_NORM, Role.ATTN_NORM_BIAS) if cfg.block.parallel else (Role.MLP_NORM,
-                                                                                                Role.MLP_NORM_BIAS)
-            next_layer = graphs.NextRouter(reader.get(Role.ROUTER, layer + 1),
-                                           reader.get(norm, layer + 1) if cfg.block.pre_norms else None,
-                                           reader.optional(norm_bias, layer + 1),
-                                           reader.optional(Role.ROUTER_SCORE_BIAS, layer + 1),
-                                           reader.optional(Role.ROUTER_BIAS, layer + 1))
+        next_layer = next_router(reader, cfg, layer + 1)
         weights = reader.layer(layer)
         info = graphs.layer_graph(layer, cfg, weights, next_layer, dense_format(self.opts))
         graph_path = layout.layer_graph(layer)

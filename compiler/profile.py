@@ -36,6 +36,7 @@ BUILTIN = "builtin"
 BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 LOW_BIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 QUANT_BITS = {p.name: p.bits for p in QUANTIZED}  # what calibration measures each expert at
+PREDICTED_BY = {IO.NEXT_ROUTER_LOGITS: Predictor.CROSS_LAYER, IO.NEXT_ROUTER_LOGITS_NORM: Predictor.CROSS_LAYER_NORM}
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,20 @@ class Profiler:
         self.activation = activation  # (swiglu_limit, swiglu_alpha): the experts' activation
         self.n_seq, self.seq_len = ids.shape
         session = make_session(embed, lean=True)
-        self.hidden = np.stack([session.run([IO.HIDDEN], {IO.INPUT_IDS: row})[0][0] for row in ids])
+        # where the embedding graph predicts layer 0's experts (Manifest.embed_predicts_next), layer 0's
+        # predictors are measured as every later layer's are
+        names = [IO.HIDDEN] + [name for name in PREDICTED_BY if name in {o.name for o in session.get_outputs()}]
+        runs = [session.run(names, {IO.INPUT_IDS: row}) for row in ids]
+        self.hidden = np.stack([run[0][0] for run in runs])
+        predictions = {PREDICTED_BY[name]: np.concatenate([run[i] for run in runs])
+                       for i, name in enumerate(names[1:], 1)} or None
+        del runs
         self.positions = PositionTables(spec).step(0, self.seq_len)  # every sequence from an empty state
         # EAP is fitted on the first three quarters of the sequences; every recall is measured
         # on the last quarter, so predictors are compared on the same unseen tokens.
         self.eval_from = (self.n_seq - max(1, self.n_seq // 4)) * self.seq_len
         self.quant_rows = np.arange(min(options.quant_tokens, self.n_seq * self.seq_len))
-        self.previous = _Previous()
+        self.previous = _Previous(predictions=predictions)
         self.layers: list[LayerProfile] = []
         self._moe: dict | None = None
         self._combine: bytes | str | None = None
@@ -170,9 +178,8 @@ class Profiler:
         else:
             self.hidden = residual.reshape(self.hidden.shape)
             self._moe = None
-        self._carry = (out[IO.ROUTER_INPUT], {
-            Predictor.CROSS_LAYER: out[IO.NEXT_ROUTER_LOGITS], Predictor.CROSS_LAYER_NORM: out[IO.NEXT_ROUTER_LOGITS_NORM],
-        } if predicts_next else None)
+        self._carry = (out[IO.ROUTER_INPUT], {PREDICTED_BY[name]: out[name] for name in PREDICTED_BY}
+                       if predicts_next else None)
         if not is_moe:
             self._advance()
 

@@ -72,10 +72,14 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
         outputs.update({IO.ROUTER_INPUT: ((None, h), FLOAT), IO.ROUTER_LOGITS: ((None, experts), FLOAT),
                         IO.EXPERT_IDS: ((None, k), INT64), IO.EXPERT_WEIGHTS: ((None, k), FLOAT)})
     if layer.predicts_next:
-        following = manifest.layers[layer.index + 1].routing.num_experts
-        outputs.update({name: ((None, following), FLOAT)
-                        for name in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)})
+        outputs.update(prediction_outputs(manifest.layers[layer.index + 1]))
     return inputs, outputs
+
+
+def prediction_outputs(following: LayerSpec) -> dict[str, tuple[Shape, str]]:
+    """The cross-layer predictions of `following`'s router scores a graph before it computes."""
+    return {name: ((None, following.routing.num_experts), FLOAT)
+            for name in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)}
 
 
 def combine_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
@@ -85,7 +89,10 @@ def combine_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]
 
 
 def embed_interface(manifest: Manifest) -> tuple[dict, dict]:
-    return {IO.INPUT_IDS: ((None,), INT64)}, {IO.HIDDEN: ((1, None, manifest.model.hidden_size), FLOAT)}
+    outputs = {IO.HIDDEN: ((1, None, manifest.model.hidden_size), FLOAT)}
+    if manifest.embed_predicts_next:
+        outputs.update(prediction_outputs(manifest.layers[0]))
+    return {IO.INPUT_IDS: ((None,), INT64)}, outputs
 
 
 def head_interface(manifest: Manifest) -> tuple[dict, dict]:

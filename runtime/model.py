@@ -19,7 +19,7 @@ from .experts.offload import OffloadedExperts, OffloadOptions
 from .experts.plan import plan_run
 from .experts.pool import slot_size
 from .experts.residency import BudgetError
-from .experts.store import ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
+from .experts.store import EMBEDDING, ExpertStore, LayerOutputs, ResidentExperts, largest_file, resident_precision
 from .experts.trace import TraceRecorder
 from .interface import check_interface, combine_interface, embed_interface, head_interface, layer_interface
 from .memory import PREFILL_CHUNK, MemoryPlan, current_rss, plan_memory, release_freed_memory
@@ -65,6 +65,8 @@ class FateModel:
         self.native_head: NativeHead | None = None
         self.positions = PositionTables(self.spec)
         self.embed = load(self.manifest.embed_graph, embed_interface(self.manifest))
+        # the embedding's prediction of layer 0's experts is asked for only where they are read while generating
+        self._embed_predicts = self.manifest.embed_predicts_next and experts.reads_while_generating
         self.head = load(self.manifest.head_graph, head_interface(self.manifest), head=True)
         if self.native_head is not None:  # the head step computes every row from now on: its weights held once
             self._check_head_step(probes=verify)
@@ -236,7 +238,11 @@ class FateModel:
     def _step(self, ids: np.ndarray, cache: KVCache, prefill: bool) -> np.ndarray:
         positions = self.positions.step(cache.length, ids.size)
         self.experts.begin_step(ids.size, prefill=prefill)
-        hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
+        if self._embed_predicts:  # layer 0's reads begin before it runs
+            hidden, *predicted = self.embed.run([IO.HIDDEN, *PREDICTION_OUTPUTS], {IO.INPUT_IDS: ids})
+            self.experts.after_layer(EMBEDDING, LayerOutputs(next_scores=dict(zip(PREDICTION_OUTPUTS, predicted))))
+        else:
+            hidden = self.embed.run([IO.HIDDEN], {IO.INPUT_IDS: ids})[0]
         cos, sin = self.positions.upto(cache.length + ids.size) if self.steps else (None, None)
         for spec in self.manifest.layers:
             step = self.steps.get(spec.index)

@@ -769,3 +769,43 @@ def test_a_step_with_a_shared_expert_begins_its_misses_before_computing_it(tmp_p
         assert not store.cache._pins
     finally:
         model.close()
+
+
+def test_the_embedding_predicts_the_first_layers_experts_before_it_runs(calibrated, tmp_path, monkeypatch):
+    """Layer 0 is an MoE layer: the embedding graph predicts its experts (Manifest.embed_predicts_next), the
+    store has that prediction before layer 0 runs at every step, prefill reads layer 0's experts ahead with it,
+    and the tokens are all-resident's. A manifest whose policy names the prediction without it is refused."""
+    from fate.runtime.experts.offload import OffloadedExperts
+
+    assert Artifact.open(calibrated).manifest.embed_predicts_next
+    reference = tokens(calibrated, None, 8)
+    events = []
+    hint, observe = OffloadedExperts.hint, OffloadedExperts.observe
+
+    def hinted(store, layer, predictions):
+        events.append(("hint", layer))
+        return hint(store, layer, predictions)
+
+    def observed(store, layer, ids):
+        events.append(("observe", layer))
+        return observe(store, layer, ids)
+
+    monkeypatch.setattr(OffloadedExperts, "hint", hinted)
+    monkeypatch.setattr(OffloadedExperts, "observe", observed)
+    model = FateModel.load(calibrated, EngineOptions(offload=OffloadOptions(parse_budget("25%"), low_bit_prefill="off")))
+    try:
+        plan = model.experts.plans[0]
+        assert plan.predictor in ("cross_layer", "cross_layer_norm") and plan.width > 0
+        assert generate(model, PROMPT, 8, SamplingConfig(), eos_ids=set()).token_ids == reference
+        first = [event for event in events if event[1] == 0]
+        assert len(first) == 2 * 8 and first == [("hint", 0), ("observe", 0)] * 8  # prefill and 7 decode steps
+        assert model.experts.phases["prefill"].cache.layer(0).prefetched > 0
+    finally:
+        model.close()
+    target = tmp_path / "art"
+    shutil.copytree(calibrated, target)
+    data = json.loads((target / "manifest.json").read_text())
+    data["embed_predicts_next"] = False
+    (target / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="layer 0 has no cross-layer prediction"):
+        Artifact.open(target)

@@ -16,13 +16,14 @@ SLOT = 4096  # every expert file one page: slot counts and bytes agree
 
 
 def manifest_of(profile, layers, policy, state_bytes: int = 0):
-    return SimpleNamespace(moe_layers=layers, layers=layers, policy=policy, state_bytes=state_bytes)
+    return SimpleNamespace(moe_layers=layers, layers=layers, policy=policy, state_bytes=state_bytes,
+                           graph_predicts=lambda index: index > 0 and layers[index - 1].predicts_next)
 
 
-def run_plan(profile, layers, policy, share: float, prefetch: str = "policy"):
+def run_plan(profile, layers, policy, share: float, prefetch: str = "policy", pool: str = "global"):
     return plan_run(manifest_of(profile, layers, policy), profile, Budget(share=share),
                     precision=lambda layer: "int4", file_bytes=lambda layer, precision: SLOT,
-                    runs_native=lambda layer, precision: True, prefetch=prefetch)
+                    runs_native=lambda layer, precision: True, prefetch=prefetch, pool=pool)
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
@@ -57,9 +58,14 @@ def test_prefetch_keeps_room_for_its_width_where_the_budget_allows():
 def test_a_tight_budget_falls_back_to_top_k_minimums():
     profile, layers = synthetic([0.0, 0.97, 0.97, 0.97])
     policy = plan(profile, layers, PlanTargets(budget=0.5))
-    run = run_plan(profile, layers, policy, 0.25)  # 8 slots: top-k (2) in each of 4 layers and no more
+    run = run_plan(profile, layers, policy, 0.25, pool="per-layer")  # 8 slots: top-k (2) in each of 4 layers
     assert [run.layers[i].slots for i in range(4)] == [2, 2, 2, 2]
-    assert all(run.layers[i].width == 0 for i in range(4))  # no room to prefetch into
+    assert all(run.layers[i].width == 0 for i in range(4))  # no room in its own quota to prefetch into
+    # one pool evicts from every layer, never the running layer's experts: the predicted layers still read ahead
+    shared = run_plan(profile, layers, policy, 0.25)
+    assert [shared.layers[i].slots for i in range(4)] == [2, 2, 2, 2]
+    assert [shared.layers[i].width for i in range(4)] == [0] + [policy.layers[i].prefetch_width for i in (1, 2, 3)]
+    assert all(shared.layers[i].width > 0 for i in (1, 2, 3))
 
 
 def test_without_a_profile_the_policy_shares_are_used():

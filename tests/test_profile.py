@@ -98,8 +98,11 @@ def transformers_routing(hf, ids: np.ndarray, top_k: int):
     """Per layer, from transformers itself: router input (the MoE block's input), pre-norm hidden,
     and the experts the router chose (hooked on the router module)."""
     layers = decoder_layers(hf)
-    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "chosen": [[] for _ in layers]}
-    hooks = []
+    captured: dict[str, list] = {"x": [[] for _ in layers], "h": [[] for _ in layers], "chosen": [[] for _ in layers],
+                                 "embedded": [[]]}
+    hooks = [layers[0].register_forward_pre_hook(  # what the first layer reads: the (scaled) embedding
+        lambda m, a, kw: captured["embedded"][0].append((a[0] if a else kw["hidden_states"])[0].numpy()),
+        with_kwargs=True)]
     for i, layer in enumerate(layers):
         moe = moe_block(layer)
         hooks.append(moe.register_forward_pre_hook(  # its input, passed by position or (Nemotron-H's attention) name
@@ -121,7 +124,8 @@ def transformers_routing(hf, ids: np.ndarray, top_k: int):
             hf(torch.tensor(row[None]))
     for h in hooks:
         h.remove()
-    return [[np.concatenate(parts) if parts else None for parts in captured[key]] for key in ("x", "h", "chosen")]
+    return [[np.concatenate(parts) if parts else None for parts in captured[key]]
+            for key in ("x", "h", "chosen", "embedded")]
 
 
 def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
@@ -129,9 +133,15 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
     profile = profile_from_bytes(art.read_bytes(art.manifest.profile))
     # the sequences the profiler ran (no longer than the model's context)
     ids = calibration_ids(dataclasses.replace(CALIB, sequence_length=profile.sequence_length), encode)
-    xs, hs, chosen = transformers_routing(hf, ids, profile.layers[0].top_k)
+    xs, hs, chosen, (embedded,) = transformers_routing(hf, ids, profile.layers[0].top_k)
     eval_from = profile.calibration_tokens - profile.eval_tokens
-    for layer in [p.index for p in profile.layers if p.index > 0]:
+    # layer 0 is predicted from the embedding (Manifest.embed_predicts_next): the stream before it is the embedding
+    first_moe = art.manifest.layers[0].kind == "moe"
+    assert art.manifest.embed_predicts_next == first_moe
+    if first_moe:
+        assert {"cross_layer", "cross_layer_norm"} <= set(profile.layer(0).predictors)
+    for layer in [p.index for p in profile.layers if p.index > 0 or first_moe]:
+        before = (embedded, embedded) if layer == 0 else (xs[layer - 1], hs[layer - 1])
         module = router_of(decoder_layers(hf)[layer])
         router = router_weight(module).detach().numpy()
         actual = np.zeros((len(chosen[layer]), router.shape[0]), bool)
@@ -149,18 +159,21 @@ def check_recall_against_transformers(hf, artifact: Path, encode) -> None:
             return logits if bias is None else 1 / (1 + np.exp(-logits)) + bias.numpy()
 
         measured = profile.layer(layer).predictors
-        variants = [("cross_layer", rank_scores(xs[layer - 1] @ router.T))]
+        variants = [("cross_layer", rank_scores(before[0] @ router.T))]
         # the renormalized variant reads the hidden state between attention and MLP, which a parallel
         # block (Cohere) never forms in transformers: checked where it exists
         if mlp_norm(decoder_layers(hf)[layer]) is not None:
             with torch.no_grad():  # the next layer's own norm module, whatever its kind
-                renormed = mlp_norm(decoder_layers(hf)[layer])(torch.from_numpy(hs[layer - 1])).numpy()
+                renormed = mlp_norm(decoder_layers(hf)[layer])(torch.from_numpy(before[1])).numpy()
             variants.append(("cross_layer_norm", rank_scores(renormed @ router.T)))
         for name, scores in variants:
             independent = recall_curve(scores[eval_from:], actual[eval_from:], measured[name].widths,
                                        profile.prefill_window)
             np.testing.assert_allclose(measured[name].decode, independent.decode, atol=0.01)
             np.testing.assert_allclose(measured[name].prefill, independent.prefill, atol=0.01)
+        if layer == 0:  # similarity is between adjacent layers' router inputs
+            assert profile.layer(0).similarity_mean is None
+            continue
         x0, x1 = xs[layer - 1], xs[layer]
         sim = (x0 * x1).sum(1) / np.linalg.norm(x0, axis=1) / np.linalg.norm(x1, axis=1)
         assert abs(profile.layer(layer).similarity_mean - sim.mean()) < 1e-3

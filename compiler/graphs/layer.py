@@ -16,7 +16,7 @@ from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
 from .attention import attention, latent_attention, position_inputs, takes_position_tables
 from .blocks import W, linear, norm, swiglu
 from .mixers import MIXER_KINDS
-from .routing import NextRouter, choice_scores, route, route_sigmoid, route_sparsemixer
+from .routing import NextRouter, choice_scores, predict_next, route, route_sigmoid, route_sparsemixer
 from .steps import decode_step, step_refusal
 
 
@@ -100,20 +100,7 @@ def layer_graph(layer: int, cfg: ArchConfig, w: W, next_layer: NextRouter | None
     if next_layer is not None and whole.mixer(layer + 1) == "none" and layer not in cfg.moe_layers:
         h_attn = out  # the next block is its MoE alone: its router reads this layer's output, whole (exact)
     if next_layer is not None:
-        experts = next_layer.router.shape[0]
-        with b.tagged("next_router"):
-            next_logits = linear(b, router_input, next_layer.router, next_layer.router_bias, exact=True)
-        with b.tagged("next_scores"):
-            predicted = choice_scores(b, next_logits, cfg, next_layer.score_bias)
-        b.output(predicted, IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
-        # the next router's input norm applied to this layer's stream (none in post-norm families)
-        with b.tagged("next_norm"):
-            renormed = h_attn if next_layer.norm is None else norm(b, h_attn, next_layer.norm, next_layer.norm_bias,
-                                                                    cfg.norms.eps, cfg.norms.kind)
-        renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
-        b.output(choice_scores(b, linear(b, renormed, next_layer.router, next_layer.router_bias, exact=True), cfg,
-                               next_layer.score_bias),
-                 IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])
+        predict_next(b, cfg, next_layer, router_input, h_attn)
     model = b.model()
     if layer in cfg.moe_layers and (cfg.block.post_norms or Role.MOE_LATENT_IN in w):  # the routed sum goes
         # through the combine graph (normalized, or projected back from the experts' latent space)

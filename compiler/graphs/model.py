@@ -11,6 +11,7 @@ from ..families.base import ArchConfig
 from ..onnx_builder import FLOAT, INT64, GraphBuilder, WeightFormat
 from ..quantize import QuantizedWeight, matmul_nbits, quantize_rows_int8
 from .blocks import Weight, linear, norm, silu
+from .routing import NextRouter, predict_next
 
 
 def expert_graph(gate: Weight | None, up: Weight, down: Weight, accuracy_level: int = 0,
@@ -55,7 +56,12 @@ def expert_graph(gate: Weight | None, up: Weight, down: Weight, accuracy_level: 
     return b.model()
 
 
-def embed_graph(embed: np.ndarray, multiplier: float = 1.0, quantized: bool = False) -> onnx.ModelProto:
+def embed_graph(embed: np.ndarray, multiplier: float = 1.0, quantized: bool = False,
+                first: tuple[ArchConfig, NextRouter] | None = None) -> onnx.ModelProto:
+    """Token ids -> hidden [1, S, H]. With `first` (the model's config and layer 0's router, where layer 0
+    is an MoE layer), also layer 0's predicted router scores from the token's embedding alone, as a layer
+    graph predicts the next layer's (routing.predict_next): reads of layer 0's experts can then begin
+    before its attention runs (Manifest.embed_predicts_next)."""
     b = GraphBuilder("embed")
     ids = b.input(IO.INPUT_IDS, INT64, ["S"])
     if quantized:  # a row is gathered, then scaled: INT8 per row, a quarter of the float32 table
@@ -67,6 +73,8 @@ def embed_graph(embed: np.ndarray, multiplier: float = 1.0, quantized: bool = Fa
     if multiplier != 1.0:
         h = b.op("Mul", h, b.scalar(multiplier, "embedding_multiplier"))
     b.output(b.op("Unsqueeze", h, b.ints([0])), IO.HIDDEN, FLOAT, [1, "S", embed.shape[1]])
+    if first is not None:
+        predict_next(b, *first, h, h)
     return b.model()
 
 

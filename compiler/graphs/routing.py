@@ -1,5 +1,6 @@
 """Routers inside the layer graphs (softmax top-k, sparsemixer, sigmoid with correction bias and groups),
-and the next layer's router a layer graph applies to predict its experts."""
+and the next layer's router a layer graph (or the embedding graph, for layer 0) applies to predict its
+experts."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fate.artifacts import ModelError
+from fate.artifacts.layout import GraphIO as IO
 
 from ..families.base import ArchConfig
-from ..onnx_builder import GraphBuilder
+from ..onnx_builder import FLOAT, GraphBuilder
+from .blocks import linear, norm
 
 
 def sparsemixer_pick(b: GraphBuilder, scores: str, original: str, eps: float) -> tuple[str, str]:
@@ -125,3 +128,22 @@ class NextRouter:
     norm_bias: np.ndarray | None = None
     score_bias: np.ndarray | None = None
     router_bias: np.ndarray | None = None
+
+
+def predict_next(b: GraphBuilder, cfg: ArchConfig, following: NextRouter, router_input: str, stream: str) -> None:
+    """The two cross-layer predictions of the following layer's router scores, written as outputs:
+      next_router_logits      = router(router_input)              (the paper's predictor)
+      next_router_logits_norm = router(norm(stream) * its weights)  (the following layer's own norm)
+    router_input [S, H]; stream [1, S, H] or [S, H], the residual stream the following layer will read."""
+    experts = following.router.shape[0]
+    with b.tagged("next_router"):
+        logits = linear(b, router_input, following.router, following.router_bias, exact=True)
+    with b.tagged("next_scores"):
+        b.output(choice_scores(b, logits, cfg, following.score_bias), IO.NEXT_ROUTER_LOGITS, FLOAT, ["S", experts])
+    with b.tagged("next_norm"):  # none in post-norm families
+        renormed = stream if following.norm is None else norm(b, stream, following.norm, following.norm_bias,
+                                                              cfg.norms.eps, cfg.norms.kind)
+    renormed = b.op("Reshape", renormed, b.ints([-1, cfg.hidden_size]))
+    b.output(choice_scores(b, linear(b, renormed, following.router, following.router_bias, exact=True), cfg,
+                           following.score_bias),
+             IO.NEXT_ROUTER_LOGITS_NORM, FLOAT, ["S", experts])

@@ -125,7 +125,7 @@ class OffloadedExperts(ExpertStore):
             precision=lambda layer: resident_precision(artifact, layer, experts.precision),
             file_bytes=lambda layer, precision: largest_file(artifact, layer, precision),
             runs_native=self.runner.native_for, prefetch=options.prefetch, allocation=options.allocation,
-            low_bit_prefill=options.low_bit_prefill)
+            low_bit_prefill=options.low_bit_prefill, pool=options.pool)
         self.plans = self.run_plan.layers
         self.total_expert_bytes = self.run_plan.total_expert_bytes
         # EAP tables, once: source layer -> {target layer: (transition counts, popularity)}

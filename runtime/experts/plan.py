@@ -57,9 +57,11 @@ class RunPlan:
 
 def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precision: Callable[[int], str],
              file_bytes: Callable[[int, str], int], runs_native: Callable[[int, str], bool],
-             prefetch: str = "policy", allocation: str = "policy", low_bit_prefill: str = "off") -> RunPlan:
+             prefetch: str = "policy", allocation: str = "policy", low_bit_prefill: str = "off",
+             pool: str = "global") -> RunPlan:
     """precision(layer): its resident precision; file_bytes(layer, precision): its largest expert
-    file; runs_native(layer, precision): whether the native executor computes it from its slot."""
+    file; runs_native(layer, precision): whether the native executor computes it from its slot;
+    pool: one pool shared by the layers, or per-layer quotas (POOLS)."""
     if prefetch not in PREFETCH_MODES:
         raise ArtifactError(f"unknown prefetch mode {prefetch!r}; choose from {', '.join(PREFETCH_MODES)}")
     if low_bit_prefill not in LOW_BIT_PREFILL_MODES:
@@ -96,9 +98,12 @@ def plan_run(manifest: Manifest, profile: Profile | None, budget: Budget, precis
     plans = {}
     for l in layers:
         predictor, width = predictors[l.index]
-        # Prefetching into the slots the running experts need evicts them: with 5 slots, top-2 and
-        # width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
-        width = min(width, max(0, slots[l.index] - l.routing.top_k))
+        # Within a layer's own quota, prefetching into the slots the running experts need evicts them: with 5
+        # slots, top-2 and width 5, tiny-moe at 50% loaded 2.2x the bytes of load-on-demand for 4.6% more hits.
+        # One pool evicts from every layer and never the running layer's experts or another's predictions
+        # (residency.ExpertCache): a layer with no more slots than its top-k still reads ahead there.
+        if pool == "per-layer":
+            width = min(width, max(0, slots[l.index] - l.routing.top_k))
         low = decided[l.index].prefill_precision if decided[l.index] and low_bit_prefill != "off" else None
         # INT2 copies save transfer bytes; where a load builds a session (CPU work), a smaller file
         # does not load faster (INT2 block 32 creates slower than INT4 block 128), so "auto" uses
@@ -151,7 +156,7 @@ def predictor_for(manifest: Manifest, profile: Profile | None, index: int, decid
     if mode == "none":
         return Predictor.NONE, 0
     width = decided.prefetch_width if decided and decided.prefetch_width else top_k
-    has_graph = index > 0 and manifest.layers[index - 1].predicts_next
+    has_graph = manifest.graph_predicts(index)
     if mode == "eap":
         has_eap = profile is not None and profile.layer(index).transitions_from is not None
         return (Predictor.EAP, width) if has_eap else (Predictor.NONE, 0)

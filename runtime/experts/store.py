@@ -86,6 +86,10 @@ class LayerOutputs:
     finish: Callable[[], bool] | None = None
 
 
+# after_layer's `layer` for the embedding: it hands over only its predictions, which are layer 0's
+EMBEDDING = -1
+
+
 class ExpertStore(ABC):
     runner: ExpertRunner  # computes the experts (and says whether native code runs the decode steps)
     # whether experts are read while generating: a native decode step with a shared expert then hands its
@@ -101,7 +105,7 @@ class ExpertStore(ABC):
         (`out.finish`), the misses' loads begun and the rest of the step run beside them; the next layer's
         prefetch requested; then the routed experts computed: y [S * k, H] (see compute), or None where
         there are none to compute (not an MoE layer, or the step ran them) or the store added them to the
-        step's residual."""
+        step's residual. `layer` EMBEDDING (-1): the embedding's predictions of layer 0's experts, before it runs."""
         ran, begun = out.experts_ran, None
         if out.ids is not None:
             self.observe(layer, out.ids)

@@ -75,7 +75,8 @@ GLOSSARY = {
     "mixer": "what mixes tokens in it: attention, or a recurrent or convolution state",
     "similarity": "mean cosine similarity between this layer's router input and the previous layer's",
     "cross@k": "decode recall of the cross-layer predictor at width top-k: the share of this layer's experts the "
-               "previous layer's router input, run through this layer's router, named",
+               "previous layer's router input, run through this layer's router, named (the first layer's: its router "
+               "on the token's embedding, where the embedding graph computes it)",
     "eap@k": "the same for the activation-path (EAP) predictor, fitted on calibration",
     "prev@k": "the same for 'the previous token's experts again'",
     "predictor": "the predictor the policy chose for prefetching into this layer (none: load on demand)",

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -284,6 +285,20 @@ def test_manifest_numbers_that_contradict_the_graphs(workspace, edit, fragment):
     refused(run("fate-run", art, "-p", "hello", "-n", "2"), fragment)
     refused(run("fate-run", art, "-p", "hello", "-n", "2", "--memory-budget", "50%"), fragment)
 
+
+def test_an_embedding_graph_without_the_prediction_its_manifest_promises_is_one_line(workspace):
+    """Layer 0 is an MoE layer, so the manifest says the embedding graph predicts its experts
+    (embed_predicts_next); a graph whose outputs are named otherwise (hand-edited to the same size, so
+    --no-verify gets past the hashes) is refused when it loads, by name, resident or offloaded."""
+    _, art = workspace
+    assert json.loads((art / "manifest.json").read_text())["embed_predicts_next"]
+    path = art / "graphs" / "embed.onnx"
+    data = path.read_bytes()
+    assert data.count(b"next_router_logits") >= 2
+    path.write_bytes(data.replace(b"next_router_logits", b"next_router_logitX"))
+    for budget in ("100%", "50%"):
+        refused(run("fate-run", art, "-p", "hello", "-n", "2", "--no-verify", "--memory-budget", budget),
+                "has no output 'next_router_logits'")
 
 def test_a_graph_onnxruntime_refuses_is_one_line(workspace):
     """An initializer whose dims claim more than its bytes (hand-edited, so --no-verify past the

@@ -23,7 +23,7 @@ from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import Predictor
 from fate.artifacts.profile import RUNTIME_PREDICTORS, LayerProfile, Profile, profile_from_bytes
 from fate.artifacts.schema import PRECISION_BITS, LayerPolicy, Policy
-from fate.runtime.experts.allocation import SlotDemand, allocate_slots, miss_at
+from fate.runtime.experts.allocation import SlotDemand, allocate_slots, miss_at, planned_recall
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def choose_predictor(p: LayerProfile, targets: PlanTargets) -> tuple[str, int, f
 
 
 def slot_demand(p: LayerProfile, recall: float, width: int) -> SlotDemand:
-    return SlotDemand(p.miss_curve_slots, p.miss_curve, recall, p.top_k, width, p.num_experts)
+    return SlotDemand(p.miss_curve_slots, p.miss_curve, planned_recall(p.index, recall), p.top_k, width, p.num_experts)
 
 
 def choose_low_bit_share(p: LayerProfile, stored: list[str], targets: PlanTargets) -> tuple[str | None, float, str]:

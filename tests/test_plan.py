@@ -104,3 +104,25 @@ def test_a_budget_in_bytes_holds_the_layers_state_beside_the_slots():
     assert slots(Budget(share=0.5), 3 * cost) == 16
     with pytest.raises(BudgetError, match="state"):
         slots(Budget(bytes=8 * cost), 1)  # 8 slots are the top-k minimum; the state leaves less
+
+
+def test_the_first_layer_predicted_from_the_embedding_is_planned_as_one_nothing_predicts():
+    """Layer 0's prediction (the embedding's) comes only its attention ahead of need
+    (allocation.planned_recall): the policy and the run plan give it the slots they give a layer nothing
+    predicts, and in one pool those slots are its floor; it still reads ahead at its width."""
+    profile, layers = synthetic([0.0, 0.95, 0.6, 0.97], miss=[max(0.0, 1 - s / 6) for s in range(9)])
+    first = dataclasses.replace(profile.layers[0], predictors={"cross_layer": profile.layers[3].predictors["cross_layer"]})
+    embedded = dataclasses.replace(profile, layers=[first, *profile.layers[1:]])
+    unpredicted = plan(profile, layers, PlanTargets(budget=0.5))
+    predicted = plan(embedded, layers, PlanTargets(budget=0.5))
+    assert unpredicted.layers[0].predictor == "none" and predicted.layers[0].predictor == "cross_layer"
+    assert predicted.layers[0].prefetch_width > 0
+    for share in (0.25, 0.5):
+        before = run_plan(profile, layers, unpredicted, share)
+        manifest = manifest_of(embedded, layers, predicted)
+        manifest.graph_predicts = lambda index: index == 0 or layers[index - 1].predicts_next
+        after = plan_run(manifest, embedded, Budget(share=share), precision=lambda layer: "int4",
+                         file_bytes=lambda layer, precision: SLOT, runs_native=lambda layer, precision: True)
+        assert [p.slots for p in after.layers.values()] == [p.slots for p in before.layers.values()]
+        assert after.layers[0].width > 0 and after.layers[0].stalls_on_misses
+        assert not any(after.layers[i].stalls_on_misses for i in (1, 2, 3))

@@ -237,8 +237,9 @@ def test_first_layer_fully_cached_when_nothing_predicts_it():
 
 
 def test_uniform_measurements_give_no_shallow_preference():
+    """(Layers after the first: the first is planned as one nothing predicts, allocation.planned_recall.)"""
     slots = allocate_slots([slot_demand(synthetic_layer(i, 0.5, [max(0.0, 1 - s / 8) for s in range(9)]), 0.5, 0)
-                            for i in range(4)], 16)
+                            for i in range(1, 5)], 16)
     assert slots == [4, 4, 4, 4]
 
 

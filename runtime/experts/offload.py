@@ -149,10 +149,10 @@ class OffloadedExperts(ExpertStore):
                              groups=groups)
         located = {layer: np.full(manifest.layers[layer].routing.num_experts, -1, np.int64)
                    for layer in self._reads_itself}
-        # in one pool, a layer whose misses nothing prefetches keeps the slots the plan gave it: its every
-        # miss stalls the loop, where another layer's is read ahead of need
+        # in one pool, a layer whose misses nothing reads ahead of need (or, layer 0, only its attention ahead)
+        # keeps the slots the plan gave it: its misses stall the loop, where another layer's are read in time
         predicted = any(p.width > 0 for p in self.plans.values())
-        floors = {p.index: p.slots for p in self.plans.values() if p.width <= 0} if groups and predicted else None
+        floors = {p.index: p.slots for p in self.plans.values() if p.stalls_on_misses} if groups and predicted else None
         self.cache = ExpertCache(slots, _Reads(self), policy=options.cache, threads=options.threads,
                                  located=located, groups=groups, floors=floors)
         self._floors = floors or {}

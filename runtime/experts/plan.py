@@ -19,7 +19,7 @@ from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import GRAPH_PREDICTORS, Predictor
 from fate.artifacts.profile import Profile
 
-from .allocation import SlotDemand, allocate_slots
+from .allocation import SlotDemand, allocate_slots, planned_recall
 from .executors import SESSION_RESIDENT_FACTOR
 from .pool import slot_size
 from .residency import BudgetError
@@ -43,6 +43,12 @@ class LayerPlan:
     width: int
     low_share: float
     low_precision: str | None
+
+    @property
+    def stalls_on_misses(self) -> bool:
+        """Its misses are read only once they are needed, or (layer 0, predicted from the embedding) only its
+        attention before: planned as a layer nothing predicts (allocation.planned_recall)."""
+        return self.width <= 0 or planned_recall(self.index, 1.0) == 0.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ def measured_slots(layers, profile: Profile, predictors: dict[int, tuple[str, in
         name, width = predictors[l.index]
         curve = measured.predictors.get(name)
         recall = float(np.interp(width, curve.widths, curve.decode)) if curve is not None and width > 0 else 0.0
-        demands.append(SlotDemand(measured.miss_curve_slots, measured.miss_curve, recall, l.routing.top_k, width,
+        demands.append(SlotDemand(measured.miss_curve_slots, measured.miss_curve, planned_recall(l.index, recall),
+                                  l.routing.top_k, width,
                                   l.routing.num_experts, cost[l.index]))
     return dict(zip((l.index for l in layers), allocate_slots(demands, budget)))
 

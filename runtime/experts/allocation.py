@@ -39,8 +39,8 @@ class SlotDemand:
 def planned_recall(index: int, recall: float) -> float:
     """The prefetch recall a layer's slots are planned with: its predictor's, but none for layer 0, whose
     prediction (the embedding graph's, Manifest.embed_predicts_next) is made only its attention before
-    the layer needs it. Planned as predicted, it gave the other layers its slots and decoded 0.97x at
-    50% (BENCHMARKS.md 6d)."""
+    the layer needs it, so that its misses still stall. So planned, its slots are those it had before it
+    was predicted; planned as predicted, the other layers took them, for no gain measured (BENCHMARKS.md 6d)."""
     return 0.0 if index == 0 else recall
 
 

@@ -889,10 +889,18 @@ static int run_experts_locked(const fate_layout *l, const uint8_t *const *expert
             c.tasks[t][2] = starts[e + 1] - a < TILE ? starts[e + 1] - a : TILE;
             t++;
         }
-    if (c.math.int8)
+    if (c.math.int8) {
+        /* only the rows these experts read: a prefill's misses run a few experts a call against the chunk's
+         * every token (a row quantized costs about 6 us at hidden 2048; 192 rows were 1.1 ms a call) */
+        uint8_t *used = calloc((size_t)tokens + 1, 1);
+        if (!used) goto done;
+        for (int64_t i = starts[0]; i < starts[n_experts]; i++) used[rows[i]] = 1;
         for (int64_t row = 0; row < tokens; row++)
-            quantize_row(x + row * c.hidden, c.hidden, c.math.bs, c.math.bits, c.xq + row * blocks * c.math.bs,
-                         c.xs + row * blocks, c.xsum + row * blocks);
+            if (used[row])
+                quantize_row(x + row * c.hidden, c.hidden, c.math.bs, c.math.bits, c.xq + row * blocks * c.math.bs,
+                             c.xs + row * blocks, c.xsum + row * blocks);
+        free(used);
+    }
     run_all(run_task, &c, task_count, helper_count(l, task_count, threads));
     rc = atomic_load(&c.failed) ? -1 : 0;
 done:

@@ -21,7 +21,7 @@ from fate.artifacts import LayerSpec, ModelError, ModelSpec
 from fate.artifacts.inputs import read_text_file
 from fate.artifacts.layout import GraphIO as IO
 from fate.artifacts.precisions import QUANTIZED
-from fate.artifacts.predictors import Predictor
+from fate.artifacts.predictors import GRAPH_OUTPUT_OF, PREDICTION_OUTPUTS, Predictor
 from fate.artifacts.profile import PROFILE_VERSION, LayerProfile, Profile, RecallCurve
 from fate.runtime.experts.eviction import DEFAULT_POLICY
 from fate.runtime.experts.predictors import eap_scores, top_experts
@@ -36,7 +36,7 @@ BUILTIN = "builtin"
 BUILTIN_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 LOW_BIT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 QUANT_BITS = {p.name: p.bits for p in QUANTIZED}  # what calibration measures each expert at
-PREDICTED_BY = {IO.NEXT_ROUTER_LOGITS: Predictor.CROSS_LAYER, IO.NEXT_ROUTER_LOGITS_NORM: Predictor.CROSS_LAYER_NORM}
+PREDICTED_BY = {output: predictor for predictor, output in GRAPH_OUTPUT_OF.items()}  # graph output -> predictor
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class Profiler:
             names += [IO.ROUTER_LOGITS, IO.EXPERT_IDS, IO.EXPERT_WEIGHTS]
             names += [IO.EXPERT_INPUT] if layer.expert_input_size else []
         if predicts_next:
-            names += [IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM]
+            names += list(PREDICTION_OUTPUTS)
         session = make_session(model, lean=True)
         if hands_on_partial(layer, session):
             names.append(IO.MOE_PARTIAL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from fate.artifacts import HeadStep, LayerSpec, ModelSpec
 from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.predictors import PREDICTION_OUTPUTS
 from fate.artifacts.native_contract import HEAD, QK_NORMS, STEP, STEP_SCORINGS
 from fate.artifacts.slots import check_step_in_graph
 
@@ -84,7 +85,7 @@ class NativeDecodeStep:
                IO.EXPERT_IDS: np.empty((tokens, self.top_k), np.int64),
                IO.EXPERT_WEIGHTS: np.empty((tokens, self.top_k), np.float32)}
         predicted = [np.empty((tokens, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
-        out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
+        out.update(zip(PREDICTION_OUTPUTS, predicted))
         native.KERNEL.run_prefill(self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
                                   state["key"], state["value"], position, cos, sin, out[IO.RESIDUAL],
                                   out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],
@@ -120,7 +121,7 @@ class NativeDecodeStep:
                IO.EXPERT_IDS: np.empty((1, self.top_k), np.int64),
                IO.EXPERT_WEIGHTS: np.empty((1, self.top_k), np.float32)}
         predicted = [np.empty((1, self.next_experts), np.float32) for _ in range(2)] if self.next_experts else []
-        out.update(zip((IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM), predicted))
+        out.update(zip(PREDICTION_OUTPUTS, predicted))
         return out, (self.vector, self.numbers, self.graph, np.ascontiguousarray(hidden, np.float32),
                      state["key"], state["value"], position, cos[position], sin[position],
                      out[IO.RESIDUAL], out[IO.ROUTER_INPUT], out[IO.EXPERT_IDS], out[IO.EXPERT_WEIGHTS],

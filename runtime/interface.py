@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from fate.artifacts import ArtifactError, LayerSpec, Manifest
 from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.predictors import PREDICTION_OUTPUTS
 
 Shape = tuple  # ints, or None where the size varies from step to step
 FLOAT, INT32, INT64 = "tensor(float)", "tensor(int32)", "tensor(int64)"
@@ -79,7 +80,7 @@ def layer_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:
 def prediction_outputs(following: LayerSpec) -> dict[str, tuple[Shape, str]]:
     """The cross-layer predictions of `following`'s router scores a graph before it computes."""
     return {name: ((None, following.routing.num_experts), FLOAT)
-            for name in (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)}
+            for name in PREDICTION_OUTPUTS}
 
 
 def combine_interface(manifest: Manifest, layer: LayerSpec) -> tuple[dict, dict]:

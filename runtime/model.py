@@ -12,6 +12,7 @@ from fate.artifacts import Artifact, ArtifactError, GenerationError, LayerSpec
 from fate.artifacts.budget import Budget
 from fate.artifacts.graph_check import float_attributes
 from fate.artifacts.layout import GraphIO as IO
+from fate.artifacts.predictors import PREDICTION_OUTPUTS
 
 from . import native
 from .decode_step import NativeDecodeStep, NativeHead
@@ -28,7 +29,6 @@ from .positions import PositionTables
 from .sessions import NamedSession, graph_threads, make_session
 from .state import KVCache, experts_input, hands_on_partial, layer_feeds, state_names
 
-PREDICTION_OUTPUTS = (IO.NEXT_ROUTER_LOGITS, IO.NEXT_ROUTER_LOGITS_NORM)
 # The context a memory limit plans its KV cache for unless told (the model's, where that is smaller)
 DEFAULT_CONTEXT = 4096
 

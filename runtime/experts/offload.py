@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from fate.artifacts import Artifact, ArtifactError
 from fate.artifacts.budget import Budget
-from fate.artifacts.predictors import Predictor
+from fate.artifacts.predictors import GRAPH_OUTPUT_OF, Predictor
 from fate.artifacts.profile import Profile, profile_from_bytes
 
 from .. import native
@@ -38,7 +38,6 @@ from .residency import CacheCounters, ExpertCache
 from .store import ExpertOptions, ExpertStore, LayerOutputs, RoutedExperts, largest_file, resident_precision, slot_offset
 from .trace import LayerSlots, TraceHeader
 
-GRAPH_OUTPUT_OF = {Predictor.CROSS_LAYER: "next_router_logits", Predictor.CROSS_LAYER_NORM: "next_router_logits_norm"}
 
 
 @dataclass(frozen=True)

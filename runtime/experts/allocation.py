@@ -36,12 +36,18 @@ class SlotDemand:
     cost: int = 1
 
 
+def predicted_in_time(index: int) -> bool:
+    """Whether a predicted layer's prediction comes a layer ahead of need: every layer's but layer 0's, whose
+    prediction (the embedding graph's, Manifest.embed_predicts_next) is made only its attention before the
+    layer needs it, so that its misses still stall."""
+    return index != 0
+
+
 def planned_recall(index: int, recall: float) -> float:
-    """The prefetch recall a layer's slots are planned with: its predictor's, but none for layer 0, whose
-    prediction (the embedding graph's, Manifest.embed_predicts_next) is made only its attention before
-    the layer needs it, so that its misses still stall. So planned, its slots are those it had before it
-    was predicted; planned as predicted, the other layers took them, for no gain measured (BENCHMARKS.md 6d)."""
-    return 0.0 if index == 0 else recall
+    """The prefetch recall a layer's slots are planned with: its predictor's where that comes in time, else
+    none. So planned, layer 0's slots are those it had before it was predicted; planned as predicted, the
+    other layers took them, for no gain measured (BENCHMARKS.md 6d)."""
+    return recall if predicted_in_time(index) else 0.0
 
 
 def miss_at(curve_slots: list[int], curve: list[float], slots: float) -> float:

@@ -19,7 +19,7 @@ from fate.artifacts.budget import Budget
 from fate.artifacts.predictors import GRAPH_PREDICTORS, Predictor
 from fate.artifacts.profile import Profile
 
-from .allocation import SlotDemand, allocate_slots, planned_recall
+from .allocation import SlotDemand, allocate_slots, planned_recall, predicted_in_time
 from .executors import SESSION_RESIDENT_FACTOR
 from .pool import slot_size
 from .residency import BudgetError
@@ -48,7 +48,7 @@ class LayerPlan:
     def stalls_on_misses(self) -> bool:
         """Its misses are read only once they are needed, or (layer 0, predicted from the embedding) only its
         attention before: planned as a layer nothing predicts (allocation.planned_recall)."""
-        return self.width <= 0 or planned_recall(self.index, 1.0) == 0.0
+        return self.width <= 0 or not predicted_in_time(self.index)
 
 
 @dataclass(frozen=True)

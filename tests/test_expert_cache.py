@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from fate.runtime.experts.eviction import ARC, LFRU, LRU, POLICIES, S3FIFO
 from fate.runtime.experts.replay import replay_miss_rate
@@ -507,7 +508,77 @@ def test_s3fifo_asks_about_an_excluded_key_once_a_call_and_keeps_its_place():
 
     assert cache.victim(None, Held()) not in set("abc")
     assert [asked[key] for key in "abc"] == [1, 1, 1]
-    assert list(cache.small)[:3] == ["a", "b", "c"]
+    assert cache.order(cache.small)[:3] == ["a", "b", "c"]
+
+
+class PlainS3FIFO:
+    """S3-FIFO with held keys written as plainly as it can be: every pass scans each queue from its head."""
+
+    def __init__(self, capacity: int):
+        self.small, self.main, self.ghost, self.freq = [], [], [], {}
+        self.capacity, self.small_target = capacity, max(1, capacity // 10)
+
+    def insert(self, key, cold=False):
+        self.freq[key] = 0
+        if key in self.ghost and not cold:
+            self.ghost.remove(key)
+            self.main.append(key)
+        else:
+            self.small.append(key)
+
+    def victim(self, exclude):
+        for _ in range(5 * len(self.freq) + 1):
+            from_small = self.small and (len(self.small) >= self.small_target or not self.main)
+            for queue in ((self.small, self.main) if from_small else (self.main, self.small)):
+                key = next((k for k in queue if k not in exclude), None)
+                if key is not None:
+                    break
+            else:
+                return None
+            queue.remove(key)
+            if self.freq[key] > 0:
+                self.freq[key] = 0 if queue is self.small else self.freq[key] - 1
+                self.main.append(key)
+                continue
+            del self.freq[key]
+            if queue is self.small and key not in self.ghost:  # a ghost already remembered keeps its place
+                self.ghost = (self.ghost + [key])[-max(self.capacity, 1):]
+            return key
+        return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_s3fifo_evicts_as_the_plain_scan_does_whatever_is_held(seed):
+    """Parking held keys (S3FIFO.parked) changes what a search costs, never its answer: random inserts,
+    hits, removals and searches with random held keys (a floored layer's, pins) give the victims and the
+    queue orders the plain S3-FIFO gives."""
+    rng = np.random.default_rng(seed)
+    fast, plain = S3FIFO(12), PlainS3FIFO(12)
+    held_layer = set(range(0, 40, 5))  # held in most searches, as a layer at its floor is
+    for _ in range(3000):
+        resident = list(plain.freq)
+        op = rng.random()
+        if op < 0.3 and resident:
+            key = resident[rng.integers(len(resident))]
+            fast.hit(key)
+            plain.freq[key] = min(plain.freq[key] + 1, S3FIFO.MAX_FREQ)
+        elif op < 0.33 and resident:
+            key = resident[rng.integers(len(resident))]
+            fast.remove(key)
+            plain.small = [k for k in plain.small if k != key]
+            plain.main = [k for k in plain.main if k != key]
+            del plain.freq[key]
+        else:
+            if len(resident) >= 12:
+                exclude = {k for k in resident if rng.random() < 0.3} | (held_layer if rng.random() < 0.8 else set())
+                assert fast.victim(None, exclude) == plain.victim(exclude)
+            key = int(rng.integers(40))
+            if key not in plain.freq and len(plain.freq) < 12:
+                cold = bool(rng.random() < 0.2)
+                fast.insert(key, cold)
+                plain.insert(key, cold)
+        assert fast.order(fast.small) == plain.small and fast.order(fast.main) == plain.main
+        assert len(fast) == len(plain.freq) and list(fast.ghost) == plain.ghost
 
 
 def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():

@@ -218,6 +218,15 @@ class S3FIFO(EvictionPolicy):
         self.ghost: OrderedDict[Key, None] = OrderedDict()
         self.freq: dict[Key, int] = {}
         self.small_target = max(1, capacity // 10)
+        # Keys a search found held (`exclude`) at a queue's head, in the queue's order: parked ahead of
+        # their queue until a search finds them free. A layer kept at its floor holds its keys for the
+        # whole run: set aside and put back at every search they cost the loop about 100 us a load (64
+        # such keys a search at Qwen3.5-MoE shapes); parked, one question each.
+        self.parked: dict[int, list[Key]] = {id(self.small): [], id(self.main): []}
+
+    def order(self, queue: OrderedDict) -> list[Key]:
+        """`queue`'s keys in eviction order: its parked keys, then the queue."""
+        return self.parked[id(queue)] + list(queue)
 
     def hit(self, key: Key) -> None:
         self.freq[key] = min(self.freq.get(key, 0) + 1, self.MAX_FREQ)
@@ -232,60 +241,67 @@ class S3FIFO(EvictionPolicy):
 
     def victim(self, incoming: Key | None, exclude: Container[Key]) -> Key | None:
         # each pass either evicts, moves a key from small to main (once per key) or takes one of a
-        # main key's second chances (at most MAX_FREQ): bounded. A key `exclude` holds is set aside
-        # where a pass meets it at a queue's head (it stays held for the whole call), so no pass asks
-        # about it again, and goes back to the head in its order at the end: the same victim as
-        # scanning each queue from its head on every pass, without the passes' repeated questions.
-        aside: dict[int, list[Key]] = {id(self.small): [], id(self.main): []}
+        # main key's second chances (at most MAX_FREQ): bounded. A key `exclude` holds is parked where a
+        # pass meets it at a queue's head and asked about once per call (it stays held for the whole
+        # call): the same victim as scanning each queue from its head on every pass.
+        known = {id(self.small): 0, id(self.main): 0}  # how many of a queue's parked keys this call found held
 
         def first_allowed(queue: OrderedDict) -> Key | None:
+            parked = self.parked[id(queue)]
+            for i in range(known[id(queue)], len(parked)):
+                if parked[i] not in exclude:  # free again: back in its queue, whence the pass evicts or moves it
+                    known[id(queue)] = i
+                    key = parked.pop(i)
+                    queue[key] = None
+                    return key
+            known[id(queue)] = len(parked)
             while queue:
                 key = next(iter(queue))
                 if key not in exclude:
                     return key
                 del queue[key]
-                aside[id(queue)].append(key)
+                parked.append(key)
+                known[id(queue)] += 1
             return None
 
-        try:
-            for _ in range((self.MAX_FREQ + 2) * (len(self.small) + len(self.main)) + 1):
-                small = len(self.small) + len(aside[id(self.small)])
-                from_small = small > 0 and (small >= self.small_target
-                                            or not (self.main or aside[id(self.main)]))
-                queue = key = None
-                for candidate in ((self.small, self.main) if from_small else (self.main, self.small)):
-                    key = first_allowed(candidate)
-                    if key is not None:
-                        queue = candidate
-                        break
-                if key is None:
-                    return None
-                if self.freq[key] > 0:  # used since it came in: kept, in main
-                    if queue is self.small:
-                        del self.small[key]
-                        self.freq[key] = 0
-                        self.main[key] = None
-                    else:
-                        self.freq[key] -= 1
-                        self.main.move_to_end(key)
-                    continue
-                del queue[key]
-                del self.freq[key]
+        small_parked, main_parked = self.parked[id(self.small)], self.parked[id(self.main)]
+        for _ in range((self.MAX_FREQ + 2) * len(self.freq) + 1):
+            small = len(self.small) + len(small_parked)
+            from_small = small > 0 and (small >= self.small_target or not (self.main or main_parked))
+            queue = key = None
+            for candidate in ((self.small, self.main) if from_small else (self.main, self.small)):
+                key = first_allowed(candidate)
+                if key is not None:
+                    queue = candidate
+                    break
+            if key is None:
+                return None
+            if self.freq[key] > 0:  # used since it came in: kept, in main
                 if queue is self.small:
-                    self.ghost[key] = None
-                    while len(self.ghost) > max(self.capacity, 1):
-                        self.ghost.popitem(last=False)
-                return key
-            return None
-        finally:
-            for queue in (self.small, self.main):
-                for key in reversed(aside[id(queue)]):
-                    queue[key] = None
-                    queue.move_to_end(key, last=False)
+                    del self.small[key]
+                    self.freq[key] = 0
+                    self.main[key] = None
+                else:
+                    self.freq[key] -= 1
+                    self.main.move_to_end(key)
+                continue
+            del queue[key]
+            del self.freq[key]
+            if queue is self.small:
+                self.ghost[key] = None
+                while len(self.ghost) > max(self.capacity, 1):
+                    self.ghost.popitem(last=False)
+            return key
+        return None
 
     def remove(self, key: Key) -> None:
-        self.small.pop(key, None)
-        self.main.pop(key, None)
+        for queue in (self.small, self.main):
+            if key in queue:
+                del queue[key]
+                break
+            if key in self.parked[id(queue)]:
+                self.parked[id(queue)].remove(key)
+                break
         self.freq.pop(key, None)
 
     def __contains__(self, key: Key) -> bool:

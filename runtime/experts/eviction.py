@@ -222,11 +222,12 @@ class S3FIFO(EvictionPolicy):
         # their queue until a search finds them free. A layer kept at its floor holds its keys for the
         # whole run: set aside and put back at every search they cost the loop about 100 us a load (64
         # such keys a search at Qwen3.5-MoE shapes); parked, one question each.
-        self.parked: dict[int, list[Key]] = {id(self.small): [], id(self.main): []}
+        self.small_parked: list[Key] = []
+        self.main_parked: list[Key] = []
 
-    def order(self, queue: OrderedDict) -> list[Key]:
-        """`queue`'s keys in eviction order: its parked keys, then the queue."""
-        return self.parked[id(queue)] + list(queue)
+    def order(self) -> tuple[list[Key], list[Key]]:
+        """The small and main queues' keys in eviction order: each queue's parked keys, then the queue."""
+        return self.small_parked + list(self.small), self.main_parked + list(self.main)
 
     def hit(self, key: Key) -> None:
         self.freq[key] = min(self.freq.get(key, 0) + 1, self.MAX_FREQ)
@@ -244,33 +245,33 @@ class S3FIFO(EvictionPolicy):
         # main key's second chances (at most MAX_FREQ): bounded. A key `exclude` holds is parked where a
         # pass meets it at a queue's head and asked about once per call (it stays held for the whole
         # call): the same victim as scanning each queue from its head on every pass.
-        known = {id(self.small): 0, id(self.main): 0}  # how many of a queue's parked keys this call found held
+        queues = ((self.small, self.small_parked, [0]), (self.main, self.main_parked, [0]))
 
-        def first_allowed(queue: OrderedDict) -> Key | None:
-            parked = self.parked[id(queue)]
-            for i in range(known[id(queue)], len(parked)):
+        def first_allowed(queue: OrderedDict, parked: list[Key], known: list[int]) -> Key | None:
+            """The first key of queue's order `exclude` does not hold; known[0]: how many of its parked
+            keys this call found held."""
+            for i in range(known[0], len(parked)):
                 if parked[i] not in exclude:  # free again: back in its queue, whence the pass evicts or moves it
-                    known[id(queue)] = i
+                    known[0] = i
                     key = parked.pop(i)
                     queue[key] = None
                     return key
-            known[id(queue)] = len(parked)
+            known[0] = len(parked)
             while queue:
                 key = next(iter(queue))
                 if key not in exclude:
                     return key
                 del queue[key]
                 parked.append(key)
-                known[id(queue)] += 1
+                known[0] += 1
             return None
 
-        small_parked, main_parked = self.parked[id(self.small)], self.parked[id(self.main)]
         for _ in range((self.MAX_FREQ + 2) * len(self.freq) + 1):
-            small = len(self.small) + len(small_parked)
-            from_small = small > 0 and (small >= self.small_target or not (self.main or main_parked))
+            small = len(self.small) + len(self.small_parked)
+            from_small = small > 0 and (small >= self.small_target or not (self.main or self.main_parked))
             queue = key = None
-            for candidate in ((self.small, self.main) if from_small else (self.main, self.small)):
-                key = first_allowed(candidate)
+            for candidate, parked, known in (queues if from_small else queues[::-1]):
+                key = first_allowed(candidate, parked, known)
                 if key is not None:
                     queue = candidate
                     break
@@ -295,12 +296,12 @@ class S3FIFO(EvictionPolicy):
         return None
 
     def remove(self, key: Key) -> None:
-        for queue in (self.small, self.main):
+        for queue, parked in ((self.small, self.small_parked), (self.main, self.main_parked)):
             if key in queue:
                 del queue[key]
                 break
-            if key in self.parked[id(queue)]:
-                self.parked[id(queue)].remove(key)
+            if key in parked:
+                parked.remove(key)
                 break
         self.freq.pop(key, None)
 

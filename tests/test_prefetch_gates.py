@@ -3,7 +3,7 @@ artifact."""
 
 from __future__ import annotations
 
-from fate.runtime.experts.gates import COST_MARGIN, RECALL_GATE, PrefetchGate
+from fate.runtime.experts.gates import COST_MARGIN, PROBE_FIRST, RECALL_GATE, PrefetchGate
 
 
 def test_a_layers_prefetch_closes_when_its_reads_are_mostly_wrong_and_opens_when_they_pay():
@@ -67,6 +67,41 @@ def test_loading_on_demand_does_not_make_reading_ahead_look_cheaper():
     for _ in range(50):  # reading ahead: 100 us of loop a load against 150 us waited a read
         gate.token(loop_s=1e-4, loads=1, waited_s=1.5e-4, waits=1)
     assert not gate.open(0)
-    for _ in range(500):  # on demand the loop works 50 us a load: reading ahead would still cost 100
+    for _ in range(PROBE_FIRST - 1):  # on demand the loop works 50 us a load: reading ahead would still cost 100
         gate.token(loop_s=5e-5, loads=1, waited_s=1.5e-4, waits=1, read_ahead=False)
+    assert not gate.open(0) and abs(gate.costs()[1] - 1e-4) < 1e-9
+
+
+def test_a_gate_a_busy_moment_closed_measures_again_and_opens():
+    """The loop's work per load reading ahead is measured only while reading ahead: once closed by a dear
+    moment (another process on the cores), the gate measures it afresh after PROBE_FIRST tokens closed."""
+    gate = PrefetchGate()
+    for _ in range(50):  # the cores shared: 1 ms of loop a load against 0.5 ms waited a read
+        gate.token(loop_s=1e-3, loads=1, waited_s=5e-4, waits=1)
     assert not gate.open(0)
+    for _ in range(PROBE_FIRST - 1):  # the cores free again, loading on demand
+        gate.token(loop_s=5e-5, loads=1, waited_s=5e-4, waits=1, read_ahead=False)
+    assert not gate.open(0)
+    gate.token(loop_s=5e-5, loads=1, waited_s=5e-4, waits=1, read_ahead=False)
+    assert gate.open(0) and gate.costs()[1] is None  # forgotten: reading ahead again, to measure it
+    for _ in range(10):
+        gate.token(loop_s=1e-4, loads=1, waited_s=5e-4, waits=1)
+    assert gate.open(0)
+
+
+def test_a_probe_that_finds_reading_ahead_dear_waits_twice_as_long_for_the_next():
+    gate = PrefetchGate()
+
+    def closed_until_probe() -> int:
+        tokens = 0
+        while not gate.open(0):
+            gate.token(loop_s=5e-5, loads=1, waited_s=1e-4, waits=1, read_ahead=False)
+            tokens += 1
+        for _ in range(5):  # the probe: reading ahead still costs more than it saves
+            gate.token(loop_s=1e-4, loads=1, waited_s=1e-4, waits=1)
+        assert not gate.open(0)
+        return tokens
+
+    for _ in range(50):
+        gate.token(loop_s=1e-4, loads=1, waited_s=1e-4, waits=1)
+    assert [closed_until_probe() for _ in range(3)] == [PROBE_FIRST, 2 * PROBE_FIRST, 4 * PROBE_FIRST]

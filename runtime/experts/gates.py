@@ -19,7 +19,11 @@ A prefetch read pays when the wait it saves is more than the loop's own work it 
 A layer whose share keeps it from reading ahead still has its predictions scored, so it starts again when they
 pay. While no read ahead could pay at all (the waits short against the loop's work), none is even predicted;
 the waits are still measured from the misses, so reading ahead starts again if they grow (another disk, a
-busier one). The gate reads no clock: the store hands it outcomes and times, so that tests drive it with
+busier one). The loop's work per load reading ahead, though, is measured only while reading ahead: a busy
+moment (another process on the cores) that made it look dear would keep the gate closed for good. So after
+PROBE_FIRST tokens closed it is forgotten and measured afresh by reading ahead again; each probe that closes
+the gate again doubles the wait for the next (at most PROBE_MAX tokens), one that opens it resets it. The
+gate reads no clock: the store hands it outcomes and times, so that tests drive it with
 made-up ones.
 """
 
@@ -30,6 +34,8 @@ RECALL_MEMORY = 0.2  # the weight of each new token in a layer's exponential ave
 COST_MEMORY = 0.98  # each decode token's weight in the cost averages decays by this per token
 COST_EVIDENCE = 4.0  # loads (and waits) the cost averages need before they decide
 COST_MARGIN = 2.0  # a right read's saved wait must be this many times a load's loop work (see above)
+PROBE_FIRST = 32  # decode tokens closed before the loop's work per load reading ahead is measured afresh
+PROBE_MAX = 1024
 
 
 class PrefetchGate:
@@ -41,6 +47,8 @@ class PrefetchGate:
         # loads, over the tokens that read ahead (their loop works more a load: the predictions, their reads),
         # so that loading on demand, cheaper, does not make reading ahead look cheaper than it is
         self._waited = self._waits = self._loop = self._loads = 0.0
+        self._closed_for = 0  # decode tokens since one read ahead
+        self._probe_after = PROBE_FIRST
 
     def open(self, layer: int) -> bool:
         share = self._paying.get(layer, 1.0)
@@ -49,9 +57,12 @@ class PrefetchGate:
     def worth_reading(self, share: float = 1.0) -> bool:
         """Whether reads right `share` of the time save more waiting than they cost the loop (True until
         measured). At share 1: whether any layer's prediction could pay (else none is even made)."""
-        if self._loads < COST_EVIDENCE or self._waits < COST_EVIDENCE:
+        if not self._measured():
             return True
         return share * (self._waited / self._waits) >= COST_MARGIN * (self._loop / self._loads)
+
+    def _measured(self) -> bool:
+        return self._loads >= COST_EVIDENCE and self._waits >= COST_EVIDENCE
 
     def score(self, layer: int, read: set[int], chosen: set[int]) -> None:
         """`read`: the prediction's experts that were not resident when predicted; `chosen`: the router's."""
@@ -68,6 +79,15 @@ class PrefetchGate:
         if read_ahead:
             self._loop = COST_MEMORY * self._loop + loop_s
             self._loads = COST_MEMORY * self._loads + loads
+            self._closed_for = 0
+            if self._measured() and self.worth_reading():
+                self._probe_after = PROBE_FIRST
+            return
+        self._closed_for += 1
+        if self._closed_for >= self._probe_after:  # measure the loop's work reading ahead afresh (see above)
+            self._loop = self._loads = 0.0
+            self._closed_for = 0
+            self._probe_after = min(2 * self._probe_after, PROBE_MAX)
 
     def costs(self) -> tuple[float | None, float | None]:
         """(seconds waited per load waited for, the loop's seconds per load reading ahead), recently; None where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -579,6 +580,59 @@ def test_s3fifo_evicts_as_the_plain_scan_does_whatever_is_held(seed):
                 plain.insert(key, cold)
         assert fast.order() == (plain.small, plain.main)
         assert len(fast) == len(plain.freq) and list(fast.ghost) == plain.ghost
+
+
+class PlainLFRU:
+    """LFRU's scores kept in a dict, the victim the least (score, use) among the keys not held: no heap."""
+
+    def __init__(self, capacity: int):
+        self.half_life, self.clock, self.uses, self.score = max(capacity, 1), 0, 0, {}
+
+    def use(self, key, log_score):
+        self.clock += 1
+        self.uses += 1
+        self.score[key] = (log_score + self.clock / self.half_life, self.uses)
+
+    def hit(self, key):
+        old = self.score[key][0]
+        self.use(key, math.log2(1.0 + 2.0 ** min(old - (self.clock + 1) / self.half_life, 60.0)))
+
+    def victim(self, exclude):
+        free = [(v, key) for key, v in self.score.items() if key not in exclude]
+        if not free:
+            return None
+        key = min(free)[1]
+        del self.score[key]
+        return key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lfru_evicts_the_least_score_whatever_is_held(seed):
+    """Parking held entries (LFRU.parked) changes what a search costs, never its answer."""
+    rng = np.random.default_rng(seed)
+    fast, plain = LFRU(12), PlainLFRU(12)
+    held_layer = set(range(0, 40, 5))
+    for _ in range(3000):
+        resident = list(plain.score)
+        op = rng.random()
+        if op < 0.35 and resident:
+            key = resident[rng.integers(len(resident))]
+            fast.hit(key)
+            plain.hit(key)
+        elif op < 0.38 and resident:
+            key = resident[rng.integers(len(resident))]
+            fast.remove(key)
+            del plain.score[key]
+        else:
+            if len(resident) >= 12:
+                exclude = {k for k in resident if rng.random() < 0.3} | (held_layer if rng.random() < 0.8 else set())
+                assert fast.victim(None, exclude) == plain.victim(exclude)
+            key = int(rng.integers(40))
+            if key not in plain.score and len(plain.score) < 12:
+                cold = bool(rng.random() < 0.2)
+                fast.insert(key, cold)
+                plain.use(key, LFRU.COLD if cold else 0.0)
+        assert len(fast) == len(plain.score)
 
 
 def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():

@@ -550,7 +550,7 @@ class PlainS3FIFO:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_s3fifo_evicts_as_the_plain_scan_does_whatever_is_held(seed):
-    """Parking held keys (S3FIFO.parked) changes what a search costs, never its answer: random inserts,
+    """Parking held keys (S3FIFO.small_parked, main_parked) changes what a search costs, never its answer: random inserts,
     hits, removals and searches with random held keys (a floored layer's, pins) give the victims and the
     queue orders the plain S3-FIFO gives."""
     rng = np.random.default_rng(seed)

@@ -527,6 +527,14 @@ class PlainS3FIFO:
         else:
             self.small.append(key)
 
+    def hit(self, key):
+        self.freq[key] = min(self.freq[key] + 1, S3FIFO.MAX_FREQ)
+
+    def remove(self, key):
+        self.small = [k for k in self.small if k != key]
+        self.main = [k for k in self.main if k != key]
+        del self.freq[key]
+
     def victim(self, exclude):
         for _ in range(5 * len(self.freq) + 1):
             from_small = self.small and (len(self.small) >= self.small_target or not self.main)
@@ -548,38 +556,46 @@ class PlainS3FIFO:
         return None
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_s3fifo_evicts_as_the_plain_scan_does_whatever_is_held(seed):
-    """Parking held keys (S3FIFO.small_parked, main_parked) changes what a search costs, never its answer: random inserts,
-    hits, removals and searches with random held keys (a floored layer's, pins) give the victims and the
-    queue orders the plain S3-FIFO gives."""
+def against_plain(fast, plain, resident, seed: int, check=lambda: None) -> None:
+    """Random hits, removals, inserts (some cold) and searches with random held keys (a layer at its floor's
+    among them in most searches, pins) on a policy and its plain version: the same victims, and `check()` after
+    every step. `resident()`: the plain version's keys."""
     rng = np.random.default_rng(seed)
-    fast, plain = S3FIFO(12), PlainS3FIFO(12)
-    held_layer = set(range(0, 40, 5))  # held in most searches, as a layer at its floor is
+    held_layer = set(range(0, 40, 5))
     for _ in range(3000):
-        resident = list(plain.freq)
+        keys = list(resident())
         op = rng.random()
-        if op < 0.3 and resident:
-            key = resident[rng.integers(len(resident))]
+        if op < 0.35 and keys:
+            key = keys[rng.integers(len(keys))]
             fast.hit(key)
-            plain.freq[key] = min(plain.freq[key] + 1, S3FIFO.MAX_FREQ)
-        elif op < 0.33 and resident:
-            key = resident[rng.integers(len(resident))]
+            plain.hit(key)
+        elif op < 0.38 and keys:
+            key = keys[rng.integers(len(keys))]
             fast.remove(key)
-            plain.small = [k for k in plain.small if k != key]
-            plain.main = [k for k in plain.main if k != key]
-            del plain.freq[key]
+            plain.remove(key)
         else:
-            if len(resident) >= 12:
-                exclude = {k for k in resident if rng.random() < 0.3} | (held_layer if rng.random() < 0.8 else set())
+            if len(keys) >= 12:
+                exclude = {k for k in keys if rng.random() < 0.3} | (held_layer if rng.random() < 0.8 else set())
                 assert fast.victim(None, exclude) == plain.victim(exclude)
             key = int(rng.integers(40))
-            if key not in plain.freq and len(plain.freq) < 12:
+            if key not in resident() and len(resident()) < 12:
                 cold = bool(rng.random() < 0.2)
                 fast.insert(key, cold)
                 plain.insert(key, cold)
-        assert fast.order() == (plain.small, plain.main)
-        assert len(fast) == len(plain.freq) and list(fast.ghost) == plain.ghost
+        assert len(fast) == len(resident())
+        check()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_s3fifo_evicts_as_the_plain_scan_does_whatever_is_held(seed):
+    """Parking held keys (S3FIFO.small_parked, main_parked) changes what a search costs, never its answer: the
+    victims, queue orders and ghosts of the plain S3-FIFO."""
+    fast, plain = S3FIFO(12), PlainS3FIFO(12)
+
+    def same_queues():
+        assert fast.order() == (plain.small, plain.main) and list(fast.ghost) == plain.ghost
+
+    against_plain(fast, plain, lambda: plain.freq, seed, same_queues)
 
 
 class PlainLFRU:
@@ -597,6 +613,12 @@ class PlainLFRU:
         old = self.score[key][0]
         self.use(key, math.log2(1.0 + 2.0 ** min(old - (self.clock + 1) / self.half_life, 60.0)))
 
+    def insert(self, key, cold=False):
+        self.use(key, LFRU.COLD if cold else 0.0)
+
+    def remove(self, key):
+        del self.score[key]
+
     def victim(self, exclude):
         free = [(v, key) for key, v in self.score.items() if key not in exclude]
         if not free:
@@ -609,30 +631,8 @@ class PlainLFRU:
 @pytest.mark.parametrize("seed", range(4))
 def test_lfru_evicts_the_least_score_whatever_is_held(seed):
     """Parking held entries (LFRU.parked) changes what a search costs, never its answer."""
-    rng = np.random.default_rng(seed)
-    fast, plain = LFRU(12), PlainLFRU(12)
-    held_layer = set(range(0, 40, 5))
-    for _ in range(3000):
-        resident = list(plain.score)
-        op = rng.random()
-        if op < 0.35 and resident:
-            key = resident[rng.integers(len(resident))]
-            fast.hit(key)
-            plain.hit(key)
-        elif op < 0.38 and resident:
-            key = resident[rng.integers(len(resident))]
-            fast.remove(key)
-            del plain.score[key]
-        else:
-            if len(resident) >= 12:
-                exclude = {k for k in resident if rng.random() < 0.3} | (held_layer if rng.random() < 0.8 else set())
-                assert fast.victim(None, exclude) == plain.victim(exclude)
-            key = int(rng.integers(40))
-            if key not in plain.score and len(plain.score) < 12:
-                cold = bool(rng.random() < 0.2)
-                fast.insert(key, cold)
-                plain.use(key, LFRU.COLD if cold else 0.0)
-        assert len(fast) == len(plain.score)
+    plain = PlainLFRU(12)
+    against_plain(LFRU(12), plain, lambda: plain.score, seed)
 
 
 def test_a_layer_keeps_its_floor_in_a_shared_pool_and_grows_to_it_from_the_others():

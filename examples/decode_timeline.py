@@ -28,6 +28,7 @@ import numpy as np
 from fate.artifacts.budget import parse_budget
 from fate.runtime.experts import residency
 from fate.runtime.experts.offload import OffloadOptions
+from fate.runtime.experts.store import EMBEDDING
 from fate.runtime.model import FateModel
 from fate.runtime.options import EngineOptions
 
@@ -60,7 +61,7 @@ class Timeline:
             for name in ("route", "finish", "run"):
                 self._wrap(step, name, lambda args, i=index: f"layer {i}")
         self._wrap(model, "run_layer", lambda args: f"layer {args[0].index}")
-        self._wrap(model.experts, "after_layer", lambda args: "embedding's hand-off" if args[0] < 0 else f"hand-off {args[0]}")
+        self._wrap(model.experts, "after_layer", lambda args: "embedding's hand-off" if args[0] == EMBEDDING else f"hand-off {args[0]}")
         self._wrap(model.embed, "run", lambda args: "embedding")
         self._wrap(model, "head_logits", lambda args: "head")
         result, waits = residency._Loading.result, self.waits

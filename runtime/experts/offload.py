@@ -39,7 +39,6 @@ from .store import ExpertOptions, ExpertStore, LayerOutputs, RoutedExperts, larg
 from .trace import LayerSlots, TraceHeader
 
 
-
 @dataclass(frozen=True)
 class OffloadOptions:
     """The flags of fate-run that shape offloading."""
